@@ -1,0 +1,47 @@
+"""Exceptions a p2pexec user may see.  Each message says what to do next."""
+
+from __future__ import annotations
+
+
+class P2PExecError(Exception):
+    """Base class of every p2pexec error."""
+
+
+class ConfigurationError(P2PExecError):
+    """A key, members file or option is missing or malformed."""
+
+
+class BoardError(P2PExecError):
+    """The message board could not be used."""
+
+
+class BoardConnectionError(BoardError):
+    """The board host could not be reached."""
+
+
+class HostKeyError(BoardError):
+    """The board's SSH host key is unknown or does not match known_hosts."""
+
+
+class AuthenticationError(BoardError):
+    """The board rejected our SSH key."""
+
+
+class AccessDeniedError(BoardError):
+    """The board refused to let us join the cluster's topic."""
+
+
+class ProtocolError(P2PExecError):
+    """A peer sent something that breaks the protocol; the peer is dropped."""
+
+
+class TaskProcessDiedError(P2PExecError):
+    """The worker's task process died while running the task (crash, os._exit, OOM)."""
+
+
+class WorkerLostError(P2PExecError):
+    """A task was lost with its worker too many times."""
+
+
+class NoWorkersError(P2PExecError):
+    """No worker offered to run the task within ``worker_timeout``."""

@@ -1,0 +1,182 @@
+"""SSH Ed25519 identities and authorized-keys style member files.
+
+A user's identity is their OpenSSH Ed25519 key pair: the same key logs them
+into the board (paramiko) and signs their board messages (NaCl).  A members
+file names who may take part in a cluster, one key per line::
+
+    alice ssh-ed25519 AAAAC3Nza... alice@laptop
+    # comments and blank lines are ignored
+
+The board's users file has the same format, so an owner can share it as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nacl.signing import SigningKey, VerifyKey
+
+from .errors import ConfigurationError
+
+ED25519 = "ssh-ed25519"
+_USERNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def valid_username(name: str) -> bool:
+    return 0 < len(name) <= 64 and set(name) <= _USERNAME_CHARS and not name.startswith(("-", "."))
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A user name bound to the private key that proves it."""
+
+    user: str
+    signing_key: SigningKey
+    path: Path | None = None
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    @property
+    def openssh_public(self) -> str:
+        return openssh_public_line(self.public_key)
+
+
+def openssh_public_line(raw: bytes) -> str:
+    blob = _ssh_string(ED25519.encode()) + _ssh_string(raw)
+    return f"{ED25519} {base64.b64encode(blob).decode()}"
+
+
+def _ssh_string(b: bytes) -> bytes:
+    return struct.pack(">I", len(b)) + b
+
+
+def parse_openssh_public(keytype: str, b64: str) -> bytes:
+    """Return the raw 32-byte Ed25519 key of an ``ssh-ed25519 AAAA...`` pair."""
+    if keytype != ED25519:
+        raise ValueError(f"unsupported key type {keytype!r}: p2pexec needs ssh-ed25519 keys")
+    try:
+        blob = base64.b64decode(b64, validate=True)
+    except ValueError as exc:
+        raise ValueError("key is not valid base64") from exc
+    parts = []
+    while blob:
+        if len(blob) < 4:
+            raise ValueError("truncated key blob")
+        (n,) = struct.unpack(">I", blob[:4])
+        if len(blob) < 4 + n:
+            raise ValueError("truncated key blob")
+        parts.append(blob[4 : 4 + n])
+        blob = blob[4 + n :]
+    if len(parts) != 2 or parts[0] != ED25519.encode() or len(parts[1]) != 32:
+        raise ValueError("malformed ssh-ed25519 key")
+    return parts[1]
+
+
+def generate_identity_file(path: Path, comment: str = "") -> None:
+    """Write a new unencrypted OpenSSH Ed25519 key pair (``path`` and ``path.pub``)."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    Path(f"{path}.pub").write_text(f"{openssh_public_line(raw)} {comment}".rstrip() + "\n")
+
+
+def load_identity(user: str, path: str | os.PathLike[str]) -> Identity:
+    """Load an OpenSSH Ed25519 private key file for ``user``."""
+    path = Path(path).expanduser()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read identity key {path}: {exc.strerror}. "
+            "Pass identity=PATH (or --identity) naming your SSH Ed25519 private key; "
+            "create one with: ssh-keygen -t ed25519"
+        ) from None
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except TypeError:
+        raise ConfigurationError(
+            f"identity key {path} is protected by a passphrase; p2pexec needs an unencrypted "
+            "key for now (ssh-keygen -t ed25519 -N '' -f KEYFILE creates one)"
+        ) from None
+    except ValueError as exc:
+        raise ConfigurationError(f"identity key {path} is not an OpenSSH private key: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigurationError(
+            f"identity key {path} is not an Ed25519 key; create one with: ssh-keygen -t ed25519"
+        )
+    seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+    return Identity(user=user, signing_key=SigningKey(seed), path=path)
+
+
+class Keyring:
+    """Who is who: user names and the Ed25519 keys allowed to speak for them."""
+
+    def __init__(self, entries: dict[str, set[bytes]] | None = None) -> None:
+        self._keys: dict[str, frozenset[bytes]] = {
+            u: frozenset(ks) for u, ks in (entries or {}).items()
+        }
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<members>") -> "Keyring":
+        entries: dict[str, set[bytes]] = {}
+        for lineno, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.split()
+            if len(fields) < 3:
+                raise ConfigurationError(
+                    f"{source}:{lineno}: expected 'NAME ssh-ed25519 BASE64KEY [comment]'"
+                )
+            name, keytype, b64 = fields[:3]
+            if not valid_username(name):
+                raise ConfigurationError(f"{source}:{lineno}: invalid user name {name!r}")
+            try:
+                raw = parse_openssh_public(keytype, b64)
+            except ValueError as exc:
+                raise ConfigurationError(f"{source}:{lineno}: {exc}") from None
+            entries.setdefault(name, set()).add(raw)
+        return cls(entries)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Keyring":
+        path = Path(path).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read members file {path}: {exc.strerror}") from None
+        return cls.parse(text, str(path))
+
+    def users(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
+    def keys_of(self, user: str) -> frozenset[bytes]:
+        return self._keys.get(user, frozenset())
+
+    def allows(self, user: str, key: bytes) -> bool:
+        return key in self._keys.get(user, ())
+
+    def verify_key(self, user: str, key: bytes) -> VerifyKey | None:
+        return VerifyKey(key) if self.allows(user, key) else None
+
+    def dumps(self) -> str:
+        return "".join(
+            f"{u} {openssh_public_line(k)}\n" for u in sorted(self._keys) for k in sorted(self._keys[u])
+        )

@@ -1,0 +1,207 @@
+"""Signed board messages: encoding, verification and filtering, without I/O.
+
+A message is one line of JSON.  The signature covers the canonical encoding
+(sorted keys, no spaces, ASCII) of every field but ``sig``, prefixed by a
+domain-separation tag, and is checked against the signer's Ed25519 key that
+travels in ``key``.  Whether that key may speak for ``from`` is a separate
+question answered by a :class:`~p2pexec.keys.Keyring` (see :class:`Inbox`).
+
+The board relays bytes and knows nothing; the pico.sh board does not even
+know who sent a line.  So every message names its cluster, carries an id and
+an expiry, and receivers drop what is stale, replayed, or not a member's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from ..keys import Identity, Keyring, valid_username
+
+VERSION = 1
+MAX_LINE_BYTES = 4096
+MAX_LIFETIME = 300.0
+CLOCK_SKEW = 60.0
+_SIGN_CONTEXT = b"p2pexec/board-message/v1\n"
+_ENVELOPE = ("v", "type", "from", "key", "cluster", "id", "ts", "exp", "sig")
+
+# Fields each message type must carry, with their JSON types.
+SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "hello": {"role": str},
+    "request": {"req": str, "n": int, "py": str},
+    "offer": {"req": str, "to": str, "slots": int, "py": str, "peer": str, "addrs": list, "kx": str},
+    "accept": {"offer": str, "worker": str, "req": str, "kx": str},
+    "withdraw": {"req": str},
+    "bye": {"role": str},
+}
+
+
+class InvalidMessage(ValueError):
+    """A line is not a valid message; ``reason`` is a short counter key."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Message:
+    type: str
+    sender: str
+    key: bytes
+    cluster: str
+    id: str
+    ts: float
+    exp: float
+    body: dict[str, Any] = field(default_factory=dict)
+    line: bytes = b""
+
+    def __getitem__(self, name: str) -> Any:
+        return self.body[name]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str, length: int | None = None) -> bytes:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise InvalidMessage("bad-field", "not base64") from None
+    if length is not None and len(raw) != length:
+        raise InvalidMessage("bad-field", f"expected {length} bytes")
+    return raw
+
+
+def _canonical(fields: dict[str, Any]) -> bytes:
+    return _SIGN_CONTEXT + json.dumps(
+        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def new_id() -> str:
+    return os.urandom(12).hex()
+
+
+def encode(identity: Identity, cluster: str, type: str, body: dict[str, Any], *,
+           now: float, ttl: float, msg_id: str | None = None) -> bytes:
+    """Sign a message; returns the line without its trailing newline."""
+    if type not in SCHEMAS:
+        raise ValueError(f"unknown message type {type!r}")
+    if not 0 < ttl <= MAX_LIFETIME:
+        raise ValueError("ttl out of range")
+    clash = set(body) & set(_ENVELOPE)
+    if clash:
+        raise ValueError(f"body may not set envelope fields {sorted(clash)}")
+    fields = dict(body)
+    fields.update({
+        "v": VERSION, "type": type, "from": identity.user, "key": b64(identity.public_key),
+        "cluster": cluster, "id": msg_id or new_id(), "ts": round(now, 3), "exp": round(now + ttl, 3),
+    })
+    sig = identity.signing_key.sign(_canonical(fields)).signature
+    fields["sig"] = b64(sig)
+    line = json.dumps(fields, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    if len(line) > MAX_LINE_BYTES:
+        raise ValueError(f"message of {len(line)} bytes exceeds {MAX_LINE_BYTES}")
+    return line
+
+
+def decode(line: bytes) -> Message:
+    """Parse a line and check its structure and signature (not its freshness or sender)."""
+    if len(line) > MAX_LINE_BYTES:
+        raise InvalidMessage("too-long")
+    try:
+        fields = json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidMessage("not-json") from None
+    if not isinstance(fields, dict):
+        raise InvalidMessage("not-object")
+    if fields.get("v") != VERSION:
+        raise InvalidMessage("version", repr(fields.get("v")))
+    mtype = fields.get("type")
+    schema = SCHEMAS.get(mtype) if isinstance(mtype, str) else None
+    if schema is None:
+        raise InvalidMessage("unknown-type")
+    for name, kind in (("from", str), ("key", str), ("cluster", str), ("id", str), ("sig", str)):
+        if not isinstance(fields.get(name), kind):
+            raise InvalidMessage("bad-envelope", name)
+    for name in ("ts", "exp"):
+        value = fields.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidMessage("bad-envelope", name)
+    for name, kind in schema.items():
+        value = fields.get(name)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise InvalidMessage("bad-field", f"{mtype}.{name}")
+    if not valid_username(fields["from"]):
+        raise InvalidMessage("bad-envelope", "from")
+    key = unb64(fields["key"], 32)
+    sig = unb64(fields.pop("sig"), 64)
+    try:
+        VerifyKey(key).verify(_canonical(fields), sig)
+    except (BadSignatureError, ValueError):
+        raise InvalidMessage("bad-signature") from None
+    body = {k: v for k, v in fields.items() if k not in _ENVELOPE}
+    return Message(type=mtype, sender=fields["from"], key=key, cluster=fields["cluster"],
+                   id=fields["id"], ts=float(fields["ts"]), exp=float(fields["exp"]),
+                   body=body, line=line)
+
+
+def check_sender(line: bytes, user: str, key: bytes) -> bool:
+    """True if ``line`` is a message validly signed by ``key`` on behalf of ``user``.
+
+    The p2pexec board uses this to relay only lines whose signer is the
+    session's own SSH key and user.
+    """
+    try:
+        msg = decode(line)
+    except InvalidMessage:
+        return False
+    return msg.sender == user and msg.key == key
+
+
+class Inbox:
+    """Filters raw board lines down to fresh, unreplayed messages from members.
+
+    Pure: the caller passes the current time.  Drops are counted by reason
+    in :attr:`dropped` so tests and ``status`` can see them.
+    """
+
+    def __init__(self, cluster: str, keyring: Keyring) -> None:
+        self.cluster = cluster
+        self.keyring = keyring
+        self.dropped: Counter[str] = Counter()
+        self._seen: dict[str, float] = {}
+
+    def receive(self, line: bytes, now: float) -> Message | None:
+        try:
+            msg = self._check(line, now)
+        except InvalidMessage as exc:
+            self.dropped[exc.reason] += 1
+            return None
+        return msg
+
+    def _check(self, line: bytes, now: float) -> Message:
+        msg = decode(line)
+        if msg.cluster != self.cluster:
+            raise InvalidMessage("other-cluster")
+        if not self.keyring.allows(msg.sender, msg.key):
+            raise InvalidMessage("not-a-member")
+        if msg.exp <= now or msg.ts > now + CLOCK_SKEW or msg.exp - msg.ts > MAX_LIFETIME:
+            raise InvalidMessage("expired")
+        if msg.id in self._seen:
+            raise InvalidMessage("replayed")
+        self._seen[msg.id] = msg.exp
+        if len(self._seen) > 4096:
+            self._seen = {i: e for i, e in self._seen.items() if e > now}
+        return msg
