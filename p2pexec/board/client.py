@@ -1,0 +1,339 @@
+"""The board client: one ``pipe`` session on a cluster's topic, over paramiko.
+
+Only commands pico.sh has are used (``pipe TOPIC -r -c``), so the same
+client works against pico.sh and ``p2pexec board``.  Joining is confirmed by
+seeing our own first line come back (``-r``): that proves the topic accepted
+us and relays, and turns a silent refusal into a clear error.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import queue
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from ..errors import (
+    AccessDeniedError,
+    AuthenticationError,
+    BoardConnectionError,
+    BoardError,
+    HostKeyError,
+)
+
+log = logging.getLogger("p2pexec.board")
+
+DEFAULT_BOARD = "pipe.pico.sh"
+DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
+_MAX_BUFFERED = 1 << 20
+
+
+@dataclass(frozen=True)
+class BoardAddress:
+    """Where a board is: ``ssh://user@host:port``, ``user@host``, ``host:port`` or ``host``."""
+
+    host: str
+    port: int = 22
+    user: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> "BoardAddress":
+        rest = url.strip()
+        if "://" in rest:
+            scheme, rest = rest.split("://", 1)
+            if scheme != "ssh":
+                raise BoardError(f"board URL {url!r}: only ssh:// boards are supported")
+        rest = rest.rstrip("/")
+        user = None
+        if "@" in rest:
+            user, rest = rest.rsplit("@", 1)
+        port = 22
+        if rest.startswith("["):  # [::1]:2222
+            host, _, tail = rest[1:].partition("]")
+            if tail.startswith(":"):
+                port = _port(tail[1:], url)
+        elif rest.count(":") == 1:
+            rest, port_text = rest.split(":")
+            host, port = rest, _port(port_text, url)
+        else:
+            host = rest
+        if not host:
+            raise BoardError(f"board URL {url!r} names no host")
+        return cls(host=host, port=port, user=user or None)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ssh://{self.user + '@' if self.user else ''}{host}:{self.port}"
+
+
+def _port(text: str, url: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise BoardError(f"board URL {url!r} has an invalid port {text!r}")
+    return int(text)
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def _known_hosts_name(address: BoardAddress) -> str:
+    return address.host if address.port == 22 else f"[{address.host}]:{address.port}"
+
+
+class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    def __init__(self, address: BoardAddress, known_hosts: Path, accept_new: bool) -> None:
+        self.address, self.known_hosts, self.accept_new = address, known_hosts, accept_new
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        name = _known_hosts_name(self.address)
+        if not self.accept_new:
+            raise HostKeyError(
+                f"the board {name} is not in {self.known_hosts}; its host key is "
+                f"{key.get_name()} {fingerprint(key)}. If that is the fingerprint its owner gave "
+                f"you, accept it with host_key_policy='accept-new' (--accept-new-host-key), or run: "
+                f"ssh-keyscan -p {self.address.port} {self.address.host} >> {self.known_hosts}"
+            )
+        self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.known_hosts, "a") as f:
+            f.write(f"{name} {key.get_name()} {key.get_base64()}\n")
+        log.warning("added the board's host key %s %s to %s", name, fingerprint(key), self.known_hosts)
+
+
+class BoardSession:
+    """A ``pipe`` session on one topic that reconnects with backoff until closed.
+
+    ``on_line`` is called from the reader thread with each complete line
+    from others; ``make_hello`` builds the signed line sent first on every
+    (re)connection, whose echo confirms the join; ``on_connect`` runs after
+    every successful reconnection so the owner can re-announce its state.
+    """
+
+    def __init__(self, address: BoardAddress, username: str, key_path: Path, topic: str, *,
+                 on_line: Callable[[bytes], None], make_hello: Callable[[], bytes],
+                 on_connect: Callable[[], None] = lambda: None,
+                 known_hosts: Path = DEFAULT_KNOWN_HOSTS, accept_new_host_key: bool = False,
+                 timeout: float = 10.0) -> None:
+        self.address = address
+        self.username = username
+        self.topic = topic
+        self._key_path = Path(key_path).expanduser()
+        self._on_line = on_line
+        self._make_hello = make_hello
+        self._on_connect = on_connect
+        self._known_hosts = Path(known_hosts).expanduser()
+        self._accept_new = accept_new_host_key
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._client: paramiko.SSHClient | None = None
+        self._channel: paramiko.Channel | None = None
+        self._sent: deque[bytes] = deque(maxlen=256)
+        self._reader: threading.Thread | None = None
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self.connected = threading.Event()
+        self.lines_sent = 0
+
+    # -- public -----------------------------------------------------------------
+    def open(self) -> None:
+        """Connect and join, raising a precise BoardError if that is impossible."""
+        pending = self._connect()
+        self._reader = threading.Thread(target=self._read_forever, args=(pending,),
+                                        name=f"p2pexec-board-{self.topic}", daemon=True)
+        self._reader.start()
+        self._writer = threading.Thread(target=self._write_forever, name=f"p2pexec-board-w-{self.topic}",
+                                        daemon=True)
+        self._writer.start()
+
+    def send(self, line: bytes) -> None:
+        """Queue one line without blocking; lines sent while disconnected are dropped
+        (everything still wanted is re-announced after reconnecting)."""
+        self._outbox.put(line)
+
+    def close(self, last_line: bytes | None = None) -> None:
+        """Send ``last_line`` (if connected), then disconnect for good."""
+        if last_line is not None:
+            self._outbox.put(last_line)
+        self._outbox.put(None)
+        if self._writer is not None:
+            self._writer.join(timeout=2)
+        self._closed.set()
+        self._disconnect()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
+
+    def _write_forever(self) -> None:
+        while (line := self._outbox.get()) is not None:
+            with self._lock:
+                channel = self._channel
+                if channel is None:
+                    continue
+                self._sent.append(line)
+            try:
+                channel.sendall(line + b"\n")
+                self.lines_sent += 1
+            except (OSError, EOFError, paramiko.SSHException):
+                pass  # the reader notices the broken session and reconnects
+
+    # -- connection -----------------------------------------------------------
+    def _connect(self) -> bytes:
+        """Connect, exec the pipe, and wait for our hello's echo; returns leftover bytes."""
+        client = paramiko.SSHClient()
+        if self._known_hosts.exists():
+            try:
+                client.load_host_keys(str(self._known_hosts))
+            except (OSError, paramiko.SSHException) as exc:
+                raise HostKeyError(f"cannot read {self._known_hosts}: {exc}") from None
+        client.set_missing_host_key_policy(_HostKeyPolicy(self.address, self._known_hosts, self._accept_new))
+        where = f"{self.address.host}:{self.address.port}"
+        try:
+            pkey = paramiko.Ed25519Key.from_private_key_file(str(self._key_path))
+        except (OSError, paramiko.SSHException) as exc:
+            raise AuthenticationError(f"cannot load SSH key {self._key_path}: {exc}") from None
+        try:
+            client.connect(self.address.host, self.address.port, username=self.username, pkey=pkey,
+                           allow_agent=False, look_for_keys=False, timeout=self._timeout,
+                           banner_timeout=self._timeout, auth_timeout=self._timeout)
+        except HostKeyError:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise HostKeyError(
+                f"the board {where} presented host key {fingerprint(exc.key)}, but {self._known_hosts} "
+                f"expects {fingerprint(exc.expected_key)}. Someone may be intercepting the connection; "
+                f"if the board's owner really changed its key, remove the old line from {self._known_hosts}"
+            ) from None
+        except paramiko.AuthenticationException:
+            client.close()
+            raise AuthenticationError(
+                f"the board {where} rejected user {self.username!r} with key {self._key_path}. "
+                f"Ask the board's owner to add your public key ({self._key_path}.pub) to its users file "
+                f"under that name, or pass the right identity and user"
+            ) from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            client.close()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            raise BoardConnectionError(
+                f"cannot reach the board at {where}: {reason}. Check the address (board=... or "
+                f"P2PEXEC_BOARD) and that the board is running (start your own with: p2pexec board)"
+            ) from None
+        transport = client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(15)
+        try:
+            channel = transport.open_session(timeout=self._timeout)
+            channel.exec_command(f"pipe {self.topic} -r -c")
+            channel.settimeout(self._timeout)
+            hello = self._make_hello()
+            channel.sendall(hello + b"\n")
+            leftover = self._await_echo(channel, hello)
+            channel.settimeout(None)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            client.close()
+            raise BoardConnectionError(f"the board at {where} dropped the session while joining: {exc}") from None
+        except BoardError:
+            client.close()
+            raise
+        with self._lock:
+            self._client, self._channel = client, channel
+        self.connected.set()
+        log.debug("joined %s on %s", self.topic, self.address)
+        return leftover
+
+    def _await_echo(self, channel: paramiko.Channel, hello: bytes) -> bytes:
+        buf = b""
+        while True:
+            try:
+                chunk = channel.recv(65536)
+            except socket.timeout:
+                raise BoardError(
+                    f"the board did not relay our first message on {self.topic} within "
+                    f"{self._timeout:g} s; is {self.address} a pico-compatible pipe host?"
+                ) from None
+            if not chunk:
+                self._raise_refusal(channel)
+            buf += chunk
+            lines = buf.split(b"\n")
+            for i, line in enumerate(lines[:-1]):
+                if line == hello:
+                    return b"\n".join(lines[i + 1 :])
+            if len(buf) > _MAX_BUFFERED:
+                buf = lines[-1]
+
+    def _raise_refusal(self, channel: paramiko.Channel) -> None:
+        status = channel.recv_exit_status() if channel.exit_status_ready() else -1
+        err = b""
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(65536)
+        message = err.decode(errors="replace").strip() or f"exit status {status}"
+        if "access denied" in message.lower():
+            raise AccessDeniedError(
+                f"the board refused user {self.username!r} access to cluster {self.topic}: {message}. "
+                f"Ask its owner ({self.topic.split('/')[0]}) to add you to the cluster's members"
+            )
+        raise BoardError(f"the board closed the session on {self.topic}: {message}")
+
+    def _disconnect(self) -> None:
+        self.connected.clear()
+        with self._lock:
+            client, self._client, self._channel = self._client, None, None
+        if client is not None:
+            client.close()
+
+    # -- reader thread -------------------------------------------------------------
+    def _read_forever(self, pending: bytes) -> None:
+        while not self._closed.is_set():
+            self._pump(pending)
+            self._disconnect()
+            if self._closed.is_set():
+                return
+            log.warning("lost the connection to the board %s; reconnecting", self.address)
+            pending = self._reconnect()
+
+    def _pump(self, buf: bytes) -> None:
+        channel = self._channel
+        while channel is not None:
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if line and line not in self._sent:
+                    try:
+                        self._on_line(line)
+                    except Exception:
+                        log.exception("error handling a board line")
+            if len(buf) > _MAX_BUFFERED:
+                log.debug("discarding an oversize line from the board")
+                buf = b""
+            try:
+                chunk = channel.recv(65536)
+            except (OSError, EOFError, paramiko.SSHException):
+                return
+            if not chunk:
+                return
+            buf += chunk
+
+    def _reconnect(self) -> bytes:
+        delay = 0.1
+        while not self._closed.wait(delay):
+            try:
+                pending = self._connect()
+            except BoardError as exc:
+                log.info("reconnecting to the board failed (%s); next try in %.1f s", exc, delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            log.warning("reconnected to the board %s", self.address)
+            try:
+                self._on_connect()
+            except Exception:
+                log.exception("error re-announcing after reconnect")
+            return pending
+        return b""

@@ -1,0 +1,184 @@
+"""P2PExecutor: a concurrent.futures.Executor whose workers are friends' machines."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, wait
+from concurrent.futures.process import _chain_from_iterable_of_lists, _get_chunks, _process_chunk
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .board.client import DEFAULT_KNOWN_HOSTS, BoardSession
+from .config import resolve
+from .logs import quiet_dependencies
+from .protocol.messages import Inbox
+from .runtime import TrioThread
+from .scheduler import ClientScheduler, SchedulerOptions, WorkItem
+from .tasks import dump_task
+
+log = logging.getLogger("p2pexec.client")
+
+_live_executors: "weakref.WeakSet[P2PExecutor]" = weakref.WeakSet()
+
+
+def _shutdown_all() -> None:
+    for executor in list(_live_executors):
+        executor.shutdown(wait=True)
+
+
+threading._register_atexit(_shutdown_all)  # type: ignore[attr-defined]  # as concurrent.futures does
+
+
+class P2PExecutor(Executor):
+    """Runs calls on the workers of a cluster, like ProcessPoolExecutor runs them on processes.
+
+    ``board`` defaults to ``$P2PEXEC_BOARD``, else pico.sh's pipe host;
+    ``identity`` to ``$P2PEXEC_IDENTITY``, else ``~/.ssh/id_ed25519``;
+    ``members`` (who may take part, authorized_keys style with names) to
+    ``~/.config/p2pexec/clusters/OWNER/NAME.members``.
+    """
+
+    def __init__(self, cluster: str, *, board: str | None = None, identity: str | os.PathLike[str] | None = None,
+                 user: str | None = None, members: str | os.PathLike[str] | None = None,
+                 max_workers: int | None = None, max_retries: int = 2, worker_timeout: float | None = None,
+                 warn_after: float = 30.0, lease_idle: float = 10.0,
+                 known_hosts: str | os.PathLike[str] = DEFAULT_KNOWN_HOSTS,
+                 accept_new_host_key: bool = False, verbose: bool = False) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        who = resolve(cluster, board=board, user=user, identity=identity, members=members)
+        self.cluster = who.cluster
+        self._options = SchedulerOptions(
+            max_workers=max_workers or 1 << 30, max_retries=max_retries, lease_idle=lease_idle,
+            warn_after=warn_after, worker_timeout=worker_timeout, board_hint=who.board_hint)
+        self._scheduler: ClientScheduler | None = None
+        self._runtime: TrioThread | None = None
+        self._board: BoardSession | None = None
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._unfinished: set[Future[Any]] = set()
+        self._stopped = False
+
+        from .logs import quiet_dependencies
+        quiet_libp2p_logs(verbose)
+        self._scheduler = scheduler = ClientScheduler(who.identity, Inbox(self.cluster, who.keyring),
+                                                      self.cluster, self._options)
+        self._runtime = TrioThread(self._serve, name=f"p2pexec-client-{cluster}")
+        board_session = BoardSession(
+            who.board, who.identity.user, who.key_path, self.cluster,
+            on_line=partial(self._runtime.call_soon, scheduler.on_board_line),
+            make_hello=scheduler.hello,
+            on_connect=partial(self._runtime.call_soon, scheduler.reannounce),
+            known_hosts=Path(known_hosts), accept_new_host_key=accept_new_host_key,
+        )
+        try:
+            board_session.open()
+        except BaseException:
+            self._stop_runtime()
+            raise
+        self._board = scheduler.board = board_session
+        _live_executors.add(self)
+        log.debug("executor for %s ready on %s as %s", self.cluster, who.board, who.identity.user)
+
+    async def _serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from .transport.host import Libp2pHost
+
+        scheduler = self._scheduler
+        assert scheduler is not None
+        try:
+            async with Libp2pHost().running() as host:
+                await scheduler.run(host, task_status=task_status)
+        except BaseException as exc:
+            scheduler._fail_all(RuntimeError(f"the p2pexec runtime stopped: {exc!r}"))
+            raise
+
+    # -- Executor API -----------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if not self._runtime.alive:
+                raise RuntimeError("cannot schedule new futures: the p2pexec runtime has stopped")
+            future: Future[Any] = Future()
+            try:
+                payload = dump_task(fn, args, kwargs)
+            except Exception as exc:
+                future.set_exception(exc)
+                return future
+            scheduler, runtime = self._scheduler, self._runtime
+            assert scheduler is not None and runtime is not None
+            item = WorkItem(future, payload, scheduler.next_id())
+            self._unfinished.add(future)
+            future.add_done_callback(self._unfinished.discard)
+            scheduler.pending.append(item)
+            runtime.call_soon(scheduler.notify)
+            return future
+
+    submit.__doc__ = Executor.submit.__doc__
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """Like ProcessPoolExecutor.map: ``chunksize`` items travel and run together."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        results = super().map(partial(_process_chunk, fn), _get_chunks(*iterables, chunksize=chunksize),
+                              timeout=timeout)
+        return _chain_from_iterable_of_lists(results)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            already = self._shutdown
+            self._shutdown = True
+            scheduler = self._scheduler
+        if scheduler is None:
+            return
+        if cancel_futures:
+            self._runtime.call_soon(self._cancel_pending)
+        if already and not wait:
+            return
+        if wait:
+            self._finish()
+        else:
+            threading.Thread(target=self._finish, name="p2pexec-shutdown", daemon=True).start()
+
+    # -- internals ----------------------------------------------------------------------
+    def _cancel_pending(self) -> None:
+        assert self._scheduler is not None
+        pending = self._scheduler.pending
+        while pending:
+            item = pending.popleft()
+            if item.started:  # requeued after a lost worker: it cannot be cancelled
+                pending.appendleft(item)
+                break
+            item.future.cancel()
+        self._scheduler.notify()
+
+    def _finish(self) -> None:
+        while self._runtime is not None and self._runtime.alive and self._unfinished:
+            wait(list(self._unfinished), timeout=1.0)
+        self._stop_runtime()
+
+    def _stop_runtime(self) -> None:
+        with self._shutdown_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        runtime, scheduler = self._runtime, self._scheduler
+        if runtime is None or scheduler is None:
+            return
+        if runtime.alive:
+            try:
+                runtime.run(scheduler.close)
+            except trio.RunFinishedError:
+                pass
+        runtime.join(timeout=10)
+        if self._board is not None:
+            self._board.close(last_line=None)
+        _live_executors.discard(self)

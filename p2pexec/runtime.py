@@ -1,0 +1,63 @@
+"""A trio event loop in a background thread, for synchronous callers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+
+class TrioThread:
+    """Runs ``main(task_status)`` under trio in a daemon thread.
+
+    ``main`` calls ``task_status.started()`` once it is ready to serve; the
+    constructor returns then, or re-raises what ``main`` raised while
+    starting.  ``token`` lets other threads call in.
+    """
+
+    def __init__(self, main: Callable[..., Awaitable[None]], name: str) -> None:
+        self._main = main
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.token: trio.lowlevel.TrioToken | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._serve)
+        except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._main)
+            self._ready.set()
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Schedule a plain function on the loop; never blocks."""
+        assert self.token is not None
+        try:
+            self.token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass
+
+    def run(self, afn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Run an async function on the loop and wait for its result."""
+        return trio.from_thread.run(afn, *args, trio_token=self.token)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()

@@ -1,0 +1,347 @@
+"""The client side on trio: find workers on the board, lease them, feed them tasks.
+
+Board traffic grows with leases, not tasks: once a worker's offer is
+accepted, tasks and results flow over one encrypted libp2p stream, the
+worker granting a credit per free slot, until the client runs out of work
+for ``lease_idle`` seconds or shuts down.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.bindings as sodium
+import trio
+
+from .board.client import BoardSession
+from .errors import NoWorkersError, ProtocolError, TaskProcessDiedError, WorkerLostError
+from .keys import Identity
+from .protocol import messages
+from .protocol.frames import Op, decode_op, encode_op, session_keys
+from .protocol.matching import python_compatible, slots_to_accept, slots_wanted
+from .tasks import load_outcome
+from .transport.channel import FramedStream, SecureChannel
+from .transport.host import Libp2pHost
+
+log = logging.getLogger("p2pexec.client")
+
+PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+REQUEST_TTL = 10.0
+REQUEST_EVERY = 2.0
+TICK = 0.25
+
+
+@dataclass(eq=False)
+class WorkItem:
+    future: Future[Any]
+    payload: bytes
+    id: int
+    started: bool = False
+    losses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOptions:
+    max_workers: int
+    max_retries: int = 2
+    lease_idle: float = 10.0
+    warn_after: float = 30.0
+    worker_timeout: float | None = None
+    board_hint: str = ""
+
+
+class Lease:
+    def __init__(self, worker: str, peer: str, slots: int) -> None:
+        self.worker = worker
+        self.peer = peer
+        self.slots = slots
+        self.credits = 0
+        self.inflight: dict[int, WorkItem] = {}
+        self.channel: SecureChannel | None = None
+
+    def __repr__(self) -> str:
+        return f"<lease {self.worker}@{self.peer[-8:]} slots={self.slots}>"
+
+
+class ClientScheduler:
+    """Owns the queue of work items, the leases and the board conversation."""
+
+    def __init__(self, identity: Identity, inbox: messages.Inbox, cluster: str,
+                 options: SchedulerOptions) -> None:
+        self.identity = identity
+        self.inbox = inbox
+        self.cluster = cluster
+        self.options = options
+        self.request_id = messages.new_id()
+        self.pending: deque[WorkItem] = deque()  # appended by submitting threads
+        self.leases: list[Lease] = []
+        self.board: BoardSession | None = None
+        self.host: Libp2pHost | None = None
+        self._kx_pk, self._kx_sk = sodium.crypto_kx_keypair()
+        self._ids = itertools.count(1)
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._closing = False
+        self._last_request = -1e9
+        self._starving_since: float | None = None
+        self._warned = False
+        self.stats = {"board_lines": 0, "leases": 0, "tasks": 0}
+
+    # -- called from any thread through TrioThread.call_soon -----------------------
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+        self._maybe_request()
+
+    def on_board_line(self, line: bytes) -> None:
+        msg = self.inbox.receive(line, time.time())
+        if msg is None:
+            return
+        if msg.type == "offer":
+            self._on_offer(msg)
+        elif msg.type == "hello" and msg["role"] == "worker":
+            self._last_request = -1e9  # a worker arrived: ask again right away
+            self._maybe_request()
+
+    def hello(self) -> bytes:
+        return self._sign("hello", {"role": "client", "py": PYTHON}, ttl=60)
+
+    def reannounce(self) -> None:
+        self._last_request = -1e9
+        self._maybe_request()
+
+    # -- main -------------------------------------------------------------------------
+    async def run(self, host: Libp2pHost, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.host = host
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while not (self._closing and not self.leases):
+                await trio.sleep(TICK)
+                self._tick()
+            nursery.cancel_scope.cancel()
+
+    async def close(self) -> None:
+        """End every lease politely; called once the executor is done."""
+        self._closing = True
+        self.notify()
+        with trio.move_on_after(5):
+            while self.leases:
+                await self._wait_change()
+        self._fail_all(RuntimeError("the executor shut down before this task ran"))
+
+    # -- queue helpers -----------------------------------------------------------------
+    def _take(self) -> WorkItem | None:
+        while self.pending:
+            item = self.pending.popleft()
+            if item.started or item.future.set_running_or_notify_cancel():
+                item.started = True
+                return item
+        return None
+
+    async def _wait_change(self) -> None:
+        await self._changed.wait()
+
+    def _leased_slots(self) -> int:
+        return sum(lease.slots for lease in self.leases)
+
+    def _inflight(self) -> int:
+        return sum(len(lease.inflight) for lease in self.leases)
+
+    def _wanted(self) -> int:
+        if self._closing:
+            return 0
+        return slots_wanted(len(self.pending), self._inflight(), self._leased_slots(), self.options.max_workers)
+
+    # -- board -------------------------------------------------------------------------
+    def _sign(self, mtype: str, body: dict[str, Any], ttl: float) -> bytes:
+        return messages.encode(self.identity, self.cluster, mtype, body, now=time.time(), ttl=ttl)
+
+    def _post(self, mtype: str, body: dict[str, Any], ttl: float) -> None:
+        if self.board is not None:
+            self.board.send(self._sign(mtype, body, ttl))
+            self.stats["board_lines"] += 1
+
+    def _maybe_request(self) -> None:
+        wanted = self._wanted()
+        now = time.monotonic()
+        if wanted and now - self._last_request >= REQUEST_EVERY:
+            self._last_request = now
+            self._post("request", {"req": self.request_id, "n": wanted, "py": PYTHON}, REQUEST_TTL)
+
+    def _on_offer(self, msg: messages.Message) -> None:
+        if msg["req"] != self.request_id or msg["to"] != self.identity.user or self._nursery is None:
+            return
+        if not python_compatible(PYTHON, msg["py"]):
+            log.debug("ignoring an offer from %s: Python %s, not %s", msg.sender, msg["py"], PYTHON)
+            return
+        if any(lease.peer == msg["peer"] for lease in self.leases):
+            return
+        slots = slots_to_accept(msg["slots"], self._wanted())
+        if slots <= 0:
+            return
+        lease = Lease(msg.sender, msg["peer"], slots)
+        self.leases.append(lease)
+        self.stats["leases"] += 1
+        self._nursery.start_soon(self._run_lease, lease, msg)
+
+    def _tick(self) -> None:
+        self._maybe_request()
+        now = time.monotonic()
+        if not self.pending or self.leases:
+            self._starving_since, self._warned = None, False
+            return
+        if self._starving_since is None:
+            self._starving_since = now
+        waited = now - self._starving_since
+        if not self._warned and waited >= self.options.warn_after:
+            self._warned = True
+            log.warning(
+                "no worker has offered to run tasks for cluster %s in %.0f s; "
+                "a member must run: p2pexec-worker --cluster %s%s",
+                self.cluster, waited, self.cluster, self.options.board_hint,
+            )
+        timeout = self.options.worker_timeout
+        if timeout is not None and waited >= timeout:
+            self._fail_pending(NoWorkersError(
+                f"no worker of cluster {self.cluster} took this task within {timeout:g} s; "
+                f"a member must run: p2pexec-worker --cluster {self.cluster}{self.options.board_hint}"
+            ))
+
+    # -- leases ----------------------------------------------------------------------
+    async def _run_lease(self, lease: Lease, offer: messages.Message) -> None:
+        assert self.host is not None
+        reason = "lease ended"
+        try:
+            stream = await self.host.open_stream(offer["peer"], [str(a) for a in offer["addrs"]])
+            framed = FramedStream(stream)
+            try:
+                accept = self._sign("accept", {"offer": offer.id, "worker": offer.sender, "req": self.request_id,
+                                               "kx": messages.b64(self._kx_pk)}, ttl=30)
+                await framed.send(accept)
+                rx, tx = session_keys("client", self._kx_pk, self._kx_sk, messages.unb64(offer["kx"], 32))
+                lease.channel = await SecureChannel.establish(framed, rx, tx)
+                log.debug("%r established", lease)
+                if self.board is not None:  # tell the others; the worker has consumed it already
+                    self.board.send(accept)
+                    self.stats["board_lines"] += 1
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._feed, lease)
+                    await self._receive(lease)
+                    nursery.cancel_scope.cancel()
+            finally:
+                if lease.channel is not None:
+                    with trio.CancelScope(shield=True):
+                        await lease.channel.close()
+                else:
+                    await framed.reset()
+        except (ProtocolError, messages.InvalidMessage) as exc:
+            reason = str(exc)
+            log.warning("lost worker %s: %s", lease.worker, exc)
+        finally:
+            self.leases.remove(lease)
+            self._requeue(lease, reason)
+            self.notify()
+
+    async def _feed(self, lease: Lease) -> None:
+        channel = lease.channel
+        assert channel is not None
+        while True:
+            while lease.credits > 0 and (item := self._take()) is not None:
+                lease.credits -= 1
+                lease.inflight[item.id] = item
+                await channel.send(encode_op(Op.TASK, item.id, item.payload))
+                self.stats["tasks"] += 1
+            if self._closing and not lease.inflight:
+                break
+            if lease.inflight or self.pending:
+                await self._wait_change()
+                continue
+            with trio.move_on_after(self.options.lease_idle) as idle:
+                await self._wait_change()
+            if idle.cancelled_caught:
+                break
+        await channel.send(encode_op(Op.END))
+
+    async def _receive(self, lease: Lease) -> None:
+        channel = lease.channel
+        assert channel is not None
+        while (plaintext := await channel.recv()) is not None:
+            op, arg, data = decode_op(plaintext)
+            if op is Op.CREDIT:
+                lease.credits += arg
+                self.notify()
+            elif op in (Op.RESULT, Op.FAILED):
+                item = lease.inflight.pop(arg, None)
+                if item is None:
+                    raise ProtocolError(f"worker {lease.worker} answered unknown task {arg}")
+                lease.credits += 1
+                if op is Op.RESULT:
+                    self._resolve(item, data)
+                else:
+                    self._set_exception(item, TaskProcessDiedError(
+                        f"{data.decode(errors='replace')} while running this task on worker "
+                        f"{lease.worker}; the task was not retried"))
+                self.notify()
+            elif op is Op.END:
+                return
+            else:
+                raise ProtocolError(f"worker {lease.worker} sent unexpected {op.name}")
+
+    def _resolve(self, item: WorkItem, data: bytes) -> None:
+        if item.future.done():
+            return
+        try:
+            outcome = load_outcome(data)
+        except Exception as exc:
+            self._set_exception(item, exc)
+            return
+        if outcome.stdout:
+            sys.stdout.write(outcome.stdout)
+        if outcome.stderr:
+            sys.stderr.write(outcome.stderr)
+        if outcome.ok:
+            item.future.set_result(outcome.value)
+        else:
+            self._set_exception(item, outcome.value)
+
+    @staticmethod
+    def _set_exception(item: WorkItem, exc: BaseException) -> None:
+        if not item.future.done():
+            item.future.set_exception(exc)
+
+    def _requeue(self, lease: Lease, reason: str) -> None:
+        lost = sorted(lease.inflight.values(), key=lambda i: i.id, reverse=True)
+        lease.inflight.clear()
+        stamp = time.strftime("%H:%M:%S")
+        for item in lost:
+            item.losses.append(f"{lease.worker} at {stamp} ({reason})")
+            if self._closing:
+                self._set_exception(item, RuntimeError("the executor shut down while this task ran"))
+            elif len(item.losses) > self.options.max_retries:
+                self._set_exception(item, WorkerLostError(
+                    f"task lost with its worker {len(item.losses)} times: " + "; ".join(item.losses)))
+            else:
+                self.pending.appendleft(item)
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        while self.pending:
+            item = self.pending.popleft()
+            if item.started or item.future.set_running_or_notify_cancel():
+                self._set_exception(item, exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._fail_pending(exc)
+        for lease in self.leases:
+            for item in lease.inflight.values():
+                self._set_exception(item, exc)

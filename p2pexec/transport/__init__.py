@@ -1,0 +1,1 @@
+"""libp2p adapters: the host and encrypted lease channels."""

@@ -1,0 +1,111 @@
+"""An end-to-end encrypted, framed message channel over one libp2p stream."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import trio
+
+from ..errors import ProtocolError
+from ..protocol.frames import LENGTH, MAX_FRAME, FrameDecoder, Opener, Op, Sealer, encode_op
+
+READ_SIZE = 1 << 20
+
+
+class PeerLost(ProtocolError):
+    """The stream underneath broke: the peer went away or reset it."""
+
+
+class FramedStream:
+    """Length-prefixed frames over a libp2p stream; EOF mid-frame is an error."""
+
+    def __init__(self, stream: Any, max_frame: int = MAX_FRAME) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder(max_frame)
+        self._frames: deque[bytes] = deque()
+
+    async def send(self, data: bytes) -> None:
+        try:
+            if len(data) < 65536:
+                await self.stream.write(LENGTH.pack(len(data)) + data)
+            else:  # avoid copying big payloads into one buffer
+                await self.stream.write(LENGTH.pack(len(data)))
+                await self.stream.write(data)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            raise PeerLost(f"sending failed: {exc!r}") from None
+
+    async def recv(self) -> bytes | None:
+        """Next frame, or None on a clean end of stream."""
+        while not self._frames:
+            try:
+                chunk = await self.stream.read(READ_SIZE)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:
+                if type(exc).__name__ != "StreamEOF":
+                    raise PeerLost(f"receiving failed: {exc!r}") from None
+                chunk = b""
+            if not chunk:
+                if self.decoder.pending:
+                    raise PeerLost("stream ended in the middle of a frame")
+                return None
+            self._frames.extend(self.decoder.feed(chunk))
+        return self._frames.popleft()
+
+    async def close(self) -> None:
+        with trio.move_on_after(2):
+            try:
+                await self.stream.close()
+            except Exception:
+                pass
+
+    async def reset(self) -> None:
+        try:
+            await self.stream.reset()
+        except Exception:
+            pass
+
+
+class SecureChannel:
+    """Secretstream in both directions over a :class:`FramedStream`."""
+
+    def __init__(self, framed: FramedStream, sealer: Sealer, opener: Opener) -> None:
+        self.framed = framed
+        self._sealer = sealer
+        self._opener = opener
+        self._send_lock = trio.StrictFIFOLock()
+
+    @classmethod
+    async def establish(cls, framed: FramedStream, rx_key: bytes, tx_key: bytes) -> "SecureChannel":
+        sealer = Sealer(tx_key)
+        await framed.send(sealer.header)
+        header = await framed.recv()
+        if header is None:
+            raise PeerLost("peer closed the stream during the key exchange")
+        return cls(framed, sealer, Opener(rx_key, header))
+
+    async def send(self, plaintext: bytes, final: bool = False) -> None:
+        async with self._send_lock:
+            await self.framed.send(self._sealer.seal(plaintext, final))
+
+    async def recv(self) -> bytes | None:
+        """Next plaintext, or None once the peer sent its final frame."""
+        if self._opener.finished:
+            return None
+        frame = await self.framed.recv()
+        if frame is None:
+            raise PeerLost("stream ended without its final frame (truncated)")
+        plaintext = self._opener.open(frame)
+        return None if self._opener.finished else plaintext
+
+    async def close(self) -> None:
+        """Send the final frame (if not yet sent) and half-close."""
+        if not self._sealer.closed:
+            try:
+                await self.send(encode_op(Op.BYE), final=True)
+            except ProtocolError:
+                pass
+        await self.framed.close()

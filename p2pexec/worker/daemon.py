@@ -1,0 +1,233 @@
+"""The worker daemon: offers slots on the board, serves leases over libp2p.
+
+The daemon never unpickles anything: task payloads go, as bytes, to task
+processes (:mod:`p2pexec.worker.taskproc`), and their outcomes come back as
+bytes.  A peer that misbehaves loses its lease; the daemon carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nacl.bindings as sodium
+import trio
+
+from ..board.client import BoardSession
+from ..config import Participant
+from ..errors import ProtocolError
+from ..protocol import messages
+from ..protocol.frames import MAX_FRAME, Op, decode_op, encode_op, session_keys
+from ..protocol.matching import python_compatible, slots_to_offer
+from ..transport.channel import FramedStream, SecureChannel
+from ..transport.host import Libp2pHost
+from .slots import TaskProcessDied, TaskSlot
+
+log = logging.getLogger("p2pexec.worker")
+
+PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+OFFER_TTL = 15.0
+HELLO_EVERY = 30.0
+HANDSHAKE_TIMEOUT = 10.0
+MAX_HANDSHAKE_FRAME = messages.MAX_LINE_BYTES
+
+
+@dataclass
+class WorkerConfig:
+    who: Participant
+    slots: int = 1
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    allow: frozenset[str] | None = None
+    known_hosts: Path = Path("~/.ssh/known_hosts")
+    accept_new_host_key: bool = False
+
+
+@dataclass
+class Offer:
+    id: str
+    req: str
+    client: str
+    slots: int
+    exp: float
+
+
+class WorkerDaemon:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.inbox = messages.Inbox(config.who.cluster, config.who.keyring)
+        self.free: list[TaskSlot] = [TaskSlot(i) for i in range(config.slots)]
+        self.offers: dict[str, Offer] = {}
+        self.leases = 0
+        self._kx_pk, self._kx_sk = sodium.crypto_kx_keypair()
+        self.host: Libp2pHost | None = None
+        self.board: BoardSession | None = None
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled (SIGINT/SIGTERM in :func:`main`)."""
+        async with Libp2pHost(self.config.listen).running() as host:
+            self.host = host
+            host.set_handler(self._handle_stream)
+            for slot in self.free:
+                await slot.start()
+            token = trio.lowlevel.current_trio_token()
+            self.board = BoardSession(
+                self.config.who.board, self.config.who.identity.user, self.config.who.key_path, self.config.who.cluster,
+                on_line=lambda line: token.run_sync_soon(self._on_line, line),
+                make_hello=self._hello,
+                known_hosts=self.config.known_hosts, accept_new_host_key=self.config.accept_new_host_key,
+            )
+            try:
+                await trio.to_thread.run_sync(self.board.open)
+                log.info("worker %s serving cluster %s with %d slot(s) on %s",
+                         self.config.who.identity.user, self.config.who.cluster, self.config.slots, self.config.who.board)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    while True:
+                        await trio.sleep(HELLO_EVERY)
+                        self.board.send(self._hello())
+                        now = time.time()
+                        self.offers = {k: o for k, o in self.offers.items() if o.exp > now}
+            finally:
+                with trio.CancelScope(shield=True):
+                    bye = self._sign("bye", {"role": "worker"}, ttl=30)
+                    await trio.to_thread.run_sync(self.board.close, bye)
+                    for slot in self.free:
+                        await slot.stop()
+
+    # -- board --------------------------------------------------------------------------
+    def _sign(self, mtype: str, body: dict[str, Any], ttl: float) -> bytes:
+        return messages.encode(self.config.who.identity, self.config.who.cluster, mtype, body, now=time.time(), ttl=ttl)
+
+    def _hello(self) -> bytes:
+        return self._sign("hello", {"role": "worker", "py": PYTHON, "slots": self.config.slots,
+                                    "free": len(self.free), "platform": sys.platform}, ttl=60)
+
+    def _on_line(self, line: bytes) -> None:
+        msg = self.inbox.receive(line, time.time())
+        if msg is None or msg.type != "request" or self.host is None or self.board is None:
+            return
+        if self.config.allow is not None and msg.sender not in self.config.allow:
+            log.debug("ignoring a request from %s: not in --allow", msg.sender)
+            return
+        if not python_compatible(PYTHON, msg["py"]):
+            return
+        slots = slots_to_offer(len(self.free), msg["n"])
+        if slots <= 0:
+            return
+        line_out = self._sign("offer", {"req": msg["req"], "to": msg.sender, "slots": slots, "py": PYTHON,
+                                        "peer": self.host.peer_id, "addrs": self.host.addrs,
+                                        "kx": messages.b64(self._kx_pk)}, ttl=OFFER_TTL)
+        offer_id = messages.decode(line_out).id
+        self.offers[offer_id] = Offer(offer_id, msg["req"], msg.sender, slots, time.time() + OFFER_TTL)
+        self.board.send(line_out)
+
+    # -- leases -----------------------------------------------------------------------
+    async def _handle_stream(self, stream: Any) -> None:
+        framed = FramedStream(stream, max_frame=MAX_HANDSHAKE_FRAME)
+        slots: list[TaskSlot] = []
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                accept = await self._authenticate(framed)
+                offer = self.offers.pop(accept["offer"])
+                slots = [self.free.pop() for _ in range(min(offer.slots, len(self.free)))]
+                if not slots:
+                    raise ProtocolError("no free slot left for this accept")
+                rx, tx = session_keys("worker", self._kx_pk, self._kx_sk, messages.unb64(accept["kx"], 32))
+                channel = await SecureChannel.establish(framed, rx, tx)
+            framed.decoder.max_frame = MAX_FRAME
+            self.leases += 1
+            log.info("lease for %s with %d slot(s) started", accept.sender, len(slots))
+            try:
+                await self._serve_lease(channel, slots, accept.sender)
+            finally:
+                self.leases -= 1
+                with trio.CancelScope(shield=True):
+                    await channel.close()
+            log.info("lease for %s ended", accept.sender)
+        except (ProtocolError, messages.InvalidMessage, trio.TooSlowError) as exc:
+            log.warning("dropped a lease stream: %s", exc or type(exc).__name__)
+            await framed.reset()
+        finally:
+            self.free.extend(slots)
+
+    async def _authenticate(self, framed: FramedStream) -> messages.Message:
+        line = await framed.recv()
+        if line is None:
+            raise ProtocolError("peer closed the stream before sending its accept")
+        msg = self.inbox.receive(line, time.time())
+        if msg is None:
+            raise ProtocolError(f"invalid accept ({', '.join(self.inbox.dropped)})")
+        offer = self.offers.get(msg["offer"]) if msg.type == "accept" else None
+        if offer is None or msg["worker"] != self.config.who.identity.user or offer.client != msg.sender:
+            raise ProtocolError(f"{msg.sender} sent an accept for no offer of ours")
+        if self.config.allow is not None and msg.sender not in self.config.allow:
+            raise ProtocolError(f"{msg.sender} is not in --allow")
+        return msg
+
+    async def _serve_lease(self, channel: SecureChannel, slots: list[TaskSlot], client: str) -> None:
+        """Run the client's tasks on our slots; the client may only send what we credited."""
+        send_tasks, receive_tasks = trio.open_memory_channel[tuple[int, bytes]](len(slots))
+        credit = len(slots)
+
+        async def run_slot(slot: TaskSlot, tasks: trio.MemoryReceiveChannel[tuple[int, bytes]]) -> None:
+            nonlocal credit
+            async for task_id, payload in tasks:
+                try:
+                    result = await slot.run(payload)
+                    await channel.send(encode_op(Op.RESULT, task_id, result))
+                except TaskProcessDied as exc:
+                    log.warning("task %d of %s: %s", task_id, client, exc)
+                    await channel.send(encode_op(Op.FAILED, task_id, str(exc).encode()))
+                credit += 1  # a RESULT or FAILED frees its slot: it is a credit too
+
+        async with trio.open_nursery() as nursery:
+            async with receive_tasks:
+                for slot in slots:
+                    nursery.start_soon(run_slot, slot, receive_tasks.clone())
+            await channel.send(encode_op(Op.CREDIT, credit))
+            try:
+                async with send_tasks:
+                    while (plaintext := await channel.recv()) is not None:
+                        op, arg, data = decode_op(plaintext)
+                        if op is Op.END:
+                            break
+                        if op is not Op.TASK:
+                            raise ProtocolError(f"client {client} sent unexpected {op.name}")
+                        if credit <= 0:
+                            raise ProtocolError(f"client {client} sent more tasks than it was credited")
+                        credit -= 1
+                        send_tasks.send_nowait((arg, data))
+            except BaseException:
+                nursery.cancel_scope.cancel()
+                raise
+        await channel.send(encode_op(Op.END))
+
+
+def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Run a worker until SIGINT or SIGTERM; ``on_ready`` once it has joined the board."""
+
+    async def main() -> None:
+        daemon = WorkerDaemon(config)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            await nursery.start(daemon.run)
+            on_ready()
+
+    trio.run(main)
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            scope.cancel()
+            return

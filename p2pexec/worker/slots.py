@@ -1,0 +1,96 @@
+"""Execution slots: each one a long-lived task process driven from trio."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from ..protocol.frames import LENGTH
+
+log = logging.getLogger("p2pexec.worker")
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "vanished"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with status {returncode}"
+
+
+class TaskProcessDied(Exception):
+    """The task process ended while running a task; its message says how."""
+
+
+class TaskSlot:
+    """Runs one task at a time in its own process, restarting it after a crash."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self._proc: trio.Process | None = None
+
+    async def start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        self._proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "p2pexec.worker.taskproc"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+
+    async def run(self, payload: bytes) -> bytes:
+        """Run one task payload; returns the outcome bytes or raises TaskProcessDied."""
+        if self._proc is None or self._proc.returncode is not None:
+            await self.start()
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        try:
+            await proc.stdin.send_all(LENGTH.pack(len(payload)))
+            await proc.stdin.send_all(payload)
+            header = await self._receive_exactly(proc, LENGTH.size)
+            return await self._receive_exactly(proc, LENGTH.unpack(header)[0])
+        except trio.Cancelled:
+            # Abandoned mid-task (the lease ended): the process state is unknown.
+            self._proc = None
+            proc.kill()
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await proc.wait()
+            raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
+            with trio.move_on_after(5):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            self._proc = None
+            raise TaskProcessDied(f"the task process {describe_exit(proc.returncode)}") from None
+
+    @staticmethod
+    async def _receive_exactly(proc: trio.Process, n: int) -> bytes:
+        assert proc.stdout is not None
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await proc.stdout.receive_some(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return bytes(buf)
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.kill()
+        with trio.move_on_after(5):
+            await proc.wait()

@@ -1,0 +1,131 @@
+"""Data-plane framing and secretstream: tampering and truncation always detected."""
+
+from __future__ import annotations
+
+import nacl.bindings as sodium
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from p2pexec.errors import ProtocolError
+from p2pexec.protocol.frames import (
+    FrameDecoder, Op, Opener, Sealer, decode_op, encode_frame, encode_op, session_keys,
+)
+from p2pexec.protocol.matching import slots_to_accept, slots_to_offer, slots_wanted
+
+
+def keys():
+    cpk, csk = sodium.crypto_kx_keypair()
+    wpk, wsk = sodium.crypto_kx_keypair()
+    c_rx, c_tx = session_keys("client", cpk, csk, wpk)
+    w_rx, w_tx = session_keys("worker", wpk, wsk, cpk)
+    return (c_rx, c_tx), (w_rx, w_tx)
+
+
+@given(st.lists(st.binary(max_size=300), max_size=20), st.data())
+def test_frames_reassemble_from_any_chunking(payloads, data):
+    stream = b"".join(encode_frame(p) for p in payloads)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    decoder, out, prev = FrameDecoder(), [], 0
+    for cut in cuts + [len(stream)]:
+        out.extend(decoder.feed(stream[prev:cut]))
+        prev = cut
+    assert out == payloads and decoder.pending == 0
+
+
+def test_oversize_frame_announcement_refused_before_buffering():
+    with pytest.raises(ProtocolError):
+        list(FrameDecoder(max_frame=100).feed(encode_frame(b"x" * 101)[:8]))
+
+
+@settings(max_examples=200)
+@given(st.lists(st.binary(max_size=64), min_size=1, max_size=8), st.data())
+def test_any_tampering_reordering_or_truncation_is_detected(messages, data):
+    (c_rx, c_tx), (w_rx, w_tx) = keys()
+    assert c_tx == w_rx and c_rx == w_tx
+    sealer = Sealer(c_tx)
+    frames = [sealer.seal(m) for m in messages] + [sealer.seal(b"bye", final=True)]
+    attack = data.draw(st.sampled_from(["flip", "swap", "drop", "truncate-final"]))
+    frames = list(frames)
+    if attack == "flip":
+        i = data.draw(st.integers(0, len(frames) - 1))
+        j = data.draw(st.integers(0, len(frames[i]) - 1))
+        frames[i] = frames[i][:j] + bytes([frames[i][j] ^ 1]) + frames[i][j + 1:]
+    elif attack == "swap" and len(frames) > 1:
+        i = data.draw(st.integers(0, len(frames) - 2))
+        if frames[i] == frames[i + 1]:
+            return
+        frames[i], frames[i + 1] = frames[i + 1], frames[i]
+    elif attack == "drop":
+        del frames[data.draw(st.integers(0, len(frames) - 2))]
+    else:
+        frames.pop()
+    opener = Opener(w_rx, sealer.header)
+    received = []
+    with pytest.raises(ProtocolError):
+        for frame in frames:
+            received.append(opener.open(frame))
+        if not opener.finished:
+            raise ProtocolError("truncated")
+    assert received == messages[: len(received)]
+
+
+def test_op_roundtrip_and_unknown_op():
+    assert decode_op(encode_op(Op.TASK, 7, b"data")) == (Op.TASK, 7, b"data")
+    with pytest.raises(ProtocolError):
+        decode_op(b"\x63" + bytes(8))
+    with pytest.raises(ProtocolError):
+        decode_op(b"\x01")
+
+
+@given(st.integers(0, 10**6), st.integers(0, 10**4), st.integers(0, 10**4), st.integers(1, 10**4))
+def test_slots_wanted_never_exceeds_max_workers_or_the_work(pending, inflight, leased, max_workers):
+    wanted = slots_wanted(pending, inflight, leased, max_workers)
+    assert wanted >= 0
+    if wanted:
+        assert leased + wanted <= max_workers
+        assert leased + wanted <= pending + inflight
+
+
+@given(st.integers(-5, 100), st.integers(-5, 100))
+def test_offer_and_accept_bounded(a, b):
+    assert 0 <= slots_to_offer(a, b) <= max(0, min(a, b))
+    assert 0 <= slots_to_accept(a, b) <= max(0, min(a, b))
+
+
+class ChannelMachine(RuleBasedStateMachine):
+    """A sealed stream opened frame by frame stays in sync, whatever is sent."""
+
+    def __init__(self):
+        super().__init__()
+        (_, tx), (rx, _) = keys()
+        self.sealer = Sealer(tx)
+        self.opener = Opener(rx, self.sealer.header)
+        self.decoder = FrameDecoder()
+        self.sent: list[bytes] = []
+        self.got: list[bytes] = []
+
+    @precondition(lambda self: not self.sealer.closed)
+    @rule(msg=st.binary(max_size=200), final=st.booleans())
+    def send(self, msg, final):
+        wire = encode_frame(self.sealer.seal(msg, final))
+        self.sent.append(msg)
+        for frame in self.decoder.feed(wire):
+            self.got.append(self.opener.open(frame))
+
+    @precondition(lambda self: self.sealer.closed)
+    @rule(msg=st.binary(max_size=20))
+    def nothing_after_final(self, msg):
+        with pytest.raises(ProtocolError):
+            self.sealer.seal(msg)
+        with pytest.raises(ProtocolError):
+            self.opener.open(b"\0" * 40)
+
+    @invariant()
+    def in_sync(self):
+        assert self.got == self.sent
+        assert self.opener.finished == self.sealer.closed
+
+
+TestChannelMachine = ChannelMachine.TestCase

@@ -1,0 +1,108 @@
+"""Signed board messages: what is accepted and what is dropped (pure, no I/O)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nacl.signing import SigningKey
+
+from p2pexec.keys import Identity, Keyring, openssh_public_line
+from p2pexec.protocol import messages
+from p2pexec.protocol.messages import Inbox, InvalidMessage, check_sender, decode, encode
+
+CLUSTER = "alice/friends"
+ALICE = Identity("alice", SigningKey.generate())
+BOB = Identity("bob", SigningKey.generate())
+MALLORY = Identity("mallory", SigningKey.generate())
+KEYRING = Keyring.parse(f"alice {openssh_public_line(ALICE.public_key)}\nbob {openssh_public_line(BOB.public_key)}\n")
+NOW = 1_800_000_000.0
+
+
+def request(ident=ALICE, now=NOW, ttl=10.0, cluster=CLUSTER, **body):
+    fields = {"req": "r1", "n": 3, "py": "3.11"} | body
+    return encode(ident, cluster, "request", fields, now=now, ttl=ttl)
+
+
+def test_roundtrip_keeps_every_field():
+    msg = decode(request())
+    assert (msg.type, msg.sender, msg.cluster, msg["n"], msg.key) == ("request", "alice", CLUSTER, 3, ALICE.public_key)
+
+
+def test_member_message_accepted_once_then_replay_dropped():
+    inbox = Inbox(CLUSTER, KEYRING)
+    line = request()
+    assert inbox.receive(line, NOW) is not None
+    assert inbox.receive(line, NOW) is None
+    assert inbox.dropped["replayed"] == 1
+
+
+@pytest.mark.parametrize("line, reason", [
+    (request(MALLORY), "not-a-member"),
+    (request(cluster="alice/other"), "other-cluster"),
+    (request(now=NOW - 20, ttl=10), "expired"),
+    (request(now=NOW + 3600), "expired"),
+    (b"not json", "not-json"),
+    (b"[1,2]", "not-object"),
+])
+def test_bad_lines_dropped_with_reason(line, reason):
+    inbox = Inbox(CLUSTER, KEYRING)
+    assert inbox.receive(line, NOW) is None
+    assert inbox.dropped[reason] == 1
+
+
+def test_member_name_with_another_members_key_is_rejected():
+    # bob signs a message claiming to be alice: valid signature, wrong key for the name
+    forged = encode(Identity("alice", BOB.signing_key), CLUSTER, "request",
+                    {"req": "r", "n": 1, "py": "3.11"}, now=NOW, ttl=5)
+    inbox = Inbox(CLUSTER, KEYRING)
+    assert inbox.receive(forged, NOW) is None
+    assert inbox.dropped["not-a-member"] == 1
+    assert not check_sender(forged, "alice", ALICE.public_key)
+    assert check_sender(request(), "alice", ALICE.public_key)
+    assert not check_sender(request(), "bob", ALICE.public_key)
+
+
+@given(field=st.sampled_from(["req", "n", "from", "cluster", "ts", "exp", "id", "type"]),
+       value=st.one_of(st.integers(), st.text(max_size=20), st.none(), st.floats(allow_nan=False)))
+def test_any_altered_field_breaks_the_signature(field, value):
+    fields = json.loads(request())
+    if fields.get(field) == value:
+        return
+    fields[field] = value
+    with pytest.raises(InvalidMessage):
+        decode(json.dumps(fields).encode())
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=600))
+def test_garbage_never_raises_anything_but_invalid_message(data):
+    inbox = Inbox(CLUSTER, KEYRING)
+    assert inbox.receive(data, NOW) is None
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=4),
+                    max_leaves=12))
+def test_arbitrary_json_is_rejected_cleanly(value):
+    try:
+        line = json.dumps(value).encode()
+    except ValueError:
+        return
+    with pytest.raises(InvalidMessage):
+        decode(line)
+
+
+def test_oversize_and_bad_ttl_refused_when_encoding():
+    with pytest.raises(ValueError):
+        request(req="x" * 5000)
+    with pytest.raises(ValueError):
+        request(ttl=10_000)
+
+
+def test_live_clock_roundtrip():
+    line = request(now=time.time())
+    assert Inbox(CLUSTER, KEYRING).receive(line, time.time()) is not None
