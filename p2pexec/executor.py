@@ -66,8 +66,7 @@ class P2PExecutor(Executor):
         self._unfinished: set[Future[Any]] = set()
         self._stopped = False
 
-        from .logs import quiet_dependencies
-        quiet_libp2p_logs(verbose)
+        quiet_dependencies(verbose)
         self._scheduler = scheduler = ClientScheduler(who.identity, Inbox(self.cluster, who.keyring),
                                                       self.cluster, self._options)
         self._runtime = TrioThread(self._serve, name=f"p2pexec-client-{cluster}")
