@@ -17,11 +17,14 @@ from .errors import (
     TaskProcessDiedError,
     WorkerLostError,
 )
-from .executor import P2PExecutor
 from .tasks import RemoteTraceback
 
 
-def __getattr__(name: str):  # LocalCluster pulls in the board server: load it on first use
+def __getattr__(name: str):  # task processes import p2pexec too: keep SSH, trio and libp2p out of them
+    if name == "P2PExecutor":
+        from .executor import P2PExecutor
+
+        return P2PExecutor
     if name == "LocalCluster":
         from .local import LocalCluster
 

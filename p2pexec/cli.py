@@ -15,8 +15,8 @@ from .logs import quiet_dependencies
 log = logging.getLogger("p2pexec")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+def _setup_logging(verbose: bool, level: int = logging.INFO) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else level,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     quiet_dependencies(verbose)
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     board.add_argument("-v", "--verbose", action="store_true", help="debug logs")
 
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, logging.WARNING if args.command == "demo" else logging.INFO)
     try:
         if args.command == "demo":
             return _demo(args)
@@ -71,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .local import demo
+    from .demo import run_demo
 
     if args.workers < 1 or args.tasks < 1:
         raise P2PExecError("--workers and --tasks must be at least 1")
     print(f"starting an embedded board and {args.workers} worker process(es) on 127.0.0.1 ...", flush=True)
-    report = demo(workers=args.workers, tasks=args.tasks)
+    report = run_demo(workers=args.workers, tasks=args.tasks)
     print(f"map(square, range({args.tasks})) = {report['results']}")
     print(f"workers used: {report['workers_used']} of {args.workers}")
-    print(f"cluster start: {report['cluster_start_s']:.2f} s; map of {args.tasks} tasks: "
+    print(f"cluster start: {report['cluster_start_s']:.2f} s; new executor + map of {args.tasks} tasks: "
           f"{report['map_s'] * 1000:.0f} ms (board handshake, libp2p connections and encryption included)")
     return 0
 

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +123,7 @@ class LocalCluster:
             self._server.stop()
             self._server = None
 
-    def add_worker(self, slots: int | None = None) -> WorkerProcess:
+    def add_worker(self, slots: int | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
         """Start one more worker daemon; returns once it has joined the board."""
         read_fd, write_fd = os.pipe()
         log_path = self._dir / f"worker-{len(self.workers)}.log"
@@ -137,7 +136,8 @@ class LocalCluster:
             cmd.append("--verbose")
         with open(log_path, "wb") as log_file:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                     pass_fds=(write_fd,), start_new_session=True)
+                                     pass_fds=(write_fd,), start_new_session=True,
+                                     env={**os.environ, **env} if env else None)
         os.close(write_fd)
         worker = WorkerProcess(popen, log_path)
         self.workers.append(worker)
@@ -167,24 +167,3 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def demo(workers: int = 2, tasks: int = 20) -> dict[str, Any]:
-    """Run a small map through the whole path; returns what happened."""
-    import socket
-
-    started = time.perf_counter()
-    with LocalCluster(workers=workers) as lc:
-        ready = time.perf_counter()
-        with lc.executor() as ex:
-            results = list(ex.map(_demo_task, range(tasks)))
-        done = time.perf_counter()
-    hosts = {pid for _, pid, _ in results}
-    return {"results": [r for r, _, _ in results], "workers_used": len(hosts),
-            "cluster_start_s": ready - started, "map_s": done - ready, "host": socket.gethostname()}
-
-
-def _demo_task(x: int) -> tuple[int, int, str]:
-    import os as _os
-
-    return x * x, _os.getppid(), _os.uname().nodename

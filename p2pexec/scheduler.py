@@ -304,7 +304,9 @@ class ClientScheduler:
         try:
             outcome = load_outcome(data)
         except Exception as exc:
-            self._set_exception(item, exc)
+            error = RuntimeError(f"the task's outcome could not be unpickled here: {exc!r}")
+            error.__cause__ = exc
+            self._set_exception(item, error)
             return
         if outcome.stdout:
             sys.stdout.write(outcome.stdout)

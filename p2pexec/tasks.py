@@ -6,19 +6,63 @@ the task process (on the worker) and the client do.
 
 from __future__ import annotations
 
+import functools
+import io
+import sys
+import sysconfig
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import dill
+import dill._dill
 
 _PROTOCOL = 5
+
+
+@functools.lru_cache(maxsize=1024)
+def is_local_module(name: str | None) -> bool:
+    """True for a module a worker cannot be expected to have: the user's own code.
+
+    Installed code (stdlib, site-packages, p2pexec itself) is pickled by
+    reference, as usual; a script's helper module, a test module or a
+    notebook's code is pickled by value, like ``__main__``.
+    """
+    module = sys.modules.get(name or "")
+    path = getattr(module, "__file__", None)
+    if not path or (name or "").split(".")[0] == "p2pexec":
+        return False
+    installed = {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    installed.update(p for p in sys.path if "site-packages" in p or "dist-packages" in p)
+    resolved = Path(path).resolve()
+    return not any(resolved.is_relative_to(Path(p).resolve()) for p in installed if p)
+
+
+_dill_locate = dill._dill._locate_function
+
+
+def _locate(obj: Any, pickler: Any = None) -> bool:
+    # dill pickles a function or class by value when it cannot "locate" it;
+    # our task pickler also declines to locate the user's local code.
+    if isinstance(pickler, _TaskPickler) and is_local_module(getattr(obj, "__module__", None)):
+        return False
+    return _dill_locate(obj, pickler)
+
+
+dill._dill._locate_function = _locate
+
+
+class _TaskPickler(dill.Pickler):
+    pass
 
 
 def dump_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     # recurse=True pickles only the globals a function uses, so functions
     # from a user's __main__ travel without dragging the whole module along.
-    return dill.dumps((fn, args, kwargs), protocol=_PROTOCOL, recurse=True)
+    buf = io.BytesIO()
+    _TaskPickler(buf, protocol=_PROTOCOL, recurse=True).dump((fn, args, kwargs))
+    return buf.getvalue()
 
 
 def load_task(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
@@ -60,8 +104,8 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> bytes:
     if not ok:
         tb = "".join(traceback.format_exception(type(value), value, value.__traceback__))
         tb = f'\n"""\n{tb}"""'
-        try:
-            dill.dumps(value, protocol=_PROTOCOL)
+        try:  # the client must be able to rebuild it, not merely we to pickle it
+            dill.loads(dill.dumps(value, protocol=_PROTOCOL))
         except Exception:
             value = RemoteError(f"{type(value).__qualname__}: {value}")
         value = _ExceptionWithTraceback(value, tb)

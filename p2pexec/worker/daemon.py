@@ -8,6 +8,7 @@ bytes.  A peer that misbehaves loses its lease; the daemon carries on.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -31,7 +32,8 @@ from .slots import TaskProcessDied, TaskSlot
 
 log = logging.getLogger("p2pexec.worker")
 
-PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+# The override exists so tests can start a worker that looks like another Python.
+PYTHON = os.environ.get("P2PEXEC_ADVERTISE_PYTHON") or f"{sys.version_info.major}.{sys.version_info.minor}"
 OFFER_TTL = 15.0
 HELLO_EVERY = 30.0
 HANDSHAKE_TIMEOUT = 10.0

@@ -43,10 +43,19 @@ class TaskSlot:
     async def start(self) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        self._proc = await trio.lowlevel.open_process(
+        proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "p2pexec.worker.taskproc"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
+        try:
+            ready = await self._receive_exactly(proc, LENGTH.size)
+        except EOFError:
+            await proc.wait()
+            raise TaskProcessDied(f"a new task process {describe_exit(proc.returncode)} while starting") from None
+        if ready != LENGTH.pack(0):
+            proc.kill()
+            raise TaskProcessDied("a new task process sent garbage instead of its ready signal")
+        self._proc = proc
 
     async def run(self, payload: bytes) -> bytes:
         """Run one task payload; returns the outcome bytes or raises TaskProcessDied."""

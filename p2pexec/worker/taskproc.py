@@ -1,8 +1,8 @@
 """The task process: the only place on a worker where task payloads are unpickled.
 
 Started by the worker daemon as ``python -m p2pexec.worker.taskproc``; it
-reads length-prefixed task payloads on stdin and answers each with a
-length-prefixed outcome on stdout.  File descriptors 0-2 are pointed away
+says it is ready with an empty frame, then reads length-prefixed task
+payloads on stdin and answers each with a length-prefixed outcome on stdout.  File descriptors 0-2 are pointed away
 from the protocol pipes at start, so a task that prints, or a C library
 that writes to fd 1, cannot corrupt the protocol; whatever a task writes to
 fd 1 or 2 is captured and sent back with its outcome.
@@ -67,6 +67,7 @@ class _Capture:
 
 def serve(proto_in: int, proto_out: int) -> None:
     capture = _Capture()
+    _write_all(proto_out, LENGTH.pack(0))  # ready: imports done
     while True:
         header = _read_exact(proto_in, LENGTH.size)
         if header is None:

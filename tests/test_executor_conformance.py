@@ -1,0 +1,236 @@
+"""P2PExecutor behaves like the stdlib executors (after CPython's test_concurrent_futures).
+
+Everything runs through the real path: SSH board, two worker daemons,
+libp2p (Noise, yamux), secretstream, task processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from concurrent import futures
+
+import pytest
+
+from p2pexec import RemoteTraceback, TaskProcessDiedError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def mul(x, y):
+    return x * y
+
+
+def sleep_and_return(seconds, value):
+    time.sleep(seconds)
+    return value
+
+
+def raise_value_error(message):
+    raise ValueError(message)
+
+
+def worker_pid(_=None):
+    return os.getppid()  # the worker daemon: task processes are its children
+
+
+def test_submit(executor):
+    assert executor.submit(pow, 2, 8).result() == 256
+
+
+def test_submit_keyword_and_positional_only_fn_argument(executor):
+    assert executor.submit(mul, 2, y=5).result() == 10
+    assert executor.submit(dict, fn=1).result() == {"fn": 1}
+
+
+def test_map_several_iterables_stops_at_shortest(executor):
+    assert list(executor.map(pow, range(10), [2] * 7)) == [pow(i, 2) for i in range(7)]
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, 3, 7, 50])
+def test_map_chunksize_keeps_order(executor, chunksize):
+    assert list(executor.map(mul, range(23), range(23), chunksize=chunksize)) == [i * i for i in range(23)]
+
+
+def test_map_rejects_bad_chunksize(executor):
+    with pytest.raises(ValueError):
+        executor.map(int, [], chunksize=0)
+
+
+def test_map_timeout(executor):
+    results = []
+    with pytest.raises(futures.TimeoutError):
+        for r in executor.map(sleep_and_return, [0, 0, 4], ["a", "b", "c"], timeout=1.5):
+            results.append(r)
+    assert results == ["a", "b"]
+
+
+def test_map_reraises_the_task_exception(executor):
+    it = executor.map(raise_value_error, ["boom"])
+    with pytest.raises(ValueError, match="boom"):
+        next(it)
+
+
+def test_exception_keeps_type_and_remote_traceback(executor):
+    future = executor.submit(raise_value_error, "bad input")
+    exc = future.exception()
+    assert type(exc) is ValueError and str(exc) == "bad input"
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    assert "raise_value_error" in exc.__cause__.tb and "ValueError: bad input" in exc.__cause__.tb
+
+
+def test_unpicklable_exception_becomes_remote_error(executor):
+    def raise_unpicklable():
+        import threading
+
+        class Bad(Exception):
+            def __init__(self):
+                super().__init__("held a lock")
+                self.lock = threading.Lock()
+
+        raise Bad()
+
+    exc = executor.submit(raise_unpicklable).exception()
+    assert "held a lock" in str(exc)
+
+
+def test_unpicklable_argument_fails_its_future_only(executor):
+    future = executor.submit(list, (i for i in range(3)))  # generators cannot be pickled
+    assert isinstance(future.exception(), TypeError)
+    assert executor.submit(int, "5").result() == 5
+
+
+def test_lambdas_closures_and_nested_functions(executor):
+    factor = 3
+
+    def outer(n):
+        def inner(k):
+            return k * factor
+
+        return sum(inner(i) for i in range(n))
+
+    assert executor.submit(lambda: factor + 1).result() == 4
+    assert executor.submit(outer, 4).result() == 18
+
+
+def test_stdout_and_stderr_replayed_on_client(executor, capsys):
+    def chatty():
+        import os
+        import sys
+
+        print("hello from the worker")
+        print("to stderr", file=sys.stderr)
+        os.write(1, b"fd-level output\n")
+        return 7
+
+    assert executor.submit(chatty).result() == 7
+    out, err = capsys.readouterr()
+    assert "hello from the worker" in out and "fd-level output" in out
+    assert "to stderr" in err
+
+
+def test_as_completed_yields_every_future(executor):
+    fs = [executor.submit(sleep_and_return, 0.3 * (i % 2), i) for i in range(6)]
+    assert sorted(f.result() for f in futures.as_completed(fs, timeout=30)) == list(range(6))
+
+
+def test_wait_first_completed_and_all_completed(executor):
+    slow = executor.submit(sleep_and_return, 3, "slow")
+    fast = executor.submit(sleep_and_return, 0, "fast")
+    done, not_done = futures.wait([slow, fast], return_when=futures.FIRST_COMPLETED, timeout=30)
+    assert fast in done and slow in not_done
+    done, not_done = futures.wait([slow, fast], return_when=futures.ALL_COMPLETED, timeout=30)
+    assert not not_done
+
+
+def test_wait_first_exception(executor):
+    bad = executor.submit(raise_value_error, "x")
+    slow = executor.submit(sleep_and_return, 2, 1)
+    done, _ = futures.wait([bad, slow], return_when=futures.FIRST_EXCEPTION, timeout=30)
+    assert bad in done
+
+
+def test_run_in_executor(executor):
+    async def main():
+        loop = asyncio.get_running_loop()
+        return await asyncio.gather(*(loop.run_in_executor(executor, mul, i, 2) for i in range(5)))
+
+    assert asyncio.run(main()) == [0, 2, 4, 6, 8]
+
+
+def test_both_workers_are_used(executor):
+    pids = set(executor.map(sleep_and_return, [0.5] * 4, [None] * 4))  # warm-up leases both workers
+    pids = {f.result() for f in [executor.submit(_pid_after, 0.5) for _ in range(4)]}
+    assert len(pids) == 2
+
+
+def _pid_after(seconds):
+    time.sleep(seconds)
+    return os.getppid()
+
+
+def test_max_workers_caps_the_slots_leased(cluster):
+    with cluster.executor(max_workers=1) as ex:
+        pids = {f.result() for f in [ex.submit(_pid_after, 0.2) for _ in range(4)]}
+    assert len(pids) == 1
+
+
+def test_cancel_pending_future(cluster):
+    with cluster.executor(max_workers=1) as ex:
+        running = ex.submit(sleep_and_return, 1, "done")
+        queued = ex.submit(sleep_and_return, 0, "never")
+        assert queued.cancel()
+        assert running.result() == "done"
+        assert queued.cancelled()
+
+
+def test_submit_after_shutdown_raises(cluster):
+    ex = cluster.executor()
+    ex.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(int)
+    ex.shutdown()  # idempotent
+
+
+def test_shutdown_wait_true_completes_every_future(cluster):
+    ex = cluster.executor()
+    fs = [ex.submit(sleep_and_return, 0.2, i) for i in range(5)]
+    ex.shutdown(wait=True)
+    assert [f.result(timeout=0) for f in fs] == list(range(5))
+
+
+def test_shutdown_wait_false_returns_at_once_and_futures_finish(cluster):
+    ex = cluster.executor()
+    future = ex.submit(sleep_and_return, 1, "late")
+    started = time.monotonic()
+    ex.shutdown(wait=False)
+    assert time.monotonic() - started < 0.9
+    assert future.result(timeout=30) == "late"
+
+
+def test_shutdown_cancel_futures(cluster):
+    ex = cluster.executor(max_workers=1)
+    first = ex.submit(sleep_and_return, 1, "first")
+    rest = [ex.submit(sleep_and_return, 1, i) for i in range(5)]
+    while not first.running():
+        futures.wait([first], timeout=0.05)
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert first.result() == "first"
+    assert sum(f.cancelled() for f in rest) >= 4
+
+
+def test_task_killing_its_process_fails_that_task_and_worker_survives(executor):
+    exit_future = executor.submit(os._exit, 3)
+    with pytest.raises(TaskProcessDiedError, match="exited with status 3"):
+        exit_future.result()
+    segv = executor.submit(lambda: os.kill(os.getpid(), 11))
+    with pytest.raises(TaskProcessDiedError, match="SIGSEGV"):
+        segv.result()
+    assert list(executor.map(mul, range(6), range(6))) == [i * i for i in range(6)]
+
+
+def test_system_exit_in_task_is_its_exception(executor):
+    with pytest.raises(SystemExit):
+        executor.submit(sys.exit, 4).result()
