@@ -14,10 +14,10 @@ from .errors import (
     NoWorkersError,
     P2PExecError,
     ProtocolError,
+    RemoteTraceback,
     TaskProcessDiedError,
     WorkerLostError,
 )
-from .tasks import RemoteTraceback
 
 
 def __getattr__(name: str):  # task processes import p2pexec too: keep SSH, trio and libp2p out of them

@@ -12,8 +12,9 @@ from typing import Any
 
 
 def square_where(x: int) -> tuple[int, int]:
-    """x squared, and which worker daemon ran it (the task process's parent)."""
-    return x * x, os.getppid()
+    """x squared after 50 ms of pretend work, and which worker daemon ran it."""
+    time.sleep(0.05)
+    return x * x, os.getppid()  # a task process's parent is its worker daemon
 
 
 def run_demo(workers: int = 2, tasks: int = 20) -> dict[str, Any]:

@@ -45,3 +45,14 @@ class WorkerLostError(P2PExecError):
 
 class NoWorkersError(P2PExecError):
     """No worker offered to run the task within ``worker_timeout``."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the worker-side traceback as the ``__cause__`` of a task's exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb

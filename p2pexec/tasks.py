@@ -18,6 +18,8 @@ from typing import Any, Callable
 import dill
 import dill._dill
 
+from .errors import RemoteTraceback
+
 _PROTOCOL = 5
 
 
@@ -67,17 +69,6 @@ def dump_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
 
 def load_task(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
     return dill.loads(payload)
-
-
-class RemoteTraceback(Exception):
-    """Carries the worker-side traceback as the ``__cause__`` of a task's exception."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
 
 
 def _rebuild_exception(exc: BaseException, tb: str) -> BaseException:

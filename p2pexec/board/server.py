@@ -40,7 +40,8 @@ log = logging.getLogger("p2pexec.board")
 KEEPALIVE = 15           # seconds between SSH keepalives on every connection
 AUTH_TIMEOUT = 30.0      # a connection must authenticate within this
 MESSAGE_TIMEOUT = 1.0    # to send a last message to a client that does not read
-STOP_GRACE = 1.0         # stop(): time for sessions to send their exit status
+STOP_GRACE = 2.0         # stop(): time for sessions to send their exit status
+LINGER = 1.0             # stop(): time for clients to hang up after that
 JOIN_TIMEOUT = 5.0       # stop(): time for every thread to end
 CHUNK = 32768            # bytes read from a channel at once
 BATCH = 65536            # bytes written to a receiver at once
@@ -120,6 +121,7 @@ class _Outbox:
 @dataclass(eq=False)
 class _Connection:
     transport: "_Transport"
+    sock: socket.socket
     address: str
     user: str | None = None
     key: bytes | None = None
@@ -337,7 +339,8 @@ class BoardServer:
         self._started = self._stopping = False
         self._state_lock = threading.Lock()  # serialises clusters.json writes
         self._listener: socket.socket | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r: socket.socket | None = None  # stop() wakes the accept loop through it
+        self._wake_w: socket.socket | None = None
 
     # -- lifecycle
 
@@ -351,32 +354,41 @@ class BoardServer:
         self._listener = socket.create_server((self.host, self.port), family=family, backlog=128)
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
+        self._wake_r, self._wake_w = socket.socketpair()
         self._spawn(self._accept_loop, "board-accept")
         log.info("board listening on %s port %d", self.host, self.port)
 
     def stop(self) -> None:
         """Close the listener and every session, and join the threads, in bounded time."""
         with self._cond:
-            if self._stopping or not self._started:
+            if self._stopping or self._wake_w is None:
                 return
             self._stopping = True
             sessions = list(self._sessions)
             self._cond.notify_all()
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+        self._wake_w.send(b"x")
         started = time.monotonic()
         for session in sessions:
             session.stop(1, "board is shutting down")
         with self._cond:
             self._cond.wait_for(lambda: not self._sessions, STOP_GRACE)
             connections = list(self._connections)
+        # Half-close first: clients read their exit status, then hang up.  Closing
+        # outright would reset connections that OpenSSH is still writing to.
+        for conn in connections:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        with self._cond:
+            self._cond.wait_for(lambda: not self._connections, LINGER)
+            connections = list(self._connections)
         for conn in connections:
             conn.transport.close()
         self._join_threads(started + JOIN_TIMEOUT)
-        self._wake_r.close()
         self._wake_w.close()
+        assert self._wake_r is not None
+        self._wake_r.close()
         log.info("board on port %d stopped", self.port)
 
     def __enter__(self) -> "BoardServer":
@@ -505,7 +517,7 @@ class BoardServer:
             self._cond.notify_all()
 
     def _accept_loop(self) -> None:
-        assert self._listener is not None
+        assert self._listener is not None and self._wake_r is not None
         with self._listener, selectors.DefaultSelector() as sel:
             sel.register(self._listener, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
@@ -530,7 +542,7 @@ class BoardServer:
         except OSError:
             pass
         transport = _Transport(sock)
-        conn = _Connection(transport, f"{addr[0]}:{addr[1]}")
+        conn = _Connection(transport, sock, f"{addr[0]}:{addr[1]}")
         with self._cond:
             stopping = self._stopping
             if not stopping:
@@ -554,9 +566,11 @@ class BoardServer:
             transport.join()
         finally:
             transport.close()
+            sock.close()
             with self._cond:
                 self._connections.discard(conn)
                 sessions = list(conn.sessions)
+                self._cond.notify_all()
             for session in sessions:
                 session.stop(1, None)
 
