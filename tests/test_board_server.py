@@ -1,0 +1,514 @@
+"""The board server, driven over loopback by the real OpenSSH client and by paramiko."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+import paramiko
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pexec.board.commands import Command, CommandError, format_duration, parse
+from p2pexec.board.server import BoardServer, load_or_create_host_key
+from p2pexec.keys import Identity, Keyring, generate_identity_file, load_identity
+from p2pexec.protocol.messages import encode
+
+SSH = "/usr/bin/ssh"
+USERS = ("alice", "bob", "carol")  # mallory has a key but is not a board user
+WAIT = 10.0
+
+pytestmark = pytest.mark.skipif(not Path(SSH).exists(), reason="needs the OpenSSH client")
+
+
+# -- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("keys")
+    for user in (*USERS, "mallory"):
+        generate_identity_file(d / user, comment=user)
+    return d
+
+
+@pytest.fixture(scope="module")
+def keyring(keydir: Path) -> Keyring:
+    return Keyring.parse("".join(f"{u} {(keydir / f'{u}.pub').read_text()}" for u in USERS))
+
+
+@pytest.fixture
+def make_board(keydir: Path, keyring: Keyring, tmp_path: Path) -> Iterator[Callable[..., BoardServer]]:
+    boards: list[BoardServer] = []
+    host_key = load_or_create_host_key(tmp_path / "host_key")
+
+    def make(**kw: object) -> BoardServer:
+        kw.setdefault("state_dir", tmp_path / "state")
+        board = BoardServer(host_key=host_key, users=keyring, **kw)  # type: ignore[arg-type]
+        board.start()
+        boards.append(board)
+        return board
+
+    yield make
+    for board in boards:
+        board.stop()
+
+
+@pytest.fixture
+def board(make_board: Callable[..., BoardServer]) -> BoardServer:
+    return make_board()
+
+
+def ssh_argv(board: BoardServer, user: str, command: str, key: Path) -> list[str]:
+    return [SSH, "-F", "/dev/null", "-T", "-p", str(board.port), "-i", str(key),
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+            "-o", "ConnectTimeout=10", f"{user}@127.0.0.1", command]
+
+
+@pytest.fixture
+def ssh(keydir: Path) -> Iterator[Callable[..., subprocess.CompletedProcess[bytes]]]:
+    """Run one ssh command to completion; stdin is ``input`` (default: empty)."""
+
+    def run(board: BoardServer, user: str, command: str, input: bytes = b"",
+            key: str | None = None) -> subprocess.CompletedProcess[bytes]:
+        argv = ssh_argv(board, user, command, keydir / (key or user))
+        return subprocess.run(argv, input=input, capture_output=True, timeout=WAIT)
+
+    yield run
+
+
+@pytest.fixture
+def spawn(keydir: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start a long-lived ssh command with pipes; killed at teardown."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(board: BoardServer, user: str, command: str, stdin: int | None = subprocess.PIPE
+              ) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(ssh_argv(board, user, command, keydir / user), stdin=stdin,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def channel(keydir: Path) -> Iterator[Callable[..., paramiko.Channel]]:
+    """Open a paramiko session channel running ``command``; clients closed at teardown."""
+    clients: list[paramiko.SSHClient] = []
+
+    def open_channel(board: BoardServer, user: str, command: str) -> paramiko.Channel:
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        client.connect("127.0.0.1", board.port, username=user, key_filename=str(keydir / user),
+                       look_for_keys=False, allow_agent=False, timeout=WAIT)
+        clients.append(client)
+        transport = client.get_transport()
+        assert transport is not None
+        chan = transport.open_session(timeout=WAIT)
+        chan.exec_command(command)
+        return chan
+
+    yield open_channel
+    for client in clients:
+        client.close()
+
+
+class Lines:
+    """Reads lines from a stream on a thread, so a test can wait for each with a timeout."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._queue: queue.Queue[bytes | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[bytes]) -> None:
+        try:
+            for line in iter(stream.readline, b""):
+                self._queue.put(line)
+        except OSError:
+            pass
+        self._queue.put(None)
+
+    def get(self, timeout: float = WAIT) -> bytes | None:
+        """The next line, or None at end of stream."""
+        return self._queue.get(timeout=timeout)
+
+    def rest(self, timeout: float = WAIT) -> list[bytes]:
+        """Every line until the end of the stream."""
+        out = []
+        while (line := self.get(timeout)) is not None:
+            out.append(line)
+        return out
+
+
+def wait_clients(board: BoardServer, topic: str, **counts: int) -> None:
+    ok = board.wait_clients(topic, lambda c: all(c[k] == n for k, n in counts.items()), WAIT)
+    assert ok, f"{topic}: wanted {counts}, have {board.clients(topic)}"
+
+
+@pytest.mark.timeout(30)
+def test_host_key_is_created_once_and_private(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "host_key"
+    key = load_or_create_host_key(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_or_create_host_key(path).asbytes() == key.asbytes()
+
+
+# -- one-shot commands
+
+
+@pytest.mark.timeout(30)
+def test_user_help_and_empty_ls(board: BoardServer, ssh: Callable[..., subprocess.CompletedProcess[bytes]]) -> None:
+    r = ssh(board, "alice", "user")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"alice\n", b"")
+    r = ssh(board, "bob", "help")
+    assert r.returncode == 0 and b"pipe TOPIC" in r.stdout and b"sub TOPIC" in r.stdout
+    r = ssh(board, "carol", "ls")
+    assert (r.returncode, r.stdout) == (0, b"no pubsub channels found\n")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command, error", [
+    ("frobnicate", b"unknown command 'frobnicate'"),
+    ("pipe", b"missing topic"),
+    ("pub t -t soon", b"invalid duration 'soon'"),
+    ("sub a/b/c", b"invalid topic"),
+    ("sub t -z", b"unknown flag '-z'"),
+    ("pipe 'unclosed", b"cannot parse command"),
+])
+def test_malformed_command_is_a_clear_error(board: BoardServer, ssh: Callable[..., subprocess.CompletedProcess[bytes]],
+                                            command: str, error: bytes) -> None:
+    r = ssh(board, "alice", command)
+    assert r.returncode == 1 and error in r.stderr and b"Traceback" not in r.stderr
+
+
+@pytest.mark.timeout(30)
+def test_shell_request_gets_usage(board: BoardServer, keydir: Path) -> None:
+    argv = ssh_argv(board, "alice", "", keydir / "alice")[:-1]  # no command: a shell request
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=WAIT)
+    assert r.returncode == 1 and b"not a shell" in r.stderr
+
+
+# -- relaying
+
+
+@pytest.mark.timeout(30)
+def test_pipe_relays_to_others_and_to_itself_only_with_r(
+        board: BoardServer, spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    p1 = spawn(board, "alice", "pipe t -a bob")
+    wait_clients(board, "alice/t", pipe=1)  # bob may join once alice's -a is in
+    p2 = spawn(board, "bob", "pipe -r alice/t")
+    wait_clients(board, "alice/t", pipe=2)
+    out1, out2 = Lines(p1.stdout), Lines(p2.stdout)  # type: ignore[arg-type]
+    p1.stdin.write(b"one\n")  # type: ignore[union-attr]
+    p1.stdin.flush()  # type: ignore[union-attr]
+    assert out2.get() == b"one\n"
+    p2.stdin.write(b"two\npartial")  # type: ignore[union-attr]
+    p2.stdin.flush()  # type: ignore[union-attr]
+    assert out1.get() == b"two\n"  # its own "one" never came back: it would be first
+    assert out2.get() == b"two\n"  # -r: bob hears himself
+    p2.stdin.close()  # type: ignore[union-attr]  EOF ends bob's pipe; his partial line goes out
+    assert out1.get() == b"partial\n"
+    assert out2.rest() == [b"partial\n"] and p2.wait(WAIT) == 0
+    p1.stdin.close()  # type: ignore[union-attr]
+    assert p1.wait(WAIT) == 0
+
+
+@pytest.mark.timeout(30)
+def test_pub_sub(board: BoardServer, spawn: Callable[..., subprocess.Popen[bytes]],
+                 ssh: Callable[..., subprocess.CompletedProcess[bytes]]) -> None:
+    plain = spawn(board, "alice", "sub t", stdin=subprocess.DEVNULL)  # stdin EOF must not end a sub
+    keep = spawn(board, "alice", "sub t -k", stdin=subprocess.DEVNULL)
+    wait_clients(board, "alice/t", sub=2)
+    assert ssh(board, "alice", "pub t", input=b"hello\nworld").returncode == 0
+    assert Lines(plain.stdout).rest() == [b"hello\n", b"world\n"]  # type: ignore[arg-type]
+    assert plain.wait(WAIT) == 0  # ended when the last publisher left
+    wait_clients(board, "alice/t", sub=1)
+    assert ssh(board, "alice", "pub -c t", input=b"again\n").returncode == 0
+    out = Lines(keep.stdout)  # type: ignore[arg-type]
+    assert [out.get(), out.get(), out.get()] == [b"hello\n", b"world\n", b"again\n"]
+    assert keep.poll() is None
+
+
+@pytest.mark.timeout(30)
+def test_pub_without_subscribers(board: BoardServer, ssh: Callable[..., subprocess.CompletedProcess[bytes]]) -> None:
+    t0 = time.monotonic()
+    r = ssh(board, "alice", "pub t -t 200ms", input=b"lost\n")
+    assert (r.returncode, r.stderr) == (1, b"timeout reached, exiting\n")
+    assert time.monotonic() - t0 < 5
+    r = ssh(board, "alice", "pub t -b=false", input=b"lost\n")
+    assert (r.returncode, r.stderr) == (0, b"")
+
+
+@pytest.mark.timeout(30)
+def test_ls_format(board: BoardServer, ssh: Callable[..., subprocess.CompletedProcess[bytes]],
+                   channel: Callable[..., paramiko.Channel]) -> None:
+    channel(board, "alice", "pipe friends -a bob,carol")
+    wait_clients(board, "alice/friends", pipe=1)
+    channel(board, "bob", "sub alice/friends")
+    channel(board, "alice", "pub friends")
+    channel(board, "alice", "sub other")
+    channel(board, "bob", "sub bobs")
+    wait_clients(board, "alice/friends", pub=1, sub=1, pipe=1)
+    wait_clients(board, "alice/other", sub=1)
+    wait_clients(board, "bob/bobs", sub=1)
+    r = ssh(board, "alice", "ls")
+    assert r.returncode == 0
+    pattern = (r"Channel Information\n"
+               r"- alice/friends: \(Access List: bob, carol\)\n"
+               r"  Pubs:\n  - alice#\d+\n"
+               r"  Subs:\n  - bob#\d+\n"
+               r"  Pipes:\n  - alice#\d+\n"
+               r"- alice/other:\n"
+               r"  Subs:\n  - alice#\d+\n")
+    assert re.fullmatch(pattern, r.stdout.decode()), r.stdout.decode()
+    assert ssh(board, "carol", "ls").stdout == b"no pubsub channels found\n"
+
+
+# -- access control
+
+
+@pytest.mark.timeout(30)
+def test_access_denied_until_owner_adds_member(
+        board: BoardServer, ssh: Callable[..., subprocess.CompletedProcess[bytes]], tmp_path: Path) -> None:
+    for command in ("sub alice/friends", "pipe alice/friends", "pub alice/friends -b=false"):
+        r = ssh(board, "carol", command)
+        assert (r.returncode, r.stderr) == (1, b"access denied\n"), command
+    r = ssh(board, "bob", "pipe alice/friends -a bob,carol")
+    assert r.returncode == 1 and b"only alice can set the access list" in r.stderr
+    assert ssh(board, "alice", "pub friends -b=false -a bob,carol").returncode == 0
+    assert board.members("alice/friends") == ("bob", "carol")
+    assert json.loads((tmp_path / "state" / "clusters.json").read_text()) == {
+        "alice/friends": ["bob", "carol"]}
+    r = ssh(board, "carol", "pipe alice/friends")  # stdin EOF: joins, then ends
+    assert (r.returncode, r.stderr) == (0, b"")
+    assert ssh(board, "bob", "pipe -p lobby").returncode == 0  # public topics are open
+    assert b"-p names a public topic" in ssh(board, "carol", "pipe -p alice/lobby").stderr
+
+
+@pytest.mark.timeout(30)
+def test_membership_survives_restart_and_revocation_disconnects(
+        make_board: Callable[..., BoardServer], ssh: Callable[..., subprocess.CompletedProcess[bytes]],
+        channel: Callable[..., paramiko.Channel]) -> None:
+    first = make_board()
+    assert ssh(first, "alice", "pipe friends -a bob").returncode == 0
+    first.stop()
+    second = make_board()
+    assert second.members("alice/friends") == ("bob",)
+    assert ssh(second, "bob", "pipe alice/friends").returncode == 0
+    assert ssh(second, "carol", "pipe alice/friends").stderr == b"access denied\n"
+    chan = channel(second, "bob", "sub alice/friends")
+    wait_clients(second, "alice/friends", sub=1)
+    second.set_members("alice/friends", ["carol"])
+    assert chan.recv_exit_status() == 1
+    assert chan.makefile_stderr("rb").read() == b"access denied\n"
+    assert ssh(second, "carol", "pipe alice/friends").returncode == 0
+
+
+@pytest.mark.timeout(30)
+def test_only_the_users_own_key_logs_in(board: BoardServer, keydir: Path,
+                                        ssh: Callable[..., subprocess.CompletedProcess[bytes]]) -> None:
+    r = ssh(board, "alice", "user", key="bob")
+    assert r.returncode == 255 and b"Permission denied (publickey)" in r.stderr
+    r = ssh(board, "mallory", "user")
+    assert r.returncode == 255 and b"Permission denied (publickey)" in r.stderr
+    transport = paramiko.Transport(("127.0.0.1", board.port))
+    try:
+        transport.start_client(timeout=WAIT)
+        with pytest.raises(paramiko.BadAuthenticationType) as exc:
+            transport.auth_password("alice", "secret")
+        assert exc.value.allowed_types == ["publickey"]
+    finally:
+        transport.close()
+
+
+# -- sender authentication
+
+
+@pytest.mark.timeout(30)
+def test_forged_messages_are_dropped(board: BoardServer, keydir: Path,
+                                     channel: Callable[..., paramiko.Channel]) -> None:
+    alice, bob = load_identity("alice", keydir / "alice"), load_identity("bob", keydir / "bob")
+    now = time.time()
+
+    def msg(identity: Identity, role: str) -> bytes:
+        return encode(identity, "alice/t", "hello", {"role": role}, now=now, ttl=60) + b"\n"
+
+    sender = channel(board, "alice", "pipe t -a bob")
+    wait_clients(board, "alice/t", pipe=1)
+    receiver = channel(board, "bob", "sub alice/t")
+    wait_clients(board, "alice/t", sub=1, pipe=1)
+    good, last = msg(alice, "client"), msg(alice, "worker")
+    bobs = msg(bob, "client")  # bob's genuine message, replayed by alice
+    claims_bob = msg(Identity("bob", alice.signing_key), "client")  # alice's key, from=bob
+    sender.sendall(good + bobs + claims_bob + b'{"not": "json\n' + b"plain text\n" + last)
+    out = Lines(receiver.makefile("rb"))
+    assert [out.get() for _ in range(3)] == [good, b"plain text\n", last]
+    assert board.dropped["bad-sender"] == 3
+
+
+@pytest.mark.timeout(30)
+def test_unverified_board_relays_everything(make_board: Callable[..., BoardServer], keydir: Path,
+                                            channel: Callable[..., paramiko.Channel]) -> None:
+    board = make_board(verify_sender=False)
+    bob = load_identity("bob", keydir / "bob")
+    forged = encode(bob, "alice/t", "hello", {"role": "x"}, now=time.time(), ttl=60) + b"\n"
+    sender, receiver = channel(board, "alice", "pipe t"), channel(board, "alice", "sub t")
+    wait_clients(board, "alice/t", sub=1, pipe=1)
+    sender.sendall(forged)
+    assert Lines(receiver.makefile("rb")).get() == forged
+
+
+# -- robustness
+
+
+@pytest.mark.timeout(30)
+def test_slow_subscriber_is_dropped_without_delaying_others(
+        make_board: Callable[..., BoardServer], channel: Callable[..., paramiko.Channel]) -> None:
+    board = make_board(subscriber_queue=200)
+    slow = channel(board, "alice", "sub -k t")  # never reads: its SSH window fills, then its queue
+    fast = channel(board, "alice", "sub -k t")
+    wait_clients(board, "alice/t", sub=2)
+    fast_lines = Lines(fast.makefile("rb"))
+    pub = channel(board, "alice", "pub t")
+    # 4 MB, twice the slow reader's SSH window, in steps the fast reader must keep up with.
+    lines = [b"%06d" % i + b"x" * 993 + b"\n" for i in range(4000)]
+    for step in range(0, len(lines), 100):
+        pub.sendall(b"".join(lines[step:step + 100]))
+        for line in lines[step:step + 100]:
+            assert fast_lines.get() == line
+    pub.shutdown_write()
+    assert pub.recv_exit_status() == 0
+    assert slow.recv_exit_status() == 1
+    assert board.dropped["too-slow"] == 1
+    wait_clients(board, "alice/t", sub=1)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("data", [b"x" * 1001, b"ok\n" + b"y" * 1001 + b"\n"])
+def test_line_too_long(make_board: Callable[..., BoardServer], data: bytes,
+                       ssh: Callable[..., subprocess.CompletedProcess[bytes]]) -> None:
+    board = make_board(max_line=1000)
+    r = ssh(board, "alice", "pipe t", input=data)
+    assert (r.returncode, r.stderr) == (1, b"line too long\n")
+    assert board.dropped["too-long"] == 1
+    assert ssh(board, "alice", "pipe t", input=b"z" * 1000 + b"\n").returncode == 0
+
+
+@pytest.mark.timeout(30)
+def test_clients_vanishing_mid_stream(board: BoardServer, spawn: Callable[..., subprocess.Popen[bytes]],
+                                      ssh: Callable[..., subprocess.CompletedProcess[bytes]],
+                                      channel: Callable[..., paramiko.Channel]) -> None:
+    listener = channel(board, "alice", "sub -k t")
+    doomed = spawn(board, "alice", "sub -k t", stdin=subprocess.DEVNULL)
+    wait_clients(board, "alice/t", sub=2)
+    out = Lines(listener.makefile("rb"))
+    writer = spawn(board, "alice", "pub t")
+    writer.stdin.write(b"first\n" + b"z" * 5000)  # type: ignore[union-attr]  ends mid-line
+    writer.stdin.flush()  # type: ignore[union-attr]
+    assert out.get() == b"first\n"
+    writer.kill()
+    doomed.kill()
+    wait_clients(board, "alice/t", sub=1, pub=0)
+    assert ssh(board, "alice", "pub t", input=b"after\n").returncode == 0
+    assert out.get() == b"after\n"  # the killed writer's partial line was not relayed
+    assert ssh(board, "alice", "user").stdout == b"alice\n"
+
+
+@pytest.mark.timeout(30)
+def test_stop_is_prompt(make_board: Callable[..., BoardServer], spawn: Callable[..., subprocess.Popen[bytes]],
+                        channel: Callable[..., paramiko.Channel]) -> None:
+    board = make_board()
+    procs = [spawn(board, "alice", "pipe t"), spawn(board, "alice", "sub t", stdin=subprocess.DEVNULL)]
+    waiting = channel(board, "bob", "pub lonely")  # blocked waiting for a subscriber
+    wait_clients(board, "alice/t", sub=1, pipe=1)
+    wait_clients(board, "bob/lonely", pub=1)
+    t0 = time.monotonic()
+    board.stop()
+    assert time.monotonic() - t0 < 3
+    assert waiting.recv_exit_status() == 1
+    for proc in procs:
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 1 and b"board is shutting down" in err, err
+
+
+# -- the command parser
+
+
+_NAME = st.from_regex(r"[a-z][a-z0-9_.-]{0,10}", fullmatch=True).filter(lambda n: n != "public")
+_TOPIC_NAME = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True)
+
+
+@st.composite
+def commands(draw: st.DrawFn) -> tuple[Command, list[list[str]]]:
+    """A valid Command and its command line as groups of words, in any order."""
+    name = draw(st.sampled_from(["pipe", "sub", "pub", "ls", "help", "user"]))
+    if name in ("ls", "help", "user"):
+        return Command(name), []
+    public = draw(st.booleans())
+    topic = f"{'public' if public else draw(_NAME)}/{draw(_TOPIC_NAME)}"
+    groups = [[topic]]
+    kw: dict[str, object] = {}
+    if not public and draw(st.booleans()):
+        kw["access"] = tuple(draw(st.lists(_NAME, unique=True, max_size=4)))
+        groups.append(["-a", ",".join(kw["access"])])  # type: ignore[arg-type]
+    flags = {"pipe": {"r": "replay"}, "sub": {"k": "keep"}, "pub": {"b": "block"}}[name]
+    for flag, attr in {**flags, "c": "clean"}.items():
+        value = draw(st.booleans())
+        if value != Command.__dataclass_fields__[attr].default or draw(st.booleans()):
+            kw[attr] = value
+            groups.append([draw(st.sampled_from([f"-{flag}={value}".lower(), f"--{flag}={int(value)}"]))]
+                          if not value or draw(st.booleans()) else [f"-{flag}"])
+    if name == "pub" and draw(st.booleans()):
+        kw["timeout"] = draw(st.floats(min_value=0, max_value=1e9, allow_nan=False))
+        groups.append(["-t", format_duration(kw["timeout"])])  # type: ignore[arg-type]
+    return Command(name, topic, **kw), draw(st.permutations(groups))  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(30)
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60) | st.lists(st.sampled_from(
+    ["pipe", "sub", "pub", "ls", "t", "a/b", "-a", "-a=", "-p", "-r", "-k", "-b=false", "-t", "5s",
+     "--", "-", "'", '"', "\\", "=", "/", "bob,", "-c=maybe", "x" * 130]), max_size=6).map(" ".join))
+def test_parse_raises_only_command_error(line: str) -> None:
+    try:
+        cmd = parse(line, "alice")
+    except CommandError as exc:
+        assert str(exc)
+    else:
+        assert cmd.name in ("pipe", "sub", "pub", "ls", "help", "user")
+        assert parse(cmd.to_line(), "zed") == cmd
+
+
+@pytest.mark.timeout(30)
+@settings(max_examples=300, deadline=None)
+@given(commands(), _NAME)
+def test_parse_round_trips(case: tuple[Command, list[list[str]]], caller: str) -> None:
+    cmd, groups = case
+    line = shlex.join([cmd.name] + [w for g in groups for w in g])
+    assert parse(line, caller) == cmd
+    assert parse(cmd.to_line(), caller) == cmd
+
+
+@pytest.mark.timeout(30)
+@given(_NAME, _TOPIC_NAME)
+def test_topic_resolution(caller: str, name: str) -> None:
+    assert parse(f"sub {name}", caller).topic == f"{caller}/{name}"
+    assert parse(f"sub -p {name}", caller).topic == f"public/{name}"
+    assert parse(f"pipe bob/{name}", caller).topic == f"bob/{name}"
