@@ -25,7 +25,7 @@ from .errors import NoWorkersError, ProtocolError, TaskProcessDiedError, WorkerL
 from .keys import Identity
 from .protocol import messages
 from .protocol.frames import Op, decode_op, encode_op, session_keys
-from .protocol.matching import python_compatible, slots_to_accept, slots_wanted
+from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
 from .tasks import load_outcome
 from .transport.channel import FramedStream, SecureChannel
 from .transport.host import Libp2pHost
@@ -90,6 +90,7 @@ class ClientScheduler:
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self._last_request = -1e9
+        self._last_asked = 0
         self._starving_since: float | None = None
         self._warned = False
         self.stats = {"board_lines": 0, "leases": 0, "tasks": 0}
@@ -175,8 +176,10 @@ class ClientScheduler:
     def _maybe_request(self) -> None:
         wanted = self._wanted()
         now = time.monotonic()
-        if wanted and now - self._last_request >= REQUEST_EVERY:
-            self._last_request = now
+        if not wanted:
+            self._last_asked = 0
+        elif should_request(wanted, self._last_asked, now - self._last_request, REQUEST_EVERY):
+            self._last_request, self._last_asked = now, wanted
             self._post("request", {"req": self.request_id, "n": wanted, "py": PYTHON}, REQUEST_TTL)
 
     def _on_offer(self, msg: messages.Message) -> None:
@@ -184,8 +187,6 @@ class ClientScheduler:
             return
         if not python_compatible(PYTHON, msg["py"]):
             log.debug("ignoring an offer from %s: Python %s, not %s", msg.sender, msg["py"], PYTHON)
-            return
-        if any(lease.peer == msg["peer"] for lease in self.leases):
             return
         slots = slots_to_accept(msg["slots"], self._wanted())
         if slots <= 0:
@@ -227,7 +228,7 @@ class ClientScheduler:
             framed = FramedStream(stream)
             try:
                 accept = self._sign("accept", {"offer": offer.id, "worker": offer.sender, "req": self.request_id,
-                                               "kx": messages.b64(self._kx_pk)}, ttl=30)
+                                               "kx": messages.b64(self._kx_pk), "slots": lease.slots}, ttl=30)
                 await framed.send(accept)
                 rx, tx = session_keys("client", self._kx_pk, self._kx_sk, messages.unb64(offer["kx"], 32))
                 lease.channel = await SecureChannel.establish(framed, rx, tx)
@@ -247,7 +248,10 @@ class ClientScheduler:
                     await framed.reset()
         except (ProtocolError, messages.InvalidMessage) as exc:
             reason = str(exc)
-            log.warning("lost worker %s: %s", lease.worker, exc)
+            if lease.channel is None:  # e.g. its slots went to another accept first
+                log.debug("could not lease worker %s: %s", lease.worker, exc)
+            else:
+                log.warning("lost worker %s: %s", lease.worker, exc)
         finally:
             self.leases.remove(lease)
             self._requeue(lease, reason)

@@ -177,6 +177,24 @@ def test_max_workers_caps_the_slots_leased(cluster):
     assert len(pids) == 1
 
 
+def _interval(seconds):
+    started = time.time()
+    time.sleep(seconds)
+    return started, time.time()
+
+
+def test_max_workers_holds_against_a_multi_slot_worker():
+    from p2pexec import LocalCluster
+
+    with LocalCluster(workers=1, slots=2) as lc:
+        with lc.executor(max_workers=1) as ex:
+            intervals = sorted(ex.map(_interval, [0.2] * 4))
+        with lc.executor() as ex:
+            both = sorted(ex.map(_interval, [0.5] * 2))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(intervals, intervals[1:]))
+    assert both[1][0] < both[0][1]  # without the cap, the two slots do overlap
+
+
 def test_cancel_pending_future(cluster):
     with cluster.executor(max_workers=1) as ex:
         running = ex.submit(sleep_and_return, 1, "done")

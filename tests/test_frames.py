@@ -12,7 +12,7 @@ from p2pexec.errors import ProtocolError
 from p2pexec.protocol.frames import (
     FrameDecoder, Op, Opener, Sealer, decode_op, encode_frame, encode_op, session_keys,
 )
-from p2pexec.protocol.matching import slots_to_accept, slots_to_offer, slots_wanted
+from p2pexec.protocol.matching import should_request, slots_to_accept, slots_to_offer, slots_wanted
 
 
 def keys():
@@ -129,3 +129,20 @@ class ChannelMachine(RuleBasedStateMachine):
 
 
 TestChannelMachine = ChannelMachine.TestCase
+
+
+@given(st.integers(1, 100_000))
+def test_a_burst_of_submits_costs_logarithmically_many_requests(burst):
+    asked, posts = 0, 0
+    for wanted in range(1, burst + 1):  # each submit raises demand by one, within one REQUEST_EVERY
+        if should_request(wanted, asked, since_last=0.0, every=2.0):
+            asked, posts = wanted, posts + 1
+    assert asked * 2 > burst and posts <= burst.bit_length()
+
+
+@given(st.integers(0, 1000), st.integers(0, 1000), st.floats(0, 10))
+def test_requests_repeat_while_wanted_and_never_when_not(wanted, asked, since):
+    if wanted == 0:
+        assert not should_request(wanted, asked, since, 2.0)
+    elif since >= 2.0:
+        assert should_request(wanted, asked, since, 2.0)

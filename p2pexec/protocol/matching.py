@@ -8,6 +8,17 @@ def slots_wanted(pending: int, inflight: int, leased: int, max_workers: int) -> 
     return max(0, min(max_workers, pending + inflight) - leased)
 
 
+def should_request(wanted: int, last_asked: int, since_last: float, every: float) -> bool:
+    """Ask the board for workers now?
+
+    At once when demand has doubled since the last request, so a burst of
+    submits is matched within a few messages (log2 of the burst) rather
+    than one per submit or one per ``every`` seconds; otherwise every
+    ``every`` seconds while slots are still wanted.
+    """
+    return wanted > 0 and (wanted >= 2 * last_asked or since_last >= every)
+
+
 def slots_to_offer(free: int, requested: int) -> int:
     """Slots a worker offers to a request: what it has free, at most what was asked."""
     return max(0, min(free, requested))

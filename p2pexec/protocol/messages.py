@@ -39,7 +39,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {"role": str},
     "request": {"req": str, "n": int, "py": str},
     "offer": {"req": str, "to": str, "slots": int, "py": str, "peer": str, "addrs": list, "kx": str},
-    "accept": {"offer": str, "worker": str, "req": str, "kx": str},
+    "accept": {"offer": str, "worker": str, "req": str, "kx": str, "slots": int},
     "withdraw": {"req": str},
     "bye": {"role": str},
 }

@@ -140,7 +140,7 @@ class WorkerDaemon:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 accept = await self._authenticate(framed)
                 offer = self.offers.pop(accept["offer"])
-                slots = [self.free.pop() for _ in range(min(offer.slots, len(self.free)))]
+                slots = [self.free.pop() for _ in range(min(accept["slots"], offer.slots, len(self.free)))]
                 if not slots:
                     raise ProtocolError("no free slot left for this accept")
                 rx, tx = session_keys("worker", self._kx_pk, self._kx_sk, messages.unb64(accept["kx"], 32))
