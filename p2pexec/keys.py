@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 
 from .errors import ConfigurationError
 
@@ -164,17 +164,8 @@ class Keyring:
             raise ConfigurationError(f"cannot read members file {path}: {exc.strerror}") from None
         return cls.parse(text, str(path))
 
-    def users(self) -> frozenset[str]:
-        return frozenset(self._keys)
-
-    def keys_of(self, user: str) -> frozenset[bytes]:
-        return self._keys.get(user, frozenset())
-
     def allows(self, user: str, key: bytes) -> bool:
         return key in self._keys.get(user, ())
-
-    def verify_key(self, user: str, key: bytes) -> VerifyKey | None:
-        return VerifyKey(key) if self.allows(user, key) else None
 
     def dumps(self) -> str:
         return "".join(

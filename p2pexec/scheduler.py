@@ -93,7 +93,6 @@ class ClientScheduler:
         self._last_asked = 0
         self._starving_since: float | None = None
         self._warned = False
-        self.stats = {"board_lines": 0, "leases": 0, "tasks": 0}
 
     # -- called from any thread through TrioThread.call_soon -----------------------
     def next_id(self) -> int:
@@ -171,7 +170,6 @@ class ClientScheduler:
     def _post(self, mtype: str, body: dict[str, Any], ttl: float) -> None:
         if self.board is not None:
             self.board.send(self._sign(mtype, body, ttl))
-            self.stats["board_lines"] += 1
 
     def _maybe_request(self) -> None:
         wanted = self._wanted()
@@ -193,7 +191,6 @@ class ClientScheduler:
             return
         lease = Lease(msg.sender, msg["peer"], slots)
         self.leases.append(lease)
-        self.stats["leases"] += 1
         self._nursery.start_soon(self._run_lease, lease, msg)
 
     def _tick(self) -> None:
@@ -235,7 +232,6 @@ class ClientScheduler:
                 log.debug("%r established", lease)
                 if self.board is not None:  # tell the others; the worker has consumed it already
                     self.board.send(accept)
-                    self.stats["board_lines"] += 1
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._feed, lease)
                     await self._receive(lease)
@@ -265,7 +261,6 @@ class ClientScheduler:
                 lease.credits -= 1
                 lease.inflight[item.id] = item
                 await channel.send(encode_op(Op.TASK, item.id, item.payload))
-                self.stats["tasks"] += 1
             if self._closing and not lease.inflight:
                 break
             if lease.inflight or self.pending:

@@ -141,7 +141,6 @@ class BoardSession:
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self.connected = threading.Event()
-        self.lines_sent = 0
 
     # -- public -----------------------------------------------------------------
     def open(self) -> None:
@@ -180,7 +179,6 @@ class BoardSession:
                 self._sent.append(line)
             try:
                 channel.sendall(line + b"\n")
-                self.lines_sent += 1
             except (OSError, EOFError, paramiko.SSHException):
                 pass  # the reader notices the broken session and reconnects
 

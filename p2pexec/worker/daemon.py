@@ -65,7 +65,6 @@ class WorkerDaemon:
         self.inbox = messages.Inbox(config.who.cluster, config.who.keyring)
         self.free: list[TaskSlot] = [TaskSlot(i) for i in range(config.slots)]
         self.offers: dict[str, Offer] = {}
-        self.leases = 0
         self._kx_pk, self._kx_sk = sodium.crypto_kx_keypair()
         self.host: Libp2pHost | None = None
         self.board: BoardSession | None = None
@@ -146,12 +145,10 @@ class WorkerDaemon:
                 rx, tx = session_keys("worker", self._kx_pk, self._kx_sk, messages.unb64(accept["kx"], 32))
                 channel = await SecureChannel.establish(framed, rx, tx)
             framed.decoder.max_frame = MAX_FRAME
-            self.leases += 1
             log.info("lease for %s with %d slot(s) started", accept.sender, len(slots))
             try:
                 await self._serve_lease(channel, slots, accept.sender)
             finally:
-                self.leases -= 1
                 with trio.CancelScope(shield=True):
                     await channel.close()
             log.info("lease for %s ended", accept.sender)
