@@ -9,7 +9,9 @@ from pathlib import Path
 
 from .board.client import DEFAULT_BOARD, BoardAddress
 from .errors import ConfigurationError
-from .keys import Identity, Keyring, load_identity
+import paramiko
+
+from .keys import Identity, Keyring, agent_identity, load_identity
 
 
 def validate_cluster(cluster: str) -> str:
@@ -32,7 +34,6 @@ class Participant:
     cluster: str
     board: BoardAddress
     identity: Identity
-    key_path: Path
     keyring: Keyring
     board_given: bool
 
@@ -45,13 +46,17 @@ class Participant:
 def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
             identity: str | os.PathLike[str] | None = None,
             members: str | os.PathLike[str] | None = None) -> Participant:
-    """Apply the defaults ($P2PEXEC_BOARD, $P2PEXEC_USER, $P2PEXEC_IDENTITY, ...) and load keys."""
+    """Apply the defaults and load keys.
+
+    Board: ``board``, ``$P2PEXEC_BOARD``, else pico.sh; a Host alias of
+    ``~/.ssh/config`` supplies host name, port, user and identity file.
+    Key: ``identity``, ``$P2PEXEC_IDENTITY``, the ssh-agent's key listed for
+    the user in the members file, else ``~/.ssh/id_ed25519``.
+    """
     cluster = validate_cluster(cluster)
     board_url = board or os.environ.get("P2PEXEC_BOARD")
-    address = BoardAddress.parse(board_url or DEFAULT_BOARD)
+    address, config_identity = apply_ssh_config(BoardAddress.parse(board_url or DEFAULT_BOARD))
     username = user or address.user or os.environ.get("P2PEXEC_USER") or getpass.getuser()
-    key_path = Path(identity or os.environ.get("P2PEXEC_IDENTITY") or "~/.ssh/id_ed25519").expanduser()
-    ident = load_identity(username, key_path)
     members_path = Path(members).expanduser() if members is not None else default_members_path(cluster)
     if members is None and not members_path.exists():
         raise ConfigurationError(
@@ -60,9 +65,35 @@ def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
             f"(--members)"
         )
     keyring = Keyring.load(members_path)
+    key_file = identity or os.environ.get("P2PEXEC_IDENTITY") or config_identity
+    ident = None if key_file else agent_identity(username, keyring)
+    if ident is None:
+        default = Path("~/.ssh/id_ed25519").expanduser()
+        if not key_file and not default.exists():
+            raise ConfigurationError(
+                f"no SSH key for user {username!r}: pass identity=PATH (--identity), load your key into "
+                f"ssh-agent, or create ~/.ssh/id_ed25519 with: ssh-keygen -t ed25519"
+            )
+        ident = load_identity(username, Path(key_file or default))
     if not keyring.allows(username, ident.public_key):
         raise ConfigurationError(
             f"the members file {members_path} does not list user {username!r} with the key "
-            f"{key_path}; ask the owner of {cluster} to add: {username} {ident.openssh_public}"
+            f"{ident.where}; ask the owner of {cluster} to add: {username} {ident.openssh_public}"
         )
-    return Participant(cluster, address, ident, key_path, keyring, board_url is not None)
+    return Participant(cluster, address, ident, keyring, board_url is not None)
+
+
+def apply_ssh_config(address: BoardAddress, path: Path = Path("~/.ssh/config")) -> tuple[BoardAddress, str | None]:
+    """Resolve a Host alias as OpenSSH would; returns the address and any IdentityFile."""
+    path = path.expanduser()
+    if not path.exists():
+        return address, None
+    try:
+        entry = paramiko.SSHConfig.from_path(str(path)).lookup(address.host)
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc}") from None
+    port = address.port if address.port != 22 else int(entry.get("port", 22))
+    resolved = BoardAddress(host=entry.get("hostname", address.host), port=port,
+                            user=address.user or entry.get("user"))
+    files = entry.get("identityfile") or []
+    return resolved, files[0] if files else None

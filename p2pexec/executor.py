@@ -71,7 +71,7 @@ class P2PExecutor(Executor):
                                                       self.cluster, self._options)
         self._runtime = TrioThread(self._serve, name=f"p2pexec-client-{cluster}")
         board_session = BoardSession(
-            who.board, who.identity.user, who.key_path, self.cluster,
+            who.board, who.identity, self.cluster,
             on_line=partial(self._runtime.call_soon, scheduler.on_board_line),
             make_hello=scheduler.hello,
             on_connect=partial(self._runtime.call_soon, scheduler.reannounce),

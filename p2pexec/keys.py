@@ -13,10 +13,14 @@ The board's users file has the same format, so an owner can share it as is.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import paramiko
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -34,19 +38,43 @@ def valid_username(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Identity:
-    """A user name bound to the private key that proves it."""
+    """A user name bound to the private key that proves it.
+
+    The key is a file (``signing_key`` and ``path``) or lives in ssh-agent
+    (``pkey`` only); ``pkey`` is what logs into the board.
+    """
 
     user: str
-    signing_key: SigningKey
+    signing_key: SigningKey | None = None
     path: Path | None = None
+    pkey: Any = None
 
     @property
     def public_key(self) -> bytes:
-        return bytes(self.signing_key.verify_key)
+        if self.signing_key is not None:
+            return bytes(self.signing_key.verify_key)
+        return _parse_blob(self.pkey.asbytes())
 
     @property
     def openssh_public(self) -> str:
         return openssh_public_line(self.public_key)
+
+    @property
+    def where(self) -> str:
+        """Where the key is, for messages to the user."""
+        if self.path is not None:
+            return str(self.path)
+        digest = base64.b64encode(hashlib.sha256(self.pkey.asbytes()).digest()).decode().rstrip("=")
+        return f"the ssh-agent key SHA256:{digest}"
+
+    def sign(self, data: bytes) -> bytes:
+        """A raw 64-byte Ed25519 signature of ``data``."""
+        if self.signing_key is not None:
+            return self.signing_key.sign(data).signature
+        reply = paramiko.Message(self.pkey.sign_ssh_data(data))
+        if reply.get_text() != ED25519:
+            raise ConfigurationError("ssh-agent answered with a signature that is not ssh-ed25519")
+        return reply.get_binary()
 
 
 def openssh_public_line(raw: bytes) -> str:
@@ -78,6 +106,10 @@ def parse_openssh_public(keytype: str, b64: str) -> bytes:
     if len(parts) != 2 or parts[0] != ED25519.encode() or len(parts[1]) != 32:
         raise ValueError("malformed ssh-ed25519 key")
     return parts[1]
+
+
+def _parse_blob(blob: bytes) -> bytes:
+    return parse_openssh_public(ED25519, base64.b64encode(blob).decode())
 
 
 def generate_identity_file(path: Path, comment: str = "") -> None:
@@ -122,7 +154,23 @@ def load_identity(user: str, path: str | os.PathLike[str]) -> Identity:
         )
     seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption())
-    return Identity(user=user, signing_key=SigningKey(seed), path=path)
+    pkey = paramiko.Ed25519Key.from_private_key_file(str(path))
+    return Identity(user=user, signing_key=SigningKey(seed), path=path, pkey=pkey)
+
+
+def agent_identity(user: str, keyring: "Keyring") -> Identity | None:
+    """The ssh-agent's Ed25519 key that ``keyring`` lists for ``user``, if the agent has one."""
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        return None
+    try:
+        agent = paramiko.Agent()
+        keys = agent.get_keys()
+    except (OSError, paramiko.SSHException):
+        return None
+    for key in keys:
+        if key.get_name() == ED25519 and keyring.allows(user, _parse_blob(key.asbytes())):
+            return Identity(user=user, pkey=key)
+    return None
 
 
 class Keyring:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import paramiko
 
+from ..keys import Identity
 from ..errors import (
     AccessDeniedError,
     AuthenticationError,
@@ -117,15 +118,16 @@ class BoardSession:
     every successful reconnection so the owner can re-announce its state.
     """
 
-    def __init__(self, address: BoardAddress, username: str, key_path: Path, topic: str, *,
+    def __init__(self, address: BoardAddress, identity: Identity, topic: str, *,
                  on_line: Callable[[bytes], None], make_hello: Callable[[], bytes],
                  on_connect: Callable[[], None] = lambda: None,
                  known_hosts: Path = DEFAULT_KNOWN_HOSTS, accept_new_host_key: bool = False,
                  timeout: float = 10.0) -> None:
         self.address = address
-        self.username = username
+        self.identity = identity
+        self.username = identity.user
         self.topic = topic
-        self._key_path = Path(key_path).expanduser()
+        self.extra_flags = ""
         self._on_line = on_line
         self._make_hello = make_hello
         self._on_connect = on_connect
@@ -194,11 +196,7 @@ class BoardSession:
         client.set_missing_host_key_policy(_HostKeyPolicy(self.address, self._known_hosts, self._accept_new))
         where = f"{self.address.host}:{self.address.port}"
         try:
-            pkey = paramiko.Ed25519Key.from_private_key_file(str(self._key_path))
-        except (OSError, paramiko.SSHException) as exc:
-            raise AuthenticationError(f"cannot load SSH key {self._key_path}: {exc}") from None
-        try:
-            client.connect(self.address.host, self.address.port, username=self.username, pkey=pkey,
+            client.connect(self.address.host, self.address.port, username=self.username, pkey=self.identity.pkey,
                            allow_agent=False, look_for_keys=False, timeout=self._timeout,
                            banner_timeout=self._timeout, auth_timeout=self._timeout)
         except HostKeyError:
@@ -214,9 +212,9 @@ class BoardSession:
         except paramiko.AuthenticationException:
             client.close()
             raise AuthenticationError(
-                f"the board {where} rejected user {self.username!r} with key {self._key_path}. "
-                f"Ask the board's owner to add your public key ({self._key_path}.pub) to its users file "
-                f"under that name, or pass the right identity and user"
+                f"the board {where} rejected user {self.username!r} with key {self.identity.where}. "
+                f"Ask the board's owner to add your public key to its users file under that name "
+                f"({self.username} {self.identity.openssh_public}), or pass the right identity and user"
             ) from None
         except (OSError, EOFError, paramiko.SSHException) as exc:
             client.close()
@@ -228,17 +226,23 @@ class BoardSession:
         transport = client.get_transport()
         assert transport is not None
         transport.set_keepalive(15)
+        channel: paramiko.Channel | None = None
         try:
             channel = transport.open_session(timeout=self._timeout)
-            channel.exec_command(f"pipe {self.topic} -r -c")
+            channel.exec_command(f"pipe {self.topic} -r -c{self.extra_flags}")
             channel.settimeout(self._timeout)
             hello = self._make_hello()
             channel.sendall(hello + b"\n")
             leftover = self._await_echo(channel, hello)
             channel.settimeout(None)
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            client.close()
-            raise BoardConnectionError(f"the board at {where} dropped the session while joining: {exc}") from None
+            try:
+                if channel is not None and channel.exit_status_ready():
+                    self._raise_refusal(channel)  # refused before our hello went out
+                raise BoardConnectionError(
+                    f"the board at {where} dropped the session while joining: {exc}") from None
+            finally:
+                client.close()
         except BoardError:
             client.close()
             raise

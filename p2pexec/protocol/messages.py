@@ -108,7 +108,7 @@ def encode(identity: Identity, cluster: str, type: str, body: dict[str, Any], *,
         "v": VERSION, "type": type, "from": identity.user, "key": b64(identity.public_key),
         "cluster": cluster, "id": msg_id or new_id(), "ts": round(now, 3), "exp": round(now + ttl, 3),
     })
-    sig = identity.signing_key.sign(_canonical(fields)).signature
+    sig = identity.sign(_canonical(fields))
     fields["sig"] = b64(sig)
     line = json.dumps(fields, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     if len(line) > MAX_LINE_BYTES:

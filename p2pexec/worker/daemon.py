@@ -80,7 +80,7 @@ class WorkerDaemon:
                 await slot.start()
             token = trio.lowlevel.current_trio_token()
             self.board = BoardSession(
-                self.config.who.board, self.config.who.identity.user, self.config.who.key_path, self.config.who.cluster,
+                self.config.who.board, self.config.who.identity, self.config.who.cluster,
                 on_line=lambda line: token.run_sync_soon(self._on_line, line),
                 make_hello=self._hello,
                 known_hosts=self.config.known_hosts, accept_new_host_key=self.config.accept_new_host_key,
