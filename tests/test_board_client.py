@@ -1,0 +1,79 @@
+"""Board client: URLs, ~/.ssh/config aliases, keys from ssh-agent, reconnects."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from p2pexec.board.client import BoardAddress
+from p2pexec.errors import BoardError, ConfigurationError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("ssh://alice@board.example.org:2222", BoardAddress("board.example.org", 2222, "alice")),
+    ("board.example.org", BoardAddress("board.example.org", 22, None)),
+    ("bob@10.0.0.1", BoardAddress("10.0.0.1", 22, "bob")),
+    ("127.0.0.1:2222", BoardAddress("127.0.0.1", 2222, None)),
+    ("ssh://[::1]:2200", BoardAddress("::1", 2200, None)),
+])
+def test_board_urls(url, expected):
+    assert BoardAddress.parse(url) == expected
+    assert BoardAddress.parse(str(expected)) == expected
+
+
+@pytest.mark.parametrize("url", ["http://x", "ssh://", "host:99999", "host:abc"])
+def test_bad_board_urls(url):
+    with pytest.raises(BoardError):
+        BoardAddress.parse(url)
+
+
+@pytest.fixture
+def empty_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    monkeypatch.delenv("P2PEXEC_IDENTITY", raising=False)
+    return home
+
+
+def test_host_alias_from_ssh_config(cluster, empty_home):
+    port = cluster.board.rsplit(":", 1)[1]
+    (empty_home / ".ssh" / "config").write_text(
+        f"Host myboard\n    HostName 127.0.0.1\n    Port {port}\n    User alice\n"
+        f"    IdentityFile {cluster.identity}\n")
+    with cluster.executor(board="myboard", identity=None) as ex:
+        assert ex.submit(divmod, 7, 2).result() == (3, 1)
+
+
+def test_no_key_anywhere_says_how_to_make_one(cluster, empty_home):
+    with pytest.raises(ConfigurationError, match="ssh-keygen -t ed25519"):
+        cluster.executor(identity=None)
+
+
+@pytest.fixture
+def agent(tmp_path, monkeypatch):
+    if not shutil.which("ssh-agent"):
+        pytest.fail("ssh-agent (openssh-client) is required; .ci/run installs it")
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "SSH_AUTH_SOCK" in proc.stdout.readline()  # printed once the socket listens
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_key_from_ssh_agent(cluster, empty_home, agent):
+    subprocess.run(["ssh-add", "-q", cluster.identity], check=True, timeout=30,
+                   env=dict(os.environ, SSH_AUTH_SOCK=str(agent)))
+    with cluster.executor(identity=None) as ex:
+        assert ex._board.identity.path is None  # signed and logged in through the agent
+        assert ex.submit(pow, 3, 3).result() == 27
