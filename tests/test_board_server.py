@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import queue
 import re
 import shlex
+import socket
 import subprocess
 import threading
 import time
@@ -19,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pexec.board.commands import Command, CommandError, format_duration, parse
-from p2pexec.board.server import BoardServer, load_or_create_host_key
+from p2pexec.board.server import BoardServer, UsersFileWatcher, load_or_create_host_key
 from p2pexec.keys import Identity, Keyring, generate_identity_file, load_identity
 from p2pexec.protocol.messages import encode
 
@@ -53,7 +56,8 @@ def make_board(keydir: Path, keyring: Keyring, tmp_path: Path) -> Iterator[Calla
 
     def make(**kw: object) -> BoardServer:
         kw.setdefault("state_dir", tmp_path / "state")
-        board = BoardServer(host_key=host_key, users=keyring, **kw)  # type: ignore[arg-type]
+        kw.setdefault("users", keyring)
+        board = BoardServer(host_key=host_key, **kw)  # type: ignore[arg-type]
         board.start()
         boards.append(board)
         return board
@@ -160,6 +164,18 @@ class Lines:
 def wait_clients(board: BoardServer, topic: str, **counts: int) -> None:
     ok = board.wait_clients(topic, lambda c: all(c[k] == n for k, n in counts.items()), WAIT)
     assert ok, f"{topic}: wanted {counts}, have {board.clients(topic)}"
+
+
+def users_text(keydir: Path, keys: dict[str, str]) -> str:
+    """A users file giving each user (key) the key pair named by its value."""
+    return "".join(f"{user} {(keydir / f'{key}.pub').read_text()}" for user, key in keys.items())
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write ``path`` as careful admins do: a new file renamed over the old one."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @pytest.mark.timeout(30)
@@ -338,6 +354,107 @@ def test_only_the_users_own_key_logs_in(board: BoardServer, keydir: Path,
         transport.close()
 
 
+# -- reloading users
+
+
+@pytest.mark.timeout(30)
+def test_set_users_revokes_only_the_removed_user(
+        board: BoardServer, keydir: Path, spawn: Callable[..., subprocess.Popen[bytes]],
+        ssh: Callable[..., subprocess.CompletedProcess[bytes]],
+        channel: Callable[..., paramiko.Channel]) -> None:
+    listener = spawn(board, "alice", "sub -k t", stdin=subprocess.DEVNULL)
+    bobs = channel(board, "bob", "sub -k x")
+    wait_clients(board, "alice/t", sub=1)
+    wait_clients(board, "bob/x", sub=1)
+    out = Lines(listener.stdout)  # type: ignore[arg-type]
+    assert ssh(board, "alice", "pub t", input=b"before\n").returncode == 0
+    assert out.get() == b"before\n"
+    board.set_users(Keyring.parse(users_text(keydir, {"alice": "alice", "carol": "carol"})))
+    assert bobs.recv_exit_status() == 1
+    assert bobs.makefile_stderr("rb").read() == b"access revoked\n"
+    bobs_transport = bobs.get_transport()
+    assert bobs_transport is not None
+    bobs_transport.join(WAIT)  # the board hangs up bob's connection too
+    assert not bobs_transport.is_active()
+    r = ssh(board, "bob", "user")
+    assert r.returncode == 255 and b"Permission denied (publickey)" in r.stderr
+    assert ssh(board, "alice", "pub t", input=b"after\n").returncode == 0
+    assert out.get() == b"after\n"  # alice's session lived through the reload
+    assert listener.poll() is None
+    assert board.dropped["revoked"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_replaced_key_is_disconnected(board: BoardServer, keydir: Path,
+                                      ssh: Callable[..., subprocess.CompletedProcess[bytes]],
+                                      channel: Callable[..., paramiko.Channel]) -> None:
+    alices = channel(board, "alice", "pipe t")
+    bobs = channel(board, "bob", "sub -k x")
+    wait_clients(board, "alice/t", pipe=1)
+    wait_clients(board, "bob/x", sub=1)
+    board.set_users(Keyring.parse(users_text(keydir, {"alice": "mallory", "bob": "bob"})))
+    assert alices.recv_exit_status() == 1
+    assert alices.makefile_stderr("rb").read() == b"access revoked\n"
+    assert ssh(board, "alice", "user").returncode == 255
+    assert ssh(board, "alice", "user", key="mallory").stdout == b"alice\n"
+    assert ssh(board, "bob", "pub x", input=b"still here\n").returncode == 0
+    assert Lines(bobs.makefile("rb")).get() == b"still here\n"
+
+
+@pytest.mark.timeout(30)
+def test_users_file_watcher_applies_an_edited_file(
+        make_board: Callable[..., BoardServer], keydir: Path, tmp_path: Path,
+        spawn: Callable[..., subprocess.Popen[bytes]],
+        ssh: Callable[..., subprocess.CompletedProcess[bytes]]) -> None:
+    path = tmp_path / "users"
+    replace_file(path, users_text(keydir, {u: u for u in USERS}))
+    board = make_board(users=Keyring.load(path))
+    watcher = UsersFileWatcher(board, path, interval=0.05)
+    watcher.start()
+    try:
+        listener = spawn(board, "alice", "sub -k t", stdin=subprocess.DEVNULL)
+        wait_clients(board, "alice/t", sub=1)
+        assert ssh(board, "bob", "user").returncode == 0
+        replace_file(path, users_text(keydir, {"alice": "alice", "carol": "carol"}))
+        assert watcher.wait_reloads(1, WAIT)
+        r = ssh(board, "bob", "user")
+        assert r.returncode == 255 and b"Permission denied (publickey)" in r.stderr
+        assert ssh(board, "alice", "pub t", input=b"after\n").returncode == 0
+        assert Lines(listener.stdout).get() == b"after\n"  # type: ignore[arg-type]
+        assert watcher.reloads == 1  # the unchanged file is not reloaded again
+    finally:
+        watcher.stop()
+    idle = UsersFileWatcher(board, path, interval=3600)
+    idle.start()
+    t0 = time.monotonic()
+    idle.stop()
+    assert time.monotonic() - t0 < 2
+
+
+@pytest.mark.timeout(30)
+def test_malformed_users_file_keeps_the_old_users(
+        make_board: Callable[..., BoardServer], keydir: Path, tmp_path: Path,
+        ssh: Callable[..., subprocess.CompletedProcess[bytes]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "users"
+    replace_file(path, users_text(keydir, {u: u for u in USERS}))
+    board = make_board(users=Keyring.load(path))
+    watcher = UsersFileWatcher(board, path, interval=0.05)
+    caplog.set_level(logging.ERROR, logger="p2pexec.board")
+    watcher.start()
+    try:
+        replace_file(path, users_text(keydir, {"alice": "alice"}) + "bob ssh-ed25519 not-base64!\n")
+        assert watcher.wait_reloads(1, WAIT)
+        assert f"{path}:2: " in caplog.text
+        assert ssh(board, "bob", "user").stdout == b"bob\n"  # the old users still hold
+        assert watcher.reload() is False
+        path.unlink()
+        assert watcher.reload() is False
+        assert ssh(board, "bob", "user").stdout == b"bob\n"
+    finally:
+        watcher.stop()
+
+
 # -- sender authentication
 
 
@@ -381,7 +498,7 @@ def test_unverified_board_relays_everything(make_board: Callable[..., BoardServe
 @pytest.mark.timeout(30)
 def test_slow_subscriber_is_dropped_without_delaying_others(
         make_board: Callable[..., BoardServer], channel: Callable[..., paramiko.Channel]) -> None:
-    board = make_board(subscriber_queue=200)
+    board = make_board(subscriber_queue=200, lines_per_second=1e9)
     slow = channel(board, "alice", "sub -k t")  # never reads: its SSH window fills, then its queue
     fast = channel(board, "alice", "sub -k t")
     wait_clients(board, "alice/t", sub=2)
@@ -409,6 +526,70 @@ def test_line_too_long(make_board: Callable[..., BoardServer], data: bytes,
     assert (r.returncode, r.stderr) == (1, b"line too long\n")
     assert board.dropped["too-long"] == 1
     assert ssh(board, "alice", "pipe t", input=b"z" * 1000 + b"\n").returncode == 0
+
+
+@pytest.mark.timeout(30)
+def test_flooding_session_is_disconnected_while_others_carry_on(
+        make_board: Callable[..., BoardServer], channel: Callable[..., paramiko.Channel],
+        ssh: Callable[..., subprocess.CompletedProcess[bytes]]) -> None:
+    board = make_board(lines_per_second=20)  # bursts of 40
+    listener = channel(board, "alice", "sub -k t")
+    flood = channel(board, "alice", "pipe t")
+    wait_clients(board, "alice/t", sub=1, pipe=1)
+    flood.sendall(b"flood\n" * 1000)
+    assert flood.recv_exit_status() == 1
+    assert flood.makefile_stderr("rb").read() == b"rate limit exceeded (20 lines/s), disconnecting\n"
+    assert board.dropped["rate-limit"] == 1
+    wait_clients(board, "alice/t", sub=1, pipe=0)
+    assert ssh(board, "alice", "pub t", input=b"calm\n").returncode == 0
+    out = Lines(listener.makefile("rb"))
+    flooded = 0
+    while (line := out.get()) != b"calm\n":
+        assert line == b"flood\n"
+        flooded += 1
+    assert 40 <= flooded < 100  # the burst went through, then the flood was cut off
+
+
+@pytest.mark.timeout(30)
+def test_sessions_per_user(make_board: Callable[..., BoardServer],
+                           channel: Callable[..., paramiko.Channel],
+                           ssh: Callable[..., subprocess.CompletedProcess[bytes]]) -> None:
+    board = make_board(sessions_per_user=2)
+    first = channel(board, "alice", "sub -k t")
+    channel(board, "alice", "sub -k t")  # on a second connection: the limit spans them
+    wait_clients(board, "alice/t", sub=2)
+    r = ssh(board, "alice", "sub t")
+    assert (r.returncode, r.stderr) == (1, b"too many sessions for alice (limit 2)\n")
+    assert board.refused["sessions-per-user"] == 1
+    assert ssh(board, "bob", "user").stdout == b"bob\n"  # other users are not affected
+    first.close()
+    wait_clients(board, "alice/t", sub=1)
+    assert ssh(board, "alice", "user").stdout == b"alice\n"
+
+
+@pytest.mark.timeout(30)
+def test_max_connections(make_board: Callable[..., BoardServer],
+                         channel: Callable[..., paramiko.Channel]) -> None:
+    board = make_board(max_connections=2)
+    listener = channel(board, "alice", "sub -k t")
+    channel(board, "bob", "sub -k t")
+    wait_clients(board, "alice/t", sub=1)
+    wait_clients(board, "bob/t", sub=1)
+    with socket.create_connection(("127.0.0.1", board.port), timeout=WAIT) as extra:
+        try:
+            greeting = extra.recv(100)
+        except ConnectionResetError:
+            greeting = b""
+    assert greeting == b""  # closed at once, before the SSH banner
+    assert board.refused["max-connections"] == 1
+    transport = listener.get_transport()  # the admitted connections carry on
+    assert transport is not None
+    pub = transport.open_session(timeout=WAIT)
+    pub.exec_command("pub t")
+    pub.sendall(b"hi\n")
+    pub.shutdown_write()
+    assert pub.recv_exit_status() == 0
+    assert Lines(listener.makefile("rb")).get() == b"hi\n"
 
 
 @pytest.mark.timeout(30)

@@ -7,6 +7,13 @@ waits on a receiver: every sub and pipe has a bounded outbox drained by its
 own thread, and one whose outbox overflows is disconnected, so a stalled
 reader cannot stall its topic (as it can on pico.sh).
 
+Every limit ends only the offending session (or connection), with a clear
+message on its stderr and exit status 1, and is counted by reason: sessions
+cut off midway in ``dropped`` (with dropped lines), sessions and connections
+turned away at the door in ``refused``.  The users can be replaced while
+running (:meth:`BoardServer.set_users`, :class:`UsersFileWatcher`): whoever
+loses their key is disconnected, everyone else carries on.
+
 Unlike pico.sh the board knows who sends each line, so it refuses p2pexec
 messages signed by anyone but the session's own user and key, and it
 enforces access lists, which survive restarts in ``state_dir/clusters.json``.
@@ -69,6 +76,25 @@ def raw_ed25519(key: paramiko.PKey) -> bytes | None:
         return None
 
 
+class _Bucket:
+    """A token bucket: ``rate`` lines a second on average, bursts of ``max(10, 2 * rate)``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = self.tokens = max(10.0, 2 * rate)
+        self.last = time.monotonic()
+
+    def take(self) -> bool:
+        """Spend a token on one line; False if there is none left."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 class _Refused(Exception):
     """A session may not start; the message goes to the client's stderr."""
 
@@ -126,6 +152,7 @@ class _Connection:
     user: str | None = None
     key: bytes | None = None
     sessions: set["_Session"] = field(default_factory=set)
+    revoked: bool = False  # its key is no longer its user's: being hung up
 
 
 @dataclass(eq=False)
@@ -183,9 +210,12 @@ class _Interface(paramiko.ServerInterface):
         return paramiko.AUTH_SUCCESSFUL
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        if kind == "session" and self._conn.user is not None:
-            return paramiko.OPEN_SUCCEEDED
-        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        if kind != "session" or self._conn.user is None:
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        if not self._board._still_allowed(self._conn):  # users changed since it logged in
+            self._board._revoke(self._conn)
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        return paramiko.OPEN_SUCCEEDED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         return self._board._queue_session(self._conn, channel, command)
@@ -207,6 +237,7 @@ class _Session:
         self.user, self.key, self.topic = conn.user, conn.key, cmd.topic
         self.client_id = f"{self.user}#{serial}"
         self.outbox = _Outbox(board.subscriber_queue) if cmd.name != "pub" else None
+        self.bucket = _Bucket(board.lines_per_second)
         self.saw_publisher = False  # sub: a pub has been here since it joined
         self._lock = threading.Lock()
         self._outcome: tuple[int, str | None] | None = None
@@ -239,6 +270,8 @@ class _Session:
                 return
             self._finished = True
             status, message = self._outcome or (0, None)
+        # First, so that whoever sees the session gone from its topic may start another.
+        self.board._release_slot(self.channel)
         self.board._leave(self)
         _close(self.channel, status, err=message)
         self.board._forget(self)
@@ -271,17 +304,29 @@ class _Session:
                 buf = bytearray(rest)
                 for line in lines:
                     if len(line) > limit:
-                        return self._too_long()
-                    self.board._relay(self, bytes(line) + b"\n")
+                        return self._drop("too-long", "line too long")
+                    if not self._relay(bytes(line) + b"\n"):
+                        return
             if len(buf) > limit:
-                return self._too_long()
+                return self._drop("too-long", "line too long")
         if buf and self.channel.eof_received and not self.ending:  # a clean EOF, not a crash
-            self.board._relay(self, bytes(buf) + b"\n")
+            self._relay(bytes(buf) + b"\n")
 
-    def _too_long(self) -> None:
+    def _relay(self, line: bytes) -> bool:
+        """Relay one line within the rate limit; False if that ended the session."""
+        if not self.bucket.take():
+            log.info("%s on %s exceeds %g lines/s, disconnecting",
+                     self.client_id, self.topic, self.bucket.rate)
+            self._drop("rate-limit", f"rate limit exceeded ({self.bucket.rate:g} lines/s), disconnecting")
+            return False
+        self.board._relay(self, line)
+        return True
+
+    def _drop(self, reason: str, message: str) -> None:
+        """End this session for breaking a limit, counted in ``dropped`` by reason."""
         with self.board._cond:
-            self.board.dropped["too-long"] += 1
-        self.end(1, "line too long")
+            self.board.dropped[reason] += 1
+        self.end(1, message)
         self.finish()
 
     def watch(self) -> None:
@@ -316,24 +361,41 @@ def _close(channel: paramiko.Channel, status: int, out: str = "", err: str | Non
 
 
 class BoardServer:
-    """A pico.sh-pipe-compatible board over SSH, with real access control."""
+    """A pico.sh-pipe-compatible board over SSH, with real access control.
+
+    Limits: ``max_line`` bytes a line, ``lines_per_second`` relayed per
+    session (token bucket, bursts of ``max(10, 2 * rate)``), ``sessions_per_user``
+    concurrent commands across all of a user's connections, ``max_connections``
+    TCP connections in all (authenticated or not).
+    """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
                  host_key: paramiko.PKey, users: Keyring,
                  state_dir: Path,
                  verify_sender: bool = True,
-                 max_line: int = 65536, subscriber_queue: int = 1000) -> None:
+                 max_line: int = 65536, subscriber_queue: int = 1000,
+                 lines_per_second: float = 200.0, sessions_per_user: int = 32,
+                 max_connections: int = 512) -> None:
+        if not (max_line > 0 and subscriber_queue > 0 and lines_per_second > 0
+                and sessions_per_user > 0 and max_connections > 0):
+            raise ValueError("board limits must be positive")
         self.host, self.port = host, port
         self.host_key, self.users = host_key, users
         self.state_dir = Path(state_dir)
         self.verify_sender = verify_sender
         self.max_line, self.subscriber_queue = max_line, subscriber_queue
-        self.dropped: collections.Counter[str] = collections.Counter()
+        self.lines_per_second = lines_per_second
+        self.sessions_per_user, self.max_connections = sessions_per_user, max_connections
+        self.dropped: collections.Counter[str] = collections.Counter()  # lines and sessions cut off
+        self.refused: collections.Counter[str] = collections.Counter()  # turned away at the door
         self._cond = threading.Condition()  # guards all the state below
         self._topics: dict[str, _Topic] = {}
         self._members: dict[str, tuple[str, ...]] = self._load_members()
         self._sessions: set[_Session] = set()
         self._connections: set[_Connection] = set()
+        self._slots: dict[paramiko.Channel, str] = {}  # running commands -> their user
+        self._user_slots: collections.Counter[str] = collections.Counter()
+        self._full_logged = False  # max_connections reached, and said so once
         self._threads: set[threading.Thread] = set()
         self._serial = 0
         self._started = self._stopping = False
@@ -373,18 +435,7 @@ class BoardServer:
         with self._cond:
             self._cond.wait_for(lambda: not self._sessions, STOP_GRACE)
             connections = list(self._connections)
-        # Half-close first: clients read their exit status, then hang up.  Closing
-        # outright would reset connections that OpenSSH is still writing to.
-        for conn in connections:
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-        with self._cond:
-            self._cond.wait_for(lambda: not self._connections, LINGER)
-            connections = list(self._connections)
-        for conn in connections:
-            conn.transport.close()
+        self._hang_up(connections)
         self._join_threads(started + JOIN_TIMEOUT)
         self._wake_w.close()
         assert self._wake_r is not None
@@ -397,6 +448,58 @@ class BoardServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # -- users
+
+    def set_users(self, users: Keyring) -> None:
+        """Replace the users: connections whose key is no longer their user's are hung up
+        (their sessions end with ``access revoked``); everyone else is untouched."""
+        with self._cond:
+            self.users = users
+            revoked = [c for c in self._connections if c.user is not None and not c.revoked
+                       and not self._still_allowed(c)]
+        log.info("users replaced; %d connections revoked", len(revoked))
+        for conn in revoked:
+            self._revoke(conn)
+
+    def _still_allowed(self, conn: _Connection) -> bool:
+        return conn.user is not None and conn.key is not None and self.users.allows(conn.user, conn.key)
+
+    def _revoke(self, conn: _Connection) -> None:
+        """Hang up ``conn`` (once), its sessions first, from a thread of its own."""
+        with self._cond:
+            if conn.revoked or self._stopping:
+                return
+            conn.revoked = True
+        log.info("access revoked: %s at %s", conn.user, conn.address)
+        self._spawn(self._disconnect, f"board-revoke-{conn.address}", conn)
+
+    def _disconnect(self, conn: _Connection) -> None:
+        with self._cond:
+            sessions = list(conn.sessions)
+            self.dropped["revoked"] += len(sessions)
+        for session in sessions:
+            session.stop(1, "access revoked")
+        with self._cond:
+            self._cond.wait_for(lambda: not conn.sessions, STOP_GRACE)
+        self._hang_up([conn])
+
+    def _hang_up(self, connections: list[_Connection]) -> None:
+        """Half-close, let clients hang up (LINGER), then close what is left.
+
+        Half-closing first lets clients read their exit status; closing outright
+        would reset connections that OpenSSH is still writing to.
+        """
+        for conn in connections:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        with self._cond:
+            self._cond.wait_for(lambda: self._connections.isdisjoint(connections), LINGER)
+            left = [c for c in connections if c in self._connections]
+        for conn in left:
+            conn.transport.close()
 
     # -- membership
 
@@ -533,24 +636,39 @@ class BoardServer:
                         log.warning("board accept failed: %s", exc)
                         sel.select(0.5)
                         continue
-                    self._spawn(self._serve, f"board-conn-{addr[0]}:{addr[1]}", sock, addr)
+                    conn = self._admit(sock, addr)
+                    if conn is not None:
+                        self._spawn(self._serve, f"board-conn-{conn.address}", conn)
 
-    def _serve(self, sock: socket.socket, addr: tuple) -> None:
+    def _admit(self, sock: socket.socket, addr: tuple) -> _Connection | None:
+        """Register a new TCP connection, or close it if the board is full or stopping."""
+        address = f"{addr[0]}:{addr[1]}"
+        with self._cond:  # only this thread adds connections: room now is room below
+            full = len(self._connections) >= self.max_connections
+            if full:
+                self.refused["max-connections"] += 1
+            warn, self._full_logged = full and not self._full_logged, full
+        if full:  # one warning each time the board fills up, not one per connection
+            (log.warning if warn else log.debug)(
+                "refused connection from %s: the board has max_connections (%d)", address,
+                self.max_connections)
+            sock.close()
+            return None
         sock.setblocking(True)
+        conn = _Connection(_Transport(sock), sock, address)
+        with self._cond:
+            if not self._stopping:
+                self._connections.add(conn)
+                return conn
+        sock.close()
+        return None
+
+    def _serve(self, conn: _Connection) -> None:
+        sock, transport = conn.sock, conn.transport
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        transport = _Transport(sock)
-        conn = _Connection(transport, sock, f"{addr[0]}:{addr[1]}")
-        with self._cond:
-            stopping = self._stopping
-            if not stopping:
-                self._connections.add(conn)
-        if stopping:
-            transport.close()
-            sock.close()
-            return
         try:
             transport.set_keepalive(KEEPALIVE)
             transport.add_server_key(self.host_key)
@@ -588,29 +706,60 @@ class BoardServer:
 
     def _run_session(self, conn: _Connection, channel: paramiko.Channel,
                      command: bytes | None) -> None:
+        def done(status: int, out: str = "", err: str | None = None) -> None:
+            self._release_slot(channel)  # first: a client told we are done may start another
+            _close(channel, status, out, err)
+
         try:
-            if command is None:
-                return _close(channel, 1, err=SHELL_USAGE)
             if conn.user is None or conn.transport.get_username() != conn.user:
                 return _close(channel, 1, err="not authenticated")
+            if not self._still_allowed(conn):
+                return _close(channel, 1, err="access revoked")
+            if not self._take_slot(conn.user, channel):
+                return _close(channel, 1, err=f"too many sessions for {conn.user} "
+                                              f"(limit {self.sessions_per_user})")
+            if command is None:
+                return done(1, err=SHELL_USAGE)
             try:
                 cmd = parse(command.decode("utf-8"), conn.user)
             except UnicodeDecodeError:
                 raise CommandError("command is not valid UTF-8") from None
             log.debug("%s@%s: %s", conn.user, conn.address, cmd.to_line())
             if cmd.name == "help":
-                _close(channel, 0, out=HELP)
+                done(0, out=HELP)
             elif cmd.name == "user":
-                _close(channel, 0, out=conn.user + "\n")
+                done(0, out=conn.user + "\n")
             elif cmd.name == "ls":
-                _close(channel, 0, out=self._ls(conn.user))
+                done(0, out=self._ls(conn.user))
             else:
                 self._stream(conn, channel, cmd)
         except CommandError as exc:
-            _close(channel, 1, err=str(exc))
+            done(1, err=str(exc))
         except Exception:
             log.exception("board session of %s failed", conn.user)
-            _close(channel, 1, err="internal error")
+            done(1, err="internal error")
+        finally:
+            self._release_slot(channel)
+
+    def _take_slot(self, user: str, channel: paramiko.Channel) -> bool:
+        """Count a running command against ``user``'s sessions_per_user; False if over."""
+        with self._cond:
+            if self._user_slots[user] >= self.sessions_per_user:
+                self.refused["sessions-per-user"] += 1
+                log.info("refused a session of %s: %d sessions running", user, self.sessions_per_user)
+                return False
+            self._user_slots[user] += 1
+            self._slots[channel] = user
+            return True
+
+    def _release_slot(self, channel: paramiko.Channel) -> None:
+        """Undo :meth:`_take_slot` (idempotent)."""
+        with self._cond:
+            user = self._slots.pop(channel, None)
+            if user is not None:
+                self._user_slots[user] -= 1
+                if not self._user_slots[user]:
+                    del self._user_slots[user]
 
     def _stream(self, conn: _Connection, channel: paramiko.Channel, cmd: Command) -> None:
         with self._cond:
@@ -619,6 +768,7 @@ class BoardServer:
         try:
             self._join(session)
         except _Refused as exc:
+            self._release_slot(channel)
             return _close(channel, 1, err=str(exc))
         try:
             if cmd.name == "sub":
@@ -649,6 +799,8 @@ class BoardServer:
         with self._cond:
             if self._stopping:
                 raise _Refused("board is shutting down")
+            if not self._still_allowed(session.conn):  # set_users() ran since _run_session began
+                raise _Refused("access revoked")
             if not self._allowed(user, name):
                 log.info("access denied: %s to %s", user, name)
                 raise _Refused("access denied")
@@ -742,3 +894,76 @@ class BoardServer:
                         lines.append(f"  {label}:")
                         lines += [f"  - {s.client_id}" for s in group]
             return "\n".join(lines) + "\n"
+
+
+class UsersFileWatcher:
+    """Keeps a board's users in step with its users file.
+
+    ``start()`` polls the file's mtime, size and inode every ``interval``
+    seconds and reloads it once it has stopped changing for one interval, so a
+    file caught mid-write is not applied; ``reload()`` does it at once (the CLI
+    calls it on SIGHUP).  A file that does not parse keeps the current users.
+    """
+
+    def __init__(self, server: BoardServer, path: Path, interval: float = 1.0) -> None:
+        self.server, self.path, self.interval = server, Path(path), interval
+        self.reloads = 0  # reload() calls that finished, applied or not
+        self._cond = threading.Condition()  # also serialises reload()
+        self._seen = self._stamp()  # the file as the server's users were read from it
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("UsersFileWatcher.start() may be called once")
+        self._thread = threading.Thread(target=self._watch, name="board-users-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the watching thread, promptly."""
+        self._stopped.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def reload(self) -> bool:
+        """Re-read the file and apply it; False (logged, users kept) if it cannot be read."""
+        with self._cond:
+            stamp = self._stamp()
+            try:
+                users = Keyring.load(self.path)
+            except ConfigurationError as exc:  # its message names the file and line
+                log.error("users not reloaded, keeping the current ones: %s", exc)
+                applied = False
+            else:
+                self.server.set_users(users)
+                log.info("reloaded users from %s", self.path)
+                applied = True
+            self._seen = stamp  # a bad file is reported once, not every interval
+            self.reloads += 1
+            self._cond.notify_all()
+            return applied
+
+    def wait_reloads(self, count: int, timeout: float | None = None) -> bool:
+        """Block until ``reloads >= count``; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.reloads >= count, timeout)
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _watch(self) -> None:
+        last = self._seen
+        while not self._stopped.wait(self.interval):
+            stamp = self._stamp()
+            with self._cond:
+                changed = stamp != self._seen
+            if changed and stamp == last:  # changed, then stable for an interval
+                try:
+                    self.reload()
+                except Exception:
+                    log.exception("reloading users from %s failed", self.path)
+            last = stamp
