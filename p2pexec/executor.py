@@ -67,12 +67,12 @@ class P2PExecutor(Executor):
         self._stopped = False
 
         quiet_dependencies(verbose)
-        self._scheduler = scheduler = ClientScheduler(who.identity, Inbox(self.cluster, who.keyring),
-                                                      self.cluster, self._options)
+        self._scheduler = scheduler = ClientScheduler(who.identity, self.cluster, self._options)
         self._runtime = TrioThread(self._serve, name=f"p2pexec-client-{cluster}")
         board_session = BoardSession(
             who.board, who.identity, self.cluster,
-            on_line=partial(self._runtime.call_soon, scheduler.on_board_line),
+            inbox=Inbox(self.cluster, who.keyring),
+            on_message=partial(self._runtime.call_soon, scheduler.on_message),
             make_hello=scheduler.hello,
             on_connect=partial(self._runtime.call_soon, scheduler.reannounce),
             known_hosts=Path(known_hosts), accept_new_host_key=accept_new_host_key,

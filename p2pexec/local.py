@@ -58,12 +58,14 @@ class LocalCluster:
     """``with LocalCluster(workers=2) as lc: with lc.executor() as ex: ...``"""
 
     def __init__(self, workers: int = 2, slots: int = 1, *, owner: str = "alice", name: str = "friends",
-                 worker_user: str = "friend", verbose: bool = False) -> None:
+                 worker_user: str = "friend", verify_senders: bool = True, verbose: bool = False) -> None:
+        """``verify_senders=False`` makes the embedded board relay any line, as pico.sh does."""
         self.cluster = f"{owner}/{name}"
         self.owner = owner
         self.worker_user = worker_user
         self.slots = slots
         self.verbose = verbose
+        self.verify_senders = verify_senders
         self.workers: list[WorkerProcess] = []
         self._n_workers = workers
         self._dir = Path(tempfile.mkdtemp(prefix="p2pexec-local-"))
@@ -107,7 +109,7 @@ class LocalCluster:
         self._server = BoardServer(
             host="127.0.0.1", port=self._port,
             host_key=paramiko.Ed25519Key.from_private_key_file(str(self._host_key_path)),
-            users=self._keyring, state_dir=self._state)
+            users=self._keyring, state_dir=self._state, verify_sender=self.verify_senders)
         self._server.start()
         self._port = self._server.port
         self._server.set_members(self.cluster, [self.worker_user])
@@ -117,6 +119,10 @@ class LocalCluster:
         if self._server is not None:
             self._server.stop()
         self._start_board()
+
+    def board_server(self) -> BoardServer | None:
+        """The embedded board, for inspection (drop counters, sessions)."""
+        return self._server
 
     def stop_board(self) -> None:
         if self._server is not None:

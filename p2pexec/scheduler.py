@@ -73,10 +73,8 @@ class Lease:
 class ClientScheduler:
     """Owns the queue of work items, the leases and the board conversation."""
 
-    def __init__(self, identity: Identity, inbox: messages.Inbox, cluster: str,
-                 options: SchedulerOptions) -> None:
+    def __init__(self, identity: Identity, cluster: str, options: SchedulerOptions) -> None:
         self.identity = identity
-        self.inbox = inbox
         self.cluster = cluster
         self.options = options
         self.request_id = messages.new_id()
@@ -103,10 +101,8 @@ class ClientScheduler:
         self._changed = trio.Event()
         self._maybe_request()
 
-    def on_board_line(self, line: bytes) -> None:
-        msg = self.inbox.receive(line, time.time())
-        if msg is None:
-            return
+    def on_message(self, msg: messages.Message) -> None:
+        """A verified board message from a member."""
         if msg.type == "offer":
             self._on_offer(msg)
         elif msg.type == "hello" and msg["role"] == "worker":

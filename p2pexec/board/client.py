@@ -14,6 +14,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 import paramiko
 
 from ..keys import Identity
+from ..protocol.messages import Inbox, Message
 from ..errors import (
     AccessDeniedError,
     AuthenticationError,
@@ -112,14 +114,16 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
 class BoardSession:
     """A ``pipe`` session on one topic that reconnects with backoff until closed.
 
-    ``on_line`` is called from the reader thread with each complete line
-    from others; ``make_hello`` builds the signed line sent first on every
+    Lines from others are checked by ``inbox`` in the reader thread (parsing
+    and signature checks stay off the caller's event loop, whatever a
+    flooder sends); ``on_message`` gets the valid ones, in order.
+    ``make_hello`` builds the signed line sent first on every
     (re)connection, whose echo confirms the join; ``on_connect`` runs after
     every successful reconnection so the owner can re-announce its state.
     """
 
     def __init__(self, address: BoardAddress, identity: Identity, topic: str, *,
-                 on_line: Callable[[bytes], None], make_hello: Callable[[], bytes],
+                 inbox: Inbox, on_message: Callable[[Message], None], make_hello: Callable[[], bytes],
                  on_connect: Callable[[], None] = lambda: None,
                  known_hosts: Path = DEFAULT_KNOWN_HOSTS, accept_new_host_key: bool = False,
                  timeout: float = 10.0) -> None:
@@ -128,7 +132,8 @@ class BoardSession:
         self.username = identity.user
         self.topic = topic
         self.extra_flags = ""
-        self._on_line = on_line
+        self.inbox = inbox
+        self._on_message = on_message
         self._make_hello = make_hello
         self._on_connect = on_connect
         self._known_hosts = Path(known_hosts).expanduser()
@@ -307,11 +312,15 @@ class BoardSession:
         while channel is not None:
             *lines, buf = buf.split(b"\n")
             for line in lines:
-                if line and line not in self._sent:
-                    try:
-                        self._on_line(line)
-                    except Exception:
-                        log.exception("error handling a board line")
+                if not line or line in self._sent:
+                    continue
+                msg = self.inbox.receive(line, time.time())
+                if msg is None:
+                    continue
+                try:
+                    self._on_message(msg)
+                except Exception:
+                    log.exception("error handling a board message")
             if len(buf) > _MAX_BUFFERED:
                 log.debug("discarding an oversize line from the board")
                 buf = b""

@@ -26,6 +26,9 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from ..errors import ProtocolError
+from ..logs import after_libp2p_import
+
+after_libp2p_import()
 
 LEASE_PROTOCOL = TProtocol("/p2pexec/lease/1.0.0")
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"

@@ -62,6 +62,7 @@ class Offer:
 class WorkerDaemon:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
+        # Lease handshakes run on trio; board lines are checked in the board's reader thread.
         self.inbox = messages.Inbox(config.who.cluster, config.who.keyring)
         self.free: list[TaskSlot] = [TaskSlot(i) for i in range(config.slots)]
         self.offers: dict[str, Offer] = {}
@@ -81,7 +82,8 @@ class WorkerDaemon:
             token = trio.lowlevel.current_trio_token()
             self.board = BoardSession(
                 self.config.who.board, self.config.who.identity, self.config.who.cluster,
-                on_line=lambda line: token.run_sync_soon(self._on_line, line),
+                inbox=messages.Inbox(self.config.who.cluster, self.config.who.keyring),
+                on_message=lambda msg: token.run_sync_soon(self._on_message, msg),
                 make_hello=self._hello,
                 known_hosts=self.config.known_hosts, accept_new_host_key=self.config.accept_new_host_key,
             )
@@ -112,9 +114,8 @@ class WorkerDaemon:
         return self._sign("hello", {"role": "worker", "py": PYTHON, "slots": self.config.slots,
                                     "free": len(self.free), "platform": sys.platform}, ttl=60)
 
-    def _on_line(self, line: bytes) -> None:
-        msg = self.inbox.receive(line, time.time())
-        if msg is None or msg.type != "request" or self.host is None or self.board is None:
+    def _on_message(self, msg: messages.Message) -> None:
+        if msg.type != "request" or self.host is None or self.board is None:
             return
         if self.config.allow is not None and msg.sender not in self.config.allow:
             log.debug("ignoring a request from %s: not in --allow", msg.sender)
