@@ -26,6 +26,27 @@ def _fail(prog: str, exc: BaseException) -> int:
     return 1
 
 
+def _participant_options() -> argparse.ArgumentParser:
+    """Who we are and which board: the options every cluster command shares."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--board", default=None, metavar="URL",
+                        help="ssh://user@host:port, a ~/.ssh/config Host, or host (default: $P2PEXEC_BOARD, "
+                             "else pipe.pico.sh)")
+    common.add_argument("--identity", default=None, metavar="KEY",
+                        help="SSH Ed25519 private key (default: $P2PEXEC_IDENTITY, ssh-agent, ~/.ssh/id_ed25519)")
+    common.add_argument("--user", default=None, help="user name on the board (default: from --board, "
+                                                     "$P2PEXEC_USER, or your login name)")
+    common.add_argument("--members", default=None, metavar="FILE",
+                        help="who may take part: 'NAME ssh-ed25519 KEY' per line "
+                             "(default: ~/.config/p2pexec/clusters/OWNER/NAME.members)")
+    common.add_argument("--known-hosts", type=Path, default=Path("~/.ssh/known_hosts"), metavar="FILE",
+                        help="known_hosts file for the board's host key (default: ~/.ssh/known_hosts)")
+    common.add_argument("--accept-new-host-key", action="store_true",
+                        help="trust and remember the board's host key if it is not known yet")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logs, libp2p's included")
+    return common
+
+
 # -- p2pexec ------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -54,16 +75,41 @@ def main(argv: list[str] | None = None) -> int:
                        help="SSH host key; generated on first start (default: STATE/host_ed25519)")
     board.add_argument("--users", type=Path, required=True, metavar="FILE",
                        help="users file: 'NAME ssh-ed25519 KEY [comment]' per line")
-    board.add_argument("--state", type=Path, default=Path("~/.local/share/p2pexec/board"), metavar="DIR",
-                       help="state directory: cluster member lists (default: ~/.local/share/p2pexec/board)")
+    board.add_argument("--state", type=Path, default=None, metavar="DIR",
+                       help="state directory: host key and cluster member lists "
+                            "(default: $XDG_DATA_HOME/p2pexec/board, i.e. ~/.local/share/p2pexec/board)")
+    board.add_argument("--max-line", type=int, default=65536, metavar="BYTES",
+                       help="longest line a session may send (default: 65536)")
+    board.add_argument("--lines-per-second", type=float, default=200.0, metavar="N",
+                       help="lines per second a session may send (default: 200)")
+    board.add_argument("--sessions-per-user", type=int, default=32, metavar="N",
+                       help="concurrent sessions per user (default: 32)")
+    board.add_argument("--max-connections", type=int, default=512, metavar="N",
+                       help="concurrent connections in all (default: 512)")
     board.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+
+    common = _participant_options()
+
+    host = sub.add_parser("host", parents=[common], help="set who may join your cluster (owner only)",
+                          description="Set the member list of your cluster OWNER/NAME on the board. On a "
+                                      "p2pexec board the list is kept by the board; on pico.sh it lasts only "
+                                      "while a session holds the topic, so use --keep there.")
+    host.add_argument("cluster", metavar="OWNER/NAME")
+    host.add_argument("--users", required=True, metavar="USER,...", help="members besides you")
+    host.add_argument("--keep", action="store_true", help="hold the topic open until Ctrl-C (pico.sh)")
+
+    status = sub.add_parser("status", parents=[common], help="show the workers and clients on a cluster now",
+                            description="Join the cluster's board as an observer and list the workers (slots, "
+                                        "Python, load) and clients (queued and running tasks) that answer.")
+    status.add_argument("cluster", metavar="OWNER/NAME")
+    status.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
+                        help="how long to collect answers (default: 2)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
 
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, logging.WARNING if args.command == "demo" else logging.INFO)
     try:
-        if args.command == "demo":
-            return _demo(args)
-        return _board(args)
+        return {"demo": _demo, "board": _board, "host": _host, "status": _status}[args.command](args)
     except P2PExecError as exc:
         return _fail("p2pexec", exc)
     except KeyboardInterrupt:
@@ -89,59 +135,112 @@ def _board(args: argparse.Namespace) -> int:
     import threading
 
     from .board.client import fingerprint
-    from .board.server import BoardServer, load_or_create_host_key
+    from .board.server import BoardServer, UsersFileWatcher, load_or_create_host_key
     from .keys import Keyring
 
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise P2PExecError(f"--listen {args.listen!r}: expected HOST:PORT")
-    state = args.state.expanduser()
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share").expanduser()
+    state = (args.state or data_home / "p2pexec" / "board").expanduser()
     state.mkdir(parents=True, exist_ok=True)
     host_key = load_or_create_host_key((args.host_key or state / "host_ed25519").expanduser())
-    server = BoardServer(host=host.strip("[]"), port=int(port), host_key=host_key,
-                         users=Keyring.load(args.users), state_dir=state)
-    server.start()
-    print(f"p2pexec board listening on {host}:{server.port}", flush=True)
+    users_path = args.users.expanduser()
+    try:
+        server = BoardServer(host=host.strip("[]"), port=int(port), host_key=host_key,
+                             users=Keyring.load(users_path), state_dir=state, max_line=args.max_line,
+                             lines_per_second=args.lines_per_second, sessions_per_user=args.sessions_per_user,
+                             max_connections=args.max_connections)
+    except ValueError as exc:
+        raise P2PExecError(str(exc)) from None
+    watcher = UsersFileWatcher(server, users_path)
+    try:
+        server.start()
+    except OSError as exc:
+        raise P2PExecError(f"cannot listen on {args.listen}: {exc.strerror}") from None
+    watcher.start()
+    shown = f"[{host.strip('[]')}]" if ":" in host.strip("[]") else host
+    print(f"p2pexec board listening on {shown}:{server.port}; users from {users_path} (re-read on change "
+          f"or SIGHUP); state in {state}", flush=True)
     print(f"host key: {host_key.get_name()} {fingerprint(host_key)}")
-    print(f"members add it with: ssh-keyscan -p {server.port} {host} >> ~/.ssh/known_hosts")
-    print(f"and connect with: --board ssh://USER@{host}:{server.port}", flush=True)
+    print(f"members check it and add it with: ssh-keyscan -p {server.port} {host} >> ~/.ssh/known_hosts")
+    print(f"then connect with: --board ssh://USER@{shown}:{server.port}", flush=True)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=watcher.reload, daemon=True).start())
     stop.wait()
+    watcher.stop()
     server.stop()
+    return 0
+
+
+def _host(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    import time
+
+    from .board.client import BoardSession
+    from .config import resolve
+    from .keys import valid_username
+    from .protocol import messages
+
+    who = resolve(args.cluster, board=args.board, user=args.user, identity=args.identity, members=args.members,
+                  members_required=False)
+    owner = who.cluster.split("/", 1)[0]
+    if who.identity.user != owner:
+        raise P2PExecError(f"only the owner {owner!r} can set the members of {who.cluster}; you are "
+                           f"{who.identity.user!r} (pass --user {owner} with the owner's key)")
+    users = [u.strip() for u in args.users.split(",") if u.strip()]
+    bad = [u for u in users if not valid_username(u)]
+    if bad:
+        raise P2PExecError(f"invalid user names: {', '.join(bad)}")
+    session = BoardSession(
+        who.board, who.identity, who.cluster, inbox=messages.Inbox(who.cluster, who.keyring),
+        on_message=lambda msg: None, known_hosts=args.known_hosts, accept_new_host_key=args.accept_new_host_key,
+        make_hello=lambda: messages.encode(who.identity, who.cluster, "hello", {"role": "owner"},
+                                           now=time.time(), ttl=60))
+    session.extra_flags = f" -a {','.join(users) or owner}"
+    session.open()  # returns once the board relayed our hello: the list is set
+    print(f"members of {who.cluster}: {', '.join(users) or '(only you)'}", flush=True)
+    if args.keep:
+        print("holding the topic open; Ctrl-C to stop", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop.wait()
+    session.close()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import resolve
+    from .status import collect, format_status
+
+    who = resolve(args.cluster, board=args.board, user=args.user, identity=args.identity, members=args.members)
+    status = collect(who, max(0.1, args.wait), known_hosts=args.known_hosts,
+                     accept_new_host_key=args.accept_new_host_key)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
 
 # -- p2pexec-worker ------------------------------------------------------------------------
 def worker_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="p2pexec-worker",
+        prog="p2pexec-worker", parents=[_participant_options()],
         description="Contribute this machine's compute to a cluster. Tasks from the cluster's members "
                     "run in separate task processes under your user account; stop with Ctrl-C.",
         epilog="example: p2pexec-worker --cluster alice/friends --slots 4",
     )
     parser.add_argument("--cluster", required=True, metavar="OWNER/NAME", help="the cluster to serve")
-    parser.add_argument("--board", default=None, metavar="URL",
-                        help="board: ssh://user@host:port (default: $P2PEXEC_BOARD, else pipe.pico.sh)")
-    parser.add_argument("--identity", default=None, metavar="KEY",
-                        help="your SSH Ed25519 private key (default: $P2PEXEC_IDENTITY, else ~/.ssh/id_ed25519)")
-    parser.add_argument("--user", default=None, help="your user name on the board (default: from --board, "
-                                                     "else $P2PEXEC_USER, else your login name)")
-    parser.add_argument("--members", default=None, metavar="FILE",
-                        help="who may send tasks: 'NAME ssh-ed25519 KEY' per line "
-                             "(default: ~/.config/p2pexec/clusters/OWNER/NAME.members)")
     parser.add_argument("--slots", type=int, default=1, help="tasks to run at once (default: 1)")
     parser.add_argument("--allow", default=None, metavar="USER,...",
                         help="run tasks only from these members (default: every member)")
     parser.add_argument("--listen", action="append", default=None, metavar="MULTIADDR",
                         help="libp2p listen address (default: /ip4/0.0.0.0/tcp/0); repeatable")
-    parser.add_argument("--known-hosts", type=Path, default=Path("~/.ssh/known_hosts"), metavar="FILE",
-                        help="known_hosts file to verify the board's host key (default: ~/.ssh/known_hosts)")
-    parser.add_argument("--accept-new-host-key", action="store_true",
-                        help="trust and remember the board's host key if it is not known yet")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, libp2p's included")
     parser.add_argument("--version", action="version", version=f"p2pexec {__version__}")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

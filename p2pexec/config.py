@@ -45,7 +45,7 @@ class Participant:
 
 def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
             identity: str | os.PathLike[str] | None = None,
-            members: str | os.PathLike[str] | None = None) -> Participant:
+            members: str | os.PathLike[str] | None = None, members_required: bool = True) -> Participant:
     """Apply the defaults and load keys.
 
     Board: ``board``, ``$P2PEXEC_BOARD``, else pico.sh; a Host alias of
@@ -58,13 +58,15 @@ def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
     address, config_identity = apply_ssh_config(BoardAddress.parse(board_url or DEFAULT_BOARD))
     username = user or address.user or os.environ.get("P2PEXEC_USER") or getpass.getuser()
     members_path = Path(members).expanduser() if members is not None else default_members_path(cluster)
-    if members is None and not members_path.exists():
+    if not members_required and members is None and not members_path.exists():
+        members_path = None
+    elif members is None and not members_path.exists():
         raise ConfigurationError(
             f"no members file for cluster {cluster} at {members_path}. It lists who may take part "
             f"('NAME ssh-ed25519 KEY' per line); ask the cluster's owner for it, or pass members=PATH "
             f"(--members)"
         )
-    keyring = Keyring.load(members_path)
+    keyring = Keyring.load(members_path) if members_path else Keyring()
     key_file = identity or os.environ.get("P2PEXEC_IDENTITY") or config_identity
     ident = None if key_file else agent_identity(username, keyring)
     if ident is None:
@@ -75,7 +77,7 @@ def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
                 f"ssh-agent, or create ~/.ssh/id_ed25519 with: ssh-keygen -t ed25519"
             )
         ident = load_identity(username, Path(key_file or default))
-    if not keyring.allows(username, ident.public_key):
+    if members_path and not keyring.allows(username, ident.public_key):
         raise ConfigurationError(
             f"the members file {members_path} does not list user {username!r} with the key "
             f"{ident.where}; ask the owner of {cluster} to add: {username} {ident.openssh_public}"

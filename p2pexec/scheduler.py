@@ -26,6 +26,7 @@ from .keys import Identity
 from .protocol import messages
 from .protocol.frames import Op, decode_op, encode_op, session_keys
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
+from .status import AnswerObservers
 from .tasks import load_outcome
 from .transport.channel import FramedStream, SecureChannel
 from .transport.host import Libp2pHost
@@ -85,6 +86,7 @@ class ClientScheduler:
         self._kx_pk, self._kx_sk = sodium.crypto_kx_keypair()
         self._ids = itertools.count(1)
         self._changed = trio.Event()
+        self._observers = AnswerObservers()
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self._last_request = -1e9
@@ -103,6 +105,8 @@ class ClientScheduler:
 
     def on_message(self, msg: messages.Message) -> None:
         """A verified board message from a member."""
+        if self.board is not None and self._observers.due(msg):
+            self.board.send(self.hello())
         if msg.type == "offer":
             self._on_offer(msg)
         elif msg.type == "hello" and msg["role"] == "worker":
@@ -110,7 +114,9 @@ class ClientScheduler:
             self._maybe_request()
 
     def hello(self) -> bytes:
-        return self._sign("hello", {"role": "client", "py": PYTHON}, ttl=60)
+        return self._sign("hello", {"role": "client", "node": self.request_id, "py": PYTHON,
+                                    "queued": len(self.pending), "running": self._inflight(),
+                                    "leases": len(self.leases)}, ttl=60)
 
     def reannounce(self) -> None:
         self._last_request = -1e9

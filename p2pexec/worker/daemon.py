@@ -26,6 +26,7 @@ from ..errors import ProtocolError
 from ..protocol import messages
 from ..protocol.frames import MAX_FRAME, Op, decode_op, encode_op, session_keys
 from ..protocol.matching import python_compatible, slots_to_offer
+from ..status import AnswerObservers
 from ..transport.channel import FramedStream, SecureChannel
 from ..transport.host import Libp2pHost
 from .slots import TaskProcessDied, TaskSlot
@@ -70,6 +71,7 @@ class WorkerDaemon:
         self.host: Libp2pHost | None = None
         self.board: BoardSession | None = None
         self._nursery: trio.Nursery | None = None
+        self._observers = AnswerObservers()
 
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -111,10 +113,13 @@ class WorkerDaemon:
         return messages.encode(self.config.who.identity, self.config.who.cluster, mtype, body, now=time.time(), ttl=ttl)
 
     def _hello(self) -> bytes:
-        return self._sign("hello", {"role": "worker", "py": PYTHON, "slots": self.config.slots,
-                                    "free": len(self.free), "platform": sys.platform}, ttl=60)
+        return self._sign("hello", {"role": "worker", "node": self.host.peer_id if self.host else "",
+                                    "py": PYTHON, "slots": self.config.slots, "free": len(self.free),
+                                    "platform": sys.platform, "load": round(os.getloadavg()[0], 2)}, ttl=60)
 
     def _on_message(self, msg: messages.Message) -> None:
+        if self.board is not None and self._observers.due(msg):
+            self.board.send(self._hello())
         if msg.type != "request" or self.host is None or self.board is None:
             return
         if self.config.allow is not None and msg.sender not in self.config.allow:
