@@ -21,7 +21,7 @@ from .logs import quiet_dependencies
 from .protocol.messages import Inbox
 from .runtime import TrioThread
 from .scheduler import ClientScheduler, SchedulerOptions, WorkItem
-from .tasks import dump_task
+from .tasks import PrepickledFunction, dump_task
 
 log = logging.getLogger("p2pexec.client")
 
@@ -117,7 +117,9 @@ class P2PExecutor(Executor):
             self._unfinished.add(future)
             future.add_done_callback(self._unfinished.discard)
             scheduler.pending.append(item)
-            runtime.call_soon(scheduler.notify)
+            if not scheduler.wakeup_pending:  # one wake-up serves every submit queued before it runs
+                scheduler.wakeup_pending = True
+                runtime.call_soon(scheduler.wake)
             return future
 
     submit.__doc__ = Executor.submit.__doc__
@@ -127,8 +129,11 @@ class P2PExecutor(Executor):
         """Like ProcessPoolExecutor.map: ``chunksize`` items travel and run together."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        results = super().map(partial(_process_chunk, fn), _get_chunks(*iterables, chunksize=chunksize),
-                              timeout=timeout)
+        try:
+            task = PrepickledFunction(partial(_process_chunk, fn))
+        except Exception:
+            task = partial(_process_chunk, fn)  # each submit reports the pickling error on its future
+        results = super().map(task, _get_chunks(*iterables, chunksize=chunksize), timeout=timeout)
         return _chain_from_iterable_of_lists(results)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

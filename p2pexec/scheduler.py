@@ -24,7 +24,7 @@ from .board.client import BoardSession
 from .errors import NoWorkersError, ProtocolError, TaskProcessDiedError, WorkerLostError
 from .keys import Identity
 from .protocol import messages
-from .protocol.frames import Op, decode_op, encode_op, session_keys
+from .protocol.frames import Op, decode_ops, encode_op, session_keys
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
 from .status import AnswerObservers
 from .tasks import load_outcome
@@ -37,6 +37,7 @@ PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 REQUEST_TTL = 10.0
 REQUEST_EVERY = 2.0
 TICK = 0.25
+BATCH_BYTES = 1 << 20
 
 
 @dataclass(eq=False)
@@ -80,6 +81,7 @@ class ClientScheduler:
         self.options = options
         self.request_id = messages.new_id()
         self.pending: deque[WorkItem] = deque()  # appended by submitting threads
+        self.wakeup_pending = False  # set by submitters, cleared by wake() on the loop
         self.leases: list[Lease] = []
         self.board: BoardSession | None = None
         self.host: Libp2pHost | None = None
@@ -97,6 +99,11 @@ class ClientScheduler:
     # -- called from any thread through TrioThread.call_soon -----------------------
     def next_id(self) -> int:
         return next(self._ids)
+
+    def wake(self) -> None:
+        """Called on the loop after submits; clears the flag first so no submit goes unnoticed."""
+        self.wakeup_pending = False
+        self.notify()
 
     def notify(self) -> None:
         self._changed.set()
@@ -259,10 +266,17 @@ class ClientScheduler:
         channel = lease.channel
         assert channel is not None
         while True:
-            while lease.credits > 0 and (item := self._take()) is not None:
+            batch: list[bytes] = []
+            size = 0
+            while (lease.credits > 0 and size < BATCH_BYTES and self._may_send(lease)
+                   and (item := self._take()) is not None):
                 lease.credits -= 1
                 lease.inflight[item.id] = item
-                await channel.send(encode_op(Op.TASK, item.id, item.payload))
+                batch.append(encode_op(Op.TASK, item.id, item.payload))
+                size += len(item.payload)
+            if batch:  # everything sendable now goes in one message: one write, not one per task
+                await channel.send(b"".join(batch))
+                continue
             if self._closing and not lease.inflight:
                 break
             if lease.inflight or self.pending:
@@ -274,30 +288,40 @@ class ClientScheduler:
                 break
         await channel.send(encode_op(Op.END))
 
+    def _may_send(self, lease: Lease) -> bool:
+        """Fill idle slots anywhere before queueing a task behind a busy one (prefetch)."""
+        if len(lease.inflight) < lease.slots:
+            return True
+        return not any(other.credits > 0 and len(other.inflight) < other.slots for other in self.leases)
+
     async def _receive(self, lease: Lease) -> None:
         channel = lease.channel
         assert channel is not None
         while (plaintext := await channel.recv()) is not None:
-            op, arg, data = decode_op(plaintext)
-            if op is Op.CREDIT:
-                lease.credits += arg
-                self.notify()
-            elif op in (Op.RESULT, Op.FAILED):
-                item = lease.inflight.pop(arg, None)
-                if item is None:
-                    raise ProtocolError(f"worker {lease.worker} answered unknown task {arg}")
-                lease.credits += 1
-                if op is Op.RESULT:
-                    self._resolve(item, data)
-                else:
-                    self._set_exception(item, TaskProcessDiedError(
-                        f"{data.decode(errors='replace')} while running this task on worker "
-                        f"{lease.worker}; the task was not retried"))
-                self.notify()
-            elif op is Op.END:
-                return
+            for op, arg, data in decode_ops(plaintext):
+                if not self._apply(lease, op, arg, data):
+                    return
+
+    def _apply(self, lease: Lease, op: Op, arg: int, data: bytes) -> bool:
+        """Apply one operation from the worker; False once the worker ended the lease."""
+        if op is Op.END:
+            return False
+        if op is Op.CREDIT:
+            lease.credits += arg
+        elif op in (Op.RESULT, Op.FAILED):
+            item = lease.inflight.pop(arg, None)
+            if item is None:
+                raise ProtocolError(f"worker {lease.worker} answered unknown task {arg}")
+            if op is Op.RESULT:
+                self._resolve(item, data)
             else:
-                raise ProtocolError(f"worker {lease.worker} sent unexpected {op.name}")
+                self._set_exception(item, TaskProcessDiedError(
+                    f"{data.decode(errors='replace')} while running this task on worker "
+                    f"{lease.worker}; the task was not retried"))
+        else:
+            raise ProtocolError(f"worker {lease.worker} sent unexpected {op.name}")
+        self.notify()
+        return True
 
     def _resolve(self, item: WorkItem, data: bytes) -> None:
         if item.future.done():

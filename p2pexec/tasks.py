@@ -7,6 +7,7 @@ the task process (on the worker) and the client do.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import sys
 import sysconfig
@@ -57,6 +58,43 @@ dill._dill._locate_function = _locate
 
 class _TaskPickler(dill.Pickler):
     pass
+
+
+class PrepickledFunction:
+    """A function pickled once and sent with many tasks (one ``map`` call).
+
+    Pickling a function by value costs far more than a small task's
+    arguments, so ``map`` does it once; task processes unpickle each
+    distinct function once too, keyed by the digest of its bytes.
+    """
+
+    __slots__ = ("data", "digest")
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        buf = io.BytesIO()
+        _TaskPickler(buf, protocol=_PROTOCOL, recurse=True).dump(fn)
+        self.data = buf.getvalue()
+        self.digest = hashlib.blake2b(self.data, digest_size=16).digest()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _load_function, (self.data, self.digest)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a prepickled function runs on workers only")
+
+
+_functions: dict[bytes, Callable[..., Any]] = {}
+
+
+def _load_function(data: bytes, digest: bytes) -> Callable[..., Any]:
+    fn = _functions.get(digest)
+    if fn is None:
+        if hashlib.blake2b(data, digest_size=16).digest() != digest:
+            raise ValueError("prepickled function does not match its digest")
+        if len(_functions) >= 64:
+            _functions.pop(next(iter(_functions)))
+        fn = _functions[digest] = dill.loads(data)
+    return fn
 
 
 def dump_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:

@@ -10,9 +10,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from p2pexec.errors import ProtocolError
 from p2pexec.protocol.frames import (
-    FrameDecoder, Op, Opener, Sealer, decode_op, encode_frame, encode_op, session_keys,
+    FrameDecoder, Op, Opener, Sealer, decode_ops, encode_frame, encode_op, session_keys,
 )
-from p2pexec.protocol.matching import should_request, slots_to_accept, slots_to_offer, slots_wanted
+from p2pexec.protocol.matching import credit_window, should_request, slots_to_accept, slots_to_offer, slots_wanted
+from p2pexec.protocol.lease import CreditLedger
 
 
 def keys():
@@ -71,12 +72,27 @@ def test_any_tampering_reordering_or_truncation_is_detected(messages, data):
     assert received == messages[: len(received)]
 
 
-def test_op_roundtrip_and_unknown_op():
-    assert decode_op(encode_op(Op.TASK, 7, b"data")) == (Op.TASK, 7, b"data")
-    with pytest.raises(ProtocolError):
-        decode_op(b"\x63" + bytes(8))
-    with pytest.raises(ProtocolError):
-        decode_op(b"\x01")
+@given(st.lists(st.tuples(st.sampled_from(list(Op)), st.integers(0, 2**64 - 1), st.binary(max_size=50)),
+                max_size=10))
+def test_several_ops_per_message_roundtrip(ops):
+    assert list(decode_ops(b"".join(encode_op(*op) for op in ops))) == ops
+
+
+@given(st.binary(max_size=60))
+def test_malformed_ops_raise_protocol_error_only(data):
+    try:
+        list(decode_ops(data))
+    except ProtocolError:
+        pass
+
+
+def test_unknown_and_truncated_ops_are_errors():
+    with pytest.raises(ProtocolError, match="unknown"):
+        list(decode_ops(b"\x63" + bytes(12)))
+    with pytest.raises(ProtocolError, match="short"):
+        list(decode_ops(b"\x01"))
+    with pytest.raises(ProtocolError, match="longer"):
+        list(decode_ops(encode_op(Op.TASK, 1, b"abc")[:-1]))
 
 
 @given(st.integers(0, 10**6), st.integers(0, 10**4), st.integers(0, 10**4), st.integers(1, 10**4))
@@ -146,3 +162,49 @@ def test_requests_repeat_while_wanted_and_never_when_not(wanted, asked, since):
         assert not should_request(wanted, asked, since, 2.0)
     elif since >= 2.0:
         assert should_request(wanted, asked, since, 2.0)
+
+
+@given(st.integers(1, 64), st.one_of(st.none(), st.floats(0, 1000, allow_nan=False)))
+def test_credit_window_bounds(slots, mean):
+    window = credit_window(slots, mean)
+    assert slots <= window <= slots * 17
+    if mean is None or mean >= 0.1:
+        assert window == slots  # nothing queued behind unknown or long tasks
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    """A client that respects its credit is never refused; one that does not, always is."""
+
+    def __init__(self):
+        super().__init__()
+        self.ledger = CreditLedger(slots=2)
+        self.credit = 0
+        self.running = 0
+
+    @rule()
+    def worker_grants(self):
+        self.credit += self.ledger.grant()
+
+    @rule()
+    def client_sends(self):
+        if self.credit > 0:
+            self.ledger.task_received()
+            self.credit -= 1
+            self.running += 1
+        else:
+            with pytest.raises(ProtocolError):
+                self.ledger.task_received()
+
+    @precondition(lambda self: self.running > 0)
+    @rule(seconds=st.floats(0, 1))
+    def task_answered(self, seconds):
+        self.ledger.task_answered(seconds)
+        self.running -= 1
+
+    @invariant()
+    def window_respected(self):
+        assert self.ledger.outstanding <= credit_window(2, 0.0)
+        assert self.ledger.outstanding == self.credit + self.running
+
+
+TestLedgerMachine = LedgerMachine.TestCase

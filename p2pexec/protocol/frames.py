@@ -28,7 +28,7 @@ LENGTH = struct.Struct(">I")
 MAX_FRAME = 1 << 30
 HEADER_BYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
 _TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
-_OP = struct.Struct(">BQ")
+_OP = struct.Struct(">BQI")  # op, arg, data length: ops are self-delimiting, several fit in one message
 
 
 def encode_frame(data: bytes) -> bytes:
@@ -114,22 +114,29 @@ class Op(enum.IntEnum):
 
     CREDIT = 1  # worker -> client: you may send ``arg`` more tasks
     TASK = 2  # client -> worker: run task ``arg``; data = dill payload
-    RESULT = 3  # worker -> client: data = task outcome; also one credit
-    FAILED = 4  # worker -> client: data = UTF-8 reason the task process died; also one credit
+    RESULT = 3  # worker -> client: data = task outcome
+    FAILED = 4  # worker -> client: data = UTF-8 reason the task process died
     END = 5  # either side: no more tasks on this lease
     BYE = 6  # plaintext of the final frame
 
 
 def encode_op(op: Op, arg: int = 0, data: bytes = b"") -> bytes:
-    return _OP.pack(op, arg) + data
+    return _OP.pack(op, arg, len(data)) + data
 
 
-def decode_op(plaintext: bytes) -> tuple[Op, int, bytes]:
-    if len(plaintext) < _OP.size:
-        raise ProtocolError("short lease operation")
-    code, arg = _OP.unpack_from(plaintext)
-    try:
-        op = Op(code)
-    except ValueError:
-        raise ProtocolError(f"unknown lease operation {code}") from None
-    return op, arg, plaintext[_OP.size :]
+def decode_ops(plaintext: bytes) -> Iterator[tuple[Op, int, bytes]]:
+    """The operations of one channel message, in order."""
+    view, offset = memoryview(plaintext), 0
+    while offset < len(plaintext):
+        if len(plaintext) - offset < _OP.size:
+            raise ProtocolError("short lease operation")
+        code, arg, n = _OP.unpack_from(plaintext, offset)
+        offset += _OP.size
+        if n > len(plaintext) - offset:
+            raise ProtocolError("lease operation longer than its message")
+        try:
+            op = Op(code)
+        except ValueError:
+            raise ProtocolError(f"unknown lease operation {code}") from None
+        yield op, arg, bytes(view[offset : offset + n])
+        offset += n

@@ -31,3 +31,20 @@ def slots_to_accept(offered: int, wanted: int) -> int:
 def python_compatible(mine: str, theirs: str) -> bool:
     """Bytecode and pickles of functions only load on the same Python major.minor."""
     return mine == theirs
+
+
+def credit_window(slots: int, mean_task_seconds: float | None, *, queue_seconds: float = 0.002,
+                  long_task_seconds: float = 0.1, max_queued: int = 16) -> int:
+    """Tasks a worker lets a client have outstanding: running plus queued per slot.
+
+    Queueing saves a slot the round trip to fetch its next task, which only
+    matters for short tasks, and it can leave a task waiting behind a long
+    one while another worker idles.  So: nothing queued until a task's
+    duration is known or when tasks are long; otherwise about
+    ``queue_seconds`` of work per slot (at least one task, at most
+    ``max_queued``), so short tasks travel in batches.
+    """
+    if mean_task_seconds is None or mean_task_seconds >= long_task_seconds:
+        return slots
+    queued = max(1, min(max_queued, int(queue_seconds / max(mean_task_seconds, 1e-9))))
+    return slots * (1 + queued)

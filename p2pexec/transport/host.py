@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
+import os
+
 import multiaddr
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -31,6 +33,11 @@ from ..logs import after_libp2p_import
 after_libp2p_import()
 
 LEASE_PROTOCOL = TProtocol("/p2pexec/lease/1.0.0")
+
+# py-libp2p's yamux sends a WINDOW_UPDATE frame after every read unless told
+# otherwise; go-yamux's half-window hysteresis (what remains) is enough and
+# saves a frame, a write and a wake-up per message.  A user's setting wins.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 

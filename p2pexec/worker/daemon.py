@@ -8,6 +8,7 @@ bytes.  A peer that misbehaves loses its lease; the daemon carries on.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -24,7 +25,8 @@ from ..board.client import BoardSession
 from ..config import Participant
 from ..errors import ProtocolError
 from ..protocol import messages
-from ..protocol.frames import MAX_FRAME, Op, decode_op, encode_op, session_keys
+from ..protocol.frames import MAX_FRAME, Op, decode_ops, encode_op, session_keys
+from ..protocol.lease import CreditLedger
 from ..protocol.matching import python_compatible, slots_to_offer
 from ..status import AnswerObservers
 from ..transport.channel import FramedStream, SecureChannel
@@ -179,42 +181,76 @@ class WorkerDaemon:
         return msg
 
     async def _serve_lease(self, channel: SecureChannel, slots: list[TaskSlot], client: str) -> None:
-        """Run the client's tasks on our slots; the client may only send what we credited."""
-        send_tasks, receive_tasks = trio.open_memory_channel[tuple[int, bytes]](len(slots))
-        credit = len(slots)
+        """Run the client's tasks on our slots; the client may only send what we credited.
+
+        Answers go to an outbox that one sender drains: whatever finished
+        while the previous message was being written leaves in the next one,
+        with the credit that refills the client's window.  That sender also
+        writes the final END, so no write is ever cancelled halfway.
+        """
+        ledger = CreditLedger(len(slots))
+        send_tasks, receive_tasks = trio.open_memory_channel[tuple[int, bytes]](math.inf)
+        outbox: list[bytes] = []
+        mail = trio.Event()
+        finished = False
+
+        def post(op: bytes = b"") -> None:
+            if op:
+                outbox.append(op)
+            mail.set()
 
         async def run_slot(slot: TaskSlot, tasks: trio.MemoryReceiveChannel[tuple[int, bytes]]) -> None:
-            nonlocal credit
-            async for task_id, payload in tasks:
-                try:
-                    result = await slot.run(payload)
-                    await channel.send(encode_op(Op.RESULT, task_id, result))
-                except TaskProcessDied as exc:
-                    log.warning("task %d of %s: %s", task_id, client, exc)
-                    await channel.send(encode_op(Op.FAILED, task_id, str(exc).encode()))
-                credit += 1  # a RESULT or FAILED frees its slot: it is a credit too
+            async with tasks:
+                async for task_id, payload in tasks:
+                    started = trio.current_time()
+                    try:
+                        op = encode_op(Op.RESULT, task_id, await slot.run(payload))
+                    except TaskProcessDied as exc:
+                        log.warning("task %d of %s: %s", task_id, client, exc)
+                        op = encode_op(Op.FAILED, task_id, str(exc).encode())
+                    ledger.task_answered(trio.current_time() - started)
+                    post(op)
 
-        async with trio.open_nursery() as nursery:
-            async with receive_tasks:
-                for slot in slots:
-                    nursery.start_soon(run_slot, slot, receive_tasks.clone())
-            await channel.send(encode_op(Op.CREDIT, credit))
-            try:
-                async with send_tasks:
-                    while (plaintext := await channel.recv()) is not None:
-                        op, arg, data = decode_op(plaintext)
+        async def send_mail() -> None:
+            nonlocal mail
+            while True:
+                await mail.wait()
+                mail = trio.Event()
+                batch, outbox[:] = outbox[:], []
+                if finished:
+                    batch.append(encode_op(Op.END))
+                elif grant := ledger.grant():
+                    batch.append(encode_op(Op.CREDIT, grant))
+                if batch:
+                    await channel.send(b"".join(batch))
+                if finished:
+                    return
+
+        async def receive() -> None:
+            async with send_tasks:
+                while (plaintext := await channel.recv()) is not None:
+                    for op, arg, data in decode_ops(plaintext):
                         if op is Op.END:
-                            break
+                            return
                         if op is not Op.TASK:
                             raise ProtocolError(f"client {client} sent unexpected {op.name}")
-                        if credit <= 0:
-                            raise ProtocolError(f"client {client} sent more tasks than it was credited")
-                        credit -= 1
+                        ledger.task_received()
                         send_tasks.send_nowait((arg, data))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_mail)
+            post()  # the first message carries the initial credit
+            try:
+                async with trio.open_nursery() as running:
+                    async with receive_tasks:
+                        for slot in slots:
+                            running.start_soon(run_slot, slot, receive_tasks.clone())
+                    await receive()  # on END, the slots finish what they hold
             except BaseException:
                 nursery.cancel_scope.cancel()
                 raise
-        await channel.send(encode_op(Op.END))
+            finished = True
+            post()
 
 
 def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None) -> None:
