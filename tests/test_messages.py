@@ -106,3 +106,17 @@ def test_oversize_and_bad_ttl_refused_when_encoding():
 def test_live_clock_roundtrip():
     line = request(now=time.time())
     assert Inbox(CLUSTER, KEYRING).receive(line, time.time()) is not None
+
+
+def test_plain_data_fast_path_round_trips_and_rejects_lookalikes():
+    import collections
+    from functools import partial
+
+    from p2pexec.tasks import PrepickledFunction, dump_task, is_plain, load_task
+
+    assert is_plain(((1, 2.5, "x", b"y", None, True), {"k": [1, {2}, frozenset()]}))
+    assert not is_plain((collections.OrderedDict(),))  # a subclass: leave it to dill
+    assert not is_plain(([0] * 1000,))  # too big to check cheaply: dill
+    fn = PrepickledFunction(partial(divmod, 7))
+    got_fn, args, kwargs = load_task(dump_task(fn, (2,), {}))
+    assert got_fn(*args, **kwargs) == (3, 1)
