@@ -24,7 +24,7 @@ from .board.client import BoardSession
 from .errors import NoWorkersError, ProtocolError, TaskProcessDiedError, WorkerLostError
 from .keys import Identity
 from .protocol import messages
-from .protocol.frames import Op, decode_ops, encode_op, session_keys
+from .protocol.frames import Buffer, Op, decode_ops, encode_op, op_parts, session_keys
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
 from .status import AnswerObservers
 from .tasks import load_outcome
@@ -43,10 +43,14 @@ BATCH_BYTES = 1 << 20
 @dataclass(eq=False)
 class WorkItem:
     future: Future[Any]
-    payload: bytes
+    payload: list[Buffer]
     id: int
     started: bool = False
     losses: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(memoryview(p).nbytes for p in self.payload)
 
 
 @dataclass
@@ -266,16 +270,17 @@ class ClientScheduler:
         channel = lease.channel
         assert channel is not None
         while True:
-            batch: list[bytes] = []
+            batch: list[Buffer] = []
             size = 0
             while (lease.credits > 0 and size < BATCH_BYTES and self._may_send(lease)
                    and (item := self._take()) is not None):
                 lease.credits -= 1
                 lease.inflight[item.id] = item
-                batch.append(encode_op(Op.TASK, item.id, item.payload))
-                size += len(item.payload)
+                batch.extend(op_parts(Op.TASK, item.id, *item.payload))
+                size += item.size
             if batch:  # everything sendable now goes in one message: one write, not one per task
-                await channel.send(b"".join(batch))
+                await channel.send(batch)
+                del batch
                 continue
             if self._closing and not lease.inflight:
                 break
@@ -316,14 +321,14 @@ class ClientScheduler:
                 self._resolve(item, data)
             else:
                 self._set_exception(item, TaskProcessDiedError(
-                    f"{data.decode(errors='replace')} while running this task on worker "
+                    f"{bytes(data).decode(errors='replace')} while running this task on worker "
                     f"{lease.worker}; the task was not retried"))
         else:
             raise ProtocolError(f"worker {lease.worker} sent unexpected {op.name}")
         self.notify()
         return True
 
-    def _resolve(self, item: WorkItem, data: bytes) -> None:
+    def _resolve(self, item: WorkItem, data: memoryview) -> None:
         if item.future.done():
             return
         try:

@@ -21,6 +21,7 @@ import dill
 import dill._dill
 
 from .errors import RemoteTraceback
+from .protocol.frames import Buffer, pack_parts, unpack_parts
 
 _PROTOCOL = 5
 
@@ -57,8 +58,35 @@ def _locate(obj: Any, pickler: Any = None) -> bool:
 dill._dill._locate_function = _locate
 
 
+OUT_OF_BAND = 64 * 1024
+
+
+def _large_bytes_out_of_band(obj: Any) -> Any:
+    # Big bytes travel as views beside the pickle (protocol 5), never copied into it.
+    if type(obj) is bytes and len(obj) >= OUT_OF_BAND:
+        return bytes, (pickle.PickleBuffer(obj),)
+    return NotImplemented
+
+
 class _TaskPickler(dill.Pickler):
-    pass
+    reducer_override = staticmethod(_large_bytes_out_of_band)
+
+
+class _PlainPickler(pickle.Pickler):
+    reducer_override = staticmethod(_large_bytes_out_of_band)
+
+
+def _dumps(obj: Any, pickler: type = _TaskPickler, **options: Any) -> list[Buffer]:
+    """``obj`` as a payload: the pickle, then its out-of-band buffers."""
+    buf = io.BytesIO()
+    buffers: list[pickle.PickleBuffer] = []
+    pickler(buf, protocol=_PROTOCOL, buffer_callback=buffers.append, **options).dump(obj)
+    return pack_parts([buf.getbuffer(), *(b.raw() for b in buffers)])
+
+
+def _loads(payload: Buffer) -> Any:
+    main, *buffers = unpack_parts(payload)
+    return dill.loads(main, buffers=buffers)
 
 
 class PrepickledFunction:
@@ -73,7 +101,7 @@ class PrepickledFunction:
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         buf = io.BytesIO()
-        _TaskPickler(buf, protocol=_PROTOCOL, recurse=True).dump(fn)
+        _TaskPickler(buf, protocol=_PROTOCOL, recurse=True).dump(fn)  # in-band: it is sent with every task
         self.data = buf.getvalue()
         self.digest = hashlib.blake2b(self.data, digest_size=16).digest()
 
@@ -119,18 +147,16 @@ def is_plain(obj: Any, budget: int = 256) -> bool:
     return True
 
 
-def dump_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+def dump_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Buffer]:
     if isinstance(fn, PrepickledFunction) and is_plain((args, kwargs)):
-        return pickle.dumps((fn, args, kwargs), protocol=_PROTOCOL)  # the common map case, 20x faster
+        return _dumps((fn, args, kwargs), _PlainPickler)  # the common map case: the C pickler, 20x faster
     # recurse=True pickles only the globals a function uses, so functions
     # from a user's __main__ travel without dragging the whole module along.
-    buf = io.BytesIO()
-    _TaskPickler(buf, protocol=_PROTOCOL, recurse=True).dump((fn, args, kwargs))
-    return buf.getvalue()
+    return _dumps((fn, args, kwargs), recurse=True)
 
 
-def load_task(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-    return dill.loads(payload)
+def load_task(payload: Buffer) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    return _loads(payload)
 
 
 def _rebuild_exception(exc: BaseException, tb: str) -> BaseException:
@@ -152,7 +178,7 @@ class Outcome:
     stderr: str = ""
 
 
-def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> bytes:
+def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]:
     """Pickle a task's outcome; an exception keeps its formatted traceback."""
     if not ok:
         tb = "".join(traceback.format_exception(type(value), value, value.__traceback__))
@@ -162,10 +188,11 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> bytes:
         except Exception:
             value = RemoteError(f"{type(value).__qualname__}: {value}")
         value = _ExceptionWithTraceback(value, tb)
+    outcome = Outcome(ok, value, stdout, stderr)
     if ok and is_plain(value):
-        return pickle.dumps(Outcome(ok, value, stdout, stderr), protocol=_PROTOCOL)
+        return _dumps(outcome, _PlainPickler)
     try:
-        return dill.dumps(Outcome(ok, value, stdout, stderr), protocol=_PROTOCOL)
+        return _dumps(outcome)
     except Exception as exc:
         if not ok:
             raise
@@ -173,8 +200,8 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> bytes:
         return dump_outcome(False, error, stdout, stderr)
 
 
-def load_outcome(payload: bytes) -> Outcome:
-    outcome = dill.loads(payload)
+def load_outcome(payload: Buffer) -> Outcome:
+    outcome = _loads(payload)
     if not isinstance(outcome, Outcome):
         raise TypeError(f"a worker returned {type(outcome).__name__}, not a task outcome")
     return outcome

@@ -10,7 +10,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from p2pexec.errors import ProtocolError
 from p2pexec.protocol.frames import (
-    FrameDecoder, Op, Opener, Sealer, decode_ops, encode_frame, encode_op, session_keys,
+    FrameDecoder, Op, Opener, Reassembler, Sealer, chunk_message, decode_ops, encode_frame, encode_op,
+    pack_parts, session_keys, unpack_parts,
 )
 from p2pexec.protocol.matching import credit_window, should_request, slots_to_accept, slots_to_offer, slots_wanted
 from p2pexec.protocol.lease import CreditLedger
@@ -88,7 +89,7 @@ def test_malformed_ops_raise_protocol_error_only(data):
 
 def test_unknown_and_truncated_ops_are_errors():
     with pytest.raises(ProtocolError, match="unknown"):
-        list(decode_ops(b"\x63" + bytes(12)))
+        list(decode_ops(b"\x63" + bytes(16)))
     with pytest.raises(ProtocolError, match="short"):
         list(decode_ops(b"\x01"))
     with pytest.raises(ProtocolError, match="longer"):
@@ -208,3 +209,47 @@ class LedgerMachine(RuleBasedStateMachine):
 
 
 TestLedgerMachine = LedgerMachine.TestCase
+
+
+@settings(max_examples=200)
+@given(st.lists(st.binary(max_size=300), max_size=6), st.integers(1, 128))
+def test_chunked_messages_reassemble_whatever_the_split(parts, size):
+    chunks = list(chunk_message(parts, size=size))
+    assert all(len(c) <= size + 9 for c in chunks)
+    reassembler = Reassembler()
+    outputs = [reassembler.feed(c) for c in chunks]
+    assert all(o is None for o in outputs[:-1])
+    assert bytes(outputs[-1]) == b"".join(parts)
+
+
+@given(st.lists(st.binary(min_size=1, max_size=100), min_size=2, max_size=5), st.data())
+def test_dropped_or_repeated_chunks_are_errors(parts, data):
+    chunks = list(chunk_message(parts, size=16))
+    if len(chunks) < 3:
+        return
+    i = data.draw(st.integers(1, len(chunks) - 2))
+    broken = chunks[:i] + chunks[i + 1:] if data.draw(st.booleans()) else chunks[:i] + [chunks[0]] + chunks[i:]
+    reassembler = Reassembler()
+    with pytest.raises(ProtocolError):
+        for c in broken:
+            reassembler.feed(c)
+
+
+def test_announced_size_over_the_limit_is_refused_before_allocating():
+    first = next(chunk_message([bytes(100)], size=10))
+    with pytest.raises(ProtocolError, match="limit"):
+        Reassembler(max_message=50).feed(first)
+
+
+@given(st.lists(st.binary(max_size=50), max_size=5))
+def test_payload_parts_roundtrip(parts):
+    packed = b"".join(pack_parts(parts))
+    assert [bytes(p) for p in unpack_parts(packed)] == parts
+
+
+@given(st.binary(max_size=80))
+def test_malformed_payloads_raise_protocol_error_only(data):
+    try:
+        unpack_parts(data)
+    except ProtocolError:
+        pass

@@ -118,5 +118,5 @@ def test_plain_data_fast_path_round_trips_and_rejects_lookalikes():
     assert not is_plain((collections.OrderedDict(),))  # a subclass: leave it to dill
     assert not is_plain(([0] * 1000,))  # too big to check cheaply: dill
     fn = PrepickledFunction(partial(divmod, 7))
-    got_fn, args, kwargs = load_task(dump_task(fn, (2,), {}))
+    got_fn, args, kwargs = load_task(b"".join(dump_task(fn, (2,), {})))
     assert got_fn(*args, **kwargs) == (3, 1)

@@ -7,7 +7,11 @@ Wire layout of a lease stream (client dials the worker it accepted)::
     both directions    frames: secretstream ciphertexts of lease operations
     each direction     last frame carries TAG_FINAL; EOF before it is truncation
 
-A frame is a 4-byte big-endian length and that many bytes.  Secretstream
+A frame is a 4-byte big-endian length and that many bytes.  A logical
+message (a batch of lease operations) larger than :data:`CHUNK` is split
+over several secretstream messages, the first announcing the total, so the
+receiver fills one buffer of the right size and memory stays bounded by
+the chunk size on the sending side.  Secretstream
 (XChaCha20-Poly1305) makes altered, reordered, replayed or dropped frames
 fail to decrypt, and the final tag makes truncation detectable, whatever
 the stream underneath does on a reset.
@@ -17,7 +21,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Union
 
 import nacl.bindings as sodium
 from nacl.exceptions import CryptoError
@@ -28,7 +33,75 @@ LENGTH = struct.Struct(">I")
 MAX_FRAME = 1 << 30
 HEADER_BYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
 _TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
-_OP = struct.Struct(">BQI")  # op, arg, data length: ops are self-delimiting, several fit in one message
+_OP = struct.Struct(">BQQ")  # op, arg, data length: ops are self-delimiting, several fit in one message
+
+
+Buffer = Union[bytes, bytearray, memoryview]
+CHUNK = 1 << 20
+MAX_MESSAGE = 1 << 40
+_SINGLE, _FIRST, _MORE, _LAST = 0, 1, 2, 3
+_TOTAL = struct.Struct(">Q")
+
+
+def chunk_message(parts: Sequence[Buffer], size: int = CHUNK) -> Iterator[bytes]:
+    """The plaintexts that carry one logical message made of ``parts``."""
+    views = [memoryview(p).cast("B") for p in parts]
+    total = sum(v.nbytes for v in views)
+    if total <= size:
+        yield b"".join([bytes([_SINGLE]), *views])
+        return
+    pieces: list[memoryview] = []
+    room, sent, first = size, 0, True
+    for view in views:
+        while view.nbytes:
+            take = view[:room]
+            pieces.append(take)
+            view, room, sent = view[take.nbytes :], room - take.nbytes, sent + take.nbytes
+            if room == 0 or sent == total:
+                head = bytes([_FIRST]) + _TOTAL.pack(total) if first else bytes([_LAST if sent == total else _MORE])
+                yield b"".join([head, *pieces])
+                pieces, room, first = [], size, False
+
+
+class Reassembler:
+    """Rebuilds logical messages from their chunks; anything out of order is an error."""
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self._buf: bytearray | None = None
+        self._filled = 0
+
+    def feed(self, plaintext: bytes) -> memoryview | None:
+        if not plaintext:
+            raise ProtocolError("empty channel message")
+        kind, view = plaintext[0], memoryview(plaintext)[1:]
+        if kind == _SINGLE and self._buf is None:
+            return view
+        if kind == _FIRST and self._buf is None:
+            if view.nbytes < _TOTAL.size:
+                raise ProtocolError("chunked message without its length")
+            (total,) = _TOTAL.unpack_from(view)
+            if total > self.max_message:
+                raise ProtocolError(f"peer announced a {total}-byte message, over the {self.max_message}-byte limit")
+            self._buf, self._filled = bytearray(total), 0
+            return self._append(view[_TOTAL.size :], last=False)
+        if kind in (_MORE, _LAST) and self._buf is not None:
+            return self._append(view, last=kind == _LAST)
+        raise ProtocolError(f"unexpected chunk kind {kind}")
+
+    def _append(self, view: memoryview, last: bool) -> memoryview | None:
+        assert self._buf is not None
+        end = self._filled + view.nbytes
+        if end > len(self._buf):
+            raise ProtocolError("chunked message longer than announced")
+        self._buf[self._filled : end] = view
+        self._filled = end
+        if not last:
+            return None
+        if end != len(self._buf):
+            raise ProtocolError("chunked message shorter than announced")
+        out, self._buf = memoryview(self._buf), None
+        return out
 
 
 def encode_frame(data: bytes) -> bytes:
@@ -120,23 +193,58 @@ class Op(enum.IntEnum):
     BYE = 6  # plaintext of the final frame
 
 
-def encode_op(op: Op, arg: int = 0, data: bytes = b"") -> bytes:
-    return _OP.pack(op, arg, len(data)) + data
+def op_parts(op: Op, arg: int = 0, *data: Buffer) -> list[Buffer]:
+    """An operation as buffers to send as they are: big payloads are never copied into one."""
+    return [_OP.pack(op, arg, sum(memoryview(d).nbytes for d in data)), *data]
 
 
-def decode_ops(plaintext: bytes) -> Iterator[tuple[Op, int, bytes]]:
-    """The operations of one channel message, in order."""
-    view, offset = memoryview(plaintext), 0
-    while offset < len(plaintext):
-        if len(plaintext) - offset < _OP.size:
+def encode_op(op: Op, arg: int = 0, data: Buffer = b"") -> bytes:
+    return b"".join(op_parts(op, arg, data))
+
+
+def decode_ops(message: Buffer) -> Iterator[tuple[Op, int, memoryview]]:
+    """The operations of one logical message, in order; data are views into it."""
+    view, offset, end = memoryview(message), 0, memoryview(message).nbytes
+    while offset < end:
+        if end - offset < _OP.size:
             raise ProtocolError("short lease operation")
-        code, arg, n = _OP.unpack_from(plaintext, offset)
+        code, arg, n = _OP.unpack_from(view, offset)
         offset += _OP.size
-        if n > len(plaintext) - offset:
+        if n > end - offset:
             raise ProtocolError("lease operation longer than its message")
         try:
             op = Op(code)
         except ValueError:
             raise ProtocolError(f"unknown lease operation {code}") from None
-        yield op, arg, bytes(view[offset : offset + n])
+        yield op, arg, view[offset : offset + n]
         offset += n
+
+
+_COUNT = struct.Struct(">I")
+_SIZE = struct.Struct(">Q")
+
+
+def pack_parts(parts: Sequence[Buffer]) -> list[Buffer]:
+    """Several buffers as one payload: a count, their sizes, then the buffers themselves."""
+    sizes = b"".join(_SIZE.pack(memoryview(p).nbytes) for p in parts)
+    return [_COUNT.pack(len(parts)) + sizes, *parts]
+
+
+def unpack_parts(payload: Buffer) -> list[memoryview]:
+    view = memoryview(payload).cast("B")
+    if view.nbytes < _COUNT.size:
+        raise ProtocolError("payload too short")
+    (count,) = _COUNT.unpack_from(view)
+    offset = _COUNT.size + count * _SIZE.size
+    if count > 1 << 20 or view.nbytes < offset:
+        raise ProtocolError("payload header is malformed")
+    out = []
+    for i in range(count):
+        (size,) = _SIZE.unpack_from(view, _COUNT.size + i * _SIZE.size)
+        if offset + size > view.nbytes:
+            raise ProtocolError("payload part runs past its end")
+        out.append(view[offset : offset + size])
+        offset += size
+    if offset != view.nbytes:
+        raise ProtocolError("payload has trailing bytes")
+    return out

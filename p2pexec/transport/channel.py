@@ -8,7 +8,11 @@ from typing import Any
 import trio
 
 from ..errors import ProtocolError
-from ..protocol.frames import LENGTH, MAX_FRAME, FrameDecoder, Opener, Op, Sealer, encode_op
+from collections.abc import Sequence
+
+from ..protocol.frames import (
+    LENGTH, MAX_FRAME, Buffer, FrameDecoder, Opener, Op, Reassembler, Sealer, chunk_message, encode_op,
+)
 
 READ_SIZE = 1 << 20
 
@@ -27,11 +31,7 @@ class FramedStream:
 
     async def send(self, data: bytes) -> None:
         try:
-            if len(data) < 65536:
-                await self.stream.write(LENGTH.pack(len(data)) + data)
-            else:  # avoid copying big payloads into one buffer
-                await self.stream.write(LENGTH.pack(len(data)))
-                await self.stream.write(data)
+            await self.stream.write(LENGTH.pack(len(data)) + data)
         except trio.Cancelled:
             raise
         except Exception as exc:
@@ -70,12 +70,18 @@ class FramedStream:
 
 
 class SecureChannel:
-    """Secretstream in both directions over a :class:`FramedStream`."""
+    """Secretstream in both directions over a :class:`FramedStream`.
+
+    A message is a sequence of buffers, sent in chunks of bounded size
+    without first being joined; one message's chunks never interleave with
+    another's.
+    """
 
     def __init__(self, framed: FramedStream, sealer: Sealer, opener: Opener) -> None:
         self.framed = framed
         self._sealer = sealer
         self._opener = opener
+        self._reassembler = Reassembler()
         self._send_lock = trio.StrictFIFOLock()
 
     @classmethod
@@ -87,19 +93,28 @@ class SecureChannel:
             raise PeerLost("peer closed the stream during the key exchange")
         return cls(framed, sealer, Opener(rx_key, header))
 
-    async def send(self, plaintext: bytes, final: bool = False) -> None:
+    async def send(self, message: Buffer | Sequence[Buffer], final: bool = False) -> None:
+        parts = [message] if isinstance(message, (bytes, bytearray, memoryview)) else message
         async with self._send_lock:
-            await self.framed.send(self._sealer.seal(plaintext, final))
+            chunks = chunk_message(parts)
+            chunk = next(chunks)
+            for following in chunks:
+                await self.framed.send(self._sealer.seal(chunk))
+                chunk = following
+            await self.framed.send(self._sealer.seal(chunk, final))
 
-    async def recv(self) -> bytes | None:
-        """Next plaintext, or None once the peer sent its final frame."""
-        if self._opener.finished:
-            return None
-        frame = await self.framed.recv()
-        if frame is None:
-            raise PeerLost("stream ended without its final frame (truncated)")
-        plaintext = self._opener.open(frame)
-        return None if self._opener.finished else plaintext
+    async def recv(self) -> memoryview | None:
+        """Next message, or None once the peer sent its final frame."""
+        while not self._opener.finished:
+            frame = await self.framed.recv()
+            if frame is None:
+                raise PeerLost("stream ended without its final frame (truncated)")
+            message = self._reassembler.feed(self._opener.open(frame))
+            if self._opener.finished:
+                break
+            if message is not None:
+                return message
+        return None
 
     async def close(self) -> None:
         """Send the final frame (if not yet sent) and half-close."""

@@ -25,7 +25,7 @@ from ..board.client import BoardSession
 from ..config import Participant
 from ..errors import ProtocolError
 from ..protocol import messages
-from ..protocol.frames import MAX_FRAME, Op, decode_ops, encode_op, session_keys
+from ..protocol.frames import MAX_FRAME, Buffer, Op, decode_ops, encode_op, op_parts, session_keys
 from ..protocol.lease import CreditLedger
 from ..protocol.matching import python_compatible, slots_to_offer
 from ..status import AnswerObservers
@@ -189,27 +189,27 @@ class WorkerDaemon:
         writes the final END, so no write is ever cancelled halfway.
         """
         ledger = CreditLedger(len(slots))
-        send_tasks, receive_tasks = trio.open_memory_channel[tuple[int, bytes]](math.inf)
-        outbox: list[bytes] = []
+        send_tasks, receive_tasks = trio.open_memory_channel[tuple[int, memoryview]](math.inf)
+        outbox: list[Buffer] = []
         mail = trio.Event()
         finished = False
 
-        def post(op: bytes = b"") -> None:
-            if op:
-                outbox.append(op)
+        def post(*op: Buffer) -> None:
+            outbox.extend(op)
             mail.set()
 
-        async def run_slot(slot: TaskSlot, tasks: trio.MemoryReceiveChannel[tuple[int, bytes]]) -> None:
+        async def run_slot(slot: TaskSlot, tasks: trio.MemoryReceiveChannel[tuple[int, memoryview]]) -> None:
             async with tasks:
                 async for task_id, payload in tasks:
                     started = trio.current_time()
                     try:
-                        op = encode_op(Op.RESULT, task_id, await slot.run(payload))
+                        op = op_parts(Op.RESULT, task_id, await slot.run(payload))
                     except TaskProcessDied as exc:
                         log.warning("task %d of %s: %s", task_id, client, exc)
-                        op = encode_op(Op.FAILED, task_id, str(exc).encode())
+                        op = op_parts(Op.FAILED, task_id, str(exc).encode())
+                    del payload
                     ledger.task_answered(trio.current_time() - started)
-                    post(op)
+                    post(*op)
 
         async def send_mail() -> None:
             nonlocal mail
@@ -222,7 +222,8 @@ class WorkerDaemon:
                 elif grant := ledger.grant():
                     batch.append(encode_op(Op.CREDIT, grant))
                 if batch:
-                    await channel.send(b"".join(batch))
+                    await channel.send(batch)
+                del batch
                 if finished:
                     return
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from ..protocol.frames import LENGTH
+from ..protocol.frames import LENGTH, Buffer
 
 log = logging.getLogger("p2pexec.worker")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -57,14 +57,14 @@ class TaskSlot:
             raise TaskProcessDied("a new task process sent garbage instead of its ready signal")
         self._proc = proc
 
-    async def run(self, payload: bytes) -> bytes:
+    async def run(self, payload: Buffer) -> bytearray:
         """Run one task payload; returns the outcome bytes or raises TaskProcessDied."""
         if self._proc is None or self._proc.returncode is not None:
             await self.start()
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         try:
-            await proc.stdin.send_all(LENGTH.pack(len(payload)))
+            await proc.stdin.send_all(LENGTH.pack(memoryview(payload).nbytes))
             await proc.stdin.send_all(payload)
             header = await self._receive_exactly(proc, LENGTH.size)
             return await self._receive_exactly(proc, LENGTH.unpack(header)[0])
@@ -85,15 +85,17 @@ class TaskSlot:
             raise TaskProcessDied(f"the task process {describe_exit(proc.returncode)}") from None
 
     @staticmethod
-    async def _receive_exactly(proc: trio.Process, n: int) -> bytes:
+    async def _receive_exactly(proc: trio.Process, n: int) -> bytearray:
         assert proc.stdout is not None
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = await proc.stdout.receive_some(min(n - len(buf), 1 << 20))
+        buf = bytearray(n)
+        got = 0
+        while got < n:
+            chunk = await proc.stdout.receive_some(min(n - got, 1 << 20))
             if not chunk:
                 raise EOFError
-            buf += chunk
-        return bytes(buf)
+            buf[got : got + len(chunk)] = chunk
+            got += len(chunk)
+        return buf
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None

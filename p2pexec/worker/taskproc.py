@@ -20,19 +20,19 @@ from ..protocol.frames import LENGTH
 from ..tasks import dump_outcome, load_task
 
 
-def _read_exact(fd: int, n: int) -> bytes | None:
-    chunks = []
-    while n:
-        chunk = os.read(fd, min(n, 1 << 20))
-        if not chunk:
+def _read_exact(fd: int, n: int) -> bytearray | None:
+    buf = bytearray(n)  # filled in place: a big task is held once, not in pieces and again joined
+    view, got = memoryview(buf), 0
+    while got < n:
+        count = os.readv(fd, [view[got : got + (1 << 20)]])
+        if not count:
             return None
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
+        got += count
+    return buf
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
     while view:
         view = view[os.write(fd, view) :]
 
@@ -89,9 +89,12 @@ def serve(proto_in: int, proto_out: int) -> None:
         except Exception:
             pass
         stdout, stderr = capture.collect(out, err)
-        result = dump_outcome(ok, value, stdout, stderr)
+        parts = dump_outcome(ok, value, stdout, stderr)
         del value
-        _write_all(proto_out, LENGTH.pack(len(result)) + result)
+        _write_all(proto_out, LENGTH.pack(sum(memoryview(p).nbytes for p in parts)))
+        for part in parts:
+            _write_all(proto_out, part)
+        del parts
 
 
 def main() -> None:

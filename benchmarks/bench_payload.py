@@ -1,0 +1,140 @@
+"""Large payloads: P2PExecutor echoing N MiB vs a raw py-libp2p stream moving the same bytes both ways.
+
+    python benchmarks/bench_payload.py [--mib 256] [--json results.json]
+
+The baseline is the best py-libp2p can do here: the same host setup as
+p2pexec (TCP, Noise, yamux), a server in another process echoing the
+stream in 1 MiB writes, no encryption or pickling of ours.  P2PExecutor
+runs on a LocalCluster with one worker; its figure includes the board-free
+lease path, secretstream, pickling and the task process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import threading
+import time
+
+import psutil
+import trio
+
+CHUNK = 1 << 20
+
+
+def echo(data: bytes) -> bytes:
+    return data
+
+
+def _raw_server(conn: "multiprocessing.connection.Connection") -> None:
+    from p2pexec.transport.host import Libp2pHost
+
+    async def handler(stream) -> None:
+        try:
+            while True:
+                data = await stream.read(CHUNK)
+                if not data:
+                    break
+                await stream.write(data)
+        except Exception:
+            pass
+        await stream.close()
+
+    async def main() -> None:
+        async with Libp2pHost().running() as host:
+            host.set_handler(handler)
+            conn.send((host.peer_id, host.addrs))
+            await trio.to_thread.run_sync(conn.recv)  # until told to stop
+
+    trio.run(main)
+
+
+def raw_libp2p_echo(size: int) -> float:
+    """Seconds to send ``size`` bytes to an echo server and read them back."""
+    from p2pexec.transport.host import Libp2pHost
+
+    parent, child = multiprocessing.Pipe()
+    server = multiprocessing.get_context("spawn").Process(target=_raw_server, args=(child,))
+    server.start()
+    peer, addrs = parent.recv()
+    block = os.urandom(CHUNK)
+
+    async def main() -> float:
+        async with Libp2pHost().running() as host:
+            stream = await host.open_stream(peer, addrs)
+            await stream.write(b"warm")
+            await stream.read(4)
+            started = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                async def send() -> None:
+                    for _ in range(size // CHUNK):
+                        await stream.write(block)
+
+                nursery.start_soon(send)
+                received = 0
+                while received < size:
+                    received += len(await stream.read(CHUNK))
+            elapsed = time.perf_counter() - started
+            await stream.close()
+            return elapsed
+
+    try:
+        return trio.run(main)
+    finally:
+        parent.send("stop")
+        server.join(10)
+
+
+def p2pexec_echo(size: int) -> tuple[float, float]:
+    """Seconds to echo ``size`` bytes through a worker, and the client's RSS growth / size."""
+    from p2pexec import LocalCluster
+
+    with LocalCluster(workers=1) as lc, lc.executor() as ex:
+        ex.submit(echo, b"warm").result()
+        data = os.urandom(CHUNK) * (size // CHUNK)
+        proc = psutil.Process()
+        base = peak = proc.memory_info().rss
+        done = threading.Event()
+
+        def watch() -> None:
+            nonlocal peak
+            while not done.wait(0.002):
+                peak = max(peak, proc.memory_info().rss)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        started = time.perf_counter()
+        out = ex.submit(echo, data).result()
+        elapsed = time.perf_counter() - started
+        done.set()
+        watcher.join()
+        assert out == data
+        return elapsed, (peak - base) / size
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    size = args.mib * CHUNK
+    raw = raw_libp2p_echo(size)
+    ours, rss = p2pexec_echo(size)
+    results = {"mib": args.mib, "raw_libp2p_MBps": 2 * size / raw / 1e6, "p2pexec_MBps": 2 * size / ours / 1e6,
+               "p2pexec_client_rss_growth_x_payload": rss}
+    results["ratio"] = results["p2pexec_MBps"] / results["raw_libp2p_MBps"]
+    print(f"{args.mib} MiB echoed (both directions counted)")
+    print(f"  raw py-libp2p stream (Noise+yamux): {results['raw_libp2p_MBps']:7.1f} MB/s")
+    print(f"  P2PExecutor submit(echo, data):     {results['p2pexec_MBps']:7.1f} MB/s   "
+          f"ratio {results['ratio']:.2f}x; client peak RSS growth {rss:.2f}x payload")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
