@@ -62,9 +62,12 @@ OUT_OF_BAND = 64 * 1024
 
 
 def _large_bytes_out_of_band(obj: Any) -> Any:
-    # Big bytes travel as views beside the pickle (protocol 5), never copied into it.
-    if type(obj) is bytes and len(obj) >= OUT_OF_BAND:
-        return bytes, (pickle.PickleBuffer(obj),)
+    # Big buffers travel as views beside the pickle (protocol 5), never copied
+    # into it; NumPy arrays and PickleBuffers do this by themselves.
+    kind = type(obj)
+    if kind in (bytes, bytearray, memoryview) and memoryview(obj).nbytes >= OUT_OF_BAND:
+        if kind is not memoryview or obj.c_contiguous:
+            return kind, (pickle.PickleBuffer(obj),)
     return NotImplemented
 
 
@@ -131,7 +134,11 @@ _CONTAINERS = frozenset({tuple, list, dict, set, frozenset})
 
 
 def is_plain(obj: Any, budget: int = 256) -> bool:
-    """Builtin data only (exact types): the C pickler treats it exactly as dill would."""
+    """Small builtin data only (exact types): the C pickler treats it exactly as dill would.
+
+    Large ``bytes`` are not plain: the C pickler never offers exact bytes to
+    ``reducer_override``, so they would go in-band instead of out of band.
+    """
     stack = [obj]
     while stack:
         budget -= 1
@@ -140,6 +147,8 @@ def is_plain(obj: Any, budget: int = 256) -> bool:
         item = stack.pop()
         kind = type(item)
         if kind in _ATOMS:
+            if kind is bytes and len(item) >= OUT_OF_BAND:
+                return False
             continue
         if kind not in _CONTAINERS:
             return False

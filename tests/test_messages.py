@@ -120,3 +120,19 @@ def test_plain_data_fast_path_round_trips_and_rejects_lookalikes():
     fn = PrepickledFunction(partial(divmod, 7))
     got_fn, args, kwargs = load_task(b"".join(dump_task(fn, (2,), {})))
     assert got_fn(*args, **kwargs) == (3, 1)
+
+
+def test_large_buffers_travel_out_of_band_in_both_directions():
+    from functools import partial
+
+    from p2pexec.tasks import OUT_OF_BAND, PrepickledFunction, dump_outcome, dump_task, load_outcome
+
+    big = bytes(OUT_OF_BAND * 4)
+    for parts in (dump_task(len, (big,), {}), dump_task(PrepickledFunction(partial(len)), (big,), {}),
+                  dump_outcome(True, big, "", ""), dump_outcome(True, bytearray(big), "", ""),
+                  dump_outcome(True, memoryview(big), "", "")):
+        sizes = [memoryview(p).nbytes for p in parts]
+        assert sizes[-1] == len(big) and sum(sizes) < len(big) + 4096  # the payload itself, uncopied
+    for value in (big, bytearray(big), memoryview(big)):
+        back = load_outcome(b"".join(dump_outcome(True, value, "", ""))).value
+        assert type(back) is type(value) and bytes(back) == big
