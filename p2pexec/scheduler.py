@@ -24,7 +24,7 @@ from .board.client import BoardSession
 from .errors import NoWorkersError, ProtocolError, TaskProcessDiedError, WorkerLostError
 from .keys import Identity
 from .protocol import messages
-from .protocol.frames import Buffer, Op, decode_ops, encode_op, op_parts, session_keys
+from .protocol.frames import Buffer, Op, decode_ops, encode_op, nbytes, op_parts, session_keys
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
 from .status import AnswerObservers
 from .tasks import load_outcome
@@ -47,10 +47,10 @@ class WorkItem:
     id: int
     started: bool = False
     losses: list[str] = field(default_factory=list)
+    size: int = 0
 
-    @property
-    def size(self) -> int:
-        return sum(memoryview(p).nbytes for p in self.payload)
+    def __post_init__(self) -> None:
+        self.size = sum(nbytes(p) for p in self.payload)
 
 
 @dataclass

@@ -388,6 +388,7 @@ class BoardServer:
         self.sessions_per_user, self.max_connections = sessions_per_user, max_connections
         self.dropped: collections.Counter[str] = collections.Counter()  # lines and sessions cut off
         self.refused: collections.Counter[str] = collections.Counter()  # turned away at the door
+        self.relayed = 0  # lines accepted for relay (each counted once, however many receive it)
         self._cond = threading.Condition()  # guards all the state below
         self._topics: dict[str, _Topic] = {}
         self._members: dict[str, tuple[str, ...]] = self._load_members()
@@ -860,6 +861,7 @@ class BoardServer:
             return
         slow: list[_Session] = []
         with self._cond:
+            self.relayed += 1
             for r in self._receivers(sender.topic):
                 if r is sender and not sender.cmd.replay:
                     continue

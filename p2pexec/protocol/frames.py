@@ -40,16 +40,21 @@ Buffer = Union[bytes, bytearray, memoryview]
 CHUNK = 1 << 20
 MAX_MESSAGE = 1 << 40
 _SINGLE, _FIRST, _MORE, _LAST = 0, 1, 2, 3
+_SINGLE_HEAD = bytes([_SINGLE])
 _TOTAL = struct.Struct(">Q")
+
+
+def nbytes(buffer: Buffer) -> int:
+    return len(buffer) if type(buffer) is bytes else memoryview(buffer).nbytes
 
 
 def chunk_message(parts: Sequence[Buffer], size: int = CHUNK) -> Iterator[bytes]:
     """The plaintexts that carry one logical message made of ``parts``."""
-    views = [memoryview(p).cast("B") for p in parts]
-    total = sum(v.nbytes for v in views)
+    total = sum(nbytes(p) for p in parts)
     if total <= size:
-        yield b"".join([bytes([_SINGLE]), *views])
+        yield b"".join([_SINGLE_HEAD, *parts])
         return
+    views = [memoryview(p).cast("B") for p in parts]
     pieces: list[memoryview] = []
     room, sent, first = size, 0, True
     for view in views:
@@ -195,7 +200,7 @@ class Op(enum.IntEnum):
 
 def op_parts(op: Op, arg: int = 0, *data: Buffer) -> list[Buffer]:
     """An operation as buffers to send as they are: big payloads are never copied into one."""
-    return [_OP.pack(op, arg, sum(memoryview(d).nbytes for d in data)), *data]
+    return [_OP.pack(op, arg, sum(nbytes(d) for d in data)), *data]
 
 
 def encode_op(op: Op, arg: int = 0, data: Buffer = b"") -> bytes:
@@ -226,7 +231,7 @@ _SIZE = struct.Struct(">Q")
 
 def pack_parts(parts: Sequence[Buffer]) -> list[Buffer]:
     """Several buffers as one payload: a count, their sizes, then the buffers themselves."""
-    sizes = b"".join(_SIZE.pack(memoryview(p).nbytes) for p in parts)
+    sizes = b"".join(_SIZE.pack(nbytes(p)) for p in parts)
     return [_COUNT.pack(len(parts)) + sizes, *parts]
 
 

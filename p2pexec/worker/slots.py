@@ -64,8 +64,12 @@ class TaskSlot:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         try:
-            await proc.stdin.send_all(LENGTH.pack(memoryview(payload).nbytes))
-            await proc.stdin.send_all(payload)
+            size = memoryview(payload).nbytes
+            if size <= 1 << 16:  # one write, one wake-up of the task process
+                await proc.stdin.send_all(LENGTH.pack(size) + bytes(payload))
+            else:
+                await proc.stdin.send_all(LENGTH.pack(size))
+                await proc.stdin.send_all(payload)
             header = await self._receive_exactly(proc, LENGTH.size)
             return await self._receive_exactly(proc, LENGTH.unpack(header)[0])
         except trio.Cancelled:

@@ -17,6 +17,8 @@ import sys
 import tempfile
 
 from ..protocol.frames import LENGTH
+
+SMALL = 1 << 16
 from ..tasks import dump_outcome, load_task
 
 
@@ -31,10 +33,14 @@ def _read_exact(fd: int, n: int) -> bytearray | None:
     return buf
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view) :]
+def _write_all(fd: int, *parts: bytes | memoryview) -> None:
+    """One write for small messages (one wake-up of the daemon), no joined copy for large ones."""
+    if sum(memoryview(p).nbytes for p in parts) <= SMALL:
+        parts = (b"".join(parts),)
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 class _Capture:
@@ -91,9 +97,7 @@ def serve(proto_in: int, proto_out: int) -> None:
         stdout, stderr = capture.collect(out, err)
         parts = dump_outcome(ok, value, stdout, stderr)
         del value
-        _write_all(proto_out, LENGTH.pack(sum(memoryview(p).nbytes for p in parts)))
-        for part in parts:
-            _write_all(proto_out, part)
+        _write_all(proto_out, LENGTH.pack(sum(memoryview(p).nbytes for p in parts)), *parts)
         del parts
 
 
