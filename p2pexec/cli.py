@@ -238,6 +238,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=1, help="tasks to run at once (default: 1)")
     parser.add_argument("--allow", default=None, metavar="USER,...",
                         help="run tasks only from these members (default: every member)")
+    parser.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
+                        help="after S seconds a lease yields its slots to another waiting client "
+                             "(default: 30)")
     parser.add_argument("--listen", action="append", default=None, metavar="MULTIADDR",
                         help="libp2p listen address (default: /ip4/0.0.0.0/tcp/0); repeatable")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -258,7 +261,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     who = resolve(args.cluster, board=args.board, user=args.user, identity=args.identity, members=args.members)
     allow = frozenset(u.strip() for u in args.allow.split(",") if u.strip()) if args.allow else None
-    config = WorkerConfig(who=who, slots=args.slots, listen=tuple(args.listen or ["/ip4/0.0.0.0/tcp/0"]), allow=allow,
+    config = WorkerConfig(who=who, slots=args.slots, lease_seconds=args.lease_seconds, listen=tuple(args.listen or ["/ip4/0.0.0.0/tcp/0"]), allow=allow,
                           known_hosts=args.known_hosts.expanduser(), accept_new_host_key=args.accept_new_host_key)
 
     def ready() -> None:

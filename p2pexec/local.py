@@ -58,14 +58,17 @@ class LocalCluster:
     """``with LocalCluster(workers=2) as lc: with lc.executor() as ex: ...``"""
 
     def __init__(self, workers: int = 2, slots: int = 1, *, owner: str = "alice", name: str = "friends",
-                 worker_user: str = "friend", verify_senders: bool = True, verbose: bool = False) -> None:
-        """``verify_senders=False`` makes the embedded board relay any line, as pico.sh does."""
+                 worker_user: str = "friend", verify_senders: bool = True,
+                 worker_options: tuple[str, ...] = (), verbose: bool = False) -> None:
+        """``verify_senders=False`` makes the embedded board relay any line, as pico.sh does;
+        ``worker_options`` are extra ``p2pexec-worker`` flags (e.g. ``("--lease-seconds", "5")``)."""
         self.cluster = f"{owner}/{name}"
         self.owner = owner
         self.worker_user = worker_user
         self.slots = slots
         self.verbose = verbose
         self.verify_senders = verify_senders
+        self.worker_options = tuple(worker_options)
         self.workers: list[WorkerProcess] = []
         self._n_workers = workers
         self._dir = Path(tempfile.mkdtemp(prefix="p2pexec-local-"))
@@ -137,7 +140,7 @@ class LocalCluster:
                "--board", f"ssh://{self.worker_user}@127.0.0.1:{self._port}",
                "--identity", self.worker_identity, "--members", self.members,
                "--known-hosts", self.known_hosts, "--slots", str(slots or self.slots),
-               "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-fd", str(write_fd)]
+               "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-fd", str(write_fd), *self.worker_options]
         if self.verbose:
             cmd.append("--verbose")
         with open(log_path, "wb") as log_file:

@@ -232,7 +232,7 @@ class ClientScheduler:
     # -- leases ----------------------------------------------------------------------
     async def _run_lease(self, lease: Lease, offer: messages.Message) -> None:
         assert self.host is not None
-        reason = "lease ended"
+        reason: str | None = None  # None: the lease ended in good order
         try:
             stream = await self.host.open_stream(offer["peer"], [str(a) for a in offer["addrs"]])
             framed = FramedStream(stream)
@@ -264,6 +264,7 @@ class ClientScheduler:
         finally:
             self.leases.remove(lease)
             self._requeue(lease, reason)
+            self._last_request = -1e9  # ask for workers again at once if work remains
             self.notify()
 
     async def _feed(self, lease: Lease) -> None:
@@ -352,12 +353,16 @@ class ClientScheduler:
         if not item.future.done():
             item.future.set_exception(exc)
 
-    def _requeue(self, lease: Lease, reason: str) -> None:
+    def _requeue(self, lease: Lease, reason: str | None) -> None:
+        """Put back what the lease still held; with a ``reason``, the worker was lost."""
         lost = sorted(lease.inflight.values(), key=lambda i: i.id, reverse=True)
         lease.inflight.clear()
         stamp = time.strftime("%H:%M:%S")
         for item in lost:
-            item.losses.append(f"{lease.worker} at {stamp} ({reason})")
+            if reason is None and not self._closing:  # sent as the worker ended the lease: not a loss
+                self.pending.appendleft(item)
+                continue
+            item.losses.append(f"{lease.worker} at {stamp} ({reason or 'lease ended'})")
             if self._closing:
                 self._set_exception(item, RuntimeError("the executor shut down while this task ran"))
             elif len(item.losses) > self.options.max_retries:

@@ -51,6 +51,7 @@ class WorkerConfig:
     allow: frozenset[str] | None = None
     known_hosts: Path = Path("~/.ssh/known_hosts")
     accept_new_host_key: bool = False
+    lease_seconds: float = 30.0
 
 
 @dataclass
@@ -74,6 +75,9 @@ class WorkerDaemon:
         self.board: BoardSession | None = None
         self._nursery: trio.Nursery | None = None
         self._observers = AnswerObservers()
+        self.waiting: dict[str, messages.Message] = {}  # requests we had no slot for, by request id
+        self.last_served: dict[str, float] = {}  # request id -> when its last lease ended
+        self._pokes: set[Callable[[], None]] = set()  # re-check each live lease (someone started waiting)
 
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -129,15 +133,40 @@ class WorkerDaemon:
             return
         if not python_compatible(PYTHON, msg["py"]):
             return
-        slots = slots_to_offer(len(self.free), msg["n"])
+        if not self._offer(msg):
+            self.waiting[msg["req"]] = msg  # served first when slots free up
+            for poke in list(self._pokes):
+                poke()
+
+    def _offer(self, request: messages.Message) -> bool:
+        """Offer free slots to a request; False if none are free."""
+        assert self.host is not None and self.board is not None
+        slots = slots_to_offer(len(self.free), request["n"])
         if slots <= 0:
-            return
-        line_out = self._sign("offer", {"req": msg["req"], "to": msg.sender, "slots": slots, "py": PYTHON,
+            return False
+        line_out = self._sign("offer", {"req": request["req"], "to": request.sender, "slots": slots, "py": PYTHON,
                                         "peer": self.host.peer_id, "addrs": self.host.addrs,
                                         "kx": messages.b64(self._kx_pk)}, ttl=OFFER_TTL)
         offer_id = messages.decode(line_out).id
-        self.offers[offer_id] = Offer(offer_id, msg["req"], msg.sender, slots, time.time() + OFFER_TTL)
+        self.offers[offer_id] = Offer(offer_id, request["req"], request.sender, slots, time.time() + OFFER_TTL)
         self.board.send(line_out)
+        self.waiting.pop(request["req"], None)
+        return True
+
+    def contended(self, req: str) -> bool:
+        """Is a client other than request ``req``'s waiting for a slot of ours?"""
+        now = time.time()
+        self.waiting = {r: m for r, m in self.waiting.items() if m.exp > now}
+        return any(r != req for r in self.waiting)
+
+    def _offer_to_waiting(self) -> None:
+        """Freed slots go to the waiting requests, least recently served first."""
+        if self.host is None or self.board is None:
+            return
+        now = time.time()
+        for req, msg in sorted(self.waiting.items(), key=lambda kv: self.last_served.get(kv[0], 0.0)):
+            if msg.exp > now and not self._offer(msg):
+                break
 
     # -- leases -----------------------------------------------------------------------
     async def _handle_stream(self, stream: Any) -> None:
@@ -155,7 +184,7 @@ class WorkerDaemon:
             framed.decoder.max_frame = MAX_FRAME
             log.info("lease for %s with %d slot(s) started", accept.sender, len(slots))
             try:
-                await self._serve_lease(channel, slots, accept.sender)
+                await self._serve_lease(channel, slots, accept.sender, accept["req"])
             finally:
                 with trio.CancelScope(shield=True):
                     await channel.close()
@@ -165,6 +194,9 @@ class WorkerDaemon:
             await framed.reset()
         finally:
             self.free.extend(slots)
+            if slots:
+                self.last_served[accept["req"]] = time.time()
+                self._offer_to_waiting()
 
     async def _authenticate(self, framed: FramedStream) -> messages.Message:
         line = await framed.recv()
@@ -180,8 +212,12 @@ class WorkerDaemon:
             raise ProtocolError(f"{msg.sender} is not in --allow")
         return msg
 
-    async def _serve_lease(self, channel: SecureChannel, slots: list[TaskSlot], client: str) -> None:
+    async def _serve_lease(self, channel: SecureChannel, slots: list[TaskSlot], client: str, req: str) -> None:
         """Run the client's tasks on our slots; the client may only send what we credited.
+
+        A lease older than ``lease_seconds`` that another client is waiting
+        for gets no more credit; once it has answered what it holds, it ends,
+        and the slots go to whoever waited.
 
         Answers go to an outbox that one sender drains: whatever finished
         while the previous message was being written leaves in the next one,
@@ -211,20 +247,30 @@ class WorkerDaemon:
                     ledger.task_answered(trio.current_time() - started)
                     post(*op)
 
+        started = trio.current_time()
+
+        def expired() -> bool:
+            return trio.current_time() - started > self.config.lease_seconds and self.contended(req)
+
         async def send_mail() -> None:
-            nonlocal mail
+            nonlocal mail, finished
             while True:
                 await mail.wait()
                 mail = trio.Event()
                 batch, outbox[:] = outbox[:], []
+                if not finished and expired() and ledger.answered == ledger.received:
+                    log.info("lease for %s ends after %.0f s: another client is waiting", client,
+                             trio.current_time() - started)
+                    finished = True
                 if finished:
                     batch.append(encode_op(Op.END))
-                elif grant := ledger.grant():
+                elif not expired() and (grant := ledger.grant()):
                     batch.append(encode_op(Op.CREDIT, grant))
                 if batch:
                     await channel.send(batch)
                 del batch
                 if finished:
+                    nursery.cancel_scope.cancel()  # stop receiving; late tasks are the client's to requeue
                     return
 
         async def receive() -> None:
@@ -238,9 +284,15 @@ class WorkerDaemon:
                         ledger.task_received()
                         send_tasks.send_nowait((arg, data))
 
+        async def time_is_up() -> None:
+            await trio.sleep(self.config.lease_seconds)
+            post()
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_mail)
+            nursery.start_soon(time_is_up)
             post()  # the first message carries the initial credit
+            self._pokes.add(post)
             try:
                 async with trio.open_nursery() as running:
                     async with receive_tasks:
@@ -250,6 +302,8 @@ class WorkerDaemon:
             except BaseException:
                 nursery.cancel_scope.cancel()
                 raise
+            finally:
+                self._pokes.discard(post)
             finished = True
             post()
 
