@@ -29,16 +29,28 @@ def echo(data: bytes) -> bytes:
     return data
 
 
-def _raw_server(conn: "multiprocessing.connection.Connection") -> None:
+def _raw_server(conn: "multiprocessing.connection.Connection", store_and_forward: bool) -> None:
     from p2pexec.transport.host import Libp2pHost
 
     async def handler(stream) -> None:
         try:
-            while True:
-                data = await stream.read(CHUNK)
-                if not data:
-                    break
-                await stream.write(data)
+            await stream.write(await stream.read(4))  # the warm-up
+            if store_and_forward:  # as a task must: receive everything, then answer
+                header = b""
+                while len(header) < 8:
+                    header += await stream.read(8 - len(header))
+                size = int.from_bytes(header, "big")
+                received = bytearray()
+                while len(received) < size:
+                    received += await stream.read(CHUNK)
+                for start in range(0, size, CHUNK):
+                    await stream.write(bytes(received[start : start + CHUNK]))
+            else:
+                while True:
+                    data = await stream.read(CHUNK)
+                    if not data:
+                        break
+                    await stream.write(data)
         except Exception:
             pass
         await stream.close()
@@ -52,12 +64,12 @@ def _raw_server(conn: "multiprocessing.connection.Connection") -> None:
     trio.run(main)
 
 
-def raw_libp2p_echo(size: int) -> float:
+def raw_libp2p_echo(size: int, store_and_forward: bool = False) -> float:
     """Seconds to send ``size`` bytes to an echo server and read them back."""
     from p2pexec.transport.host import Libp2pHost
 
     parent, child = multiprocessing.Pipe()
-    server = multiprocessing.get_context("spawn").Process(target=_raw_server, args=(child,))
+    server = multiprocessing.get_context("spawn").Process(target=_raw_server, args=(child, store_and_forward))
     server.start()
     peer, addrs = parent.recv()
     block = os.urandom(CHUNK)
@@ -68,6 +80,8 @@ def raw_libp2p_echo(size: int) -> float:
             await stream.write(b"warm")
             await stream.read(4)
             started = time.perf_counter()
+            if store_and_forward:
+                await stream.write(size.to_bytes(8, "big"))
             async with trio.open_nursery() as nursery:
                 async def send() -> None:
                     for _ in range(size // CHUNK):
@@ -122,14 +136,20 @@ def main() -> int:
     args = parser.parse_args()
     size = args.mib * CHUNK
     raw = raw_libp2p_echo(size)
+    raw_saf = raw_libp2p_echo(size, store_and_forward=True)
     ours, rss = p2pexec_echo(size)
-    results = {"mib": args.mib, "raw_libp2p_MBps": 2 * size / raw / 1e6, "p2pexec_MBps": 2 * size / ours / 1e6,
-               "p2pexec_client_rss_growth_x_payload": rss}
+    results = {"mib": args.mib, "raw_libp2p_MBps": 2 * size / raw / 1e6,
+               "raw_libp2p_store_and_forward_MBps": 2 * size / raw_saf / 1e6,
+               "p2pexec_MBps": 2 * size / ours / 1e6, "p2pexec_client_rss_growth_x_payload": rss}
     results["ratio"] = results["p2pexec_MBps"] / results["raw_libp2p_MBps"]
+    results["ratio_store_and_forward"] = results["p2pexec_MBps"] / results["raw_libp2p_store_and_forward_MBps"]
     print(f"{args.mib} MiB echoed (both directions counted)")
-    print(f"  raw py-libp2p stream (Noise+yamux): {results['raw_libp2p_MBps']:7.1f} MB/s")
-    print(f"  P2PExecutor submit(echo, data):     {results['p2pexec_MBps']:7.1f} MB/s   "
-          f"ratio {results['ratio']:.2f}x; client peak RSS growth {rss:.2f}x payload")
+    print(f"  raw py-libp2p stream (Noise+yamux), pipelined echo:  {results['raw_libp2p_MBps']:7.1f} MB/s")
+    print(f"  raw py-libp2p stream, store-and-forward echo:        "
+          f"{results['raw_libp2p_store_and_forward_MBps']:7.1f} MB/s")
+    print(f"  P2PExecutor submit(echo, data):                      {results['p2pexec_MBps']:7.1f} MB/s   "
+          f"ratio {results['ratio']:.2f}x pipelined, {results['ratio_store_and_forward']:.2f}x store-and-forward; "
+          f"client peak RSS growth {rss:.2f}x payload")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

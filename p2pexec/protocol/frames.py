@@ -130,7 +130,8 @@ class FrameDecoder:
                 raise ProtocolError(f"peer announced a {n}-byte frame, over the {self.max_frame}-byte limit")
             if len(self._buf) < LENGTH.size + n:
                 return
-            frame = bytes(self._buf[LENGTH.size : LENGTH.size + n])
+            with memoryview(self._buf) as view:
+                frame = bytes(view[LENGTH.size : LENGTH.size + n])  # one copy, not two
             del self._buf[: LENGTH.size + n]
             yield frame
 
