@@ -30,7 +30,6 @@ from nacl.exceptions import CryptoError
 from ..errors import ProtocolError
 
 LENGTH = struct.Struct(">I")
-MAX_FRAME = 1 << 30
 HEADER_BYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
 _TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 _OP = struct.Struct(">BQQ")  # op, arg, data length: ops are self-delimiting, several fit in one message
@@ -38,6 +37,7 @@ _OP = struct.Struct(">BQQ")  # op, arg, data length: ops are self-delimiting, se
 
 Buffer = Union[bytes, bytearray, memoryview]
 CHUNK = 1 << 20
+MAX_FRAME = CHUNK + 1024  # a sealed chunk: plaintext, kind and length header, tag
 MAX_MESSAGE = 1 << 40
 _SINGLE, _FIRST, _MORE, _LAST = 0, 1, 2, 3
 _SINGLE_HEAD = bytes([_SINGLE])
@@ -88,7 +88,10 @@ class Reassembler:
             (total,) = _TOTAL.unpack_from(view)
             if total > self.max_message:
                 raise ProtocolError(f"peer announced a {total}-byte message, over the {self.max_message}-byte limit")
-            self._buf, self._filled = bytearray(total), 0
+            try:
+                self._buf, self._filled = bytearray(total), 0
+            except MemoryError:
+                raise ProtocolError(f"no memory for the {total}-byte message the peer announced") from None
             return self._append(view[_TOTAL.size :], last=False)
         if kind in (_MORE, _LAST) and self._buf is not None:
             return self._append(view, last=kind == _LAST)

@@ -11,7 +11,7 @@ from ..errors import ProtocolError
 from collections.abc import Sequence
 
 from ..protocol.frames import (
-    LENGTH, MAX_FRAME, Buffer, FrameDecoder, Opener, Op, Reassembler, Sealer, chunk_message, encode_op,
+    MAX_FRAME, Buffer, FrameDecoder, Opener, Op, Reassembler, Sealer, chunk_message, encode_frame, encode_op,
 )
 
 READ_SIZE = 1 << 20
@@ -31,7 +31,7 @@ class FramedStream:
 
     async def send(self, data: bytes) -> None:
         try:
-            await self.stream.write(LENGTH.pack(len(data)) + data)
+            await self.stream.write(encode_frame(data))
         except trio.Cancelled:
             raise
         except Exception as exc:

@@ -120,6 +120,7 @@ class WorkerDaemon:
 
     def _hello(self) -> bytes:
         return self._sign("hello", {"role": "worker", "node": self.host.peer_id if self.host else "",
+                                    "addrs": self.host.addrs if self.host else [],
                                     "py": PYTHON, "slots": self.config.slots, "free": len(self.free),
                                     "platform": sys.platform, "load": round(os.getloadavg()[0], 2)}, ttl=60)
 
