@@ -255,7 +255,8 @@ class ClientScheduler:
                         await lease.channel.close()
                 else:
                     await framed.reset()
-        except (ProtocolError, messages.InvalidMessage) as exc:
+        except* (ProtocolError, messages.InvalidMessage) as group:  # raised in the lease's nursery too
+            exc = group.exceptions[0]
             reason = str(exc)
             if lease.channel is None:  # e.g. its slots went to another accept first
                 log.debug("could not lease worker %s: %s", lease.worker, exc)

@@ -190,7 +190,8 @@ class WorkerDaemon:
                 with trio.CancelScope(shield=True):
                     await channel.close()
             log.info("lease for %s ended", accept.sender)
-        except (ProtocolError, messages.InvalidMessage, trio.TooSlowError) as exc:
+        except* (ProtocolError, messages.InvalidMessage, trio.TooSlowError) as group:  # nurseries group them
+            exc = group.exceptions[0]
             log.warning("dropped a lease stream: %s", exc or type(exc).__name__)
             await framed.reset()
         finally:
