@@ -16,10 +16,8 @@ import json
 import multiprocessing
 import os
 import sys
-import threading
 import time
 
-import psutil
 import trio
 
 CHUNK = 1 << 20
@@ -105,28 +103,17 @@ def raw_libp2p_echo(size: int, store_and_forward: bool = False) -> float:
 def p2pexec_echo(size: int) -> tuple[float, float]:
     """Seconds to echo ``size`` bytes through a worker, and the client's RSS growth / size."""
     from p2pexec import LocalCluster
+    from p2pexec.local import PeakMemory
 
     with LocalCluster(workers=1) as lc, lc.executor() as ex:
         ex.submit(echo, b"warm").result()
         data = os.urandom(CHUNK) * (size // CHUNK)
-        proc = psutil.Process()
-        base = peak = proc.memory_info().rss
-        done = threading.Event()
-
-        def watch() -> None:
-            nonlocal peak
-            while not done.wait(0.002):
-                peak = max(peak, proc.memory_info().rss)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        started = time.perf_counter()
-        out = ex.submit(echo, data).result()
-        elapsed = time.perf_counter() - started
-        done.set()
-        watcher.join()
+        with PeakMemory() as memory:
+            started = time.perf_counter()
+            out = ex.submit(echo, data).result()
+            elapsed = time.perf_counter() - started
         assert out == data
-        return elapsed, (peak - base) / size
+        return elapsed, memory.growth / size
 
 
 def main() -> int:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import threading
 
-import psutil
 import pytest
 
 from p2pexec import LocalCluster
+from p2pexec.local import PeakMemory
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,25 +23,11 @@ def test_large_bytes_round_trip_with_bounded_client_memory():
     with LocalCluster(workers=1) as lc, lc.executor() as ex:
         ex.submit(echo, b"warm").result()
         data = os.urandom(MIB) * (size // MIB)
-        proc = psutil.Process()
-        base = peak = proc.memory_info().rss
-        done = threading.Event()
-
-        def watch():
-            nonlocal peak
-            while not done.wait(0.002):
-                peak = max(peak, proc.memory_info().rss)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        try:
+        with PeakMemory() as memory:
             out = ex.submit(echo, data).result(timeout=100)
-        finally:
-            done.set()
-            watcher.join()
         assert out == data
         # received once into the reassembly buffer, once as the result bytes; nothing else
-        assert (peak - base) / size < 2.5
+        assert memory.growth / size < 2.5
 
 
 def test_buffer_types_keep_their_type(cluster):
