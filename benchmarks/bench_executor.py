@@ -13,7 +13,6 @@ P2PExecutor path is the real one: SSH board, worker daemons, libp2p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any, Callable
 
+from _common import write_json
 from p2pexec import LocalCluster
 
 
@@ -89,9 +89,7 @@ def main() -> int:
     print(f"{'measure':<44} {'ProcessPool(2)':>16} {'P2PExecutor':>16} {'ratio p2p/pool':>15}")
     for label, key, unit in rows:
         print(f"{label:<44} {base[key]:>11.2f} {unit:<4} {ours[key]:>11.2f} {unit:<4} {ours[key] / base[key]:>14.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return 0
 
 

@@ -12,13 +12,13 @@ lease path, secretstream, pickling and the task process.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys
 import time
 
 import trio
+from _common import write_json
 
 CHUNK = 1 << 20
 
@@ -137,9 +137,7 @@ def main() -> int:
     print(f"  P2PExecutor submit(echo, data):                      {results['p2pexec_MBps']:7.1f} MB/s   "
           f"ratio {results['ratio']:.2f}x pipelined, {results['ratio_store_and_forward']:.2f}x store-and-forward; "
           f"client peak RSS growth {rss:.2f}x payload")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return 0
 
 

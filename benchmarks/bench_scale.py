@@ -12,13 +12,13 @@ transport threads).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
 
 import psutil
 
+from _common import write_json
 from p2pexec import LocalCluster
 from p2pexec.board import server as board_server
 
@@ -58,9 +58,7 @@ def main() -> int:
           f"({out['tasks_per_s']:.0f} tasks/s; ideal {out['ideal_wall_s']:.2f} s); cluster start {ready:.1f} s")
     print(f"board: {lines} lines relayed = {out['board_lines_per_task']:.4f} per task; "
           f"board CPU {cpu:.3f} s during the map")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write_json(args.json, out)
     return 0
 
 
