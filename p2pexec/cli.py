@@ -199,8 +199,8 @@ def _host(args: argparse.Namespace) -> int:
         who.board, who.identity, who.cluster, inbox=messages.Inbox(who.cluster, who.keyring),
         on_message=lambda msg: None, known_hosts=args.known_hosts, accept_new_host_key=args.accept_new_host_key,
         make_hello=lambda: messages.encode(who.identity, who.cluster, "hello", {"role": "owner"},
-                                           now=time.time(), ttl=60))
-    session.extra_flags = f" -a {','.join(users) or owner}"
+                                           now=time.time(), ttl=60),
+        pipe_flags=f"-a {','.join(users) or owner}")
     session.open()  # returns once the board relayed our hello: the list is set
     print(f"members of {who.cluster}: {', '.join(users) or '(only you)'}", flush=True)
     if args.keep:

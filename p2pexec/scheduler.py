@@ -1,9 +1,10 @@
 """The client side on trio: find workers on the board, lease them, feed them tasks.
 
 Board traffic grows with leases, not tasks: once a worker's offer is
-accepted, tasks and results flow over one encrypted libp2p stream, the
-worker granting a credit per free slot, until the client runs out of work
-for ``lease_idle`` seconds or shuts down.
+accepted, tasks and results flow over one encrypted libp2p stream, as far
+as the worker's credits allow, until the client runs out of work for
+``lease_idle`` seconds, the worker yields the lease to a waiting client, or
+the executor shuts down.
 """
 
 from __future__ import annotations
@@ -108,11 +109,12 @@ class ClientScheduler:
         """Called on the loop after submits; clears the flag first so no submit goes unnoticed."""
         self.wakeup_pending = False
         self.notify()
+        self._maybe_request()  # demand only grows here, when a lease ends, and by the tick
 
     def notify(self) -> None:
+        """Wake the lease feeders (runs per result: keep it cheap)."""
         self._changed.set()
         self._changed = trio.Event()
-        self._maybe_request()
 
     def on_message(self, msg: messages.Message) -> None:
         """A verified board message from a member."""
@@ -267,6 +269,7 @@ class ClientScheduler:
             self._requeue(lease, reason)
             self._last_request = -1e9  # ask for workers again at once if work remains
             self.notify()
+            self._maybe_request()
 
     async def _feed(self, lease: Lease) -> None:
         channel = lease.channel
@@ -309,7 +312,7 @@ class ClientScheduler:
                 if not self._apply(lease, op, arg, data):
                     return
 
-    def _apply(self, lease: Lease, op: Op, arg: int, data: bytes) -> bool:
+    def _apply(self, lease: Lease, op: Op, arg: int, data: memoryview) -> bool:
         """Apply one operation from the worker; False once the worker ended the lease."""
         if op is Op.END:
             return False

@@ -126,12 +126,12 @@ class BoardSession:
                  inbox: Inbox, on_message: Callable[[Message], None], make_hello: Callable[[], bytes],
                  on_connect: Callable[[], None] = lambda: None,
                  known_hosts: Path = DEFAULT_KNOWN_HOSTS, accept_new_host_key: bool = False,
-                 timeout: float = 10.0) -> None:
+                 pipe_flags: str = "", timeout: float = 10.0) -> None:
         self.address = address
         self.identity = identity
         self.username = identity.user
         self.topic = topic
-        self.extra_flags = ""
+        self._pipe_flags = f" {pipe_flags}" if pipe_flags else ""
         self.inbox = inbox
         self._on_message = on_message
         self._make_hello = make_hello
@@ -238,7 +238,7 @@ class BoardSession:
         channel: paramiko.Channel | None = None
         try:
             channel = transport.open_session(timeout=self._timeout)
-            channel.exec_command(f"pipe {self.topic} -r -c{self.extra_flags}")
+            channel.exec_command(f"pipe {self.topic} -r -c{self._pipe_flags}")
             channel.settimeout(self._timeout)
             hello = self._make_hello()
             channel.sendall(hello + b"\n")

@@ -97,7 +97,3 @@ class Libp2pHost:
             return await self._host.new_stream(pid, [LEASE_PROTOCOL])
         except Exception as exc:
             raise ProtocolError(f"cannot reach peer {peer_id[:16]}… at {list(addrs)}: {exc}") from None
-
-    @staticmethod
-    def remote_peer(stream: Any) -> str:
-        return stream.muxed_conn.peer_id.to_base58()

@@ -73,7 +73,6 @@ class WorkerDaemon:
         self._kx_pk, self._kx_sk = sodium.crypto_kx_keypair()
         self.host: Libp2pHost | None = None
         self.board: BoardSession | None = None
-        self._nursery: trio.Nursery | None = None
         self._observers = AnswerObservers()
         self.waiting: dict[str, messages.Message] = {}  # requests we had no slot for, by request id
         self.last_served: dict[str, float] = {}  # request id -> when its last lease ended
@@ -85,8 +84,9 @@ class WorkerDaemon:
         async with Libp2pHost(self.config.listen).running() as host:
             self.host = host
             host.set_handler(self._handle_stream)
-            for slot in self.free:
-                await slot.start()
+            async with trio.open_nursery() as starting:  # each task process imports for ~0.1 s
+                for slot in self.free:
+                    starting.start_soon(slot.start)
             token = trio.lowlevel.current_trio_token()
             self.board = BoardSession(
                 self.config.who.board, self.config.who.identity, self.config.who.cluster,
@@ -99,14 +99,12 @@ class WorkerDaemon:
                 await trio.to_thread.run_sync(self.board.open)
                 log.info("worker %s serving cluster %s with %d slot(s) on %s",
                          self.config.who.identity.user, self.config.who.cluster, self.config.slots, self.config.who.board)
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    task_status.started()
-                    while True:
-                        await trio.sleep(HELLO_EVERY)
-                        self.board.send(self._hello())
-                        now = time.time()
-                        self.offers = {k: o for k, o in self.offers.items() if o.exp > now}
+                task_status.started()
+                while True:
+                    await trio.sleep(HELLO_EVERY)
+                    self.board.send(self._hello())
+                    now = time.time()
+                    self.offers = {k: o for k, o in self.offers.items() if o.exp > now}
             finally:
                 with trio.CancelScope(shield=True):
                     bye = self._sign("bye", {"role": "worker"}, ttl=30)
