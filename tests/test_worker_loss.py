@@ -37,32 +37,40 @@ def test_sigkilled_worker_loses_no_task(tmp_path):
 
 
 CLIENT = """
-import sys, time
+import sys
 from p2pexec import P2PExecutor
+
+def hold_the_slot(port):
+    import socket, time
+    socket.create_connection(("127.0.0.1", port))  # tells the test we run; closes when we are killed
+    time.sleep(300)
+
 ex = P2PExecutor("alice/friends", board=sys.argv[1], identity=sys.argv[2], members=sys.argv[3],
                  known_hosts=sys.argv[4])
-future = ex.submit(time.sleep, 300)
-while not future.running():
-    time.sleep(0.01)
-print("running", flush=True)
-time.sleep(300)
+ex.submit(hold_the_slot, int(sys.argv[5])).result()
 """
 
 
-def test_worker_frees_the_slot_of_a_client_that_died(tmp_path):
+def test_worker_stops_the_task_and_frees_the_slot_of_a_client_that_died(tmp_path):
+    import socket
     import subprocess
     import sys
 
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
-    with LocalCluster(workers=1) as lc:
-        client = subprocess.Popen([sys.executable, str(script), lc.board, lc.identity, lc.members, lc.known_hosts],
-                                  stdout=subprocess.PIPE, text=True)
+    with LocalCluster(workers=1) as lc, socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(60)
+        port = listener.getsockname()[1]
+        client = subprocess.Popen([sys.executable, str(script), lc.board, lc.identity, lc.members,
+                                   lc.known_hosts, str(port)])
         try:
-            assert client.stdout.readline().strip() == "running"  # it holds the only slot
+            task, _ = listener.accept()  # the task runs on the worker and holds its only slot
         finally:
             client.kill()
             client.wait(10)
-        with lc.executor() as ex:  # the slot is freed and the 300 s task stopped, or this would time out
+        with task:
+            task.settimeout(60)
+            assert task.recv(1) == b""  # the worker killed the orphaned task's process
+        with lc.executor() as ex:  # and freed the slot
             assert ex.submit(abs, -7).result(timeout=60) == 7
         assert lc.workers[0].popen.poll() is None
