@@ -174,13 +174,21 @@ def test_credit_window_bounds(slots, mean):
 
 
 class LedgerMachine(RuleBasedStateMachine):
-    """A client that respects its credit is never refused; one that does not, always is."""
+    """A client that respects its credit is never refused; one that does not, always is.
+
+    Every task received is answered exactly once: finished, or cancelled
+    when withdrawn before it started.
+    """
 
     def __init__(self):
         super().__init__()
         self.ledger = CreditLedger(slots=2)
         self.credit = 0
-        self.running = 0
+        self.next_id = 1
+        self.queued: list[int] = []
+        self.running: list[int] = []
+        self.withdrawn: list[int] = []  # still in the worker's queue, to be skipped
+        self.answers = 0
 
     @rule()
     def worker_grants(self):
@@ -189,23 +197,54 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule()
     def client_sends(self):
         if self.credit > 0:
-            self.ledger.task_received()
+            self.ledger.task_received(self.next_id)
             self.credit -= 1
-            self.running += 1
+            self.queued.append(self.next_id)
         else:
             with pytest.raises(ProtocolError):
-                self.ledger.task_received()
+                self.ledger.task_received(self.next_id)
+        self.next_id += 1
 
-    @precondition(lambda self: self.running > 0)
-    @rule(seconds=st.floats(0, 1))
-    def task_answered(self, seconds):
-        self.ledger.task_answered(seconds)
-        self.running -= 1
+    @precondition(lambda self: self.credit > 0 and (self.queued or self.running))
+    @rule(data=st.data())
+    def client_reuses_an_outstanding_id(self, data):
+        with pytest.raises(ProtocolError, match="reused"):
+            self.ledger.task_received(data.draw(st.sampled_from(self.queued + self.running)))
+
+    @precondition(lambda self: self.queued or self.withdrawn)
+    @rule(data=st.data())
+    def slot_takes_next(self, data):
+        task_id = data.draw(st.sampled_from(self.queued + self.withdrawn))
+        started = self.ledger.task_started(task_id)
+        assert started == (task_id in self.queued)
+        (self.queued if started else self.withdrawn).remove(task_id)
+        if started:
+            self.running.append(task_id)
+
+    @rule(data=st.data())
+    def client_withdraws(self, data):
+        task_id = data.draw(st.integers(0, self.next_id))
+        dropped = self.ledger.withdraw(task_id)
+        assert dropped == (task_id in self.queued)
+        if dropped:
+            self.queued.remove(task_id)
+            self.withdrawn.append(task_id)
+            self.answers += 1
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data(), seconds=st.none() | st.floats(0, 1))
+    def task_answered(self, data, seconds):
+        task_id = data.draw(st.sampled_from(self.running))
+        self.ledger.task_answered(task_id, seconds)
+        self.running.remove(task_id)
+        self.answers += 1
 
     @invariant()
     def window_respected(self):
         assert self.ledger.outstanding <= credit_window(2, 0.0)
-        assert self.ledger.outstanding == self.credit + self.running
+        assert self.ledger.outstanding == self.credit + len(self.queued) + len(self.running)
+        assert self.ledger.answered == self.answers
+        assert self.ledger.received == self.answers + len(self.queued) + len(self.running)
 
 
 TestLedgerMachine = LedgerMachine.TestCase

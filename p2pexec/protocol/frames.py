@@ -200,6 +200,9 @@ class Op(enum.IntEnum):
     FAILED = 4  # worker -> client: data = UTF-8 reason the task process died
     END = 5  # either side: no more tasks on this lease
     BYE = 6  # plaintext of the final frame
+    WITHDRAW = 7  # client -> worker: drop task ``arg`` unless it has started
+    INTERRUPT = 8  # client -> worker: drop task ``arg``, or stop it by killing its task process
+    CANCELLED = 9  # worker -> client: task ``arg`` was dropped or stopped as asked; no result follows
 
 
 def op_parts(op: Op, arg: int = 0, *data: Buffer) -> list[Buffer]:

@@ -1,8 +1,10 @@
-"""Credit accounting of one lease, on the worker's side (pure, no I/O).
+"""Task accounting of one lease, on the worker's side (pure, no I/O).
 
 The client may have at most what it was credited outstanding; the worker
 grants more as tasks are answered, sized by :func:`credit_window` from the
-tasks' measured duration.
+tasks' measured duration.  Every task received is answered exactly once:
+with its result, or as cancelled when the client withdrew it before it
+started or interrupted it.
 """
 
 from __future__ import annotations
@@ -18,22 +20,46 @@ class CreditLedger:
         self.received = 0
         self.answered = 0
         self.mean_seconds: float | None = None
+        self.queued: set[int] = set()  # received, not yet started
+        self.running: set[int] = set()
 
     @property
     def outstanding(self) -> int:
         """Credited to the client and not yet answered."""
         return self.granted - self.answered
 
-    def task_received(self) -> None:
+    def task_received(self, task_id: int) -> None:
         if self.received >= self.granted:
             raise ProtocolError(f"the client sent task {self.received + 1} with {self.granted} credited")
+        if task_id in self.queued or task_id in self.running:
+            raise ProtocolError(f"the client reused the id of task {task_id}, which is not answered yet")
         self.received += 1
+        self.queued.add(task_id)
 
-    def task_answered(self, seconds: float) -> None:
-        if self.answered >= self.received:
-            raise RuntimeError("answered more tasks than were received")
+    def task_started(self, task_id: int) -> bool:
+        """False if the task was withdrawn while it waited: skip it, it is answered already."""
+        if task_id not in self.queued:
+            return False
+        self.queued.remove(task_id)
+        self.running.add(task_id)
+        return True
+
+    def withdraw(self, task_id: int) -> bool:
+        """Drop a task that has not started; True if it was, and must be answered as cancelled."""
+        if task_id not in self.queued:
+            return False  # running (interrupt it) or already answered (the answer is on its way)
+        self.queued.remove(task_id)
         self.answered += 1
-        self.mean_seconds = seconds if self.mean_seconds is None else 0.8 * self.mean_seconds + 0.2 * seconds
+        return True
+
+    def task_answered(self, task_id: int, seconds: float | None) -> None:
+        """A started task ended; ``seconds`` is None when it was stopped and says nothing of its length."""
+        if task_id not in self.running:
+            raise RuntimeError(f"answered task {task_id}, which was not running")
+        self.running.remove(task_id)
+        self.answered += 1
+        if seconds is not None:
+            self.mean_seconds = seconds if self.mean_seconds is None else 0.8 * self.mean_seconds + 0.2 * seconds
 
     def grant(self) -> int:
         """Credits to send now so the client's window is full again."""

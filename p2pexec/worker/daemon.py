@@ -234,17 +234,28 @@ class WorkerDaemon:
             outbox.extend(op)
             mail.set()
 
+        stoppers: dict[int, trio.CancelScope] = {}  # running task id -> what interrupts it
+
         async def run_slot(slot: TaskSlot, tasks: trio.MemoryReceiveChannel[tuple[int, memoryview]]) -> None:
             async with tasks:
                 async for task_id, payload in tasks:
+                    if not ledger.task_started(task_id):
+                        continue  # withdrawn while it waited, and answered then
                     started = trio.current_time()
-                    try:
-                        op = op_parts(Op.RESULT, task_id, await slot.run(payload))
-                    except TaskProcessDied as exc:
-                        log.warning("task %d of %s: %s", task_id, client, exc)
-                        op = op_parts(Op.FAILED, task_id, str(exc).encode())
+                    with trio.CancelScope() as stopper:
+                        stoppers[task_id] = stopper
+                        try:
+                            op = op_parts(Op.RESULT, task_id, await slot.run(payload))
+                        except TaskProcessDied as exc:
+                            log.warning("task %d of %s: %s", task_id, client, exc)
+                            op = op_parts(Op.FAILED, task_id, str(exc).encode())
+                        finally:
+                            del stoppers[task_id]
                     del payload
-                    ledger.task_answered(trio.current_time() - started)
+                    if stopper.cancelled_caught:
+                        log.info("task %d of %s interrupted as asked", task_id, client)
+                        op = op_parts(Op.CANCELLED, task_id)
+                    ledger.task_answered(task_id, None if stopper.cancelled_caught else trio.current_time() - started)
                     post(*op)
 
         started = trio.current_time()
@@ -279,10 +290,16 @@ class WorkerDaemon:
                     for op, arg, data in decode_ops(plaintext):
                         if op is Op.END:
                             return
-                        if op is not Op.TASK:
+                        if op is Op.TASK:
+                            ledger.task_received(arg)
+                            send_tasks.send_nowait((arg, data))
+                        elif op in (Op.WITHDRAW, Op.INTERRUPT):
+                            if ledger.withdraw(arg):
+                                post(*op_parts(Op.CANCELLED, arg))
+                            elif op is Op.INTERRUPT and arg in stoppers:
+                                stoppers[arg].cancel()  # kills its task process; run_slot answers
+                        else:
                             raise ProtocolError(f"client {client} sent unexpected {op.name}")
-                        ledger.task_received()
-                        send_tasks.send_nowait((arg, data))
 
         async def time_is_up() -> None:
             await trio.sleep(self.config.lease_seconds)
