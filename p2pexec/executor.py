@@ -136,6 +136,19 @@ class P2PExecutor(Executor):
         results = super().map(task, _get_chunks(*iterables, chunksize=chunksize), timeout=timeout)
         return _chain_from_iterable_of_lists(results)
 
+    def interrupt(self, future: Future[Any]) -> bool:
+        """Cancel ``future`` even if its task is running: the worker stops it by killing its task process.
+
+        Returns True if the future ends cancelled (``result()`` raises
+        ``CancelledError``), False if it had already finished.  Unlike
+        ``Future.cancel()``, this also works once the task was sent to a
+        worker; the worker frees the slot within moments.
+        """
+        runtime, scheduler = self._runtime, self._scheduler
+        if runtime is None or scheduler is None or not runtime.alive:
+            return future.cancel()
+        return runtime.run_sync(scheduler.interrupt, future)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
             already = self._shutdown
@@ -144,7 +157,7 @@ class P2PExecutor(Executor):
         if scheduler is None:
             return
         if cancel_futures:
-            self._runtime.call_soon(self._cancel_pending)
+            self._runtime.call_soon(scheduler.withdraw_queued)
         if already and not wait:
             return
         if wait:
@@ -153,17 +166,6 @@ class P2PExecutor(Executor):
             threading.Thread(target=self._finish, name="p2pexec-shutdown", daemon=True).start()
 
     # -- internals ----------------------------------------------------------------------
-    def _cancel_pending(self) -> None:
-        assert self._scheduler is not None
-        pending = self._scheduler.pending
-        while pending:
-            item = pending.popleft()
-            if item.started:  # requeued after a lost worker: it cannot be cancelled
-                pending.appendleft(item)
-                break
-            item.future.cancel()
-        self._scheduler.notify()
-
     def _finish(self) -> None:
         while self._runtime is not None and self._runtime.alive and self._unfinished:
             wait(list(self._unfinished), timeout=1.0)

@@ -55,6 +55,10 @@ class TrioThread:
         """Run an async function on the loop and wait for its result."""
         return trio.from_thread.run(afn, *args, trio_token=self.token)
 
+    def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a plain function on the loop and wait for its result."""
+        return trio.from_thread.run_sync(fn, *args, trio_token=self.token)
+
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 

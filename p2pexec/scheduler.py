@@ -15,6 +15,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures._base import CANCELLED, FINISHED
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from .protocol.frames import Buffer, Op, decode_ops, encode_op, nbytes, op_parts
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
 from .status import AnswerObservers
 from .tasks import load_outcome
-from .transport.channel import FramedStream, SecureChannel
+from .transport.channel import FramedStream, PeerLost, SecureChannel
 from .transport.host import Libp2pHost
 
 log = logging.getLogger("p2pexec.client")
@@ -49,9 +50,30 @@ class WorkItem:
     started: bool = False
     losses: list[str] = field(default_factory=list)
     size: int = 0
+    cancel_asked: bool = False  # a WITHDRAW or INTERRUPT went to its worker
 
     def __post_init__(self) -> None:
         self.size = sum(nbytes(p) for p in self.payload)
+
+
+def cancel_running(future: Future[Any]) -> bool:
+    """``Future.cancel()`` for a future already marked running, which the stdlib refuses.
+
+    Only for a task that is not running anywhere any more (withdrawn, or
+    stopped on its worker).  Ends in the state a cancelled pending future
+    reaches, so ``cancelled()``, ``wait``, ``as_completed`` and asyncio all
+    see a cancellation.
+    """
+    with future._condition:  # type: ignore[attr-defined]
+        if future._state == FINISHED:  # type: ignore[attr-defined]
+            return False
+        if future.cancelled():
+            return True
+        future._state = CANCELLED  # type: ignore[attr-defined]
+        future._condition.notify_all()  # type: ignore[attr-defined]
+    future._invoke_callbacks()  # type: ignore[attr-defined]
+    future.set_running_or_notify_cancel()  # moves it to CANCELLED_AND_NOTIFIED and tells the waiters
+    return True
 
 
 @dataclass
@@ -71,6 +93,7 @@ class Lease:
         self.slots = slots
         self.credits = 0
         self.inflight: dict[int, WorkItem] = {}
+        self.control: list[bytes] = []  # WITHDRAW and INTERRUPT ops for the feeder to send
         self.channel: SecureChannel | None = None
 
     def __repr__(self) -> str:
@@ -100,6 +123,8 @@ class ClientScheduler:
         self._last_asked = 0
         self._starving_since: float | None = None
         self._warned = False
+        self._cancel_queued = False  # shutdown(cancel_futures=True): queued work is withdrawn, not run
+        self.banned: dict[str, str] = {}  # peer id -> how that worker broke the protocol
 
     # -- called from any thread through TrioThread.call_soon -----------------------
     def next_id(self) -> int:
@@ -135,6 +160,48 @@ class ClientScheduler:
         self._last_request = -1e9
         self._maybe_request()
 
+    def interrupt(self, future: Future[Any]) -> bool:
+        """Cancel ``future`` wherever its task is; a running task is stopped on its worker."""
+        if future.done():
+            return future.cancelled()
+        for lease in self.leases:
+            for item in lease.inflight.values():
+                if item.future is future:
+                    self._ask_cancel(lease, item, Op.INTERRUPT)
+                    log.info("interrupting task %d on worker %s", item.id, lease.worker)
+                    return cancel_running(future)  # whatever the worker answers now is dropped
+        for item in self.pending:
+            if item.future is future:
+                self.pending.remove(item)
+                self._cancel_unsent(item)
+                return True
+        raise ValueError("interrupt() needs a pending future returned by this executor's submit()")
+
+    @staticmethod
+    def _cancel_unsent(item: WorkItem) -> None:
+        if item.started:  # requeued after its worker was lost: running nowhere
+            cancel_running(item.future)
+        elif item.future.cancel():
+            item.future.set_running_or_notify_cancel()  # wait() and as_completed see it now
+
+    def withdraw_queued(self) -> None:
+        """Cancel all work that has not started, including what waits at workers (cancel_futures)."""
+        self._cancel_queued = True
+        while self.pending:
+            self._cancel_unsent(self.pending.popleft())
+        for lease in self.leases:
+            asked = [item for item in lease.inflight.values() if not item.cancel_asked]
+            for item in asked:
+                self._ask_cancel(lease, item, Op.WITHDRAW)
+            if asked:
+                log.info("withdrawing %d task(s) from worker %s unless they started", len(asked), lease.worker)
+        self.notify()
+
+    def _ask_cancel(self, lease: Lease, item: WorkItem, op: Op) -> None:
+        item.cancel_asked = True
+        lease.control.append(encode_op(op, item.id))
+        self.notify()
+
     # -- main -------------------------------------------------------------------------
     async def run(self, host: Libp2pHost, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.host = host
@@ -159,6 +226,8 @@ class ClientScheduler:
     def _take(self) -> WorkItem | None:
         while self.pending:
             item = self.pending.popleft()
+            if item.started and item.future.done():  # interrupted while requeued
+                continue
             if item.started or item.future.set_running_or_notify_cancel():
                 item.started = True
                 return item
@@ -197,6 +266,9 @@ class ClientScheduler:
 
     def _on_offer(self, msg: messages.Message) -> None:
         if msg["req"] != self.request_id or msg["to"] != self.identity.user or self._nursery is None:
+            return
+        if msg["peer"] in self.banned:
+            log.debug("ignoring an offer from %s: it broke the protocol (%s)", msg.sender, self.banned[msg["peer"]])
             return
         if not python_compatible(PYTHON, msg["py"]):
             log.debug("ignoring an offer from %s: Python %s, not %s", msg.sender, msg["py"], PYTHON)
@@ -262,8 +334,12 @@ class ClientScheduler:
             reason = str(exc)
             if lease.channel is None:  # e.g. its slots went to another accept first
                 log.debug("could not lease worker %s: %s", lease.worker, exc)
-            else:
+            elif isinstance(exc, PeerLost):  # it died, or the network did: it may come back
                 log.warning("lost worker %s: %s", lease.worker, exc)
+            else:
+                self.banned[lease.peer] = reason
+                log.warning("dropped worker %s (peer %s), which broke the protocol: %s; its tasks run elsewhere "
+                            "and this executor will not use it again", lease.worker, lease.peer, exc)
         finally:
             self.leases.remove(lease)
             self._requeue(lease, reason)
@@ -275,7 +351,8 @@ class ClientScheduler:
         channel = lease.channel
         assert channel is not None
         while True:
-            batch: list[Buffer] = []
+            batch: list[Buffer] = [*lease.control]
+            lease.control.clear()
             size = 0
             while (lease.credits > 0 and size < BATCH_BYTES and self._may_send(lease)
                    and (item := self._take()) is not None):
@@ -318,11 +395,15 @@ class ClientScheduler:
             return False
         if op is Op.CREDIT:
             lease.credits += arg
-        elif op in (Op.RESULT, Op.FAILED):
+        elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED):
             item = lease.inflight.pop(arg, None)
             if item is None:
                 raise ProtocolError(f"worker {lease.worker} answered unknown task {arg}")
-            if op is Op.RESULT:
+            if op is Op.CANCELLED:
+                if not item.cancel_asked:
+                    raise ProtocolError(f"worker {lease.worker} cancelled task {arg}, which nobody asked it to")
+                cancel_running(item.future)
+            elif op is Op.RESULT:
                 self._resolve(item, data)
             else:
                 self._set_exception(item, TaskProcessDiedError(
@@ -363,6 +444,11 @@ class ClientScheduler:
         lease.inflight.clear()
         stamp = time.strftime("%H:%M:%S")
         for item in lost:
+            if item.future.done():  # interrupted: nothing to run again
+                continue
+            if self._cancel_queued:
+                cancel_running(item.future)
+                continue
             if reason is None and not self._closing:  # sent as the worker ended the lease: not a loss
                 self.pending.appendleft(item)
                 continue
