@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,11 +158,16 @@ class LocalCluster:
             self._server.stop()
             self._server = None
 
-    def add_worker(self, slots: int | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
-        """Start one more worker daemon; returns once it has joined the board."""
+    def add_worker(self, slots: int | None = None, env: dict[str, str] | None = None,
+                   program: Sequence[str] = (sys.executable, "-m", "p2pexec.worker")) -> WorkerProcess:
+        """Start one more worker daemon; returns once it has joined the board.
+
+        ``program`` is the command that takes ``p2pexec-worker``'s arguments;
+        tests pass a misbehaving double of it.
+        """
         read_fd, write_fd = os.pipe()
         log_path = self._dir / f"worker-{len(self.workers)}.log"
-        cmd = [sys.executable, "-m", "p2pexec.worker", "--cluster", self.cluster,
+        cmd = [*program, "--cluster", self.cluster,
                "--board", f"ssh://{self.worker_user}@127.0.0.1:{self._port}",
                "--identity", self.worker_identity, "--members", self.members,
                "--known-hosts", self.known_hosts, "--slots", str(slots or self.slots),

@@ -1,0 +1,54 @@
+"""A worker that breaks the lease protocol on purpose, to test that clients drop it.
+
+    python evil_worker.py MODE <p2pexec-worker arguments>
+
+It joins the board and offers its slot like a real worker, and runs the
+task; then, per MODE, its answer is ``tamper``ed (one bit of ciphertext
+flipped), ``garbage`` (random bytes in place of the sealed frame) or
+``wrong-id`` (a result for a task the client never sent).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from p2pexec import cli
+from p2pexec.protocol.frames import _OP, Op
+from p2pexec.worker import daemon
+
+MODE = sys.argv.pop(1)
+
+
+def _misbehave(channel) -> None:
+    framed_send, channel_send = channel.framed.send, channel.send
+    sealed = 0
+
+    async def send_frame(data: bytes) -> None:
+        nonlocal sealed
+        sealed += 1
+        if sealed > 1:  # the first message, the initial credit, is honest: the client sends a task
+            if MODE == "tamper":
+                data = bytearray(data)
+                data[len(data) // 2] ^= 1
+            elif MODE == "garbage":
+                data = os.urandom(len(data))
+        await framed_send(bytes(data))
+
+    async def send_message(parts, final=False) -> None:
+        if MODE == "wrong-id" and not isinstance(parts, (bytes, bytearray, memoryview)):
+            parts = [_OP.pack(Op.RESULT, _OP.unpack(p)[1] + 1000, _OP.unpack(p)[2])
+                     if len(p) == _OP.size and p[0] == Op.RESULT else p for p in parts]
+        await channel_send(parts, final)
+
+    channel.framed.send, channel.send = send_frame, send_message
+
+
+class EvilDaemon(daemon.WorkerDaemon):
+    async def _serve_lease(self, channel, slots, client, req) -> None:
+        _misbehave(channel)
+        await super()._serve_lease(channel, slots, client, req)
+
+
+daemon.WorkerDaemon = EvilDaemon  # serve() builds its daemon from this name
+sys.exit(cli.worker_main())
