@@ -27,6 +27,7 @@ from .errors import NoWorkersError, ProtocolError, TaskProcessDiedError, WorkerL
 from .keys import Identity
 from .protocol import messages
 from .protocol.frames import Buffer, Op, decode_ops, encode_op, nbytes, op_parts, session_keys
+from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
 from .status import AnswerObservers
 from .tasks import load_outcome
@@ -316,11 +317,13 @@ class ClientScheduler:
                 await framed.send(accept)
                 rx, tx = session_keys("client", self._kx_pk, self._kx_sk, messages.unb64(offer["kx"], 32))
                 lease.channel = await SecureChannel.establish(framed, rx, tx)
+                framed.silence_limit = SILENCE_SECONDS
                 log.debug("%r established", lease)
                 if self.board is not None:  # tell the others; the worker has consumed it already
                     self.board.send(accept)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._feed, lease)
+                    nursery.start_soon(self._heartbeat, lease)
                     await self._receive(lease)
                     nursery.cancel_scope.cancel()
             finally:
@@ -375,6 +378,13 @@ class ClientScheduler:
                 break
         await channel.send(encode_op(Op.END))
 
+    async def _heartbeat(self, lease: Lease) -> None:
+        """Let the worker tell a quiet lease from a frozen client."""
+        while True:
+            await trio.sleep(HEARTBEAT_SECONDS)
+            lease.control.append(encode_op(Op.PING))
+            self.notify()
+
     def _may_send(self, lease: Lease) -> bool:
         """Fill idle slots anywhere before queueing a task behind a busy one (prefetch)."""
         if len(lease.inflight) < lease.slots:
@@ -393,6 +403,8 @@ class ClientScheduler:
         """Apply one operation from the worker; False once the worker ended the lease."""
         if op is Op.END:
             return False
+        if op is Op.PING:
+            return True
         if op is Op.CREDIT:
             lease.credits += arg
         elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED):

@@ -42,8 +42,9 @@ from p2pexec import P2PExecutor
 
 def hold_the_slot(port):
     import socket, time
-    socket.create_connection(("127.0.0.1", port))  # tells the test we run; closes when we are killed
+    conn = socket.create_connection(("127.0.0.1", port))  # tells the test we run; closes when we are killed
     time.sleep(300)
+    conn.close()
 
 ex = P2PExecutor("alice/friends", board=sys.argv[1], identity=sys.argv[2], members=sys.argv[3],
                  known_hosts=sys.argv[4])
@@ -74,3 +75,78 @@ def test_worker_stops_the_task_and_frees_the_slot_of_a_client_that_died(tmp_path
         with lc.executor() as ex:  # and freed the slot
             assert ex.submit(abs, -7).result(timeout=60) == 7
         assert lc.workers[0].popen.poll() is None
+
+
+def connect_and_wait(port):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port)) as conn:  # tells the test where we run
+        conn.settimeout(120)
+        return conn.recv(16).decode()
+
+
+def test_frozen_worker_is_given_up_and_its_task_runs_elsewhere():
+    """A worker whose machine freezes (lid closed) keeps its TCP connection but says nothing."""
+    import signal
+    import socket
+
+    with LocalCluster(workers=1) as lc, socket.create_server(("127.0.0.1", 0)) as listener, \
+            lc.executor() as ex:
+        listener.settimeout(60)
+        future = ex.submit(connect_and_wait, listener.getsockname()[1])
+        first, _ = listener.accept()
+        frozen = lc.workers[0]
+        os.killpg(frozen.pid, signal.SIGSTOP)  # the daemon and its task process stop, sockets stay open
+        try:
+            lc.add_worker()
+            second, _ = listener.accept()  # the client gave up on the silent worker and sent the task on
+            with first, second:
+                second.sendall(b"thawed")
+                assert future.result(timeout=60) == "thawed"
+        finally:
+            os.killpg(frozen.pid, signal.SIGKILL)
+            frozen.popen.wait()
+
+
+def test_worker_frees_the_slot_of_a_frozen_client(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    with LocalCluster(workers=1) as lc, socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(60)
+        client = subprocess.Popen([sys.executable, str(script), lc.board, lc.identity, lc.members,
+                                   lc.known_hosts, str(listener.getsockname()[1])])
+        try:
+            task, _ = listener.accept()
+            client.send_signal(signal.SIGSTOP)  # alive to the kernel, silent to the worker
+            with task:
+                task.settimeout(60)
+                assert task.recv(1) == b""  # the worker gave up on the client and killed its task
+        finally:
+            client.kill()
+            client.wait(10)
+        with lc.executor() as ex:
+            assert ex.submit(abs, -8).result(timeout=60) == 8
+
+
+def test_a_task_lost_more_than_max_retries_times_fails_naming_its_lost_workers():
+    import socket
+
+    from p2pexec import WorkerLostError
+
+    with LocalCluster(workers=1) as lc, socket.create_server(("127.0.0.1", 0)) as listener, \
+            lc.executor(max_retries=1) as ex:
+        listener.settimeout(60)
+        future = ex.submit(connect_and_wait, listener.getsockname()[1])
+        for _ in range(2):  # lost once: retried; lost twice: more than max_retries
+            conn, _ = listener.accept()
+            with conn:
+                lc.workers[-1].kill()
+                lc.add_worker()
+        with pytest.raises(WorkerLostError, match=r"lost with its worker 2 times: friend at \d\d:\d\d:\d\d"):
+            future.result(timeout=60)
+        assert ex.submit(abs, -9).result(timeout=60) == 9  # the executor carries on

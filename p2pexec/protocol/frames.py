@@ -203,6 +203,7 @@ class Op(enum.IntEnum):
     WITHDRAW = 7  # client -> worker: drop task ``arg`` unless it has started
     INTERRUPT = 8  # client -> worker: drop task ``arg``, or stop it by killing its task process
     CANCELLED = 9  # worker -> client: task ``arg`` was dropped or stopped as asked; no result follows
+    PING = 10  # either side: still here (a quiet lease would look like a frozen or unplugged peer)
 
 
 def op_parts(op: Op, arg: int = 0, *data: Buffer) -> list[Buffer]:

@@ -12,6 +12,11 @@ from __future__ import annotations
 from ..errors import ProtocolError
 from .matching import credit_window
 
+# A peer whose lease stream stays silent this long is gone (lid closed, network
+# down, process frozen); each side sends a PING at least every HEARTBEAT_SECONDS.
+HEARTBEAT_SECONDS = 2.0
+SILENCE_SECONDS = 10.0
+
 
 class CreditLedger:
     def __init__(self, slots: int) -> None:

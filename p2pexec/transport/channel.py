@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any
 
@@ -28,6 +29,7 @@ class FramedStream:
         self.stream = stream
         self.decoder = FrameDecoder(max_frame)
         self._frames: deque[bytes] = deque()
+        self.silence_limit = math.inf  # a peer that sends nothing for this long is lost
 
     async def send(self, data: bytes) -> None:
         try:
@@ -41,8 +43,11 @@ class FramedStream:
         """Next frame, or None on a clean end of stream."""
         while not self._frames:
             try:
-                chunk = await self.stream.read(READ_SIZE)
-            except trio.Cancelled:
+                with trio.move_on_after(self.silence_limit) as silence:
+                    chunk = await self.stream.read(READ_SIZE)
+                if silence.cancelled_caught:
+                    raise PeerLost(f"the peer sent nothing for {self.silence_limit:g} s (frozen, or its network is gone)")
+            except (trio.Cancelled, PeerLost):
                 raise
             except Exception as exc:
                 if type(exc).__name__ != "StreamEOF":

@@ -26,7 +26,7 @@ from ..config import Participant
 from ..errors import ProtocolError
 from ..protocol import messages
 from ..protocol.frames import MAX_FRAME, Buffer, Op, decode_ops, encode_op, op_parts, session_keys
-from ..protocol.lease import CreditLedger
+from ..protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS, CreditLedger
 from ..protocol.matching import python_compatible, slots_to_offer
 from ..status import AnswerObservers
 from ..transport.channel import FramedStream, SecureChannel
@@ -181,6 +181,7 @@ class WorkerDaemon:
                 rx, tx = session_keys("worker", self._kx_pk, self._kx_sk, messages.unb64(accept["kx"], 32))
                 channel = await SecureChannel.establish(framed, rx, tx)
             framed.decoder.max_frame = MAX_FRAME
+            framed.silence_limit = SILENCE_SECONDS
             log.info("lease for %s with %d slot(s) started", accept.sender, len(slots))
             try:
                 await self._serve_lease(channel, slots, accept.sender, accept["req"])
@@ -293,6 +294,8 @@ class WorkerDaemon:
                         if op is Op.TASK:
                             ledger.task_received(arg)
                             send_tasks.send_nowait((arg, data))
+                        elif op is Op.PING:
+                            pass
                         elif op in (Op.WITHDRAW, Op.INTERRUPT):
                             if ledger.withdraw(arg):
                                 post(*op_parts(Op.CANCELLED, arg))
@@ -305,9 +308,15 @@ class WorkerDaemon:
             await trio.sleep(self.config.lease_seconds)
             post()
 
+        async def heartbeat() -> None:
+            while True:
+                await trio.sleep(HEARTBEAT_SECONDS)
+                post(encode_op(Op.PING))
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_mail)
             nursery.start_soon(time_is_up)
+            nursery.start_soon(heartbeat)
             post()  # the first message carries the initial credit
             self._pokes.add(post)
             try:
