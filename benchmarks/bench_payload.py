@@ -4,9 +4,11 @@
 
 The baseline is the best py-libp2p can do here: the same host setup as
 p2pexec (TCP, Noise, yamux), a server in another process echoing the
-stream in 1 MiB writes, no encryption or pickling of ours.  P2PExecutor
-runs on a LocalCluster with one worker; its figure includes the board-free
-lease path, secretstream, pickling and the task process.
+stream in 1 MiB writes, no encryption or pickling of ours.  A second
+baseline adds only what the issue mandates on top: each 1 MiB chunk sealed
+and opened with libsodium secretstream on both sides (store-and-forward,
+as a task must).  P2PExecutor runs on a LocalCluster with one worker; its
+figure includes the lease path, secretstream, pickling and the task process.
 """
 
 from __future__ import annotations
@@ -27,13 +29,36 @@ def echo(data: bytes) -> bytes:
     return data
 
 
-def _raw_server(conn: "multiprocessing.connection.Connection", store_and_forward: bool) -> None:
+KEY = bytes(range(32))
+SEALED = CHUNK + 17  # a secretstream ciphertext of one chunk
+
+
+async def _read_exactly(stream, n: int) -> bytearray:
+    buf = bytearray()
+    while len(buf) < n:
+        data = await stream.read(n - len(buf))
+        if not data:
+            raise EOFError
+        buf += data
+    return buf
+
+
+def _raw_server(conn: "multiprocessing.connection.Connection", store_and_forward: bool, sealed: bool) -> None:
+    from p2pexec.protocol.frames import Opener, Sealer
     from p2pexec.transport.host import Libp2pHost
 
     async def handler(stream) -> None:
         try:
             await stream.write(await stream.read(4))  # the warm-up
-            if store_and_forward:  # as a task must: receive everything, then answer
+            if sealed:  # receive and open every chunk, then seal and send each back
+                size = int.from_bytes(await _read_exactly(stream, 8), "big")
+                sealer = Sealer(KEY)
+                opener = Opener(KEY, bytes(await _read_exactly(stream, 24)))
+                received = [opener.open(bytes(await _read_exactly(stream, SEALED))) for _ in range(size // CHUNK)]
+                await stream.write(sealer.header)
+                for plaintext in received:
+                    await stream.write(sealer.seal(plaintext))
+            elif store_and_forward:  # as a task must: receive everything, then answer
                 header = b""
                 while len(header) < 8:
                     header += await stream.read(8 - len(header))
@@ -62,12 +87,14 @@ def _raw_server(conn: "multiprocessing.connection.Connection", store_and_forward
     trio.run(main)
 
 
-def raw_libp2p_echo(size: int, store_and_forward: bool = False) -> float:
+def raw_libp2p_echo(size: int, store_and_forward: bool = False, sealed: bool = False) -> float:
     """Seconds to send ``size`` bytes to an echo server and read them back."""
+    from p2pexec.protocol.frames import Opener, Sealer
     from p2pexec.transport.host import Libp2pHost
 
     parent, child = multiprocessing.Pipe()
-    server = multiprocessing.get_context("spawn").Process(target=_raw_server, args=(child, store_and_forward))
+    server = multiprocessing.get_context("spawn").Process(target=_raw_server,
+                                                          args=(child, store_and_forward, sealed))
     server.start()
     peer, addrs = parent.recv()
     block = os.urandom(CHUNK)
@@ -78,6 +105,17 @@ def raw_libp2p_echo(size: int, store_and_forward: bool = False) -> float:
             await stream.write(b"warm")
             await stream.read(4)
             started = time.perf_counter()
+            if sealed:
+                sealer = Sealer(KEY)
+                await stream.write(size.to_bytes(8, "big") + sealer.header)
+                for _ in range(size // CHUNK):
+                    await stream.write(sealer.seal(block))
+                opener = Opener(KEY, bytes(await _read_exactly(stream, 24)))
+                for _ in range(size // CHUNK):
+                    opener.open(bytes(await _read_exactly(stream, SEALED)))
+                elapsed = time.perf_counter() - started
+                await stream.close()
+                return elapsed
             if store_and_forward:
                 await stream.write(size.to_bytes(8, "big"))
             async with trio.open_nursery() as nursery:
@@ -124,18 +162,25 @@ def main() -> int:
     size = args.mib * CHUNK
     raw = raw_libp2p_echo(size)
     raw_saf = raw_libp2p_echo(size, store_and_forward=True)
+    raw_sealed = raw_libp2p_echo(size, sealed=True)
     ours, rss = p2pexec_echo(size)
     results = {"mib": args.mib, "raw_libp2p_MBps": 2 * size / raw / 1e6,
                "raw_libp2p_store_and_forward_MBps": 2 * size / raw_saf / 1e6,
+               "raw_libp2p_secretstream_store_and_forward_MBps": 2 * size / raw_sealed / 1e6,
                "p2pexec_MBps": 2 * size / ours / 1e6, "p2pexec_client_rss_growth_x_payload": rss}
     results["ratio"] = results["p2pexec_MBps"] / results["raw_libp2p_MBps"]
     results["ratio_store_and_forward"] = results["p2pexec_MBps"] / results["raw_libp2p_store_and_forward_MBps"]
+    results["ratio_secretstream"] = (results["p2pexec_MBps"]
+                                     / results["raw_libp2p_secretstream_store_and_forward_MBps"])
     print(f"{args.mib} MiB echoed (both directions counted)")
     print(f"  raw py-libp2p stream (Noise+yamux), pipelined echo:  {results['raw_libp2p_MBps']:7.1f} MB/s")
     print(f"  raw py-libp2p stream, store-and-forward echo:        "
           f"{results['raw_libp2p_store_and_forward_MBps']:7.1f} MB/s")
+    print(f"  raw stream + secretstream both ways, store-and-forward: "
+          f"{results['raw_libp2p_secretstream_store_and_forward_MBps']:5.1f} MB/s")
     print(f"  P2PExecutor submit(echo, data):                      {results['p2pexec_MBps']:7.1f} MB/s   "
-          f"ratio {results['ratio']:.2f}x pipelined, {results['ratio_store_and_forward']:.2f}x store-and-forward; "
+          f"ratio {results['ratio']:.2f}x pipelined, {results['ratio_store_and_forward']:.2f}x store-and-forward, "
+          f"{results['ratio_secretstream']:.2f}x secretstream store-and-forward; "
           f"client peak RSS growth {rss:.2f}x payload")
     write_json(args.json, results)
     return 0
