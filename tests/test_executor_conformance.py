@@ -236,7 +236,7 @@ def test_shutdown_cancel_futures(cluster):
         futures.wait([first], timeout=0.05)
     ex.shutdown(wait=True, cancel_futures=True)
     assert first.result() == "first"
-    assert sum(f.cancelled() for f in rest) >= 4
+    assert all(f.cancelled() for f in rest)  # none had started: withdrawn wherever they waited
 
 
 def test_task_killing_its_process_fails_that_task_and_worker_survives(executor):
