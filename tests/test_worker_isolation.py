@@ -1,4 +1,9 @@
-"""The worker daemon never unpickles task payloads: it does not even load dill."""
+"""Task code is kept apart from the worker daemon and from other members' tasks.
+
+The daemon never unpickles task payloads (it does not even load dill); a task
+process is never shared between members; what a task process claims cannot
+break the daemon.
+"""
 
 from __future__ import annotations
 
@@ -35,3 +40,48 @@ def test_demo_command_runs_the_full_path():
     assert done.returncode == 0, done.stderr
     assert "[0, 1, 4, 9, 16, 25, 36, 49]" in done.stdout
     assert re.search(r"^workers used: [12] of 2$", done.stdout, re.MULTILINE)
+
+
+def leave_a_mark(tag):
+    import builtins
+
+    previous = getattr(builtins, "_p2pexec_test_mark", None)
+    builtins._p2pexec_test_mark = tag  # what a hostile task would do: patch its process for later tasks
+    return previous
+
+
+def test_a_task_process_is_never_shared_between_members():
+    from p2pexec import LocalCluster
+
+    with LocalCluster(workers=1, slots=1) as lc:
+        with lc.executor() as alice:
+            assert alice.submit(leave_a_mark, "alice").result(timeout=60) is None
+            assert alice.submit(leave_a_mark, "alice again").result(timeout=60) == "alice"  # her own process
+        with lc.executor(identity=lc.worker_identity, user=lc.worker_user) as friend:
+            assert friend.submit(leave_a_mark, "friend").result(timeout=60) is None  # a fresh process
+
+
+def forge_a_huge_outcome():
+    import fcntl
+    import os
+    import stat
+    import struct
+    import time
+
+    for fd in range(3, 256):  # find the pipe to the worker daemon, as hostile code could
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+                os.write(fd, struct.pack(">Q", 1 << 62))  # "here come 4 EiB"
+        except OSError:
+            pass
+    time.sleep(60)
+
+
+def test_a_task_announcing_an_outcome_too_big_to_hold_fails_alone(cluster):
+    from p2pexec import TaskProcessDiedError
+
+    with cluster.executor() as ex:
+        with pytest.raises(TaskProcessDiedError, match="does not fit in this worker's memory"):
+            ex.submit(forge_a_huge_outcome).result(timeout=60)
+        assert list(ex.map(abs, range(-5, 0))) == [5, 4, 3, 2, 1]
+    assert all(w.popen.poll() is None for w in cluster.workers)

@@ -30,6 +30,7 @@ from nacl.exceptions import CryptoError
 from ..errors import ProtocolError
 
 LENGTH = struct.Struct(">I")
+TASK_LENGTH = struct.Struct(">Q")  # a task or outcome on the pipes between a worker and its task process
 HEADER_BYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
 _TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 _OP = struct.Struct(">BQQ")  # op, arg, data length: ops are self-delimiting, several fit in one message

@@ -182,6 +182,8 @@ class WorkerDaemon:
                 channel = await SecureChannel.establish(framed, rx, tx)
             framed.decoder.max_frame = MAX_FRAME
             framed.silence_limit = SILENCE_SECONDS
+            for slot in slots:
+                await slot.assign(accept.sender)
             log.info("lease for %s with %d slot(s) started", accept.sender, len(slots))
             try:
                 await self._serve_lease(channel, slots, accept.sender, accept["req"])
@@ -192,6 +194,10 @@ class WorkerDaemon:
         except* (ProtocolError, messages.InvalidMessage, trio.TooSlowError) as group:  # nurseries group them
             exc = group.exceptions[0]
             log.warning("dropped a lease stream: %s", exc or type(exc).__name__)
+            await framed.reset()
+        except* Exception as group:  # a bug of ours must cost one lease, not the worker
+            log.error("dropped a lease stream after an unexpected error; please report it",
+                      exc_info=group.exceptions[0])
             await framed.reset()
         finally:
             self.free.extend(slots)

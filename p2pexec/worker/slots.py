@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from ..protocol.frames import LENGTH, Buffer
+from ..protocol.frames import TASK_LENGTH, Buffer
 
 log = logging.getLogger("p2pexec.worker")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -52,6 +52,18 @@ class TaskSlot:
     def __init__(self, index: int) -> None:
         self.index = index
         self._proc: trio.Process | None = None
+        self.member: str | None = None  # whose code the current process has run
+
+    async def assign(self, member: str) -> None:
+        """Serve ``member`` next, in a process no other member's task has run in.
+
+        A task can change its process for good (patch modules, start
+        threads); a process is therefore never shared between members, only
+        reused for the same member's next lease.
+        """
+        if self.member not in (None, member):
+            await self.stop()  # the next task starts a fresh process
+        self.member = member
 
     async def start(self) -> None:
         env = dict(os.environ)
@@ -63,11 +75,11 @@ class TaskSlot:
         for pipe in (proc.stdin, proc.stdout):
             _widen(pipe)
         try:
-            ready = await self._receive_exactly(proc, LENGTH.size)
+            ready = await self._receive_exactly(proc, TASK_LENGTH.size)
         except EOFError:
             await proc.wait()
             raise TaskProcessDied(f"a new task process {describe_exit(proc.returncode)} while starting") from None
-        if ready != LENGTH.pack(0):
+        if ready != TASK_LENGTH.pack(0):
             proc.kill()
             raise TaskProcessDied("a new task process sent garbage instead of its ready signal")
         self._proc = proc
@@ -81,12 +93,21 @@ class TaskSlot:
         try:
             size = memoryview(payload).nbytes
             if size <= 1 << 16:  # one write, one wake-up of the task process
-                await proc.stdin.send_all(LENGTH.pack(size) + bytes(payload))
+                await proc.stdin.send_all(TASK_LENGTH.pack(size) + bytes(payload))
             else:
-                await proc.stdin.send_all(LENGTH.pack(size))
+                await proc.stdin.send_all(TASK_LENGTH.pack(size))
                 await proc.stdin.send_all(payload)
-            header = await self._receive_exactly(proc, LENGTH.size)
-            return await self._receive_exactly(proc, LENGTH.unpack(header)[0])
+            header = await self._receive_exactly(proc, TASK_LENGTH.size)
+            (size,) = TASK_LENGTH.unpack(header)
+            try:
+                outcome = bytearray(size)
+            except (MemoryError, OverflowError):
+                self._proc = None
+                proc.kill()
+                await proc.wait()
+                raise TaskProcessDied(f"the task's outcome ({size} bytes) does not fit in this worker's memory") \
+                    from None
+            return await self._receive_into(proc, outcome)
         except trio.Cancelled:
             # Abandoned mid-task (the lease ended): the process state is unknown.
             self._proc = None
@@ -103,11 +124,14 @@ class TaskSlot:
             self._proc = None
             raise TaskProcessDied(f"the task process {describe_exit(proc.returncode)}") from None
 
+    @classmethod
+    async def _receive_exactly(cls, proc: trio.Process, n: int) -> bytearray:
+        return await cls._receive_into(proc, bytearray(n))
+
     @staticmethod
-    async def _receive_exactly(proc: trio.Process, n: int) -> bytearray:
+    async def _receive_into(proc: trio.Process, buf: bytearray) -> bytearray:
         assert proc.stdout is not None
-        buf = bytearray(n)
-        got = 0
+        got, n = 0, len(buf)
         while got < n:
             chunk = await proc.stdout.receive_some(min(n - got, 1 << 20))
             if not chunk:

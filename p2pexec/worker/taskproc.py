@@ -16,7 +16,7 @@ import signal
 import sys
 import tempfile
 
-from ..protocol.frames import LENGTH
+from ..protocol.frames import TASK_LENGTH
 
 SMALL = 1 << 16
 from ..tasks import dump_outcome, load_task
@@ -73,12 +73,12 @@ class _Capture:
 
 def serve(proto_in: int, proto_out: int) -> None:
     capture = _Capture()
-    _write_all(proto_out, LENGTH.pack(0))  # ready: imports done
+    _write_all(proto_out, TASK_LENGTH.pack(0))  # ready: imports done
     while True:
-        header = _read_exact(proto_in, LENGTH.size)
+        header = _read_exact(proto_in, TASK_LENGTH.size)
         if header is None:
             return
-        (n,) = LENGTH.unpack(header)
+        (n,) = TASK_LENGTH.unpack(header)
         payload = _read_exact(proto_in, n)
         if payload is None:
             return
@@ -97,7 +97,7 @@ def serve(proto_in: int, proto_out: int) -> None:
         stdout, stderr = capture.collect(out, err)
         parts = dump_outcome(ok, value, stdout, stderr)
         del value
-        _write_all(proto_out, LENGTH.pack(sum(memoryview(p).nbytes for p in parts)), *parts)
+        _write_all(proto_out, TASK_LENGTH.pack(sum(memoryview(p).nbytes for p in parts)), *parts)
         del parts
 
 
