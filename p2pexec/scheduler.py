@@ -343,6 +343,10 @@ class ClientScheduler:
                 self.banned[lease.peer] = reason
                 log.warning("dropped worker %s (peer %s), which broke the protocol: %s; its tasks run elsewhere "
                             "and this executor will not use it again", lease.worker, lease.peer, exc)
+        except* Exception as group:  # a bug of ours must cost one lease, not every future of the executor
+            reason = f"unexpected error: {group.exceptions[0]!r}"
+            log.error("lease with worker %s failed; its tasks are retried. Please report this:", lease.worker,
+                      exc_info=group.exceptions[0])
         finally:
             self.leases.remove(lease)
             self._requeue(lease, reason)
