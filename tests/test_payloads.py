@@ -36,3 +36,21 @@ def test_buffer_types_keep_their_type(cluster):
         for value in (big, bytearray(big), memoryview(big)):
             back = ex.submit(echo, value).result()
             assert type(back) is type(value) and bytes(back) == big
+
+
+def scribble(view):
+    import hashlib
+
+    before = hashlib.sha256(view).hexdigest()
+    view[:] = bytes(len(view))  # a task may write into its arguments: its own copy, never the worker's
+    return before, hashlib.sha256(view).hexdigest()
+
+
+def test_tasks_may_write_into_big_buffer_arguments(cluster):
+    import hashlib
+
+    data = memoryview(bytearray(os.urandom(2 * MIB)))
+    with cluster.executor() as ex:
+        results = [f.result(timeout=60) for f in [ex.submit(scribble, data) for _ in range(4)]]
+    zeros = hashlib.sha256(bytes(2 * MIB)).hexdigest()
+    assert results == [(hashlib.sha256(data).hexdigest(), zeros)] * 4

@@ -61,27 +61,54 @@ def test_a_task_process_is_never_shared_between_members():
             assert friend.submit(leave_a_mark, "friend").result(timeout=60) is None  # a fresh process
 
 
-def forge_a_huge_outcome():
-    import fcntl
+def _hop_socket():
+    """The task process's socket to its worker daemon, found as hostile code could find it."""
     import os
+    import socket
     import stat
-    import struct
-    import time
 
-    for fd in range(3, 256):  # find the pipe to the worker daemon, as hostile code could
+    for fd in range(3, 256):
         try:
-            if stat.S_ISFIFO(os.fstat(fd).st_mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
-                os.write(fd, struct.pack(">Q", 1 << 62))  # "here come 4 EiB"
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return socket.socket(fileno=os.dup(fd))
         except OSError:
             pass
+    raise RuntimeError("no hop socket")
+
+
+def forge_an_outcome(how):
+    import os
+    import socket
+    import time
+
+    from p2pexec.worker.hop import HEADER, INLINE, SHARED
+
+    hop = _hop_socket()
+    if how == "huge":
+        hop.sendall(HEADER.pack(INLINE, 0, 1 << 62))  # "here come 4 EiB"
+    elif how == "unsealed":  # a memory file it could shrink under the daemon's feet
+        fd = os.memfd_create("forged")
+        os.ftruncate(fd, 1 << 20)
+        socket.send_fds(hop, [HEADER.pack(SHARED, 0, 1 << 20)], [fd])
+    elif how == "pipe":
+        reader, _ = os.pipe()
+        socket.send_fds(hop, [HEADER.pack(SHARED, 0, 1 << 20)], [reader])
+    elif how == "fds-inline":
+        socket.send_fds(hop, [HEADER.pack(INLINE, 0, 0)], [0, 1, 2])
     time.sleep(60)
 
 
-def test_a_task_announcing_an_outcome_too_big_to_hold_fails_alone(cluster):
+@pytest.mark.parametrize("how, error", [
+    ("huge", "does not fit in this worker's memory"),
+    ("unsealed", "unusable shared outcome: the shared outcome is not sealed"),
+    ("pipe", "unusable shared outcome: the shared outcome is not a memory file"),
+    ("fds-inline", "broke the hop protocol"),
+])
+def test_a_task_process_lying_to_its_daemon_fails_that_task_alone(cluster, how, error):
     from p2pexec import TaskProcessDiedError
 
     with cluster.executor() as ex:
-        with pytest.raises(TaskProcessDiedError, match="does not fit in this worker's memory"):
-            ex.submit(forge_a_huge_outcome).result(timeout=60)
+        with pytest.raises(TaskProcessDiedError, match=error):
+            ex.submit(forge_an_outcome, how).result(timeout=60)
         assert list(ex.map(abs, range(-5, 0))) == [5, 4, 3, 2, 1]
     assert all(w.popen.poll() is None for w in cluster.workers)

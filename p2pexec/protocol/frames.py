@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Union
 
 import nacl.bindings as sodium
@@ -30,10 +30,10 @@ from nacl.exceptions import CryptoError
 from ..errors import ProtocolError
 
 LENGTH = struct.Struct(">I")
-TASK_LENGTH = struct.Struct(">Q")  # a task or outcome on the pipes between a worker and its task process
 HEADER_BYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
 _TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 _OP = struct.Struct(">BQQ")  # op, arg, data length: ops are self-delimiting, several fit in one message
+OP_HEADER_BYTES = _OP.size
 
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -70,11 +70,16 @@ def chunk_message(parts: Sequence[Buffer], size: int = CHUNK) -> Iterator[bytes]
 
 
 class Reassembler:
-    """Rebuilds logical messages from their chunks; anything out of order is an error."""
+    """Rebuilds logical messages from their chunks; anything out of order is an error.
 
-    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+    ``allocate(size)`` makes the buffer a chunked message is rebuilt in (a
+    worker puts it in memory its task processes can read in place).
+    """
+
+    def __init__(self, max_message: int = MAX_MESSAGE, allocate: Callable[[int], Buffer] = bytearray) -> None:
         self.max_message = max_message
-        self._buf: bytearray | None = None
+        self._allocate = allocate
+        self._buf: Buffer | None = None
         self._filled = 0
 
     def feed(self, plaintext: bytes) -> memoryview | None:
@@ -90,8 +95,8 @@ class Reassembler:
             if total > self.max_message:
                 raise ProtocolError(f"peer announced a {total}-byte message, over the {self.max_message}-byte limit")
             try:
-                self._buf, self._filled = bytearray(total), 0
-            except MemoryError:
+                self._buf, self._filled = self._allocate(total), 0
+            except (MemoryError, OSError):
                 raise ProtocolError(f"no memory for the {total}-byte message the peer announced") from None
             return self._append(view[_TOTAL.size :], last=False)
         if kind in (_MORE, _LAST) and self._buf is not None:
@@ -101,13 +106,13 @@ class Reassembler:
     def _append(self, view: memoryview, last: bool) -> memoryview | None:
         assert self._buf is not None
         end = self._filled + view.nbytes
-        if end > len(self._buf):
+        if end > nbytes(self._buf):
             raise ProtocolError("chunked message longer than announced")
         self._buf[self._filled : end] = view
         self._filled = end
         if not last:
             return None
-        if end != len(self._buf):
+        if end != nbytes(self._buf):
             raise ProtocolError("chunked message shorter than announced")
         out, self._buf = memoryview(self._buf), None
         return out

@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from ..errors import ProtocolError
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..protocol.frames import (
     MAX_FRAME, Buffer, FrameDecoder, Opener, Op, Reassembler, Sealer, chunk_message, encode_frame, encode_op,
@@ -82,21 +82,23 @@ class SecureChannel:
     another's.
     """
 
-    def __init__(self, framed: FramedStream, sealer: Sealer, opener: Opener) -> None:
+    def __init__(self, framed: FramedStream, sealer: Sealer, opener: Opener,
+                 allocate: Callable[[int], Buffer] = bytearray) -> None:
         self.framed = framed
         self._sealer = sealer
         self._opener = opener
-        self._reassembler = Reassembler()
+        self._reassembler = Reassembler(allocate=allocate)
         self._send_lock = trio.StrictFIFOLock()
 
     @classmethod
-    async def establish(cls, framed: FramedStream, rx_key: bytes, tx_key: bytes) -> "SecureChannel":
+    async def establish(cls, framed: FramedStream, rx_key: bytes, tx_key: bytes,
+                        allocate: Callable[[int], Buffer] = bytearray) -> "SecureChannel":
         sealer = Sealer(tx_key)
         await framed.send(sealer.header)
         header = await framed.recv()
         if header is None:
             raise PeerLost("peer closed the stream during the key exchange")
-        return cls(framed, sealer, Opener(rx_key, header))
+        return cls(framed, sealer, Opener(rx_key, header), allocate)
 
     async def send(self, message: Buffer | Sequence[Buffer], final: bool = False) -> None:
         parts = [message] if isinstance(message, (bytes, bytearray, memoryview)) else message

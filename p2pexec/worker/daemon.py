@@ -25,12 +25,15 @@ from ..board.client import BoardSession
 from ..config import Participant
 from ..errors import ProtocolError
 from ..protocol import messages
-from ..protocol.frames import MAX_FRAME, Buffer, Op, decode_ops, encode_op, op_parts, session_keys
+from ..protocol.frames import (
+    MAX_FRAME, OP_HEADER_BYTES, Buffer, Op, decode_ops, encode_op, op_parts, session_keys,
+)
 from ..protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS, CreditLedger
 from ..protocol.matching import python_compatible, slots_to_offer
 from ..status import AnswerObservers
 from ..transport.channel import FramedStream, SecureChannel
 from ..transport.host import Libp2pHost
+from . import hop
 from .slots import TaskProcessDied, TaskSlot
 
 log = logging.getLogger("p2pexec.worker")
@@ -52,6 +55,9 @@ class WorkerConfig:
     known_hosts: Path = Path("~/.ssh/known_hosts")
     accept_new_host_key: bool = False
     lease_seconds: float = 30.0
+
+
+Task = tuple[int, memoryview, "tuple[int, int] | None"]  # id, payload, (memfd, offset) if shared
 
 
 @dataclass
@@ -179,7 +185,7 @@ class WorkerDaemon:
                 if not slots:
                     raise ProtocolError("no free slot left for this accept")
                 rx, tx = session_keys("worker", self._kx_pk, self._kx_sk, messages.unb64(accept["kx"], 32))
-                channel = await SecureChannel.establish(framed, rx, tx)
+                channel = await SecureChannel.establish(framed, rx, tx, allocate=hop.allocate)
             framed.decoder.max_frame = MAX_FRAME
             framed.silence_limit = SILENCE_SECONDS
             for slot in slots:
@@ -232,7 +238,7 @@ class WorkerDaemon:
         writes the final END, so no write is ever cancelled halfway.
         """
         ledger = CreditLedger(len(slots))
-        send_tasks, receive_tasks = trio.open_memory_channel[tuple[int, memoryview]](math.inf)
+        send_tasks, receive_tasks = trio.open_memory_channel[Task](math.inf)
         outbox: list[Buffer] = []
         mail = trio.Event()
         finished = False
@@ -243,22 +249,22 @@ class WorkerDaemon:
 
         stoppers: dict[int, trio.CancelScope] = {}  # running task id -> what interrupts it
 
-        async def run_slot(slot: TaskSlot, tasks: trio.MemoryReceiveChannel[tuple[int, memoryview]]) -> None:
+        async def run_slot(slot: TaskSlot, tasks: trio.MemoryReceiveChannel[Task]) -> None:
             async with tasks:
-                async for task_id, payload in tasks:
+                async for task_id, payload, shared in tasks:
                     if not ledger.task_started(task_id):
                         continue  # withdrawn while it waited, and answered then
                     started = trio.current_time()
                     with trio.CancelScope() as stopper:
                         stoppers[task_id] = stopper
                         try:
-                            op = op_parts(Op.RESULT, task_id, await slot.run(payload))
+                            op = op_parts(Op.RESULT, task_id, await slot.run(payload, shared))
                         except TaskProcessDied as exc:
                             log.warning("task %d of %s: %s", task_id, client, exc)
                             op = op_parts(Op.FAILED, task_id, str(exc).encode())
                         finally:
                             del stoppers[task_id]
-                    del payload
+                    del payload, shared
                     if stopper.cancelled_caught:
                         log.info("task %d of %s interrupted as asked", task_id, client)
                         op = op_parts(Op.CANCELLED, task_id)
@@ -294,12 +300,16 @@ class WorkerDaemon:
         async def receive() -> None:
             async with send_tasks:
                 while (plaintext := await channel.recv()) is not None:
+                    memfd = hop.shared_fd(plaintext.obj)  # a big message lands in shared memory
+                    end = 0
                     for op, arg, data in decode_ops(plaintext):
+                        start, end = end + OP_HEADER_BYTES, end + OP_HEADER_BYTES + data.nbytes
                         if op is Op.END:
                             return
                         if op is Op.TASK:
                             ledger.task_received(arg)
-                            send_tasks.send_nowait((arg, data))
+                            shared = (memfd, start) if memfd is not None and data.nbytes >= hop.SHARED_MIN else None
+                            send_tasks.send_nowait((arg, data, shared))
                         elif op is Op.PING:
                             pass
                         elif op in (Op.WITHDRAW, Op.INTERRUPT):

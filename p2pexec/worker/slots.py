@@ -1,22 +1,24 @@
-"""Execution slots: each one a long-lived task process driven from trio."""
+"""Execution slots: each one a long-lived task process driven from trio, over the hop of :mod:`.hop`."""
 
 from __future__ import annotations
 
-import fcntl
+import array
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from ..protocol.frames import TASK_LENGTH, Buffer
+from ..protocol.frames import Buffer, nbytes
+from .hop import HEADER, INLINE, SHARED, map_outcome
 
 log = logging.getLogger("p2pexec.worker")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_MAX_FDS = 4  # room for more file descriptors than a well-behaved task process sends, to close the extras
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -31,19 +33,8 @@ def describe_exit(returncode: int | None) -> str:
     return f"exited with status {returncode}"
 
 
-PIPE_BYTES = 1 << 20
-
-
-def _widen(pipe: Any) -> None:
-    """1 MiB pipes, not 64 KiB: 256 MiB crossed in 0.28 s instead of 0.44-0.77 s here."""
-    try:
-        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-    except (OSError, AttributeError):
-        pass  # not Linux, or over /proc/sys/fs/pipe-max-size: the default size works, more slowly
-
-
 class TaskProcessDied(Exception):
-    """The task process ended while running a task; its message says how."""
+    """The task process ended while running a task, or broke the hop; its message says how."""
 
 
 class TaskSlot:
@@ -52,6 +43,7 @@ class TaskSlot:
     def __init__(self, index: int) -> None:
         self.index = index
         self._proc: trio.Process | None = None
+        self._sock: trio.socket.SocketType | None = None
         self.member: str | None = None  # whose code the current process has run
 
     async def assign(self, member: str) -> None:
@@ -68,83 +60,143 @@ class TaskSlot:
     async def start(self) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "p2pexec.worker.taskproc"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-        )
-        for pipe in (proc.stdin, proc.stdout):
-            _widen(pipe)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            ready = await self._receive_exactly(proc, TASK_LENGTH.size)
-        except EOFError:
-            await proc.wait()
-            raise TaskProcessDied(f"a new task process {describe_exit(proc.returncode)} while starting") from None
-        if ready != TASK_LENGTH.pack(0):
-            proc.kill()
-            raise TaskProcessDied("a new task process sent garbage instead of its ready signal")
-        self._proc = proc
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "p2pexec.worker.taskproc", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=env,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._proc, self._sock = proc, trio.socket.from_stdlib_socket(ours)
+        try:
+            ready = await self._receive_outcome()
+        except TaskProcessDied as exc:
+            raise TaskProcessDied(f"a new task process failed while starting: {exc}") from None
+        if nbytes(ready) != 0:
+            raise await self._end("a new task process sent data instead of its ready signal")
 
-    async def run(self, payload: Buffer) -> bytearray:
-        """Run one task payload; returns the outcome bytes or raises TaskProcessDied."""
+    async def run(self, payload: Buffer, shared: tuple[int, int] | None = None) -> Buffer:
+        """Run one task; ``shared`` is (memfd, offset) when the payload lies in shared memory.
+
+        Returns the outcome bytes or raises TaskProcessDied.
+        """
         if self._proc is None or self._proc.returncode is not None:
             await self.start()
         proc = self._proc
-        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        assert proc is not None
         try:
-            size = memoryview(payload).nbytes
-            if size <= 1 << 16:  # one write, one wake-up of the task process
-                await proc.stdin.send_all(TASK_LENGTH.pack(size) + bytes(payload))
+            size = nbytes(payload)
+            if shared is not None:
+                fd, offset = shared
+                await self._send_with_fd(HEADER.pack(SHARED, offset, size), fd)
+            elif size <= 1 << 16:  # one write, one wake-up of the task process
+                await self._send_all(HEADER.pack(INLINE, 0, size) + bytes(payload))
             else:
-                await proc.stdin.send_all(TASK_LENGTH.pack(size))
-                await proc.stdin.send_all(payload)
-            header = await self._receive_exactly(proc, TASK_LENGTH.size)
-            (size,) = TASK_LENGTH.unpack(header)
-            try:
-                outcome = bytearray(size)
-            except (MemoryError, OverflowError):
-                self._proc = None
-                proc.kill()
-                await proc.wait()
-                raise TaskProcessDied(f"the task's outcome ({size} bytes) does not fit in this worker's memory") \
-                    from None
-            return await self._receive_into(proc, outcome)
+                await self._send_all(HEADER.pack(INLINE, 0, size))
+                await self._send_all(payload)
+            return await self._receive_outcome()
         except trio.Cancelled:
-            # Abandoned mid-task (the lease ended): the process state is unknown.
-            self._proc = None
+            # Abandoned mid-task (interrupted, or the lease ended): the process state is unknown.
+            self._forget()
             proc.kill()
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await proc.wait()
             raise
-        except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
+        except OSError:  # the socket broke: the process died
+            raise await self._end(None) from None
+
+    # -- the hop ------------------------------------------------------------------------
+    async def _send_all(self, data: Buffer) -> None:
+        assert self._sock is not None
+        with memoryview(data) as view:
+            view = view.cast("B")
+            while view:
+                view = view[await self._sock.send(view) :]
+
+    async def _send_with_fd(self, header: bytes, fd: int) -> None:
+        assert self._sock is not None
+        fds = array.array("i", [fd]).tobytes()
+        sent = await self._sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        await self._send_all(header[sent:])
+
+    async def _receive_outcome(self) -> Buffer:
+        """One message from the task process: inline bytes, or a view of its sealed shared memory."""
+        assert self._sock is not None
+        data, ancillary, _, _ = await self._sock.recvmsg(HEADER.size, socket.CMSG_SPACE(_MAX_FDS * 4))
+        fds = _received_fds(ancillary)
+        try:
+            if not data:
+                raise await self._end(None)
+            header = bytearray(data)
+            await self._receive_into(memoryview(bytearray(HEADER.size - len(header))), header)
+            kind, offset, size = HEADER.unpack(header)
+            if kind == SHARED and len(fds) == 1:
+                try:
+                    return map_outcome(fds[0], offset, size)
+                except (ValueError, OSError) as exc:
+                    raise await self._end(f"the task process sent an unusable shared outcome: {exc}") from None
+            if kind != INLINE or fds:
+                raise await self._end("the task process broke the hop protocol")
+            try:
+                outcome = bytearray(size)
+            except (MemoryError, OverflowError):
+                raise await self._end(f"the task's outcome ({size} bytes) does not fit in this worker's memory") \
+                    from None
+            await self._receive_into(memoryview(outcome))
+            return outcome
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    async def _receive_into(self, view: memoryview, collected: bytearray | None = None) -> None:
+        """Fill ``view`` from the socket (then append it to ``collected`` if given)."""
+        assert self._sock is not None
+        target = view
+        while target:
+            count = await self._sock.recv_into(target)
+            if not count:
+                raise await self._end(None)
+            target = target[count:]
+        if collected is not None:
+            collected += view
+
+    async def _end(self, why: str | None) -> TaskProcessDied:
+        """End the process; the error to raise says ``why``, or how the process ended."""
+        proc = self._proc
+        self._forget()
+        if proc is not None:
+            if why is not None:
+                proc.kill()
             with trio.move_on_after(5):
                 await proc.wait()
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-            self._proc = None
-            raise TaskProcessDied(f"the task process {describe_exit(proc.returncode)}") from None
+        return TaskProcessDied(why or f"the task process {describe_exit(proc.returncode if proc else None)}")
 
-    @classmethod
-    async def _receive_exactly(cls, proc: trio.Process, n: int) -> bytearray:
-        return await cls._receive_into(proc, bytearray(n))
-
-    @staticmethod
-    async def _receive_into(proc: trio.Process, buf: bytearray) -> bytearray:
-        assert proc.stdout is not None
-        got, n = 0, len(buf)
-        while got < n:
-            chunk = await proc.stdout.receive_some(min(n - got, 1 << 20))
-            if not chunk:
-                raise EOFError
-            buf[got : got + len(chunk)] = chunk
-            got += len(chunk)
-        return buf
+    def _forget(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._proc, self._sock = None, None
 
     async def stop(self) -> None:
-        proc, self._proc = self._proc, None
+        proc = self._proc
+        self._forget()
         if proc is None:
             return
         if proc.returncode is None:
             proc.kill()
         with trio.move_on_after(5):
             await proc.wait()
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)

@@ -1,11 +1,11 @@
 """The task process: the only place on a worker where task payloads are unpickled.
 
-Started by the worker daemon as ``python -m p2pexec.worker.taskproc``; it
-says it is ready with an empty frame, then reads length-prefixed task
-payloads on stdin and answers each with a length-prefixed outcome on stdout.  File descriptors 0-2 are pointed away
-from the protocol pipes at start, so a task that prints, or a C library
-that writes to fd 1, cannot corrupt the protocol; whatever a task writes to
-fd 1 or 2 is captured and sent back with its outcome.
+Started by the worker daemon as ``python -m p2pexec.worker.taskproc FD``,
+FD being its end of the hop socket (:mod:`.hop`); it says it is ready with
+an empty message, then answers each task with its outcome.  File
+descriptors 0-2 point away from the hop, so a task that prints, or a C
+library that writes to fd 1, cannot corrupt the protocol; whatever a task
+writes to fd 1 or 2 is captured and sent back with its outcome.
 """
 
 from __future__ import annotations
@@ -13,34 +13,24 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import sys
 import tempfile
 
-from ..protocol.frames import TASK_LENGTH
-
-SMALL = 1 << 16
+from ..protocol.frames import nbytes
 from ..tasks import dump_outcome, load_task
+from .hop import HEADER, INLINE, SHARED, SHARED_MIN, map_payload, share_outcome
 
 
 def _read_exact(fd: int, n: int) -> bytearray | None:
-    buf = bytearray(n)  # filled in place: a big task is held once, not in pieces and again joined
+    buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
-        count = os.readv(fd, [view[got : got + (1 << 20)]])
+        count = os.readv(fd, [view[got:]])
         if not count:
             return None
         got += count
     return buf
-
-
-def _write_all(fd: int, *parts: bytes | memoryview) -> None:
-    """One write for small messages (one wake-up of the daemon), no joined copy for large ones."""
-    if sum(memoryview(p).nbytes for p in parts) <= SMALL:
-        parts = (b"".join(parts),)
-    for part in parts:
-        view = memoryview(part).cast("B")
-        while view:
-            view = view[os.write(fd, view) :]
 
 
 class _Capture:
@@ -71,15 +61,54 @@ class _Capture:
         return texts[0], texts[1]
 
 
-def serve(proto_in: int, proto_out: int) -> None:
-    capture = _Capture()
-    _write_all(proto_out, TASK_LENGTH.pack(0))  # ready: imports done
-    while True:
-        header = _read_exact(proto_in, TASK_LENGTH.size)
-        if header is None:
+def _receive(sock: socket.socket) -> bytearray | memoryview | None:
+    """The next task payload from the daemon, or None once it is gone."""
+    data, fds, _, _ = socket.recv_fds(sock, HEADER.size, 1)
+    try:
+        header = bytearray(data)
+        while data and len(header) < HEADER.size:
+            data = sock.recv(HEADER.size - len(header))
+            header += data
+        if not data:
+            return None
+        kind, offset, size = HEADER.unpack(header)
+        if kind == SHARED and len(fds) == 1:
+            return map_payload(fds[0], offset, size)
+        payload = bytearray(size)  # filled in place: a big task is held once, not in pieces and again joined
+        view = memoryview(payload)
+        while view:
+            count = sock.recv_into(view)
+            if not count:
+                return None
+            view = view[count:]
+        return payload
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _send(sock: socket.socket, parts: list) -> None:
+    """The outcome: through shared memory when big, else inline in one write."""
+    size = sum(nbytes(p) for p in parts)
+    if size >= SHARED_MIN:
+        try:
+            fd = share_outcome(parts, size)
+        except OSError:
+            pass  # no memfd here: inline it is
+        else:
+            try:
+                socket.send_fds(sock, [HEADER.pack(SHARED, 0, size)], [fd])
+            finally:
+                os.close(fd)
             return
-        (n,) = TASK_LENGTH.unpack(header)
-        payload = _read_exact(proto_in, n)
+    sock.sendall(b"".join([HEADER.pack(INLINE, 0, size), *parts]))
+
+
+def serve(sock: socket.socket) -> None:
+    capture = _Capture()
+    sock.sendall(HEADER.pack(INLINE, 0, 0))  # ready: imports done
+    while True:
+        payload = _receive(sock)
         if payload is None:
             return
         out, err = capture.start()
@@ -97,19 +126,15 @@ def serve(proto_in: int, proto_out: int) -> None:
         stdout, stderr = capture.collect(out, err)
         parts = dump_outcome(ok, value, stdout, stderr)
         del value
-        _write_all(proto_out, TASK_LENGTH.pack(sum(memoryview(p).nbytes for p in parts)), *parts)
+        _send(sock, parts)
         del parts
 
 
 def main() -> None:
     # Ctrl-C in the worker's terminal is for the daemon, which ends us itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Keep private copies of the protocol pipes, then point 0 at /dev/null.
-    proto_in, proto_out = os.dup(0), os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
     sys.stdin = open(os.devnull)
-    serve(proto_in, proto_out)
+    serve(socket.socket(fileno=int(sys.argv[1])))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""The hop between a worker daemon and its task processes: a Unix socket, plus shared memory for big data.
+
+Each message is a header ``(kind, offset, size)``.  An INLINE message's
+``size`` bytes follow on the socket.  A SHARED message carries one file
+descriptor (SCM_RIGHTS) of a sealed memfd holding the data at
+``offset``: a big task payload is decrypted by the daemon straight into
+such a memfd and read in place by the task process, and a big outcome is
+written by the task process into one that the daemon sends from.  No
+pipe copies, no second buffer of the size of the payload.
+
+The daemon trusts nothing a task process sends: a shared outcome must be
+a memfd sealed against shrinking (so the daemon's mapping can never
+fault) and large enough for what the header claims.
+
+Used by the daemon and by the task process, so it imports neither trio
+nor dill.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import stat
+import struct
+import weakref
+from collections.abc import Sequence
+
+HEADER = struct.Struct(">BQQ")
+INLINE, SHARED = 0, 1
+SHARED_MIN = 1 << 20  # smaller data is cheaper to copy through the socket
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+_fds: "weakref.WeakKeyDictionary[mmap.mmap, int]" = weakref.WeakKeyDictionary()
+
+
+def allocate(size: int) -> mmap.mmap:
+    """A writable buffer in a sealed memfd that task processes can be given; freed with its last view."""
+    fd = os.memfd_create("p2pexec-data", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        buffer = mmap.mmap(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    _fds[buffer] = fd
+    weakref.finalize(buffer, os.close, fd)
+    return buffer
+
+
+def shared_fd(owner: object) -> int | None:
+    """The memfd behind a buffer made by :func:`allocate` (e.g. ``view.obj``), else None."""
+    try:
+        return _fds.get(owner)  # type: ignore[arg-type]
+    except TypeError:  # not weak-referenceable: not ours
+        return None
+
+
+def map_outcome(fd: int, offset: int, size: int) -> memoryview:
+    """Map a task process's shared outcome read-only, after checking it cannot change size under us."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("the shared outcome is not a memory file")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise ValueError("the shared outcome is not a sealable memory file") from None
+    if seals & _SEALS != _SEALS:
+        raise ValueError("the shared outcome is not sealed against resizing")
+    if size == 0 or offset + size > info.st_size:
+        raise ValueError(f"the shared outcome claims {size} bytes at {offset} of a {info.st_size}-byte file")
+    buffer = mmap.mmap(fd, info.st_size, prot=mmap.PROT_READ)
+    return memoryview(buffer)[offset : offset + size]
+
+
+def share_outcome(parts: Sequence[bytes | bytearray | memoryview], size: int) -> int:
+    """Write an outcome into a new sealed memfd (task process side); the caller sends and closes it."""
+    fd = os.memfd_create("p2pexec-outcome", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        offset = 0
+        for part in parts:
+            view = memoryview(part).cast("B")
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def map_payload(fd: int, offset: int, size: int) -> memoryview:
+    """A task process's private, writable view of a shared payload (copy-on-write: the daemon's stays intact)."""
+    length = os.fstat(fd).st_size
+    if offset + size > length:
+        raise ValueError(f"the shared payload claims {size} bytes at {offset} of a {length}-byte file")
+    buffer = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return memoryview(buffer)[offset : offset + size]
