@@ -131,9 +131,9 @@ class TaskSlot:
         try:
             if not data:
                 raise await self._end(None)
-            header = bytearray(data)
-            await self._receive_into(memoryview(bytearray(HEADER.size - len(header))), header)
-            kind, offset, size = HEADER.unpack(header)
+            rest = bytearray(HEADER.size - len(data))  # a stream socket may split even a short header
+            await self._receive_into(memoryview(rest))
+            kind, offset, size = HEADER.unpack(data + rest)
             if kind == SHARED and len(fds) == 1:
                 try:
                     return map_outcome(fds[0], offset, size)
@@ -152,17 +152,13 @@ class TaskSlot:
             for fd in fds:
                 os.close(fd)
 
-    async def _receive_into(self, view: memoryview, collected: bytearray | None = None) -> None:
-        """Fill ``view`` from the socket (then append it to ``collected`` if given)."""
+    async def _receive_into(self, view: memoryview) -> None:
         assert self._sock is not None
-        target = view
-        while target:
-            count = await self._sock.recv_into(target)
+        while view:
+            count = await self._sock.recv_into(view)
             if not count:
                 raise await self._end(None)
-            target = target[count:]
-        if collected is not None:
-            collected += view
+            view = view[count:]
 
     async def _end(self, why: str | None) -> TaskProcessDied:
         """End the process; the error to raise says ``why``, or how the process ended."""
