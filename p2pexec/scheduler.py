@@ -399,7 +399,7 @@ class ClientScheduler:
         channel = lease.channel
         assert channel is not None
         while (plaintext := await channel.recv()) is not None:
-            for op, arg, data in decode_ops(plaintext):
+            for op, arg, data, _ in decode_ops(plaintext):
                 if not self._apply(lease, op, arg, data):
                     return
 

@@ -76,7 +76,10 @@ def test_any_tampering_reordering_or_truncation_is_detected(messages, data):
 @given(st.lists(st.tuples(st.sampled_from(list(Op)), st.integers(0, 2**64 - 1), st.binary(max_size=50)),
                 max_size=10))
 def test_several_ops_per_message_roundtrip(ops):
-    assert list(decode_ops(b"".join(encode_op(*op) for op in ops))) == ops
+    message = b"".join(encode_op(*op) for op in ops)
+    decoded = list(decode_ops(message))
+    assert [(op, arg, data) for op, arg, data, _ in decoded] == ops
+    assert all(message[offset : offset + len(data)] == data for _, _, data, offset in decoded)
 
 
 @given(st.binary(max_size=60))

@@ -33,7 +33,6 @@ LENGTH = struct.Struct(">I")
 HEADER_BYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
 _TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 _OP = struct.Struct(">BQQ")  # op, arg, data length: ops are self-delimiting, several fit in one message
-OP_HEADER_BYTES = _OP.size
 
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -221,8 +220,8 @@ def encode_op(op: Op, arg: int = 0, data: Buffer = b"") -> bytes:
     return b"".join(op_parts(op, arg, data))
 
 
-def decode_ops(message: Buffer) -> Iterator[tuple[Op, int, memoryview]]:
-    """The operations of one logical message, in order; data are views into it."""
+def decode_ops(message: Buffer) -> Iterator[tuple[Op, int, memoryview, int]]:
+    """The operations of one logical message, in order: op, arg, data (a view into it) and the data's offset."""
     view, offset, end = memoryview(message), 0, memoryview(message).nbytes
     while offset < end:
         if end - offset < _OP.size:
@@ -235,7 +234,7 @@ def decode_ops(message: Buffer) -> Iterator[tuple[Op, int, memoryview]]:
             op = Op(code)
         except ValueError:
             raise ProtocolError(f"unknown lease operation {code}") from None
-        yield op, arg, view[offset : offset + n]
+        yield op, arg, view[offset : offset + n], offset
         offset += n
 
 

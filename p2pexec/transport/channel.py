@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
 
 from ..errors import ProtocolError
-from collections.abc import Callable, Sequence
-
 from ..protocol.frames import (
     MAX_FRAME, Buffer, FrameDecoder, Opener, Op, Reassembler, Sealer, chunk_message, encode_frame, encode_op,
 )
@@ -42,23 +41,27 @@ class FramedStream:
     async def recv(self) -> bytes | None:
         """Next frame, or None on a clean end of stream."""
         while not self._frames:
-            try:
-                with trio.move_on_after(self.silence_limit) as silence:
-                    chunk = await self.stream.read(READ_SIZE)
-                if silence.cancelled_caught:
-                    raise PeerLost(f"the peer sent nothing for {self.silence_limit:g} s (frozen, or its network is gone)")
-            except (trio.Cancelled, PeerLost):
-                raise
-            except Exception as exc:
-                if type(exc).__name__ != "StreamEOF":
-                    raise PeerLost(f"receiving failed: {exc!r}") from None
-                chunk = b""
+            with trio.move_on_after(self.silence_limit) as silence:
+                chunk = await self._read()
+            if silence.cancelled_caught:
+                raise PeerLost(f"the peer sent nothing for {self.silence_limit:g} s (frozen, or its network is gone)")
             if not chunk:
                 if self.decoder.pending:
                     raise PeerLost("stream ended in the middle of a frame")
                 return None
             self._frames.extend(self.decoder.feed(chunk))
         return self._frames.popleft()
+
+    async def _read(self) -> bytes:
+        """Some bytes, b"" at the end of the stream."""
+        try:
+            return await self.stream.read(READ_SIZE)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            if type(exc).__name__ != "StreamEOF":
+                raise PeerLost(f"receiving failed: {exc!r}") from None
+            return b""
 
     async def close(self) -> None:
         with trio.move_on_after(2):

@@ -25,9 +25,7 @@ from ..board.client import BoardSession
 from ..config import Participant
 from ..errors import ProtocolError
 from ..protocol import messages
-from ..protocol.frames import (
-    MAX_FRAME, OP_HEADER_BYTES, Buffer, Op, decode_ops, encode_op, op_parts, session_keys,
-)
+from ..protocol.frames import MAX_FRAME, Buffer, Op, decode_ops, encode_op, op_parts, session_keys
 from ..protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS, CreditLedger
 from ..protocol.matching import python_compatible, slots_to_offer
 from ..status import AnswerObservers
@@ -301,14 +299,12 @@ class WorkerDaemon:
             async with send_tasks:
                 while (plaintext := await channel.recv()) is not None:
                     memfd = hop.shared_fd(plaintext.obj)  # a big message lands in shared memory
-                    end = 0
-                    for op, arg, data in decode_ops(plaintext):
-                        start, end = end + OP_HEADER_BYTES, end + OP_HEADER_BYTES + data.nbytes
+                    for op, arg, data, offset in decode_ops(plaintext):
                         if op is Op.END:
                             return
                         if op is Op.TASK:
                             ledger.task_received(arg)
-                            shared = (memfd, start) if memfd is not None and data.nbytes >= hop.SHARED_MIN else None
+                            shared = (memfd, offset) if memfd is not None and data.nbytes >= hop.SHARED_MIN else None
                             send_tasks.send_nowait((arg, data, shared))
                         elif op is Op.PING:
                             pass

@@ -22,24 +22,13 @@ from ..tasks import dump_outcome, load_task
 from .hop import HEADER, INLINE, SHARED, SHARED_MIN, map_payload, share_outcome
 
 
-def _read_exact(fd: int, n: int) -> bytearray | None:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        count = os.readv(fd, [view[got:]])
-        if not count:
-            return None
-        got += count
-    return buf
-
-
 class _Capture:
     """Captures Python-level and fd-level output of one task at a time."""
 
     def __init__(self) -> None:
-        self._files = {fd: tempfile.TemporaryFile() for fd in (1, 2)}
-        for fd, f in self._files.items():
-            os.dup2(f.fileno(), fd)
+        for fd in (1, 2):  # each an unnamed temporary file, which lives on as fd 1 or 2
+            with tempfile.TemporaryFile() as f:
+                os.dup2(f.fileno(), fd)
 
     def start(self) -> tuple[io.StringIO, io.StringIO]:
         sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
@@ -48,12 +37,10 @@ class _Capture:
     def collect(self, out: io.StringIO, err: io.StringIO) -> tuple[str, str]:
         texts = []
         for fd, buf in ((1, out), (2, err)):
-            f = self._files[fd]
             size = os.lseek(fd, 0, os.SEEK_CUR)
             raw = b""
             if size:
-                os.lseek(fd, 0, os.SEEK_SET)
-                raw = _read_exact(f.fileno(), size) or b""
+                raw = os.pread(fd, size, 0)
                 os.ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)
             texts.append(raw.decode(errors="replace") + buf.getvalue())
