@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import queue
 import socket
@@ -176,6 +177,34 @@ class BoardSession:
         self._disconnect()
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=5)
+
+    def ask_relay(self) -> tuple[list[str], str | None]:
+        """The board's relay addresses and our IP as the board sees it: ``([], None)`` if it has none.
+
+        pico.sh has no ``relay`` command and answers with an error, which
+        means "no relay here"; so does an older ``p2pexec board``.
+        """
+        with self._lock:
+            transport = self._client.get_transport() if self._client is not None else None
+        if transport is None:
+            return [], None
+        out = b""
+        try:
+            channel = transport.open_session(timeout=self._timeout)
+            channel.settimeout(self._timeout)
+            channel.exec_command("relay")
+            while len(out) < 65536 and (chunk := channel.recv(65536)):
+                out += chunk
+            status = channel.recv_exit_status()
+            channel.close()
+            answer = json.loads(out) if status == 0 else {}
+        except (OSError, EOFError, paramiko.SSHException, ValueError) as exc:
+            log.debug("the board did not say where its relay is: %s", exc)
+            return [], None
+        relays = answer.get("relays") if isinstance(answer, dict) else None
+        seen = answer.get("seen") if isinstance(answer, dict) else None
+        return ([a for a in relays if isinstance(a, str)][:8] if isinstance(relays, list) else [],
+                seen if isinstance(seen, str) else None)
 
     def _write_forever(self) -> None:
         while (line := self._outbox.get()) is not None:

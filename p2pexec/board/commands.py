@@ -28,6 +28,7 @@ USAGE = {
     "ls": "ls",
     "help": "help",
     "user": "user",
+    "relay": "relay",
 }
 
 HELP = """\
@@ -44,6 +45,7 @@ p2pexec board: pico.sh-compatible pubsub over SSH. Commands:
         -t give up waiting after DURATION (e.g. 5s, 1m30s)
   ls    list your topics
   user  print your user name
+  relay print the board's libp2p relay addresses and your address as seen here (JSON)
   help  this text
 Common flags: -a the members who may join (owner only; persisted),
 -p public topic (public/TOPIC, open to every user), -c no status text.
@@ -60,6 +62,7 @@ _FLAGS: dict[str, frozenset[str]] = {
     "ls": frozenset(),
     "help": frozenset(),
     "user": frozenset(),
+    "relay": frozenset(),
 }
 _TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
 _FALSE = frozenset({"0", "f", "F", "false", "FALSE", "False"})
@@ -153,7 +156,7 @@ def parse(line: str, caller: str) -> Command:
             values[flag] = value in _TRUE
         else:
             raise CommandError(f"flag -{flag} takes true or false, not {value!r}")
-    if name in ("ls", "help", "user"):
+    if name in ("ls", "help", "user", "relay"):
         if positional:
             raise CommandError(f"{name} takes no arguments; {usage}")
         return Command(name)

@@ -76,6 +76,15 @@ def raw_ed25519(key: paramiko.PKey) -> bytes | None:
         return None
 
 
+@dataclass(frozen=True)
+class RelayAddress:
+    """The relay that comes with this board: its libp2p peer id and TCP port, or fixed addresses."""
+
+    peer_id: str
+    port: int
+    announce: tuple[str, ...] = ()  # full multiaddrs to tell instead (port forwarding, another host)
+
+
 class _Bucket:
     """A token bucket: ``rate`` lines a second on average, bursts of ``max(10, 2 * rate)``."""
 
@@ -375,7 +384,7 @@ class BoardServer:
                  verify_sender: bool = True,
                  max_line: int = 65536, subscriber_queue: int = 1000,
                  lines_per_second: float = 200.0, sessions_per_user: int = 32,
-                 max_connections: int = 512) -> None:
+                 max_connections: int = 512, relay: RelayAddress | None = None) -> None:
         if not (max_line > 0 and subscriber_queue > 0 and lines_per_second > 0
                 and sessions_per_user > 0 and max_connections > 0):
             raise ValueError("board limits must be positive")
@@ -386,6 +395,7 @@ class BoardServer:
         self.max_line, self.subscriber_queue = max_line, subscriber_queue
         self.lines_per_second = lines_per_second
         self.sessions_per_user, self.max_connections = sessions_per_user, max_connections
+        self.relay = relay  # told to members by the ``relay`` command
         self.dropped: collections.Counter[str] = collections.Counter()  # lines and sessions cut off
         self.refused: collections.Counter[str] = collections.Counter()  # turned away at the door
         self.relayed = 0  # lines accepted for relay (each counted once, however many receive it)
@@ -732,6 +742,8 @@ class BoardServer:
                 done(0, out=conn.user + "\n")
             elif cmd.name == "ls":
                 done(0, out=self._ls(conn.user))
+            elif cmd.name == "relay":
+                done(0, out=self._relay_info(conn))
             else:
                 self._stream(conn, channel, cmd)
         except CommandError as exc:
@@ -873,6 +885,15 @@ class BoardServer:
         for r in slow:
             log.info("%s on %s is too slow, disconnecting", r.client_id, r.topic)
             r.stop(1, "too slow, disconnecting")
+
+    def _relay_info(self, conn: _Connection) -> str:
+        """Where members reach this board's relay: at the address they reached the board on."""
+        here, there = conn.sock.getsockname()[0], conn.sock.getpeername()[0]
+        addrs = list(self.relay.announce) if self.relay else []
+        if self.relay and not addrs:
+            proto = "ip6" if ":" in here else "ip4"
+            addrs = [f"/{proto}/{here}/tcp/{self.relay.port}/p2p/{self.relay.peer_id}"]
+        return json.dumps({"relays": addrs, "seen": there}) + "\n"
 
     def _ls(self, user: str) -> str:
         """The caller's topics, live or with an access list, in pico.sh's format."""
