@@ -7,10 +7,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import P2PExecError
 from .logs import quiet_dependencies
+
+if TYPE_CHECKING:
+    from .transport.relay import RelayPolicy
 
 log = logging.getLogger("p2pexec")
 
@@ -24,6 +28,43 @@ def _setup_logging(verbose: bool, level: int = logging.INFO) -> None:
 def _fail(prog: str, exc: BaseException) -> int:
     print(f"{prog}: error: {exc}", file=sys.stderr)
     return 1
+
+
+DEFAULT_RELAY_PORT = 4001
+
+
+def _relay_options(group: argparse._ActionsContainer) -> None:
+    """Per-member relay limits, shared by ``p2pexec board`` and ``p2pexec relay``."""
+    group.add_argument("--relay-announce", action="append", default=None, metavar="MULTIADDR",
+                       help="tell members this address instead of the one they reached the board on "
+                            "(port forwarding); /ip4/HOST/tcp/PORT, repeatable")
+    group.add_argument("--relay-reservations", type=int, default=8, metavar="N",
+                       help="reservations each member may hold (default: 8)")
+    group.add_argument("--relay-circuits", type=int, default=64, metavar="N",
+                       help="relayed connections each member may have open (default: 64)")
+    group.add_argument("--relay-circuit-gib", type=float, default=16.0, metavar="GIB",
+                       help="bytes one relayed connection may carry, both ways, in GiB (default: 16)")
+    group.add_argument("--relay-circuit-hours", type=float, default=24.0, metavar="H",
+                       help="how long one relayed connection may last (default: 24)")
+
+
+def _relay_policy(args: argparse.Namespace) -> "RelayPolicy":
+    from .transport.relay import RelayPolicy
+
+    if min(args.relay_reservations, args.relay_circuits) < 1 or min(args.relay_circuit_gib,
+                                                                     args.relay_circuit_hours) <= 0:
+        raise P2PExecError("relay limits must be positive")
+    return RelayPolicy(reservations_per_member=args.relay_reservations, circuits_per_member=args.relay_circuits,
+                       circuit_bytes=int(args.relay_circuit_gib * (1 << 30)),
+                       circuit_seconds=max(1, int(args.relay_circuit_hours * 3600)))
+
+
+def _tcp_multiaddr(text: str, option: str) -> str:
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise P2PExecError(f"{option} {text!r}: expected HOST:PORT")
+    return f"/{'ip6' if ':' in host else 'ip4'}/{host}/tcp/{port}"
 
 
 def _participant_options() -> argparse.ArgumentParser:
@@ -43,6 +84,9 @@ def _participant_options() -> argparse.ArgumentParser:
                         help="known_hosts file for the board's host key (default: ~/.ssh/known_hosts)")
     common.add_argument("--accept-new-host-key", action="store_true",
                         help="trust and remember the board's host key if it is not known yet")
+    common.add_argument("--relay", action="append", default=None, metavar="MULTIADDR",
+                        help="a libp2p relay for peers behind NATs, /ip4/HOST/tcp/PORT/p2p/ID; repeatable "
+                             "(default: $P2PEXEC_RELAY, plus the board's own relay if it has one)")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logs, libp2p's included")
     return common
 
@@ -86,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="concurrent sessions per user (default: 32)")
     board.add_argument("--max-connections", type=int, default=512, metavar="N",
                        help="concurrent connections in all (default: 512)")
+    relay = board.add_argument_group(
+        "relay", "The board also runs a libp2p circuit relay, so that members behind home routers reach each "
+                 "other (relayed, then hole-punched to a direct connection where the routers allow). Members "
+                 "learn its address from the board; only users of this board may use it.")
+    relay.add_argument("--relay-listen", default=None, metavar="HOST:PORT",
+                       help=f"where the relay listens (default: the board's host, port {DEFAULT_RELAY_PORT})")
+    relay.add_argument("--no-relay", action="store_true", help="run no relay")
+    _relay_options(relay)
     board.add_argument("-v", "--verbose", action="store_true", help="debug logs")
 
     common = _participant_options()
@@ -106,10 +158,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long to collect answers (default: 2)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    relay = sub.add_parser(
+        "relay", parents=[common], help="run a libp2p relay for members behind NATs (pico.sh boards, other hosts)",
+        description="Run a circuit relay that only members may use, so that friends behind home routers reach "
+                    "each other. p2pexec board runs one already; use this for a cluster on pico.sh, or to put the "
+                    "relay on another host. With OWNER/NAME (run by the owner, with the owner's key) the relay's "
+                    "address is announced, signed, on the cluster's board, so members need no configuration; "
+                    "otherwise give members the printed address (--relay or P2PEXEC_RELAY).")
+    relay.add_argument("cluster", nargs="?", metavar="OWNER/NAME",
+                       help="announce the relay on this cluster's board (you must be its owner)")
+    relay.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_RELAY_PORT}", metavar="HOST:PORT",
+                       help=f"where the relay listens (default: 0.0.0.0:{DEFAULT_RELAY_PORT})")
+    _relay_options(relay)
+
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, logging.WARNING if args.command == "demo" else logging.INFO)
     try:
-        return {"demo": _demo, "board": _board, "host": _host, "status": _status}[args.command](args)
+        return {"demo": _demo, "board": _board, "host": _host, "status": _status,
+                "relay": _relay}[args.command](args)
     except P2PExecError as exc:
         return _fail("p2pexec", exc)
     except KeyboardInterrupt:
@@ -153,10 +219,26 @@ def _board(args: argparse.Namespace) -> int:
                              max_connections=args.max_connections)
     except ValueError as exc:
         raise P2PExecError(str(exc)) from None
+    relay = None
+    if not args.no_relay:
+        from .board.server import RelayAddress
+        from .transport.relay import RelayService
+
+        listen = _tcp_multiaddr(args.relay_listen or f"{host}:{DEFAULT_RELAY_PORT}", "--relay-listen")
+        try:
+            relay = RelayService(listen, _relay_policy(args), lambda user, key: server.users.allows(user, key))
+        except OSError as exc:
+            raise P2PExecError(f"the relay cannot listen on {listen}: {exc.strerror}; pick another port with "
+                               f"--relay-listen, or run none with --no-relay") from None
+        server.relay = RelayAddress(relay.peer_id, relay.port, tuple(
+            f"{_tcp_multiaddr(a, '--relay-announce') if not a.startswith('/') else a}/p2p/{relay.peer_id}"
+            for a in args.relay_announce or ()))
     watcher = UsersFileWatcher(server, users_path)
     try:
         server.start()
     except OSError as exc:
+        if relay is not None:
+            relay.stop()
         raise P2PExecError(f"cannot listen on {args.listen}: {exc.strerror}") from None
     watcher.start()
     shown = f"[{host.strip('[]')}]" if ":" in host.strip("[]") else host
@@ -165,6 +247,9 @@ def _board(args: argparse.Namespace) -> int:
     print(f"host key: {host_key.get_name()} {fingerprint(host_key)}")
     print(f"members check it and add it with: ssh-keyscan -p {server.port} {host} >> ~/.ssh/known_hosts")
     print(f"then connect with: --board ssh://USER@{shown}:{server.port}", flush=True)
+    if relay is not None:
+        print(f"relay listening on port {relay.port} (peer {relay.peer_id}); members learn its address "
+              f"from the board", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -172,7 +257,120 @@ def _board(args: argparse.Namespace) -> int:
     stop.wait()
     watcher.stop()
     server.stop()
+    if relay is not None:
+        relay.stop()
     return 0
+
+
+def _relay(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    import time
+
+    from .board.client import BoardSession
+    from .config import default_members_path, resolve
+    from .keys import Keyring
+    from .protocol import messages
+    from .protocol.reach import scope, split_tcp
+    from .transport.relay import RelayService
+
+    who = None
+    if args.cluster:
+        who = resolve(args.cluster, board=args.board, user=args.user, identity=args.identity,
+                      members=args.members)
+        owner = who.cluster.split("/", 1)[0]
+        if who.identity.user != owner:
+            raise P2PExecError(f"only the owner {owner!r} can announce a relay for {who.cluster}; you are "
+                               f"{who.identity.user!r} (pass --user {owner} with the owner's key, or run without "
+                               f"OWNER/NAME and give members the address)")
+    members_path = Path(args.members).expanduser() if args.members else (
+        default_members_path(args.cluster) if args.cluster else None)
+    if members_path is None:
+        raise P2PExecError("say who may use the relay: --members FILE ('NAME ssh-ed25519 KEY' per line), "
+                           "or OWNER/NAME to use that cluster's members file")
+    members = _ReloadingKeyring(members_path)
+    listen = _tcp_multiaddr(args.listen, "--listen")
+    try:
+        relay = RelayService(listen, _relay_policy(args), members.allows)
+    except OSError as exc:
+        raise P2PExecError(f"the relay cannot listen on {args.listen}: {exc.strerror}") from None
+    announce = [f"{a if a.startswith('/') else _tcp_multiaddr(a, '--relay-announce')}/p2p/{relay.peer_id}"
+                for a in args.relay_announce or ()] or [
+        f"{a}/p2p/{relay.peer_id}" for a in relay.addrs
+        if (tcp := split_tcp(a)) is not None and scope(tcp[0]) != "loopback"] or [
+        f"{a}/p2p/{relay.peer_id}" for a in relay.addrs]
+    print(f"p2pexec relay listening on port {relay.port}; members may use it (from {members_path})", flush=True)
+    for addr in announce:
+        print(f"  {addr}", flush=True)
+    session = None
+    if who is not None:
+        def announcement() -> bytes:
+            return messages.encode(who.identity, who.cluster, "relay", {"addrs": announce},
+                                   now=time.time(), ttl=120)
+
+        last_answer = [0.0]
+
+        def answer_newcomers(msg: messages.Message) -> None:
+            """A member who just joined has not seen the last announcement: repeat it (at most twice a second)."""
+            if msg.type == "hello" and session is not None and time.monotonic() - last_answer[0] > 0.5:
+                last_answer[0] = time.monotonic()
+                session.send(announcement())
+
+        session = BoardSession(who.board, who.identity, who.cluster,
+                               inbox=messages.Inbox(who.cluster, who.keyring), on_message=answer_newcomers,
+                               make_hello=announcement, known_hosts=args.known_hosts,
+                               accept_new_host_key=args.accept_new_host_key)
+        try:
+            session.open()
+        except BaseException:
+            relay.stop()
+            raise
+        print(f"announcing it on {who.cluster} at {who.board}", flush=True)
+    else:
+        print("give members one of these addresses: --relay ADDRESS or P2PEXEC_RELAY=ADDRESS", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.wait(RELAY_ANNOUNCE_EVERY):
+        if session is not None:
+            session.send(announcement())
+    if session is not None:
+        session.close()
+    relay.stop()
+    return 0
+
+
+RELAY_ANNOUNCE_EVERY = 30.0
+
+
+class _ReloadingKeyring:
+    """A members file re-read when it changes, so removing a member takes effect without a restart."""
+
+    def __init__(self, path: Path) -> None:
+        from .keys import Keyring
+
+        self._path = path
+        self._stamp: tuple[int, int] | None = None
+        self._keyring = Keyring.load(path)
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def allows(self, user: str, key: bytes) -> bool:
+        from .keys import Keyring
+
+        stamp = self._stat()
+        if stamp != self._stamp:
+            try:
+                self._keyring, self._stamp = Keyring.load(self._path), stamp
+            except P2PExecError as exc:
+                log.warning("keeping the previous members: %s", exc)
+        return self._keyring.allows(user, key)
 
 
 def _host(args: argparse.Namespace) -> int:
@@ -259,10 +457,12 @@ def _worker(args: argparse.Namespace) -> int:
     from .config import resolve
     from .worker.daemon import WorkerConfig, serve
 
-    who = resolve(args.cluster, board=args.board, user=args.user, identity=args.identity, members=args.members)
+    who = resolve(args.cluster, board=args.board, user=args.user, identity=args.identity, members=args.members,
+                  relay=args.relay)
     allow = frozenset(u.strip() for u in args.allow.split(",") if u.strip()) if args.allow else None
     config = WorkerConfig(who=who, slots=args.slots, lease_seconds=args.lease_seconds, listen=tuple(args.listen or ["/ip4/0.0.0.0/tcp/0"]), allow=allow,
-                          known_hosts=args.known_hosts.expanduser(), accept_new_host_key=args.accept_new_host_key)
+                          known_hosts=args.known_hosts.expanduser(), accept_new_host_key=args.accept_new_host_key,
+                          relays=who.relays)
 
     def ready() -> None:
         if args.ready_fd is not None:

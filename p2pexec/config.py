@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 from .board.client import DEFAULT_BOARD, BoardAddress
@@ -36,6 +37,7 @@ class Participant:
     identity: Identity
     keyring: Keyring
     board_given: bool
+    relays: tuple[str, ...] = ()  # relay multiaddrs from relay= / --relay / $P2PEXEC_RELAY
 
     @property
     def board_hint(self) -> str:
@@ -45,13 +47,16 @@ class Participant:
 
 def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
             identity: str | os.PathLike[str] | None = None,
-            members: str | os.PathLike[str] | None = None, members_required: bool = True) -> Participant:
+            members: str | os.PathLike[str] | None = None, members_required: bool = True,
+            relay: str | Sequence[str] | None = None) -> Participant:
     """Apply the defaults and load keys.
 
     Board: ``board``, ``$P2PEXEC_BOARD``, else pico.sh; a Host alias of
     ``~/.ssh/config`` supplies host name, port, user and identity file.
     Key: ``identity``, ``$P2PEXEC_IDENTITY``, the ssh-agent's key listed for
     the user in the members file, else ``~/.ssh/id_ed25519``.
+    Relays: ``relay`` (one multiaddr or several), else ``$P2PEXEC_RELAY``
+    (comma-separated); the board may name its own besides.
     """
     cluster = validate_cluster(cluster)
     board_url = board or os.environ.get("P2PEXEC_BOARD")
@@ -82,7 +87,18 @@ def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
             f"the members file {members_path} does not list user {username!r} with the key "
             f"{ident.where}; ask the owner of {cluster} to add: {username} {ident.openssh_public}"
         )
-    return Participant(cluster, address, ident, keyring, board_url is not None)
+    return Participant(cluster, address, ident, keyring, board_url is not None, _relays(relay))
+
+
+def _relays(relay: str | Sequence[str] | None) -> tuple[str, ...]:
+    given = relay if relay is not None else os.environ.get("P2PEXEC_RELAY", "")
+    items = given.split(",") if isinstance(given, str) else list(given)
+    relays = tuple(r.strip() for r in items if r.strip())
+    bad = [r for r in relays if not r.startswith(("/ip4/", "/ip6/", "/dns")) or "/p2p/" not in r]
+    if bad:
+        raise ConfigurationError(f"relay address {bad[0]!r} must be a multiaddr like "
+                                 f"/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW... (p2pexec relay prints it)")
+    return relays
 
 
 def apply_ssh_config(address: BoardAddress, path: Path = Path("~/.ssh/config")) -> tuple[BoardAddress, str | None]:

@@ -50,14 +50,16 @@ class P2PExecutor(Executor):
                  max_workers: int | None = None, max_retries: int = 2, worker_timeout: float | None = None,
                  warn_after: float = 30.0, lease_idle: float = 10.0,
                  known_hosts: str | os.PathLike[str] = DEFAULT_KNOWN_HOSTS,
-                 accept_new_host_key: bool = False, verbose: bool = False) -> None:
+                 accept_new_host_key: bool = False, relay: str | list[str] | None = None,
+                 verbose: bool = False) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
-        who = resolve(cluster, board=board, user=user, identity=identity, members=members)
+        who = resolve(cluster, board=board, user=user, identity=identity, members=members, relay=relay)
         self.cluster = who.cluster
         self._options = SchedulerOptions(
             max_workers=max_workers or 1 << 30, max_retries=max_retries, lease_idle=lease_idle,
-            warn_after=warn_after, worker_timeout=worker_timeout, board_hint=who.board_hint)
+            warn_after=warn_after, worker_timeout=worker_timeout, board_hint=who.board_hint,
+            relays=who.relays)
         self._scheduler: ClientScheduler | None = None
         self._runtime: TrioThread | None = None
         self._board: BoardSession | None = None
@@ -83,16 +85,17 @@ class P2PExecutor(Executor):
             self._stop_runtime()
             raise
         self._board = scheduler.board = board_session
+        self._runtime.call_soon(scheduler.board_joined)
         _live_executors.add(self)
         log.debug("executor for %s ready on %s as %s", self.cluster, who.board, who.identity.user)
 
     async def _serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        from .transport.host import Libp2pHost
+        from .transport.host import ALL_INTERFACES, Libp2pHost
 
         scheduler = self._scheduler
         assert scheduler is not None
         try:
-            async with Libp2pHost().running() as host:
+            async with Libp2pHost([ALL_INTERFACES], nat_traversal=True).running() as host:
                 await scheduler.run(host, task_status=task_status)
         except BaseException as exc:
             scheduler._fail_all(RuntimeError(f"the p2pexec runtime stopped: {exc!r}"))

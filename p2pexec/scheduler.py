@@ -26,13 +26,15 @@ from .board.client import BoardSession
 from .errors import NoWorkersError, ProtocolError, TaskProcessDiedError, WorkerLostError
 from .keys import Identity
 from .protocol import messages
-from .protocol.frames import Buffer, Op, decode_ops, encode_op, nbytes, op_parts, session_keys
+from .protocol.frames import Buffer, Op, decode_ops, encode_op, nbytes, op_parts, resume_frame, session_keys
 from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
 from .status import AnswerObservers
 from .tasks import load_outcome
 from .transport.channel import FramedStream, PeerLost, SecureChannel
-from .transport.host import Libp2pHost
+from .protocol.reach import CIRCUIT, DialBackoff, announced_relays
+from .transport.host import RELAY_JOIN_TIMEOUT, Libp2pHost, Unreachable
+from .transport.nat import NatTraversal
 
 log = logging.getLogger("p2pexec.client")
 
@@ -41,6 +43,8 @@ REQUEST_TTL = 10.0
 REQUEST_EVERY = 2.0
 TICK = 0.25
 BATCH_BYTES = 1 << 20
+UPGRADE_POLL = 0.1
+UPGRADE_RETRY = 2.0
 
 
 @dataclass(eq=False)
@@ -85,6 +89,7 @@ class SchedulerOptions:
     warn_after: float = 30.0
     worker_timeout: float | None = None
     board_hint: str = ""
+    relays: tuple[str, ...] = ()
 
 
 class Lease:
@@ -96,6 +101,8 @@ class Lease:
         self.inflight: dict[int, WorkItem] = {}
         self.control: list[bytes] = []  # WITHDRAW and INTERRUPT ops for the feeder to send
         self.channel: SecureChannel | None = None
+        self.path = "dialing"  # direct, relayed, or "upgraded after N s"
+        self.moving: Any = None  # the direct stream the lease is moving to, until the worker's MOVE
 
     def __repr__(self) -> str:
         return f"<lease {self.worker}@{self.peer[-8:]} slots={self.slots}>"
@@ -126,6 +133,9 @@ class ClientScheduler:
         self._warned = False
         self._cancel_queued = False  # shutdown(cancel_futures=True): queued work is withdrawn, not run
         self.banned: dict[str, str] = {}  # peer id -> how that worker broke the protocol
+        self.nat: NatTraversal | None = None
+        self._backoff = DialBackoff()  # workers that could not be reached, by peer id
+        self.unreachable: dict[str, str] = {}  # worker user -> why it could not be reached (for errors)
 
     # -- called from any thread through TrioThread.call_soon -----------------------
     def next_id(self) -> int:
@@ -148,6 +158,10 @@ class ClientScheduler:
             self.board.send(self.hello())
         if msg.type == "offer":
             self._on_offer(msg)
+        elif msg.type == "relay" and self.nat is not None and self._nursery is not None:
+            if self.nat.add_candidates(announced_relays(msg.sender, self.cluster, msg["addrs"])) \
+                    and not self.nat.state.checked:
+                self._nursery.start_soon(self.nat.join_any)
         elif msg.type == "hello" and msg["role"] == "worker":
             self._last_request = -1e9  # a worker arrived: ask again right away
             self._maybe_request()
@@ -155,7 +169,8 @@ class ClientScheduler:
     def hello(self) -> bytes:
         return self._sign("hello", {"role": "client", "node": self.request_id, "py": PYTHON,
                                     "queued": len(self.pending), "running": self._inflight(),
-                                    "leases": len(self.leases)}, ttl=60)
+                                    "leases": [{"worker": lease.worker, "slots": lease.slots, "path": lease.path}
+                                               for lease in self.leases[:16]]}, ttl=60)
 
     def reannounce(self) -> None:
         self._last_request = -1e9
@@ -206,6 +221,8 @@ class ClientScheduler:
     # -- main -------------------------------------------------------------------------
     async def run(self, host: Libp2pHost, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.host = host
+        self.nat = NatTraversal(host, self.identity, serve=False)
+        self.nat.add_candidates(self.options.relays)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -213,6 +230,19 @@ class ClientScheduler:
                 await trio.sleep(TICK)
                 self._tick()
             nursery.cancel_scope.cancel()
+
+    def board_joined(self) -> None:
+        """The board session is up: learn where its relay is and how it sees us, in the background."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._find_relay)
+
+    async def _find_relay(self) -> None:
+        assert self.nat is not None
+        if self.board is not None:
+            relays, _ = await trio.to_thread.run_sync(self.board.ask_relay)
+            self.nat.add_candidates(relays)
+        if self.nat.candidates:
+            await self.nat.join_any()
 
     async def close(self) -> None:
         """End every lease politely; called once the executor is done."""
@@ -263,7 +293,8 @@ class ClientScheduler:
             self._last_asked = 0
         elif should_request(wanted, self._last_asked, now - self._last_request, REQUEST_EVERY):
             self._last_request, self._last_asked = now, wanted
-            self._post("request", {"req": self.request_id, "n": wanted, "py": PYTHON}, REQUEST_TTL)
+            view = self.nat.view.to_json() if self.nat is not None else {}
+            self._post("request", {"req": self.request_id, "n": wanted, "py": PYTHON, **view}, REQUEST_TTL)
 
     def _on_offer(self, msg: messages.Message) -> None:
         if msg["req"] != self.request_id or msg["to"] != self.identity.user or self._nursery is None:
@@ -273,6 +304,9 @@ class ClientScheduler:
             return
         if not python_compatible(PYTHON, msg["py"]):
             log.debug("ignoring an offer from %s: Python %s, not %s", msg.sender, msg["py"], PYTHON)
+            return
+        if not self._backoff.ready(msg["peer"], time.monotonic()):
+            log.debug("ignoring an offer from %s: it could not be reached, next try later", msg.sender)
             return
         slots = slots_to_accept(msg["slots"], self._wanted())
         if slots <= 0:
@@ -284,7 +318,7 @@ class ClientScheduler:
     def _tick(self) -> None:
         self._maybe_request()
         now = time.monotonic()
-        if not self.pending or self.leases:
+        if not self.pending or any(lease.channel is not None for lease in self.leases):
             self._starving_since, self._warned = None, False
             return
         if self._starving_since is None:
@@ -292,24 +326,29 @@ class ClientScheduler:
         waited = now - self._starving_since
         if not self._warned and waited >= self.options.warn_after:
             self._warned = True
-            log.warning(
-                "no worker has offered to run tasks for cluster %s in %.0f s; "
-                "a member must run: p2pexec-worker --cluster %s%s",
-                self.cluster, waited, self.cluster, self.options.board_hint,
-            )
+            log.warning("no worker has run tasks for cluster %s in %.0f s; %s", self.cluster, waited,
+                        self._starving_hint())
         timeout = self.options.worker_timeout
         if timeout is not None and waited >= timeout:
             self._fail_pending(NoWorkersError(
-                f"no worker of cluster {self.cluster} took this task within {timeout:g} s; "
-                f"a member must run: p2pexec-worker --cluster {self.cluster}{self.options.board_hint}"
-            ))
+                f"no worker of cluster {self.cluster} took this task within {timeout:g} s; {self._starving_hint()}"))
+
+    def _starving_hint(self) -> str:
+        if self.unreachable:
+            return ("workers offered but could not be reached: " + "; ".join(
+                f"{user}: {why}" for user, why in self.unreachable.items())
+                + ". If they sit behind home routers, the board or a relay must run a relay "
+                  "(p2pexec board does by default; else p2pexec relay)")
+        return f"a member must run: p2pexec-worker --cluster {self.cluster}{self.options.board_hint}"
 
     # -- leases ----------------------------------------------------------------------
     async def _run_lease(self, lease: Lease, offer: messages.Message) -> None:
         assert self.host is not None
         reason: str | None = None  # None: the lease ended in good order
+        dialed = False
         try:
-            stream = await self.host.open_stream(offer["peer"], [str(a) for a in offer["addrs"]])
+            stream = await self._dial(lease, [str(a) for a in offer["addrs"]][:16])
+            dialed = True
             framed = FramedStream(stream)
             try:
                 accept = self._sign("accept", {"offer": offer.id, "worker": offer.sender, "req": self.request_id,
@@ -318,12 +357,14 @@ class ClientScheduler:
                 rx, tx = session_keys("client", self._kx_pk, self._kx_sk, messages.unb64(offer["kx"], 32))
                 lease.channel = await SecureChannel.establish(framed, rx, tx)
                 framed.silence_limit = SILENCE_SECONDS
-                log.debug("%r established", lease)
+                log.info("leased %d slot(s) of worker %s (%s connection)", lease.slots, lease.worker, lease.path)
                 if self.board is not None:  # tell the others; the worker has consumed it already
                     self.board.send(accept)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._feed, lease)
                     nursery.start_soon(self._heartbeat, lease)
+                    if lease.path == "relayed":
+                        nursery.start_soon(self._upgrade, lease, resume_frame(rx, tx, offer.id))
                     await self._receive(lease)
                     nursery.cancel_scope.cancel()
             finally:
@@ -350,9 +391,35 @@ class ClientScheduler:
         finally:
             self.leases.remove(lease)
             self._requeue(lease, reason)
-            self._last_request = -1e9  # ask for workers again at once if work remains
+            if dialed:  # after a failed dial, wait for the backoff rather than asking again at once
+                self._last_request = -1e9
             self.notify()
             self._maybe_request()
+
+    async def _dial(self, lease: Lease, addrs: list[str]) -> Any:
+        """Reach the worker by any of its addresses; back off per worker when none works."""
+        assert self.host is not None and self.nat is not None
+        relay_errors: dict[str, str] = {}
+        try:
+            for circuit in dict.fromkeys(a for a in addrs if CIRCUIT in a):
+                try:
+                    with trio.fail_after(RELAY_JOIN_TIMEOUT):
+                        await self.nat.member_of(circuit)
+                except (ProtocolError, trio.TooSlowError) as exc:
+                    relay_errors[f"{circuit}/p2p/{lease.peer}"] = f"its relay did not take us: {exc or 'timed out'}"
+            stream = await self.host.open_stream(lease.peer, addrs)
+        except Unreachable as exc:
+            exc = Unreachable(lease.peer, {**exc.attempts, **relay_errors})
+            delay, first = self._backoff.failed(lease.peer, time.monotonic())
+            self.unreachable[lease.worker] = str(exc)
+            (log.warning if first else log.debug)(
+                "cannot reach worker %s: %s; trying it again in %.0f s", lease.worker, exc, delay)
+            raise exc from None
+        if self._backoff.succeeded(lease.peer):
+            log.info("reached worker %s after all", lease.worker)
+        self.unreachable.pop(lease.worker, None)
+        lease.path = self.host.stream_path(stream)
+        return stream
 
     async def _feed(self, lease: Lease) -> None:
         channel = lease.channel
@@ -382,6 +449,35 @@ class ClientScheduler:
                 break
         await channel.send(encode_op(Op.END))
 
+    async def _upgrade(self, lease: Lease, resume: bytes) -> None:
+        """Move a relayed lease onto a direct connection once hole punching made one.
+
+        Relayed bytes are slow and libp2p closes the relayed connection about
+        a minute after an upgrade, streams or not; so the lease moves at a
+        message boundary: a new stream on the direct connection presents the
+        resume frame, and MOVE ends the old stream in each direction.
+        Nothing in flight is lost or repeated: secretstream carries on.
+        """
+        assert self.host is not None and lease.channel is not None
+        started = trio.current_time()
+        self.host.punch(lease.peer)
+        while True:
+            while not self.host.has_direct(lease.peer):
+                await trio.sleep(UPGRADE_POLL)  # libp2p offers no event for a new connection
+            try:
+                stream = await self.host.direct_stream(lease.peer)
+                await FramedStream(stream).send(resume)
+            except ProtocolError as exc:
+                log.debug("moving the lease with %s to a direct connection failed, staying relayed: %s",
+                          lease.worker, exc)
+                await trio.sleep(UPGRADE_RETRY)
+                continue
+            break
+        lease.moving = stream
+        await lease.channel.move_tx(stream)
+        lease.path = f"upgraded after {trio.current_time() - started:.1f} s"
+        log.info("lease with worker %s moved to a direct connection (%s)", lease.worker, lease.path)
+
     async def _heartbeat(self, lease: Lease) -> None:
         """Let the worker tell a quiet lease from a frozen client."""
         while True:
@@ -400,7 +496,13 @@ class ClientScheduler:
         assert channel is not None
         while (plaintext := await channel.recv()) is not None:
             for op, arg, data, _ in decode_ops(plaintext):
-                if not self._apply(lease, op, arg, data):
+                if op is Op.MOVE:  # the worker's last message on the old stream
+                    if lease.moving is None:
+                        raise ProtocolError(f"worker {lease.worker} moved a lease nobody asked to move")
+                    channel.framed.move_rx(lease.moving)
+                    lease.moving = None
+                    await channel.framed.close_old()
+                elif not self._apply(lease, op, arg, data):
                     return
 
     def _apply(self, lease: Lease, op: Op, arg: int, data: memoryview) -> bool:

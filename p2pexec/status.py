@@ -68,15 +68,33 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("workers:")
         for w in workers:
             lines.append(f"  {w['user']:<16} {w.get('free', '?')}/{w.get('slots', '?')} slots free  "
-                         f"python {w.get('py', '?'):<5} {w.get('platform', '?'):<8} load {w.get('load', '?')}")
+                         f"python {w.get('py', '?'):<5} {w.get('platform', '?'):<8} load {w.get('load', '?'):<5} "
+                         f"reachable: {REACH.get(str(w.get('reach')), w.get('reach', '?'))}")
+            lines.extend(f"    lease for {lease.get('client', '?')}: {lease.get('path', '?')}"
+                         for lease in _leases(w))
     if clients:
         lines.append("clients:")
         for c in clients:
             lines.append(f"  {c['user']:<16} queued {c.get('queued', '?'):<6} running {c.get('running', '?'):<4} "
                          f"python {c.get('py', '?')}")
+            lines.extend(f"    lease of {lease.get('worker', '?')} ({lease.get('slots', '?')} slots): "
+                         f"{lease.get('path', '?')}" for lease in _leases(c))
     if not workers and not clients:
         lines.append("nobody answered; workers join with: p2pexec-worker --cluster " + status["cluster"])
     return "\n".join(lines)
+
+
+REACH = {
+    "public": "directly (public address)",
+    "nat": "behind a NAT: through the relay, then hole-punched where the routers allow",
+    "unreachable": "NO: behind a NAT and no relay took it",
+    "unknown": "not checked (no relay known)",
+}
+
+
+def _leases(node: dict[str, Any]) -> list[dict[str, Any]]:
+    leases = node.get("leases")
+    return [lease for lease in leases if isinstance(lease, dict)] if isinstance(leases, list) else []
 
 
 class AnswerObservers:

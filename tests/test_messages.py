@@ -47,7 +47,7 @@ def test_member_message_accepted_once_then_replay_dropped():
     (request(now=NOW + 3600), "expired"),
     (b"not json", "not-json"),
     (b"[1,2]", "not-object"),
-])
+], ids=["stranger", "other-cluster", "expired", "from-the-future", "not-json", "not-object"])
 def test_bad_lines_dropped_with_reason(line, reason):
     inbox = Inbox(CLUSTER, KEYRING)
     assert inbox.receive(line, NOW) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -48,14 +49,20 @@ async def _attack(peer: str, addrs: list[str], cluster: str, owner: Identity) ->
     return refused
 
 
+def _listening(log_text: str) -> tuple[str, list[str]]:
+    """The peer id and addresses a worker logs at start (hellos carry no loopback address)."""
+    found = re.search(r"peer (\S+) listening on (.+?) \(reachability", log_text)
+    assert found, log_text
+    return found.group(1), found.group(2).split()
+
+
 def test_garbage_on_the_lease_protocol_never_kills_the_worker(cluster):
     who = resolve(cluster.cluster, board=cluster.board, identity=cluster.identity, members=cluster.members)
-    status = collect(who, 1.0, known_hosts=cluster.known_hosts)
-    target = status["workers"][0]
-    refused = trio.run(_attack, target["node"], target["addrs"], cluster.cluster, who.identity)
+    peer, addrs = _listening(cluster.workers[0].log_path.read_text())
+    refused = trio.run(_attack, peer, addrs, cluster.cluster, who.identity)
     assert refused == 6
     assert all(w.popen.poll() is None for w in cluster.workers)
     after = collect(who, 1.0, known_hosts=cluster.known_hosts)
-    assert target["node"] in {w["node"] for w in after["workers"]}  # its loop still answers
+    assert peer in {w["node"] for w in after["workers"]}  # its loop still answers
     with cluster.executor() as ex:
         assert sorted(ex.map(abs, range(-20, 0))) == list(range(1, 21))

@@ -20,6 +20,7 @@ the stream underneath does on a reset.
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Union
@@ -158,6 +159,20 @@ def session_keys(role: str, my_pk: bytes, my_sk: bytes, peer_pk: bytes) -> tuple
         raise ProtocolError(f"key exchange failed: {exc}") from None
 
 
+RESUME_MAGIC = b"p2pexec-resume/1\n"
+
+
+def resume_frame(rx_key: bytes, tx_key: bytes, lease: str) -> bytes:
+    """The first frame of a stream that takes over lease ``lease`` (the client's, after a hole punch).
+
+    Only the two ends of the lease know its session keys, and ``lease`` (the
+    accepted offer's id) makes it differ between leases of the same pair.
+    """
+    low, high = sorted((rx_key, tx_key))
+    token = hashlib.blake2b(lease.encode(), key=low + high, person=b"p2pexec-resume", digest_size=32).digest()
+    return RESUME_MAGIC + token
+
+
 class Sealer:
     """Encrypts one direction of a channel."""
 
@@ -209,6 +224,7 @@ class Op(enum.IntEnum):
     INTERRUPT = 8  # client -> worker: drop task ``arg``, or stop it by killing its task process
     CANCELLED = 9  # worker -> client: task ``arg`` was dropped or stopped as asked; no result follows
     PING = 10  # either side: still here (a quiet lease would look like a frozen or unplugged peer)
+    MOVE = 11  # either side: my last message on this stream; the lease goes on where RESUME_MAGIC came
 
 
 def op_parts(op: Op, arg: int = 0, *data: Buffer) -> list[Buffer]:

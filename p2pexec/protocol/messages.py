@@ -42,6 +42,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "accept": {"offer": str, "worker": str, "req": str, "kx": str, "slots": int},
     "withdraw": {"req": str},
     "bye": {"role": str},
+    "relay": {"addrs": list},  # the cluster owner's word on where its relay is (p2pexec relay OWNER/NAME)
 }
 
 

@@ -22,17 +22,38 @@ class PeerLost(ProtocolError):
 
 
 class FramedStream:
-    """Length-prefixed frames over a libp2p stream; EOF mid-frame is an error."""
+    """Length-prefixed frames over a libp2p stream; EOF mid-frame is an error.
+
+    Sending and receiving may move to another stream at a frame boundary
+    (:meth:`move_tx`, :meth:`move_rx`): a lease moves from a relayed
+    connection to a direct one without its encryption noticing.
+    """
 
     def __init__(self, stream: Any, max_frame: int = MAX_FRAME) -> None:
-        self.stream = stream
+        self.stream = stream  # where frames are read from
+        self.tx_stream = stream  # where frames are written to
         self.decoder = FrameDecoder(max_frame)
         self._frames: deque[bytes] = deque()
+        self._old: list[Any] = []  # streams moved away from, closed with this one
         self.silence_limit = math.inf  # a peer that sends nothing for this long is lost
+
+    def move_tx(self, stream: Any) -> None:
+        """Write further frames to ``stream``."""
+        if self.tx_stream is not self.stream:
+            self._old.append(self.tx_stream)
+        self.tx_stream = stream
+
+    def move_rx(self, stream: Any) -> None:
+        """Read further frames from ``stream``; the old one must have ended at a frame boundary."""
+        if self._frames or self.decoder.pending:
+            raise ProtocolError("the peer sent data after moving the lease to another connection")
+        if self.stream is not self.tx_stream:
+            self._old.append(self.stream)
+        self.stream = stream
 
     async def send(self, data: bytes) -> None:
         try:
-            await self.stream.write(encode_frame(data))
+            await self.tx_stream.write(encode_frame(data))
         except trio.Cancelled:
             raise
         except Exception as exc:
@@ -63,18 +84,33 @@ class FramedStream:
                 raise PeerLost(f"receiving failed: {exc!r}") from None
             return b""
 
+    def _streams(self) -> list[Any]:
+        return list(dict.fromkeys([self.stream, self.tx_stream, *self._old]))
+
     async def close(self) -> None:
         with trio.move_on_after(2):
+            for stream in self._streams():
+                try:
+                    await stream.close()
+                except Exception:
+                    pass
+
+    async def reset(self) -> None:
+        for stream in self._streams():
             try:
-                await self.stream.close()
+                await stream.reset()
             except Exception:
                 pass
 
-    async def reset(self) -> None:
-        try:
-            await self.stream.reset()
-        except Exception:
-            pass
+    async def close_old(self) -> None:
+        """Close the streams a move left behind (the new one carries on)."""
+        old, self._old = self._old, []
+        with trio.move_on_after(2):
+            for stream in old:
+                try:
+                    await stream.close()
+                except Exception:
+                    pass
 
 
 class SecureChannel:
@@ -125,6 +161,17 @@ class SecureChannel:
             if message is not None:
                 return message
         return None
+
+    async def move_tx(self, stream: Any) -> None:
+        """Send MOVE as the last message on the current stream, then send on ``stream``.
+
+        The peer answers with its own MOVE; whoever receives a MOVE reads
+        from the new stream after it (:meth:`FramedStream.move_rx`).
+        """
+        async with self._send_lock:
+            for chunk in chunk_message([encode_op(Op.MOVE)]):
+                await self.framed.send(self._sealer.seal(chunk))
+            self.framed.move_tx(stream)
 
     async def close(self) -> None:
         """Send the final frame (if not yet sent) and half-close."""

@@ -4,17 +4,24 @@ Plaintext and secio are never offered (new_host's defaults would accept
 them), and one connection per peer avoids py-libp2p's 250 ms dial delay.
 Importing libp2p costs about half a second, so this module is imported only
 where a host is really started.
+
+With ``nat_traversal`` the host can also hold a reservation on a member
+relay (so peers behind NATs reach it through a circuit), accept relayed
+connections, and upgrade them to direct ones by DCUtR hole punching.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-import os
-
 import multiaddr
+import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
@@ -22,37 +29,78 @@ from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.relay.circuit_v2 import PROTOCOL_ID as HOP_PROTOCOL
+from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, DCUtRProtocol, RelayLimits
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import ProtocolError
+from ..keys import Identity
 from ..logs import after_libp2p_import
+from ..protocol.reach import CIRCUIT, direct_and_relayed, make_ticket, split_tcp
+from .channel import FramedStream
 
 after_libp2p_import()
 
 LEASE_PROTOCOL = TProtocol("/p2pexec/lease/1.0.0")
+TICKET_PROTOCOL = TProtocol("/p2pexec/relay-ticket/1.0.0")
 
 # py-libp2p's yamux sends a WINDOW_UPDATE frame after every read unless told
 # otherwise; go-yamux's half-window hysteresis (what remains) is enough and
 # saves a frame, a write and a wake-up per message.  A user's setting wins.
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+ALL_INTERFACES = "/ip4/0.0.0.0/tcp/0"
+DIRECT_HEAD_START = 0.3   # a relayed dial starts this long after the direct one, or when it fails
+DIAL_TIMEOUT = 5.0
+RELAY_JOIN_TIMEOUT = 10.0
+_CLIENT_LIMITS = RelayLimits(duration=0, data=0, max_circuit_conns=64, max_reservations=4)
+
+
+class Unreachable(ProtocolError):
+    """No address of a peer worked; ``attempts`` says what was tried and why each failed."""
+
+    def __init__(self, peer: str, attempts: dict[str, str]) -> None:
+        tried = "; ".join(f"{a}: {why}" for a, why in attempts.items()) or "no usable address was announced"
+        super().__init__(f"cannot reach peer {peer[:16]}…: {tried}")
+        self.attempts = attempts
+
+
+class RelayRefused(ProtocolError):
+    """A relay did not take us as a member, or refused a reservation."""
+
+
+@dataclass(frozen=True)
+class RelayJoin:
+    """What a relay told us: who we are to it, where it saw us, what it could dial back."""
+
+    relay: str            # its address, /ip4/.../tcp/.../p2p/ID
+    seen: str | None      # our IP as the relay saw it
+    reachable: tuple[int, ...]  # our listening ports it reached on a fresh connection
+    circuit: str | None   # our circuit address through it, if we reserved
 
 
 def _interface_ipv4() -> list[str]:
-    """Non-loopback first, so a remote peer tries a reachable address before its own loopback."""
     import ifaddr
 
-    ips = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if isinstance(ip.ip, str)]
-    return sorted(set(ips), key=lambda ip: (ip.startswith("127."), ip))
+    return sorted({ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if isinstance(ip.ip, str)})
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 160 else text[:157] + "..."
 
 
 class Libp2pHost:
     """One host per process; runs inside a trio loop via :meth:`running`."""
 
-    def __init__(self, listen: Sequence[str] = (LOOPBACK,)) -> None:
+    def __init__(self, listen: Sequence[str] = (LOOPBACK,), *, nat_traversal: bool = False) -> None:
         key_pair = create_new_key_pair()
         self._listen = [multiaddr.Multiaddr(a) for a in listen]
         self._host = new_host(
@@ -60,40 +108,221 @@ class Libp2pHost:
             sec_opt={TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(key_pair, create_x25519_key_pair().private_key)},
             muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
             listen_addrs=self._listen,
-            connection_config=ConnectionConfig(max_connections_per_peer=1),
+            connection_config=ConnectionConfig(max_connections_per_peer=4 if nat_traversal else 1),
         )
         self.peer_id: str = self._host.get_id().to_base58()
+        self.nat_traversal = nat_traversal
+        self._circuits: CircuitV2Transport | None = None
+        self._dcutr: DCUtRProtocol | None = None
+        self._dial_locks: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def host(self) -> Any:
+        """The py-libp2p host itself, for services that need it (the relay)."""
+        return self._host
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator["Libp2pHost"]:
-        async with self._host.run(self._listen):
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self._host.run(self._listen))
+            if self.nat_traversal:
+                stop = CircuitV2Protocol(self._host, _CLIENT_LIMITS, allow_hop=False)  # accepts relayed connections
+                self._circuits = CircuitV2Transport(self._host, stop, RelayConfig(
+                    roles=RelayRole.STOP | RelayRole.CLIENT, limits=_CLIENT_LIMITS))
+                await stack.enter_async_context(background_trio_service(stop))
+                self._dcutr = DCUtRProtocol(self._host)
+                await stack.enter_async_context(background_trio_service(self._dcutr))
+            stack.push_async_callback(self._hang_up)
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
             yield self
+            self._nursery.cancel_scope.cancel()
 
+    async def _hang_up(self) -> None:
+        """Close our connections on the way out, so peers (a relay holding our reservation) know at once.
+
+        py-libp2p's ``run()`` leaves them open when the loop outlives the host.
+        """
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            for conns in list(self._host.get_network().connections.values()):
+                for conn in list(conns):
+                    try:
+                        await conn.close()
+                    except Exception:  # noqa: BLE001 - already broken: nothing to close
+                        pass
+
+    # -- addresses -------------------------------------------------------------------
     @property
     def addrs(self) -> list[str]:
-        """Dialable addresses, without the trailing /p2p/ID; 0.0.0.0 becomes each interface's address."""
+        """Our direct addresses, without /p2p/ID; 0.0.0.0 becomes each interface's address."""
         suffix = f"/p2p/{self.peer_id}"
         out: list[str] = []
         for addr in self._host.get_addrs():
             text = str(addr).removesuffix(suffix)
+            if CIRCUIT in text:
+                continue
             if text.startswith("/ip4/0.0.0.0/"):
                 out.extend(text.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in _interface_ipv4())
             else:
                 out.append(text)
         return out
 
+    @property
+    def listen_ports(self) -> list[int]:
+        return sorted({tcp[1] for a in self.addrs if (tcp := split_tcp(a)) is not None})
+
     def set_handler(self, handler: Callable[[Any], Awaitable[None]]) -> None:
         self._host.set_stream_handler(LEASE_PROTOCOL, handler)
 
-    async def open_stream(self, peer_id: str, addrs: Sequence[str]) -> Any:
-        """Dial a peer (if not yet connected) and open a lease stream to it."""
+    # -- relays ----------------------------------------------------------------------
+    async def join_relay(self, relay: str, identity: Identity, *, reserve: Callable[[RelayJoin], bool]) -> RelayJoin:
+        """Prove membership to a relay, learn how it sees us, and reserve a circuit if ``reserve`` says so.
+
+        Raises :class:`RelayRefused` or :class:`Unreachable`.
+        """
+        try:
+            maddr = multiaddr.Multiaddr(relay)
+            relay_id = ID.from_base58(maddr.get_peer_id() or "")
+        except Exception as exc:
+            raise RelayRefused(f"relay address {relay!r} is not a /ip4/.../tcp/.../p2p/ID multiaddr: {exc}") from None
+        with trio.fail_after(RELAY_JOIN_TIMEOUT):
+            try:
+                await self._host.connect(PeerInfo(relay_id, [maddr]))
+                stream = await self._host.new_stream(relay_id, [TICKET_PROTOCOL])
+            except Exception as exc:
+                raise Unreachable(relay_id.to_base58(), {relay: _short(exc)}) from None
+            framed = FramedStream(stream, max_frame=4096)
+            ticket = make_ticket(identity, self.peer_id, relay_id.to_base58(), time.time())
+            await framed.send(json.dumps({"ticket": ticket.decode(), "ports": self.listen_ports}).encode())
+            raw = await framed.recv()
+            await framed.close()
+            try:
+                answer = json.loads(raw or b"{}")
+            except ValueError:
+                answer = {"error": "garbled answer"}
+            if "error" in answer or not isinstance(answer.get("reachable"), list):
+                raise RelayRefused(f"relay {relay} refused us: {answer.get('error', 'no answer')}")
+            seen = answer.get("seen") if isinstance(answer.get("seen"), str) else None
+            join = RelayJoin(relay, seen, tuple(p for p in answer["reachable"] if isinstance(p, int)), None)
+            if not (self._circuits and self._nursery and reserve(join)):
+                return join
+            hop = await self._host.new_stream(relay_id, [HOP_PROTOCOL])
+            if not await self._circuits.reserve(hop, relay_id, self._nursery):
+                raise RelayRefused(f"relay {relay} refused a reservation (limit reached?)")
+            return RelayJoin(relay, seen, join.reachable, f"{relay}{CIRCUIT}")
+
+    # -- dialing ---------------------------------------------------------------------
+    async def open_stream(self, peer_id: str, addrs: Sequence[str],
+                          head_start: float = DIRECT_HEAD_START) -> Any:
+        """Reach a peer by any address that works and open a lease stream to it.
+
+        Direct addresses are dialled first; relay circuits ``head_start``
+        seconds later, or as soon as every direct address failed.  The
+        first connection wins.  Raises :class:`Unreachable` naming each
+        address tried and why it failed.
+        """
         try:
             pid = ID.from_base58(peer_id)
-            maddrs = [multiaddr.Multiaddr(a) for a in addrs]
+            direct = [multiaddr.Multiaddr(a) for a in direct_and_relayed(addrs)[0]]
+            relayed = [multiaddr.Multiaddr(f"{a}/p2p/{peer_id}") for a in direct_and_relayed(addrs)[1]]
         except Exception as exc:
             raise ProtocolError(f"peer advertised an unusable address: {exc}") from None
+        async with self._dial_locks.setdefault(peer_id, trio.Lock()):  # one dial per peer: one circuit, not two
+            if not self.connected(peer_id):
+                await self._connect(pid, direct, relayed, head_start)
         try:
-            await self._host.connect(PeerInfo(pid, maddrs))
             return await self._host.new_stream(pid, [LEASE_PROTOCOL])
         except Exception as exc:
-            raise ProtocolError(f"cannot reach peer {peer_id[:16]}… at {list(addrs)}: {exc}") from None
+            raise Unreachable(peer_id, {"stream": _short(exc)}) from None
+
+    async def _connect(self, pid: ID, direct: list[Any], relayed: list[Any], head_start: float) -> None:
+        attempts: dict[str, str] = {}
+        direct_done = trio.Event()
+        won = False
+
+        async def dial_direct(addr: Any, cancel: trio.CancelScope) -> None:
+            nonlocal won
+            try:
+                with trio.fail_after(DIAL_TIMEOUT):
+                    await self._host.get_network().dial_addr(addr, pid)
+                won = True
+                cancel.cancel()
+            except Exception as exc:
+                attempts[str(addr)] = _short(exc)
+
+        async def dial_relayed(addr: Any, cancel: trio.CancelScope) -> None:
+            nonlocal won
+            with trio.move_on_after(head_start):
+                await direct_done.wait()
+            try:
+                assert self._circuits is not None
+                with trio.fail_after(DIAL_TIMEOUT):
+                    await self._circuits.dial(addr)
+                won = True
+                cancel.cancel()
+            except Exception as exc:
+                attempts[str(addr)] = _short(exc)
+
+        async with trio.open_nursery() as nursery:
+            async def directs() -> None:
+                async with trio.open_nursery() as inner:
+                    for addr in direct:
+                        inner.start_soon(dial_direct, addr, nursery.cancel_scope)
+                direct_done.set()
+
+            nursery.start_soon(directs)
+            if self._circuits is not None:
+                for addr in relayed:
+                    nursery.start_soon(dial_relayed, addr, nursery.cancel_scope)
+            elif relayed:
+                attempts.update({str(a): "this host has no relay support" for a in relayed})
+        self._host.get_network().unblock_peer(pid)  # a failed dial must not block the next (DCUtR's included)
+        if not won and not self.connected(pid.to_base58()):
+            raise Unreachable(pid.to_base58(), attempts)
+
+    # -- connections -----------------------------------------------------------------
+    def _connections(self, peer_id: str) -> list[Any]:
+        return list(self._host.get_network().get_connections(ID.from_base58(peer_id)) or [])
+
+    def connected(self, peer_id: str) -> bool:
+        return bool(self._connections(peer_id))
+
+    def has_direct(self, peer_id: str) -> bool:
+        return any(not _conn_relayed(c) for c in self._connections(peer_id))
+
+    def punch(self, peer_id: str) -> None:
+        """Start DCUtR hole punching to a peer we reach through a relay, without waiting for it.
+
+        (DCUtR would start by itself within 2 s; asking at once saves that.)
+        """
+        dcutr, nursery = self._dcutr, self._nursery
+        if dcutr is not None and nursery is not None:
+            async def punch() -> None:
+                try:
+                    await dcutr.initiate_hole_punch(ID.from_base58(peer_id))
+                except Exception:  # noqa: BLE001 - DCUtR's own failures are its to log; we just stay relayed
+                    pass
+            nursery.start_soon(punch)
+
+    async def direct_stream(self, peer_id: str) -> Any:
+        """A new lease stream on a direct connection to the peer (libp2p prefers direct ones for new streams)."""
+        try:
+            stream = await self._host.new_stream(ID.from_base58(peer_id), [LEASE_PROTOCOL])
+        except Exception as exc:
+            raise ProtocolError(f"cannot open a stream on the direct connection: {_short(exc)}") from None
+        if _conn_relayed(stream.muxed_conn):
+            await stream.reset()
+            raise ProtocolError("libp2p opened the stream on the relayed connection")
+        return stream
+
+    @staticmethod
+    def stream_path(stream: Any) -> str:
+        """``relayed`` or ``direct``: which kind of connection carries ``stream``."""
+        return "relayed" if _conn_relayed(stream.muxed_conn) else "direct"
+
+
+def _conn_relayed(conn: Any) -> bool:
+    try:
+        return any(CIRCUIT in str(a) for a in conn.get_transport_addresses())
+    except Exception:
+        return False

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,16 @@ from ..board.client import BoardSession
 from ..config import Participant
 from ..errors import ProtocolError
 from ..protocol import messages
-from ..protocol.frames import MAX_FRAME, Buffer, Op, decode_ops, encode_op, op_parts, session_keys
+from ..protocol.frames import (
+    MAX_FRAME, RESUME_MAGIC, Buffer, Op, decode_ops, encode_op, op_parts, resume_frame, session_keys,
+)
 from ..protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS, CreditLedger
 from ..protocol.matching import python_compatible, slots_to_offer
 from ..status import AnswerObservers
 from ..transport.channel import FramedStream, SecureChannel
+from ..protocol.reach import NetView, announced_relays
 from ..transport.host import Libp2pHost
+from ..transport.nat import NatTraversal
 from . import hop
 from .slots import TaskProcessDied, TaskSlot
 
@@ -41,6 +45,7 @@ PYTHON = os.environ.get("P2PEXEC_ADVERTISE_PYTHON") or f"{sys.version_info.major
 OFFER_TTL = 15.0
 HELLO_EVERY = 30.0
 HANDSHAKE_TIMEOUT = 10.0
+ANNOUNCED_RELAY_WAIT = 2.0  # on a board without a relay, how long to wait for the owner's announcement
 MAX_HANDSHAKE_FRAME = messages.MAX_LINE_BYTES
 
 
@@ -53,9 +58,20 @@ class WorkerConfig:
     known_hosts: Path = Path("~/.ssh/known_hosts")
     accept_new_host_key: bool = False
     lease_seconds: float = 30.0
+    relays: tuple[str, ...] = ()  # relay multiaddrs given with --relay / P2PEXEC_RELAY (the board may add its own)
 
 
 Task = tuple[int, memoryview, "tuple[int, int] | None"]  # id, payload, (memfd, offset) if shared
+
+
+@dataclass(eq=False)
+class _Move:
+    """A lease that may move to another stream of the same client (relayed -> direct)."""
+
+    peer: Any  # the client's libp2p peer id: only it may resume the lease
+    stream: Any = None
+    arrived: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass
@@ -81,12 +97,19 @@ class WorkerDaemon:
         self.waiting: dict[str, messages.Message] = {}  # requests we had no slot for, by request id
         self.last_served: dict[str, float] = {}  # request id -> when its last lease ended
         self._pokes: set[Callable[[], None]] = set()  # re-check each live lease (someone started waiting)
+        self.nat: NatTraversal
+        self.lease_paths: dict[int, dict[str, Any]] = {}  # for status: each lease's client and path
+        self._moves: dict[bytes, _Move] = {}  # resume frame -> the lease it may move
+        self._background: trio.Nursery | None = None
+        self._relay_known = trio.Event()  # an owner announced a relay on the board
 
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled (SIGINT/SIGTERM in :func:`main`)."""
-        async with Libp2pHost(self.config.listen).running() as host:
+        async with Libp2pHost(self.config.listen, nat_traversal=True).running() as host:
             self.host = host
+            self.nat = NatTraversal(host, self.config.who.identity, serve=True)
+            self.nat.add_candidates(self.config.relays)
             host.set_handler(self._handle_stream)
             async with trio.open_nursery() as starting:  # each task process imports for ~0.1 s
                 for slot in self.free:
@@ -101,14 +124,20 @@ class WorkerDaemon:
             )
             try:
                 await trio.to_thread.run_sync(self.board.open)
-                log.info("worker %s serving cluster %s with %d slot(s) on %s",
-                         self.config.who.identity.user, self.config.who.cluster, self.config.slots, self.config.who.board)
+                await self._find_relay()
+                log.info("worker %s serving cluster %s with %d slot(s) on %s; peer %s listening on %s "
+                         "(reachability: %s)", self.config.who.identity.user, self.config.who.cluster,
+                         self.config.slots, self.config.who.board, host.peer_id, " ".join(host.addrs),
+                         self.nat.state.kind)
                 task_status.started()
-                while True:
-                    await trio.sleep(HELLO_EVERY)
-                    self.board.send(self._hello())
-                    now = time.time()
-                    self.offers = {k: o for k, o in self.offers.items() if o.exp > now}
+                async with trio.open_nursery() as background:
+                    self._background = background
+                    background.start_soon(self.nat.keep)
+                    while True:
+                        await trio.sleep(HELLO_EVERY)
+                        self.board.send(self._hello())
+                        now = time.time()
+                        self.offers = {k: o for k, o in self.offers.items() if o.exp > now}
             finally:
                 with trio.CancelScope(shield=True):
                     bye = self._sign("bye", {"role": "worker"}, ttl=30)
@@ -116,19 +145,44 @@ class WorkerDaemon:
                     for slot in self.free:
                         await slot.stop()
 
+    async def _find_relay(self) -> None:
+        """Join a relay before the first offer, so that offers carry addresses that work.
+
+        A board without a relay of its own (pico.sh) may carry the owner's
+        ``relay`` announcement, answered to our hello within moments.
+        """
+        assert self.board is not None
+        relays, _ = await trio.to_thread.run_sync(self.board.ask_relay)
+        self.nat.add_candidates(relays)
+        if not self.nat.candidates:
+            with trio.move_on_after(ANNOUNCED_RELAY_WAIT):
+                await self._relay_known.wait()
+        if self.nat.candidates:
+            await self.nat.join_any()
+
+    def _relay_announced(self, relays: list[str]) -> None:
+        if self.nat.add_candidates(relays):
+            self._relay_known.set()
+            if not self.nat.state.checked and self._background is not None:
+                self._background.start_soon(self.nat.join_any)
+
     # -- board --------------------------------------------------------------------------
     def _sign(self, mtype: str, body: dict[str, Any], ttl: float) -> bytes:
         return messages.encode(self.config.who.identity, self.config.who.cluster, mtype, body, now=time.time(), ttl=ttl)
 
     def _hello(self) -> bytes:
         return self._sign("hello", {"role": "worker", "node": self.host.peer_id if self.host else "",
-                                    "addrs": self.host.addrs if self.host else [],
+                                    "addrs": self.nat.addrs_for(None) if self.host else [],
+                                    "reach": self.nat.state.kind if self.host else "unknown",
+                                    "leases": list(self.lease_paths.values())[:16],
                                     "py": PYTHON, "slots": self.config.slots, "free": len(self.free),
                                     "platform": sys.platform, "load": round(os.getloadavg()[0], 2)}, ttl=60)
 
     def _on_message(self, msg: messages.Message) -> None:
         if self.board is not None and self._observers.due(msg):
             self.board.send(self._hello())
+        if msg.type == "relay" and self.host is not None:
+            self._relay_announced(announced_relays(msg.sender, self.config.who.cluster, msg["addrs"]))
         if msg.type != "request" or self.host is None or self.board is None:
             return
         if self.config.allow is not None and msg.sender not in self.config.allow:
@@ -148,7 +202,8 @@ class WorkerDaemon:
         if slots <= 0:
             return False
         line_out = self._sign("offer", {"req": request["req"], "to": request.sender, "slots": slots, "py": PYTHON,
-                                        "peer": self.host.peer_id, "addrs": self.host.addrs,
+                                        "peer": self.host.peer_id,
+                                        "addrs": self.nat.addrs_for(NetView.from_json(request.body)),
                                         "kx": messages.b64(self._kx_pk)}, ttl=OFFER_TTL)
         offer_id = messages.decode(line_out).id
         self.offers[offer_id] = Offer(offer_id, request["req"], request.sender, slots, time.time() + OFFER_TTL)
@@ -175,9 +230,15 @@ class WorkerDaemon:
     async def _handle_stream(self, stream: Any) -> None:
         framed = FramedStream(stream, max_frame=MAX_HANDSHAKE_FRAME)
         slots: list[TaskSlot] = []
+        move: _Move | None = None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                accept = await self._authenticate(framed)
+                first = await framed.recv()
+                if first is None:
+                    raise ProtocolError("peer closed the stream before sending its accept")
+                if first.startswith(RESUME_MAGIC):
+                    return await self._resume(stream, first)
+                accept = self._authenticate(first)
                 offer = self.offers.pop(accept["offer"])
                 slots = [self.free.pop() for _ in range(min(accept["slots"], offer.slots, len(self.free)))]
                 if not slots:
@@ -186,11 +247,14 @@ class WorkerDaemon:
                 channel = await SecureChannel.establish(framed, rx, tx, allocate=hop.allocate)
             framed.decoder.max_frame = MAX_FRAME
             framed.silence_limit = SILENCE_SECONDS
+            move = self._moves[resume_frame(rx, tx, accept["offer"])] = _Move(stream.muxed_conn.peer_id)
             for slot in slots:
                 await slot.assign(accept.sender)
-            log.info("lease for %s with %d slot(s) started", accept.sender, len(slots))
+            path = self.lease_paths[id(move)] = {"client": accept.sender, "path": Libp2pHost.stream_path(stream),
+                                                  "slots": len(slots), "started": time.time()}
+            log.info("lease for %s with %d slot(s) started (%s)", accept.sender, len(slots), path["path"])
             try:
-                await self._serve_lease(channel, slots, accept.sender, accept["req"])
+                await self._serve_lease(channel, slots, accept.sender, accept["req"], move)
             finally:
                 with trio.CancelScope(shield=True):
                     await channel.close()
@@ -204,15 +268,41 @@ class WorkerDaemon:
                       exc_info=group.exceptions[0])
             await framed.reset()
         finally:
+            if move is not None:
+                self._moves = {t: m for t, m in self._moves.items() if m is not move}
+                self.lease_paths.pop(id(move), None)
+                move.done.set()
             self.free.extend(slots)
             if slots:
                 self.last_served[accept["req"]] = time.time()
                 self._offer_to_waiting()
 
-    async def _authenticate(self, framed: FramedStream) -> messages.Message:
-        line = await framed.recv()
-        if line is None:
-            raise ProtocolError("peer closed the stream before sending its accept")
+    async def _resume(self, stream: Any, token: bytes) -> None:
+        """A client's new stream for a lease it is moving (onto a direct connection); held until the lease ends."""
+        move = self._moves.get(token)
+        if move is None or move.peer != stream.muxed_conn.peer_id or move.stream is not None:
+            log.warning("dropped a stream that resumed no lease of its peer")
+            await stream.reset()
+            return
+        move.stream = stream
+        move.arrived.set()
+        await move.done.wait()
+
+    async def _follow_move(self, channel: SecureChannel, move: _Move, client: str) -> None:
+        """The client sent MOVE on the old stream: answer with ours, then carry on over its new stream."""
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            await move.arrived.wait()
+        if move.stream is None:
+            raise ProtocolError(f"client {client} moved its lease, but no stream resumed it")
+        await channel.move_tx(move.stream)
+        channel.framed.move_rx(move.stream)
+        await channel.framed.close_old()
+        path = self.lease_paths.get(id(move))
+        if path is not None:
+            path["path"] = f"upgraded after {time.time() - path['started']:.1f} s"
+        log.info("lease for %s moved to a %s connection", client, Libp2pHost.stream_path(move.stream))
+
+    def _authenticate(self, line: bytes) -> messages.Message:
         msg = self.inbox.receive(line, time.time())
         if msg is None:
             raise ProtocolError(f"invalid accept ({', '.join(self.inbox.dropped)})")
@@ -223,7 +313,8 @@ class WorkerDaemon:
             raise ProtocolError(f"{msg.sender} is not in --allow")
         return msg
 
-    async def _serve_lease(self, channel: SecureChannel, slots: list[TaskSlot], client: str, req: str) -> None:
+    async def _serve_lease(self, channel: SecureChannel, slots: list[TaskSlot], client: str, req: str,
+                           move: _Move) -> None:
         """Run the client's tasks on our slots; the client may only send what we credited.
 
         A lease older than ``lease_seconds`` that another client is waiting
@@ -308,6 +399,8 @@ class WorkerDaemon:
                             send_tasks.send_nowait((arg, data, shared))
                         elif op is Op.PING:
                             pass
+                        elif op is Op.MOVE:
+                            await self._follow_move(channel, move, client)
                         elif op in (Op.WITHDRAW, Op.INTERRUPT):
                             if ledger.withdraw(arg):
                                 post(*op_parts(Op.CANCELLED, arg))

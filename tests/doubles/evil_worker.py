@@ -5,7 +5,9 @@
 It joins the board and offers its slot like a real worker, and runs the
 task; then, per MODE, its answer is ``tamper``ed (one bit of ciphertext
 flipped), ``garbage`` (random bytes in place of the sealed frame) or
-``wrong-id`` (a result for a task the client never sent).
+``wrong-id`` (a result for a task the client never sent).  ``bogus-addrs``
+offers its slot honestly but at addresses where nobody listens (loopback
+ports that refuse, and a circuit through a relay that does not exist).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 
 from p2pexec import cli
 from p2pexec.protocol.frames import _OP, Op
+from p2pexec.transport import nat
 from p2pexec.worker import daemon
 
 MODE = sys.argv.pop(1)
@@ -45,10 +48,16 @@ def _misbehave(channel) -> None:
 
 
 class EvilDaemon(daemon.WorkerDaemon):
-    async def _serve_lease(self, channel, slots, client, req) -> None:
+    async def _serve_lease(self, channel, *args) -> None:
         _misbehave(channel)
-        await super()._serve_lease(channel, slots, client, req)
+        await super()._serve_lease(channel, *args)
 
 
-daemon.WorkerDaemon = EvilDaemon  # serve() builds its daemon from this name
+BOGUS = ["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.2/tcp/1",
+         "/ip4/127.0.0.1/tcp/2/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA/p2p-circuit"]
+
+if MODE == "bogus-addrs":
+    nat.NatTraversal.addrs_for = lambda self, theirs: BOGUS
+else:
+    daemon.WorkerDaemon = EvilDaemon  # serve() builds its daemon from this name
 sys.exit(cli.worker_main())
