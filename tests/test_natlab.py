@@ -1,0 +1,153 @@
+"""p2pexec across a NAT lab (network namespaces): real board, workers and clients on separate hosts.
+
+Needs root, iproute2 and iptables; skipped otherwise. Each test builds its
+own lab under a unique prefix and always deletes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.lab.harness import ADDRESSES, LabCluster, NatLab, lab_unavailable
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _lab_required() -> None:
+    reason = lab_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def lab():
+    with NatLab() as lab:
+        yield lab
+    assert not lab.namespaces_present()
+
+
+@pytest.fixture
+def lab_cluster(lab):
+    with LabCluster(lab) as lc:
+        yield lc
+
+
+def test_lab_is_natted(lab):
+    """b gets out through nat1 (masqueraded), but nobody outside can open a connection to b."""
+    port = 8080
+    pub = lab.tcp_listener("pub", port)
+    b = lab.tcp_listener("b", port)
+
+    out = lab.tcp_probe("b", ADDRESSES["pub"], port)
+    assert out["ok"], out
+    # The board side sees the NAT's public address, not b's private one.
+    seen = lab.wait_for_output(pub, r"^accepted (\S+):", timeout=5).group(1)
+    assert seen == ADDRESSES["nat1"], lab.log(lab.log_of(pub))
+
+    assert lab.tcp_probe("w", ADDRESSES["pub"], port)["ok"]          # w itself is fine
+    unrouted = lab.tcp_probe("w", ADDRESSES["b"], port)               # private address: no route from outside
+    assert not unrouted["ok"], unrouted
+    dropped = lab.tcp_probe("w", ADDRESSES["nat1"], port, timeout=2)  # NAT: no port forwarding, SYN dropped
+    assert not dropped["ok"] and "timed out" in dropped["error"], dropped
+    assert "accepted" not in lab.log(lab.log_of(b)), lab.log(lab.log_of(b))
+
+
+def test_public_worker_public_client(lab_cluster):
+    """Smoke test: a worker on public host w serves a client on public host k through the lab's board."""
+    worker = lab_cluster.start_worker("w")
+    out = lab_cluster.run_client("k", tasks=8, timeout=60)
+    assert "results" in out, f"{out}\nworker log:\n{lab_cluster.worker_log(worker)[-3000:]}"
+    assert [r[0] for r in out["results"]] == [x * x for x in range(8)]
+    assert out["workers"] == ["w-0"], out
+    print(f"first result {out['first_result_s']:.3f} s, map of 8 {out['map_s']:.3f} s; "
+          f"lab up {lab_cluster.lab.up_seconds:.2f} s, board start {lab_cluster.board_start_seconds:.2f} s",
+          file=sys.stderr)
+
+
+# -- across home routers (issue: relay, hole punching, no silent failure) ---------------------------
+EVIL_WORKER = str(Path(__file__).parent / "doubles" / "evil_worker.py")
+LEASED = re.compile(r"leased \d+ slot\(s\) of worker (\S+) \((\w+) connection\)")
+UPGRADED = re.compile(r"lease with worker (\S+) moved to a direct connection \(upgraded after ([0-9.]+) s\)")
+MOST_BOARD_LINES = 40  # a short job: hellos, requests every 2 s, offers, accepts
+
+
+def _check(lc: LabCluster, out: dict, tasks: int, workers: set[str]) -> None:
+    assert "results" in out, out.get("log", out)[-4000:] + "\n" + "\n".join(
+        lc.worker_log(w)[-2000:] for w in lc.workers)
+    assert [r[0] for r in out["results"]] == [x * x for x in range(tasks)]
+    assert set(out["workers"]) <= workers, out["workers"]
+
+
+def _paths(log: str) -> tuple[list[str], list[float]]:
+    return [m.group(2) for m in LEASED.finditer(log)], [float(m.group(2)) for m in UPGRADED.finditer(log)]
+
+
+@pytest.mark.parametrize("worker_ns, client_ns, path", [
+    ("w", "k", "direct"),
+    ("w", "b", "direct"),
+    ("b", "w", "upgraded"),
+    ("b", "c", "upgraded"),
+], ids=["public-public", "public-worker-nat-client", "nat-worker-public-client", "nat-nat"])
+def test_every_pair_of_public_and_natted_hosts_gets_results(lab_cluster, worker_ns, client_ns, path):
+    """No flag beyond today's: the board's relay, its address learned from the board, DCUtR to go direct."""
+    lab_cluster.start_worker(worker_ns)
+    watcher = lab_cluster.watch_board()
+    out = lab_cluster.run_client(client_ns, tasks=6, sleep=0.4, timeout=60)
+    _check(lab_cluster, out, 6, {f"{worker_ns}-0"})
+    leased, upgrades = _paths(out["log"])
+    if path == "direct":
+        assert leased and set(leased) == {"direct"} and not upgrades, out["log"]
+    else:  # through the relay first, then moved onto a hole-punched connection while tasks ran
+        assert leased[0] == "relayed" and upgrades, out["log"]
+        assert upgrades[0] <= 5.0, upgrades
+    lines = lab_cluster.board_lines(watcher)
+    assert lines <= MOST_BOARD_LINES, lines
+    assert "rate limit" not in lab_cluster.lab.log("board")
+    print(f"{worker_ns}->{client_ns}: first result {out['first_result_s']:.2f} s after the executor started "
+          f"({out['executor_s']:.2f} s to start it); paths {leased}, upgraded after {upgrades} s; "
+          f"{lines} board lines", file=sys.stderr)
+
+
+def test_behind_a_port_randomizing_nat_the_relay_carries_the_work():
+    with NatLab(random_ports=True) as lab, LabCluster(lab) as lc:
+        lc.start_worker("b")  # behind nat1, which picks a random source port per flow: punching fails
+        out = lc.run_client("c", tasks=6, sleep=0.2, timeout=60)
+        _check(lc, out, 6, {"b-0"})
+        leased, upgrades = _paths(out["log"])
+        assert leased and leased[0] == "relayed", out["log"]
+        print(f"random ports: paths {leased}, upgrades {upgrades}", file=sys.stderr)
+
+
+def test_a_member_offering_bogus_addresses_costs_a_warning_not_a_flood(lab_cluster):
+    lab_cluster.start_worker("w", user="bob", program=[sys.executable, EVIL_WORKER, "bogus-addrs"],
+                             name="bogus")
+    lab_cluster.start_worker("b", name="good")
+    watcher = lab_cluster.watch_board()
+    out = lab_cluster.run_client("c", tasks=20, sleep=0.3, timeout=60)
+    _check(lab_cluster, out, 20, {"good"})
+    warnings = [line for line in out["log"].splitlines() if "WARNING" in line and "cannot reach worker bob" in line]
+    assert len(warnings) == 1, out["log"]
+    lines = lab_cluster.board_lines(watcher)
+    assert lines <= 2 * MOST_BOARD_LINES, lines
+    assert "rate limit" not in lab_cluster.lab.log("board")
+
+
+def test_killing_the_relay_after_the_upgrade_leaves_the_lease_working(lab):
+    """A relay of its own (p2pexec relay, announced by the owner), killed once the lease went direct."""
+    with LabCluster(lab, board_args=("--no-relay",)) as lc:
+        relay = lc.start_relay("k")
+        lc.start_worker("b")
+        client = lc.spawn_client("c", tasks=12, sleep=0.5, timeout=60)
+        lab.wait_for_output(client, UPGRADED.pattern, timeout=30)
+        os.killpg(relay.pid, signal.SIGKILL)
+        relay.wait(10)
+        out = lc.client_result(client)
+        _check(lc, out, 12, {"b-0"})
+        assert "relayed" in _paths(out["log"])[0]
