@@ -3,8 +3,10 @@
     python benchmarks/run_all.py [--json benchmarks/results/latest.json] [--quick]
 
 Runs bench_executor (vs ProcessPoolExecutor(2)), bench_payload (vs a raw
-py-libp2p stream) and bench_scale (32 workers) in turn, each in its own
-subprocess so that one's processes and memory do not skew the next.
+py-libp2p stream), bench_scale (32 workers) and, where network namespaces
+can be made (root), bench_nat (the NAT lab, vs raw py-libp2p over the same
+paths) in turn, each in its own subprocess so that one's processes and
+memory do not skew the next.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ def main() -> int:
         "payload": run("bench_payload.py", "--mib", "32" if quick else "256"),
         "scale": run("bench_scale.py", *(["--workers", "4", "--tasks", "1000"] if quick else [])),
     }
+    sys.path.insert(0, str(HERE.parent))
+    from tests.lab.harness import lab_unavailable
+
+    reason = lab_unavailable()
+    if reason:
+        print(f"\nskipping bench_nat: {reason}")
+    else:
+        results["nat"] = run("bench_nat.py", *(["--mib", "16", "--repeat", "1"] if quick else []))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nall results: {args.json}")

@@ -22,13 +22,13 @@ from typing import Any, AsyncIterator
 
 import multiaddr
 import trio
+from multiaddr.protocols import P_P2P
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2 import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, DCUtRProtocol, RelayLimits
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
@@ -175,8 +175,12 @@ class Libp2pHost:
         self._host.set_stream_handler(LEASE_PROTOCOL, handler)
 
     # -- relays ----------------------------------------------------------------------
-    async def join_relay(self, relay: str, identity: Identity, *, reserve: Callable[[RelayJoin], bool]) -> RelayJoin:
+    async def join_relay(self, relay: str, identity: Identity, *, reserve: Callable[[RelayJoin], bool],
+                         check_ports: bool = True) -> RelayJoin:
         """Prove membership to a relay, learn how it sees us, and reserve a circuit if ``reserve`` says so.
+
+        With ``check_ports`` the relay also dials our listening ports back
+        (up to 2 s when they are not reachable): only peers that serve need it.
 
         Raises :class:`RelayRefused` or :class:`Unreachable`.
         """
@@ -187,13 +191,15 @@ class Libp2pHost:
             raise RelayRefused(f"relay address {relay!r} is not a /ip4/.../tcp/.../p2p/ID multiaddr: {exc}") from None
         with trio.fail_after(RELAY_JOIN_TIMEOUT):
             try:
-                await self._host.connect(PeerInfo(relay_id, [maddr]))
+                if not self.connected(relay_id.to_base58()):  # (host.connect would wait 250 ms for nothing)
+                    await self._host.get_network().dial_addr(maddr.decapsulate_code(P_P2P), relay_id)
                 stream = await self._host.new_stream(relay_id, [TICKET_PROTOCOL])
             except Exception as exc:
                 raise Unreachable(relay_id.to_base58(), {relay: _short(exc)}) from None
             framed = FramedStream(stream, max_frame=4096)
             ticket = make_ticket(identity, self.peer_id, relay_id.to_base58(), time.time())
-            await framed.send(json.dumps({"ticket": ticket.decode(), "ports": self.listen_ports}).encode())
+            ports = self.listen_ports if check_ports else []
+            await framed.send(json.dumps({"ticket": ticket.decode(), "ports": ports}).encode())
             raw = await framed.recv()
             await framed.close()
             try:

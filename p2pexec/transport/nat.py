@@ -65,7 +65,7 @@ class NatTraversal:
             errors: dict[str, str] = {}
             for relay in self.candidates:
                 try:
-                    join = await self.host.join_relay(relay, self.identity,
+                    join = await self.host.join_relay(relay, self.identity, check_ports=self.serve,
                                                       reserve=lambda j: self.serve and not j.reachable)
                 except (RelayRefused, Unreachable, trio.TooSlowError) as exc:
                     errors[relay] = str(exc) or "timed out"
@@ -100,7 +100,7 @@ class NatTraversal:
         async with self._lock:
             if relay_id in self._joined and self.host.connected(relay_id):
                 return
-            join = await self.host.join_relay(relay, self.identity, reserve=lambda j: False)
+            join = await self.host.join_relay(relay, self.identity, reserve=lambda j: False, check_ports=False)
             self._joined[relay_id] = join
             if not self.state.checked:
                 self.view = NetView(self.view.netid, join.seen)
