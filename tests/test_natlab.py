@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -97,10 +98,16 @@ def _paths(log: str) -> tuple[list[str], list[float]]:
 ], ids=["public-public", "public-worker-nat-client", "nat-worker-public-client", "nat-nat"])
 def test_every_pair_of_public_and_natted_hosts_gets_results(lab_cluster, worker_ns, client_ns, path):
     """No flag beyond today's: the board's relay, its address learned from the board, DCUtR to go direct."""
-    lab_cluster.start_worker(worker_ns)
+    lab_cluster.start_worker(worker_ns, name="friend")
     watcher = lab_cluster.watch_board()
-    out = lab_cluster.run_client(client_ns, tasks=6, sleep=0.4, timeout=60)
-    _check(lab_cluster, out, 6, {f"{worker_ns}-0"})
+    client = lab_cluster.spawn_client(client_ns, tasks=8, sleep=0.4, timeout=60)
+    if path == "upgraded":  # while the lease runs, status tells how the worker is reached and by which path
+        lab_cluster.lab.wait_for_output(client, UPGRADED.pattern, timeout=30)
+        status = lab_cluster.status("k")
+        assert "reachable: behind a NAT" in status and "lease for alice: upgraded after" in status, status
+    out = lab_cluster.client_result(client)
+    _check(lab_cluster, out, 8, {"friend"})
+    assert lab_cluster.runs("friend") == Counter([1, *range(8)])  # nothing lost, nothing run twice
     leased, upgrades = _paths(out["log"])
     if path == "direct":
         assert leased and set(leased) == {"direct"} and not upgrades, out["log"]
@@ -143,11 +150,12 @@ def test_killing_the_relay_after_the_upgrade_leaves_the_lease_working(lab):
     """A relay of its own (p2pexec relay, announced by the owner), killed once the lease went direct."""
     with LabCluster(lab, board_args=("--no-relay",)) as lc:
         relay = lc.start_relay("k")
-        lc.start_worker("b")
+        lc.start_worker("b", name="friend")
         client = lc.spawn_client("c", tasks=12, sleep=0.5, timeout=60)
         lab.wait_for_output(client, UPGRADED.pattern, timeout=30)
         os.killpg(relay.pid, signal.SIGKILL)
         relay.wait(10)
         out = lc.client_result(client)
-        _check(lc, out, 12, {"b-0"})
+        _check(lc, out, 12, {"friend"})
         assert "relayed" in _paths(out["log"])[0]
+        assert lc.runs("friend") == Counter([1, *range(12)])  # the move lost, repeated and reran nothing

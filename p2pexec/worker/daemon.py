@@ -45,7 +45,6 @@ PYTHON = os.environ.get("P2PEXEC_ADVERTISE_PYTHON") or f"{sys.version_info.major
 OFFER_TTL = 15.0
 HELLO_EVERY = 30.0
 HANDSHAKE_TIMEOUT = 10.0
-ANNOUNCED_RELAY_WAIT = 2.0  # on a board without a relay, how long to wait for the owner's announcement
 MAX_HANDSHAKE_FRAME = messages.MAX_LINE_BYTES
 
 
@@ -101,7 +100,7 @@ class WorkerDaemon:
         self.lease_paths: dict[int, dict[str, Any]] = {}  # for status: each lease's client and path
         self._moves: dict[bytes, _Move] = {}  # resume frame -> the lease it may move
         self._background: trio.Nursery | None = None
-        self._relay_known = trio.Event()  # an owner announced a relay on the board
+        self._joining = 0  # relay joins under way: requests wait for them, so offers carry addresses that work
 
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -146,25 +145,27 @@ class WorkerDaemon:
                         await slot.stop()
 
     async def _find_relay(self) -> None:
-        """Join a relay before the first offer, so that offers carry addresses that work.
-
-        A board without a relay of its own (pico.sh) may carry the owner's
-        ``relay`` announcement, answered to our hello within moments.
-        """
+        """Join the board's relay (or a configured one) before the first offer."""
         assert self.board is not None
         relays, _ = await trio.to_thread.run_sync(self.board.ask_relay)
         self.nat.add_candidates(relays)
+        await self._join_relay()
+
+    async def _join_relay(self) -> None:
+        """Requests that come meanwhile wait, and are offered to once we know our addresses."""
         if not self.nat.candidates:
-            with trio.move_on_after(ANNOUNCED_RELAY_WAIT):
-                await self._relay_known.wait()
-        if self.nat.candidates:
+            return
+        self._joining += 1
+        try:
             await self.nat.join_any()
+        finally:
+            self._joining -= 1
+            self._offer_to_waiting()
 
     def _relay_announced(self, relays: list[str]) -> None:
-        if self.nat.add_candidates(relays):
-            self._relay_known.set()
-            if not self.nat.state.checked and self._background is not None:
-                self._background.start_soon(self.nat.join_any)
+        """The owner's relay (``p2pexec relay OWNER/NAME``), announced on a board without one of its own."""
+        if self.nat.add_candidates(relays) and not self.nat.state.checked and self._background is not None:
+            self._background.start_soon(self._join_relay)
 
     # -- board --------------------------------------------------------------------------
     def _sign(self, mtype: str, body: dict[str, Any], ttl: float) -> bytes:
@@ -190,7 +191,9 @@ class WorkerDaemon:
             return
         if not python_compatible(PYTHON, msg["py"]):
             return
-        if not self._offer(msg):
+        if self._joining:
+            self.waiting[msg["req"]] = msg
+        elif not self._offer(msg):
             self.waiting[msg["req"]] = msg  # served first when slots free up
             for poke in list(self._pokes):
                 poke()

@@ -17,6 +17,7 @@ has no link to the host's own network.
 from __future__ import annotations
 
 import atexit
+import collections
 import functools
 import itertools
 import json
@@ -641,7 +642,8 @@ class LabCluster:
             proc = self.lab.spawn(
                 ns, [*program, "--cluster", self.cluster, *self.participant_args(user),
                      "--slots", str(slots), "--ready-fd", str(write_fd), *extra],
-                env=self.env(LAB_WORKER=name), log_name=f"worker-{name}", pass_fds=(write_fd,))
+                env=self.env(LAB_WORKER=name, LAB_RUNLOG=str(self.runlog(name))), log_name=f"worker-{name}",
+                pass_fds=(write_fd,))
         except BaseException:
             os.close(read_fd)
             raise
@@ -660,6 +662,23 @@ class LabCluster:
             raise RuntimeError(f"worker {name} in {ns} failed to start ({state}); its log:\n"
                                f"{self.worker_log(proc)[-4000:]}")
         return proc
+
+    def runlog(self, name: str) -> Path:
+        """Where the tasks run by worker ``name`` note each run (client_job's ``square``)."""
+        return self.dir / f"runs-{name}.log"
+
+    def runs(self, name: str) -> "collections.Counter[int]":
+        """How many times worker ``name`` ran each task argument."""
+        path = self.runlog(name)
+        return collections.Counter(int(line) for line in path.read_text().split()) if path.exists() else \
+            collections.Counter()
+
+    def status(self, ns: str, user: str | None = None) -> str:
+        """``p2pexec status`` of the cluster, as ``user`` (default: the first other member), from ``ns``."""
+        user = user or next(u for u in self.users if u not in (self.owner, self.worker_user))
+        out = self.lab.run(ns, [sys.executable, "-c", P2PEXEC_MAIN, "status", self.cluster, "--wait", "1.5",
+                                *self.participant_args(user)], env=self.env(), log_name=f"status-{next(_counter)}")
+        return out.stdout + out.stderr
 
     def worker_log(self, proc: subprocess.Popen[bytes]) -> str:
         return self.lab.log(self.lab.log_of(proc))
