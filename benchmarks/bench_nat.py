@@ -45,9 +45,10 @@ def _json_line(text: str) -> dict:
     raise RuntimeError(f"no JSON result in:\n{text[-3000:]}")
 
 
-def first_results(lc: LabCluster, repeat: int) -> dict[str, dict]:
+def first_results(lc: LabCluster, repeat: int, rows: list[tuple[str, str]], nat: str = "NAT") -> dict[str, dict]:
     out: dict[str, dict] = {}
-    for worker_ns, client_ns in ROWS:
+    names = {**NAMES, "b": nat}
+    for worker_ns, client_ns in rows:
         worker = lc.start_worker(worker_ns, name=f"{worker_ns}-first")
         runs = [lc.run_client(client_ns, tasks=1, timeout=60, log_level=None) for _ in range(repeat)]
         lc.lab.stop(worker)
@@ -55,11 +56,11 @@ def first_results(lc: LabCluster, repeat: int) -> dict[str, dict]:
         bad = [r for r in runs if "error" in r]
         if bad:
             raise RuntimeError(f"row {worker_ns}->{client_ns} failed: {bad[0]['error']}\n{bad[0].get('log', '')[-3000:]}")
-        row = f"worker {NAMES[worker_ns]} ({worker_ns}), client {NAMES[client_ns]} ({client_ns})"
+        row = f"worker {names[worker_ns]} ({worker_ns}), client {names[client_ns]} ({client_ns})"
         out[row] = {"first_result_s": round(statistics.median(r["first_result_s"] for r in runs), 3),
                     "runs_s": [r["first_result_s"] for r in runs],
                     "import_s": round(statistics.median(r["import_s"] for r in runs), 3)}
-        print(f"{row:<40} first result {out[row]['first_result_s'] * 1000:6.0f} ms "
+        print(f"{row:<56} first result {out[row]['first_result_s'] * 1000:6.0f} ms "
               f"(runs {[round(r * 1000) for r in out[row]['runs_s']]} ms; import of p2pexec "
               f"{out[row]['import_s']:.2f} s not counted)", flush=True)
     return out
@@ -107,27 +108,32 @@ def main() -> int:
         return 2
     results: dict = {}
     with NatLab() as lab, LabCluster(lab) as lc:
-        results["first_result"] = first_results(lc, args.repeat)
+        results["first_result"] = first_results(lc, args.repeat, ROWS)
         upgraded = p2p_echo(lc, args.mib, wait_upgrade=True)
         raw = raw_echo(lab, lc, args.mib)
     with NatLab(random_ports=True) as lab, LabCluster(lab) as lc:
+        results["first_result"].update(first_results(lc, args.repeat, [("b", "c")], nat="port-randomizing NAT"))
         relayed = p2p_echo(lc, args.mib, wait_upgrade=False)
         raw_relayed = raw_echo(lab, lc, args.mib)
-    def path(mine: float, pipelined: float | None, stored: float | None) -> dict:
-        return {"p2pexec": mine, "raw_pipelined": pipelined, "raw_store_and_forward": stored,
-                "ratio_pipelined": round(mine / pipelined, 2) if pipelined else None,
-                "ratio_store_and_forward": round(mine / stored, 2) if stored else None}
+    def path(mine: float, **baselines: float | None) -> dict:
+        return {"p2pexec": mine, **{f"raw_{k}": v for k, v in baselines.items()},
+                **{f"ratio_{k}": round(mine / v, 2) if v else None for k, v in baselines.items()}}
 
     results["throughput_MBps"] = {
-        "relayed": path(relayed["MBps"], raw_relayed["relayed_MBps"], raw_relayed.get("relayed_stored_MBps")),
-        "upgraded": path(upgraded["MBps"], raw["direct_MBps"], raw["direct_stored_MBps"]),
+        "relayed": path(relayed["MBps"], pipelined=raw_relayed["relayed_MBps"],
+                        store_and_forward=raw_relayed.get("relayed_stored_MBps"),
+                        secretstream=raw_relayed.get("relayed_sealed_MBps")),
+        "upgraded": path(upgraded["MBps"], pipelined=raw["direct_MBps"], store_and_forward=raw["direct_stored_MBps"],
+                         secretstream=raw["direct_sealed_MBps"]),
     }
     print(f"{args.mib} MiB echo, NATed worker (b) and client (c), both directions counted; raw py-libp2p "
-          f"over the same path, echoing as it reads (pipelined) and storing first (as a task must):")
+          f"over the same path: echoing as it reads (pipelined), storing first (as a task must), and storing "
+          f"first with secretstream sealing and opening on both sides (what p2pexec must add):")
     for name, t in results["throughput_MBps"].items():
-        print(f"  {name:<9} p2pexec {t['p2pexec']:6.1f} MB/s; raw pipelined {t['raw_pipelined']} MB/s "
-              f"({t['ratio_pipelined']}x), raw store-and-forward {t['raw_store_and_forward']} MB/s "
-              f"({t['ratio_store_and_forward']}x)")
+        print(f"  {name:<9} p2pexec {t['p2pexec']:6.1f} MB/s; raw: pipelined {t['raw_pipelined']} "
+              f"({t['ratio_pipelined']}x), store-and-forward {t['raw_store_and_forward']} "
+              f"({t['ratio_store_and_forward']}x), + secretstream {t['raw_secretstream']} "
+              f"({t['ratio_secretstream']}x)")
     write_json(args.json, results)
     return 0
 

@@ -51,10 +51,26 @@ async def _read_exactly(stream, n: int) -> bytearray:
     return buf
 
 
+KEY = bytes(range(32))
+SEALED = CHUNK + 17  # a secretstream ciphertext of one chunk
+
+
 async def _echo(stream) -> None:
-    """b"P": echo as it reads (pipelined); b"S" + 8-byte size: read it all, then send it back (a task's way)."""
+    """b"P": echo as it reads (pipelined); b"S" + 8-byte size: read it all, then send it back (a task's way);
+    b"E" + size + header: the same, each chunk opened and sealed again with secretstream (what p2pexec adds)."""
+    from p2pexec.protocol.frames import Opener, Sealer
+
     try:
         mode = await _read_exactly(stream, 1)
+        if mode == b"E":
+            size = int.from_bytes(await _read_exactly(stream, 8), "big")
+            opener = Opener(KEY, bytes(await _read_exactly(stream, 24)))
+            received = [opener.open(bytes(await _read_exactly(stream, SEALED))) for _ in range(size // CHUNK)]
+            sealer = Sealer(KEY)
+            await stream.write(sealer.header)
+            for plaintext in received:
+                await stream.write(sealer.seal(plaintext))
+            return
         if mode == b"S":
             data = await _read_exactly(stream, int.from_bytes(await _read_exactly(stream, 8), "big"))
             for start in range(0, len(data), CHUNK):
@@ -84,6 +100,22 @@ async def _stored_echo(stream, mib: int) -> float:
     for _ in range(mib):
         await stream.write(block)
     await _read_exactly(stream, mib * CHUNK)
+    return 2 * mib * CHUNK / 1e6 / (time.perf_counter() - started)
+
+
+async def _sealed_echo(stream, mib: int) -> float:
+    """:func:`_stored_echo` with every chunk sealed and opened with secretstream on both sides."""
+    from p2pexec.protocol.frames import Opener, Sealer
+
+    block = b"x" * CHUNK
+    started = time.perf_counter()
+    sealer = Sealer(KEY)
+    await stream.write(b"E" + (mib * CHUNK).to_bytes(8, "big") + sealer.header)
+    for _ in range(mib):
+        await stream.write(sealer.seal(block))
+    opener = Opener(KEY, bytes(await _read_exactly(stream, 24)))
+    for _ in range(mib):
+        opener.open(bytes(await _read_exactly(stream, SEALED)))
     return 2 * mib * CHUNK / 1e6 / (time.perf_counter() - started)
 
 
@@ -120,17 +152,21 @@ async def _raw_client(server_json: str, mib: str) -> None:
         stored = await host.open_stream(server["peer"], [server["circuit"]])
         if host.stream_path(stored) == "relayed":
             result["relayed_stored_MBps"] = round(await _stored_echo(stored, int(mib)), 1)
+        sealed = await host.open_stream(server["peer"], [server["circuit"]])
+        if host.stream_path(sealed) == "relayed":
+            result["relayed_sealed_MBps"] = round(await _sealed_echo(sealed, int(mib)), 1)
         host.punch(server["peer"])
         with trio.move_on_after(10):
-            while not host.has_direct(server["peer"]):
-                await trio.sleep(0.05)
+            await host.wait_direct(server["peer"])
         if host.has_direct(server["peer"]):
             direct = await host.direct_stream(server["peer"])
             result["direct_MBps"] = round(await _pipelined_echo(direct, int(mib)), 1)
             stored = await host.direct_stream(server["peer"])
             result["direct_stored_MBps"] = round(await _stored_echo(stored, int(mib)), 1)
+            sealed = await host.direct_stream(server["peer"])
+            result["direct_sealed_MBps"] = round(await _sealed_echo(sealed, int(mib)), 1)
         else:
-            result["direct_MBps"] = result["direct_stored_MBps"] = None
+            result["direct_MBps"] = result["direct_stored_MBps"] = result["direct_sealed_MBps"] = None
     print(json.dumps(result), flush=True)
 
 

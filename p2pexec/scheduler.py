@@ -43,7 +43,6 @@ REQUEST_TTL = 10.0
 REQUEST_EVERY = 2.0
 TICK = 0.25
 BATCH_BYTES = 1 << 20
-UPGRADE_POLL = 0.1
 UPGRADE_RETRY = 2.0
 
 
@@ -462,8 +461,7 @@ class ClientScheduler:
         started = trio.current_time()
         self.host.punch(lease.peer)
         while True:
-            while not self.host.has_direct(lease.peer):
-                await trio.sleep(UPGRADE_POLL)  # libp2p offers no event for a new connection
+            await self.host.wait_direct(lease.peer)
             try:
                 stream = await self.host.direct_stream(lease.peer)
                 await FramedStream(stream).send(resume)
@@ -474,9 +472,8 @@ class ClientScheduler:
                 continue
             break
         lease.moving = stream
+        lease.path = f"upgraded after {trio.current_time() - started:.1f} s"  # said once the worker moved too
         await lease.channel.move_tx(stream)
-        lease.path = f"upgraded after {trio.current_time() - started:.1f} s"
-        log.info("lease with worker %s moved to a direct connection (%s)", lease.worker, lease.path)
 
     async def _heartbeat(self, lease: Lease) -> None:
         """Let the worker tell a quiet lease from a frozen client."""
@@ -502,6 +499,7 @@ class ClientScheduler:
                     channel.framed.move_rx(lease.moving)
                     lease.moving = None
                     await channel.framed.close_old()
+                    log.info("lease with worker %s moved to a direct connection (%s)", lease.worker, lease.path)
                 elif not self._apply(lease, op, arg, data):
                     return
 

@@ -87,6 +87,7 @@ def format_status(status: dict[str, Any]) -> str:
 REACH = {
     "public": "directly (public address)",
     "nat": "behind a NAT: through the relay, then hole-punched where the routers allow",
+    "relay-only": "behind a NAT that defeats hole punching: through the relay only",
     "unreachable": "NO: behind a NAT and no relay took it",
     "unknown": "not checked (no relay known)",
 }

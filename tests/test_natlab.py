@@ -124,12 +124,16 @@ def test_every_pair_of_public_and_natted_hosts_gets_results(lab_cluster, worker_
 
 def test_behind_a_port_randomizing_nat_the_relay_carries_the_work():
     with NatLab(random_ports=True) as lab, LabCluster(lab) as lc:
-        lc.start_worker("b")  # behind nat1, which picks a random source port per flow: punching fails
-        out = lc.run_client("c", tasks=6, sleep=0.2, timeout=60)
-        _check(lc, out, 6, {"b-0"})
+        worker = lc.start_worker("b", name="friend")  # behind nat1, which picks a new port per flow: no punching
+        client = lc.spawn_client("c", tasks=60, sleep=0.5, timeout=90)
+        lab.wait_for_output(worker, "hole punching failed", timeout=60)  # told the friend, once it is clear
+        status = lc.status("k")
+        assert "through the relay only" in status and "lease for alice: relayed" in status, status
+        out = lc.client_result(client)
+        _check(lc, out, 60, {"friend"})
+        assert lc.runs("friend") == Counter([1, *range(60)])
         leased, upgrades = _paths(out["log"])
         assert leased and leased[0] == "relayed", out["log"]
-        print(f"random ports: paths {leased}, upgrades {upgrades}", file=sys.stderr)
 
 
 def test_a_member_offering_bogus_addresses_costs_a_warning_not_a_flood(lab_cluster):

@@ -158,7 +158,10 @@ class Reachability:
 
     @property
     def kind(self) -> str:
-        """For ``status``: ``public``, ``nat`` (relayed, maybe punched), ``relay-only`` or ``unknown``."""
+        """For ``status``: ``public``, ``nat`` (relayed, maybe punched), ``unreachable`` or ``unknown``.
+
+        (The worker says ``relay-only`` once a lease stayed relayed: only use tells that.)
+        """
         if self.public:
             return "public"
         if self.circuits:

@@ -24,6 +24,7 @@ import multiaddr
 import trio
 from multiaddr.protocols import P_P2P
 from libp2p import new_host
+from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -115,6 +116,8 @@ class Libp2pHost:
         self._circuits: CircuitV2Transport | None = None
         self._dcutr: DCUtRProtocol | None = None
         self._dial_locks: dict[str, trio.Lock] = {}
+        self._new_connection: dict[str, trio.Event] = {}  # peer id -> set when a connection to it opens
+        self._host.get_network().register_notifee(_Connected(self._new_connection))
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -296,6 +299,11 @@ class Libp2pHost:
     def has_direct(self, peer_id: str) -> bool:
         return any(not _conn_relayed(c) for c in self._connections(peer_id))
 
+    async def wait_direct(self, peer_id: str) -> None:
+        """Return once there is a direct (not relayed) connection to the peer."""
+        while not self.has_direct(peer_id):
+            await self._new_connection.setdefault(peer_id, trio.Event()).wait()
+
     def punch(self, peer_id: str) -> None:
         """Start DCUtR hole punching to a peer we reach through a relay, without waiting for it.
 
@@ -325,6 +333,29 @@ class Libp2pHost:
     def stream_path(stream: Any) -> str:
         """``relayed`` or ``direct``: which kind of connection carries ``stream``."""
         return "relayed" if _conn_relayed(stream.muxed_conn) else "direct"
+
+
+class Notifee(INotifee):
+    """py-libp2p's network notifications, each ignored unless a subclass overrides it."""
+
+    async def connected(self, network: Any, conn: Any) -> None: ...
+    async def disconnected(self, network: Any, conn: Any) -> None: ...
+    async def opened_stream(self, network: Any, stream: Any) -> None: ...
+    async def closed_stream(self, network: Any, stream: Any) -> None: ...
+    async def listen(self, network: Any, multiaddr: Any) -> None: ...
+    async def listen_close(self, network: Any, multiaddr: Any) -> None: ...
+
+
+class _Connected(Notifee):
+    """Wakes whoever waits for a new connection to a peer (a hole punch that succeeded)."""
+
+    def __init__(self, events: dict[str, trio.Event]) -> None:
+        self._events = events
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        event = self._events.pop(conn.muxed_conn.peer_id.to_base58(), None)
+        if event is not None:
+            event.set()
 
 
 def _conn_relayed(conn: Any) -> bool:

@@ -27,7 +27,6 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import trio
-from libp2p.abc import INotifee
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
@@ -36,7 +35,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 
 from ..protocol.reach import InvalidTicket, check_ticket
 from .channel import FramedStream, PeerLost
-from .host import TICKET_PROTOCOL, Libp2pHost
+from .host import TICKET_PROTOCOL, Libp2pHost, Notifee
 
 log = logging.getLogger("p2pexec.relay")
 
@@ -171,7 +170,7 @@ class MemberRelay(CircuitV2Protocol):
             self._circuits[user] -= 1
 
 
-class _Forget(INotifee):
+class _Forget(Notifee):
     """Drop a peer's membership and reservation as soon as its last connection closes."""
 
     def __init__(self, relay: MemberRelay) -> None:
@@ -182,11 +181,6 @@ class _Forget(INotifee):
         if not network.get_connections(peer):
             self._relay.forget(peer)
 
-    async def opened_stream(self, network: Any, stream: Any) -> None: ...
-    async def closed_stream(self, network: Any, stream: Any) -> None: ...
-    async def connected(self, network: Any, conn: Any) -> None: ...
-    async def listen(self, network: Any, multiaddr: Any) -> None: ...
-    async def listen_close(self, network: Any, multiaddr: Any) -> None: ...
 
 
 @asynccontextmanager

@@ -46,6 +46,7 @@ OFFER_TTL = 15.0
 HELLO_EVERY = 30.0
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HANDSHAKE_FRAME = messages.MAX_LINE_BYTES
+PUNCH_GIVES_UP = 20.0  # a lease still relayed this long after it started will not be hole-punched
 
 
 @dataclass
@@ -100,6 +101,7 @@ class WorkerDaemon:
         self.lease_paths: dict[int, dict[str, Any]] = {}  # for status: each lease's client and path
         self._moves: dict[bytes, _Move] = {}  # resume frame -> the lease it may move
         self._background: trio.Nursery | None = None
+        self._punch_failed = False  # a lease stayed relayed: our NAT defeats hole punching
         self._joining = 0  # relay joins under way: requests wait for them, so offers carry addresses that work
 
     # -- lifecycle ------------------------------------------------------------------
@@ -174,10 +176,25 @@ class WorkerDaemon:
     def _hello(self) -> bytes:
         return self._sign("hello", {"role": "worker", "node": self.host.peer_id if self.host else "",
                                     "addrs": self.nat.addrs_for(None) if self.host else [],
-                                    "reach": self.nat.state.kind if self.host else "unknown",
+                                    "reach": self._reach(),
                                     "leases": list(self.lease_paths.values())[:16],
                                     "py": PYTHON, "slots": self.config.slots, "free": len(self.free),
                                     "platform": sys.platform, "load": round(os.getloadavg()[0], 2)}, ttl=60)
+
+    def _reach(self) -> str:
+        """How peers reach us, for status: ``relay-only`` once a lease stayed relayed past hole punching."""
+        if not self.host:
+            return "unknown"
+        kind = self.nat.state.kind
+        return "relay-only" if kind == "nat" and self._punch_failed else kind
+
+    async def _watch_punch(self, lease: int, client: str) -> None:
+        await trio.sleep(PUNCH_GIVES_UP)
+        path = self.lease_paths.get(lease)
+        if path is not None and path["path"] == "relayed" and not self._punch_failed:
+            self._punch_failed = True
+            log.info("the lease for %s is still relayed after %.0f s: hole punching failed (a NAT that picks a new "
+                     "port per connection?); leases stay on the relay, at its speed", client, PUNCH_GIVES_UP)
 
     def _on_message(self, msg: messages.Message) -> None:
         if self.board is not None and self._observers.due(msg):
@@ -256,6 +273,8 @@ class WorkerDaemon:
             path = self.lease_paths[id(move)] = {"client": accept.sender, "path": Libp2pHost.stream_path(stream),
                                                   "slots": len(slots), "started": time.time()}
             log.info("lease for %s with %d slot(s) started (%s)", accept.sender, len(slots), path["path"])
+            if path["path"] == "relayed" and self._background is not None:
+                self._background.start_soon(self._watch_punch, id(move), accept.sender)
             try:
                 await self._serve_lease(channel, slots, accept.sender, accept["req"], move)
             finally:
@@ -297,12 +316,15 @@ class WorkerDaemon:
             await move.arrived.wait()
         if move.stream is None:
             raise ProtocolError(f"client {client} moved its lease, but no stream resumed it")
+        if channel.framed.stream is move.stream:
+            raise ProtocolError(f"client {client} moved its lease twice")
         await channel.move_tx(move.stream)
         channel.framed.move_rx(move.stream)
         await channel.framed.close_old()
         path = self.lease_paths.get(id(move))
         if path is not None:
             path["path"] = f"upgraded after {time.time() - path['started']:.1f} s"
+        self._punch_failed = False
         log.info("lease for %s moved to a %s connection", client, Libp2pHost.stream_path(move.stream))
 
     def _authenticate(self, line: bytes) -> messages.Message:
