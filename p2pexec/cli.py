@@ -35,9 +35,10 @@ DEFAULT_RELAY_PORT = 4001
 
 def _relay_options(group: argparse._ActionsContainer) -> None:
     """Per-member relay limits, shared by ``p2pexec board`` and ``p2pexec relay``."""
-    group.add_argument("--relay-announce", action="append", default=None, metavar="MULTIADDR",
-                       help="tell members this address instead of the one they reached the board on "
-                            "(port forwarding); /ip4/HOST/tcp/PORT, repeatable")
+    group.add_argument("--relay-announce", action="append", default=None, metavar="ADDRESS",
+                       help="the relay address members are told, HOST:PORT or /ip4/HOST/tcp/PORT, repeatable "
+                            "(default: the address they reached the board on; for p2pexec relay, this host's "
+                            "addresses); for port forwarding")
     group.add_argument("--relay-reservations", type=int, default=8, metavar="N",
                        help="reservations each member may hold (default: 8)")
     group.add_argument("--relay-circuits", type=int, default=64, metavar="N",
@@ -57,6 +58,12 @@ def _relay_policy(args: argparse.Namespace) -> "RelayPolicy":
     return RelayPolicy(reservations_per_member=args.relay_reservations, circuits_per_member=args.relay_circuits,
                        circuit_bytes=int(args.relay_circuit_gib * (1 << 30)),
                        circuit_seconds=max(1, int(args.relay_circuit_hours * 3600)))
+
+
+def _announced(args: argparse.Namespace, peer_id: str) -> list[str]:
+    """``--relay-announce`` addresses as full relay multiaddrs."""
+    return [f"{a if a.startswith('/') else _tcp_multiaddr(a, '--relay-announce')}/p2p/{peer_id}"
+            for a in args.relay_announce or ()]
 
 
 def _tcp_multiaddr(text: str, option: str) -> str:
@@ -230,9 +237,7 @@ def _board(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise P2PExecError(f"the relay cannot listen on {listen}: {exc.strerror}; pick another port with "
                                f"--relay-listen, or run none with --no-relay") from None
-        server.relay = RelayAddress(relay.peer_id, relay.port, tuple(
-            f"{_tcp_multiaddr(a, '--relay-announce') if not a.startswith('/') else a}/p2p/{relay.peer_id}"
-            for a in args.relay_announce or ()))
+        server.relay = RelayAddress(relay.peer_id, relay.port, tuple(_announced(args, relay.peer_id)))
     watcher = UsersFileWatcher(server, users_path)
     try:
         server.start()
@@ -265,12 +270,10 @@ def _board(args: argparse.Namespace) -> int:
 def _relay(args: argparse.Namespace) -> int:
     import signal
     import threading
-    import time
 
-    from .board.client import BoardSession
+    from .board.announce import RelayAnnouncer
     from .config import default_members_path, resolve
-    from .keys import Keyring
-    from .protocol import messages
+    from .keys import WatchedKeyring
     from .protocol.reach import scope, split_tcp
     from .transport.relay import RelayService
 
@@ -283,45 +286,27 @@ def _relay(args: argparse.Namespace) -> int:
             raise P2PExecError(f"only the owner {owner!r} can announce a relay for {who.cluster}; you are "
                                f"{who.identity.user!r} (pass --user {owner} with the owner's key, or run without "
                                f"OWNER/NAME and give members the address)")
-    members_path = Path(args.members).expanduser() if args.members else (
-        default_members_path(args.cluster) if args.cluster else None)
-    if members_path is None:
+    if not args.members and not args.cluster:
         raise P2PExecError("say who may use the relay: --members FILE ('NAME ssh-ed25519 KEY' per line), "
                            "or OWNER/NAME to use that cluster's members file")
-    members = _ReloadingKeyring(members_path)
+    members = WatchedKeyring(args.members or default_members_path(args.cluster))
     listen = _tcp_multiaddr(args.listen, "--listen")
     try:
         relay = RelayService(listen, _relay_policy(args), members.allows)
     except OSError as exc:
         raise P2PExecError(f"the relay cannot listen on {args.listen}: {exc.strerror}") from None
-    announce = [f"{a if a.startswith('/') else _tcp_multiaddr(a, '--relay-announce')}/p2p/{relay.peer_id}"
-                for a in args.relay_announce or ()] or [
-        f"{a}/p2p/{relay.peer_id}" for a in relay.addrs
-        if (tcp := split_tcp(a)) is not None and scope(tcp[0]) != "loopback"] or [
-        f"{a}/p2p/{relay.peer_id}" for a in relay.addrs]
-    print(f"p2pexec relay listening on port {relay.port}; members may use it (from {members_path})", flush=True)
+    public = [f"{a}/p2p/{relay.peer_id}" for a in relay.addrs
+              if (tcp := split_tcp(a)) is not None and scope(tcp[0]) != "loopback"]
+    announce = _announced(args, relay.peer_id) or public or [f"{a}/p2p/{relay.peer_id}" for a in relay.addrs]
+    print(f"p2pexec relay listening on port {relay.port}; members may use it (from {members.path})", flush=True)
     for addr in announce:
         print(f"  {addr}", flush=True)
-    session = None
+    announcer = None
     if who is not None:
-        def announcement() -> bytes:
-            return messages.encode(who.identity, who.cluster, "relay", {"addrs": announce},
-                                   now=time.time(), ttl=120)
-
-        last_answer = [0.0]
-
-        def answer_newcomers(msg: messages.Message) -> None:
-            """A member who just joined has not seen the last announcement: repeat it (at most twice a second)."""
-            if msg.type == "hello" and session is not None and time.monotonic() - last_answer[0] > 0.5:
-                last_answer[0] = time.monotonic()
-                session.send(announcement())
-
-        session = BoardSession(who.board, who.identity, who.cluster,
-                               inbox=messages.Inbox(who.cluster, who.keyring), on_message=answer_newcomers,
-                               make_hello=announcement, known_hosts=args.known_hosts,
-                               accept_new_host_key=args.accept_new_host_key)
+        announcer = RelayAnnouncer(who, announce, known_hosts=args.known_hosts,
+                                   accept_new_host_key=args.accept_new_host_key)
         try:
-            session.open()
+            announcer.start()
         except BaseException:
             relay.stop()
             raise
@@ -331,46 +316,11 @@ def _relay(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    while not stop.wait(RELAY_ANNOUNCE_EVERY):
-        if session is not None:
-            session.send(announcement())
-    if session is not None:
-        session.close()
+    stop.wait()
+    if announcer is not None:
+        announcer.stop()
     relay.stop()
     return 0
-
-
-RELAY_ANNOUNCE_EVERY = 30.0
-
-
-class _ReloadingKeyring:
-    """A members file re-read when it changes, so removing a member takes effect without a restart."""
-
-    def __init__(self, path: Path) -> None:
-        from .keys import Keyring
-
-        self._path = path
-        self._stamp: tuple[int, int] | None = None
-        self._keyring = Keyring.load(path)
-        self._stamp = self._stat()
-
-    def _stat(self) -> tuple[int, int] | None:
-        try:
-            st = self._path.stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size
-
-    def allows(self, user: str, key: bytes) -> bool:
-        from .keys import Keyring
-
-        stamp = self._stat()
-        if stamp != self._stamp:
-            try:
-                self._keyring, self._stamp = Keyring.load(self._path), stamp
-            except P2PExecError as exc:
-                log.warning("keeping the previous members: %s", exc)
-        return self._keyring.allows(user, key)
 
 
 def _host(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from .errors import ConfigurationError
 
 ED25519 = "ssh-ed25519"
 _USERNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+log = logging.getLogger("p2pexec.keys")
 
 
 def valid_username(name: str) -> bool:
@@ -219,3 +222,32 @@ class Keyring:
         return "".join(
             f"{u} {openssh_public_line(k)}\n" for u in sorted(self._keys) for k in sorted(self._keys[u])
         )
+
+
+class WatchedKeyring:
+    """A users or members file, read again whenever it changes: removing someone takes effect at once.
+
+    A file that became unreadable or malformed keeps the last good list (and says so).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+        self._stamp = self._stat()
+        self._keyring = Keyring.load(self.path)
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def allows(self, user: str, key: bytes) -> bool:
+        stamp = self._stat()
+        if stamp != self._stamp:
+            try:
+                self._keyring = Keyring.load(self.path)
+            except ConfigurationError as exc:
+                log.warning("keeping the previous list: %s", exc)
+            self._stamp = stamp
+        return self._keyring.allows(user, key)

@@ -137,3 +137,52 @@ def test_board_sessions_ask_for_the_relay(keys, relay):
         board.stop()
     assert seen == "127.0.0.1"
     assert relays == (["/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWrelay"] if relay else [])
+
+
+def test_a_watched_members_file_takes_removals_at_once_and_survives_a_bad_edit(tmp_path):
+    from p2pexec.keys import WatchedKeyring, openssh_public_line
+
+    path = tmp_path / "members"
+    path.write_text(f"alice {openssh_public_line(ALICE.public_key)}\nbob {openssh_public_line(BOB.public_key)}\n")
+    members = WatchedKeyring(path)
+    assert members.allows("bob", BOB.public_key)
+    path.write_text(f"alice {openssh_public_line(ALICE.public_key)}\n")  # bob removed
+    assert not members.allows("bob", BOB.public_key) and members.allows("alice", ALICE.public_key)
+    path.write_text("alice not-a-key-type AAAA\n")  # a broken edit keeps the last good list
+    assert members.allows("alice", ALICE.public_key)
+
+
+def test_p2pexec_relay_needs_to_know_who_may_use_it(capsys):
+    from p2pexec.cli import main
+
+    assert main(["relay", "--listen", "127.0.0.1:0"]) == 1
+    assert "say who may use the relay: --members FILE" in capsys.readouterr().err
+
+
+def test_p2pexec_relay_alone_prints_its_address_and_stops_on_sigterm(tmp_path):
+    import signal
+    import sys
+
+    from p2pexec.keys import openssh_public_line
+
+    members = tmp_path / "members"
+    members.write_text(f"alice {openssh_public_line(ALICE.public_key)}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "p2pexec.cli", "relay", "--members", str(members),
+                             "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]
+        assert lines[0].startswith("p2pexec relay listening on port"), lines
+        address = lines[1].strip()
+        assert address.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3KooW" in address, lines
+        assert "--relay ADDRESS" in lines[2], lines
+
+        async def join() -> object:
+            async with Libp2pHost(nat_traversal=True).running() as host:
+                return await host.join_relay(address, ALICE, reserve=lambda j: True)
+
+        assert trio.run(join).circuit  # a member is served by the process just started
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
