@@ -15,6 +15,7 @@ from .errors import (
     P2PExecError,
     ProtocolError,
     RemoteTraceback,
+    ResultTooLargeError,
     TaskProcessDiedError,
     WorkerLostError,
 )
@@ -35,5 +36,5 @@ def __getattr__(name: str):  # task processes import p2pexec too: keep SSH, trio
 __all__ = [
     "P2PExecutor", "LocalCluster", "RemoteTraceback", "P2PExecError", "ConfigurationError", "BoardError",
     "BoardConnectionError", "HostKeyError", "AuthenticationError", "AccessDeniedError", "ProtocolError",
-    "TaskProcessDiedError", "WorkerLostError", "NoWorkersError",
+    "TaskProcessDiedError", "WorkerLostError", "NoWorkersError", "ResultTooLargeError",
 ]

@@ -43,6 +43,10 @@ class WorkerLostError(P2PExecError):
     """A task was lost with its worker too many times."""
 
 
+class ResultTooLargeError(P2PExecError):
+    """A worker sent (or claimed) a result bigger than the executor's ``max_result_size``."""
+
+
 class NoWorkersError(P2PExecError):
     """No worker offered to run the task within ``worker_timeout``."""
 

@@ -28,6 +28,13 @@ log = logging.getLogger("p2pexec.client")
 _live_executors: "weakref.WeakSet[P2PExecutor]" = weakref.WeakSet()
 
 
+def _half_the_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError):
+        return 4 << 30
+
+
 def _shutdown_all() -> None:
     for executor in list(_live_executors):
         executor.shutdown(wait=True)
@@ -43,6 +50,12 @@ class P2PExecutor(Executor):
     ``identity`` to ``$P2PEXEC_IDENTITY``, else ``~/.ssh/id_ed25519``;
     ``members`` (who may take part, authorized_keys style with names) to
     ``~/.config/p2pexec/clusters/OWNER/NAME.members``.
+
+    ``allow`` limits the workers used to those run by the members named;
+    ``task_timeout`` interrupts a task that runs longer (on its worker) and
+    fails its future with ``TimeoutError``; a result over
+    ``max_result_size`` bytes (default: half this machine's memory) fails
+    its future with ``ResultTooLargeError``.
     """
 
     def __init__(self, cluster: str, *, board: str | None = None, identity: str | os.PathLike[str] | None = None,
@@ -51,15 +64,23 @@ class P2PExecutor(Executor):
                  warn_after: float = 30.0, lease_idle: float = 10.0,
                  known_hosts: str | os.PathLike[str] = DEFAULT_KNOWN_HOSTS,
                  accept_new_host_key: bool = False, relay: str | list[str] | None = None,
-                 verbose: bool = False) -> None:
+                 allow: Iterable[str] | None = None, task_timeout: float | None = None,
+                 max_result_size: int | None = None, verbose: bool = False) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        if task_timeout is not None and not task_timeout > 0:
+            raise ValueError("task_timeout must be greater than 0 seconds")
+        if max_result_size is not None and max_result_size <= 0:
+            raise ValueError("max_result_size must be greater than 0 bytes")
+        if isinstance(allow, str):
+            raise TypeError("allow= takes a list of member names, e.g. allow=['alice', 'bob']")
         who = resolve(cluster, board=board, user=user, identity=identity, members=members, relay=relay)
         self.cluster = who.cluster
         self._options = SchedulerOptions(
             max_workers=max_workers or 1 << 30, max_retries=max_retries, lease_idle=lease_idle,
             warn_after=warn_after, worker_timeout=worker_timeout, board_hint=who.board_hint,
-            relays=who.relays)
+            relays=who.relays, allow=frozenset(allow) if allow is not None else None, task_timeout=task_timeout,
+            max_result_size=max_result_size or _half_the_memory())
         self._scheduler: ClientScheduler | None = None
         self._runtime: TrioThread | None = None
         self._board: BoardSession | None = None

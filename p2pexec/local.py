@@ -159,17 +159,21 @@ class LocalCluster:
             self._server = None
 
     def add_worker(self, slots: int | None = None, env: dict[str, str] | None = None,
-                   program: Sequence[str] = (sys.executable, "-m", "p2pexec.worker")) -> WorkerProcess:
+                   program: Sequence[str] = (sys.executable, "-m", "p2pexec.worker"),
+                   user: str | None = None) -> WorkerProcess:
         """Start one more worker daemon; returns once it has joined the board.
 
         ``program`` is the command that takes ``p2pexec-worker``'s arguments;
-        tests pass a misbehaving double of it.
+        tests pass a misbehaving double of it.  ``user`` is the member who
+        runs it: the worker user (default) or the owner.
         """
+        user = user or self.worker_user
+        identity = {self.worker_user: self.worker_identity, self.owner: self.identity}[user]
         read_fd, write_fd = os.pipe()
         log_path = self._dir / f"worker-{len(self.workers)}.log"
         cmd = [*program, "--cluster", self.cluster,
-               "--board", f"ssh://{self.worker_user}@127.0.0.1:{self._port}",
-               "--identity", self.worker_identity, "--members", self.members,
+               "--board", f"ssh://{user}@127.0.0.1:{self._port}",
+               "--identity", identity, "--members", self.members,
                "--known-hosts", self.known_hosts, "--slots", str(slots or self.slots),
                "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-fd", str(write_fd), *self.worker_options]
         if self.verbose:

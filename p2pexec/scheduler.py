@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import sys
 import time
 from collections import deque
@@ -23,10 +24,12 @@ import nacl.bindings as sodium
 import trio
 
 from .board.client import BoardSession
-from .errors import NoWorkersError, ProtocolError, TaskProcessDiedError, WorkerLostError
+from .errors import NoWorkersError, ProtocolError, ResultTooLargeError, TaskProcessDiedError, WorkerLostError
 from .keys import Identity
 from .protocol import messages
-from .protocol.frames import Buffer, Op, decode_ops, encode_op, nbytes, op_parts, resume_frame, session_keys
+from .protocol.frames import (
+    MAX_MESSAGE, Buffer, MessageTooLarge, Op, decode_ops, encode_op, nbytes, op_parts, resume_frame, session_keys,
+)
 from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
 from .status import AnswerObservers
@@ -55,9 +58,16 @@ class WorkItem:
     losses: list[str] = field(default_factory=list)
     size: int = 0
     cancel_asked: bool = False  # a WITHDRAW or INTERRUPT went to its worker
+    deadline: float = math.inf  # with task_timeout: when it is interrupted, then when its worker must have
+                                # answered the interrupt (monotonic)
 
     def __post_init__(self) -> None:
         self.size = sum(nbytes(p) for p in self.payload)
+
+
+async def _fail(exc: BaseException) -> None:
+    """Started in a lease's nursery to end the lease with ``exc``."""
+    raise exc
 
 
 def cancel_running(future: Future[Any]) -> bool:
@@ -89,6 +99,9 @@ class SchedulerOptions:
     worker_timeout: float | None = None
     board_hint: str = ""
     relays: tuple[str, ...] = ()
+    allow: frozenset[str] | None = None  # use only workers run by these members
+    max_result_size: int = MAX_MESSAGE  # a bigger result (or claim of one) fails its future
+    task_timeout: float | None = None  # interrupt a task running longer, failing it with TimeoutError
 
 
 class Lease:
@@ -102,6 +115,7 @@ class Lease:
         self.channel: SecureChannel | None = None
         self.path = "dialing"  # direct, relayed, or "upgraded after N s"
         self.moving: Any = None  # the direct stream the lease is moving to, until the worker's MOVE
+        self.nursery: trio.Nursery | None = None  # its I/O tasks, once established
 
     def __repr__(self) -> str:
         return f"<lease {self.worker}@{self.peer[-8:]} slots={self.slots}>"
@@ -131,7 +145,7 @@ class ClientScheduler:
         self._starving_since: float | None = None
         self._warned = False
         self._cancel_queued = False  # shutdown(cancel_futures=True): queued work is withdrawn, not run
-        self.banned: dict[str, str] = {}  # peer id -> how that worker broke the protocol
+        self.banned: dict[str, str] = {}  # member -> how a worker of theirs broke the protocol
         self.nat: NatTraversal | None = None
         self._backoff = DialBackoff()  # workers that could not be reached, by peer id
         self.unreachable: dict[str, str] = {}  # worker user -> why it could not be reached (for errors)
@@ -169,7 +183,9 @@ class ClientScheduler:
         return self._sign("hello", {"role": "client", "node": self.request_id, "py": PYTHON,
                                     "queued": len(self.pending), "running": self._inflight(),
                                     "leases": [{"worker": lease.worker, "slots": lease.slots, "path": lease.path}
-                                               for lease in self.leases[:16]]}, ttl=60)
+                                               for lease in self.leases[:16]],
+                                    "banned": {member: why[:200] for member, why in list(self.banned.items())[:8]}},
+                          ttl=60)
 
     def reannounce(self) -> None:
         self._last_request = -1e9
@@ -298,8 +314,12 @@ class ClientScheduler:
     def _on_offer(self, msg: messages.Message) -> None:
         if msg["req"] != self.request_id or msg["to"] != self.identity.user or self._nursery is None:
             return
-        if msg["peer"] in self.banned:
-            log.debug("ignoring an offer from %s: it broke the protocol (%s)", msg.sender, self.banned[msg["peer"]])
+        if msg.sender in self.banned:  # by member: a new peer id (a restarted worker) does not evade it
+            log.debug("ignoring an offer from %s: a worker of theirs broke the protocol (%s)", msg.sender,
+                      self.banned[msg.sender])
+            return
+        if self.options.allow is not None and msg.sender not in self.options.allow:
+            log.debug("ignoring an offer from %s: not in allow=", msg.sender)
             return
         if not python_compatible(PYTHON, msg["py"]):
             log.debug("ignoring an offer from %s: Python %s, not %s", msg.sender, msg["py"], PYTHON)
@@ -317,6 +337,8 @@ class ClientScheduler:
     def _tick(self) -> None:
         self._maybe_request()
         now = time.monotonic()
+        if self.options.task_timeout is not None:
+            self._time_out(now)
         if not self.pending or any(lease.channel is not None for lease in self.leases):
             self._starving_since, self._warned = None, False
             return
@@ -331,6 +353,30 @@ class ClientScheduler:
         if timeout is not None and waited >= timeout:
             self._fail_pending(NoWorkersError(
                 f"no worker of cluster {self.cluster} took this task within {timeout:g} s; {self._starving_hint()}"))
+
+    def _time_out(self, now: float) -> None:
+        """Tasks past task_timeout fail with TimeoutError at once; their workers are told to stop them.
+
+        A worker that has not answered such an interrupt after :data:`SILENCE_SECONDS`
+        (an honest one kills the task process at once) holds slots it will never
+        free: it is dropped as broken, and the rest of its tasks run elsewhere.
+        """
+        for lease in self.leases:
+            expired = [i for i in lease.inflight.values() if i.deadline <= now]
+            for item in expired:
+                if item.future.done():  # interrupted earlier, and still not answered
+                    if lease.nursery is not None:
+                        lease.nursery.start_soon(_fail, ProtocolError(
+                            f"worker {lease.worker} did not stop task {item.id} within {SILENCE_SECONDS:g} s of "
+                            f"being asked"))
+                    item.deadline = math.inf
+                    continue
+                self._set_exception(item, TimeoutError(
+                    f"the task ran longer than task_timeout={self.options.task_timeout:g} s on worker "
+                    f"{lease.worker}; it was interrupted there"))
+                item.deadline = now + SILENCE_SECONDS
+                if not item.cancel_asked:
+                    self._ask_cancel(lease, item, Op.INTERRUPT)
 
     def _starving_hint(self) -> str:
         if self.unreachable:
@@ -354,12 +400,14 @@ class ClientScheduler:
                                                "kx": messages.b64(self._kx_pk), "slots": lease.slots}, ttl=30)
                 await framed.send(accept)
                 rx, tx = session_keys("client", self._kx_pk, self._kx_sk, messages.unb64(offer["kx"], 32))
-                lease.channel = await SecureChannel.establish(framed, rx, tx)
+                lease.channel = await SecureChannel.establish(framed, rx, tx, allocate=None,
+                                                              max_message=self.options.max_result_size)
                 framed.silence_limit = SILENCE_SECONDS
                 log.info("leased %d slot(s) of worker %s (%s connection)", lease.slots, lease.worker, lease.path)
                 if self.board is not None:  # tell the others; the worker has consumed it already
                     self.board.send(accept)
                 async with trio.open_nursery() as nursery:
+                    lease.nursery = nursery
                     nursery.start_soon(self._feed, lease)
                     nursery.start_soon(self._heartbeat, lease)
                     if lease.path == "relayed":
@@ -372,6 +420,8 @@ class ClientScheduler:
                         await lease.channel.close()
                 else:
                     await framed.reset()
+        except* MessageTooLarge as group:
+            reason = self._too_large(lease, group.exceptions[0])
         except* (ProtocolError, messages.InvalidMessage) as group:  # raised in the lease's nursery too
             exc = group.exceptions[0]
             reason = str(exc)
@@ -380,9 +430,10 @@ class ClientScheduler:
             elif isinstance(exc, PeerLost):  # it died, or the network did: it may come back
                 log.warning("lost worker %s: %s", lease.worker, exc)
             else:
-                self.banned[lease.peer] = reason
+                self.banned[lease.worker] = reason
                 log.warning("dropped worker %s (peer %s), which broke the protocol: %s; its tasks run elsewhere "
-                            "and this executor will not use it again", lease.worker, lease.peer, exc)
+                            "and this executor will use no worker of %s again", lease.worker, lease.peer, exc,
+                            lease.worker)
         except* Exception as group:  # a bug of ours must cost one lease, not every future of the executor
             reason = f"unexpected error: {group.exceptions[0]!r}"
             log.error("lease with worker %s failed; its tasks are retried. Please report this:", lease.worker,
@@ -394,6 +445,21 @@ class ClientScheduler:
                 self._last_request = -1e9
             self.notify()
             self._maybe_request()
+
+    def _too_large(self, lease: Lease, exc: MessageTooLarge) -> str | None:
+        """Fail the task whose result is over max_result_size; the lease ends, its other tasks run again."""
+        culprit = exc.culprit()
+        item = lease.inflight.pop(culprit[1], None) if culprit and culprit[0] is Op.RESULT else None
+        if item is None:
+            self.banned[lease.worker] = str(exc)
+            log.warning("dropped worker %s, which announced %d bytes for no task it holds; this executor will use "
+                        "no worker of %s again", lease.worker, exc.total, lease.worker)
+            return str(exc)
+        self._set_exception(item, ResultTooLargeError(
+            f"worker {lease.worker} has a {culprit[2]}-byte result for this task, over max_result_size="
+            f"{exc.limit}; pass a larger max_result_size= to accept it"))
+        log.warning("refused a %d-byte result from worker %s (max_result_size=%d)", culprit[2], lease.worker, exc.limit)
+        return None
 
     async def _dial(self, lease: Lease, addrs: list[str]) -> Any:
         """Reach the worker by any of its addresses; back off per worker when none works."""
@@ -431,6 +497,8 @@ class ClientScheduler:
                    and (item := self._take()) is not None):
                 lease.credits -= 1
                 lease.inflight[item.id] = item
+                if self.options.task_timeout is not None:
+                    item.deadline = time.monotonic() + self.options.task_timeout
                 batch.extend(op_parts(Op.TASK, item.id, *item.payload))
                 size += item.size
             if batch:  # everything sendable now goes in one message: one write, not one per task

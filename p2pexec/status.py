@@ -79,6 +79,8 @@ def format_status(status: dict[str, Any]) -> str:
                          f"python {c.get('py', '?')}")
             lines.extend(f"    lease of {lease.get('worker', '?')} ({lease.get('slots', '?')} slots): "
                          f"{lease.get('path', '?')}" for lease in _leases(c))
+            banned = c.get("banned") if isinstance(c.get("banned"), dict) else {}
+            lines.extend(f"    banned {member}: {why}" for member, why in banned.items())
     if not workers and not clients:
         lines.append("nobody answered; workers join with: p2pexec-worker --cluster " + status["cluster"])
     return "\n".join(lines)

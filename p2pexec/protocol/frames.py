@@ -69,18 +69,42 @@ def chunk_message(parts: Sequence[Buffer], size: int = CHUNK) -> Iterator[bytes]
                 pieces, room, first = [], size, False
 
 
+class MessageTooLarge(ProtocolError):
+    """The peer announced a message over our limit; ``head`` is what came of it, to tell which task it was."""
+
+    def __init__(self, total: int, limit: int, head: memoryview) -> None:
+        super().__init__(f"peer announced a {total}-byte message, over the {limit}-byte limit")
+        self.total, self.limit, self.head = total, limit, head
+
+    def culprit(self) -> tuple[Op, int, int] | None:
+        """(op, arg, claimed size) of the operation that runs past the first chunk: the big one."""
+        view, offset = self.head, 0
+        while view.nbytes - offset >= _OP.size:
+            code, arg, n = _OP.unpack_from(view, offset)
+            offset += _OP.size + n
+            if offset > view.nbytes:
+                try:
+                    return Op(code), arg, n
+                except ValueError:
+                    return None
+        return None
+
+
 class Reassembler:
     """Rebuilds logical messages from their chunks; anything out of order is an error.
 
     ``allocate(size)`` makes the buffer a chunked message is rebuilt in (a
-    worker puts it in memory its task processes can read in place).
+    worker puts it in memory its task processes can read in place).  With
+    ``allocate=None`` the buffer grows as chunks arrive, so a peer that
+    announces more than it sends costs no more memory than it sent.
     """
 
-    def __init__(self, max_message: int = MAX_MESSAGE, allocate: Callable[[int], Buffer] = bytearray) -> None:
+    def __init__(self, max_message: int = MAX_MESSAGE, allocate: Callable[[int], Buffer] | None = bytearray) -> None:
         self.max_message = max_message
         self._allocate = allocate
         self._buf: Buffer | None = None
         self._filled = 0
+        self._total = 0
 
     def feed(self, plaintext: bytes) -> memoryview | None:
         if not plaintext:
@@ -93,11 +117,12 @@ class Reassembler:
                 raise ProtocolError("chunked message without its length")
             (total,) = _TOTAL.unpack_from(view)
             if total > self.max_message:
-                raise ProtocolError(f"peer announced a {total}-byte message, over the {self.max_message}-byte limit")
+                raise MessageTooLarge(total, self.max_message, view[_TOTAL.size :])
             try:
-                self._buf, self._filled = self._allocate(total), 0
+                self._buf = bytearray() if self._allocate is None else self._allocate(total)
             except (MemoryError, OSError):
                 raise ProtocolError(f"no memory for the {total}-byte message the peer announced") from None
+            self._filled, self._total = 0, total
             return self._append(view[_TOTAL.size :], last=False)
         if kind in (_MORE, _LAST) and self._buf is not None:
             return self._append(view, last=kind == _LAST)
@@ -106,13 +131,16 @@ class Reassembler:
     def _append(self, view: memoryview, last: bool) -> memoryview | None:
         assert self._buf is not None
         end = self._filled + view.nbytes
-        if end > nbytes(self._buf):
+        if end > self._total:
             raise ProtocolError("chunked message longer than announced")
-        self._buf[self._filled : end] = view
+        if self._allocate is None:
+            self._buf += view  # type: ignore[operator]  # a growing bytearray
+        else:
+            self._buf[self._filled : end] = view
         self._filled = end
         if not last:
             return None
-        if end != nbytes(self._buf):
+        if end != self._total:
             raise ProtocolError("chunked message shorter than announced")
         out, self._buf = memoryview(self._buf), None
         return out

@@ -11,7 +11,8 @@ import trio
 
 from ..errors import ProtocolError
 from ..protocol.frames import (
-    MAX_FRAME, Buffer, FrameDecoder, Opener, Op, Reassembler, Sealer, chunk_message, encode_frame, encode_op,
+    MAX_FRAME, MAX_MESSAGE, Buffer, FrameDecoder, Opener, Op, Reassembler, Sealer, chunk_message, encode_frame,
+    encode_op,
 )
 
 READ_SIZE = 1 << 20
@@ -122,22 +123,23 @@ class SecureChannel:
     """
 
     def __init__(self, framed: FramedStream, sealer: Sealer, opener: Opener,
-                 allocate: Callable[[int], Buffer] = bytearray) -> None:
+                 allocate: Callable[[int], Buffer] | None = bytearray, max_message: int = MAX_MESSAGE) -> None:
         self.framed = framed
         self._sealer = sealer
         self._opener = opener
-        self._reassembler = Reassembler(allocate=allocate)
+        self._reassembler = Reassembler(max_message, allocate)
         self._send_lock = trio.StrictFIFOLock()
 
     @classmethod
     async def establish(cls, framed: FramedStream, rx_key: bytes, tx_key: bytes,
-                        allocate: Callable[[int], Buffer] = bytearray) -> "SecureChannel":
+                        allocate: Callable[[int], Buffer] | None = bytearray,
+                        max_message: int = MAX_MESSAGE) -> "SecureChannel":
         sealer = Sealer(tx_key)
         await framed.send(sealer.header)
         header = await framed.recv()
         if header is None:
             raise PeerLost("peer closed the stream during the key exchange")
-        return cls(framed, sealer, Opener(rx_key, header), allocate)
+        return cls(framed, sealer, Opener(rx_key, header), allocate, max_message)
 
     async def send(self, message: Buffer | Sequence[Buffer], final: bool = False) -> None:
         parts = [message] if isinstance(message, (bytes, bytearray, memoryview)) else message

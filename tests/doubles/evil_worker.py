@@ -8,6 +8,9 @@ flipped), ``garbage`` (random bytes in place of the sealed frame) or
 ``wrong-id`` (a result for a task the client never sent).  ``bogus-addrs``
 offers its slot honestly but at addresses where nobody listens (loopback
 ports that refuse, and a circuit through a relay that does not exist).
+``silent`` takes tasks and heartbeats but never answers one, interrupted
+or not.  ``huge-claim`` answers a task with the first chunk of a result it
+claims is ``$EVIL_CLAIM`` bytes, then sends nothing more.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import os
 import sys
 
 from p2pexec import cli
-from p2pexec.protocol.frames import _OP, Op
+from p2pexec.protocol.frames import _FIRST, _OP, _TOTAL, Op
+import trio
+
 from p2pexec.transport import nat
-from p2pexec.worker import daemon
+from p2pexec.worker import daemon, slots
 
 MODE = sys.argv.pop(1)
 
@@ -26,6 +31,20 @@ MODE = sys.argv.pop(1)
 def _misbehave(channel) -> None:
     framed_send, channel_send = channel.framed.send, channel.send
     sealed = 0
+
+    if MODE == "huge-claim":
+        async def claim(parts, final=False) -> None:
+            head = parts if isinstance(parts, (bytes, bytearray, memoryview)) else parts[0]
+            if len(head) >= _OP.size and head[0] == Op.RESULT:
+                claimed = int(os.environ["EVIL_CLAIM"])
+                first = (bytes([_FIRST]) + _TOTAL.pack(claimed)
+                         + _OP.pack(Op.RESULT, _OP.unpack_from(head)[1], claimed - _OP.size) + b"x" * 65536)
+                await framed_send(channel._sealer.seal(first))
+                await trio.sleep_forever()  # the rest never comes
+            await channel_send(parts, final)
+
+        channel.send = claim
+        return
 
     async def send_frame(data: bytes) -> None:
         nonlocal sealed
@@ -56,8 +75,15 @@ class EvilDaemon(daemon.WorkerDaemon):
 BOGUS = ["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.2/tcp/1",
          "/ip4/127.0.0.1/tcp/2/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA/p2p-circuit"]
 
+async def _never(self, payload, shared):
+    with trio.CancelScope(shield=True):  # not even INTERRUPT ends it
+        await trio.sleep_forever()
+
+
 if MODE == "bogus-addrs":
     nat.NatTraversal.addrs_for = lambda self, theirs: BOGUS
+elif MODE == "silent":
+    slots.TaskSlot.run = _never
 else:
     daemon.WorkerDaemon = EvilDaemon  # serve() builds its daemon from this name
 sys.exit(cli.worker_main())
