@@ -24,6 +24,7 @@ import trio
 from ..board.client import BoardSession
 from ..config import Participant
 from ..errors import ProtocolError
+from ..keys import Identity
 from ..protocol import messages
 from ..protocol.frames import (
     MAX_FRAME, RESUME_MAGIC, Buffer, Op, decode_ops, encode_op, op_parts, resume_frame, session_keys,
@@ -81,6 +82,7 @@ class Offer:
     client: str
     slots: int
     exp: float
+    kx: tuple[bytes, bytes]  # this offer's own X25519 key pair: one lease's keys reveal no other's
 
 
 class WorkerDaemon:
@@ -90,7 +92,6 @@ class WorkerDaemon:
         self.inbox = messages.Inbox(config.who.cluster, config.who.keyring)
         self.free: list[TaskSlot] = [TaskSlot(i) for i in range(config.slots)]
         self.offers: dict[str, Offer] = {}
-        self._kx_pk, self._kx_sk = sodium.crypto_kx_keypair()
         self.host: Libp2pHost | None = None
         self.board: BoardSession | None = None
         self._observers = AnswerObservers()
@@ -221,12 +222,13 @@ class WorkerDaemon:
         slots = slots_to_offer(len(self.free), request["n"])
         if slots <= 0:
             return False
+        kx = sodium.crypto_kx_keypair()
         line_out = self._sign("offer", {"req": request["req"], "to": request.sender, "slots": slots, "py": PYTHON,
                                         "peer": self.host.peer_id,
                                         "addrs": self.nat.addrs_for(NetView.from_json(request.body)),
-                                        "kx": messages.b64(self._kx_pk)}, ttl=OFFER_TTL)
+                                        "kx": messages.b64(kx[0])}, ttl=OFFER_TTL)
         offer_id = messages.decode(line_out).id
-        self.offers[offer_id] = Offer(offer_id, request["req"], request.sender, slots, time.time() + OFFER_TTL)
+        self.offers[offer_id] = Offer(offer_id, request["req"], request.sender, slots, time.time() + OFFER_TTL, kx)
         self.board.send(line_out)
         self.waiting.pop(request["req"], None)
         return True
@@ -263,7 +265,7 @@ class WorkerDaemon:
                 slots = [self.free.pop() for _ in range(min(accept["slots"], offer.slots, len(self.free)))]
                 if not slots:
                     raise ProtocolError("no free slot left for this accept")
-                rx, tx = session_keys("worker", self._kx_pk, self._kx_sk, messages.unb64(accept["kx"], 32))
+                rx, tx = session_keys("worker", *offer.kx, messages.unb64(accept["kx"], 32))
                 channel = await SecureChannel.establish(framed, rx, tx, allocate=hop.allocate)
             framed.decoder.max_frame = MAX_FRAME
             framed.silence_limit = SILENCE_SECONDS
@@ -467,6 +469,8 @@ class WorkerDaemon:
 def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None) -> None:
     """Run a worker until SIGINT or SIGTERM; ``on_ready`` once it has joined the board."""
 
+    say_how_we_sign(config.who.identity, protect_memory())
+
     async def main() -> None:
         daemon = WorkerDaemon(config)
         async with trio.open_nursery() as nursery:
@@ -475,6 +479,34 @@ def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None) -> 
             on_ready()
 
     trio.run(main)
+
+
+DEFAULT_KEY = Path("~/.ssh/id_ed25519")
+_PR_SET_DUMPABLE = 4
+
+
+def say_how_we_sign(who: Identity, memory_protected: bool) -> None:
+    """The friend should know which key their worker signs with, and not lend it their everyday key."""
+    log.info("worker signs as %s with %s; %s", who.user, who.where,
+             "its memory is closed to other processes of this user (non-dumpable)" if memory_protected else
+             "its memory could not be closed to other processes of this user")
+    if who.path is not None and who.path.expanduser().resolve() == DEFAULT_KEY.expanduser().resolve():
+        log.warning("this worker signs with your general-purpose SSH key %s: anyone who gets it can log in where "
+                    "it does. Prefer a key of its own: ssh-keygen -t ed25519 -f ~/.ssh/p2pexec_worker, added to "
+                    "the members file, then --identity ~/.ssh/p2pexec_worker", who.path)
+
+
+def protect_memory() -> bool:
+    """Make this process non-dumpable, so processes of the same user (its tasks among them) can neither
+    ptrace it nor read ``/proc/<pid>/mem``; False where the platform cannot."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:
