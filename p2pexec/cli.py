@@ -15,6 +15,7 @@ from .logs import quiet_dependencies
 
 if TYPE_CHECKING:
     from .transport.relay import RelayPolicy
+    from .worker.sandbox import Sandbox
 
 log = logging.getLogger("p2pexec")
 
@@ -378,11 +379,12 @@ def _status(args: argparse.Namespace) -> int:
 def worker_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="p2pexec-worker", parents=[_participant_options()],
-        description="Contribute this machine's compute to a cluster. Tasks from the cluster's members "
-                    "run in separate task processes under your user account; stop with Ctrl-C.",
+        description="Contribute this machine's compute to a cluster. Tasks from the cluster's members run in "
+                    "separate task processes, sandboxed where this machine allows (see --check-sandbox); stop "
+                    "with Ctrl-C.",
         epilog="example: p2pexec-worker --cluster alice/friends --slots 4",
     )
-    parser.add_argument("--cluster", required=True, metavar="OWNER/NAME", help="the cluster to serve")
+    parser.add_argument("--cluster", metavar="OWNER/NAME", help="the cluster to serve (required)")
     parser.add_argument("--slots", type=int, default=1, help="tasks to run at once (default: 1)")
     parser.add_argument("--allow", default=None, metavar="USER,...",
                         help="run tasks only from these members (default: every member)")
@@ -391,16 +393,55 @@ def worker_main(argv: list[str] | None = None) -> int:
                              "(default: 30)")
     parser.add_argument("--listen", action="append", default=None, metavar="MULTIADDR",
                         help="libp2p listen address (default: /ip4/0.0.0.0/tcp/0); repeatable")
+    sandbox = parser.add_argument_group("sandbox", "Tasks run in a bubblewrap sandbox where the machine has "
+                                                   "it: no access to your files, keys or network, nothing left "
+                                                   "running after them.")
+    sandbox.add_argument("--check-sandbox", action="store_true", help="print what is enforced here and exit")
+    sandbox.add_argument("--no-sandbox", action="store_true",
+                         help="run tasks unsandboxed, as your user: they can read your files and keys")
+    sandbox.add_argument("--network", action="store_true", help="let tasks use the network")
+    sandbox.add_argument("--memory", type=_size, default=None, metavar="SIZE",
+                         help="memory tasks may use in all, e.g. 8GiB, split between the slots "
+                              "(default: not capped)")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"p2pexec {__version__}")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     if args.slots < 1:
         parser.error("--slots must be at least 1")
+    if args.check_sandbox:
+        for line in _sandbox(args).describe():
+            print(line)
+        return 0
+    if not args.cluster:
+        parser.error("--cluster OWNER/NAME is required")
     try:
         return _worker(args)
     except P2PExecError as exc:
         return _fail("p2pexec-worker", exc)
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """``8GiB``, ``512MiB``, ``2G``, ``1048576``: bytes."""
+    number = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = number[-1:] if number[-1:] in _UNITS and not number[-1:].isdigit() else ""
+    try:
+        value = float(number[: len(number) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 8GiB or 512MiB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a size must be positive")
+    return int(value * _UNITS[unit])
+
+
+def _sandbox(args: argparse.Namespace) -> "Sandbox":
+    from .worker.sandbox import detect
+
+    per_slot = args.memory // args.slots if args.memory else None
+    return detect(network=args.network, memory=per_slot, enabled=not args.no_sandbox)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -412,7 +453,7 @@ def _worker(args: argparse.Namespace) -> int:
     allow = frozenset(u.strip() for u in args.allow.split(",") if u.strip()) if args.allow else None
     config = WorkerConfig(who=who, slots=args.slots, lease_seconds=args.lease_seconds, listen=tuple(args.listen or ["/ip4/0.0.0.0/tcp/0"]), allow=allow,
                           known_hosts=args.known_hosts.expanduser(), accept_new_host_key=args.accept_new_host_key,
-                          relays=who.relays)
+                          relays=who.relays, sandbox=_sandbox(args))
 
     def ready() -> None:
         if args.ready_fd is not None:

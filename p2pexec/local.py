@@ -85,16 +85,18 @@ class LocalCluster:
 
     def __init__(self, workers: int = 2, slots: int = 1, *, owner: str = "alice", name: str = "friends",
                  worker_user: str = "friend", verify_senders: bool = True,
-                 worker_options: tuple[str, ...] = (), verbose: bool = False) -> None:
+                 worker_options: tuple[str, ...] = (), sandbox: bool = False, verbose: bool = False) -> None:
         """``verify_senders=False`` makes the embedded board relay any line, as pico.sh does;
-        ``worker_options`` are extra ``p2pexec-worker`` flags (e.g. ``("--lease-seconds", "5")``)."""
+        ``worker_options`` are extra ``p2pexec-worker`` flags (e.g. ``("--lease-seconds", "5")``).
+        Workers run your own tasks on your own machine, so unlike ``p2pexec-worker`` they are not
+        sandboxed unless ``sandbox=True``."""
         self.cluster = f"{owner}/{name}"
         self.owner = owner
         self.worker_user = worker_user
         self.slots = slots
         self.verbose = verbose
         self.verify_senders = verify_senders
-        self.worker_options = tuple(worker_options)
+        self.worker_options = tuple(worker_options) + (() if sandbox else ("--no-sandbox",))
         self.workers: list[WorkerProcess] = []
         self._n_workers = workers
         self._dir = Path(tempfile.mkdtemp(prefix="p2pexec-local-"))

@@ -37,6 +37,7 @@ from ..protocol.reach import NetView, announced_relays
 from ..transport.host import Libp2pHost
 from ..transport.nat import NatTraversal
 from . import hop
+from .sandbox import Sandbox
 from .slots import TaskProcessDied, TaskSlot
 
 log = logging.getLogger("p2pexec.worker")
@@ -60,6 +61,7 @@ class WorkerConfig:
     accept_new_host_key: bool = False
     lease_seconds: float = 30.0
     relays: tuple[str, ...] = ()  # relay multiaddrs given with --relay / P2PEXEC_RELAY (the board may add its own)
+    sandbox: Sandbox = Sandbox(None)  # how task processes run (see worker/sandbox.py)
 
 
 Task = tuple[int, memoryview, "tuple[int, int] | None"]  # id, payload, (memfd, offset) if shared
@@ -90,7 +92,7 @@ class WorkerDaemon:
         self.config = config
         # Lease handshakes run on trio; board lines are checked in the board's reader thread.
         self.inbox = messages.Inbox(config.who.cluster, config.who.keyring)
-        self.free: list[TaskSlot] = [TaskSlot(i) for i in range(config.slots)]
+        self.free: list[TaskSlot] = [TaskSlot(i, config.sandbox) for i in range(config.slots)]
         self.offers: dict[str, Offer] = {}
         self.host: Libp2pHost | None = None
         self.board: BoardSession | None = None
@@ -470,6 +472,8 @@ def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None) -> 
     """Run a worker until SIGINT or SIGTERM; ``on_ready`` once it has joined the board."""
 
     say_how_we_sign(config.who.identity, protect_memory())
+    for line in config.sandbox.describe():
+        (log.info if config.sandbox.enforced else log.warning)("sandbox: %s", line)
 
     async def main() -> None:
         daemon = WorkerDaemon(config)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import array
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import trio
 
 from ..protocol.frames import Buffer, nbytes
 from .hop import HEADER, INLINE, SHARED, map_outcome
+from .sandbox import Sandbox
 
 log = logging.getLogger("p2pexec.worker")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -38,12 +41,15 @@ class TaskProcessDied(Exception):
 
 
 class TaskSlot:
-    """Runs one task at a time in its own process, restarting it after a crash."""
+    """Runs one task at a time in its own process (sandboxed where the machine allows), restarting it
+    after a crash."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, sandbox: Sandbox = Sandbox(None)) -> None:
         self.index = index
+        self.sandbox = sandbox
         self._proc: trio.Process | None = None
         self._sock: trio.socket.SocketType | None = None
+        self._scratch: Path | None = None  # the process's HOME, TMPDIR and working directory
         self.member: str | None = None  # whose code the current process has run
 
     async def assign(self, member: str) -> None:
@@ -60,14 +66,18 @@ class TaskSlot:
     async def start(self) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"p2pexec-slot{self.index}-"))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = self.sandbox.command([sys.executable, "-m", "p2pexec.worker.taskproc", str(theirs.fileno())],
+                                    self._scratch, _PACKAGE_ROOT)
         try:
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "p2pexec.worker.taskproc", str(theirs.fileno())],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=env,
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=env,
+                cwd=self._scratch, preexec_fn=self.sandbox.limits(),
             )
         except BaseException:
             ours.close()
+            self._forget()
             raise
         finally:
             theirs.close()
@@ -177,7 +187,9 @@ class TaskSlot:
     def _forget(self) -> None:
         if self._sock is not None:
             self._sock.close()
-        self._proc, self._sock = None, None
+        if self._scratch is not None:  # what the last process left goes with it
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        self._proc, self._sock, self._scratch = None, None, None
 
     async def stop(self) -> None:
         proc = self._proc

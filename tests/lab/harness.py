@@ -641,7 +641,9 @@ class LabCluster:
         try:
             proc = self.lab.spawn(
                 ns, [*program, "--cluster", self.cluster, *self.participant_args(user),
-                     "--slots", str(slots), "--ready-fd", str(write_fd), *extra],
+                     "--slots", str(slots), "--ready-fd", str(write_fd),
+                     "--no-sandbox",  # its tasks note their runs in the lab's files; sandboxing is tested apart
+                     *extra],
                 env=self.env(LAB_WORKER=name, LAB_RUNLOG=str(self.runlog(name))), log_name=f"worker-{name}",
                 pass_fds=(write_fd,))
         except BaseException:

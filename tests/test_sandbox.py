@@ -1,0 +1,159 @@
+"""Sandboxed task processes (bubblewrap): a member's task cannot reach the friend's files, keys, network or
+processes, nothing it starts outlives it, and ordinary tasks do not notice."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from p2pexec import LocalCluster, TaskProcessDiedError
+from p2pexec.cli import worker_main
+from p2pexec.worker.sandbox import detect
+
+from .conftest import wait_until
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(not detect().enforced, reason=f"no sandbox here: {detect().why_not}")]
+
+
+def probe(paths: list[str], port: int) -> dict:
+    """What a hostile task tries: read the friend's secrets, write to its home, connect out, see processes."""
+    import os
+    import socket
+
+    out: dict = {"read": {}, "home": os.path.expanduser("~")}
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                out["read"][path] = len(f.read())
+        except OSError as exc:
+            out["read"][path] = type(exc).__name__
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        out["connect"] = "connected"
+    except OSError as exc:
+        out["connect"] = type(exc).__name__
+    out["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    out["uid"] = os.getuid()
+    return out
+
+
+@pytest.fixture(scope="module")
+def sandboxed():
+    with LocalCluster(workers=1, sandbox=True) as lc:
+        yield lc
+
+
+@pytest.fixture
+def listener():
+    server = socket.create_server(("127.0.0.1", 0))
+    yield server.getsockname()[1]
+    server.close()
+
+
+def test_check_sandbox_says_what_is_enforced(capsys):
+    assert worker_main(["--check-sandbox"]) == 0
+    out = capsys.readouterr().out
+    assert "bubblewrap" in out and "no network" in out and "PID namespace" in out
+
+
+def test_a_task_cannot_read_the_friends_keys_and_files_nor_reach_the_network(sandboxed, listener):
+    secrets = [sandboxed.worker_identity, sandboxed.members, str(Path("~/.ssh/id_ed25519").expanduser()),
+               "/etc/shadow", f"/proc/{sandboxed.workers[0].pid}/environ"]
+    with sandboxed.executor() as ex:
+        seen = ex.submit(probe, secrets, listener).result(timeout=60)
+    assert all(isinstance(result, str) for result in seen["read"].values()), seen["read"]  # errors, no bytes
+    assert seen["connect"] != "connected"
+    assert sandboxed.workers[0].pid not in seen["pids"] and len(seen["pids"]) < 10  # its own PID namespace
+    assert seen["uid"] == 65534 and seen["home"] != os.path.expanduser("~")
+
+
+def test_network_when_the_friend_allows_it(listener):
+    with LocalCluster(workers=1, sandbox=True, worker_options=("--network",)) as lc, lc.executor() as ex:
+        assert ex.submit(probe, [], listener).result(timeout=60)["connect"] == "connected"
+
+
+def _spawn_detached(token: str) -> int:
+    """Double fork plus setsid: the classic way to leave a process behind."""
+    import os
+    import subprocess
+    import sys
+
+    if os.fork() == 0:
+        os.setsid()
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", token], close_fds=True)
+        os._exit(0)
+    os.wait()
+    return 1
+
+
+def _die() -> None:
+    import os
+
+    os._exit(3)
+
+
+def _running(token: str) -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if token.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def test_nothing_a_task_starts_outlives_its_task_process(sandboxed):
+    token = f"p2pexec-left-behind-{uuid.uuid4().hex}"
+    with sandboxed.executor() as ex:
+        ex.submit(_spawn_detached, token).result(timeout=60)
+        wait_until(lambda: _running(token), what="the detached process to run")
+        with pytest.raises(TaskProcessDiedError):
+            ex.submit(_die).result(timeout=60)
+        wait_until(lambda: not _running(token), what="the detached process to die with its task process")
+        assert ex.submit(abs, -3).result(timeout=60) == 3  # the slot carries on
+
+
+def ordinary_work(data: bytes) -> dict:
+    """What honest tasks do: temp files, subprocesses, a process pool, NumPy, files shipped as arguments."""
+    import multiprocessing
+    import subprocess
+    import tempfile
+
+    out: dict = {}
+    with tempfile.NamedTemporaryFile("wb", delete=False) as f:
+        f.write(data)
+    out["file"] = open(f.name, "rb").read() == data
+    out["subprocess"] = subprocess.run(["echo", "hi"], capture_output=True, text=True).stdout.strip()
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        out["pool"] = pool.map(abs, [-1, -2])
+    try:
+        import numpy
+    except ImportError:
+        out["numpy"] = "absent"
+    else:
+        out["numpy"] = float(numpy.arange(10).sum())
+    return out
+
+
+def test_ordinary_tasks_do_not_notice(sandboxed):
+    with sandboxed.executor() as ex:
+        out = ex.submit(ordinary_work, os.urandom(100_000)).result(timeout=60)
+    assert out["file"] and out["subprocess"] == "hi" and out["pool"] == [1, 2]
+    assert out["numpy"] in (45.0, "absent")
+
+
+def _allocate(n: int) -> int:
+    return len(bytearray(n))
+
+
+def test_memory_over_the_cap_fails_that_task_and_the_worker_carries_on():
+    with LocalCluster(workers=1, sandbox=True, worker_options=("--memory", "1GiB")) as lc, lc.executor() as ex:
+        with pytest.raises(MemoryError):
+            ex.submit(_allocate, 2 << 30).result(timeout=60)
+        assert ex.submit(_allocate, 16 << 20).result(timeout=60) == 16 << 20
