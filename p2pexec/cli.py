@@ -399,10 +399,13 @@ def worker_main(argv: list[str] | None = None) -> int:
     sandbox.add_argument("--check-sandbox", action="store_true", help="print what is enforced here and exit")
     sandbox.add_argument("--no-sandbox", action="store_true",
                          help="run tasks unsandboxed, as your user: they can read your files and keys")
+    sandbox.add_argument("--sandbox-layer", choices=("auto", "bubblewrap", "landlock"), default="auto",
+                         help="bubblewrap (namespaces, an unprivileged user) where it works, else Landlock "
+                              "(default: auto)")
     sandbox.add_argument("--network", action="store_true", help="let tasks use the network")
     sandbox.add_argument("--memory", type=_size, default=None, metavar="SIZE",
                          help="memory tasks may use in all, e.g. 8GiB, split between the slots "
-                              "(default: not capped)")
+                              "(default: each task process at most this machine's memory)")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"p2pexec {__version__}")
     args = parser.parse_args(argv)
@@ -440,8 +443,15 @@ def _size(text: str) -> int:
 def _sandbox(args: argparse.Namespace) -> "Sandbox":
     from .worker.sandbox import detect
 
-    per_slot = args.memory // args.slots if args.memory else None
-    return detect(network=args.network, memory=per_slot, enabled=not args.no_sandbox)
+    per_slot = args.memory // args.slots if args.memory else _physical_memory()
+    return detect(network=args.network, memory=per_slot, enabled=not args.no_sandbox, layer=args.sandbox_layer)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ from ..transport.host import Libp2pHost
 from ..transport.nat import NatTraversal
 from . import hop
 from .sandbox import Sandbox
-from .slots import TaskProcessDied, TaskSlot
+from .slots import TaskProcessDied, TaskSlot, become_subreaper
 
 log = logging.getLogger("p2pexec.worker")
 
@@ -474,6 +474,8 @@ def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None) -> 
     say_how_we_sign(config.who.identity, protect_memory())
     for line in config.sandbox.describe():
         (log.info if config.sandbox.enforced else log.warning)("sandbox: %s", line)
+    if config.sandbox.layer == "landlock" and not become_subreaper():
+        log.warning("sandbox: could not become a child subreaper; processes tasks start may outlive them")
 
     async def main() -> None:
         daemon = WorkerDaemon(config)

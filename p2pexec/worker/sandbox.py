@@ -1,6 +1,7 @@
 """Where task processes run: a bubblewrap sandbox that shows them only what a task needs.
 
-Layer by layer (what each guarantees):
+Layer by layer (what each guarantees); bubblewrap where it works, else
+Landlock (``--sandbox-layer`` chooses):
 
 * **bubblewrap** (``bwrap``, Debian package ``bubblewrap``): the task
   process gets its own mount, PID, IPC, UTS and (unless ``--network``)
@@ -12,8 +13,16 @@ Layer by layer (what each guarantees):
   namespace).  It runs as an unprivileged user with no capabilities, even
   when the worker runs as root, and every process it starts dies with it
   (the PID namespace ends when the task process does).
-* **rlimits**: with ``memory``, each task process's address space is
-  capped (``RLIMIT_AS``); going over fails that task, the worker carries on.
+* **Landlock** (Linux 5.13+, no package; :mod:`.landlock`): the task
+  process confines itself before it reads its first task.  It may read the
+  system and Python directories and a few files of ``/etc``, write only its
+  scratch directory, open and bind no TCP port (ABI 4+; not UDP) and send
+  no signal outside its domain (ABI 6+).  It runs as the worker's user, so
+  what that user may read inside the allowed directories it may read too.
+  The daemon is a child subreaper: whatever a task process started is
+  reparented to it and killed when that task process ends.
+* **rlimits**: each task process's address space is capped (``RLIMIT_AS``,
+  ``memory``); going over fails that task, the worker carries on.
 
 Set-up costs happen once per task process, never per task.  Without
 bubblewrap tasks run unsandboxed, and the worker says so loudly.
@@ -21,6 +30,7 @@ bubblewrap tasks run unsandboxed, and the worker says so loudly.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -33,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NOBODY = 65534
+LANDLOCK_ENV = "P2PEXEC_LANDLOCK"  # the rules a task process applies to itself (JSON)
+SLOT_ENV = "P2PEXEC_SLOT"  # marks a task process's descendants as its own
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # World-readable configuration a program may need; the rest of /etc (shadow, ssh host keys) stays out.
 _ETC = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
@@ -55,14 +67,29 @@ def python_paths(package_root: str) -> list[str]:
 class Sandbox:
     """How task processes are started; :func:`detect` builds one for this machine."""
 
-    bwrap: str | None  # a bubblewrap that works here, or None: no sandbox
+    bwrap: str | None  # a bubblewrap that works here, or None
     network: bool = False
     memory: int | None = None  # bytes of address space per task process
-    why_not: str = "turned off"  # without bubblewrap: why
+    why_not: str = "turned off"  # without any layer: why
+    landlock: int = 0  # Landlock ABI to confine task processes with, where there is no bubblewrap
+
+    @property
+    def layer(self) -> str | None:
+        return "bubblewrap" if self.bwrap else "landlock" if self.landlock else None
 
     @property
     def enforced(self) -> bool:
-        return self.bwrap is not None
+        return self.layer is not None
+
+    def environment(self, scratch: Path, package_root: str, slot: int) -> dict[str, str]:
+        """Variables the task process gets on top of the daemon's (Landlock rules, scratch as HOME)."""
+        env = {SLOT_ENV: str(slot)}
+        if self.bwrap is None and self.landlock:
+            env.update(HOME=str(scratch), TMPDIR=str(scratch), **{LANDLOCK_ENV: json.dumps({
+                "read": [*_SYSTEM, *_ETC, *python_paths(package_root), "/dev"],  # no /proc: other processes
+                "write": [str(scratch), "/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/shm"],
+                "network": self.network})})
+        return env
 
     def command(self, argv: Sequence[str], scratch: Path, package_root: str) -> list[str]:
         """``argv`` wrapped to run in the sandbox, with ``scratch`` as its only writable place."""
@@ -96,7 +123,14 @@ class Sandbox:
 
     def describe(self) -> list[str]:
         """What is enforced, one line per guarantee, for ``--check-sandbox`` and the start-up log."""
-        if self.bwrap is None:
+        if self.layer == "landlock":
+            lines = [f"Landlock ABI {self.landlock}: tasks read only the system and Python directories, write only "
+                     f"a private scratch directory (their HOME and TMPDIR), and signal nothing outside",
+                     "tasks run as this user (no bubblewrap: apt-get install bubblewrap for an unprivileged user "
+                     "and a PID namespace); whatever they start is killed when their task process ends",
+                     "tasks have no TCP (UDP is not covered)" if not self.network else
+                     "tasks may use the network (--network)"]
+        elif self.bwrap is None:
             lines = [f"NOT SANDBOXED ({self.why_not}): tasks run as this user and can read its files (~/.ssh "
                      f"included), use the network and leave processes behind"]
         else:
@@ -110,12 +144,17 @@ class Sandbox:
         return lines
 
 
-def detect(network: bool = False, memory: int | None = None, enabled: bool = True) -> Sandbox:
-    """The sandbox this machine supports: bubblewrap if it runs here (probed once), else none."""
+def detect(network: bool = False, memory: int | None = None, enabled: bool = True, layer: str = "auto") -> Sandbox:
+    """The sandbox this machine supports: bubblewrap if it runs here (probed once), else Landlock, else none.
+
+    ``layer`` (``auto``, ``bubblewrap`` or ``landlock``) insists on one.
+    """
     if not enabled:
         return Sandbox(None, network, memory, "turned off with --no-sandbox")
     if not sys.platform.startswith("linux"):
         return Sandbox(None, network, memory, "sandboxing needs Linux")
+    if layer == "landlock":
+        return _landlock(network, memory, "")
     bwrap = shutil.which("bwrap")
     if bwrap is not None:
         probe = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(NOBODY), "--ro-bind", "/", "/", "--",
@@ -126,5 +165,16 @@ def detect(network: bool = False, memory: int | None = None, enabled: bool = Tru
             works = False
         if works:
             return Sandbox(bwrap, network, memory)
-        return Sandbox(None, network, memory, f"{bwrap} does not work here (user namespaces disabled?)")
-    return Sandbox(None, network, memory, "bubblewrap is not installed: apt-get install bubblewrap")
+        why = f"{bwrap} does not work here (user namespaces disabled?)"
+    else:
+        why = "bubblewrap is not installed: apt-get install bubblewrap"
+    if layer == "bubblewrap":
+        return Sandbox(None, network, memory, why)
+    return _landlock(network, memory, why + "; ")
+
+
+def _landlock(network: bool, memory: int | None, why: str) -> Sandbox:
+    from .landlock import abi
+
+    version = abi()
+    return Sandbox(None, network, memory, why + "the kernel has no Landlock", landlock=version)

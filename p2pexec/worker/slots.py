@@ -17,7 +17,7 @@ import trio
 
 from ..protocol.frames import Buffer, nbytes
 from .hop import HEADER, INLINE, SHARED, map_outcome
-from .sandbox import Sandbox
+from .sandbox import SLOT_ENV, Sandbox
 
 log = logging.getLogger("p2pexec.worker")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -67,6 +67,7 @@ class TaskSlot:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         self._scratch = Path(tempfile.mkdtemp(prefix=f"p2pexec-slot{self.index}-"))
+        env.update(self.sandbox.environment(self._scratch, _PACKAGE_ROOT, self.index))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = self.sandbox.command([sys.executable, "-m", "p2pexec.worker.taskproc", str(theirs.fileno())],
                                     self._scratch, _PACKAGE_ROOT)
@@ -82,6 +83,7 @@ class TaskSlot:
         finally:
             theirs.close()
         self._proc, self._sock = proc, trio.socket.from_stdlib_socket(ours)
+        _LIVE.add(proc.pid)
         try:
             ready = await self._receive_outcome()
         except TaskProcessDied as exc:
@@ -115,6 +117,7 @@ class TaskSlot:
             proc.kill()
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await proc.wait()
+            self._left_behind(proc)
             raise
         except OSError:  # the socket broke: the process died
             raise await self._end(None) from None
@@ -182,6 +185,7 @@ class TaskSlot:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+            self._left_behind(proc)
         return TaskProcessDied(why or f"the task process {describe_exit(proc.returncode if proc else None)}")
 
     def _forget(self) -> None:
@@ -200,6 +204,61 @@ class TaskSlot:
             proc.kill()
         with trio.move_on_after(5):
             await proc.wait()
+        self._left_behind(proc)
+
+    def _left_behind(self, proc: trio.Process) -> None:
+        """Kill what the ended task process started (it was reparented to us, a child subreaper)."""
+        _LIVE.discard(proc.pid)
+        if self.sandbox.layer == "landlock":
+            reap_orphans(self.index)
+
+
+_LIVE: set[int] = set()  # task processes of every slot, which are the daemon's children by right
+
+
+def reap_orphans(slot: int) -> int:
+    """Kill and reap the daemon's children that a task process of ``slot`` left, or that hid their slot.
+
+    Without a PID namespace this is how "nothing a task starts outlives it"
+    holds: the daemon is a child subreaper (:func:`become_subreaper`), so a
+    double fork lands here, not with init.  Returns how many were killed.
+    """
+    me, mine, killed = os.getpid(), f"{SLOT_ENV}={slot}".encode(), 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in _LIVE:
+            continue
+        pid = int(entry)
+        try:
+            if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) != me:
+                continue
+            marks = [v for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                     if v.startswith(SLOT_ENV.encode() + b"=")]
+        except (OSError, ValueError, IndexError):
+            continue
+        if marks and marks[0] != mine:
+            continue  # another slot's, whose task process is still alive
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            killed += 1
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    if killed:
+        log.info("killed %d process(es) left behind by a task of slot %d", killed, slot)
+    return killed
+
+
+def become_subreaper() -> bool:
+    """Orphans of our task processes become our children, so :func:`reap_orphans` can end them."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:

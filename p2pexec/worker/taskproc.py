@@ -11,6 +11,7 @@ writes to fd 1 or 2 is captured and sent back with its outcome.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import tempfile
 from ..protocol.frames import nbytes
 from ..tasks import dump_outcome, load_task
 from .hop import HEADER, INLINE, SHARED, SHARED_MIN, map_payload, share_outcome
+from .sandbox import LANDLOCK_ENV
 
 
 class _Capture:
@@ -121,6 +123,12 @@ def main() -> None:
     # Ctrl-C in the worker's terminal is for the daemon, which ends us itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.stdin = open(os.devnull)
+    confine = os.environ.pop(LANDLOCK_ENV, None)
+    if confine is not None:  # before the first task is read: nothing untrusted has run yet
+        from .landlock import restrict
+
+        rules = json.loads(confine)
+        restrict(rules["read"], rules["write"], rules["network"])
     serve(socket.socket(fileno=int(sys.argv[1])))
 
 
