@@ -5,7 +5,8 @@
 Measures, for both executors: the median warm ``submit(noop).result()``
 round trip, ``map(noop, range(items))`` throughput with chunksize 1 and of
 4 x items with chunksize 100, and the time from constructing a new
-executor to its first result.  The
+executor to its first result; and again with the workers' task processes
+sandboxed, as ``p2pexec-worker`` runs them by default.  The
 P2PExecutor path is the real one: SSH board, worker daemons, libp2p
 (Noise, yamux), secretstream, task processes; only the network is loopback.
 """
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 from _common import write_json
 from p2pexec import LocalCluster
+from p2pexec.worker.sandbox import detect
 
 
 def noop(x: Any = None) -> Any:
@@ -80,15 +82,22 @@ def main() -> int:
     results["ProcessPoolExecutor(2)"] = measure(lambda: ProcessPoolExecutor(2), args.roundtrips, args.items)
     with LocalCluster(workers=2, slots=1) as lc:
         results["P2PExecutor(LocalCluster 2x1)"] = measure(lc.executor, args.roundtrips, args.items)
+    layer = detect().layer
+    if layer is not None:  # what p2pexec-worker does by default: task processes in the sandbox
+        with LocalCluster(workers=2, slots=1, sandbox=True) as lc:
+            results[f"P2PExecutor(sandboxed: {layer})"] = measure(lc.executor, args.roundtrips, args.items)
 
     base, ours = results["ProcessPoolExecutor(2)"], results["P2PExecutor(LocalCluster 2x1)"]
+    boxed = results.get(f"P2PExecutor(sandboxed: {layer})")
     rows = [("warm submit(noop).result(), median", "roundtrip_ms", "ms"),
             (f"map(noop, range({args.items})), chunksize 1", "map_tasks_per_s", "tasks/s"),
             (f"map(noop, range({4 * args.items})), chunksize 100", "map_chunked_tasks_per_s", "tasks/s"),
             ("new executor to first result, median of 5", "first_result_ms", "ms")]
-    print(f"{'measure':<44} {'ProcessPool(2)':>16} {'P2PExecutor':>16} {'ratio p2p/pool':>15}")
+    print(f"{'measure':<44} {'ProcessPool(2)':>16} {'P2PExecutor':>16} {'ratio p2p/pool':>15}"
+          + (f" {'sandboxed':>16} {'ratio':>7}" if boxed else ""))
     for label, key, unit in rows:
-        print(f"{label:<44} {base[key]:>11.2f} {unit:<4} {ours[key]:>11.2f} {unit:<4} {ours[key] / base[key]:>14.2f}x")
+        print(f"{label:<44} {base[key]:>11.2f} {unit:<4} {ours[key]:>11.2f} {unit:<4} {ours[key] / base[key]:>14.2f}x"
+              + (f" {boxed[key]:>11.2f} {unit:<4} {boxed[key] / base[key]:>6.2f}x" if boxed else ""))
     write_json(args.json, results)
     return 0
 
