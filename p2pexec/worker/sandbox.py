@@ -101,10 +101,11 @@ class Sandbox:
             wrapped.append("--share-net")
         for path in (*_SYSTEM, *_ETC):
             wrapped += ["--ro-bind-try", path, path]
+        # Mounts apply in order: the empty /tmp first, so that Python or p2pexec under /tmp stays visible.
+        wrapped += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         for path in python_paths(package_root):
             wrapped += ["--ro-bind", path, path]
-        wrapped += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-                    "--bind", str(scratch), str(scratch), "--chdir", str(scratch),
+        wrapped += ["--bind", str(scratch), str(scratch), "--chdir", str(scratch),
                     "--setenv", "HOME", str(scratch), "--setenv", "TMPDIR", str(scratch)]
         for name in _UNSET:
             wrapped += ["--unsetenv", name]
