@@ -22,6 +22,10 @@ from .errors import (
 
 
 def __getattr__(name: str):  # task processes import p2pexec too: keep SSH, trio and libp2p out of them
+    if name == "UntrustedResultError":
+        from .results import UntrustedResultError
+
+        return UntrustedResultError
     if name == "P2PExecutor":
         from .executor import P2PExecutor
 
@@ -36,5 +40,5 @@ def __getattr__(name: str):  # task processes import p2pexec too: keep SSH, trio
 __all__ = [
     "P2PExecutor", "LocalCluster", "RemoteTraceback", "P2PExecError", "ConfigurationError", "BoardError",
     "BoardConnectionError", "HostKeyError", "AuthenticationError", "AccessDeniedError", "ProtocolError",
-    "TaskProcessDiedError", "WorkerLostError", "NoWorkersError", "ResultTooLargeError",
+    "TaskProcessDiedError", "WorkerLostError", "NoWorkersError", "ResultTooLargeError", "UntrustedResultError",
 ]

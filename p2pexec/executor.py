@@ -55,7 +55,10 @@ class P2PExecutor(Executor):
     ``task_timeout`` interrupts a task that runs longer (on its worker) and
     fails its future with ``TimeoutError``; a result over
     ``max_result_size`` bytes (default: half this machine's memory) fails
-    its future with ``ResultTooLargeError``.
+    its future with ``ResultTooLargeError``.  Results are unpickled with an
+    allow-list (standard data types, exceptions, NumPy, your own classes),
+    so a worker cannot run code here; ``result_types=["module.Name"]`` adds
+    types, ``trusted_results=True`` accepts anything a worker sends.
     """
 
     def __init__(self, cluster: str, *, board: str | None = None, identity: str | os.PathLike[str] | None = None,
@@ -65,7 +68,8 @@ class P2PExecutor(Executor):
                  known_hosts: str | os.PathLike[str] = DEFAULT_KNOWN_HOSTS,
                  accept_new_host_key: bool = False, relay: str | list[str] | None = None,
                  allow: Iterable[str] | None = None, task_timeout: float | None = None,
-                 max_result_size: int | None = None, verbose: bool = False) -> None:
+                 max_result_size: int | None = None, trusted_results: bool = False,
+                 result_types: Iterable[str] = (), verbose: bool = False) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if task_timeout is not None and not task_timeout > 0:
@@ -80,7 +84,8 @@ class P2PExecutor(Executor):
             max_workers=max_workers or 1 << 30, max_retries=max_retries, lease_idle=lease_idle,
             warn_after=warn_after, worker_timeout=worker_timeout, board_hint=who.board_hint,
             relays=who.relays, allow=frozenset(allow) if allow is not None else None, task_timeout=task_timeout,
-            max_result_size=max_result_size or _half_the_memory())
+            max_result_size=max_result_size or _half_the_memory(), trusted_results=trusted_results,
+            result_types=frozenset(result_types))
         self._scheduler: ClientScheduler | None = None
         self._runtime: TrioThread | None = None
         self._board: BoardSession | None = None

@@ -33,6 +33,7 @@ from .protocol.frames import (
 from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
 from .status import AnswerObservers
+from .results import UntrustedResultError
 from .tasks import load_outcome
 from .transport.channel import FramedStream, PeerLost, SecureChannel
 from .protocol.reach import CIRCUIT, DialBackoff, announced_relays
@@ -101,6 +102,8 @@ class SchedulerOptions:
     relays: tuple[str, ...] = ()
     allow: frozenset[str] | None = None  # use only workers run by these members
     max_result_size: int = MAX_MESSAGE  # a bigger result (or claim of one) fails its future
+    trusted_results: bool = False  # unpickle results without the allow-list (workers may run code here)
+    result_types: frozenset[str] = frozenset()  # "module.name" entries added to the allow-list
     task_timeout: float | None = None  # interrupt a task running longer, failing it with TimeoutError
 
 
@@ -602,7 +605,10 @@ class ClientScheduler:
         if item.future.done():
             return
         try:
-            outcome = load_outcome(data)
+            outcome = load_outcome(data, self.options.trusted_results, self.options.result_types)
+        except UntrustedResultError as exc:
+            self._set_exception(item, exc)
+            return
         except Exception as exc:
             error = RuntimeError(f"the task's outcome could not be unpickled here: {exc!r}")
             error.__cause__ = exc

@@ -210,8 +210,15 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]
         return dump_outcome(False, error, stdout, stderr)
 
 
-def load_outcome(payload: Buffer) -> Outcome:
-    outcome = _loads(payload)
+def load_outcome(payload: Buffer, trusted: bool = True, result_types: frozenset[str] = frozenset()) -> Outcome:
+    """A task's outcome; unless ``trusted``, unpickled with :mod:`p2pexec.results`' allow-list."""
+    if trusted:
+        outcome = _loads(payload)
+    else:
+        from .results import load
+
+        main, *buffers = unpack_parts(payload)
+        outcome = load(main, buffers, result_types)
     if not isinstance(outcome, Outcome):
         raise TypeError(f"a worker returned {type(outcome).__name__}, not a task outcome")
     return outcome

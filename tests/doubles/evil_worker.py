@@ -10,16 +10,19 @@ offers its slot honestly but at addresses where nobody listens (loopback
 ports that refuse, and a circuit through a relay that does not exist).
 ``silent`` takes tasks and heartbeats but never answers one, interrupted
 or not.  ``huge-claim`` answers a task with the first chunk of a result it
-claims is ``$EVIL_CLAIM`` bytes, then sends nothing more.
+claims is ``$EVIL_CLAIM`` bytes, then sends nothing more.  ``crafted-pickle``
+answers with a pickle that calls ``$EVIL_CALL`` (``system``: touch
+``$EVIL_MARKER``; ``exit``: ``os._exit(13)``) when unpickled.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 
 from p2pexec import cli
-from p2pexec.protocol.frames import _FIRST, _OP, _TOTAL, Op
+from p2pexec.protocol.frames import _FIRST, _OP, _TOTAL, Op, op_parts, pack_parts
 import trio
 
 from p2pexec.transport import nat
@@ -28,9 +31,28 @@ from p2pexec.worker import daemon, slots
 MODE = sys.argv.pop(1)
 
 
+class _Crafted:
+    def __reduce__(self):
+        if os.environ["EVIL_CALL"] == "exit":
+            return os._exit, (13,)
+        return os.system, (f"touch {os.environ['EVIL_MARKER']}",)
+
+
 def _misbehave(channel) -> None:
     framed_send, channel_send = channel.framed.send, channel.send
     sealed = 0
+
+    if MODE == "crafted-pickle":
+        async def craft(parts, final=False) -> None:
+            if not isinstance(parts, (bytes, bytearray, memoryview)) and len(parts[0]) == _OP.size \
+                    and parts[0][0] == Op.RESULT:
+                task_id = _OP.unpack(parts[0])[1]
+                crafted = b"".join(bytes(p) for p in pack_parts([pickle.dumps(_Crafted(), protocol=5)]))
+                parts = op_parts(Op.RESULT, task_id, crafted)
+            await channel_send(parts, final)
+
+        channel.send = craft
+        return
 
     if MODE == "huge-claim":
         async def claim(parts, final=False) -> None:

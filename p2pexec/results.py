@@ -1,0 +1,151 @@
+"""Unpickling results on the client without letting a worker run code here.
+
+A pickle can name any importable callable and call it; a modified worker
+could make the client run ``os.system``.  So results are unpickled with an
+allow-list: data types of the standard library, exceptions, NumPy arrays
+and scalars, p2pexec's own outcome types, and classes of the client's own
+code.  A class the client sent by value (``__main__``, a notebook, a local
+module) comes back as the client's own class, never as code built from
+the worker's bytes; functions a worker sends are inert stand-ins.
+Anything else fails that result with :class:`UntrustedResultError`, which
+names the type and the option that allows it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import dill
+import dill._dill
+
+from .errors import P2PExecError
+from .tasks import is_local_module
+
+# module -> names that only build values (constructors of data types, reconstructors that call nothing else)
+_ALLOWED: dict[str, frozenset[str]] = {k: frozenset(v.split()) for k, v in {
+    "p2pexec.tasks": "Outcome _rebuild_exception RemoteError",
+    "p2pexec.errors": "RemoteTraceback",
+    "collections": "OrderedDict defaultdict deque Counter",
+    "datetime": "datetime date time timedelta timezone",
+    "decimal": "Decimal",
+    "fractions": "Fraction",
+    "uuid": "UUID",
+    "pathlib": "Path PosixPath WindowsPath PurePath PurePosixPath PureWindowsPath",
+    "ipaddress": "IPv4Address IPv6Address IPv4Network IPv6Network IPv4Interface IPv6Interface",
+    "copyreg": "_reconstructor __newobj__ __newobj_ex__",
+    "array": "array _array_reconstructor",
+    "re": "_compile",
+    "enum": "EnumMeta",
+    "numpy": "ndarray dtype",
+    "numpy._core.multiarray": "_reconstruct scalar",
+    "numpy.core.multiarray": "_reconstruct scalar",
+    "numpy._core.numeric": "_frombuffer",
+    "numpy.core.numeric": "_frombuffer",
+}.items()}
+_BUILTIN_TYPES = frozenset({int, float, complex, str, bytes, bytearray, memoryview, bool, list, tuple, dict, set,
+                            frozenset, slice, range, object, type(None), type(Ellipsis), type(NotImplemented)})
+
+
+class UntrustedResultError(P2PExecError, TypeError):
+    """A result names something the client does not unpickle from workers by default."""
+
+
+class WorkerFunction:
+    """Stands in for a function a worker sent: it is not run on the client."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UntrustedResultError(f"the function {self.name!r} came from a worker and is not run here; pass "
+                                   f"trusted_results=True to P2PExecutor to accept code from workers")
+
+    def __repr__(self) -> str:
+        return f"<function {self.name} from a worker (not run here)>"
+
+
+_METATYPE = object()  # what ``_load_type('type')`` stands for: only _create_type may take it
+
+
+def _allowed_type(name: str) -> Any:
+    loaded = dill._dill._load_type(name)
+    if loaded is type:
+        return _METATYPE
+    if loaded in _BUILTIN_TYPES or (isinstance(loaded, type) and issubclass(loaded, BaseException)):
+        return loaded
+    raise UntrustedResultError(f"a result refers to the type {name!r}; pass trusted_results=True to accept it")
+
+
+def _safe_setattr(obj: Any, name: str, value: Any) -> None:
+    """dill sets attributes on classes it rebuilds; ours stay as they are."""
+    if isinstance(obj, type):
+        return
+    setattr(obj, name, value)
+
+
+class _Loader(dill.Unpickler):
+    def __init__(self, file: Any, buffers: Iterable[Any], extra: frozenset[str]) -> None:
+        super().__init__(file, buffers=buffers)
+        self._extra = extra
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED.get(module, ()) or f"{module}.{name}" in self._extra:
+            return super().find_class(module, name)
+        if module == "builtins":
+            found = getattr(builtins, name, None)
+            if isinstance(found, type) and (found in _BUILTIN_TYPES or issubclass(found, BaseException)):
+                return found
+            if name == "setattr":
+                return _safe_setattr
+        if module == "dill._dill":
+            special = {"_create_type": _own_class, "_create_function": _inert_function,
+                       "_create_code": _inert_code, "_load_type": _allowed_type,
+                       "_create_namedtuple": dill._dill._create_namedtuple,
+                       "_create_array": dill._dill._create_array}.get(name)
+            if special is not None:
+                return special
+        if name == "__dict__" and (module in ("__main__", "builtins") or is_local_module(module)):
+            return {}  # globals for stand-in functions; the real ones stay out of reach
+        own = _own_object(module, name)
+        if own is not None:
+            return own
+        raise UntrustedResultError(
+            f"a result refers to {module}.{name}, which the client does not unpickle from workers by default; "
+            f"pass result_types=[{f'{module}.{name}'!r}] (or trusted_results=True) to P2PExecutor to accept it")
+
+
+def _own_object(module: str, qualname: str) -> type | None:
+    """A class of the client's own code (``__main__`` or a module of the user's): not installed code."""
+    if module != "__main__" and not is_local_module(module):
+        return None
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found if isinstance(found, type) else None
+
+
+def _own_class(metatype: Any, name: str, bases: Any, namespace: dict[str, Any]) -> type:
+    """A class sent by value comes home as the client's own class of that name."""
+    module, qualname = namespace.get("__module__"), namespace.get("__qualname__", name)
+    own = _own_object(module, qualname) if isinstance(module, str) and isinstance(qualname, str) else None
+    if own is None:
+        raise UntrustedResultError(f"a result holds an instance of {module}.{qualname}, a class this client does "
+                                   f"not have; pass trusted_results=True to accept classes built by workers")
+    return own
+
+
+def _inert_function(code: Any, globals_: Any, name: Any = "?", *args: Any, **kwargs: Any) -> WorkerFunction:
+    return WorkerFunction(str(name))
+
+
+def _inert_code(*args: Any) -> None:
+    return None
+
+
+def load(main: Any, buffers: Iterable[Any], extra: frozenset[str] = frozenset()) -> Any:
+    """Unpickle a result payload with the allow-list (plus ``extra`` "module.name" entries)."""
+    return _Loader(io.BytesIO(main), buffers, extra).load()
