@@ -23,12 +23,19 @@ LAYERS = [pytest.param(layer, marks=pytest.mark.skipif(
     for layer in ("bubblewrap", "landlock")]
 
 
-def probe(paths: list[str], port: int) -> dict:
+def probe(paths: list[str], port: int, write_to: str = "") -> dict:
     """What a hostile task tries: read the friend's secrets, write to its home, connect out, see processes."""
     import os
     import socket
 
     out: dict = {"read": {}, "home": os.path.expanduser("~")}
+    if write_to:
+        try:
+            with open(os.path.join(write_to, "planted-by-a-task"), "w") as f:
+                f.write("x")
+            out["wrote"] = "wrote"
+        except OSError as exc:
+            out["wrote"] = type(exc).__name__
     for path in paths:
         try:
             with open(path, "rb") as f:
@@ -74,9 +81,11 @@ def test_check_sandbox_says_what_is_enforced(capsys, layer, says):
 def test_a_task_cannot_read_the_friends_keys_and_files_nor_reach_the_network(sandboxed, listener):
     secrets = [sandboxed.worker_identity, sandboxed.members, str(Path("~/.ssh/id_ed25519").expanduser()),
                "/etc/shadow", f"/proc/{sandboxed.workers[0].pid}/environ"]
+    home = Path("~").expanduser()
     with sandboxed.executor() as ex:
-        seen = ex.submit(probe, secrets, listener).result(timeout=60)
+        seen = ex.submit(probe, secrets, listener, str(home)).result(timeout=60)
     assert all(isinstance(result, str) for result in seen["read"].values()), seen["read"]  # errors, no bytes
+    assert not (home / "planted-by-a-task").exists(), seen["wrote"]  # (bubblewrap: it wrote to a throwaway root)
     assert seen["connect"] != "connected"
     assert seen["home"] != os.path.expanduser("~")
     if sandboxed.layer == "bubblewrap":  # (Landlock runs tasks as the worker's user, and hides /proc instead)
