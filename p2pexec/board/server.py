@@ -610,9 +610,9 @@ class BoardServer:
                     self._threads.discard(threading.current_thread())
 
         thread = threading.Thread(target=run, name=name, daemon=True)
-        with self._cond:
+        with self._cond:  # started under the lock: stop() never joins a thread that has not started
             self._threads.add(thread)
-        thread.start()
+            thread.start()
 
     def _join_threads(self, deadline: float) -> None:
         me = threading.current_thread()
