@@ -180,10 +180,12 @@ class LocalCluster:
                "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-fd", str(write_fd), *self.worker_options]
         if self.verbose:
             cmd.append("--verbose")
+        scratch = self._dir / "tmp"  # removed with the cluster, even when a test SIGKILLs the worker
+        scratch.mkdir(exist_ok=True)
         with open(log_path, "wb") as log_file:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                      pass_fds=(write_fd,), start_new_session=True,
-                                     env={**os.environ, **env} if env else None)
+                                     env={**os.environ, "TMPDIR": str(scratch), **(env or {})})
         os.close(write_fd)
         worker = WorkerProcess(popen, log_path)
         self.workers.append(worker)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,7 +94,8 @@ class WorkerDaemon:
         self.config = config
         # Lease handshakes run on trio; board lines are checked in the board's reader thread.
         self.inbox = messages.Inbox(config.who.cluster, config.who.keyring)
-        self.free: list[TaskSlot] = [TaskSlot(i, config.sandbox) for i in range(config.slots)]
+        self._scratch = Path(tempfile.mkdtemp(prefix="p2pexec-worker-"))  # every task process's scratch, below
+        self.free: list[TaskSlot] = [TaskSlot(i, config.sandbox, self._scratch) for i in range(config.slots)]
         self.offers: dict[str, Offer] = {}
         self.host: Libp2pHost | None = None
         self.board: BoardSession | None = None
@@ -148,6 +151,7 @@ class WorkerDaemon:
                     await trio.to_thread.run_sync(self.board.close, bye)
                     for slot in self.free:
                         await slot.stop()
+                    shutil.rmtree(self._scratch, ignore_errors=True)  # and what busy slots' processes left
 
     async def _find_relay(self) -> None:
         """Join the board's relay (or a configured one) before the first offer."""

@@ -44,9 +44,10 @@ class TaskSlot:
     """Runs one task at a time in its own process (sandboxed where the machine allows), restarting it
     after a crash."""
 
-    def __init__(self, index: int, sandbox: Sandbox = Sandbox(None)) -> None:
+    def __init__(self, index: int, sandbox: Sandbox = Sandbox(None), scratch_root: Path | None = None) -> None:
         self.index = index
         self.sandbox = sandbox
+        self._scratch_root = scratch_root
         self._proc: trio.Process | None = None
         self._sock: trio.socket.SocketType | None = None
         self._scratch: Path | None = None  # the process's HOME, TMPDIR and working directory
@@ -66,7 +67,7 @@ class TaskSlot:
     async def start(self) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        self._scratch = Path(tempfile.mkdtemp(prefix=f"p2pexec-slot{self.index}-"))
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"slot{self.index}-", dir=self._scratch_root))
         env.update(self.sandbox.environment(self._scratch, _PACKAGE_ROOT, self.index))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = self.sandbox.command([sys.executable, "-m", "p2pexec.worker.taskproc", str(theirs.fileno())],
