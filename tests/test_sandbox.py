@@ -181,3 +181,25 @@ def test_memory_over_the_cap_fails_that_task_and_the_worker_carries_on(sandboxed
         with pytest.raises(MemoryError):
             ex.submit(_allocate, 2 << 30).result(timeout=60)
         assert ex.submit(_allocate, 16 << 20).result(timeout=60) == 16 << 20
+
+
+def _listen() -> object:
+    """Open a listening TCP port and keep it open for as long as the task process lives."""
+    import socket
+
+    try:
+        server = socket.create_server(("127.0.0.1", 0))
+    except OSError as exc:
+        return type(exc).__name__
+    globals()["_kept"] = server
+    return server.getsockname()[1]
+
+
+def test_a_port_a_task_listens_on_is_not_reachable_from_the_machine(sandboxed):
+    with sandboxed.executor() as ex:
+        port = ex.submit(_listen).result(timeout=60)
+        if isinstance(port, int):  # bubblewrap: its own network namespace, with its own loopback
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        else:  # Landlock: binding is denied
+            assert port == "PermissionError"
