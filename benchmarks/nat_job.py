@@ -18,11 +18,7 @@ import time
 
 import trio
 
-CHUNK = 1 << 20
-
-
-def echo(data: bytes) -> bytes:
-    return data
+from bench_payload import CHUNK, KEY, SEALED, _read_exactly, echo  # the loopback benchmark's pieces
 
 
 def _identity():
@@ -39,20 +35,6 @@ async def _raw_relay(port: str) -> None:
     async with running_relay(f"/ip4/0.0.0.0/tcp/{port}", RelayPolicy(), lambda user, key: True) as (host, _):
         print(f"relay /ip4/198.51.100.254/tcp/{port}/p2p/{host.peer_id}", flush=True)
         await trio.sleep_forever()
-
-
-async def _read_exactly(stream, n: int) -> bytearray:
-    buf = bytearray()
-    while len(buf) < n:
-        data = await stream.read(min(CHUNK, n - len(buf)))
-        if not data:
-            raise EOFError
-        buf += data
-    return buf
-
-
-KEY = bytes(range(32))
-SEALED = CHUNK + 17  # a secretstream ciphertext of one chunk
 
 
 async def _echo(stream) -> None:

@@ -443,15 +443,10 @@ def _size(text: str) -> int:
 def _sandbox(args: argparse.Namespace) -> "Sandbox":
     from .worker.sandbox import detect
 
-    per_slot = args.memory // args.slots if args.memory else _physical_memory()
+    from .config import physical_memory
+
+    per_slot = args.memory // args.slots if args.memory else physical_memory()
     return detect(network=args.network, memory=per_slot, enabled=not args.no_sandbox, layer=args.sandbox_layer)
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return None
 
 
 def _worker(args: argparse.Namespace) -> int:

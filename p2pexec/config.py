@@ -22,6 +22,14 @@ def validate_cluster(cluster: str) -> str:
     return cluster
 
 
+def physical_memory() -> int | None:
+    """This machine's memory in bytes, where the platform says."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
 def default_members_path(cluster: str) -> Path:
     owner, _, name = cluster.partition("/")
     base = Path(os.environ.get("P2PEXEC_CONFIG", "~/.config/p2pexec")).expanduser()

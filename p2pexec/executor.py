@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from .board.client import DEFAULT_KNOWN_HOSTS, BoardSession
-from .config import resolve
+from .config import physical_memory, resolve
 from .logs import quiet_dependencies
 from .protocol.messages import Inbox
 from .runtime import TrioThread
@@ -26,13 +26,6 @@ from .tasks import PrepickledFunction, dump_task
 log = logging.getLogger("p2pexec.client")
 
 _live_executors: "weakref.WeakSet[P2PExecutor]" = weakref.WeakSet()
-
-
-def _half_the_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError):
-        return 4 << 30
 
 
 def _shutdown_all() -> None:
@@ -84,7 +77,7 @@ class P2PExecutor(Executor):
             max_workers=max_workers or 1 << 30, max_retries=max_retries, lease_idle=lease_idle,
             warn_after=warn_after, worker_timeout=worker_timeout, board_hint=who.board_hint,
             relays=who.relays, allow=frozenset(allow) if allow is not None else None, task_timeout=task_timeout,
-            max_result_size=max_result_size or _half_the_memory(), trusted_results=trusted_results,
+            max_result_size=max_result_size or (physical_memory() or 8 << 30) // 2, trusted_results=trusted_results,
             result_types=frozenset(result_types))
         self._scheduler: ClientScheduler | None = None
         self._runtime: TrioThread | None = None

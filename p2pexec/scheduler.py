@@ -257,8 +257,7 @@ class ClientScheduler:
     async def _find_relay(self) -> None:
         assert self.nat is not None
         if self.board is not None:
-            relays, _ = await trio.to_thread.run_sync(self.board.ask_relay)
-            self.nat.add_candidates(relays)
+            await self.nat.ask_board(self.board)
         if self.nat.candidates:
             await self.nat.join_any()
 

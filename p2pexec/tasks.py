@@ -212,12 +212,12 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]
 
 def load_outcome(payload: Buffer, trusted: bool = True, result_types: frozenset[str] = frozenset()) -> Outcome:
     """A task's outcome; unless ``trusted``, unpickled with :mod:`p2pexec.results`' allow-list."""
+    main, *buffers = unpack_parts(payload)
     if trusted:
-        outcome = _loads(payload)
+        outcome = dill.loads(main, buffers=buffers)
     else:
         from .results import load
 
-        main, *buffers = unpack_parts(payload)
         outcome = load(main, buffers, result_types)
     if not isinstance(outcome, Outcome):
         raise TypeError(f"a worker returned {type(outcome).__name__}, not a task outcome")

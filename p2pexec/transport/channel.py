@@ -89,12 +89,7 @@ class FramedStream:
         return list(dict.fromkeys([self.stream, self.tx_stream, *self._old]))
 
     async def close(self) -> None:
-        with trio.move_on_after(2):
-            for stream in self._streams():
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+        await _close(self._streams())
 
     async def reset(self) -> None:
         for stream in self._streams():
@@ -106,12 +101,16 @@ class FramedStream:
     async def close_old(self) -> None:
         """Close the streams a move left behind (the new one carries on)."""
         old, self._old = self._old, []
-        with trio.move_on_after(2):
-            for stream in old:
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+        await _close(old)
+
+
+async def _close(streams: list[Any]) -> None:
+    with trio.move_on_after(2):
+        for stream in streams:
+            try:
+                await stream.close()
+            except Exception:
+                pass
 
 
 class SecureChannel:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, AsyncIterator
 
 import multiaddr
@@ -230,10 +231,11 @@ class Libp2pHost:
         first connection wins.  Raises :class:`Unreachable` naming each
         address tried and why it failed.
         """
+        direct_addrs, circuits = direct_and_relayed(addrs)
         try:
             pid = ID.from_base58(peer_id)
-            direct = [multiaddr.Multiaddr(a) for a in direct_and_relayed(addrs)[0]]
-            relayed = [multiaddr.Multiaddr(f"{a}/p2p/{peer_id}") for a in direct_and_relayed(addrs)[1]]
+            direct = [multiaddr.Multiaddr(a) for a in direct_addrs]
+            relayed = [multiaddr.Multiaddr(f"{a}/p2p/{peer_id}") for a in circuits]
         except Exception as exc:
             raise ProtocolError(f"peer advertised an unusable address: {exc}") from None
         async with self._dial_locks.setdefault(peer_id, trio.Lock()):  # one dial per peer: one circuit, not two
@@ -245,38 +247,30 @@ class Libp2pHost:
             raise Unreachable(peer_id, {"stream": _short(exc)}) from None
 
     async def _connect(self, pid: ID, direct: list[Any], relayed: list[Any], head_start: float) -> None:
+        """Dial every address, direct ones first; the first connection cancels the rest."""
         attempts: dict[str, str] = {}
         direct_done = trio.Event()
-        won = False
 
-        async def dial_direct(addr: Any, cancel: trio.CancelScope) -> None:
-            nonlocal won
+        async def dial(addr: Any, connect: Callable[[], Awaitable[Any]], cancel: trio.CancelScope) -> None:
             try:
                 with trio.fail_after(DIAL_TIMEOUT):
-                    await self._host.get_network().dial_addr(addr, pid)
-                won = True
+                    await connect()
                 cancel.cancel()
             except Exception as exc:
                 attempts[str(addr)] = _short(exc)
 
         async def dial_relayed(addr: Any, cancel: trio.CancelScope) -> None:
-            nonlocal won
+            assert self._circuits is not None
             with trio.move_on_after(head_start):
                 await direct_done.wait()
-            try:
-                assert self._circuits is not None
-                with trio.fail_after(DIAL_TIMEOUT):
-                    await self._circuits.dial(addr)
-                won = True
-                cancel.cancel()
-            except Exception as exc:
-                attempts[str(addr)] = _short(exc)
+            await dial(addr, partial(self._circuits.dial, addr), cancel)
 
         async with trio.open_nursery() as nursery:
             async def directs() -> None:
                 async with trio.open_nursery() as inner:
                     for addr in direct:
-                        inner.start_soon(dial_direct, addr, nursery.cancel_scope)
+                        inner.start_soon(dial, addr, partial(self._host.get_network().dial_addr, addr, pid),
+                                         nursery.cancel_scope)
                 direct_done.set()
 
             nursery.start_soon(directs)
@@ -286,7 +280,7 @@ class Libp2pHost:
             elif relayed:
                 attempts.update({str(a): "this host has no relay support" for a in relayed})
         self._host.get_network().unblock_peer(pid)  # a failed dial must not block the next (DCUtR's included)
-        if not won and not self.connected(pid.to_base58()):
+        if not self.connected(pid.to_base58()):
             raise Unreachable(pid.to_base58(), attempts)
 
     # -- connections -----------------------------------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import trio
 
+from ..board.client import BoardSession
 from ..keys import Identity
 from ..protocol.reach import CIRCUIT, NetView, Reachability, addrs_for
 from .host import Libp2pHost, RelayJoin, RelayRefused, Unreachable
@@ -55,6 +56,11 @@ class NatTraversal:
         new = [r for r in relays if r not in self.candidates]
         self.candidates.extend(new)
         return bool(new)
+
+    async def ask_board(self, board: BoardSession) -> None:
+        """Add the relay the board names (``p2pexec board`` runs one; pico.sh has none)."""
+        relays, _ = await trio.to_thread.run_sync(board.ask_relay)
+        self.add_candidates(relays)
 
     def addrs_for(self, theirs: NetView | None) -> list[str]:
         return addrs_for(self.host.addrs, self.view, self.state, theirs)

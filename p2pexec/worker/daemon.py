@@ -39,6 +39,7 @@ from ..protocol.reach import NetView, announced_relays
 from ..transport.host import Libp2pHost
 from ..transport.nat import NatTraversal
 from . import hop
+from .landlock import prctl
 from .sandbox import Sandbox
 from .slots import TaskProcessDied, TaskSlot, become_subreaper
 
@@ -71,9 +72,11 @@ Task = tuple[int, memoryview, "tuple[int, int] | None"]  # id, payload, (memfd, 
 
 @dataclass(eq=False)
 class _Move:
-    """A lease that may move to another stream of the same client (relayed -> direct)."""
+    """A live lease that may move to another stream of the same client (relayed -> direct)."""
 
     peer: Any  # the client's libp2p peer id: only it may resume the lease
+    token: bytes  # its resume frame
+    status: dict[str, Any]  # for status: client, path, slots, when it started
     stream: Any = None
     arrived: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
@@ -104,8 +107,7 @@ class WorkerDaemon:
         self.last_served: dict[str, float] = {}  # request id -> when its last lease ended
         self._pokes: set[Callable[[], None]] = set()  # re-check each live lease (someone started waiting)
         self.nat: NatTraversal
-        self.lease_paths: dict[int, dict[str, Any]] = {}  # for status: each lease's client and path
-        self._moves: dict[bytes, _Move] = {}  # resume frame -> the lease it may move
+        self._moves: dict[bytes, _Move] = {}  # resume frame -> the live lease it may move
         self._background: trio.Nursery | None = None
         self._punch_failed = False  # a lease stayed relayed: our NAT defeats hole punching
         self._joining = 0  # relay joins under way: requests wait for them, so offers carry addresses that work
@@ -156,8 +158,7 @@ class WorkerDaemon:
     async def _find_relay(self) -> None:
         """Join the board's relay (or a configured one) before the first offer."""
         assert self.board is not None
-        relays, _ = await trio.to_thread.run_sync(self.board.ask_relay)
-        self.nat.add_candidates(relays)
+        await self.nat.ask_board(self.board)
         await self._join_relay()
 
     async def _join_relay(self) -> None:
@@ -184,7 +185,7 @@ class WorkerDaemon:
         return self._sign("hello", {"role": "worker", "node": self.host.peer_id if self.host else "",
                                     "addrs": self.nat.addrs_for(None) if self.host else [],
                                     "reach": self._reach(),
-                                    "leases": list(self.lease_paths.values())[:16],
+                                    "leases": [move.status for move in list(self._moves.values())[:16]],
                                     "py": PYTHON, "slots": self.config.slots, "free": len(self.free),
                                     "platform": sys.platform, "load": round(os.getloadavg()[0], 2)}, ttl=60)
 
@@ -195,10 +196,9 @@ class WorkerDaemon:
         kind = self.nat.state.kind
         return "relay-only" if kind == "nat" and self._punch_failed else kind
 
-    async def _watch_punch(self, lease: int, client: str) -> None:
+    async def _watch_punch(self, move: _Move, client: str) -> None:
         await trio.sleep(PUNCH_GIVES_UP)
-        path = self.lease_paths.get(lease)
-        if path is not None and path["path"] == "relayed" and not self._punch_failed:
+        if move.token in self._moves and move.status["path"] == "relayed" and not self._punch_failed:
             self._punch_failed = True
             log.info("the lease for %s is still relayed after %.0f s: hole punching failed (a NAT that picks a new "
                      "port per connection?); leases stay on the relay, at its speed", client, PUNCH_GIVES_UP)
@@ -275,14 +275,15 @@ class WorkerDaemon:
                 channel = await SecureChannel.establish(framed, rx, tx, allocate=hop.allocate)
             framed.decoder.max_frame = MAX_FRAME
             framed.silence_limit = SILENCE_SECONDS
-            move = self._moves[resume_frame(rx, tx, accept["offer"])] = _Move(stream.muxed_conn.peer_id)
+            status = {"client": accept.sender, "path": Libp2pHost.stream_path(stream), "slots": len(slots),
+                      "started": time.time()}
+            move = _Move(stream.muxed_conn.peer_id, resume_frame(rx, tx, accept["offer"]), status)
+            self._moves[move.token] = move
             for slot in slots:
                 await slot.assign(accept.sender)
-            path = self.lease_paths[id(move)] = {"client": accept.sender, "path": Libp2pHost.stream_path(stream),
-                                                  "slots": len(slots), "started": time.time()}
-            log.info("lease for %s with %d slot(s) started (%s)", accept.sender, len(slots), path["path"])
-            if path["path"] == "relayed" and self._background is not None:
-                self._background.start_soon(self._watch_punch, id(move), accept.sender)
+            log.info("lease for %s with %d slot(s) started (%s)", accept.sender, len(slots), status["path"])
+            if status["path"] == "relayed" and self._background is not None:
+                self._background.start_soon(self._watch_punch, move, accept.sender)
             try:
                 await self._serve_lease(channel, slots, accept.sender, accept["req"], move)
             finally:
@@ -299,8 +300,7 @@ class WorkerDaemon:
             await framed.reset()
         finally:
             if move is not None:
-                self._moves = {t: m for t, m in self._moves.items() if m is not move}
-                self.lease_paths.pop(id(move), None)
+                self._moves.pop(move.token, None)
                 move.done.set()
             self.free.extend(slots)
             if slots:
@@ -329,9 +329,7 @@ class WorkerDaemon:
         await channel.move_tx(move.stream)
         channel.framed.move_rx(move.stream)
         await channel.framed.close_old()
-        path = self.lease_paths.get(id(move))
-        if path is not None:
-            path["path"] = f"upgraded after {time.time() - path['started']:.1f} s"
+        move.status["path"] = f"upgraded after {time.time() - move.status['started']:.1f} s"
         self._punch_failed = False
         log.info("lease for %s moved to a %s connection", client, Libp2pHost.stream_path(move.stream))
 
@@ -509,14 +507,7 @@ def say_how_we_sign(who: Identity, memory_protected: bool) -> None:
 def protect_memory() -> bool:
     """Make this process non-dumpable, so processes of the same user (its tasks among them) can neither
     ptrace it nor read ``/proc/<pid>/mem``; False where the platform cannot."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    return prctl(_PR_SET_DUMPABLE, 0)
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

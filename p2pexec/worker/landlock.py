@@ -5,6 +5,9 @@ task: from then on it, and everything it starts, may read only the
 directories given, write only its scratch directory, open no TCP
 connection and bind no TCP port (Landlock ABI 4+; UDP is not covered), and
 signal no process outside its own domain (ABI 6+).  It cannot be undone.
+
+:func:`prctl` is here too: the other process controls the worker uses
+(non-dumpable, child subreaper) go through the same libc.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ class _PathBeneath(ctypes.Structure):
 
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+def prctl(option: int, value: int) -> bool:
+    """``prctl(option, value)`` on this process; False where it failed or the platform has none."""
+    try:
+        return _libc().prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def abi() -> int:
@@ -75,7 +86,7 @@ def restrict(read: Iterable[str], write: Iterable[str], network: bool) -> int:
                         raise OSError(ctypes.get_errno(), f"landlock_add_rule failed for {path}")
                 finally:
                     os.close(fd)
-        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0:
+        if not prctl(_PR_SET_NO_NEW_PRIVS, 1):
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
         if libc.syscall(_RESTRICT_SELF, ruleset, 0) < 0:
             raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")

@@ -17,6 +17,7 @@ import trio
 
 from ..protocol.frames import Buffer, nbytes
 from .hop import HEADER, INLINE, SHARED, map_outcome
+from .landlock import prctl
 from .sandbox import SLOT_ENV, Sandbox
 
 log = logging.getLogger("p2pexec.worker")
@@ -251,12 +252,7 @@ def reap_orphans(slot: int) -> int:
 
 def become_subreaper() -> bool:
     """Orphans of our task processes become our children, so :func:`reap_orphans` can end them."""
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    return prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 _PR_SET_CHILD_SUBREAPER = 36
