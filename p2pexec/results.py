@@ -3,7 +3,7 @@
 A pickle can name any importable callable and call it; a modified worker
 could make the client run ``os.system``.  So results are unpickled with an
 allow-list: data types of the standard library, exceptions, NumPy arrays
-and scalars, p2pexec's own outcome types, and classes of the client's own
+and scalars, pandas data structures, p2pexec's own outcome types, and classes of the client's own
 code.  A class the client sent by value (``__main__``, a notebook, a local
 module) comes back as the client's own class, never as code built from
 the worker's bytes; functions a worker sends are inert stand-ins.
@@ -45,6 +45,51 @@ _ALLOWED: dict[str, frozenset[str]] = {k: frozenset(v.split()) for k, v in {
     "numpy.core.multiarray": "_reconstruct scalar",
     "numpy._core.numeric": "_frombuffer",
     "numpy.core.numeric": "_frombuffer",
+    # pandas 2 and 3 (3 names its public classes from "pandas"): data structures, dtypes, scalars, reconstructors
+    "pandas": "DataFrame Series Index RangeIndex MultiIndex DatetimeIndex TimedeltaIndex PeriodIndex IntervalIndex "
+              "CategoricalIndex Categorical CategoricalDtype DatetimeTZDtype IntervalDtype PeriodDtype SparseDtype "
+              "StringDtype BooleanDtype Int8Dtype Int16Dtype Int32Dtype Int64Dtype UInt8Dtype UInt16Dtype UInt32Dtype "
+              "UInt64Dtype Float32Dtype Float64Dtype Timestamp Timedelta Period Interval NaT NA",
+    "pandas.arrays": "BooleanArray DatetimeArray IntegerArray FloatingArray PeriodArray SparseArray StringArray "
+                     "TimedeltaArray IntervalArray NumpyExtensionArray Categorical",
+    "pandas.core.frame": "DataFrame",
+    "pandas.core.series": "Series",
+    "pandas.core.indexes.base": "Index _new_Index",
+    "pandas.core.indexes.range": "RangeIndex",
+    "pandas.core.indexes.multi": "MultiIndex",
+    "pandas.core.indexes.datetimes": "DatetimeIndex _new_DatetimeIndex",
+    "pandas.core.indexes.timedeltas": "TimedeltaIndex _new_TimedeltaIndex",
+    "pandas.core.indexes.period": "PeriodIndex _new_PeriodIndex",
+    "pandas.core.indexes.interval": "IntervalIndex _new_IntervalIndex",
+    "pandas.core.indexes.category": "CategoricalIndex",
+    "pandas.core.internals.managers": "BlockManager SingleBlockManager",
+    "pandas.core.arrays.categorical": "Categorical",
+    "pandas.core.arrays.boolean": "BooleanArray BooleanDtype",
+    "pandas.core.arrays.integer": "IntegerArray Int8Dtype Int16Dtype Int32Dtype Int64Dtype UInt8Dtype UInt16Dtype "
+                                  "UInt32Dtype UInt64Dtype",
+    "pandas.core.arrays.floating": "FloatingArray Float32Dtype Float64Dtype",
+    "pandas.core.arrays.string_": "StringArray StringDtype",
+    "pandas.core.arrays.datetimes": "DatetimeArray",
+    "pandas.core.arrays.timedeltas": "TimedeltaArray",
+    "pandas.core.arrays.period": "PeriodArray",
+    "pandas.core.arrays.interval": "IntervalArray",
+    "pandas.core.arrays.sparse.array": "SparseArray",
+    "pandas.core.arrays.numpy_": "NumpyExtensionArray",
+    "pandas.core.dtypes.dtypes": "CategoricalDtype DatetimeTZDtype IntervalDtype PeriodDtype SparseDtype",
+    "pandas._libs.arrays": "__pyx_unpickle_NDArrayBacked",
+    "pandas._libs.internals": "_unpickle_block BlockPlacement",
+    "pandas._libs.sparse": "IntIndex BlockIndex",
+    "pandas._libs.missing": "NA",
+    "pandas._libs.interval": "Interval",
+    "pandas._libs.tslibs.nattype": "_nat_unpickle",
+    "pandas._libs.tslibs.timedeltas": "Timedelta _timedelta_unpickle",
+    "pandas._libs.tslibs.timestamps": "Timestamp _unpickle_timestamp",
+    "pandas._libs.tslibs.period": "Period",
+    "pandas._libs.tslibs.offsets": "Day Hour Minute Second Milli Micro Nano Week MonthEnd MonthBegin QuarterEnd "
+                                   "QuarterBegin YearEnd YearBegin BusinessDay BusinessMonthEnd BusinessMonthBegin "
+                                   "BusinessHour DateOffset",
+    "zoneinfo": "ZoneInfo",
+    "zoneinfo._zoneinfo": "ZoneInfo",
 }.items()}
 _BUILTIN_TYPES = frozenset({int, float, complex, str, bytes, bytearray, memoryview, bool, list, tuple, dict, set,
                             frozenset, slice, range, object, type(None), type(Ellipsis), type(NotImplemented)})
@@ -80,6 +125,14 @@ def _allowed_type(name: str) -> Any:
     raise UntrustedResultError(f"a result refers to the type {name!r}; pass trusted_results=True to accept it")
 
 
+def _safe_getattr(obj: Any, name: str) -> Any:
+    """Only the attribute lookups that standard reconstructors pickle (``ZoneInfo._unpickle``)."""
+    if isinstance(obj, type) and obj.__module__ in ("zoneinfo", "zoneinfo._zoneinfo") and name == "_unpickle":
+        return getattr(obj, name)
+    raise UntrustedResultError(f"a result looks up {getattr(obj, '__qualname__', type(obj).__name__)}.{name}; "
+                               f"pass trusted_results=True to accept it")
+
+
 def _safe_setattr(obj: Any, name: str, value: Any) -> None:
     """dill sets attributes on classes it rebuilds; ours stay as they are."""
     if isinstance(obj, type):
@@ -101,6 +154,8 @@ class _Loader(dill.Unpickler):
                 return found
             if name == "setattr":
                 return _safe_setattr
+            if name == "getattr":
+                return _safe_getattr
         if module == "dill._dill":
             special = {"_create_type": _own_class, "_create_function": _inert_function,
                        "_create_code": _inert_code, "_load_type": _allowed_type,

@@ -203,3 +203,82 @@ def test_a_port_a_task_listens_on_is_not_reachable_from_the_machine(sandboxed):
                 socket.create_connection(("127.0.0.1", port), timeout=2).close()
         else:  # Landlock: binding is denied
             assert port == "PermissionError"
+
+
+def _fork_bomb(most: int) -> int:
+    """Start up to ``most`` processes at once (each waits for a pipe to close); how many could start."""
+    import os
+
+    read, write = os.pipe()
+    children = []
+    try:
+        for _ in range(most):
+            try:
+                pid = os.fork()
+            except OSError:
+                break
+            if pid == 0:
+                os.close(write)
+                os.read(read, 1)
+                os._exit(0)
+            children.append(pid)
+    finally:
+        os.close(write)
+        for pid in children:
+            os.waitpid(pid, 0)
+    return len(children)
+
+
+def test_a_fork_bomb_stops_at_the_process_cap():
+    if detect(processes=400).processes != 400:
+        pytest.skip(f"no PID cap here: {detect(processes=400).processes_why_not}")
+    with LocalCluster(workers=1, sandbox=True,
+                      worker_options=("--sandbox-layer", "bubblewrap", "--max-processes", "400")) as lc, \
+            lc.executor() as ex:
+        started = ex.submit(_fork_bomb, 1000).result(timeout=60)
+        assert 300 <= started < 400  # the task process and its threads hold a few of the 400
+        assert ex.submit(_fork_bomb, 100).result(timeout=60) == 100  # and the slot carries on
+
+
+def _powers() -> dict:
+    """What a task could do to the machine beyond files: capabilities (asked of the kernel), sysctls."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+    assert libc.capget(header, data) == 0
+    out: dict = {"CapEff": data[0] | data[3] << 32, "CapPrm": data[1] | data[4] << 32,
+                 "CapInh": data[2] | data[5] << 32,
+                 "CapBnd": sum(1 << cap for cap in range(41) if libc.prctl(23, cap, 0, 0, 0) == 1),
+                 "CapAmb": sum(1 << cap for cap in range(41) if libc.prctl(47, 1, cap, 0, 0) == 1)}
+    try:
+        with open("/proc/sys/vm/swappiness") as f:
+            value = f.read()
+        with open("/proc/sys/vm/swappiness", "w") as f:  # the value it already has: harmless if this succeeds
+            f.write(value)
+        out["sysctl"] = "wrote"
+    except OSError as exc:
+        out["sysctl"] = type(exc).__name__
+    return out
+
+
+def test_a_task_has_no_capabilities_and_cannot_change_sysctls(sandboxed):
+    with sandboxed.executor() as ex:
+        powers = ex.submit(_powers).result(timeout=60)
+    assert powers["sysctl"] != "wrote"
+    assert powers["CapEff"] == powers["CapPrm"] == powers["CapAmb"] == powers["CapInh"] == 0, powers
+    if os.geteuid() == 0:  # (only root can empty its bounding set: an ordinary user has nothing to drop)
+        assert powers["CapBnd"] == 0, powers
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.isdir("/etc/ssl/private"), reason="needs root and /etc/ssl")
+def test_a_root_workers_private_tls_keys_stay_hidden(sandboxed):
+    secret = Path("/etc/ssl/private") / f"p2pexec-test-{uuid.uuid4().hex}.key"
+    secret.write_bytes(b"private")
+    secret.chmod(0o600)
+    try:
+        with sandboxed.executor() as ex:
+            seen = ex.submit(probe, [str(secret)], 1).result(timeout=60)
+    finally:
+        secret.unlink()
+    assert isinstance(seen["read"][str(secret)], str), seen["read"]

@@ -76,3 +76,42 @@ def test_a_type_off_the_list_is_named_with_the_option_that_allows_it(cluster):
             ex.submit(chain).result(timeout=60)
     with cluster.executor(result_types=["collections.ChainMap"]) as ex:
         assert ex.submit(chain).result(timeout=60) == collections.ChainMap({"a": 1})
+
+
+def pandas_values() -> list:
+    """What a data-science task returns: frames with several dtypes, indexes, scalars, offsets, time zones."""
+    import numpy as np
+    import pandas as pd
+
+    return [pd.DataFrame({"a": [1, 2], "b": ["x", "y"], "c": pd.to_datetime(["2020-01-01", "2021-01-01"]),
+                          "d": pd.Categorical(["u", "v"]), "e": pd.array([1, None], dtype="Int64"),
+                          "f": pd.array([True, None], dtype="boolean"), "g": pd.array(["s", None], dtype="string"),
+                          "h": pd.array([0.5, None], dtype="Float64"), "i": pd.arrays.SparseArray([0, 1])}),
+            pd.Series([1.5, 2.5], index=pd.Index(["p", "q"], name="k")),
+            pd.DataFrame(np.arange(6).reshape(3, 2)).set_index(0),
+            pd.MultiIndex.from_tuples([(1, "a"), (2, "b")]), pd.RangeIndex(5), pd.CategoricalIndex(["a", "b"]),
+            pd.date_range("2020", periods=3, freq="h", tz="Europe/Stockholm"), pd.timedelta_range("1s", periods=2),
+            pd.period_range("2020-01", periods=2, freq="M"), pd.interval_range(0, 3),
+            pd.Timestamp("2020-01-01", tz="UTC"), pd.Timedelta("1s"), pd.NaT, pd.NA, pd.Interval(0, 1),
+            pd.Period("2020-01", freq="M"), pd.offsets.Week(2), pd.CategoricalDtype(["a"])]
+
+
+def test_pandas_results_pass_the_allow_list(cluster):
+    pytest.importorskip("pandas")
+    with cluster.executor() as ex:
+        got = ex.submit(pandas_values).result(timeout=60)
+    assert [repr(v) for v in got] == [repr(v) for v in pandas_values()]
+
+
+def test_a_lookup_of_a_method_that_runs_code_is_refused():
+    pd = pytest.importorskip("pandas")
+    import pickle
+
+    from p2pexec.results import load
+
+    class Lookup:
+        def __reduce__(self):
+            return getattr, (pd.DataFrame, "eval")  # DataFrame.eval("...") evaluates expressions
+
+    with pytest.raises(UntrustedResultError, match="DataFrame.eval"):
+        load(pickle.dumps(Lookup()), [])

@@ -39,7 +39,7 @@ from ..protocol.reach import NetView, announced_relays
 from ..transport.host import Libp2pHost
 from ..transport.nat import NatTraversal
 from . import hop
-from .landlock import prctl
+from .privileges import prctl
 from .sandbox import Sandbox
 from .slots import TaskProcessDied, TaskSlot, become_subreaper
 

@@ -5,9 +5,6 @@ task: from then on it, and everything it starts, may read only the
 directories given, write only its scratch directory, open no TCP
 connection and bind no TCP port (Landlock ABI 4+; UDP is not covered), and
 signal no process outside its own domain (ABI 6+).  It cannot be undone.
-
-:func:`prctl` is here too: the other process controls the worker uses
-(non-dumpable, child subreaper) go through the same libc.
 """
 
 from __future__ import annotations
@@ -15,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Iterable
+
+from .privileges import libc, prctl
 
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446  # the same on every architecture
 _VERSION = 1
@@ -39,22 +38,10 @@ class _PathBeneath(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def prctl(option: int, value: int) -> bool:
-    """``prctl(option, value)`` on this process; False where it failed or the platform has none."""
-    try:
-        return _libc().prctl(option, value, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 def abi() -> int:
     """The kernel's Landlock ABI version; 0 where it has none."""
     try:
-        version = _libc().syscall(_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_VERSION))
+        version = libc().syscall(_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_VERSION))
     except (OSError, AttributeError):
         return 0
     return max(0, version)
@@ -65,11 +52,11 @@ def restrict(read: Iterable[str], write: Iterable[str], network: bool) -> int:
     version = abi()
     if version < 1:
         raise OSError("Landlock is not available in this kernel")
-    libc = _libc()
+    lib = libc()
     handled_fs = _ALL_FS_BY_ABI.get(version, (1 << 16) - 1)
     attr = _RulesetAttr(handled_fs, 0 if network or version < 4 else _NET_TCP, _SCOPE if version >= 6 else 0)
     size = ctypes.sizeof(_RulesetAttr) if version >= 6 else (16 if version >= 4 else 8)
-    ruleset = libc.syscall(_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    ruleset = lib.syscall(_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if ruleset < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
     try:
@@ -82,13 +69,13 @@ def restrict(read: Iterable[str], write: Iterable[str], network: bool) -> int:
                 try:
                     rights = access if os.path.isdir(path) else access & _FILE_RIGHTS  # a file takes file rights only
                     rule = _PathBeneath(rights, fd)
-                    if libc.syscall(_ADD_RULE, ruleset, _PATH_BENEATH, ctypes.byref(rule), 0) < 0:
+                    if lib.syscall(_ADD_RULE, ruleset, _PATH_BENEATH, ctypes.byref(rule), 0) < 0:
                         raise OSError(ctypes.get_errno(), f"landlock_add_rule failed for {path}")
                 finally:
                     os.close(fd)
         if not prctl(_PR_SET_NO_NEW_PRIVS, 1):
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-        if libc.syscall(_RESTRICT_SELF, ruleset, 0) < 0:
+        if lib.syscall(_RESTRICT_SELF, ruleset, 0) < 0:
             raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
     finally:
         os.close(ruleset)

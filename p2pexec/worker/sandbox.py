@@ -12,7 +12,12 @@ Landlock (``--sandbox-layer`` chooses):
   members file, nor other processes (its ``/proc`` shows its own PID
   namespace).  It runs as an unprivileged user with no capabilities, even
   when the worker runs as root, and every process it starts dies with it
-  (the PID namespace ends when the task process does).
+  (the PID namespace ends when the task process does).  ``/proc/sys`` is
+  read-only, and on Linux 6.14+ the PID namespace holds at most
+  ``processes`` PIDs (threads included): a fork bomb stops there.
+  Run as root, the sandbox's user is root outside it: a task may read
+  root's own private files inside the directories it sees (``/etc/ssl/private``
+  is not among them); run workers as an ordinary user.
 * **Landlock** (Linux 5.13+, no package; :mod:`.landlock`): the task
   process confines itself before it reads its first task.  It may read the
   system and Python directories and a few files of ``/etc``, write only its
@@ -20,7 +25,9 @@ Landlock (``--sandbox-layer`` chooses):
   no signal outside its domain (ABI 6+).  It runs as the worker's user, so
   what that user may read inside the allowed directories it may read too.
   The daemon is a child subreaper: whatever a task process started is
-  reparented to it and killed when that task process ends.
+  reparented to it and killed when that task process ends.  The task
+  process drops every capability (a worker run as root keeps none for its
+  tasks).  Processes per task are not capped in this layer.
 * **rlimits**: each task process's address space is capped (``RLIMIT_AS``,
   ``memory``); going over fails that task, the worker carries on.
 
@@ -42,14 +49,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .privileges import pid_cap_command
+
 NOBODY = 65534
 LANDLOCK_ENV = "P2PEXEC_LANDLOCK"  # the rules a task process applies to itself (JSON)
 SLOT_ENV = "P2PEXEC_SLOT"  # marks a task process's descendants as its own
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # World-readable configuration a program may need; the rest of /etc (shadow, ssh host keys) stays out.
 _ETC = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
-        "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/resolv.conf", "/etc/ssl",
-        "/etc/ca-certificates", "/etc/mime.types", "/etc/os-release", "/etc/timezone")
+        "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/resolv.conf", "/etc/ssl/certs",
+        "/etc/ssl/openssl.cnf", "/etc/ca-certificates", "/etc/mime.types", "/etc/os-release", "/etc/timezone")
 # Ways into the friend's accounts that a task has no business with.
 _UNSET = ("SSH_AUTH_SOCK", "SSH_AGENT_PID", "P2PEXEC_IDENTITY", "DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR")
 
@@ -72,6 +81,8 @@ class Sandbox:
     memory: int | None = None  # bytes of address space per task process
     why_not: str = "turned off"  # without any layer: why
     landlock: int = 0  # Landlock ABI to confine task processes with, where there is no bubblewrap
+    processes: int | None = None  # PIDs per task process and all it starts, where enforced
+    processes_why_not: str = ""  # why processes are not capped although asked to be
 
     @property
     def layer(self) -> str | None:
@@ -91,18 +102,24 @@ class Sandbox:
                 "network": self.network})})
         return env
 
-    def command(self, argv: Sequence[str], scratch: Path, package_root: str) -> list[str]:
-        """``argv`` wrapped to run in the sandbox, with ``scratch`` as its only writable place."""
+    def command(self, argv: Sequence[str], scratch: Path, package_root: str, info_fd: int | None = None) -> list[str]:
+        """``argv`` wrapped to run in the sandbox, with ``scratch`` as its only writable place.
+
+        bubblewrap writes the sandbox's PIDs to ``info_fd`` (for :meth:`cap_command`).
+        """
         if self.bwrap is None:
             return list(argv)
         wrapped = [self.bwrap, "--die-with-parent", "--new-session", "--unshare-all", "--unshare-user",
                    "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL"]
         if self.network:
             wrapped.append("--share-net")
+        if info_fd is not None:
+            wrapped += ["--info-fd", str(info_fd)]
         for path in (*_SYSTEM, *_ETC):
             wrapped += ["--ro-bind-try", path, path]
+        # Writable sysctls would let a root worker's task change the machine's; their PID cap is set from outside.
         # Mounts apply in order: the empty /tmp first, so that Python or p2pexec under /tmp stays visible.
-        wrapped += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        wrapped += ["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev", "--tmpfs", "/tmp"]
         for path in python_paths(package_root):
             wrapped += ["--ro-bind", path, path]
         wrapped += ["--bind", str(scratch), str(scratch), "--chdir", str(scratch),
@@ -110,6 +127,10 @@ class Sandbox:
         for name in _UNSET:
             wrapped += ["--unsetenv", name]
         return [*wrapped, "--", *argv]
+
+    def cap_command(self, sandbox_pid: int) -> list[str] | None:
+        """The command that caps the PIDs of the sandbox whose first process is ``sandbox_pid``, if capped."""
+        return None if self.processes is None else pid_cap_command(sandbox_pid, self.processes)
 
     def limits(self) -> Callable[[], None] | None:
         """A preexec function that applies the rlimits (in the child, before it runs anything)."""
@@ -127,7 +148,7 @@ class Sandbox:
         if self.layer == "landlock":
             lines = [f"Landlock ABI {self.landlock}: tasks read only the system and Python directories, write only "
                      f"a private scratch directory (their HOME and TMPDIR), and signal nothing outside",
-                     "tasks run as this user (no bubblewrap: apt-get install bubblewrap for an unprivileged user "
+                     "tasks run as this user, without capabilities (no bubblewrap: apt-get install bubblewrap for an unprivileged user "
                      "and a PID namespace); whatever they start is killed when their task process ends",
                      "tasks have no TCP (UDP is not covered)" if not self.network else
                      "tasks may use the network (--network)"]
@@ -139,23 +160,32 @@ class Sandbox:
                      f"directory as HOME and TMPDIR, and none of this user's files",
                      "tasks run as an unprivileged user without capabilities, in their own PID namespace: "
                      "whatever they start dies with them",
+                     *(["this worker runs as root: its tasks own root's files in the directories they see "
+                        "(read-only); run it as an ordinary user"] if os.geteuid() == 0 else []),
                      "tasks have no network" if not self.network else "tasks may use the network (--network)"]
         lines.append(f"memory: {self.memory} bytes of address space per task process" if self.memory else
                      "memory: not capped (--memory)")
+        if self.processes is not None:
+            lines.append(f"processes: at most {self.processes} processes and threads per task process, "
+                         f"with all it starts")
+        elif self.enforced:
+            lines.append(f"processes: not capped ({self.processes_why_not or 'turned off with --max-processes 0'})")
         return lines
 
 
-def detect(network: bool = False, memory: int | None = None, enabled: bool = True, layer: str = "auto") -> Sandbox:
+def detect(network: bool = False, memory: int | None = None, enabled: bool = True, layer: str = "auto",
+           processes: int | None = None) -> Sandbox:
     """The sandbox this machine supports: bubblewrap if it runs here (probed once), else Landlock, else none.
 
-    ``layer`` (``auto``, ``bubblewrap`` or ``landlock``) insists on one.
+    ``layer`` (``auto``, ``bubblewrap`` or ``landlock``) insists on one;
+    ``processes`` asks for a cap on PIDs per task process.
     """
     if not enabled:
         return Sandbox(None, network, memory, "turned off with --no-sandbox")
     if not sys.platform.startswith("linux"):
         return Sandbox(None, network, memory, "sandboxing needs Linux")
     if layer == "landlock":
-        return _landlock(network, memory, "")
+        return _landlock(network, memory, "", processes)
     bwrap = shutil.which("bwrap")
     if bwrap is not None:
         probe = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(NOBODY), "--ro-bind", "/", "/", "--",
@@ -165,17 +195,54 @@ def detect(network: bool = False, memory: int | None = None, enabled: bool = Tru
         except (OSError, subprocess.TimeoutExpired):
             works = False
         if works:
-            return Sandbox(bwrap, network, memory)
+            why_not = "" if processes is None else _pid_cap_fails(bwrap, processes)
+            return Sandbox(bwrap, network, memory, processes=None if why_not else processes,
+                           processes_why_not=why_not)
         why = f"{bwrap} does not work here (user namespaces disabled?)"
     else:
         why = "bubblewrap is not installed: apt-get install bubblewrap"
     if layer == "bubblewrap":
         return Sandbox(None, network, memory, why)
-    return _landlock(network, memory, why + "; ")
+    return _landlock(network, memory, why + "; ", processes)
 
 
-def _landlock(network: bool, memory: int | None, why: str) -> Sandbox:
+def _pid_cap_fails(bwrap: str, processes: int) -> str:
+    """Why PIDs cannot be capped here, after trying on a throwaway sandbox; empty if they can."""
+    sandbox = Sandbox(bwrap, processes=processes)
+    machine = Path("/proc/sys/kernel/pid_max").read_text()
+    read, write = os.pipe()
+    try:
+        proc = subprocess.Popen(sandbox.command(["/bin/sh", "-c", "read line"], Path("/"), "/", info_fd=write),
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                pass_fds=(write,))
+    except OSError as exc:
+        os.close(read)
+        return f"bubblewrap failed: {exc}"
+    finally:
+        os.close(write)
+    try:
+        with os.fdopen(read) as info:
+            pid = json.loads(info.read())["child-pid"]
+        command = sandbox.cap_command(pid)
+        if command is None:
+            return "needs Linux 6.14+ (a PID namespace's own pid_max) and nsenter"
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10)
+        if done.returncode != 0:
+            return f"nsenter failed: {done.stderr.strip()}"
+        if Path("/proc/sys/kernel/pid_max").read_text() != machine:  # never on 6.14+; undo and say so if it is
+            Path("/proc/sys/kernel/pid_max").write_text(machine)
+            return "this kernel's pid_max is not per namespace"
+        return ""
+    except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+        return f"could not probe: {exc}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _landlock(network: bool, memory: int | None, why: str, processes: int | None) -> Sandbox:
     from .landlock import abi
 
     version = abi()
-    return Sandbox(None, network, memory, why + "the kernel has no Landlock", landlock=version)
+    return Sandbox(None, network, memory, why + "the kernel has no Landlock", landlock=version,
+                   processes_why_not="" if processes is None else "the Landlock layer has no PID namespace")

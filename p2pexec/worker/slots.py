@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import json
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ import trio
 
 from ..protocol.frames import Buffer, nbytes
 from .hop import HEADER, INLINE, SHARED, map_outcome
-from .landlock import prctl
+from .privileges import prctl
 from .sandbox import SLOT_ENV, Sandbox
 
 log = logging.getLogger("p2pexec.worker")
@@ -71,27 +72,54 @@ class TaskSlot:
         self._scratch = Path(tempfile.mkdtemp(prefix=f"slot{self.index}-", dir=self._scratch_root))
         env.update(self.sandbox.environment(self._scratch, _PACKAGE_ROOT, self.index))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        info_read, info_write = os.pipe() if self.sandbox.processes is not None else (None, None)
         argv = self.sandbox.command([sys.executable, "-m", "p2pexec.worker.taskproc", str(theirs.fileno())],
-                                    self._scratch, _PACKAGE_ROOT)
+                                    self._scratch, _PACKAGE_ROOT, info_fd=info_write)
         try:
             proc = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=env,
-                cwd=self._scratch, preexec_fn=self.sandbox.limits(),
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env, cwd=self._scratch,
+                pass_fds=[fd for fd in (theirs.fileno(), info_write) if fd is not None],
+                preexec_fn=self.sandbox.limits(),
             )
         except BaseException:
             ours.close()
+            if info_read is not None:
+                os.close(info_read)
             self._forget()
             raise
         finally:
             theirs.close()
+            if info_write is not None:
+                os.close(info_write)
         self._proc, self._sock = proc, trio.socket.from_stdlib_socket(ours)
         _LIVE.add(proc.pid)
         try:
+            if info_read is not None:  # before the first task: nothing untrusted runs in there yet
+                await self._cap_processes(info_read)
             ready = await self._receive_outcome()
         except TaskProcessDied as exc:
             raise TaskProcessDied(f"a new task process failed while starting: {exc}") from None
         if nbytes(ready) != 0:
             raise await self._end("a new task process sent data instead of its ready signal")
+
+    async def _cap_processes(self, info_fd: int) -> None:
+        """Cap the PIDs of the new sandbox, whose PIDs bubblewrap writes to ``info_fd``."""
+        stream = trio.lowlevel.FdStream(info_fd)
+        try:
+            info = bytearray()
+            with trio.move_on_after(10):
+                while chunk := await stream.receive_some():
+                    info += chunk
+            command = self.sandbox.cap_command(json.loads(info)["child-pid"])
+            if command is None:
+                raise ValueError("this machine cannot cap PIDs")
+            done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+            if done.returncode != 0:
+                raise ValueError(done.stderr.decode(errors="replace").strip())
+        except (ValueError, KeyError, OSError) as exc:
+            raise await self._end(f"could not cap its processes ({exc})") from None
+        finally:
+            await stream.aclose()
 
     async def run(self, payload: Buffer, shared: tuple[int, int] | None = None) -> Buffer:
         """Run one task; ``shared`` is (memfd, offset) when the payload lies in shared memory.

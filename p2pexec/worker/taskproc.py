@@ -126,7 +126,9 @@ def main() -> None:
     confine = os.environ.pop(LANDLOCK_ENV, None)
     if confine is not None:  # before the first task is read: nothing untrusted has run yet
         from .landlock import restrict
+        from .privileges import drop_capabilities
 
+        drop_capabilities()
         rules = json.loads(confine)
         restrict(rules["read"], rules["write"], rules["network"])
     serve(socket.socket(fileno=int(sys.argv[1])))
