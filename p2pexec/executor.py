@@ -19,6 +19,7 @@ from .board.client import DEFAULT_KNOWN_HOSTS, BoardSession
 from .config import physical_memory, resolve
 from .logs import quiet_dependencies
 from .protocol.messages import Inbox
+from .results import task_package
 from .runtime import TrioThread
 from .scheduler import ClientScheduler, SchedulerOptions, WorkItem
 from .tasks import PrepickledFunction, dump_task
@@ -128,6 +129,7 @@ class P2PExecutor(Executor):
             if not self._runtime.alive:
                 raise RuntimeError("cannot schedule new futures: the p2pexec runtime has stopped")
             future: Future[Any] = Future()
+            self._allow_classes_of(fn)
             try:
                 payload = dump_task(fn, args, kwargs)
             except Exception as exc:
@@ -151,6 +153,7 @@ class P2PExecutor(Executor):
         """Like ProcessPoolExecutor.map: ``chunksize`` items travel and run together."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        self._allow_classes_of(fn)
         try:
             task = PrepickledFunction(partial(_process_chunk, fn))
         except Exception:
@@ -188,6 +191,12 @@ class P2PExecutor(Executor):
             threading.Thread(target=self._finish, name="p2pexec-shutdown", daemon=True).start()
 
     # -- internals ----------------------------------------------------------------------
+    def _allow_classes_of(self, fn: Callable[..., Any]) -> None:
+        """Results may hold classes of the installed package a task function comes from."""
+        package = task_package(fn)
+        if package is not None and self._scheduler is not None:
+            self._scheduler.task_packages.add(package)  # (a set.add is atomic: no lock with the loop thread)
+
     def _finish(self) -> None:
         while self._runtime is not None and self._runtime.alive and self._unfinished:
             wait(list(self._unfinished), timeout=1.0)

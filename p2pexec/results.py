@@ -3,8 +3,9 @@
 A pickle can name any importable callable and call it; a modified worker
 could make the client run ``os.system``.  So results are unpickled with an
 allow-list: data types of the standard library, exceptions, NumPy arrays
-and scalars, pandas data structures, p2pexec's own outcome types, and classes of the client's own
-code.  A class the client sent by value (``__main__``, a notebook, a local
+and scalars, pandas data structures, p2pexec's own outcome types, classes of
+the client's own code and of the installed packages its task functions come
+from.  A class the client sent by value (``__main__``, a notebook, a local
 module) comes back as the client's own class, never as code built from
 the worker's bytes; functions a worker sends are inert stand-ins.
 Anything else fails that result with :class:`UntrustedResultError`, which
@@ -14,9 +15,12 @@ names the type and the option that allows it.
 from __future__ import annotations
 
 import builtins
+import importlib
 import io
 import sys
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from concurrent.futures.process import _process_chunk
+from functools import partial
 from typing import Any
 
 import dill
@@ -140,10 +144,26 @@ def _safe_setattr(obj: Any, name: str, value: Any) -> None:
     setattr(obj, name, value)
 
 
+def task_package(fn: Any) -> str | None:
+    """The installed package a task function comes from, whose classes its results may hold.
+
+    None for the standard library, p2pexec and the user's own code (whose
+    classes are allowed anyway).
+    """
+    while isinstance(fn, partial):
+        fn = fn.args[0] if fn.func is _process_chunk and fn.args else fn.func
+    module = getattr(fn, "__module__", None) or ""
+    top = module.split(".")[0]
+    if not top or top in sys.stdlib_module_names or top in ("p2pexec", "dill", "__main__") or is_local_module(module):
+        return None
+    return top
+
+
 class _Loader(dill.Unpickler):
-    def __init__(self, file: Any, buffers: Iterable[Any], extra: frozenset[str]) -> None:
+    def __init__(self, file: Any, buffers: Iterable[Any], extra: Collection[str], packages: Collection[str]) -> None:
         super().__init__(file, buffers=buffers)
         self._extra = extra
+        self._packages = packages
 
     def find_class(self, module: str, name: str) -> Any:
         if name in _ALLOWED.get(module, ()) or f"{module}.{name}" in self._extra:
@@ -166,6 +186,9 @@ class _Loader(dill.Unpickler):
         if name == "__dict__" and (module in ("__main__", "builtins") or is_local_module(module)):
             return {}  # globals for stand-in functions; the real ones stay out of reach
         own = _own_object(module, name)
+        if own is None and module.split(".")[0] in self._packages:
+            importlib.import_module(module)  # a package the client's tasks come from: its classes are allowed
+            own = _class_in(module, name)
         if own is not None:
             return own
         raise UntrustedResultError(
@@ -175,8 +198,11 @@ class _Loader(dill.Unpickler):
 
 def _own_object(module: str, qualname: str) -> type | None:
     """A class of the client's own code (``__main__`` or a module of the user's): not installed code."""
-    if module != "__main__" and not is_local_module(module):
-        return None
+    return _class_in(module, qualname) if module == "__main__" or is_local_module(module) else None
+
+
+def _class_in(module: str, qualname: str) -> type | None:
+    """The class ``module.qualname`` as already imported here; None for anything but a class."""
     found: Any = sys.modules.get(module)
     for part in qualname.split("."):
         found = getattr(found, part, None)
@@ -201,6 +227,7 @@ def _inert_code(*args: Any) -> None:
     return None
 
 
-def load(main: Any, buffers: Iterable[Any], extra: frozenset[str] = frozenset()) -> Any:
-    """Unpickle a result payload with the allow-list (plus ``extra`` "module.name" entries)."""
-    return _Loader(io.BytesIO(main), buffers, extra).load()
+def load(main: Any, buffers: Iterable[Any], extra: Collection[str] = (), packages: Collection[str] = ()) -> Any:
+    """Unpickle a result payload with the allow-list, plus ``extra`` "module.name" entries and the classes of
+    ``packages`` (those the client's task functions come from)."""
+    return _Loader(io.BytesIO(main), buffers, extra, packages).load()

@@ -133,6 +133,7 @@ class ClientScheduler:
         self.options = options
         self.request_id = messages.new_id()
         self.pending: deque[WorkItem] = deque()  # appended by submitting threads
+        self.task_packages: set[str] = set()  # installed packages of submitted functions: their classes may return
         self.wakeup_pending = False  # set by submitters, cleared by wake() on the loop
         self.leases: list[Lease] = []
         self.board: BoardSession | None = None
@@ -604,7 +605,7 @@ class ClientScheduler:
         if item.future.done():
             return
         try:
-            outcome = load_outcome(data, self.options.trusted_results, self.options.result_types)
+            outcome = load_outcome(data, self.options.trusted_results, self.options.result_types, self.task_packages)
         except UntrustedResultError as exc:
             self._set_exception(item, exc)
             return

@@ -13,6 +13,7 @@ import pickle
 import sys
 import sysconfig
 import traceback
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -210,7 +211,8 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]
         return dump_outcome(False, error, stdout, stderr)
 
 
-def load_outcome(payload: Buffer, trusted: bool = True, result_types: frozenset[str] = frozenset()) -> Outcome:
+def load_outcome(payload: Buffer, trusted: bool = True, result_types: Collection[str] = (),
+                 packages: Collection[str] = ()) -> Outcome:
     """A task's outcome; unless ``trusted``, unpickled with :mod:`p2pexec.results`' allow-list."""
     main, *buffers = unpack_parts(payload)
     if trusted:
@@ -218,7 +220,7 @@ def load_outcome(payload: Buffer, trusted: bool = True, result_types: frozenset[
     else:
         from .results import load
 
-        outcome = load(main, buffers, result_types)
+        outcome = load(main, buffers, result_types, packages)
     if not isinstance(outcome, Outcome):
         raise TypeError(f"a worker returned {type(outcome).__name__}, not a task outcome")
     return outcome

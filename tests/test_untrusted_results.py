@@ -115,3 +115,14 @@ def test_a_lookup_of_a_method_that_runs_code_is_refused():
 
     with pytest.raises(UntrustedResultError, match="DataFrame.eval"):
         load(pickle.dumps(Lookup()), [])
+
+
+def test_classes_of_the_installed_package_a_task_comes_from_are_allowed(cluster):
+    from packaging.version import Version, parse  # an installed package, not on the allow-list
+
+    with cluster.executor() as ex:
+        assert ex.submit(parse, "1.2").result(timeout=60) == Version("1.2")
+        assert list(ex.map(parse, ["1.0", "2.0"], chunksize=2)) == [Version("1.0"), Version("2.0")]
+    with cluster.executor() as ex:  # the same class from a task of another package: refused
+        with pytest.raises(UntrustedResultError, match="packaging.version.Version"):
+            ex.submit(eval, "__import__('packaging.version').version.Version('1.2')").result(timeout=60)
