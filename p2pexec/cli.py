@@ -158,6 +158,28 @@ def main(argv: list[str] | None = None) -> int:
     host.add_argument("--users", required=True, metavar="USER,...", help="members besides you")
     host.add_argument("--keep", action="store_true", help="hold the topic open until Ctrl-C (pico.sh)")
 
+    invite = sub.add_parser("invite", parents=[common], help="invite a friend to your cluster (owner only)",
+                            description="Put FRIEND on the signed member list of your cluster OWNER/NAME and print "
+                                        "a one-time code (the last line) for them: they run 'p2pexec join CODE'. "
+                                        "The code is valid once, for 7 days; send it privately.")
+    invite.add_argument("cluster", metavar="OWNER/NAME")
+    invite.add_argument("friend", metavar="FRIEND", help="the name your friend will have on the board")
+    join = sub.add_parser("join", help="join a cluster with the code its owner sent you",
+                          description="Register your SSH key with the cluster's board, record the board's host "
+                                      "key, and save the cluster: then 'p2pexec-worker --cluster OWNER/NAME' and "
+                                      "P2PExecutor('OWNER/NAME') work with no other option. Uses --identity, else "
+                                      "~/.ssh/id_ed25519, else creates a key for p2pexec and says where.")
+    join.add_argument("code", metavar="CODE")
+    join.add_argument("--identity", default=None, metavar="KEY", help="the SSH Ed25519 key to join with")
+    join.add_argument("--known-hosts", type=Path, default=Path("~/.ssh/known_hosts"), metavar="FILE",
+                      help="where to record the board's host key (default: ~/.ssh/known_hosts)")
+    join.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    remove = sub.add_parser("remove", parents=[common], help="take a member out of your cluster (owner only)",
+                            description="Sign a member list without FRIEND: the board and every member online "
+                                        "stop working with them within seconds.")
+    remove.add_argument("cluster", metavar="OWNER/NAME")
+    remove.add_argument("friend", metavar="FRIEND")
+
     status = sub.add_parser("status", parents=[common], help="show the workers and clients on a cluster now",
                             description="Join the cluster's board as an observer and list the workers (slots, "
                                         "Python, load) and clients (queued and running tasks) that answer.")
@@ -182,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, logging.WARNING if args.command == "demo" else logging.INFO)
     try:
-        return {"demo": _demo, "board": _board, "host": _host, "status": _status,
-                "relay": _relay}[args.command](args)
+        return {"demo": _demo, "board": _board, "host": _host, "status": _status, "relay": _relay,
+                "invite": _invite, "join": _join, "remove": _remove}[args.command](args)
     except P2PExecError as exc:
         return _fail("p2pexec", exc)
     except KeyboardInterrupt:
@@ -234,7 +256,7 @@ def _board(args: argparse.Namespace) -> int:
 
         listen = _tcp_multiaddr(args.relay_listen or f"{host}:{DEFAULT_RELAY_PORT}", "--relay-listen")
         try:
-            relay = RelayService(listen, _relay_policy(args), lambda user, key: server.users.allows(user, key))
+            relay = RelayService(listen, _relay_policy(args), server.knows)
         except OSError as exc:
             raise P2PExecError(f"the relay cannot listen on {listen}: {exc.strerror}; pick another port with "
                                f"--relay-listen, or run none with --no-relay") from None
@@ -321,6 +343,34 @@ def _relay(args: argparse.Namespace) -> int:
     if announcer is not None:
         announcer.stop()
     relay.stop()
+    return 0
+
+
+def _invite(args: argparse.Namespace) -> int:
+    from .invites import invite
+
+    code = invite(args.cluster, args.friend, board=args.board, identity=args.identity,
+                  known_hosts=args.known_hosts, accept_new_host_key=args.accept_new_host_key)
+    print(f"{args.friend} may join {args.cluster} once, within 7 days. Send them this code privately; "
+          f"they run: p2pexec join CODE", flush=True)
+    print(code)
+    return 0
+
+
+def _join(args: argparse.Namespace) -> int:
+    from .invites import join
+
+    for line in join(args.code, identity=args.identity, known_hosts=args.known_hosts):
+        print(line)
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    from .invites import remove
+
+    remove(args.cluster, args.friend, board=args.board, identity=args.identity, known_hosts=args.known_hosts,
+           accept_new_host_key=args.accept_new_host_key)
+    print(f"{args.friend} is no longer a member of {args.cluster}")
     return 0
 
 

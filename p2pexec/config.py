@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import getpass
+import json
+import logging
 import os
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import paramiko
 
 from .board.client import DEFAULT_BOARD, BoardAddress
 from .errors import ConfigurationError
-import paramiko
+from .keys import Identity, Keyring, Members, WatchedKeyring, agent_identity, load_identity, parse_openssh_public
+from .membership import Membership
 
-from .keys import Identity, Keyring, agent_identity, load_identity
+log = logging.getLogger(__name__)
 
 
 def validate_cluster(cluster: str) -> str:
@@ -30,10 +36,70 @@ def physical_memory() -> int | None:
         return None
 
 
+def config_dir() -> Path:
+    return Path(os.environ.get("P2PEXEC_CONFIG", "~/.config/p2pexec")).expanduser()
+
+
 def default_members_path(cluster: str) -> Path:
+    """A hand-kept members file ('NAME ssh-ed25519 KEY' per line), for those who keep one."""
     owner, _, name = cluster.partition("/")
-    base = Path(os.environ.get("P2PEXEC_CONFIG", "~/.config/p2pexec")).expanduser()
-    return base / "clusters" / owner / f"{name}.members"
+    return config_dir() / "clusters" / owner / f"{name}.members"
+
+
+def cluster_state_path(cluster: str) -> Path:
+    """What ``p2pexec join`` / ``invite`` saved: board, user, key, the owner's key and signed list."""
+    owner, _, name = cluster.partition("/")
+    return config_dir() / "clusters" / owner / f"{name}.json"
+
+
+def load_cluster_state(cluster: str) -> dict[str, Any] | None:
+    path = cluster_state_path(cluster)
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc}; run p2pexec join again") from None
+    if not isinstance(state, dict) or not isinstance(state.get("owner_key"), str):
+        raise ConfigurationError(f"{path} is not a cluster file; run p2pexec join again")
+    return state
+
+
+def save_cluster_state(cluster: str, state: dict[str, Any]) -> None:
+    """Write atomically: a crash leaves the old file or the new one, never half of one."""
+    path = cluster_state_path(cluster)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def membership_of(cluster: str, state: dict[str, Any]) -> Membership:
+    """The live member list kept in ``state``; every change is saved back to the cluster file."""
+    kind, _, b64 = state["owner_key"].partition(" ")
+    try:
+        owner_key = parse_openssh_public(kind, b64.split(" ")[0])
+    except ValueError as exc:
+        raise ConfigurationError(f"{cluster_state_path(cluster)}: bad owner key: {exc}") from None
+    membership = Membership(cluster, owner_key)
+    if isinstance(state.get("list"), str):
+        membership.update(state["list"])
+    membership.add_joins(state.get("joins"))
+
+    def save(m: Membership) -> None:
+        state.update(list=m.list.to_json() if m.list else None, joins=m.joins_json())
+        try:
+            save_cluster_state(cluster, state)
+        except OSError as exc:
+            log.warning("could not save the member list of %s: %s", cluster, exc)
+
+    membership.on_change = save
+    return membership
 
 
 @dataclass(frozen=True)
@@ -43,7 +109,7 @@ class Participant:
     cluster: str
     board: BoardAddress
     identity: Identity
-    keyring: Keyring
+    keyring: Members
     board_given: bool
     relays: tuple[str, ...] = ()  # relay multiaddrs from relay= / --relay / $P2PEXEC_RELAY
 
@@ -67,21 +133,27 @@ def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
     (comma-separated); the board may name its own besides.
     """
     cluster = validate_cluster(cluster)
-    board_url = board or os.environ.get("P2PEXEC_BOARD")
-    address, config_identity = apply_ssh_config(BoardAddress.parse(board_url or DEFAULT_BOARD))
-    username = user or address.user or os.environ.get("P2PEXEC_USER") or getpass.getuser()
     members_path = Path(members).expanduser() if members is not None else default_members_path(cluster)
-    if not members_required and members is None and not members_path.exists():
-        members_path = None
-    elif members is None and not members_path.exists():
+    state = load_cluster_state(cluster) if members is None and not members_path.exists() else None
+    board_url = board or os.environ.get("P2PEXEC_BOARD")
+    address, config_identity = apply_ssh_config(
+        BoardAddress.parse(board_url or (state or {}).get("board") or DEFAULT_BOARD))
+    username = user or address.user or os.environ.get("P2PEXEC_USER") or (state or {}).get("user") \
+        or getpass.getuser()
+    keyring: Members | None
+    if members is not None or members_path.exists():
+        keyring = WatchedKeyring(members_path)  # read again when it changes: removals take effect at once
+    elif state is not None:
+        keyring = membership_of(cluster, state)
+    elif not members_required:
+        keyring = None
+    else:
         raise ConfigurationError(
-            f"no members file for cluster {cluster} at {members_path}. It lists who may take part "
-            f"('NAME ssh-ed25519 KEY' per line); ask the cluster's owner for it, or pass members=PATH "
-            f"(--members)"
-        )
-    keyring = Keyring.load(members_path) if members_path else Keyring()
-    key_file = identity or os.environ.get("P2PEXEC_IDENTITY") or config_identity
-    ident = None if key_file else agent_identity(username, keyring)
+            f"you have not joined cluster {cluster}: run 'p2pexec join CODE' with the code its owner "
+            f"({cluster.partition('/')[0]}) gets from 'p2pexec invite {cluster} YOURNAME', or pass "
+            f"members=PATH (--members) for a hand-kept members file")
+    key_file = identity or os.environ.get("P2PEXEC_IDENTITY") or config_identity or (state or {}).get("identity")
+    ident = None if key_file or keyring is None else agent_identity(username, keyring)
     if ident is None:
         default = Path("~/.ssh/id_ed25519").expanduser()
         if not key_file and not default.exists():
@@ -90,12 +162,15 @@ def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
                 f"ssh-agent, or create ~/.ssh/id_ed25519 with: ssh-keygen -t ed25519"
             )
         ident = load_identity(username, Path(key_file or default))
-    if members_path and not keyring.allows(username, ident.public_key):
+    if keyring is not None and not keyring.allows(username, ident.public_key):
+        where = f"the members file {members_path}" if state is None else f"the member list of {cluster}"
         raise ConfigurationError(
-            f"the members file {members_path} does not list user {username!r} with the key "
-            f"{ident.where}; ask the owner of {cluster} to add: {username} {ident.openssh_public}"
+            f"{where} does not list user {username!r} with the key {ident.where}; ask the owner of "
+            f"{cluster} for an invitation (p2pexec invite {cluster} {username}), or to add: "
+            f"{username} {ident.openssh_public}"
         )
-    return Participant(cluster, address, ident, keyring, board_url is not None, _relays(relay))
+    return Participant(cluster, address, ident, keyring if keyring is not None else Keyring(), board_url is not None,
+                       _relays(relay))
 
 
 def _relays(relay: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paramiko
 
@@ -161,7 +161,7 @@ def load_identity(user: str, path: str | os.PathLike[str]) -> Identity:
     return Identity(user=user, signing_key=SigningKey(seed), path=path, pkey=pkey)
 
 
-def agent_identity(user: str, keyring: "Keyring") -> Identity | None:
+def agent_identity(user: str, keyring: "Members") -> Identity | None:
     """The ssh-agent's Ed25519 key that ``keyring`` lists for ``user``, if the agent has one."""
     if not os.environ.get("SSH_AUTH_SOCK"):
         return None
@@ -174,6 +174,13 @@ def agent_identity(user: str, keyring: "Keyring") -> Identity | None:
         if key.get_name() == ED25519 and keyring.allows(user, _parse_blob(key.asbytes())):
             return Identity(user=user, pkey=key)
     return None
+
+
+class Members(Protocol):
+    """Anything that says whether a key may speak for a user: a :class:`Keyring`, a watched members
+    file, or a cluster's live signed list (:class:`p2pexec.membership.Membership`)."""
+
+    def allows(self, user: str, key: bytes) -> bool: ...
 
 
 class Keyring:
@@ -218,6 +225,9 @@ class Keyring:
     def allows(self, user: str, key: bytes) -> bool:
         return key in self._keys.get(user, ())
 
+    def has_user(self, user: str) -> bool:
+        return user in self._keys
+
     def dumps(self) -> str:
         return "".join(
             f"{u} {openssh_public_line(k)}\n" for u in sorted(self._keys) for k in sorted(self._keys[u])
@@ -251,3 +261,7 @@ class WatchedKeyring:
                 log.warning("keeping the previous list: %s", exc)
             self._stamp = stamp
         return self._keyring.allows(user, key)
+
+    def has_user(self, user: str) -> bool:
+        self.allows(user, b"")  # (re-reads a changed file)
+        return self._keyring.has_user(user)

@@ -108,8 +108,9 @@ class SchedulerOptions:
 
 
 class Lease:
-    def __init__(self, worker: str, peer: str, slots: int) -> None:
+    def __init__(self, worker: str, peer: str, slots: int, key: bytes = b"") -> None:
         self.worker = worker
+        self.key = key  # the member key its offer was signed with: still a member's?
         self.peer = peer
         self.slots = slots
         self.credits = 0
@@ -333,7 +334,7 @@ class ClientScheduler:
         slots = slots_to_accept(msg["slots"], self._wanted())
         if slots <= 0:
             return
-        lease = Lease(msg.sender, msg["peer"], slots)
+        lease = Lease(msg.sender, msg["peer"], slots, msg.key)
         self.leases.append(lease)
         self._nursery.start_soon(self._run_lease, lease, msg)
 
@@ -547,9 +548,11 @@ class ClientScheduler:
         await lease.channel.move_tx(stream)
 
     async def _heartbeat(self, lease: Lease) -> None:
-        """Let the worker tell a quiet lease from a frozen client."""
+        """Let the worker tell a quiet lease from a frozen client; end the lease if its member left."""
         while True:
             await trio.sleep(HEARTBEAT_SECONDS)
+            if self.board is not None and not self.board.inbox.keyring.allows(lease.worker, lease.key):
+                raise PeerLost(f"{lease.worker} is no longer a member of {self.cluster}")
             lease.control.append(encode_op(Op.PING))
             self.notify()
 

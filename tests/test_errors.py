@@ -85,9 +85,9 @@ def test_member_of_board_but_not_of_cluster_gets_access_denied(tmp_path):
                         members=tmp_path / "members", known_hosts=known)
 
 
-def test_missing_members_file_says_what_to_do(cluster, tmp_path, monkeypatch):
+def test_not_joined_says_what_to_do(cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("P2PEXEC_CONFIG", str(tmp_path))
-    with pytest.raises(ConfigurationError, match="no members file.*ask the cluster's owner"):
+    with pytest.raises(ConfigurationError, match=r"not joined cluster .*p2pexec join CODE.*p2pexec invite"):
         P2PExecutor(cluster.cluster, board=cluster.board, identity=cluster.identity)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import paramiko
 
 from ..keys import Identity
+from ..membership import Membership
 from ..protocol.messages import Inbox, Message
 from ..errors import (
     AccessDeniedError,
@@ -103,13 +104,81 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
             raise HostKeyError(
                 f"the board {name} is not in {self.known_hosts}; its host key is "
                 f"{key.get_name()} {fingerprint(key)}. If that is the fingerprint its owner gave "
-                f"you, accept it with host_key_policy='accept-new' (--accept-new-host-key), or run: "
+                f"you, accept it with accept_new_host_key=True (--accept-new-host-key), or run: "
                 f"ssh-keyscan -p {self.address.port} {self.address.host} >> {self.known_hosts}"
             )
         self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
         with open(self.known_hosts, "a") as f:
             f.write(f"{name} {key.get_name()} {key.get_base64()}\n")
         log.warning("added the board's host key %s %s to %s", name, fingerprint(key), self.known_hosts)
+
+
+def connect(address: BoardAddress, identity: Identity, known_hosts: Path = DEFAULT_KNOWN_HOSTS,
+            accept_new_host_key: bool = False, timeout: float = 10.0) -> paramiko.SSHClient:
+    """An authenticated SSH connection to the board, or a BoardError that says what to do."""
+    known_hosts = Path(known_hosts).expanduser()
+    client = paramiko.SSHClient()
+    if known_hosts.exists():
+        try:
+            client.load_host_keys(str(known_hosts))
+        except (OSError, paramiko.SSHException) as exc:
+            raise HostKeyError(f"cannot read {known_hosts}: {exc}") from None
+    client.set_missing_host_key_policy(_HostKeyPolicy(address, known_hosts, accept_new_host_key))
+    where = f"{address.host}:{address.port}"
+    try:
+        sock = socket.create_connection((address.host, address.port), timeout=timeout)
+        # SSH handshakes are chains of small writes: Nagle plus delayed ACKs costs 40 ms a stall.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.connect(address.host, address.port, sock=sock, username=identity.user, pkey=identity.pkey,
+                       allow_agent=False, look_for_keys=False, timeout=timeout,
+                       banner_timeout=timeout, auth_timeout=timeout)
+    except HostKeyError:
+        client.close()
+        raise
+    except paramiko.BadHostKeyException as exc:
+        client.close()
+        raise HostKeyError(
+            f"the board {where} presented host key {fingerprint(exc.key)}, but {known_hosts} "
+            f"expects {fingerprint(exc.expected_key)}. Someone may be intercepting the connection; "
+            f"if the board's owner really changed its key, remove the old line from {known_hosts}"
+        ) from None
+    except paramiko.AuthenticationException:
+        client.close()
+        raise AuthenticationError(
+            f"the board {where} rejected user {identity.user!r} with key {identity.where}. "
+            f"Ask the cluster's owner for an invitation (p2pexec invite OWNER/NAME {identity.user}) and "
+            f"run p2pexec join CODE, or ask the board's owner to add your public key to its users file "
+            f"({identity.user} {identity.openssh_public})"
+        ) from None
+    except (OSError, EOFError, paramiko.SSHException) as exc:
+        client.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise BoardConnectionError(
+            f"cannot reach the board at {where}: {reason}. Check the address (board=... or "
+            f"P2PEXEC_BOARD) and that the board is running (start your own with: p2pexec board)"
+        ) from None
+    return client
+
+
+def exec_command(client: paramiko.SSHClient, command: str, timeout: float = 10.0) -> tuple[int, str, str]:
+    """Run one board command on an open connection: (exit status, stdout, stderr), at most 1 MiB each."""
+    transport = client.get_transport()
+    if transport is None:
+        raise BoardConnectionError("the connection to the board is closed")
+    try:
+        channel = transport.open_session(timeout=timeout)
+        channel.settimeout(timeout)
+        channel.exec_command(command)
+        out = err = b""
+        while len(out) < 1 << 20 and (chunk := channel.recv(65536)):
+            out += chunk
+        while len(err) < 1 << 20 and (chunk := channel.recv_stderr(65536)):
+            err += chunk
+        status = channel.recv_exit_status()
+        channel.close()
+    except (OSError, EOFError, paramiko.SSHException) as exc:
+        raise BoardConnectionError(f"the board dropped the command {command.split()[0]!r}: {exc}") from None
+    return status, out.decode(errors="replace"), err.decode(errors="replace").strip()
 
 
 class BoardSession:
@@ -154,6 +223,7 @@ class BoardSession:
     def open(self) -> None:
         """Connect and join, raising a precise BoardError if that is impossible."""
         pending = self._connect()
+        self._sync_members()
         self._reader = threading.Thread(target=self._read_forever, args=(pending,),
                                         name=f"p2pexec-board-{self.topic}", daemon=True)
         self._reader.start()
@@ -184,27 +254,39 @@ class BoardSession:
         pico.sh has no ``relay`` command and answers with an error, which
         means "no relay here"; so does an older ``p2pexec board``.
         """
-        with self._lock:
-            transport = self._client.get_transport() if self._client is not None else None
-        if transport is None:
-            return [], None
-        out = b""
         try:
-            channel = transport.open_session(timeout=self._timeout)
-            channel.settimeout(self._timeout)
-            channel.exec_command("relay")
-            while len(out) < 65536 and (chunk := channel.recv(65536)):
-                out += chunk
-            status = channel.recv_exit_status()
-            channel.close()
+            status, out, _ = self.command("relay")
             answer = json.loads(out) if status == 0 else {}
-        except (OSError, EOFError, paramiko.SSHException, ValueError) as exc:
+        except (BoardError, ValueError) as exc:
             log.debug("the board did not say where its relay is: %s", exc)
             return [], None
         relays = answer.get("relays") if isinstance(answer, dict) else None
         seen = answer.get("seen") if isinstance(answer, dict) else None
         return ([a for a in relays if isinstance(a, str)][:8] if isinstance(relays, list) else [],
                 seen if isinstance(seen, str) else None)
+
+    def _sync_members(self) -> None:
+        """Catch up with the owner's signed member list, which a p2pexec board keeps (pico.sh has none)."""
+        members = self.inbox.keyring
+        if not isinstance(members, Membership):
+            return
+        try:
+            status, out, _ = self.command(f"members {self.topic}")
+            view = json.loads(out) if status == 0 else {}
+        except (BoardError, ValueError):
+            return
+        if isinstance(view, dict):
+            if isinstance(view.get("list"), str):
+                members.update(view["list"])
+            members.add_joins(view.get("joins"))
+
+    def command(self, command: str) -> tuple[int, str, str]:
+        """Run a one-shot board command on this session's connection (see :func:`exec_command`)."""
+        with self._lock:
+            client = self._client
+        if client is None:
+            raise BoardConnectionError("not connected to the board")
+        return exec_command(client, command, self._timeout)
 
     def _write_forever(self) -> None:
         while (line := self._outbox.get()) is not None:
@@ -221,46 +303,8 @@ class BoardSession:
     # -- connection -----------------------------------------------------------
     def _connect(self) -> bytes:
         """Connect, exec the pipe, and wait for our hello's echo; returns leftover bytes."""
-        client = paramiko.SSHClient()
-        if self._known_hosts.exists():
-            try:
-                client.load_host_keys(str(self._known_hosts))
-            except (OSError, paramiko.SSHException) as exc:
-                raise HostKeyError(f"cannot read {self._known_hosts}: {exc}") from None
-        client.set_missing_host_key_policy(_HostKeyPolicy(self.address, self._known_hosts, self._accept_new))
+        client = connect(self.address, self.identity, self._known_hosts, self._accept_new, self._timeout)
         where = f"{self.address.host}:{self.address.port}"
-        try:
-            sock = socket.create_connection((self.address.host, self.address.port), timeout=self._timeout)
-            # SSH handshakes are chains of small writes: Nagle plus delayed ACKs costs 40 ms a stall.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client.connect(self.address.host, self.address.port, sock=sock, username=self.username,
-                           pkey=self.identity.pkey,
-                           allow_agent=False, look_for_keys=False, timeout=self._timeout,
-                           banner_timeout=self._timeout, auth_timeout=self._timeout)
-        except HostKeyError:
-            client.close()
-            raise
-        except paramiko.BadHostKeyException as exc:
-            client.close()
-            raise HostKeyError(
-                f"the board {where} presented host key {fingerprint(exc.key)}, but {self._known_hosts} "
-                f"expects {fingerprint(exc.expected_key)}. Someone may be intercepting the connection; "
-                f"if the board's owner really changed its key, remove the old line from {self._known_hosts}"
-            ) from None
-        except paramiko.AuthenticationException:
-            client.close()
-            raise AuthenticationError(
-                f"the board {where} rejected user {self.username!r} with key {self.identity.where}. "
-                f"Ask the board's owner to add your public key to its users file under that name "
-                f"({self.username} {self.identity.openssh_public}), or pass the right identity and user"
-            ) from None
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            client.close()
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-            raise BoardConnectionError(
-                f"cannot reach the board at {where}: {reason}. Check the address (board=... or "
-                f"P2PEXEC_BOARD) and that the board is running (start your own with: p2pexec board)"
-            ) from None
         transport = client.get_transport()
         assert transport is not None
         transport.set_keepalive(15)
@@ -375,6 +419,7 @@ class BoardSession:
                 delay = min(delay * 2, 5.0)
                 continue
             log.warning("reconnected to the board %s", self.address)
+            self._sync_members()
             try:
                 self._on_connect()
             except Exception:

@@ -29,6 +29,9 @@ USAGE = {
     "help": "help",
     "user": "user",
     "relay": "relay",
+    "invite": "invite OWNER/NAME USER INVITATION-KEY",
+    "join": "join OWNER/NAME ENDORSEMENT",
+    "members": "members OWNER/NAME [SIGNED-LIST]",
 }
 
 HELP = """\
@@ -46,6 +49,9 @@ p2pexec board: pico.sh-compatible pubsub over SSH. Commands:
   ls    list your topics
   user  print your user name
   relay print the board's libp2p relay addresses and your address as seen here (JSON)
+  invite OWNER/NAME USER KEY   (owner) let USER join once, proving it with the invitation KEY
+  join OWNER/NAME ENDORSEMENT  register your key as the invited USER (p2pexec join does this)
+  members OWNER/NAME [LIST]    print the cluster's signed member list; its owner sets a new one
   help  this text
 Common flags: -a the members who may join (owner only; persisted),
 -p public topic (public/TOPIC, open to every user), -c no status text.
@@ -63,7 +69,11 @@ _FLAGS: dict[str, frozenset[str]] = {
     "help": frozenset(),
     "user": frozenset(),
     "relay": frozenset(),
+    "invite": frozenset(),
+    "join": frozenset(),
+    "members": frozenset(),
 }
+_ARGS = {"invite": (2, 2), "join": (1, 1), "members": (0, 1)}  # words after the topic: (fewest, most)
 _TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
 _FALSE = frozenset({"0", "f", "F", "false", "FALSE", "False"})
 _UNITS = {"ns": Decimal("1e-9"), "us": Decimal("1e-6"), "µs": Decimal("1e-6"),
@@ -89,6 +99,7 @@ class Command:
     block: bool = True              # pub -b: wait for a subscriber first
     timeout: float | None = None    # pub -t: seconds to wait for one
     clean: bool = False             # -c: no status text
+    args: tuple[str, ...] = ()      # words after the topic (invite, join, members)
 
     @property
     def owner(self) -> str | None:
@@ -103,6 +114,7 @@ class Command:
         words = [self.name]
         if self.topic is not None:
             words.append(self.topic)
+        words += [shlex.quote(a) for a in self.args]
         if self.access is not None:
             words += ["-a", shlex.quote(",".join(self.access))]
         if self.replay:
@@ -162,9 +174,16 @@ def parse(line: str, caller: str) -> Command:
         return Command(name)
     if not positional:
         raise CommandError(f"missing topic; {usage}")
-    if len(positional) > 1:
-        raise CommandError(f"unexpected argument {positional[1]!r}; {usage}")
+    fewest, most = _ARGS.get(name, (0, 0))
+    if len(positional) > 1 + most:
+        raise CommandError(f"unexpected argument {positional[1 + most]!r}; {usage}")
+    if len(positional) < 1 + fewest:
+        raise CommandError(f"missing arguments; {usage}")
     topic = resolve_topic(positional[0], caller, public=bool(values.get("p", False)))
+    if name in _ARGS:
+        if topic.startswith(PUBLIC + "/"):
+            raise CommandError(f"{name} needs a cluster OWNER/NAME, not a public topic")
+        return Command(name, topic, args=tuple(positional[1:]))
     access = None
     if "a" in values:
         if topic.startswith(PUBLIC + "/"):

@@ -41,6 +41,7 @@ from ..errors import ConfigurationError
 from ..keys import ED25519, Keyring, generate_identity_file, parse_openssh_public, valid_username
 from ..protocol.messages import check_sender
 from .commands import HELP, PUBLIC, Command, CommandError, parse, valid_topic
+from .registry import INVITE_DAYS, Registry
 
 log = logging.getLogger("p2pexec.board")
 
@@ -162,6 +163,7 @@ class _Connection:
     key: bytes | None = None
     sessions: set["_Session"] = field(default_factory=set)
     revoked: bool = False  # its key is no longer its user's: being hung up
+    joining: bool = False  # logged in on an invitation: may only run ``join``
 
 
 @dataclass(eq=False)
@@ -209,9 +211,11 @@ class _Interface(paramiko.ServerInterface):
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
         raw = raw_ed25519(key)
-        if raw is None or not self._board.users.allows(username, raw):
+        known = raw is not None and self._board.knows(username, raw)
+        if raw is None or not (known or self._board._invitee(username)):
             log.debug("refused key for %r from %s", username, self._conn.address)
             return paramiko.AUTH_FAILED
+        self._conn.joining = not known
         # paramiko asks before it checks the signature, but authentication can
         # only succeed right after this call and nothing is asked after it, so
         # the last user and key recorded here are the authenticated ones.
@@ -402,6 +406,8 @@ class BoardServer:
         self._cond = threading.Condition()  # guards all the state below
         self._topics: dict[str, _Topic] = {}
         self._members: dict[str, tuple[str, ...]] = self._load_members()
+        self.registry = Registry(self.state_dir / "registry.json")
+        self._registry_lock = threading.Lock()
         self._sessions: set[_Session] = set()
         self._connections: set[_Connection] = set()
         self._slots: dict[paramiko.Channel, str] = {}  # running commands -> their user
@@ -474,7 +480,53 @@ class BoardServer:
             self._revoke(conn)
 
     def _still_allowed(self, conn: _Connection) -> bool:
-        return conn.user is not None and conn.key is not None and self.users.allows(conn.user, conn.key)
+        if conn.user is None or conn.key is None:
+            return False
+        return self.knows(conn.user, conn.key) or (conn.joining and self._invitee(conn.user))
+
+    def knows(self, user: str, key: bytes) -> bool:
+        """In the users file, or joined through an invitation."""
+        with self._registry_lock:
+            return self.users.allows(user, key) or self.registry.allows(user, key)
+
+    def _invitee(self, user: str) -> bool:
+        """A name nobody has here yet, with an open invitation: it may log in with any key, to join."""
+        with self._registry_lock:
+            return not self.users.has_user(user) and not self.registry.allows_any(user) \
+                and self.registry.invited(user)
+
+    def _membership_command(self, conn: _Connection, cmd: Command) -> str:
+        """``invite``, ``join`` and ``members``: see :mod:`.registry`."""
+        cluster, owner, user = cmd.topic, cmd.owner, conn.user
+        assert cluster is not None and user is not None and conn.key is not None
+        if cmd.name == "join":
+            with self._registry_lock:
+                self.registry.join(cluster, user, conn.key, cmd.args[0])
+                conn.joining = False
+                return self.registry.view(cluster)
+        if cmd.name == "invite" or cmd.args:
+            if user != owner:
+                raise CommandError(f"only {owner} may change who is in {cluster}")
+        elif not self._allowed(user, cluster):
+            raise CommandError(f"access denied to {cluster}")
+        if cmd.name == "invite":
+            invitee, key = cmd.args
+            if not valid_username(invitee):
+                raise CommandError(f"invalid user name {invitee!r}")
+            with self._registry_lock:
+                self.registry.invite(cluster, invitee, key)
+            return f"{invitee} may join {cluster} once within {INVITE_DAYS} days\n"
+        if cmd.args:
+            try:
+                text = base64.b64decode(cmd.args[0], validate=True).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise CommandError("the member list must be base64 of its JSON") from None
+            with self._registry_lock:
+                signed = self.registry.set_list(cluster, conn.key, text)
+            self.set_members(cluster, sorted(signed.members))
+            return f"member list of {cluster} is version {signed.version}\n"
+        with self._registry_lock:
+            return self.registry.view(cluster)
 
     def _revoke(self, conn: _Connection) -> None:
         """Hang up ``conn`` (once), its sessions first, from a thread of its own."""
@@ -736,7 +788,11 @@ class BoardServer:
             except UnicodeDecodeError:
                 raise CommandError("command is not valid UTF-8") from None
             log.debug("%s@%s: %s", conn.user, conn.address, cmd.to_line())
-            if cmd.name == "help":
+            if conn.joining and cmd.name not in ("join", "help"):
+                raise CommandError(f"{conn.user} is invited here but has not joined: run p2pexec join CODE")
+            if cmd.name in ("invite", "join", "members"):
+                done(0, out=self._membership_command(conn, cmd))
+            elif cmd.name == "help":
                 done(0, out=HELP)
             elif cmd.name == "user":
                 done(0, out=conn.user + "\n")

@@ -29,6 +29,7 @@ from ..keys import Identity, Keyring, valid_username
 
 VERSION = 1
 MAX_LINE_BYTES = 4096
+MAX_LIST_BYTES = 60000  # a "members" line carries the whole signed list
 MAX_LIFETIME = 300.0
 CLOCK_SKEW = 60.0
 _SIGN_CONTEXT = b"p2pexec/board-message/v1\n"
@@ -43,6 +44,8 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "withdraw": {"req": str},
     "bye": {"role": str},
     "relay": {"addrs": list},  # the cluster owner's word on where its relay is (p2pexec relay OWNER/NAME)
+    "members": {"list": str},  # the owner's signed member list (p2pexec invite / remove)
+    "joined": {"endorsement": str},  # a friend's new key, signed with their invitation key (p2pexec join)
 }
 
 
@@ -112,14 +115,18 @@ def encode(identity: Identity, cluster: str, type: str, body: dict[str, Any], *,
     sig = identity.sign(_canonical(fields))
     fields["sig"] = b64(sig)
     line = json.dumps(fields, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-    if len(line) > MAX_LINE_BYTES:
-        raise ValueError(f"message of {len(line)} bytes exceeds {MAX_LINE_BYTES}")
+    if len(line) > _limit(type):
+        raise ValueError(f"message of {len(line)} bytes exceeds {_limit(type)}")
     return line
+
+
+def _limit(type: str) -> int:
+    return MAX_LIST_BYTES if type == "members" else MAX_LINE_BYTES
 
 
 def decode(line: bytes) -> Message:
     """Parse a line and check its structure and signature (not its freshness or sender)."""
-    if len(line) > MAX_LINE_BYTES:
+    if len(line) > MAX_LIST_BYTES:
         raise InvalidMessage("too-long")
     try:
         fields = json.loads(line)
@@ -133,6 +140,8 @@ def decode(line: bytes) -> Message:
     schema = SCHEMAS.get(mtype) if isinstance(mtype, str) else None
     if schema is None:
         raise InvalidMessage("unknown-type")
+    if len(line) > _limit(mtype):
+        raise InvalidMessage("too-long")
     for name, kind in (("from", str), ("key", str), ("cluster", str), ("id", str), ("sig", str)):
         if not isinstance(fields.get(name), kind):
             raise InvalidMessage("bad-envelope", name)
@@ -175,7 +184,9 @@ class Inbox:
     """Filters raw board lines down to fresh, unreplayed messages from members.
 
     Pure: the caller passes the current time.  Drops are counted by reason
-    in :attr:`dropped` so tests and ``status`` can see them.
+    in :attr:`dropped` so tests and ``status`` can see them.  With a live
+    :class:`~p2pexec.membership.Membership` as keyring, ``members`` and
+    ``joined`` messages update it here and go no further.
     """
 
     def __init__(self, cluster: str, keyring: Keyring) -> None:
@@ -196,6 +207,8 @@ class Inbox:
         msg = decode(line)
         if msg.cluster != self.cluster:
             raise InvalidMessage("other-cluster")
+        if msg.type == "joined" and hasattr(self.keyring, "admit"):
+            self.keyring.admit(msg.sender, msg.key, unb64(msg["endorsement"], 64))
         if not self.keyring.allows(msg.sender, msg.key):
             raise InvalidMessage("not-a-member")
         if msg.exp <= now or msg.ts > now + CLOCK_SKEW or msg.exp - msg.ts > MAX_LIFETIME:
@@ -205,4 +218,8 @@ class Inbox:
         self._seen[msg.id] = msg.exp
         if len(self._seen) > 4096:
             self._seen = {i: e for i, e in self._seen.items() if e > now}
+        if msg.type in ("members", "joined"):
+            if msg.type == "members" and hasattr(self.keyring, "update"):
+                self.keyring.update(msg["list"])  # only the owner's newer, signed list takes
+            raise InvalidMessage("membership")  # handled: not for the scheduler or the worker
         return msg

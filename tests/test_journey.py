@@ -1,0 +1,184 @@
+"""The whole Friday-evening journey, as separate people with separate HOMEs, in a network namespace of its own.
+
+The owner starts a board and invites two friends; each joins with one command; one lends a machine with
+``p2pexec-worker --cluster alice/friends`` and nothing else, the other uses ``P2PExecutor("alice/friends")``
+and nothing else; the owner removes the lending friend, and within 10 s that worker runs nothing more.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from p2pexec.keys import generate_identity_file
+
+pytestmark = [pytest.mark.timeout(240),
+              pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                                 reason="needs root and ip to make a network namespace")]
+
+CLIENT = r"""
+import sys, time
+from p2pexec import P2PExecutor
+
+def mark():
+    import os
+    return os.environ.get("JOURNEY_MARK", "?")
+
+with P2PExecutor("alice/friends") as ex:
+    print("ready", ex.submit(mark).result(timeout=120), flush=True)
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        sent = time.time()
+        try:
+            where = ex.submit(mark).result(timeout=60)
+        except Exception as exc:
+            where = "error:" + type(exc).__name__
+        print(f"{sent:.3f} {where}", flush=True)
+        time.sleep(0.1)  # a steady trickle of tasks, not a wait for anything
+"""
+
+
+class Lines:
+    """A process's stdout lines, read by a thread so the test can wait on them with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.queue = proc, queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.queue.put(line.rstrip("\n"))
+        self.queue.put(None)
+
+    def next(self, timeout: float) -> str:
+        line = self.queue.get(timeout=timeout)
+        if line is None:
+            raise AssertionError(f"process ended ({self.proc.poll()}) before the line we waited for")
+        return line
+
+    def until(self, predicate, timeout: float, what: str) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {what}")
+            try:
+                line = self.next(left)
+            except queue.Empty:
+                raise AssertionError(f"timed out waiting for {what}") from None
+            if predicate(line):
+                return line
+
+
+@pytest.fixture
+def netns():
+    name = f"p2pj-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield ["ip", "netns", "exec", name]
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+class People:
+    """Each person is a HOME; commands run in the namespace with only that HOME in their environment."""
+
+    def __init__(self, root: Path, prefix: list[str]) -> None:
+        self.root, self.prefix, self.procs = root, prefix, []
+        self.base = {k: v for k, v in os.environ.items() if not k.startswith(("P2PEXEC_", "XDG_", "SSH_"))}
+
+    def env(self, who: str, **extra: str) -> dict[str, str]:
+        home = self.root / who
+        home.mkdir(exist_ok=True)
+        return {**self.base, "HOME": str(home), "USER": who, "LOGNAME": who, **extra}
+
+    def run(self, who: str, *argv: str) -> str:
+        done = subprocess.run([*self.prefix, *argv], env=self.env(who), capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, f"{argv} failed:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    def start(self, who: str, *argv: str, log: str | None = None, **extra: str) -> subprocess.Popen:
+        out = open(self.root / log, "w") if log else subprocess.PIPE
+        proc = subprocess.Popen([*self.prefix, *argv], env=self.env(who, **extra), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_invite_join_lend_use_and_remove(tmp_path, netns):
+    people = People(tmp_path, netns)
+    try:
+        _journey(people, tmp_path)
+    finally:
+        people.stop()
+
+
+def _journey(people: People, tmp_path: Path) -> None:
+    p2pexec, worker = shutil.which("p2pexec"), shutil.which("p2pexec-worker")
+    assert p2pexec and worker
+    alice_key = tmp_path / "alice" / ".ssh" / "id_ed25519"
+    people.env("alice")
+    generate_identity_file(alice_key)
+    users = tmp_path / "users.txt"
+    users.write_text(f"alice {(alice_key.parent / 'id_ed25519.pub').read_text()}")
+
+    board = Lines(people.start("alice", p2pexec, "board", "--listen", "127.0.0.1:2222", "--users", str(users),
+                               "--state", str(tmp_path / "board")))
+    board.until(lambda line: "listening on 127.0.0.1:2222" in line, 30, "the board to listen")
+
+    codes = {}
+    for friend in ("bob", "carol"):
+        out = people.run("alice", p2pexec, "invite", "alice/friends", friend,
+                         "--board", "ssh://alice@127.0.0.1:2222", "--accept-new-host-key")
+        codes[friend] = out.strip().splitlines()[-1]
+        assert codes[friend].startswith("p2pexec1:")
+
+    for friend in ("bob", "carol"):  # one command each, no key of their own yet
+        out = people.run(friend, p2pexec, "join", codes[friend])
+        assert "created a key for p2pexec" in out and f"joined alice/friends as {friend}" in out, out
+
+    people.start("bob", worker, "--cluster", "alice/friends", log="bob-worker.log", JOURNEY_MARK="bob")
+    client = Lines(people.start("carol", sys.executable, "-c", CLIENT))
+    first = client.until(lambda line: line.startswith("ready"), 120, "carol's first result")
+    assert first == "ready bob"
+
+    people.start("alice", worker, "--cluster", "alice/friends", log="alice-worker.log", JOURNEY_MARK="alice")
+    people.run("alice", p2pexec, "remove", "alice/friends", "bob")
+    removed = time.time()
+
+    ran_on_bob_after: list[str] = []
+
+    def settled(line: str) -> bool:
+        sent, _, where = line.partition(" ")
+        if not sent.replace(".", "").isdigit():
+            return False  # the client's log, e.g. the warning that it dropped bob's worker
+        if float(sent) >= removed + 10 and where == "bob":
+            ran_on_bob_after.append(line)
+        return float(sent) >= removed + 10 and where == "alice"
+
+    client.until(settled, 90, "a task sent 10 s after the removal to run on alice's worker")
+    later = [client.until(lambda line: line[:1].isdigit(), 60, "more results") for _ in range(5)]
+    assert not ran_on_bob_after and all(line.endswith(" alice") for line in later), (ran_on_bob_after, later)
