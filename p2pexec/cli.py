@@ -475,6 +475,17 @@ def worker_main(argv: list[str] | None = None) -> int:
         return _worker(args)
     except P2PExecError as exc:
         return _fail("p2pexec-worker", exc)
+    except BaseExceptionGroup as group:  # from the daemon's task groups: say the cause, in one line
+        matched, _ = group.split(P2PExecError)
+        if matched is None:
+            raise
+        return _fail("p2pexec-worker", _first(matched))
+
+
+def _first(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

@@ -116,7 +116,7 @@ class Participant:
     @property
     def board_hint(self) -> str:
         """The ``--board`` flag a friend needs, when the board is not the default."""
-        return f" --board {self.board}" if self.board_given else ""
+        return f" --board {BoardAddress(self.board.host, self.board.port)}" if self.board_given else ""  # their name
 
 
 def resolve(cluster: str, *, board: str | None = None, user: str | None = None,

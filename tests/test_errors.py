@@ -158,3 +158,18 @@ def test_functions_from_a_script_main_run_on_workers(cluster, tmp_path):
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[Point(x=3, y=6), Point(x=0, y=3)] [45, 9] __main__"
+
+
+def test_a_worker_refused_by_the_board_says_so_in_one_line(cluster):
+    """The friend whose owner never let them in gets one line with what to do, not a stack of task groups."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "p2pexec.worker", "--cluster", "alice/elsewhere",
+         "--board", f"ssh://{cluster.worker_user}@127.0.0.1:{cluster.board.rpartition(':')[2]}",
+         "--identity", cluster.worker_identity, "--members", cluster.members, "--known-hosts", cluster.known_hosts,
+         "--listen", "/ip4/127.0.0.1/tcp/0", "--no-sandbox"], capture_output=True, text=True, timeout=60)
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert len(errors) == 1 and "p2pexec invite alice/elsewhere" in errors[0], done.stderr

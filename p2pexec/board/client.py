@@ -363,7 +363,8 @@ class BoardSession:
         if "access denied" in message.lower():
             raise AccessDeniedError(
                 f"the board refused user {self.username!r} access to cluster {self.topic}: {message}. "
-                f"Ask its owner ({self.topic.split('/')[0]}) to add you to the cluster's members"
+                f"Ask its owner ({self.topic.split('/')[0]}) for an invitation (p2pexec invite {self.topic} "
+                f"{self.username}), then run: p2pexec join CODE"
             )
         raise BoardError(f"the board closed the session on {self.topic}: {message}")
 
