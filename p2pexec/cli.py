@@ -454,8 +454,8 @@ def worker_main(argv: list[str] | None = None) -> int:
                               "(default: auto)")
     sandbox.add_argument("--network", action="store_true", help="let tasks use the network")
     sandbox.add_argument("--max-processes", type=_process_cap, default=1024, metavar="N",
-                         help="processes and threads a task may have at once, with all it starts (default 1024; "
-                              "at least 300; 0: no cap; needs bubblewrap on Linux 6.14+)")
+                         help="processes and threads a task may have at once, with all it starts (default 1024, "
+                              "up to 300 more early on; 0: no cap; needs bubblewrap on Linux 6.14+)")
     sandbox.add_argument("--memory", type=_size, default=None, metavar="SIZE",
                          help="memory tasks may use in all, e.g. 8GiB, split between the slots "
                               "(default: each task process at most this machine's memory)")
@@ -515,15 +515,13 @@ def _sandbox(args: argparse.Namespace) -> "Sandbox":
 
 
 def _process_cap(text: str) -> int:
-    from .worker.privileges import PID_MAX_MIN
-
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes") from None
-    if value != 0 and value < PID_MAX_MIN - 1:
+    if value < 0 or 0 < value < 16:
         raise argparse.ArgumentTypeError(f"{value} is too few: a task needs room for its threads; "
-                                         f"use at least {PID_MAX_MIN - 1}, or 0 for no cap")
+                                         f"use at least 16, or 0 for no cap")
     return value
 
 

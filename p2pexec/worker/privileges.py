@@ -15,6 +15,7 @@ import shutil
 _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
 _CAPABILITY_VERSION_3 = 0x20080522
 PID_MAX_MIN = 301  # the kernel refuses a smaller pid_max
+RESERVED_PIDS = 300  # PIDs the kernel skips once it wraps around
 PER_NAMESPACE_PID_MAX = (6, 14)  # since this Linux, pid_max belongs to each PID namespace
 
 
@@ -69,7 +70,7 @@ def kernel_version() -> tuple[int, int]:
 
 
 def pid_cap_command(pid: int, processes: int) -> list[str] | None:
-    """A command that caps the PID namespace of ``pid`` at ``processes`` PIDs (threads count too).
+    """A command that caps the PID namespace of ``pid`` at ``processes`` PIDs, give or take 300 (threads count).
 
     It enters that namespace (``nsenter``, util-linux) and sets its own
     ``pid_max``.  None where the kernel keeps one pid_max for the whole
@@ -78,6 +79,7 @@ def pid_cap_command(pid: int, processes: int) -> list[str] | None:
     nsenter = shutil.which("nsenter")
     if nsenter is None or kernel_version() < PER_NAMESPACE_PID_MAX:
         return None
-    limit = max(PID_MAX_MIN, processes + 1)  # PIDs count from 1
+    # After PIDs wrap, the kernel hands out only those above RESERVED_PIDS: so the first N always fit.
+    limit = max(PID_MAX_MIN, processes + RESERVED_PIDS)
     return [nsenter, "--target", str(pid), "--user", "--pid", "--preserve-credentials", "--", "/bin/sh", "-c",
             f"echo {int(limit)} > /proc/sys/kernel/pid_max"]

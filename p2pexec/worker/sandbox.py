@@ -13,8 +13,9 @@ Landlock (``--sandbox-layer`` chooses):
   namespace).  It runs as an unprivileged user with no capabilities, even
   when the worker runs as root, and every process it starts dies with it
   (the PID namespace ends when the task process does).  ``/proc/sys`` is
-  read-only, and on Linux 6.14+ the PID namespace holds at most
-  ``processes`` PIDs (threads included): a fork bomb stops there.
+  read-only, and on Linux 6.14+ the PID namespace holds ``processes``
+  PIDs (threads included; up to 300 more before PIDs first wrap around):
+  a fork bomb stops there.
   Run as root, the sandbox's user is root outside it: a task may read
   root's own private files inside the directories it sees (``/etc/ssl/private``
   is not among them); run workers as an ordinary user.
@@ -166,8 +167,8 @@ class Sandbox:
         lines.append(f"memory: {self.memory} bytes of address space per task process" if self.memory else
                      "memory: not capped (--memory)")
         if self.processes is not None:
-            lines.append(f"processes: at most {self.processes} processes and threads per task process, "
-                         f"with all it starts")
+            lines.append(f"processes: {self.processes} (up to {self.processes + 300}) processes and threads per "
+                         f"task process, with all it starts")
         elif self.enforced:
             lines.append(f"processes: not capped ({self.processes_why_not or 'turned off with --max-processes 0'})")
         return lines
