@@ -182,3 +182,31 @@ def _journey(people: People, tmp_path: Path) -> None:
     client.until(settled, 90, "a task sent 10 s after the removal to run on alice's worker")
     later = [client.until(lambda line: line[:1].isdigit(), 60, "more results") for _ in range(5)]
     assert not ran_on_bob_after and all(line.endswith(" alice") for line in later), (ran_on_bob_after, later)
+
+
+def _parent(_: object = None) -> int:
+    import os
+
+    return os.getppid()  # the worker daemon that ran this task (LocalCluster workers are unsandboxed)
+
+
+@pytest.mark.timeout(120)
+def test_a_line_removed_from_a_hand_kept_members_file_takes_effect_in_running_executors():
+    from p2pexec import LocalCluster
+
+    with LocalCluster(workers=1) as lc:
+        owners = lc.add_worker(user=lc.owner)
+        friends = lc.workers[0]
+        with lc.executor() as ex:
+            wait_for = time.monotonic() + 60
+            seen = set()
+            while seen != {friends.pid, owners.pid} and time.monotonic() < wait_for:
+                seen.update(ex.map(_parent, range(8)))
+            assert seen == {friends.pid, owners.pid}
+            members = Path(lc.members)
+            members.write_text("".join(line for line in members.read_text().splitlines(keepends=True)
+                                       if not line.startswith(lc.worker_user + " ")))
+            removed = time.monotonic()
+            while time.monotonic() < removed + 10:  # the leases notice within a heartbeat or two
+                ex.submit(_parent).result(timeout=30)
+            assert set(ex.map(_parent, range(20))) == {owners.pid}
