@@ -14,6 +14,7 @@ from .errors import P2PExecError
 from .logs import quiet_dependencies
 
 if TYPE_CHECKING:
+    from .config import Participant
     from .transport.relay import RelayPolicy
     from .worker.sandbox import Sandbox
 
@@ -158,13 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     host.add_argument("--users", required=True, metavar="USER,...", help="members besides you")
     host.add_argument("--keep", action="store_true", help="hold the topic open until Ctrl-C (pico.sh)")
 
-    status = sub.add_parser("status", parents=[common], help="show the workers and clients on a cluster now",
+    status = sub.add_parser("status", parents=[common], help="show the workers and clients on a cluster, "
+                                                           "once or live (--watch)",
                             description="Join the cluster's board as an observer and list the workers (slots, "
-                                        "Python, load) and clients (queued and running tasks) that answer.")
+                                        "busy slots, cores, memory, Python, reachability) and clients (queued, "
+                                        "running, done and failed tasks) that answer.")
     status.add_argument("cluster", metavar="OWNER/NAME")
     status.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
                         help="how long to collect answers (default: 2)")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--json", action="store_true",
+                        help="machine-readable output (with --watch: one JSON object per line)")
+    status.add_argument("--watch", action="store_true",
+                        help="a live view, refreshed every second, until Ctrl-C (or --for)")
+    status.add_argument("--for", dest="watch_for", type=float, default=None, metavar="SECONDS",
+                        help="with --watch: stop after SECONDS")
 
     relay = sub.add_parser(
         "relay", parents=[common], help="run a libp2p relay for members behind NATs (pico.sh boards, other hosts)",
@@ -369,9 +377,36 @@ def _status(args: argparse.Namespace) -> int:
     from .status import collect, format_status
 
     who = resolve(args.cluster, board=args.board, user=args.user, identity=args.identity, members=args.members)
-    status = collect(who, max(0.1, args.wait), known_hosts=args.known_hosts,
-                     accept_new_host_key=args.accept_new_host_key)
+    session_options = dict(known_hosts=args.known_hosts, accept_new_host_key=args.accept_new_host_key)
+    if args.watch:
+        return _watch_status(who, args, session_options)
+    status = collect(who, max(0.1, args.wait), **session_options)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen
+
+
+def _watch_status(who: "Participant", args: argparse.Namespace, session_options: dict[str, object]) -> int:
+    """Redraw in place on a terminal; elsewhere one block per refresh, so logs and pipes stay readable."""
+    import json
+    import time
+
+    from .status import format_status, watch
+
+    if args.watch_for is not None and args.watch_for <= 0:
+        raise P2PExecError("--for takes a positive number of seconds")
+    tty = sys.stdout.isatty()
+    try:
+        for status in watch(who, every=1.0, duration=args.watch_for, **session_options):
+            if args.json:
+                print(json.dumps({"time": round(time.time(), 3), **status}), flush=True)
+                continue
+            block = f"{time.strftime('%H:%M:%S')}  {format_status(status)}"
+            print(f"{_CLEAR}{block}\n(Ctrl-C to stop)" if tty else f"{block}\n", flush=True)
+    except KeyboardInterrupt:
+        pass  # the watcher's session was closed on the way out
     return 0
 
 

@@ -32,6 +32,7 @@ from .protocol.frames import (
 )
 from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
+from .stats import ExecutorStats, Tally
 from .status import AnswerObservers
 from .results import UntrustedResultError
 from .tasks import load_outcome
@@ -61,6 +62,7 @@ class WorkItem:
     cancel_asked: bool = False  # a WITHDRAW or INTERRUPT went to its worker
     deadline: float = math.inf  # with task_timeout: when it is interrupted, then when its worker must have
                                 # answered the interrupt (monotonic)
+    ran_on: tuple[str, str] | None = None  # (member, peer) of the worker it was last sent to, for stats
 
     def __post_init__(self) -> None:
         self.size = sum(nbytes(p) for p in self.payload)
@@ -153,6 +155,7 @@ class ClientScheduler:
         self.nat: NatTraversal | None = None
         self._backoff = DialBackoff()  # workers that could not be reached, by peer id
         self.unreachable: dict[str, str] = {}  # worker user -> why it could not be reached (for errors)
+        self.tally = Tally()  # done and failed futures, overall and per worker
 
     # -- called from any thread through TrioThread.call_soon -----------------------
     def next_id(self) -> int:
@@ -186,6 +189,7 @@ class ClientScheduler:
     def hello(self) -> bytes:
         return self._sign("hello", {"role": "client", "node": self.request_id, "py": PYTHON,
                                     "queued": len(self.pending), "running": self._inflight(),
+                                    "done": self.tally.done, "failed": self.tally.failed,
                                     "leases": [{"worker": lease.worker, "slots": lease.slots, "path": lease.path}
                                                for lease in self.leases[:16]],
                                     "banned": {member: why[:200] for member, why in list(self.banned.items())[:8]}},
@@ -236,6 +240,14 @@ class ClientScheduler:
         item.cancel_asked = True
         lease.control.append(encode_op(op, item.id))
         self.notify()
+
+    def stats(self) -> ExecutorStats:
+        """A snapshot of the counts; call it on the loop (or once the loop is gone)."""
+        running: dict[tuple[str, str], int] = {}
+        for lease in self.leases:
+            key = (lease.worker, lease.peer)
+            running[key] = running.get(key, 0) + len(lease.inflight)
+        return self.tally.snapshot(len(self.pending), running)
 
     # -- main -------------------------------------------------------------------------
     async def run(self, host: Libp2pHost, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -500,6 +512,7 @@ class ClientScheduler:
                    and (item := self._take()) is not None):
                 lease.credits -= 1
                 lease.inflight[item.id] = item
+                item.ran_on = (lease.worker, lease.peer)
                 if self.options.task_timeout is not None:
                     item.deadline = time.monotonic() + self.options.task_timeout
                 batch.extend(op_parts(Op.TASK, item.id, *item.payload))
@@ -620,13 +633,14 @@ class ClientScheduler:
             sys.stderr.write(outcome.stderr)
         if outcome.ok:
             item.future.set_result(outcome.value)
+            self.tally.settled(True, *(item.ran_on or (None, None)))
         else:
             self._set_exception(item, outcome.value)
 
-    @staticmethod
-    def _set_exception(item: WorkItem, exc: BaseException) -> None:
+    def _set_exception(self, item: WorkItem, exc: BaseException) -> None:
         if not item.future.done():
             item.future.set_exception(exc)
+            self.tally.settled(False, *(item.ran_on or (None, None)))
 
     def _requeue(self, lease: Lease, reason: str | None) -> None:
         """Put back what the lease still held; with a ``reason``, the worker was lost."""

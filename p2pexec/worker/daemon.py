@@ -24,7 +24,7 @@ import nacl.bindings as sodium
 import trio
 
 from ..board.client import BoardSession
-from ..config import Participant
+from ..config import Participant, physical_memory
 from ..errors import ProtocolError
 from ..keys import Identity
 from ..protocol import messages
@@ -187,7 +187,8 @@ class WorkerDaemon:
                                     "reach": self._reach(),
                                     "leases": [move.status for move in list(self._moves.values())[:16]],
                                     "py": PYTHON, "slots": self.config.slots, "free": len(self.free),
-                                    "platform": sys.platform, "load": round(os.getloadavg()[0], 2)}, ttl=60)
+                                    "platform": sys.platform, "load": round(os.getloadavg()[0], 2),
+                                    "cores": os.cpu_count() or 0, "memory": physical_memory() or 0}, ttl=60)
 
     def _reach(self) -> str:
         """How peers reach us, for status: ``relay-only`` once a lease stayed relayed past hole punching."""
