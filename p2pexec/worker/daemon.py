@@ -36,6 +36,7 @@ from ..protocol.matching import python_compatible, slots_to_offer
 from ..status import AnswerObservers
 from ..transport.channel import FramedStream, SecureChannel
 from ..protocol.reach import NetView, announced_relays
+from ..protocol.unusable import DeclineLimiter
 from ..transport.host import Libp2pHost
 from ..transport.nat import NatTraversal
 from . import hop
@@ -103,6 +104,7 @@ class WorkerDaemon:
         self.host: Libp2pHost | None = None
         self.board: BoardSession | None = None
         self._observers = AnswerObservers()
+        self._declines = DeclineLimiter()
         self.waiting: dict[str, messages.Message] = {}  # requests we had no slot for, by request id
         self.last_served: dict[str, float] = {}  # request id -> when its last lease ended
         self._pokes: set[Callable[[], None]] = set()  # re-check each live lease (someone started waiting)
@@ -213,15 +215,22 @@ class WorkerDaemon:
             return
         if self.config.allow is not None and msg.sender not in self.config.allow:
             log.debug("ignoring a request from %s: not in --allow", msg.sender)
-            return
+            return self._decline(msg, "worker-allow")
         if not python_compatible(PYTHON, msg["py"]):
-            return
+            return self._decline(msg, "python")
         if self._joining:
             self.waiting[msg["req"]] = msg
         elif not self._offer(msg):
             self.waiting[msg["req"]] = msg  # served first when slots free up
             for poke in list(self._pokes):
                 poke()
+
+    def _decline(self, request: messages.Message, why: str) -> None:
+        """Tell a client we will not serve it, so its no-worker warning can say why (rate-limited)."""
+        assert self.board is not None and self.host is not None
+        if self._declines.due(request["req"], time.monotonic()):
+            self.board.send(self._sign("decline", {"req": request["req"], "to": request.sender, "why": why,
+                                                   "py": PYTHON, "node": self.host.peer_id}, ttl=OFFER_TTL))
 
     def _offer(self, request: messages.Message) -> bool:
         """Offer free slots to a request; False if none are free."""
