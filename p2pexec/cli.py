@@ -444,6 +444,12 @@ def worker_main(argv: list[str] | None = None) -> int:
     sandbox.add_argument("--memory", type=_size, default=None, metavar="SIZE",
                          help="memory tasks may use in all, e.g. 8GiB, split between the slots "
                               "(default: each task process at most this machine's memory)")
+    history = parser.add_argument_group("history", "Workers record what ran (member, function, start, duration, "
+                                                   "outcome) in $XDG_STATE_HOME/p2pexec/worker-history.jsonl "
+                                                   "(default ~/.local/state/...), trimmed to about 1 MiB.")
+    history.add_argument("--history", nargs="?", type=int, const=20, default=None, metavar="N",
+                         help="print the N most recent tasks (default 20) and exit")
+    history.add_argument("--json", action="store_true", help="with --history: one JSON object per line")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"p2pexec {__version__}")
     args = parser.parse_args(argv)
@@ -454,6 +460,8 @@ def worker_main(argv: list[str] | None = None) -> int:
         for line in _sandbox(args).describe():
             print(line)
         return 0
+    if args.history is not None:
+        return _history(args.history, args.json)
     if not args.cluster:
         parser.error("--cluster OWNER/NAME is required")
     try:
@@ -499,6 +507,20 @@ def _process_cap(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{value} is too few: a task needs room for its threads; "
                                          f"use at least {PID_MAX_MIN - 1}, or 0 for no cap")
     return value
+
+
+def _history(count: int, as_json: bool) -> int:
+    """What ran on this machine's workers, newest last; the function names are what members reported."""
+    from .worker.history import History, default_path, format_table
+
+    entries = History(default_path()).recent(max(0, count))
+    if as_json:
+        for entry in entries:
+            sys.stdout.write(entry.to_line().decode())
+    else:
+        print(format_table(entries))
+        print(f"({default_path()}; function names are what the members' tasks reported)")
+    return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
