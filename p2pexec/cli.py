@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
 from .errors import P2PExecError
@@ -204,12 +205,35 @@ def _demo(args: argparse.Namespace) -> int:
     if args.workers < 1 or args.tasks < 1:
         raise P2PExecError("--workers and --tasks must be at least 1")
     print(f"starting an embedded board and {args.workers} worker process(es) on 127.0.0.1 ...", flush=True)
-    report = run_demo(workers=args.workers, tasks=args.tasks)
+    report = run_demo(workers=args.workers, tasks=args.tasks, progress=_Progress(sys.stderr))
     print(f"map(square, range({args.tasks})) = {report['results']}")
     print(f"workers used: {report['workers_used']} of {args.workers}")
     print(f"cluster start: {report['cluster_start_s']:.2f} s; new executor + map of {args.tasks} tasks: "
           f"{report['map_s'] * 1000:.0f} ms (board handshake, libp2p connections and encryption included)")
     return 0
+
+
+class _Progress:
+    """Results so far and their rate, on stderr: one line redrawn on a terminal, a line a second elsewhere."""
+
+    EVERY = 1.0
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._shown_at = -math.inf
+
+    def __call__(self, done: int, total: int, seconds: float) -> None:
+        last = done == total
+        if not (self.tty or last or seconds - self._shown_at >= self.EVERY):
+            return
+        self._shown_at = seconds
+        line = f"{done}/{total} done, {done / max(seconds, 1e-9):.1f} tasks/s"
+        if self.tty:
+            self.stream.write(f"\r{line}" + ("\n" if last else ""))
+        else:
+            self.stream.write(f"progress: {line}\n")
+        self.stream.flush()
 
 
 def _board(args: argparse.Namespace) -> int:
