@@ -170,3 +170,36 @@ def test_worker_history_is_empty_before_anything_ran(tmp_path):
     done = subprocess.run([sys.executable, "-m", "p2pexec.worker", "--history"], capture_output=True, text=True,
                           env={**os.environ, "XDG_STATE_HOME": str(tmp_path)}, timeout=60)
     assert done.returncode == 0 and "nothing has run" in done.stdout
+
+
+def _send_reports(*names):
+    import json
+    import os
+    import socket
+    import struct
+    import sys
+
+    hop = socket.socket(fileno=os.dup(int(sys.argv[1])))  # the task process's socket to its daemon
+    for name in names:
+        data = json.dumps({"fn": name}).encode()
+        hop.sendall(struct.pack(">BQQ", 2, 0, len(data)) + data)  # REPORT messages, as if from the task process
+    return len(names)
+
+
+def test_a_task_can_lie_about_its_name_but_not_flood_or_escape_the_friends_terminal(tmp_path):
+    state = tmp_path / "state"
+    with LocalCluster(workers=0) as lc:
+        lc.add_worker(env={"XDG_STATE_HOME": str(state)})
+        with lc.executor() as ex:
+            assert ex.submit(_send_reports, "\x1b[2Jinnocent").result(timeout=60) == 1
+            with pytest.raises(TaskProcessDiedError, match="broke the hop protocol"):
+                ex.submit(_send_reports, "a", "b", "c").result(timeout=60)
+            assert ex.submit(abs, -2).result(timeout=60) == 2  # the worker carries on
+    env = {**os.environ, "XDG_STATE_HOME": str(state)}
+    table = subprocess.run(["p2pexec-worker", "--history"], capture_output=True, text=True, env=env, timeout=60)
+    rows = table.stdout.splitlines()[1:4]
+    assert "?[2Jinnocent" in rows[0] and rows[0].split()[-1] == "ok" and "\x1b" not in table.stdout
+    assert rows[1].split()[-1] == "killed" and "builtins.abs" in rows[2], table.stdout
+    stored = subprocess.run(["p2pexec-worker", "--history", "--json"], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert json.loads(stored.stdout.splitlines()[0])["function"] == "?[2Jinnocent"  # cleaned before it is stored
