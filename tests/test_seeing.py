@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from p2pexec import LocalCluster, TaskProcessDiedError
-from p2pexec.stats import ExecutorStats
+from p2pexec import ExecutorStats
 
 from .conftest import wait_until
 
