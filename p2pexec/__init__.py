@@ -19,6 +19,7 @@ from .errors import (
     TaskProcessDiedError,
     WorkerLostError,
 )
+from .stats import ExecutorStats, WorkerStats
 
 
 def __getattr__(name: str):  # task processes import p2pexec too: keep SSH, trio and libp2p out of them
@@ -41,4 +42,5 @@ __all__ = [
     "P2PExecutor", "LocalCluster", "RemoteTraceback", "P2PExecError", "ConfigurationError", "BoardError",
     "BoardConnectionError", "HostKeyError", "AuthenticationError", "AccessDeniedError", "ProtocolError",
     "TaskProcessDiedError", "WorkerLostError", "NoWorkersError", "ResultTooLargeError", "UntrustedResultError",
+    "ExecutorStats", "WorkerStats",
 ]

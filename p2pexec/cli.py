@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
 from .errors import P2PExecError
 from .logs import quiet_dependencies
 
 if TYPE_CHECKING:
+    from .config import Participant
     from .transport.relay import RelayPolicy
     from .worker.sandbox import Sandbox
 
@@ -180,13 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     remove.add_argument("cluster", metavar="OWNER/NAME")
     remove.add_argument("friend", metavar="FRIEND")
 
-    status = sub.add_parser("status", parents=[common], help="show the workers and clients on a cluster now",
+    status = sub.add_parser("status", parents=[common], help="show the workers and clients on a cluster, "
+                                                           "once or live (--watch)",
                             description="Join the cluster's board as an observer and list the workers (slots, "
-                                        "Python, load) and clients (queued and running tasks) that answer.")
+                                        "busy slots, cores, memory, Python, reachability) and clients (queued, "
+                                        "running, done and failed tasks) that answer.")
     status.add_argument("cluster", metavar="OWNER/NAME")
     status.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
                         help="how long to collect answers (default: 2)")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--json", action="store_true",
+                        help="machine-readable output (with --watch: one JSON object per line)")
+    status.add_argument("--watch", action="store_true",
+                        help="a live view, refreshed every second, until Ctrl-C (or --for)")
+    status.add_argument("--for", dest="watch_for", type=float, default=None, metavar="SECONDS",
+                        help="with --watch: stop after SECONDS")
 
     relay = sub.add_parser(
         "relay", parents=[common], help="run a libp2p relay for members behind NATs (pico.sh boards, other hosts)",
@@ -218,12 +227,35 @@ def _demo(args: argparse.Namespace) -> int:
     if args.workers < 1 or args.tasks < 1:
         raise P2PExecError("--workers and --tasks must be at least 1")
     print(f"starting an embedded board and {args.workers} worker process(es) on 127.0.0.1 ...", flush=True)
-    report = run_demo(workers=args.workers, tasks=args.tasks)
+    report = run_demo(workers=args.workers, tasks=args.tasks, progress=_Progress(sys.stderr))
     print(f"map(square, range({args.tasks})) = {report['results']}")
     print(f"workers used: {report['workers_used']} of {args.workers}")
     print(f"cluster start: {report['cluster_start_s']:.2f} s; new executor + map of {args.tasks} tasks: "
           f"{report['map_s'] * 1000:.0f} ms (board handshake, libp2p connections and encryption included)")
     return 0
+
+
+class _Progress:
+    """Results so far and their rate, on stderr: one line redrawn on a terminal, a line a second elsewhere."""
+
+    EVERY = 1.0
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._shown_at = -math.inf
+
+    def __call__(self, done: int, total: int, seconds: float) -> None:
+        last = done == total
+        if not (self.tty or last or seconds - self._shown_at >= self.EVERY):
+            return
+        self._shown_at = seconds
+        line = f"{done}/{total} done, {done / max(seconds, 1e-9):.1f} tasks/s"
+        if self.tty:
+            self.stream.write(f"\r{line}" + ("\n" if last else ""))
+        else:
+            self.stream.write(f"progress: {line}\n")
+        self.stream.flush()
 
 
 def _board(args: argparse.Namespace) -> int:
@@ -419,9 +451,36 @@ def _status(args: argparse.Namespace) -> int:
     from .status import collect, format_status
 
     who = resolve(args.cluster, board=args.board, user=args.user, identity=args.identity, members=args.members)
-    status = collect(who, max(0.1, args.wait), known_hosts=args.known_hosts,
-                     accept_new_host_key=args.accept_new_host_key)
+    session_options = dict(known_hosts=args.known_hosts, accept_new_host_key=args.accept_new_host_key)
+    if args.watch:
+        return _watch_status(who, args, session_options)
+    status = collect(who, max(0.1, args.wait), **session_options)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen
+
+
+def _watch_status(who: "Participant", args: argparse.Namespace, session_options: dict[str, object]) -> int:
+    """Redraw in place on a terminal; elsewhere one block per refresh, so logs and pipes stay readable."""
+    import json
+    import time
+
+    from .status import format_status, watch
+
+    if args.watch_for is not None and args.watch_for <= 0:
+        raise P2PExecError("--for takes a positive number of seconds")
+    tty = sys.stdout.isatty()
+    try:
+        for status in watch(who, every=1.0, duration=args.watch_for, **session_options):
+            if args.json:
+                print(json.dumps({"time": round(time.time(), 3), **status}), flush=True)
+                continue
+            block = f"{time.strftime('%H:%M:%S')}  {format_status(status)}"
+            print(f"{_CLEAR}{block}\n(Ctrl-C to stop)" if tty else f"{block}\n", flush=True)
+    except KeyboardInterrupt:
+        pass  # the watcher's session was closed on the way out
     return 0
 
 
@@ -459,6 +518,12 @@ def worker_main(argv: list[str] | None = None) -> int:
     sandbox.add_argument("--memory", type=_size, default=None, metavar="SIZE",
                          help="memory tasks may use in all, e.g. 8GiB, split between the slots "
                               "(default: each task process at most this machine's memory)")
+    history = parser.add_argument_group("history", "Workers record what ran (member, function, start, duration, "
+                                                   "outcome) in $XDG_STATE_HOME/p2pexec/worker-history.jsonl "
+                                                   "(default ~/.local/state/...), trimmed to about 1 MiB.")
+    history.add_argument("--history", nargs="?", type=int, const=20, default=None, metavar="N",
+                         help="print the N most recent tasks (default 20) and exit")
+    history.add_argument("--json", action="store_true", help="with --history: one JSON object per line")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"p2pexec {__version__}")
     args = parser.parse_args(argv)
@@ -469,6 +534,8 @@ def worker_main(argv: list[str] | None = None) -> int:
         for line in _sandbox(args).describe():
             print(line)
         return 0
+    if args.history is not None:
+        return _history(args.history, args.json)
     if not args.cluster:
         parser.error("--cluster OWNER/NAME is required")
     try:
@@ -523,6 +590,20 @@ def _process_cap(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{value} is too few: a task needs room for its threads; "
                                          f"use at least 16, or 0 for no cap")
     return value
+
+
+def _history(count: int, as_json: bool) -> int:
+    """What ran on this machine's workers, newest last; the function names are what members reported."""
+    from .worker.history import History, default_path, format_table
+
+    entries = History(default_path()).recent(max(0, count))
+    if as_json:
+        for entry in entries:
+            sys.stdout.write(entry.to_line().decode())
+    else:
+        print(format_table(entries))
+        print(f"({default_path()}; function names are what the members' tasks reported)")
+    return 0
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -17,14 +18,22 @@ def square_where(x: int) -> tuple[int, int]:
     return x * x, os.getppid()  # a task process's parent is its worker daemon
 
 
-def run_demo(workers: int = 2, tasks: int = 20) -> dict[str, Any]:
+Progress = Callable[[int, int, float], None]  # (results so far, tasks, seconds since the map started)
+
+
+def run_demo(workers: int = 2, tasks: int = 20, progress: Progress = lambda done, total, seconds: None
+             ) -> dict[str, Any]:
+    """Run the demo map; ``progress`` is called as each result arrives (the CLI shows it)."""
     from .local import LocalCluster
 
     started = time.perf_counter()
     with LocalCluster(workers=workers) as lc:
         ready = time.perf_counter()
         with lc.executor() as ex:
-            pairs = list(ex.map(square_where, range(tasks)))
+            pairs = []
+            for pair in ex.map(square_where, range(tasks)):
+                pairs.append(pair)
+                progress(len(pairs), tasks, time.perf_counter() - ready)
             done = time.perf_counter()
     return {"results": [r for r, _ in pairs], "workers_used": len({pid for _, pid in pairs}),
             "cluster_start_s": ready - started, "map_s": done - ready}

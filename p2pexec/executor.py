@@ -22,6 +22,7 @@ from .protocol.messages import Inbox
 from .results import task_package
 from .runtime import TrioThread
 from .scheduler import ClientScheduler, SchedulerOptions, WorkItem
+from .stats import ExecutorStats
 from .tasks import PrepickledFunction, dump_task
 
 log = logging.getLogger("p2pexec.client")
@@ -173,6 +174,15 @@ class P2PExecutor(Executor):
         if runtime is None or scheduler is None or not runtime.alive:
             return future.cancel()
         return runtime.run_sync(scheduler.interrupt, future)
+
+    def stats(self) -> ExecutorStats:
+        """Queued, running, done and failed tasks of this executor, overall and per worker (a snapshot)."""
+        runtime, scheduler = self._runtime, self._scheduler
+        assert runtime is not None and scheduler is not None
+        try:
+            return runtime.run_sync(scheduler.stats)
+        except RuntimeError:  # called on the loop itself (a done callback), or the loop has ended: no race
+            return scheduler.stats()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:

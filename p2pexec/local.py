@@ -185,7 +185,9 @@ class LocalCluster:
         with open(log_path, "wb") as log_file:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                      pass_fds=(write_fd,), start_new_session=True,
-                                     env={**os.environ, "TMPDIR": str(scratch), **(env or {})})
+                                     env={**os.environ, "TMPDIR": str(scratch),
+                                          "XDG_STATE_HOME": str(self._dir / "state"),  # their history goes with us
+                                          **(env or {})})
         os.close(write_fd)
         worker = WorkerProcess(popen, log_path)
         self.workers.append(worker)

@@ -32,11 +32,13 @@ from .protocol.frames import (
 )
 from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
+from .stats import ExecutorStats, Tally
 from .status import AnswerObservers
 from .results import UntrustedResultError
 from .tasks import load_outcome
 from .transport.channel import FramedStream, PeerLost, SecureChannel
 from .protocol.reach import CIRCUIT, DialBackoff, announced_relays
+from .protocol.unusable import Sighting, Unusable, describe
 from .transport.host import RELAY_JOIN_TIMEOUT, Libp2pHost, Unreachable
 from .transport.nat import NatTraversal
 
@@ -45,6 +47,7 @@ log = logging.getLogger("p2pexec.client")
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 REQUEST_TTL = 10.0
 REQUEST_EVERY = 2.0
+REWARN_AT_MOST_EVERY = 5.0  # the no-worker warning repeats only when its news changed, at most this often
 TICK = 0.25
 BATCH_BYTES = 1 << 20
 UPGRADE_RETRY = 2.0
@@ -61,6 +64,7 @@ class WorkItem:
     cancel_asked: bool = False  # a WITHDRAW or INTERRUPT went to its worker
     deadline: float = math.inf  # with task_timeout: when it is interrupted, then when its worker must have
                                 # answered the interrupt (monotonic)
+    ran_on: tuple[str, str] | None = None  # (member, peer) of the worker it was last sent to, for stats
 
     def __post_init__(self) -> None:
         self.size = sum(nbytes(p) for p in self.payload)
@@ -148,12 +152,15 @@ class ClientScheduler:
         self._last_request = -1e9
         self._last_asked = 0
         self._starving_since: float | None = None
-        self._warned = False
+        self._warned: frozenset[Sighting] | None = None  # what the last no-worker warning said, this episode
+        self._warned_at = -1e9
+        self._unusable = Unusable(PYTHON)  # workers online that we cannot use, and why
         self._cancel_queued = False  # shutdown(cancel_futures=True): queued work is withdrawn, not run
         self.banned: dict[str, str] = {}  # member -> how a worker of theirs broke the protocol
         self.nat: NatTraversal | None = None
         self._backoff = DialBackoff()  # workers that could not be reached, by peer id
         self.unreachable: dict[str, str] = {}  # worker user -> why it could not be reached (for errors)
+        self.tally = Tally()  # done and failed futures, overall and per worker
 
     # -- called from any thread through TrioThread.call_soon -----------------------
     def next_id(self) -> int:
@@ -181,12 +188,17 @@ class ClientScheduler:
                     and not self.nat.state.checked:
                 self._nursery.start_soon(self.nat.join_any)
         elif msg.type == "hello" and msg["role"] == "worker":
+            self._note_unusable(msg.sender, msg.body.get("py"))
             self._last_request = -1e9  # a worker arrived: ask again right away
             self._maybe_request()
+        elif msg.type == "decline" and msg["req"] == self.request_id and msg["to"] == self.identity.user:
+            if msg["why"] in ("python", "worker-allow"):
+                self._unusable.note(msg.sender, msg["why"], str(msg.body.get("py", "?")), time.monotonic())
 
     def hello(self) -> bytes:
         return self._sign("hello", {"role": "client", "node": self.request_id, "py": PYTHON,
                                     "queued": len(self.pending), "running": self._inflight(),
+                                    "done": self.tally.done, "failed": self.tally.failed,
                                     "leases": [{"worker": lease.worker, "slots": lease.slots, "path": lease.path}
                                                for lease in self.leases[:16]],
                                     "banned": {member: why[:200] for member, why in list(self.banned.items())[:8]}},
@@ -237,6 +249,14 @@ class ClientScheduler:
         item.cancel_asked = True
         lease.control.append(encode_op(op, item.id))
         self.notify()
+
+    def stats(self) -> ExecutorStats:
+        """A snapshot of the counts; call it on the loop (or once the loop is gone)."""
+        running: dict[tuple[str, str], int] = {}
+        for lease in self.leases:
+            key = (lease.worker, lease.peer)
+            running[key] = running.get(key, 0) + len(lease.inflight)
+        return self.tally.snapshot(len(self.pending), running)
 
     # -- main -------------------------------------------------------------------------
     async def run(self, host: Libp2pHost, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -315,9 +335,23 @@ class ClientScheduler:
             view = self.nat.view.to_json() if self.nat is not None else {}
             self._post("request", {"req": self.request_id, "n": wanted, "py": PYTHON, **view}, REQUEST_TTL)
 
+    def _note_unusable(self, worker: str, python: Any) -> bool:
+        """Note why this member's worker cannot serve us, if it cannot; True then."""
+        now = time.monotonic()
+        if worker in self.banned:
+            self._unusable.note(worker, "banned", self.banned[worker], now)
+        elif self.options.allow is not None and worker not in self.options.allow:
+            self._unusable.note(worker, "client-allow", "", now)
+        elif isinstance(python, str) and not python_compatible(PYTHON, python):
+            self._unusable.note(worker, "python", python, now)
+        else:
+            return False
+        return True
+
     def _on_offer(self, msg: messages.Message) -> None:
         if msg["req"] != self.request_id or msg["to"] != self.identity.user or self._nursery is None:
             return
+        self._note_unusable(msg.sender, msg["py"])
         if msg.sender in self.banned:  # by member: a new peer id (a restarted worker) does not evade it
             log.debug("ignoring an offer from %s: a worker of theirs broke the protocol (%s)", msg.sender,
                       self.banned[msg.sender])
@@ -344,15 +378,17 @@ class ClientScheduler:
         if self.options.task_timeout is not None:
             self._time_out(now)
         if not self.pending or any(lease.channel is not None for lease in self.leases):
-            self._starving_since, self._warned = None, False
+            self._starving_since, self._warned = None, None
             return
         if self._starving_since is None:
             self._starving_since = now
         waited = now - self._starving_since
-        if not self._warned and waited >= self.options.warn_after:
-            self._warned = True
-            log.warning("no worker has run tasks for cluster %s in %.0f s; %s", self.cluster, waited,
-                        self._starving_hint())
+        if waited >= self.options.warn_after:
+            news = frozenset(self._sightings(now))
+            if self._warned is None or (news != self._warned and now - self._warned_at >= REWARN_AT_MOST_EVERY):
+                self._warned, self._warned_at = news, now
+                log.warning("no worker has run tasks for cluster %s in %.0f s; %s", self.cluster, waited,
+                            self._starving_hint())
         timeout = self.options.worker_timeout
         if timeout is not None and waited >= timeout:
             self._fail_pending(NoWorkersError(
@@ -382,13 +418,20 @@ class ClientScheduler:
                 if not item.cancel_asked:
                     self._ask_cancel(lease, item, Op.INTERRUPT)
 
+    def _sightings(self, now: float) -> list[Sighting]:
+        return self._unusable.current(now) + [Sighting(user, "unreachable", why)
+                                              for user, why in sorted(self.unreachable.items())]
+
     def _starving_hint(self) -> str:
-        if self.unreachable:
-            return ("workers offered but could not be reached: " + "; ".join(
-                f"{user}: {why}" for user, why in self.unreachable.items())
-                + ". If they sit behind home routers, the board or a relay must run a relay "
-                  "(p2pexec board does by default; else p2pexec relay)")
-        return f"a member must run: p2pexec-worker --cluster {self.cluster}{self.options.board_hint}"
+        """Which workers are online but unusable, why and what to do; else the command a friend must run."""
+        run = f"p2pexec-worker --cluster {self.cluster}{self.options.board_hint}"
+        sightings = self._sightings(time.monotonic())
+        if not sightings:
+            return f"a member must run: {run}"
+        relay = (". If they sit behind home routers, the board or a relay must run a relay "
+                 "(p2pexec board does by default; else p2pexec relay)") if self.unreachable else ""
+        return (f"workers online but unusable: {describe(sightings, PYTHON, self.identity.user)}{relay}; "
+                f"or a member runs a worker this client can use: {run}")
 
     # -- leases ----------------------------------------------------------------------
     async def _run_lease(self, lease: Lease, offer: messages.Message) -> None:
@@ -501,6 +544,7 @@ class ClientScheduler:
                    and (item := self._take()) is not None):
                 lease.credits -= 1
                 lease.inflight[item.id] = item
+                item.ran_on = (lease.worker, lease.peer)
                 if self.options.task_timeout is not None:
                     item.deadline = time.monotonic() + self.options.task_timeout
                 batch.extend(op_parts(Op.TASK, item.id, *item.payload))
@@ -623,13 +667,14 @@ class ClientScheduler:
             sys.stderr.write(outcome.stderr)
         if outcome.ok:
             item.future.set_result(outcome.value)
+            self.tally.settled(True, *(item.ran_on or (None, None)))
         else:
             self._set_exception(item, outcome.value)
 
-    @staticmethod
-    def _set_exception(item: WorkItem, exc: BaseException) -> None:
+    def _set_exception(self, item: WorkItem, exc: BaseException) -> None:
         if not item.future.done():
             item.future.set_exception(exc)
+            self.tally.settled(False, *(item.ran_on or (None, None)))
 
     def _requeue(self, lease: Lease, reason: str | None) -> None:
         """Put back what the lease still held; with a ``reason``, the worker was lost."""

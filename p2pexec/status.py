@@ -1,15 +1,18 @@
-"""``p2pexec status``: who is on a cluster's board right now.
+"""``p2pexec status``: who is on a cluster's board right now, once or live (``--watch``).
 
 The board has no history, so the status command joins with an ``observer``
 hello; workers and clients answer with their own hello, which carries their
-load (slots, Python, queued and running tasks).  Whatever arrives within the
-collection window is the answer.
+load (slots, cores, memory, Python; queued, running, done and failed tasks).
+Whatever arrives within the collection window is the answer; a watch asks
+again every second.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from .board.client import BoardSession
@@ -18,6 +21,8 @@ from .protocol import messages
 
 OBSERVER_HELLO_TTL = 30.0
 ANSWER_AT_MOST_EVERY = 0.5
+FORGET_AFTER_ROUNDS = 3
+MAX_NODES = 4096  # nodes a status view keeps; a flood of made-up node ids cannot grow it further
 
 
 def summarize(hellos: list[messages.Message]) -> dict[str, list[dict[str, Any]]]:
@@ -34,30 +39,82 @@ def summarize(hellos: list[messages.Message]) -> dict[str, list[dict[str, Any]]]
     return out
 
 
-def collect(who: Participant, wait: float, **session_options: Any) -> dict[str, Any]:
-    """Join the board as an observer for ``wait`` seconds and summarize who answered."""
-    hellos: list[messages.Message] = []
-    lock = threading.Lock()
+class Observer:
+    """An observer's session on the board: asks every node to answer, keeps each node's latest hello.
 
-    def on_message(msg: messages.Message) -> None:
-        if msg.type == "hello":
-            with lock:
-                hellos.append(msg)
+    Joining asks already (the join line is an observer hello); :meth:`ask`
+    asks again.  Nodes answer at most every :data:`ANSWER_AT_MOST_EVERY`
+    seconds, whoever asks, so a watch cannot make them flood.
+    """
 
-    def observer_hello() -> bytes:
-        return messages.encode(who.identity, who.cluster, "hello", {"role": "observer"},
+    def __init__(self, who: Participant, **session_options: Any) -> None:
+        self.who = who
+        self._lock = threading.Lock()
+        self._latest: dict[tuple[str, str], tuple[float, messages.Message]] = {}  # node -> (received, hello)
+        self._session = BoardSession(who.board, who.identity, who.cluster,
+                                     inbox=messages.Inbox(who.cluster, who.keyring), on_message=self._on_message,
+                                     make_hello=self._hello, **session_options)
+
+    def _hello(self) -> bytes:
+        return messages.encode(self.who.identity, self.who.cluster, "hello", {"role": "observer"},
                                now=time.time(), ttl=OBSERVER_HELLO_TTL)
 
-    session = BoardSession(who.board, who.identity, who.cluster, inbox=messages.Inbox(who.cluster, who.keyring),
-                           on_message=on_message, make_hello=observer_hello, **session_options)
-    session.open()
+    def _on_message(self, msg: messages.Message) -> None:
+        if msg.type == "hello" and msg.body.get("role") in ("worker", "client"):
+            key = (msg.sender, str(msg.body.get("node", msg.id)))
+            with self._lock:
+                if len(self._latest) < MAX_NODES or key in self._latest:
+                    self._latest[key] = (time.monotonic(), msg)
+
+    def open(self) -> None:
+        self._session.open()
+
+    def ask(self) -> None:
+        self._session.send(self._hello())
+
+    def close(self) -> None:
+        self._session.close()
+
+    def status(self, since: float = -math.inf) -> dict[str, Any]:
+        """Who answered since ``since`` (monotonic), as :func:`summarize` groups it."""
+        with self._lock:
+            self._latest = {k: v for k, v in self._latest.items() if v[0] >= since}
+            hellos = [msg for _, msg in self._latest.values()]
+        return {"cluster": self.who.cluster, "board": str(self.who.board), **summarize(hellos)}
+
+
+def collect(who: Participant, wait: float, **session_options: Any) -> dict[str, Any]:
+    """Join the board as an observer for ``wait`` seconds and summarize who answered."""
+    observer = Observer(who, **session_options)
+    observer.open()
     try:
         threading.Event().wait(wait)  # the collection window: answers have no end marker
     finally:
-        session.close()
-    with lock:
-        summary = summarize(hellos)
-    return {"cluster": who.cluster, "board": str(who.board), **summary}
+        observer.close()
+    return observer.status()
+
+
+def watch(who: Participant, every: float = 1.0, duration: float | None = None,
+          **session_options: Any) -> Iterator[dict[str, Any]]:
+    """A status every ``every`` seconds, for ``duration`` seconds or until the caller stops iterating.
+
+    A node that has not answered the last :data:`FORGET_AFTER_ROUNDS` asks
+    (it left, or lost the board) drops out of the view.
+    """
+    observer = Observer(who, **session_options)
+    observer.open()
+    tick = threading.Event()
+    end = math.inf if duration is None else time.monotonic() + duration
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                return
+            tick.wait(min(every, end - now))
+            yield observer.status(since=time.monotonic() - FORGET_AFTER_ROUNDS * max(every, ANSWER_AT_MOST_EVERY))
+            observer.ask()
+    finally:
+        observer.close()
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -67,23 +124,45 @@ def format_status(status: dict[str, Any]) -> str:
     if workers:
         lines.append("workers:")
         for w in workers:
-            lines.append(f"  {w['user']:<16} {w.get('free', '?')}/{w.get('slots', '?')} slots free  "
-                         f"python {w.get('py', '?'):<5} {w.get('platform', '?'):<8} load {w.get('load', '?'):<5} "
-                         f"reachable: {REACH.get(str(w.get('reach')), w.get('reach', '?'))}")
-            lines.extend(f"    lease for {lease.get('client', '?')}: {lease.get('path', '?')}"
+            lines.append(f"  {_text(w['user']):<16} {_busy(w)}  {_resources(w)}  python {_text(w.get('py')):<5} "
+                         f"{_text(w.get('platform')):<8} loadavg {_text(w.get('load')):<5} "
+                         f"reachable: {REACH.get(str(w.get('reach')), _text(w.get('reach')))}")
+            lines.extend(f"    lease for {_text(lease.get('client'))}: {_text(lease.get('path'))}"
                          for lease in _leases(w))
     if clients:
         lines.append("clients:")
         for c in clients:
-            lines.append(f"  {c['user']:<16} queued {c.get('queued', '?'):<6} running {c.get('running', '?'):<4} "
-                         f"python {c.get('py', '?')}")
-            lines.extend(f"    lease of {lease.get('worker', '?')} ({lease.get('slots', '?')} slots): "
-                         f"{lease.get('path', '?')}" for lease in _leases(c))
+            lines.append(f"  {_text(c['user']):<16} queued {_text(c.get('queued')):<6} "
+                         f"running {_text(c.get('running')):<4} done {_text(c.get('done')):<6} "
+                         f"failed {_text(c.get('failed')):<4} python {_text(c.get('py'))}")
+            lines.extend(f"    lease of {_text(lease.get('worker'))} ({_text(lease.get('slots'))} slots): "
+                         f"{_text(lease.get('path'))}" for lease in _leases(c))
             banned = c.get("banned") if isinstance(c.get("banned"), dict) else {}
-            lines.extend(f"    banned {member}: {why}" for member, why in banned.items())
+            lines.extend(f"    banned {_text(member)}: {_text(why)}" for member, why in banned.items())
     if not workers and not clients:
         lines.append("nobody answered; workers join with: p2pexec-worker --cluster " + status["cluster"])
     return "\n".join(lines)
+
+
+def _text(value: Any) -> str:
+    """A field a peer sent, safe to print: no control characters (a member could send escape codes)."""
+    if value is None:
+        return "?"
+    return "".join(ch if ch.isprintable() else "?" for ch in str(value))[:200]
+
+
+def _busy(worker: dict[str, Any]) -> str:
+    slots, free = worker.get("slots"), worker.get("free")
+    if isinstance(slots, int) and isinstance(free, int):
+        return f"{slots - free}/{slots} slots busy"
+    return f"?/{_text(slots)} slots busy"
+
+
+def _resources(worker: dict[str, Any]) -> str:
+    cores, memory = worker.get("cores"), worker.get("memory")
+    cpu = f"{cores} cores" if isinstance(cores, int) else "? cores"
+    mem = f"{memory / (1 << 30):.1f} GiB" if isinstance(memory, (int, float)) and memory > 0 else "? GiB"
+    return f"{cpu}, {mem}"
 
 
 REACH = {

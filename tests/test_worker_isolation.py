@@ -40,6 +40,7 @@ def test_demo_command_runs_the_full_path():
     assert done.returncode == 0, done.stderr
     assert "[0, 1, 4, 9, 16, 25, 36, 49]" in done.stdout
     assert re.search(r"^workers used: [12] of 2$", done.stdout, re.MULTILINE)
+    assert re.search(r"^progress: 8/8 done, [\d.]+ tasks/s$", done.stderr, re.MULTILINE), done.stderr  # not a TTY
 
 
 def leave_a_mark(tag):

@@ -42,6 +42,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "offer": {"req": str, "to": str, "slots": int, "py": str, "peer": str, "addrs": list, "kx": str},
     "accept": {"offer": str, "worker": str, "req": str, "kx": str, "slots": int},
     "withdraw": {"req": str},
+    "decline": {"req": str, "to": str, "why": str},  # a worker will not serve this request (why: python, allow)
     "bye": {"role": str},
     "relay": {"addrs": list},  # the cluster owner's word on where its relay is (p2pexec relay OWNER/NAME)
     "members": {"list": str},  # the owner's signed member list (p2pexec invite / remove)

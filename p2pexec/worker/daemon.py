@@ -15,7 +15,9 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import nacl.bindings as sodium
 import trio
 
 from ..board.client import BoardSession
-from ..config import Participant
+from ..config import Participant, physical_memory
 from ..errors import ProtocolError
 from ..keys import Identity
 from ..protocol import messages
@@ -36,9 +38,11 @@ from ..protocol.matching import python_compatible, slots_to_offer
 from ..status import AnswerObservers
 from ..transport.channel import FramedStream, SecureChannel
 from ..protocol.reach import NetView, announced_relays
+from ..protocol.unusable import DeclineLimiter
 from ..transport.host import Libp2pHost
 from ..transport.nat import NatTraversal
 from . import hop
+from .history import Entry, History, default_path
 from .privileges import prctl
 from .sandbox import Sandbox
 from .slots import TaskProcessDied, TaskSlot, become_subreaper
@@ -80,6 +84,16 @@ class _Move:
     stream: Any = None
     arrived: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
+    ran: Counter[str] = field(default_factory=Counter)  # its tasks by outcome (ok, failed, killed)
+
+
+@dataclass
+class _Ran:
+    """One task as the history records it; ``outcome`` stays ``killed`` unless the task answers."""
+
+    start: float  # Unix time
+    clock: float  # trio.current_time() at the start
+    outcome: str = "killed"
 
 
 @dataclass
@@ -103,6 +117,8 @@ class WorkerDaemon:
         self.host: Libp2pHost | None = None
         self.board: BoardSession | None = None
         self._observers = AnswerObservers()
+        self._declines = DeclineLimiter()
+        self.history = History(default_path())  # what ran, for p2pexec-worker --history
         self.waiting: dict[str, messages.Message] = {}  # requests we had no slot for, by request id
         self.last_served: dict[str, float] = {}  # request id -> when its last lease ended
         self._pokes: set[Callable[[], None]] = set()  # re-check each live lease (someone started waiting)
@@ -187,7 +203,8 @@ class WorkerDaemon:
                                     "reach": self._reach(),
                                     "leases": [move.status for move in list(self._moves.values())[:16]],
                                     "py": PYTHON, "slots": self.config.slots, "free": len(self.free),
-                                    "platform": sys.platform, "load": round(os.getloadavg()[0], 2)}, ttl=60)
+                                    "platform": sys.platform, "load": round(os.getloadavg()[0], 2),
+                                    "cores": os.cpu_count() or 0, "memory": physical_memory() or 0}, ttl=60)
 
     def _reach(self) -> str:
         """How peers reach us, for status: ``relay-only`` once a lease stayed relayed past hole punching."""
@@ -212,15 +229,22 @@ class WorkerDaemon:
             return
         if self.config.allow is not None and msg.sender not in self.config.allow:
             log.debug("ignoring a request from %s: not in --allow", msg.sender)
-            return
+            return self._decline(msg, "worker-allow")
         if not python_compatible(PYTHON, msg["py"]):
-            return
+            return self._decline(msg, "python")
         if self._joining:
             self.waiting[msg["req"]] = msg
         elif not self._offer(msg):
             self.waiting[msg["req"]] = msg  # served first when slots free up
             for poke in list(self._pokes):
                 poke()
+
+    def _decline(self, request: messages.Message, why: str) -> None:
+        """Tell a client we will not serve it, so its no-worker warning can say why (rate-limited)."""
+        assert self.board is not None and self.host is not None
+        if self._declines.due(request["req"], time.monotonic()):
+            self.board.send(self._sign("decline", {"req": request["req"], "to": request.sender, "why": why,
+                                                   "py": PYTHON, "node": self.host.peer_id}, ttl=OFFER_TTL))
 
     def _offer(self, request: messages.Message) -> bool:
         """Offer free slots to a request; False if none are free."""
@@ -269,8 +293,11 @@ class WorkerDaemon:
                 accept = self._authenticate(first)
                 offer = self.offers.pop(accept["offer"])
                 slots = [self.free.pop() for _ in range(min(accept["slots"], offer.slots, len(self.free)))]
-                if not slots:
-                    raise ProtocolError("no free slot left for this accept")
+                if not slots:  # the offer's slots went to another accept first: a race, not an attack
+                    log.debug("an accept from %s came after its offer's slots were taken; it will ask again",
+                              accept.sender)
+                    await framed.reset()
+                    return
                 rx, tx = session_keys("worker", *offer.kx, messages.unb64(accept["kx"], 32))
                 channel = await SecureChannel.establish(framed, rx, tx, allocate=hop.allocate)
             framed.decoder.max_frame = MAX_FRAME
@@ -289,7 +316,6 @@ class WorkerDaemon:
             finally:
                 with trio.CancelScope(shield=True):
                     await channel.close()
-            log.info("lease for %s ended", accept.sender)
         except* (ProtocolError, messages.InvalidMessage, trio.TooSlowError) as group:  # nurseries group them
             exc = group.exceptions[0]
             log.warning("dropped a lease stream: %s", exc or type(exc).__name__)
@@ -302,10 +328,29 @@ class WorkerDaemon:
             if move is not None:
                 self._moves.pop(move.token, None)
                 move.done.set()
+                self._lease_ended(move)
             self.free.extend(slots)
             if slots:
                 self.last_served[accept["req"]] = time.time()
                 self._offer_to_waiting()
+
+    @contextmanager
+    def _recording(self, move: _Move, slot: TaskSlot, member: str) -> Iterator[_Ran]:
+        """Count the task in its lease and record it in the history, however it ends."""
+        ran = _Ran(time.time(), trio.current_time())
+        try:
+            yield ran
+        finally:
+            move.ran[ran.outcome] += 1
+            self.history.add(Entry(member, slot.function, ran.start, trio.current_time() - ran.clock, ran.outcome,
+                                   self.config.who.cluster))
+
+    def _lease_ended(self, move: _Move) -> None:
+        """One line per lease for the friend's log: whose, how long, how many tasks and how they ended."""
+        self.history.flush()
+        ran = move.ran
+        log.info("lease for %s ended after %.1f s: %d task(s), %d failed, %d killed", move.status["client"],
+                 time.time() - move.status["started"], sum(ran.values()), ran["failed"], ran["killed"])
 
     async def _resume(self, stream: Any, token: bytes) -> None:
         """A client's new stream for a lease it is moving (onto a direct connection); held until the lease ends."""
@@ -375,10 +420,11 @@ class WorkerDaemon:
                     if not ledger.task_started(task_id):
                         continue  # withdrawn while it waited, and answered then
                     started = trio.current_time()
-                    with trio.CancelScope() as stopper:
+                    with trio.CancelScope() as stopper, self._recording(move, slot, client) as record:
                         stoppers[task_id] = stopper
                         try:
                             op = op_parts(Op.RESULT, task_id, await slot.run(payload, shared))
+                            record.outcome = "failed" if slot.raised else "ok"
                         except TaskProcessDied as exc:
                             log.warning("task %d of %s: %s", task_id, client, exc)
                             op = op_parts(Op.FAILED, task_id, str(exc).encode())

@@ -8,6 +8,11 @@ such a memfd and read in place by the task process, and a big outcome is
 written by the task process into one that the daemon sends from.  No
 pipe copies, no second buffer of the size of the payload.
 
+A task process may precede an outcome with REPORT messages: a small
+JSON object saying which function it is about to run (``fn``, only when
+it changed) or that the task raised (``ok``: false), for the worker's
+history; the daemon reads them without unpickling anything.
+
 The daemon trusts nothing a task process sends: a shared outcome must be
 a memfd sealed against shrinking (so the daemon's mapping can never
 fault) and large enough for what the header claims.
@@ -27,7 +32,8 @@ import weakref
 from collections.abc import Sequence
 
 HEADER = struct.Struct(">BQQ")
-INLINE, SHARED = 0, 1
+INLINE, SHARED, REPORT = 0, 1, 2
+MAX_REPORT = 1024  # bytes of one REPORT
 SHARED_MIN = 1 << 20  # smaller data is cheaper to copy through the socket
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 

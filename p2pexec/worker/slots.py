@@ -17,7 +17,8 @@ from pathlib import Path
 import trio
 
 from ..protocol.frames import Buffer, nbytes
-from .hop import HEADER, INLINE, SHARED, map_outcome
+from .hop import HEADER, INLINE, MAX_REPORT, REPORT, SHARED, map_outcome
+from .history import printable
 from .privileges import prctl
 from .sandbox import SLOT_ENV, Sandbox
 
@@ -54,6 +55,8 @@ class TaskSlot:
         self._sock: trio.socket.SocketType | None = None
         self._scratch: Path | None = None  # the process's HOME, TMPDIR and working directory
         self.member: str | None = None  # whose code the current process has run
+        self.function = "?"  # the function its current task runs, as the task process reported it (untrusted)
+        self.raised = False  # the task process reported that its last task raised
 
     async def assign(self, member: str) -> None:
         """Serve ``member`` next, in a process no other member's task has run in.
@@ -92,6 +95,7 @@ class TaskSlot:
             if info_write is not None:
                 os.close(info_write)
         self._proc, self._sock = proc, trio.socket.from_stdlib_socket(ours)
+        self.function = "?"
         _LIVE.add(proc.pid)
         try:
             if info_read is not None:  # before the first task: nothing untrusted runs in there yet
@@ -130,6 +134,7 @@ class TaskSlot:
             await self.start()
         proc = self._proc
         assert proc is not None
+        self.raised = False
         try:
             size = nbytes(payload)
             if shared is not None:
@@ -166,8 +171,12 @@ class TaskSlot:
         sent = await self._sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         await self._send_all(header[sent:])
 
-    async def _receive_outcome(self) -> Buffer:
-        """One message from the task process: inline bytes, or a view of its sealed shared memory."""
+    async def _receive_outcome(self, reports: int = 2) -> Buffer:
+        """One message from the task process: inline bytes, or a view of its sealed shared memory.
+
+        Up to ``reports`` REPORT messages may come first (the function's
+        name, whether it raised); more is a broken hop.
+        """
         assert self._sock is not None
         data, ancillary, _, _ = await self._sock.recvmsg(HEADER.size, socket.CMSG_SPACE(_MAX_FDS * 4))
         fds = _received_fds(ancillary)
@@ -177,6 +186,11 @@ class TaskSlot:
             rest = bytearray(HEADER.size - len(data))  # a stream socket may split even a short header
             await self._receive_into(memoryview(rest))
             kind, offset, size = HEADER.unpack(data + rest)
+            if kind == REPORT and not fds and reports > 0 and size <= MAX_REPORT:
+                report = bytearray(size)
+                await self._receive_into(memoryview(report))
+                self._take_report(report)
+                return await self._receive_outcome(reports - 1)
             if kind == SHARED and len(fds) == 1:
                 try:
                     return map_outcome(fds[0], offset, size)
@@ -194,6 +208,19 @@ class TaskSlot:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _take_report(self, report: bytearray) -> None:
+        """What the task process says about its task; only ever shown as text (it is the client's word)."""
+        try:
+            fields = json.loads(report)
+        except ValueError:
+            fields = None
+        if not isinstance(fields, dict):
+            return
+        if isinstance(fields.get("fn"), str):
+            self.function = printable(fields["fn"])
+        if fields.get("ok") is False:
+            self.raised = True
 
     async def _receive_into(self, view: memoryview) -> None:
         assert self._sock is not None

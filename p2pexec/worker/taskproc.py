@@ -10,6 +10,7 @@ writes to fd 1 or 2 is captured and sent back with its outcome.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -20,7 +21,7 @@ import tempfile
 
 from ..protocol.frames import nbytes
 from ..tasks import dump_outcome, load_task
-from .hop import HEADER, INLINE, SHARED, SHARED_MIN, map_payload, share_outcome
+from .hop import HEADER, INLINE, REPORT, SHARED, SHARED_MIN, map_payload, share_outcome
 from .sandbox import LANDLOCK_ENV
 
 
@@ -76,8 +77,31 @@ def _receive(sock: socket.socket) -> bytearray | memoryview | None:
             os.close(fd)
 
 
-def _send(sock: socket.socket, parts: list) -> None:
-    """The outcome: through shared memory when big, else inline in one write."""
+def function_name(fn: object) -> str:
+    """``module.qualname`` of a task's function, for the worker's history; a map's chunk names what it maps."""
+    for _ in range(8):  # a bounded unwrap: partials of partials
+        if not isinstance(fn, functools.partial):
+            break
+        inner = fn.func
+        mapped = getattr(inner, "__qualname__", "") == "_process_chunk" and fn.args
+        fn = fn.args[0] if mapped else inner
+    named = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(named, '__module__', None) or '?'}.{getattr(named, '__qualname__', '?')}"[:150]
+
+
+def _report(fields: dict) -> bytes:
+    data = json.dumps(fields, ensure_ascii=True).encode()  # a name of 150 characters fits in MAX_REPORT
+    return HEADER.pack(REPORT, 0, len(data)) + data
+
+
+def _tell_name(sock: socket.socket, name: str, reported: str | None) -> str:
+    if name != reported:
+        sock.sendall(_report({"fn": name}))
+    return name
+
+
+def _send(sock: socket.socket, parts: list, report: bytes = b"") -> None:
+    """The outcome, after ``report`` if any: through shared memory when big, else inline in one write."""
     size = sum(nbytes(p) for p in parts)
     if size >= SHARED_MIN:
         try:
@@ -86,27 +110,34 @@ def _send(sock: socket.socket, parts: list) -> None:
             pass  # no memfd here: inline it is
         else:
             try:
+                if report:
+                    sock.sendall(report)
                 socket.send_fds(sock, [HEADER.pack(SHARED, 0, size)], [fd])
             finally:
                 os.close(fd)
             return
-    sock.sendall(b"".join([HEADER.pack(INLINE, 0, size), *parts]))
+    sock.sendall(b"".join([report, HEADER.pack(INLINE, 0, size), *parts]))
 
 
 def serve(sock: socket.socket) -> None:
     capture = _Capture()
     sock.sendall(HEADER.pack(INLINE, 0, 0))  # ready: imports done
+    reported = None  # the function name the daemon has: said again only when it changes (maps cost nothing)
     while True:
         payload = _receive(sock)
         if payload is None:
             return
         out, err = capture.start()
+        name = "?"  # what the history says of a task that cannot even be loaded
         try:
             fn, args, kwargs = load_task(payload)
             del payload
+            name = function_name(fn)
+            reported = _tell_name(sock, name, reported)  # before it runs: a task that kills its process is named
             ok, value = True, fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - a task's SystemExit is its result too
             ok, value = False, exc
+        reported = _tell_name(sock, name, reported)  # said already, unless loading failed
         try:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -115,7 +146,7 @@ def serve(sock: socket.socket) -> None:
         stdout, stderr = capture.collect(out, err)
         parts = dump_outcome(ok, value, stdout, stderr)
         del value
-        _send(sock, parts)
+        _send(sock, parts, b"" if ok else _report({"ok": False}))
         del parts
 
 

@@ -1,0 +1,90 @@
+"""How an executor is doing: ``P2PExecutor.stats()`` and the counts a client tells ``p2pexec status``.
+
+Counting happens on the client's trio loop (:class:`Tally`); what the
+user's thread gets is a frozen snapshot (:class:`ExecutorStats`), so
+nothing it holds changes under it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One worker daemon, as this executor saw it: ``member`` runs it, ``peer`` is its libp2p id.
+
+    ``done`` and ``failed`` count the tasks whose futures it settled (or, for
+    a task lost with its worker, the worker it ran on last); ``running``
+    what it holds now, started or queued there.
+    """
+
+    member: str
+    peer: str
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+
+
+@dataclass(frozen=True)
+class ExecutorStats:
+    """A snapshot of one executor's tasks.
+
+    ``queued``: submitted, not sent to any worker yet; ``running``: sent to
+    a worker and not answered; ``done``: returned a value; ``failed``: ended
+    with an exception (raised by the task, its process died, timed out,
+    lost, refused, no worker).  Cancelled futures are in none of them.
+    ``workers`` lists every worker that ran or holds a task, by peer.
+    """
+
+    queued: int = 0
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+    workers: tuple[WorkerStats, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class _Counts:
+    member: str
+    done: int = 0
+    failed: int = 0
+
+
+class Tally:
+    """Done and failed counts, overall and per worker peer; touched on the client's loop only."""
+
+    MAX_WORKERS = 4096  # beyond this many peers, the oldest are forgotten (the totals stay right)
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.failed = 0
+        self._by_peer: dict[str, _Counts] = {}
+
+    def settled(self, ok: bool, member: str | None, peer: str | None) -> None:
+        """A future ended with a result (``ok``) or an exception, last sent to ``peer`` run by ``member``."""
+        if ok:
+            self.done += 1
+        else:
+            self.failed += 1
+        if peer is None or member is None:
+            return
+        counts = self._by_peer.get(peer)
+        if counts is None:
+            if len(self._by_peer) >= self.MAX_WORKERS:
+                del self._by_peer[next(iter(self._by_peer))]
+            counts = self._by_peer[peer] = _Counts(member)
+        if ok:
+            counts.done += 1
+        else:
+            counts.failed += 1
+
+    def snapshot(self, queued: int, running: dict[tuple[str, str], int]) -> ExecutorStats:
+        """Freeze the counts; ``running`` maps (member, peer) to the tasks that worker holds now."""
+        peers = {peer: member for member, peer in running} | {p: c.member for p, c in self._by_peer.items()}
+        workers = []
+        for peer, member in sorted(peers.items(), key=lambda kv: (kv[1], kv[0])):
+            counts = self._by_peer.get(peer, _Counts(member))
+            workers.append(WorkerStats(member, peer, counts.done, counts.failed, running.get((member, peer), 0)))
+        return ExecutorStats(queued=queued, running=sum(running.values()), done=self.done, failed=self.failed,
+                             workers=tuple(workers))
