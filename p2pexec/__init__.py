@@ -19,7 +19,10 @@ from .errors import (
     TaskProcessDiedError,
     WorkerLostError,
 )
+from .joblib_backend import install as _install_joblib_backend
 from .stats import ExecutorStats, WorkerStats
+
+_install_joblib_backend()  # backend="p2pexec" for joblib, whether it is imported before p2pexec or after
 
 
 def __getattr__(name: str):  # task processes import p2pexec too: keep SSH, trio and libp2p out of them

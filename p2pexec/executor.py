@@ -175,6 +175,23 @@ class P2PExecutor(Executor):
             return future.cancel()
         return runtime.run_sync(scheduler.interrupt, future)
 
+    def capacity(self, wait: float = 2.0) -> int:
+        """Slots leased or offered right now; with none known yet, asks the cluster and waits up to ``wait`` s.
+
+        This is what ``n_jobs=-1`` means for joblib's p2pexec backend.
+        """
+        runtime, scheduler = self._runtime, self._scheduler
+        assert runtime is not None and scheduler is not None
+        slots = runtime.run_sync(scheduler.capacity)
+        if slots == 0:
+            scheduler.capacity_known.clear()
+            runtime.call_soon(scheduler.probe)
+            scheduler.capacity_known.wait(wait)
+            if scheduler.capacity_known.is_set():  # give the other workers a moment to answer the same request
+                scheduler.capacity_known.wait(0.2)
+            slots = runtime.run_sync(scheduler.capacity)
+        return slots
+
     def stats(self) -> ExecutorStats:
         """Queued, running, done and failed tasks of this executor, overall and per worker (a snapshot)."""
         runtime, scheduler = self._runtime, self._scheduler

@@ -13,6 +13,7 @@ import itertools
 import logging
 import math
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -47,6 +48,7 @@ log = logging.getLogger("p2pexec.client")
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 REQUEST_TTL = 10.0
 REQUEST_EVERY = 2.0
+PROBE_SLOTS = 4096  # a request that asks every worker for all it has, to count slots
 REWARN_AT_MOST_EVERY = 5.0  # the no-worker warning repeats only when its news changed, at most this often
 TICK = 0.25
 BATCH_BYTES = 1 << 20
@@ -141,6 +143,8 @@ class ClientScheduler:
         self.task_packages: set[str] = set()  # installed packages of submitted functions: their classes may return
         self.wakeup_pending = False  # set by submitters, cleared by wake() on the loop
         self.leases: list[Lease] = []
+        self.offered: dict[str, tuple[int, float]] = {}  # peer -> slots it offered us last, and when
+        self.capacity_known = threading.Event()  # set by each usable offer
         self.board: BoardSession | None = None
         self.host: Libp2pHost | None = None
         self._kx_pk, self._kx_sk = sodium.crypto_kx_keypair()
@@ -365,12 +369,25 @@ class ClientScheduler:
         if not self._backoff.ready(msg["peer"], time.monotonic()):
             log.debug("ignoring an offer from %s: it could not be reached, next try later", msg.sender)
             return
+        self.offered[msg["peer"]] = (msg["slots"], time.monotonic())
+        self.capacity_known.set()
         slots = slots_to_accept(msg["slots"], self._wanted())
         if slots <= 0:
             return
         lease = Lease(msg.sender, msg["peer"], slots, msg.key)
         self.leases.append(lease)
         self._nursery.start_soon(self._run_lease, lease, msg)
+
+    def capacity(self) -> int:
+        """Slots leased now, plus those offered in the last minute by workers not leased (joblib's n_jobs=-1)."""
+        now, leased = time.monotonic(), {lease.peer for lease in self.leases}
+        return sum(lease.slots for lease in self.leases) + sum(
+            slots for peer, (slots, when) in self.offered.items() if peer not in leased and now - when < 60)
+
+    def probe(self) -> None:
+        """Ask the cluster who has slots, leasing nothing: the offers land in :attr:`offered`."""
+        view = self.nat.view.to_json() if self.nat is not None else {}
+        self._post("request", {"req": self.request_id, "n": PROBE_SLOTS, "py": PYTHON, **view}, REQUEST_TTL)
 
     def _tick(self) -> None:
         self._maybe_request()

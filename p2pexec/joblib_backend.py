@@ -1,0 +1,159 @@
+"""joblib's ``p2pexec`` backend: ``Parallel`` and scikit-learn's ``n_jobs`` on friends' machines.
+
+    with joblib.parallel_config(backend="p2pexec", executor=ex):   # an open P2PExecutor
+        GridSearchCV(..., n_jobs=-1).fit(X, y)
+
+    with joblib.parallel_config(backend="p2pexec", cluster="alice/friends"):  # opens and closes its own
+
+``n_jobs=-1`` means the slots leased or offered right now (at least one).
+Calls are auto-batched the way loky batches them, so many tiny calls
+travel in few tasks.  joblib is imported by the user, never by p2pexec
+itself (it costs 0.1 s): the backend registers itself when joblib is
+imported, before or after p2pexec.  joblib has no public base class for
+backends; ``joblib._parallel_backends`` is what dask and Ray use too, and
+the tested range is pinned in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+NAME = "p2pexec"
+_registered = threading.Lock()
+
+
+def _backend_class() -> type:
+    from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
+
+    from .executor import P2PExecutor
+
+    class P2PExecBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
+        """Runs joblib's batches as tasks of a P2PExecutor (given, or opened from cluster arguments)."""
+
+        supports_retrieve_callback = True
+        supports_timeout = True
+        default_n_jobs = -1
+
+        def __init__(self, executor: P2PExecutor | None = None, nesting_level: int | None = None,
+                     inner_max_num_threads: int | None = None, **executor_kwargs: Any) -> None:
+            super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
+            self._executor = executor
+            self._executor_kwargs = executor_kwargs
+            self._owned = False
+            self._futures: set[Future[Any]] = set()
+
+        def configure(self, n_jobs: int = 1, parallel: Any = None, **backend_kwargs: Any) -> int:
+            if self._executor is None:
+                kwargs = dict(self._executor_kwargs)
+                cluster = kwargs.pop("cluster", None)
+                if cluster is None:
+                    raise ValueError("the p2pexec backend needs executor=P2PExecutor(...) or cluster='owner/name'")
+                self._executor, self._owned = P2PExecutor(cluster, **kwargs), True
+            self.parallel = parallel
+            return self.effective_n_jobs(n_jobs)
+
+        def effective_n_jobs(self, n_jobs: int | None) -> int:
+            if n_jobs == 0:
+                raise ValueError("n_jobs == 0 in Parallel has no meaning")
+            if n_jobs is None:
+                n_jobs = self.default_n_jobs
+            if n_jobs > 0:
+                return n_jobs
+            slots = self._executor.capacity() if self._executor is not None else 1
+            return max(1, slots + 1 + n_jobs)  # -1: all of them, -2: all but one, as joblib means it
+
+        def compute_batch_size(self) -> int:
+            """loky's rule, but growing up to 8x a step instead of 2x while batches are far too short.
+
+            A round trip here costs milliseconds, not microseconds, and joblib polls
+            for results every 10 ms: the fewer steps to a good batch size, the better.
+            """
+            old = self._effective_batch_size
+            duration = self._smoothed_batch_duration
+            if 0 < duration < self.MIN_IDEAL_BATCH_DURATION / 8:
+                self._effective_batch_size = min(8 * old, int(old * self.MIN_IDEAL_BATCH_DURATION / duration))
+                self._smoothed_batch_duration = self._DEFAULT_SMOOTHED_BATCH_DURATION
+                return self._effective_batch_size
+            return super().compute_batch_size()
+
+        def submit(self, func: Callable[[], Any], callback: Callable[[Future[Any]], None] | None = None) -> Any:
+            assert self._executor is not None
+            for inner, _, _ in getattr(func, "items", ()):  # results may hold their packages' classes
+                self._executor._allow_classes_of(inner)
+            future = self._executor.submit(func)
+            self._futures.add(future)
+            future.add_done_callback(self._futures.discard)
+            if callback is not None:
+                future.add_done_callback(callback)
+            return future
+
+        def retrieve_result_callback(self, future: Future[Any]) -> Any:
+            return future.result()
+
+        def abort_everything(self, ensure_ready: bool = True) -> None:
+            """A call failed: the rest of this Parallel call is not wanted (running tasks are stopped)."""
+            if self._executor is not None:
+                for future in list(self._futures):
+                    self._executor.interrupt(future)
+            if not ensure_ready:
+                self.terminate()
+
+        def terminate(self) -> None:
+            if self._owned and self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor, self._owned = None, False
+
+    return P2PExecBackend
+
+
+def _make_backend(**kwargs: Any) -> Any:
+    """joblib calls this when a Parallel call uses the backend: only then is the executor's stack imported."""
+    global _class
+    with _registered:
+        if _class is None:
+            _class = _backend_class()
+    return _class(**kwargs)
+
+
+_class: type | None = None
+
+
+def register() -> None:
+    """Register the backend with joblib (idempotent, and cheap: task processes import p2pexec too)."""
+    import joblib
+
+    joblib.register_parallel_backend(NAME, _make_backend)
+
+
+class _WhenJoblibLoads(importlib.abc.MetaPathFinder):
+    """Registers the backend right after ``import joblib``, wherever it happens."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "joblib":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            sys.modules[name] = module
+            register()
+
+        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        return spec
+
+
+def install() -> None:
+    """Make ``backend="p2pexec"`` available to joblib now or whenever it is imported."""
+    if "joblib" in sys.modules:
+        register()
+    elif not any(isinstance(f, _WhenJoblibLoads) for f in sys.meta_path):
+        sys.meta_path.insert(0, _WhenJoblibLoads())

@@ -1,0 +1,71 @@
+"""joblib's p2pexec backend: Parallel and scikit-learn's n_jobs run on the cluster, same results as n_jobs=1."""
+
+from __future__ import annotations
+
+import pytest
+
+joblib = pytest.importorskip("joblib")
+pytest.importorskip("sklearn")
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+class Odd(Exception):
+    pass
+
+
+def _refuse_odd(x: int) -> int:
+    if x % 2:
+        raise Odd(x)
+    return x
+
+
+def test_parallel_runs_on_the_cluster_with_auto_batching(executor):
+    import os
+
+    with joblib.parallel_config(backend="p2pexec", executor=executor):
+        out = joblib.Parallel(n_jobs=-1)(joblib.delayed(_square)(i) for i in range(2000))
+        parents = set(joblib.Parallel(n_jobs=-1)(joblib.delayed(os.getppid)() for _ in range(20)))
+    assert out == [i * i for i in range(2000)]
+    assert os.getpid() not in parents  # ran in task processes, not here
+    assert executor.stats().done < 2000 + 20  # batched: far fewer tasks than calls
+
+
+def test_a_failing_call_raises_its_own_exception(executor):
+    with joblib.parallel_config(backend="p2pexec", executor=executor):
+        with pytest.raises(Odd):
+            joblib.Parallel(n_jobs=2)(joblib.delayed(_refuse_odd)(i) for i in range(10))
+
+
+def test_grid_search_gives_the_same_answer_as_one_job(executor):
+    from sklearn.datasets import load_iris
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.svm import SVC
+
+    X, y = load_iris(return_X_y=True)
+    grid = {"C": [0.1, 1, 10], "gamma": ["scale", 0.01, 0.1]}
+    local = GridSearchCV(SVC(), grid, cv=5, n_jobs=1).fit(X, y)
+    with joblib.parallel_config(backend="p2pexec", executor=executor):
+        remote = GridSearchCV(SVC(), grid, cv=5, n_jobs=-1).fit(X, y)
+    assert remote.best_params_ == local.best_params_
+    assert list(remote.cv_results_["mean_test_score"]) == list(local.cv_results_["mean_test_score"])
+
+
+def test_cluster_arguments_open_and_close_an_executor(cluster):
+    with joblib.parallel_config(backend="p2pexec", cluster=cluster.cluster, board=cluster.board,
+                                identity=cluster.identity, members=cluster.members, known_hosts=cluster.known_hosts):
+        assert joblib.Parallel(n_jobs=2)(joblib.delayed(_square)(i) for i in range(5)) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.parametrize("order", ["import p2pexec, joblib", "import joblib, p2pexec"])
+def test_the_backend_is_there_whichever_is_imported_first(order):
+    import subprocess
+    import sys
+
+    code = f"{order}\nfrom joblib.parallel import BACKENDS\nprint('p2pexec' in BACKENDS)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60).stdout.strip() == "True"
