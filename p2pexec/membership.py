@@ -34,7 +34,8 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _unb64(text: Any, length: int) -> bytes:
+def unb64(text: Any, length: int) -> bytes:
+    """Strict base64 of exactly ``length`` bytes, else ValueError."""
     try:
         raw = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
     except (binascii.Error, ValueError):
@@ -58,7 +59,7 @@ class Entry:
     def parse(cls, text: str) -> "Entry":
         kind, _, value = text.partition(" ")
         if kind == INVITE:
-            return cls(INVITE, _unb64(value, 32))
+            return cls(INVITE, unb64(value, 32))
         return cls("ssh", parse_openssh_public(kind, value.split(" ")[0]))
 
     @classmethod
@@ -108,7 +109,7 @@ class MemberList:
                     or not all(isinstance(e, str) for e in entries):
                 raise ValueError(f"bad member entry {user!r}")
             members[user] = tuple(Entry.parse(e) for e in entries)
-        return cls(data["cluster"], data["version"], members, _unb64(data.get("sig"), 64))
+        return cls(data["cluster"], data["version"], members, unb64(data.get("sig"), 64))
 
     def with_member(self, user: str, entry: Entry, version: int) -> "MemberList":
         return MemberList(self.cluster, version, {**self.members, user: (*self.members.get(user, ()), entry)})
@@ -202,7 +203,7 @@ class Membership:
             if isinstance(user, str) and isinstance(keys, dict):
                 for key, signature in keys.items():
                     try:
-                        self.admit(user, _unb64(key, 32), _unb64(signature, 64))
+                        self.admit(user, unb64(key, 32), unb64(signature, 64))
                     except ValueError:
                         continue
 

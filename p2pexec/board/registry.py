@@ -9,7 +9,6 @@ persists in one JSON file, written atomically.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..membership import MemberList, Membership, endorsed, INVITE
+from ..membership import INVITE, MemberList, Membership, endorsed, unb64
 from .commands import CommandError
 
 log = logging.getLogger(__name__)
@@ -33,12 +32,9 @@ def _b64(raw: bytes) -> str:
 
 def _raw(text: str, length: int, what: str) -> bytes:
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != length:
-        raise CommandError(f"{what} must be {length} bytes of base64")
-    return raw
+        return unb64(text, length)
+    except ValueError:
+        raise CommandError(f"{what} must be {length} bytes of base64") from None
 
 
 class Registry:
