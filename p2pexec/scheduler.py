@@ -622,11 +622,14 @@ class ClientScheduler:
             return True
         if op is Op.CREDIT:
             lease.credits += arg
-        elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED):
+        elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED, Op.RETURNED):
             item = lease.inflight.pop(arg, None)
             if item is None:
                 raise ProtocolError(f"worker {lease.worker} answered unknown task {arg}")
-            if op is Op.CANCELLED:
+            if op is Op.RETURNED:  # the worker is stopping: it grants no more, and what it held runs elsewhere
+                lease.credits = 0
+                self._hand_back(item)
+            elif op is Op.CANCELLED:
                 if not item.cancel_asked:
                     raise ProtocolError(f"worker {lease.worker} cancelled task {arg}, which nobody asked it to")
                 cancel_running(item.future)
@@ -690,6 +693,15 @@ class ClientScheduler:
                     f"task lost with its worker {len(item.losses)} times: " + "; ".join(item.losses)))
             else:
                 self.pending.appendleft(item)
+
+    def _hand_back(self, item: WorkItem) -> None:
+        """A stopping worker returned a task it never started: it runs elsewhere, and is no loss."""
+        if item.future.done():  # interrupted meanwhile
+            return
+        if self._cancel_queued:
+            cancel_running(item.future)
+        else:
+            self.pending.appendleft(item)
 
     def _fail_pending(self, exc: BaseException) -> None:
         while self.pending:
