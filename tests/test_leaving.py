@@ -75,6 +75,7 @@ with executor() as ex:
 IN_RESULT_WITHOUT_WITH = '''
 ex = executor()
 future = ex.submit(hold, PORT)
+behind = ex.submit(hold, PORT)  # queued here: the only slot is busy
 print("waiting", flush=True)
 future.result()
 '''
