@@ -56,6 +56,8 @@ def _remove_stale_directories() -> None:
     """
     for path in Path(tempfile.gettempdir()).glob(_PREFIX + "*"):
         try:
+            if path.stat().st_uid != os.getuid():
+                continue  # another user's: theirs to remove
             owner = int((path / _OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue  # being created right now, or not a LocalCluster's
