@@ -502,6 +502,10 @@ def worker_main(argv: list[str] | None = None) -> int:
                              "(default: 30)")
     parser.add_argument("--listen", action="append", default=None, metavar="MULTIADDR",
                         help="libp2p listen address (default: /ip4/0.0.0.0/tcp/0); repeatable")
+    parser.add_argument("--drain", type=float, default=30.0, metavar="S",
+                        help="on Ctrl-C or SIGTERM, take no new work and let running tasks finish for up to S "
+                             "seconds (tasks not started go back to their clients); a second signal stops at "
+                             "once (default: 30; 0: stop at once)")
     sandbox = parser.add_argument_group("sandbox", "Tasks run in a bubblewrap sandbox where the machine has "
                                                    "it: no access to your files, keys or network, nothing left "
                                                    "running after them.")
@@ -525,11 +529,15 @@ def worker_main(argv: list[str] | None = None) -> int:
                          help="print the N most recent tasks (default 20) and exit")
     history.add_argument("--json", action="store_true", help="with --history: one JSON object per line")
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--exit-with-parent", type=int, default=None, metavar="PID", help=argparse.SUPPRESS)
+    parser.add_argument("--remove-with-parent", type=Path, default=None, metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"p2pexec {__version__}")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     if args.slots < 1:
         parser.error("--slots must be at least 1")
+    if not args.drain >= 0:
+        parser.error("--drain must be 0 or more seconds")
     if args.check_sandbox:
         for line in _sandbox(args).describe():
             print(line)
@@ -622,7 +630,8 @@ def _worker(args: argparse.Namespace) -> int:
             os.write(args.ready_fd, b"ready\n")
             os.close(args.ready_fd)
 
-    serve(config, on_ready=ready)
+    serve(config, on_ready=ready, drain=args.drain, parent=args.exit_with_parent,
+          leftovers=args.remove_with_parent)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -28,11 +29,20 @@ from .tasks import PrepickledFunction, dump_task
 log = logging.getLogger("p2pexec.client")
 
 _live_executors: "weakref.WeakSet[P2PExecutor]" = weakref.WeakSet()
+LEAVE_GRACE = 1.0  # after Ctrl-C, how long workers get to confirm they stopped our tasks before we hang up
 
 
 def _shutdown_all() -> None:
+    """At interpreter exit: finish the work, unless the program is ending on Ctrl-C (then leave at once).
+
+    The interpreter keeps an uncaught exception in ``sys.last_value`` before it runs this hook.
+    """
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
     for executor in list(_live_executors):
-        executor.shutdown(wait=True)
+        if interrupted:
+            executor._leave_now()
+        else:
+            executor.shutdown(wait=True)
 
 
 threading._register_atexit(_shutdown_all)  # type: ignore[attr-defined]  # as concurrent.futures does
@@ -54,12 +64,20 @@ class P2PExecutor(Executor):
     allow-list (standard data types, exceptions, NumPy, your own classes),
     so a worker cannot run code here; ``result_types=["module.Name"]`` adds
     types, ``trusted_results=True`` accepts anything a worker sends.
+
+    ``shutdown(wait=True)`` (and leaving ``with``) waits for the work while
+    workers run it; once no worker has taken any of it for
+    ``shutdown_timeout`` seconds (default 60; None waits forever), the
+    remaining futures fail with ``NoWorkersError`` naming the command a
+    member must run.  Ctrl-C (KeyboardInterrupt) in ``result()``, a ``map``
+    loop, ``with`` or the interpreter's exit cancels what is queued and
+    stops what runs on workers, and the program ends within about a second.
     """
 
     def __init__(self, cluster: str, *, board: str | None = None, identity: str | os.PathLike[str] | None = None,
                  user: str | None = None, members: str | os.PathLike[str] | None = None,
                  max_workers: int | None = None, max_retries: int = 2, worker_timeout: float | None = None,
-                 warn_after: float = 30.0, lease_idle: float = 10.0,
+                 warn_after: float = 30.0, lease_idle: float = 10.0, shutdown_timeout: float | None = 60.0,
                  known_hosts: str | os.PathLike[str] = DEFAULT_KNOWN_HOSTS,
                  accept_new_host_key: bool = False, relay: str | list[str] | None = None,
                  allow: Iterable[str] | None = None, task_timeout: float | None = None,
@@ -69,6 +87,8 @@ class P2PExecutor(Executor):
             raise ValueError("max_workers must be greater than 0")
         if task_timeout is not None and not task_timeout > 0:
             raise ValueError("task_timeout must be greater than 0 seconds")
+        if shutdown_timeout is not None and not shutdown_timeout >= 0:
+            raise ValueError("shutdown_timeout must be 0 or more seconds, or None to wait for workers forever")
         if max_result_size is not None and max_result_size <= 0:
             raise ValueError("max_result_size must be greater than 0 bytes")
         if isinstance(allow, str):
@@ -80,7 +100,7 @@ class P2PExecutor(Executor):
             warn_after=warn_after, worker_timeout=worker_timeout, board_hint=who.board_hint,
             relays=who.relays, allow=frozenset(allow) if allow is not None else None, task_timeout=task_timeout,
             max_result_size=max_result_size or (physical_memory() or 8 << 30) // 2, trusted_results=trusted_results,
-            result_types=frozenset(result_types))
+            result_types=frozenset(result_types), shutdown_timeout=shutdown_timeout)
         self._scheduler: ClientScheduler | None = None
         self._runtime: TrioThread | None = None
         self._board: BoardSession | None = None
@@ -212,10 +232,23 @@ class P2PExecutor(Executor):
             self._runtime.call_soon(scheduler.withdraw_queued)
         if already and not wait:
             return
-        if wait:
-            self._finish()
-        else:
+        self._runtime.call_soon(scheduler.leaving)
+        if not wait:
             threading.Thread(target=self._finish, name="p2pexec-shutdown", daemon=True).start()
+            return
+        try:
+            self._finish()
+        except KeyboardInterrupt:  # Ctrl-C while waiting: one is enough
+            self._leave_now()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: Any) -> bool:
+        """Wait for the work as the stdlib does, except after Ctrl-C: then cancel it and leave at once."""
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._leave_now()
+        else:
+            self.shutdown(wait=True)
+        return False
 
     # -- internals ----------------------------------------------------------------------
     def _allow_classes_of(self, fn: Callable[..., Any]) -> None:
@@ -224,12 +257,27 @@ class P2PExecutor(Executor):
         if package is not None and self._scheduler is not None:
             self._scheduler.task_packages.add(package)  # (a set.add is atomic: no lock with the loop thread)
 
+    def _leave_now(self) -> None:
+        """After Ctrl-C: cancel what is queued, interrupt what runs on workers, stop within about a second."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        runtime, scheduler = self._runtime, self._scheduler
+        if runtime is None or scheduler is None:
+            return
+        if runtime.alive:
+            try:
+                runtime.run_sync(scheduler.interrupt_all)
+            except trio.RunFinishedError:
+                pass
+        self._stop_runtime(grace=LEAVE_GRACE)
+
     def _finish(self) -> None:
         while self._runtime is not None and self._runtime.alive and self._unfinished:
             wait(list(self._unfinished), timeout=1.0)
         self._stop_runtime()
 
-    def _stop_runtime(self) -> None:
+    def _stop_runtime(self, grace: float = 5.0) -> None:
+        """End the leases (politely for up to ``grace`` seconds), the loop thread and the board session."""
         with self._shutdown_lock:
             if self._stopped:
                 return
@@ -239,7 +287,7 @@ class P2PExecutor(Executor):
             return
         if runtime.alive:
             try:
-                runtime.run(scheduler.close)
+                runtime.run(scheduler.close, grace)
             except trio.RunFinishedError:
                 pass
         runtime.join(timeout=10)

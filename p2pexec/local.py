@@ -6,6 +6,7 @@ worker daemons, libp2p, encryption); only the network is 127.0.0.1.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import shutil
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,44 @@ from .errors import P2PExecError
 from .executor import P2PExecutor
 from .keys import Keyring, generate_identity_file, load_identity
 
+log = logging.getLogger("p2pexec.local")
+
 READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0  # a stopping worker with nothing running exits in well under a second
+_PREFIX = "p2pexec-local-"
+_OWNER_FILE = "owner.pid"  # the pid of the process whose cluster it is
+
+
+def _alive(pid: int) -> bool:
+    """Is process ``pid`` running (a zombie is not)?  Where unsure, yes: keys are removed only when sure."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _remove_stale_directories() -> None:
+    """Remove the directories (private keys among them) of LocalClusters whose process is gone.
+
+    A process killed before it closed its cluster, with no worker left to
+    clean up after it, leaves one behind.
+    """
+    for path in Path(tempfile.gettempdir()).glob(_PREFIX + "*"):
+        try:
+            if path.stat().st_uid != os.getuid():
+                continue  # another user's: theirs to remove
+            owner = int((path / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # being created right now, or not a LocalCluster's
+        if not _alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by process %d, which has ended", path, owner)
 
 
 class PeakMemory:
@@ -68,13 +107,20 @@ class WorkerProcess:
         self.popen.kill()
         self.popen.wait()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM, as Ctrl-C would: running tasks finish (for up to ``timeout`` s), then SIGKILL."""
+        self.terminate()
+        self.wait_or_kill(time.monotonic() + timeout)
+
+    def terminate(self) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+
+    def wait_or_kill(self, deadline: float) -> None:
+        try:
+            self.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
 
     def __repr__(self) -> str:
         return f"<WorkerProcess pid={self.pid} returncode={self.popen.returncode}>"
@@ -99,7 +145,8 @@ class LocalCluster:
         self.worker_options = tuple(worker_options) + (() if sandbox else ("--no-sandbox",))
         self.workers: list[WorkerProcess] = []
         self._n_workers = workers
-        self._dir = Path(tempfile.mkdtemp(prefix="p2pexec-local-"))
+        self._dir = Path(tempfile.mkdtemp(prefix=_PREFIX))
+        (self._dir / _OWNER_FILE).write_text(str(os.getpid()))
         self.identity = str(self._dir / "owner_ed25519")
         self.worker_identity = str(self._dir / "worker_ed25519")
         self.members = str(self._dir / "members")
@@ -115,6 +162,8 @@ class LocalCluster:
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> "LocalCluster":
+        """Start the board and the workers; they end with this process, however it ends."""
+        _remove_stale_directories()
         try:
             generate_identity_file(Path(self.identity), f"{self.owner}@p2pexec-local")
             generate_identity_file(Path(self.worker_identity), f"{self.worker_user}@p2pexec-local")
@@ -177,7 +226,8 @@ class LocalCluster:
                "--board", f"ssh://{user}@127.0.0.1:{self._port}",
                "--identity", identity, "--members", self.members,
                "--known-hosts", self.known_hosts, "--slots", str(slots or self.slots),
-               "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-fd", str(write_fd), *self.worker_options]
+               "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-fd", str(write_fd),
+               "--exit-with-parent", str(os.getpid()), "--remove-with-parent", str(self._dir), *self.worker_options]
         if self.verbose:
             cmd.append("--verbose")
         scratch = self._dir / "tmp"  # removed with the cluster, even when a test SIGKILLs the worker
@@ -207,8 +257,12 @@ class LocalCluster:
         return P2PExecutor(self.cluster, **options)
 
     def close(self) -> None:
+        """Stop the workers (all at once, each bounded), the board, and remove the keys."""
+        deadline = time.monotonic() + STOP_TIMEOUT
         for worker in self.workers:
-            worker.stop()
+            worker.terminate()
+        for worker in self.workers:
+            worker.wait_or_kill(deadline)
         self.stop_board()
         shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -104,6 +104,7 @@ class SchedulerOptions:
     lease_idle: float = 10.0
     warn_after: float = 30.0
     worker_timeout: float | None = None
+    shutdown_timeout: float | None = 60.0  # once shutting down, fail the work no worker took for this long
     board_hint: str = ""
     relays: tuple[str, ...] = ()
     allow: frozenset[str] | None = None  # use only workers run by these members
@@ -159,6 +160,7 @@ class ClientScheduler:
         self._warned: frozenset[Sighting] | None = None  # what the last no-worker warning said, this episode
         self._warned_at = -1e9
         self._unusable = Unusable(PYTHON)  # workers online that we cannot use, and why
+        self._leaving_since: float | None = None  # when shutdown() was called
         self._cancel_queued = False  # shutdown(cancel_futures=True): queued work is withdrawn, not run
         self.banned: dict[str, str] = {}  # member -> how a worker of theirs broke the protocol
         self.nat: NatTraversal | None = None
@@ -236,6 +238,27 @@ class ClientScheduler:
         elif item.future.cancel():
             item.future.set_running_or_notify_cancel()  # wait() and as_completed see it now
 
+    def leaving(self) -> None:
+        """shutdown() was called: from now on, waiting for workers that never come is bounded."""
+        if self._leaving_since is None:
+            self._leaving_since = time.monotonic()
+            log.debug("shutting down: %d task(s) queued, %d at workers", len(self.pending), self._inflight())
+
+    def interrupt_all(self) -> None:
+        """Ctrl-C: cancel the work waiting here, and stop what was sent to workers, started or not."""
+        self._cancel_queued = True
+        queued = len(self.pending)
+        while self.pending:
+            self._cancel_unsent(self.pending.popleft())
+        running = 0
+        for lease in self.leases:
+            for item in lease.inflight.values():
+                if not item.future.done():
+                    self._ask_cancel(lease, item, Op.INTERRUPT)
+                    cancel_running(item.future)
+                    running += 1
+        log.info("interrupted: cancelled %d queued task(s), stopping %d sent to workers", queued, running)
+
     def withdraw_queued(self) -> None:
         """Cancel all work that has not started, including what waits at workers (cancel_futures)."""
         self._cancel_queued = True
@@ -287,13 +310,16 @@ class ClientScheduler:
         if self.nat.candidates:
             await self.nat.join_any()
 
-    async def close(self) -> None:
-        """End every lease politely; called once the executor is done."""
+    async def close(self, grace: float = 5.0) -> None:
+        """End every lease politely, hang up on those still open after ``grace`` s; called once the executor is done."""
         self._closing = True
         self.notify()
-        with trio.move_on_after(5):
+        with trio.move_on_after(grace):
             while self.leases:
                 await self._wait_change()
+        if self.leases and self._nursery is not None:
+            log.debug("hanging up on %d lease(s) that did not end within %g s", len(self.leases), grace)
+            self._nursery.cancel_scope.cancel()
         self._fail_all(RuntimeError("the executor shut down before this task ran"))
 
     # -- queue helpers -----------------------------------------------------------------
@@ -410,6 +436,20 @@ class ClientScheduler:
         if timeout is not None and waited >= timeout:
             self._fail_pending(NoWorkersError(
                 f"no worker of cluster {self.cluster} took this task within {timeout:g} s; {self._starving_hint()}"))
+        self._give_up_leaving(now)
+
+    def _give_up_leaving(self, now: float) -> None:
+        """shutdown() must not wait forever for workers that never come: fail what none took in time."""
+        limit = self.options.shutdown_timeout
+        if self._leaving_since is None or limit is None or self._starving_since is None or not self.pending:
+            return
+        if now - max(self._starving_since, self._leaving_since) < limit:
+            return
+        log.warning("shutdown: no worker of cluster %s took the %d remaining task(s) in %g s; failing them with "
+                    "NoWorkersError; %s", self.cluster, len(self.pending), limit, self._starving_hint())
+        self._fail_pending(NoWorkersError(
+            f"the executor shut down and no worker of cluster {self.cluster} took this task in {limit:g} s "
+            f"(shutdown_timeout); {self._starving_hint()}, or pass a larger shutdown_timeout="))
 
     def _time_out(self, now: float) -> None:
         """Tasks past task_timeout fail with TimeoutError at once; their workers are told to stop them.
@@ -646,11 +686,14 @@ class ClientScheduler:
             return True
         if op is Op.CREDIT:
             lease.credits += arg
-        elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED):
+        elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED, Op.RETURNED):
             item = lease.inflight.pop(arg, None)
             if item is None:
                 raise ProtocolError(f"worker {lease.worker} answered unknown task {arg}")
-            if op is Op.CANCELLED:
+            if op is Op.RETURNED:  # the worker is stopping: it grants no more, and what it held runs elsewhere
+                lease.credits = 0
+                self._hand_back(item)
+            elif op is Op.CANCELLED:
                 if not item.cancel_asked:
                     raise ProtocolError(f"worker {lease.worker} cancelled task {arg}, which nobody asked it to")
                 cancel_running(item.future)
@@ -715,6 +758,15 @@ class ClientScheduler:
                     f"task lost with its worker {len(item.losses)} times: " + "; ".join(item.losses)))
             else:
                 self.pending.appendleft(item)
+
+    def _hand_back(self, item: WorkItem) -> None:
+        """A stopping worker returned a task it never started: it runs elsewhere, and is no loss."""
+        if item.future.done():  # interrupted meanwhile
+            return
+        if self._cancel_queued:
+            cancel_running(item.future)
+        else:
+            self.pending.appendleft(item)
 
     def _fail_pending(self, exc: BaseException) -> None:
         while self.pending:

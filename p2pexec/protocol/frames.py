@@ -253,6 +253,7 @@ class Op(enum.IntEnum):
     CANCELLED = 9  # worker -> client: task ``arg`` was dropped or stopped as asked; no result follows
     PING = 10  # either side: still here (a quiet lease would look like a frozen or unplugged peer)
     MOVE = 11  # either side: my last message on this stream; the lease goes on where RESUME_MAGIC came
+    RETURNED = 12  # worker -> client: task ``arg`` will not run here (the worker is stopping); run it elsewhere
 
 
 def op_parts(op: Op, arg: int = 0, *data: Buffer) -> list[Buffer]:

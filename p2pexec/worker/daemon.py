@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,10 @@ class WorkerDaemon:
         self._background: trio.Nursery | None = None
         self._punch_failed = False  # a lease stayed relayed: our NAT defeats hole punching
         self._joining = 0  # relay joins under way: requests wait for them, so offers carry addresses that work
+        self.serving = False  # joined the board and offering
+        self.draining = False  # stopping: no new leases; live ones end once their running tasks are answered
+        self.drained = trio.Event()  # set once draining and every slot is back
+        self.running = 0  # tasks running in task processes, over all leases
 
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -154,22 +159,46 @@ class WorkerDaemon:
                          "(reachability: %s)", self.config.who.identity.user, self.config.who.cluster,
                          self.config.slots, self.config.who.board, host.peer_id, " ".join(host.addrs),
                          self.nat.state.kind)
+                self.serving = True
                 task_status.started()
                 async with trio.open_nursery() as background:
                     self._background = background
                     background.start_soon(self.nat.keep)
                     while True:
                         await trio.sleep(HELLO_EVERY)
-                        self.board.send(self._hello())
+                        if self.board is not None:
+                            self.board.send(self._hello())
                         now = time.time()
                         self.offers = {k: o for k, o in self.offers.items() if o.exp > now}
             finally:
                 with trio.CancelScope(shield=True):
-                    bye = self._sign("bye", {"role": "worker"}, ttl=30)
-                    await trio.to_thread.run_sync(self.board.close, bye)
+                    await self._leave_board()
                     for slot in self.free:
                         await slot.stop()
                     shutil.rmtree(self._scratch, ignore_errors=True)  # and what busy slots' processes left
+
+    async def drain(self) -> int:
+        """Stop taking work: no more offers or accepts, goodbye on the board; each lease hands back the
+        tasks it has not started and ends once its running ones are answered.  Returns how many run."""
+        self.draining = True
+        self.offers.clear()
+        self.waiting.clear()
+        for poke in list(self._pokes):
+            poke()
+        self._check_drained()
+        await self._leave_board()
+        return self.running
+
+    def _check_drained(self) -> None:
+        if self.draining and len(self.free) == self.config.slots:
+            self.drained.set()
+
+    async def _leave_board(self) -> None:
+        """Say goodbye once, so clients and ``p2pexec status`` stop counting on this worker."""
+        board, self.board = self.board, None
+        if board is not None:
+            bye = self._sign("bye", {"role": "worker"}, ttl=30)
+            await trio.to_thread.run_sync(board.close, bye)
 
     async def _find_relay(self) -> None:
         """Join the board's relay (or a configured one) before the first offer."""
@@ -333,6 +362,7 @@ class WorkerDaemon:
             if slots:
                 self.last_served[accept["req"]] = time.time()
                 self._offer_to_waiting()
+                self._check_drained()
 
     @contextmanager
     def _recording(self, move: _Move, slot: TaskSlot, member: str) -> Iterator[_Ran]:
@@ -379,6 +409,8 @@ class WorkerDaemon:
         log.info("lease for %s moved to a %s connection", client, Libp2pHost.stream_path(move.stream))
 
     def _authenticate(self, line: bytes) -> messages.Message:
+        if self.draining:
+            raise ProtocolError("an accept came while this worker is stopping; it takes no new lease")
         msg = self.inbox.receive(line, time.time())
         if msg is None:
             raise ProtocolError(f"invalid accept ({', '.join(self.inbox.dropped)})")
@@ -395,7 +427,10 @@ class WorkerDaemon:
 
         A lease older than ``lease_seconds`` that another client is waiting
         for gets no more credit; once it has answered what it holds, it ends,
-        and the slots go to whoever waited.
+        and the slots go to whoever waited.  A worker that is stopping
+        (:meth:`drain`) grants no more credit either, hands back the tasks it
+        has not started (RETURNED: the client runs them elsewhere), and ends
+        the lease once its running tasks are answered.
 
         Answers go to an outbox that one sender drains: whatever finished
         while the previous message was being written leaves in the next one,
@@ -418,10 +453,11 @@ class WorkerDaemon:
             async with tasks:
                 async for task_id, payload, shared in tasks:
                     if not ledger.task_started(task_id):
-                        continue  # withdrawn while it waited, and answered then
+                        continue  # withdrawn or handed back while it waited, and answered then
                     started = trio.current_time()
                     with trio.CancelScope() as stopper, self._recording(move, slot, client) as record:
                         stoppers[task_id] = stopper
+                        self.running += 1
                         try:
                             op = op_parts(Op.RESULT, task_id, await slot.run(payload, shared))
                             record.outcome = "failed" if slot.raised else "ok"
@@ -430,6 +466,7 @@ class WorkerDaemon:
                             op = op_parts(Op.FAILED, task_id, str(exc).encode())
                         finally:
                             del stoppers[task_id]
+                            self.running -= 1
                     del payload, shared
                     if stopper.cancelled_caught:
                         log.info("task %d of %s interrupted as asked", task_id, client)
@@ -440,17 +477,26 @@ class WorkerDaemon:
         started = trio.current_time()
 
         def expired() -> bool:
-            return trio.current_time() - started > self.config.lease_seconds and self.contended(req)
+            return self.draining or (trio.current_time() - started > self.config.lease_seconds
+                                     and self.contended(req))
+
+        def hand_back() -> None:
+            """Stopping: what has not started runs elsewhere, at once."""
+            for task_id in sorted(ledger.queued):
+                ledger.withdraw(task_id)
+                outbox.extend(op_parts(Op.RETURNED, task_id))
 
         async def send_mail() -> None:
             nonlocal mail, finished
             while True:
                 await mail.wait()
                 mail = trio.Event()
+                if self.draining:
+                    hand_back()
                 batch, outbox[:] = outbox[:], []
                 if not finished and expired() and ledger.answered == ledger.received:
-                    log.info("lease for %s ends after %.0f s: another client is waiting", client,
-                             trio.current_time() - started)
+                    log.info("lease for %s ends after %.0f s: %s", client, trio.current_time() - started,
+                             "this worker is stopping" if self.draining else "another client is waiting")
                     finished = True
                 if finished:
                     batch.append(encode_op(Op.END))
@@ -472,6 +518,10 @@ class WorkerDaemon:
                             return
                         if op is Op.TASK:
                             ledger.task_received(arg)
+                            if self.draining:  # sent on credit granted before we began to stop
+                                ledger.withdraw(arg)
+                                post(*op_parts(Op.RETURNED, arg))
+                                continue
                             shared = (memfd, offset) if memfd is not None and data.nbytes >= hop.SHARED_MIN else None
                             send_tasks.send_nowait((arg, data, shared))
                         elif op is Op.PING:
@@ -516,8 +566,14 @@ class WorkerDaemon:
             post()
 
 
-def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None) -> None:
-    """Run a worker until SIGINT or SIGTERM; ``on_ready`` once it has joined the board."""
+def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None, *, drain: float = 30.0,
+          parent: int | None = None, leftovers: Path | None = None) -> None:
+    """Run a worker until SIGINT or SIGTERM; ``on_ready`` once it has joined the board.
+
+    The first signal drains (running tasks get up to ``drain`` seconds), a
+    second stops at once.  With ``parent``, the worker also stops when that
+    process (a LocalCluster's) ends, and removes ``leftovers`` (its directory).
+    """
 
     say_how_we_sign(config.who.identity, protect_memory())
     for line in config.sandbox.describe():
@@ -528,7 +584,9 @@ def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None) -> 
     async def main() -> None:
         daemon = WorkerDaemon(config)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            nursery.start_soon(_leave_on_signals, daemon, nursery.cancel_scope, drain)
+            if parent is not None:
+                nursery.start_soon(_end_with_parent, parent, leftovers, nursery.cancel_scope)
             await nursery.start(daemon.run)
             on_ready()
 
@@ -556,9 +614,52 @@ def protect_memory() -> bool:
     return prctl(_PR_SET_DUMPABLE, 0)
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
+async def _leave_on_signals(daemon: WorkerDaemon, stop: trio.CancelScope, drain: float) -> None:
+    """First SIGINT/SIGTERM: drain for up to ``drain`` s; a second one: stop now, killing running tasks."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s; stopping", signal.Signals(signum).name)
-            scope.cancel()
+        name = signal.Signals(await anext(signals)).name
+        if not daemon.serving or drain <= 0:
+            log.info("received %s; stopping", name)
+            stop.cancel()
             return
+        log.info("received %s; draining: no new leases, tasks not started go back to their clients", name)
+        running = await daemon.drain()
+        if running:
+            log.warning("draining: %d task(s) running, Ctrl-C again to stop now (stopping anyway in %g s)",
+                        running, drain)
+        with trio.move_on_after(drain) as timer:
+            async with trio.open_nursery() as race:
+                race.start_soon(_then_cancel, daemon.drained.wait, race.cancel_scope)
+                race.start_soon(_then_cancel, partial(anext, signals), race.cancel_scope)
+        if daemon.drained.is_set():
+            log.info("drained: every task was answered; stopping")
+        else:
+            log.warning("stopping now%s: killing %d running task(s); their clients run them elsewhere",
+                        f" after {drain:g} s of draining" if timer.cancelled_caught else "", daemon.running)
+        stop.cancel()
+
+
+async def _then_cancel(afn: Callable[[], Any], scope: trio.CancelScope) -> None:
+    """Await ``afn()``, then cancel ``scope``: the first of several waits to finish wins."""
+    await afn()
+    scope.cancel()
+
+
+PARENT_CHECK_SECONDS = 0.2
+
+
+async def _end_with_parent(parent: int, leftovers: Path | None, stop: trio.CancelScope) -> None:
+    """Stop once process ``parent`` has ended, however it ended (SIGKILL, a notebook kernel restart).
+
+    Its death reparents us, which ``getppid`` shows.  PR_SET_PDEATHSIG
+    would fire when the *thread* that started us ends, which may be long
+    before its process; a pipe's EOF would wait for every process that
+    inherited its other end (anything the parent forked).  ``leftovers``
+    (the LocalCluster's directory, which holds private keys) goes too.
+    """
+    while os.getppid() == parent:
+        await trio.sleep(PARENT_CHECK_SECONDS)
+    log.warning("the process that started this worker (pid %d) has ended; stopping", parent)
+    if leftovers is not None:
+        shutil.rmtree(leftovers, ignore_errors=True)
+    stop.cancel()
