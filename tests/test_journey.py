@@ -210,3 +210,32 @@ def test_a_line_removed_from_a_hand_kept_members_file_takes_effect_in_running_ex
             while time.monotonic() < removed + 10:  # the leases notice within a heartbeat or two
                 ex.submit(_parent).result(timeout=30)
             assert set(ex.map(_parent, range(20))) == {owners.pid}
+
+
+def _hold(port: int) -> None:
+    """Run until killed, holding a connection the test watches (its EOF is the task process dying)."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", port)):
+        time.sleep(120)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_stops_the_tasks_of_a_member_removed_from_its_members_file():
+    import socket
+
+    from p2pexec import LocalCluster
+
+    with LocalCluster(workers=0) as lc, socket.create_server(("127.0.0.1", 0)) as server:
+        lc.add_worker(user=lc.owner)  # the owner lends a machine; the friend uses it
+        server.settimeout(60)
+        with lc.executor(identity=lc.worker_identity, user=lc.worker_user, shutdown_timeout=1) as ex:
+            ex.submit(_hold, server.getsockname()[1])
+            conn, _ = server.accept()  # the friend's task runs on the owner's worker
+            members = Path(lc.members)
+            members.write_text("".join(line for line in members.read_text().splitlines(keepends=True)
+                                       if not line.startswith(lc.worker_user + " ")))
+            conn.settimeout(20)
+            assert conn.recv(1) == b""  # its task process was killed: the worker ended the lease
+            conn.close()

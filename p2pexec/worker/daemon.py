@@ -341,7 +341,7 @@ class WorkerDaemon:
             if status["path"] == "relayed" and self._background is not None:
                 self._background.start_soon(self._watch_punch, move, accept.sender)
             try:
-                await self._serve_lease(channel, slots, accept.sender, accept["req"], move)
+                await self._serve_lease(channel, slots, accept.sender, accept["req"], move, accept.key)
             finally:
                 with trio.CancelScope(shield=True):
                     await channel.close()
@@ -422,7 +422,7 @@ class WorkerDaemon:
         return msg
 
     async def _serve_lease(self, channel: SecureChannel, slots: list[TaskSlot], client: str, req: str,
-                           move: _Move) -> None:
+                           move: _Move, client_key: bytes) -> None:
         """Run the client's tasks on our slots; the client may only send what we credited.
 
         A lease older than ``lease_seconds`` that another client is waiting
@@ -543,6 +543,8 @@ class WorkerDaemon:
         async def heartbeat() -> None:
             while True:
                 await trio.sleep(HEARTBEAT_SECONDS)
+                if not self.config.who.keyring.allows(client, client_key):  # the owner took them out
+                    raise ProtocolError(f"{client} is no longer a member of {self.config.who.cluster}")
                 post(encode_op(Op.PING))
 
         async with trio.open_nursery() as nursery:
