@@ -213,8 +213,9 @@ def _pid_cap_fails(bwrap: str, processes: int) -> str:
     machine = Path("/proc/sys/kernel/pid_max").read_text()
     read, write = os.pipe()
     try:
-        proc = subprocess.Popen(sandbox.command(["/bin/sh", "-c", "read line"], Path("/"), "/", info_fd=write),
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        proc = subprocess.Popen(sandbox.command(["/bin/sh", "-c", "echo up; read line"], Path("/"), "/",
+                                                info_fd=write),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 pass_fds=(write,))
     except OSError as exc:
         os.close(read)
@@ -222,6 +223,8 @@ def _pid_cap_fails(bwrap: str, processes: int) -> str:
     finally:
         os.close(write)
     try:
+        assert proc.stdout is not None
+        proc.stdout.readline()  # set up and running, as a task process is when it says it is ready
         with os.fdopen(read) as info:
             pid = json.loads(info.read())["child-pid"]
         command = sandbox.cap_command(pid)

@@ -98,13 +98,17 @@ class TaskSlot:
         self.function = "?"
         _LIVE.add(proc.pid)
         try:
-            if info_read is not None:  # before the first task: nothing untrusted runs in there yet
-                await self._cap_processes(info_read)
             ready = await self._receive_outcome()
+            if nbytes(ready) != 0:
+                raise await self._end("a new task process sent data instead of its ready signal")
+            if info_read is not None:  # once the sandbox is set up, before the first task: nothing untrusted yet
+                await self._cap_processes(info_read)
+                info_read = None
         except TaskProcessDied as exc:
             raise TaskProcessDied(f"a new task process failed while starting: {exc}") from None
-        if nbytes(ready) != 0:
-            raise await self._end("a new task process sent data instead of its ready signal")
+        finally:
+            if info_read is not None:
+                os.close(info_read)
 
     async def _cap_processes(self, info_fd: int) -> None:
         """Cap the PIDs of the new sandbox, whose PIDs bubblewrap writes to ``info_fd``."""
