@@ -8,7 +8,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Executor, Future, InvalidStateError, wait
 from concurrent.futures.process import _chain_from_iterable_of_lists, _get_chunks, _process_chunk
 from functools import partial
 from pathlib import Path
@@ -20,6 +20,7 @@ from .board.client import DEFAULT_KNOWN_HOSTS, BoardSession
 from .config import physical_memory, resolve
 from .logs import quiet_dependencies
 from .protocol.messages import Inbox
+from .dependencies import first_failure, futures_in, resolved
 from .results import task_package
 from .runtime import TrioThread
 from .scheduler import ClientScheduler, SchedulerOptions, WorkItem
@@ -151,23 +152,66 @@ class P2PExecutor(Executor):
                 raise RuntimeError("cannot schedule new futures: the p2pexec runtime has stopped")
             future: Future[Any] = Future()
             self._allow_classes_of(fn)
-            try:
-                payload = dump_task(fn, args, kwargs)
-            except Exception as exc:
-                future.set_exception(exc)
-                return future
-            scheduler, runtime = self._scheduler, self._runtime
-            assert scheduler is not None and runtime is not None
-            item = WorkItem(future, payload, scheduler.next_id())
-            self._unfinished.add(future)
-            future.add_done_callback(self._unfinished.discard)
-            scheduler.pending.append(item)
-            if not scheduler.wakeup_pending:  # one wake-up serves every submit queued before it runs
-                scheduler.wakeup_pending = True
-                runtime.call_soon(scheduler.wake)
+            waiting_for = futures_in((args, kwargs))
+            if waiting_for:
+                self._unfinished.add(future)
+                future.add_done_callback(self._unfinished.discard)
+                self._after(waiting_for, future, fn, args, kwargs)
+            else:
+                self._enqueue(future, fn, args, kwargs)
             return future
 
-    submit.__doc__ = Executor.submit.__doc__
+    submit.__doc__ = (Executor.submit.__doc__ or "") + """
+        A Future among the arguments (at top level, or in lists, tuples and
+        dict values) is replaced by its result; the task is sent once they
+        all finished, holding no worker meanwhile, and fails with the first
+        one's exception if one failed."""
+
+    def _after(self, waiting_for: list[Future[Any]], future: Future[Any], fn: Callable[..., Any],
+               args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Send the task once every future it depends on has finished (from whichever thread finishes last)."""
+        left = [len(waiting_for)]
+        lock = threading.Lock()
+
+        def one_done(_: Future[Any]) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            if future.done():  # cancelled meanwhile
+                return
+            failure = first_failure(waiting_for)
+            try:
+                if failure is not None:
+                    future.set_exception(failure)
+                else:
+                    self._enqueue(future, fn, resolved(args), resolved(kwargs))
+            except InvalidStateError:
+                pass  # cancelled between the check and now
+
+        for dependency in waiting_for:
+            dependency.add_done_callback(one_done)
+
+    def _enqueue(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> None:
+        runtime, scheduler = self._runtime, self._scheduler
+        assert scheduler is not None and runtime is not None
+        if not runtime.alive:
+            future.set_exception(RuntimeError("the p2pexec runtime stopped before this task could be sent"))
+            return
+        try:
+            payload = dump_task(fn, args, kwargs)
+        except Exception as exc:
+            future.set_exception(exc)
+            return
+        item = WorkItem(future, payload, scheduler.next_id())
+        if future not in self._unfinished:  # (a task that waited for futures is there already)
+            self._unfinished.add(future)
+            future.add_done_callback(self._unfinished.discard)
+        scheduler.pending.append(item)
+        if not scheduler.wakeup_pending:  # one wake-up serves every submit queued before it runs
+            scheduler.wakeup_pending = True
+            runtime.call_soon(scheduler.wake)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
