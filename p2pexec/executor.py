@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import secrets
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +23,7 @@ from .logs import quiet_dependencies
 from .protocol.messages import Inbox
 from .dependencies import first_failure, futures_in, resolved
 from .results import task_package
+from .seeding import Seeded, numbered_chunks, seeded_chunk
 from .runtime import TrioThread
 from .scheduler import ClientScheduler, SchedulerOptions, WorkItem
 from .stats import ExecutorStats
@@ -49,6 +51,11 @@ def _shutdown_all() -> None:
 threading._register_atexit(_shutdown_all)  # type: ignore[attr-defined]  # as concurrent.futures does
 
 
+def _is_map_chunk(fn: Any) -> bool:
+    return isinstance(fn, PrepickledFunction) or (
+        isinstance(fn, partial) and fn.func in (_process_chunk, seeded_chunk))
+
+
 class P2PExecutor(Executor):
     """Runs calls on the workers of a cluster, like ProcessPoolExecutor runs them on processes.
 
@@ -65,6 +72,11 @@ class P2PExecutor(Executor):
     allow-list (standard data types, exceptions, NumPy, your own classes),
     so a worker cannot run code here; ``result_types=["module.Name"]`` adds
     types, ``trusted_results=True`` accepts anything a worker sends.
+
+    ``seed=S`` (an int, or True for a random one that is logged) makes
+    random numbers reproducible: each task's ``random``, NumPy global and
+    ``p2pexec.task_rng()`` streams derive from ``S`` and the task's place in
+    submission order only (see :mod:`p2pexec.seeding`), whatever runs it.
 
     ``shutdown(wait=True)`` (and leaving ``with``) waits for the work while
     workers run it; once no worker has taken any of it for
@@ -83,7 +95,7 @@ class P2PExecutor(Executor):
                  accept_new_host_key: bool = False, relay: str | list[str] | None = None,
                  allow: Iterable[str] | None = None, task_timeout: float | None = None,
                  max_result_size: int | None = None, trusted_results: bool = False,
-                 result_types: Iterable[str] = (), verbose: bool = False) -> None:
+                 result_types: Iterable[str] = (), seed: int | bool | None = None, verbose: bool = False) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if task_timeout is not None and not task_timeout > 0:
@@ -92,6 +104,13 @@ class P2PExecutor(Executor):
             raise ValueError("shutdown_timeout must be 0 or more seconds, or None to wait for workers forever")
         if max_result_size is not None and max_result_size <= 0:
             raise ValueError("max_result_size must be greater than 0 bytes")
+        if seed is True:
+            seed = secrets.randbits(64)
+            log.info("seed=%d: pass seed=%d to P2PExecutor to draw the same random numbers again", seed, seed)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError("seed must be a non-negative int, True (a random one, logged) or None")
+        self.seed: int | None = seed
+        self._submits = self._maps = 0  # submission order: what a seeded task's random stream derives from
         if isinstance(allow, str):
             raise TypeError("allow= takes a list of member names, e.g. allow=['alice', 'bob']")
         who = resolve(cluster, board=board, user=user, identity=identity, members=members, relay=relay)
@@ -152,6 +171,8 @@ class P2PExecutor(Executor):
                 raise RuntimeError("cannot schedule new futures: the p2pexec runtime has stopped")
             future: Future[Any] = Future()
             self._allow_classes_of(fn)
+            if self.seed is not None and not _is_map_chunk(fn):  # (map numbers its own items)
+                fn, self._submits = Seeded(fn, self.seed, (0, self._submits)), self._submits + 1
             waiting_for = futures_in((args, kwargs))
             if waiting_for:
                 self._unfinished.add(future)
@@ -219,11 +240,20 @@ class P2PExecutor(Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         self._allow_classes_of(fn)
+        chunks: Iterable[Any]
+        if self.seed is None:
+            chunk_task: Callable[..., Any] = partial(_process_chunk, fn)
+            chunks = _get_chunks(*iterables, chunksize=chunksize)
+        else:
+            with self._shutdown_lock:
+                number, self._maps = self._maps, self._maps + 1
+            chunk_task = partial(seeded_chunk, fn, self.seed, (1, number))
+            chunks = numbered_chunks(*iterables, chunksize=chunksize)
         try:
-            task = PrepickledFunction(partial(_process_chunk, fn))
+            task: Callable[..., Any] = PrepickledFunction(chunk_task)
         except Exception:
-            task = partial(_process_chunk, fn)  # each submit reports the pickling error on its future
-        results = super().map(task, _get_chunks(*iterables, chunksize=chunksize), timeout=timeout)
+            task = chunk_task  # each submit reports the pickling error on its future
+        results = super().map(task, chunks, timeout=timeout)
         return _chain_from_iterable_of_lists(results)
 
     def interrupt(self, future: Future[Any]) -> bool:
