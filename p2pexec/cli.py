@@ -381,7 +381,7 @@ def _relay(args: argparse.Namespace) -> int:
 def _invite(args: argparse.Namespace) -> int:
     from .invites import invite
 
-    code = invite(args.cluster, args.friend, board=args.board, identity=args.identity,
+    code = invite(args.cluster, args.friend, board=args.board, identity=args.identity, user=args.user,
                   known_hosts=args.known_hosts, accept_new_host_key=args.accept_new_host_key)
     print(f"{args.friend} may join {args.cluster} once, within 7 days. Send them this code privately; "
           f"they run: p2pexec join CODE", flush=True)
@@ -400,8 +400,8 @@ def _join(args: argparse.Namespace) -> int:
 def _remove(args: argparse.Namespace) -> int:
     from .invites import remove
 
-    remove(args.cluster, args.friend, board=args.board, identity=args.identity, known_hosts=args.known_hosts,
-           accept_new_host_key=args.accept_new_host_key)
+    remove(args.cluster, args.friend, board=args.board, identity=args.identity, user=args.user,
+           known_hosts=args.known_hosts, accept_new_host_key=args.accept_new_host_key)
     print(f"{args.friend} is no longer a member of {args.cluster}")
     return 0
 

@@ -123,11 +123,12 @@ def _set_list(client: paramiko.SSHClient, owner: Identity, membership: Membershi
 
 
 def invite(cluster: str, friend: str, *, board: str | None = None, identity: str | None = None,
-           known_hosts: Path = DEFAULT_KNOWN_HOSTS, accept_new_host_key: bool = False) -> str:
+           user: str | None = None, known_hosts: Path = DEFAULT_KNOWN_HOSTS,
+           accept_new_host_key: bool = False) -> str:
     """Put ``friend`` on the owner's signed list with a fresh invitation key; returns the code."""
     if not valid_username(friend):
         raise ConfigurationError(f"invalid user name {friend!r}: letters, digits, '_', '.', '-'")
-    who = resolve(cluster, board=board, identity=identity, members_required=False)
+    who = resolve(cluster, board=board, user=user, identity=identity, members_required=False)
     owner = who.cluster.partition("/")[0]
     if who.identity.user != owner:
         raise P2PExecError(f"only {owner} can invite to {who.cluster}; you are {who.identity.user!r} "
@@ -155,9 +156,10 @@ def invite(cluster: str, friend: str, *, board: str | None = None, identity: str
 
 
 def remove(cluster: str, friend: str, *, board: str | None = None, identity: str | None = None,
-           known_hosts: Path = DEFAULT_KNOWN_HOSTS, accept_new_host_key: bool = False) -> None:
+           user: str | None = None, known_hosts: Path = DEFAULT_KNOWN_HOSTS,
+           accept_new_host_key: bool = False) -> None:
     """Take ``friend`` off the list: the board and every member online drop them within moments."""
-    who = resolve(cluster, board=board, identity=identity, members_required=False)
+    who = resolve(cluster, board=board, user=user, identity=identity, members_required=False)
     owner = who.cluster.partition("/")[0]
     if who.identity.user != owner:
         raise P2PExecError(f"only {owner} can remove members of {who.cluster}")
