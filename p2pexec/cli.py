@@ -140,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="concurrent sessions per user (default: 32)")
     board.add_argument("--max-connections", type=int, default=512, metavar="N",
                        help="concurrent connections in all (default: 512)")
-    relay = board.add_argument_group(
+    relay_limits = board.add_argument_group(
         "relay", "The board also runs a libp2p circuit relay, so that members behind home routers reach each "
                  "other (relayed, then hole-punched to a direct connection where the routers allow). Members "
                  "learn its address from the board; only users of this board may use it.")
-    relay.add_argument("--relay-listen", default=None, metavar="HOST:PORT",
+    relay_limits.add_argument("--relay-listen", default=None, metavar="HOST:PORT",
                        help=f"where the relay listens (default: the board's host, port {DEFAULT_RELAY_PORT})")
-    relay.add_argument("--no-relay", action="store_true", help="run no relay")
-    _relay_options(relay)
+    relay_limits.add_argument("--no-relay", action="store_true", help="run no relay")
+    _relay_options(relay_limits)
     board.add_argument("-v", "--verbose", action="store_true", help="debug logs")
 
     common = _participant_options()

@@ -167,7 +167,7 @@ class P2PExecutor(Executor):
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if not self._runtime.alive:
+            if self._runtime is None or not self._runtime.alive:
                 raise RuntimeError("cannot schedule new futures: the p2pexec runtime has stopped")
             future: Future[Any] = Future()
             self._allow_classes_of(fn)
@@ -299,14 +299,14 @@ class P2PExecutor(Executor):
         with self._shutdown_lock:
             already = self._shutdown
             self._shutdown = True
-            scheduler = self._scheduler
-        if scheduler is None:
+            scheduler, runtime = self._scheduler, self._runtime
+        if scheduler is None or runtime is None:
             return
         if cancel_futures:
-            self._runtime.call_soon(scheduler.withdraw_queued)
+            runtime.call_soon(scheduler.withdraw_queued)
         if already and not wait:
             return
-        self._runtime.call_soon(scheduler.leaving)
+        runtime.call_soon(scheduler.leaving)
         if not wait:
             threading.Thread(target=self._finish, name="p2pexec-shutdown", daemon=True).start()
             return
@@ -316,13 +316,12 @@ class P2PExecutor(Executor):
             self._leave_now()
             raise
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: Any) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: Any) -> None:
         """Wait for the work as the stdlib does, except after Ctrl-C: then cancel it and leave at once."""
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             self._leave_now()
         else:
             self.shutdown(wait=True)
-        return False
 
     # -- internals ----------------------------------------------------------------------
     def _allow_classes_of(self, fn: Callable[..., Any]) -> None:

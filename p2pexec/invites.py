@@ -142,7 +142,7 @@ def invite(cluster: str, friend: str, *, board: str | None = None, identity: str
                      {**base.members, friend: (*kept, Entry(INVITE, invitation_key))})
     client = connect(who.board, who.identity, known_hosts, accept_new_host_key)
     try:
-        host_key = client.get_transport().get_remote_server_key()  # type: ignore[union-attr]
+        host_key = client.get_transport().get_remote_server_key()
         _command(client, f"invite {who.cluster} {friend} {base64.b64encode(invitation_key).decode()}",
                  "hold invitations")
         _set_list(client, who.identity, membership, new)
@@ -222,7 +222,8 @@ def join(code: str, *, identity: str | None = None, known_hosts: Path = DEFAULT_
     try:
         answer = _command(client, f"join {cluster} {base64.b64encode(endorsement).decode()}", "accept invitations")
         view = json.loads(answer)
-        state = {"board": invitation.board, "user": user, "identity": str(me.path), "owner_key": invitation.owner_key}
+        state: dict[str, Any] = {"board": invitation.board, "user": user, "identity": str(me.path),
+                                 "owner_key": invitation.owner_key}
         membership = membership_of(cluster, state)
         membership.on_change = lambda m: None  # saved below, once it is known to hold us
         if isinstance(view.get("list"), str):

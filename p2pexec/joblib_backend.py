@@ -32,7 +32,7 @@ def _backend_class() -> type:
 
     from .executor import P2PExecutor
 
-    class P2PExecBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
+    class P2PExecBackend(AutoBatchingMixin, ParallelBackendBase):
         """Runs joblib's batches as tasks of a P2PExecutor (given, or opened from cluster arguments)."""
 
         supports_retrieve_callback = True
@@ -73,8 +73,8 @@ def _backend_class() -> type:
             A round trip here costs milliseconds, not microseconds, and joblib polls
             for results every 10 ms: the fewer steps to a good batch size, the better.
             """
-            old = self._effective_batch_size
-            duration = self._smoothed_batch_duration
+            old: int = self._effective_batch_size  # type: ignore[has-type]  # (joblib is untyped)
+            duration: float = self._smoothed_batch_duration  # type: ignore[has-type]
             if 0 < duration < self.MIN_IDEAL_BATCH_DURATION / 8:
                 self._effective_batch_size = min(8 * old, int(old * self.MIN_IDEAL_BATCH_DURATION / duration))
                 self._smoothed_batch_duration = self._DEFAULT_SMOOTHED_BATCH_DURATION

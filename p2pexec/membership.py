@@ -17,7 +17,7 @@ import binascii
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, List
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
@@ -164,7 +164,7 @@ class Membership:
         return signature is not None and any(
             e.kind == INVITE and endorsed(e.key, self.cluster, user, key, signature) for e in entries)
 
-    def users(self) -> list[str]:
+    def users(self) -> List[str]:  # (``list`` is the attribute here)
         return sorted({self.owner, *(self.list.members if self.list else ())})
 
     def update(self, text: str) -> bool:

@@ -85,13 +85,13 @@ def cancel_running(future: Future[Any]) -> bool:
     reaches, so ``cancelled()``, ``wait``, ``as_completed`` and asyncio all
     see a cancellation.
     """
-    with future._condition:  # type: ignore[attr-defined]
-        if future._state == FINISHED:  # type: ignore[attr-defined]
+    with future._condition:
+        if future._state == FINISHED:
             return False
         if future.cancelled():
             return True
-        future._state = CANCELLED  # type: ignore[attr-defined]
-        future._condition.notify_all()  # type: ignore[attr-defined]
+        future._state = CANCELLED
+        future._condition.notify_all()
     future._invoke_callbacks()  # type: ignore[attr-defined]
     future.set_running_or_notify_cancel()  # moves it to CANCELLED_AND_NOTIFIED and tells the waiters
     return True
@@ -112,6 +112,13 @@ class SchedulerOptions:
     trusted_results: bool = False  # unpickle results without the allow-list (workers may run code here)
     result_types: frozenset[str] = frozenset()  # "module.name" entries added to the allow-list
     task_timeout: float | None = None  # interrupt a task running longer, failing it with TimeoutError
+
+
+def _first_leaf(group: BaseException) -> Any:
+    """The first exception of a (nested) exception group: the one ``except*`` matched."""
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 class Lease:
@@ -525,7 +532,7 @@ class ClientScheduler:
                 else:
                     await framed.reset()
         except* MessageTooLarge as group:
-            reason = self._too_large(lease, group.exceptions[0])
+            reason = self._too_large(lease, _first_leaf(group))
         except* (ProtocolError, messages.InvalidMessage) as group:  # raised in the lease's nursery too
             exc = group.exceptions[0]
             reason = str(exc)
@@ -554,7 +561,7 @@ class ClientScheduler:
         """Fail the task whose result is over max_result_size; the lease ends, its other tasks run again."""
         culprit = exc.culprit()
         item = lease.inflight.pop(culprit[1], None) if culprit and culprit[0] is Op.RESULT else None
-        if item is None:
+        if item is None or culprit is None:
             self.banned[lease.worker] = str(exc)
             log.warning("dropped worker %s, which announced %d bytes for no task it holds; this executor will use "
                         "no worker of %s again", lease.worker, exc.total, lease.worker)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import mmap
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Union
@@ -37,6 +38,7 @@ _OP = struct.Struct(">BQQ")  # op, arg, data length: ops are self-delimiting, se
 
 
 Buffer = Union[bytes, bytearray, memoryview]
+Writable = Union[bytearray, memoryview, mmap.mmap]  # what a message may be reassembled into
 CHUNK = 1 << 20
 MAX_FRAME = CHUNK + 1024  # a sealed chunk: plaintext, kind and length header, tag
 MAX_MESSAGE = 1 << 40
@@ -99,10 +101,10 @@ class Reassembler:
     announces more than it sends costs no more memory than it sent.
     """
 
-    def __init__(self, max_message: int = MAX_MESSAGE, allocate: Callable[[int], Buffer] | None = bytearray) -> None:
+    def __init__(self, max_message: int = MAX_MESSAGE, allocate: Callable[[int], Writable] | None = bytearray) -> None:
         self.max_message = max_message
         self._allocate = allocate
-        self._buf: Buffer | None = None
+        self._buf: Writable | None = None
         self._filled = 0
         self._total = 0
 

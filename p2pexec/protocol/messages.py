@@ -25,7 +25,7 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from ..keys import Identity, Keyring, valid_username
+from ..keys import Identity, Members, valid_username
 
 VERSION = 1
 MAX_LINE_BYTES = 4096
@@ -138,9 +138,9 @@ def decode(line: bytes) -> Message:
     if fields.get("v") != VERSION:
         raise InvalidMessage("version", repr(fields.get("v")))
     mtype = fields.get("type")
-    schema = SCHEMAS.get(mtype) if isinstance(mtype, str) else None
-    if schema is None:
+    if not isinstance(mtype, str) or mtype not in SCHEMAS:
         raise InvalidMessage("unknown-type")
+    schema = SCHEMAS[mtype]
     if len(line) > _limit(mtype):
         raise InvalidMessage("too-long")
     for name, kind in (("from", str), ("key", str), ("cluster", str), ("id", str), ("sig", str)):
@@ -150,9 +150,9 @@ def decode(line: bytes) -> Message:
         value = fields.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InvalidMessage("bad-envelope", name)
-    for name, kind in schema.items():
+    for name, expected in schema.items():
         value = fields.get(name)
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if isinstance(value, bool) or not isinstance(value, expected):
             raise InvalidMessage("bad-field", f"{mtype}.{name}")
     if not valid_username(fields["from"]):
         raise InvalidMessage("bad-envelope", "from")
@@ -190,7 +190,7 @@ class Inbox:
     ``joined`` messages update it here and go no further.
     """
 
-    def __init__(self, cluster: str, keyring: Keyring) -> None:
+    def __init__(self, cluster: str, keyring: Members) -> None:
         self.cluster = cluster
         self.keyring = keyring
         self.dropped: Counter[str] = Counter()

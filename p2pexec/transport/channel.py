@@ -12,7 +12,7 @@ import trio
 from ..errors import ProtocolError
 from ..protocol.frames import (
     MAX_FRAME, MAX_MESSAGE, Buffer, FrameDecoder, Opener, Op, Reassembler, Sealer, chunk_message, encode_frame,
-    encode_op,
+    encode_op, Writable,
 )
 
 READ_SIZE = 1 << 20
@@ -122,7 +122,7 @@ class SecureChannel:
     """
 
     def __init__(self, framed: FramedStream, sealer: Sealer, opener: Opener,
-                 allocate: Callable[[int], Buffer] | None = bytearray, max_message: int = MAX_MESSAGE) -> None:
+                 allocate: Callable[[int], Writable] | None = bytearray, max_message: int = MAX_MESSAGE) -> None:
         self.framed = framed
         self._sealer = sealer
         self._opener = opener
@@ -131,7 +131,7 @@ class SecureChannel:
 
     @classmethod
     async def establish(cls, framed: FramedStream, rx_key: bytes, tx_key: bytes,
-                        allocate: Callable[[int], Buffer] | None = bytearray,
+                        allocate: Callable[[int], Writable] | None = bytearray,
                         max_message: int = MAX_MESSAGE) -> "SecureChannel":
         sealer = Sealer(tx_key)
         await framed.send(sealer.header)

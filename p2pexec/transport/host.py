@@ -279,7 +279,7 @@ class Libp2pHost:
                     nursery.start_soon(dial_relayed, addr, nursery.cancel_scope)
             elif relayed:
                 attempts.update({str(a): "this host has no relay support" for a in relayed})
-        self._host.get_network().unblock_peer(pid)  # a failed dial must not block the next (DCUtR's included)
+        self._host.get_network().unblock_peer(pid)  # type: ignore[attr-defined]  # a failed dial must not block the next (DCUtR's included)
         if not self.connected(pid.to_base58()):
             raise Unreachable(pid.to_base58(), attempts)
 

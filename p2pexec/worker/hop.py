@@ -58,7 +58,7 @@ def allocate(size: int) -> mmap.mmap:
 def shared_fd(owner: object) -> int | None:
     """The memfd behind a buffer made by :func:`allocate` (e.g. ``view.obj``), else None."""
     try:
-        return _fds.get(owner)  # type: ignore[arg-type]
+        return _fds.get(owner)  # type: ignore[call-overload]
     except TypeError:  # not weak-referenceable: not ours
         return None
 
