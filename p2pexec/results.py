@@ -15,7 +15,6 @@ names the type and the option that allows it.
 from __future__ import annotations
 
 import builtins
-import importlib
 import io
 import sys
 from collections.abc import Collection, Iterable
@@ -154,7 +153,9 @@ def task_package(fn: Any) -> str | None:
         fn = fn.args[0] if fn.func is _process_chunk and fn.args else fn.func
     module = getattr(fn, "__module__", None) or ""
     top = module.split(".")[0]
-    if not top or top in sys.stdlib_module_names or top in ("p2pexec", "dill", "__main__") or is_local_module(module):
+    # joblib is the machinery of our own backend (BatchedCalls): trust the functions it carries, not joblib.
+    if not top or top in sys.stdlib_module_names or top in ("p2pexec", "dill", "joblib", "__main__") \
+            or is_local_module(module):
         return None
     return top
 
@@ -187,8 +188,7 @@ class _Loader(dill.Unpickler):
             return {}  # globals for stand-in functions; the real ones stay out of reach
         own = _own_object(module, name)
         if own is None and module.split(".")[0] in self._packages:
-            importlib.import_module(module)  # a package the client's tasks come from: its classes are allowed
-            own = _class_in(module, name)
+            own = _class_in(module, name)  # a class a package the client's tasks come from defines itself
         if own is not None:
             return own
         raise UntrustedResultError(
@@ -202,11 +202,18 @@ def _own_object(module: str, qualname: str) -> type | None:
 
 
 def _class_in(module: str, qualname: str) -> type | None:
-    """The class ``module.qualname`` as already imported here; None for anything but a class."""
+    """The class that ``module`` itself defines as ``qualname``, as already imported here; else None.
+
+    Only a class whose own ``__module__`` and ``__qualname__`` say so: ``__main__.subprocess.Popen``
+    (reached through an import in ``__main__``) is not a class of ``__main__``.  No module is
+    imported because a worker named it.
+    """
     found: Any = sys.modules.get(module)
     for part in qualname.split("."):
         found = getattr(found, part, None)
-    return found if isinstance(found, type) else None
+    if not isinstance(found, type) or found.__module__ != module or found.__qualname__ != qualname:
+        return None
+    return found
 
 
 def _own_class(metatype: Any, name: str, bases: Any, namespace: dict[str, Any]) -> type:

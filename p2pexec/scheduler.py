@@ -723,7 +723,9 @@ class ClientScheduler:
         except UntrustedResultError as exc:
             self._set_exception(item, exc)
             return
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit included: a result must not end the client
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             error = RuntimeError(f"the task's outcome could not be unpickled here: {exc!r}")
             error.__cause__ = exc
             self._set_exception(item, error)

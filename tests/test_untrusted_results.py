@@ -126,3 +126,24 @@ def test_classes_of_the_installed_package_a_task_comes_from_are_allowed(cluster)
     with cluster.executor() as ex:  # the same class from a task of another package: refused
         with pytest.raises(UntrustedResultError, match="packaging.version.Version"):
             ex.submit(eval, "__import__('packaging.version').version.Version('1.2')").result(timeout=60)
+
+
+def test_a_class_reached_through_an_import_is_not_the_clients_own():
+    """``__main__.subprocess.Popen`` names Popen through __main__'s import: it is not a class of __main__."""
+    import subprocess  # noqa: F401 - what a script typically imports
+    import sys
+
+    from p2pexec.results import load
+
+    main = sys.modules["__main__"]
+    had = hasattr(main, "subprocess")
+    main.subprocess = subprocess  # type: ignore[attr-defined]
+    try:
+        crafted = b"c__main__\nsubprocess.Popen\n((lp0\nVtrue\natR."
+        with pytest.raises(UntrustedResultError):
+            load(crafted, [])
+        with pytest.raises(UntrustedResultError):  # nor through a trusted package's module
+            load(b"cpackaging.version\nre.Pattern\n.", [], packages={"packaging"})
+    finally:
+        if not had:
+            del main.subprocess
