@@ -693,3 +693,49 @@ def test_topic_resolution(caller: str, name: str) -> None:
     assert parse(f"sub {name}", caller).topic == f"{caller}/{name}"
     assert parse(f"sub -p {name}", caller).topic == f"public/{name}"
     assert parse(f"pipe bob/{name}", caller).topic == f"bob/{name}"
+
+
+def test_an_invitation_to_ones_own_cluster_cannot_borrow_a_name_elsewhere(board, keydir, tmp_path):
+    """carol (a board user) invites 'dave' to carol/x and joins as dave with her own key: that key serves
+    carol/x only, not alice/c when alice lists dave; and the real dave can still join alice/c."""
+    import base64
+    import os
+
+    from nacl.signing import SigningKey
+
+    from p2pexec.board.client import BoardAddress, connect, exec_command
+    from p2pexec.membership import INVITE, Entry, MemberList, endorse
+
+    known = tmp_path / "known_hosts"
+
+    def run(user: str, key_file: Path, command: str) -> tuple[int, str, str]:
+        client = connect(BoardAddress("127.0.0.1", board.port, user), load_identity(user, key_file), known, True)
+        try:
+            return exec_command(client, command)
+        finally:
+            client.close()
+
+    def invitation(owner: str, cluster: str, friend: str) -> bytes:
+        seed = os.urandom(32)
+        public = bytes(SigningKey(seed).verify_key)
+        assert run(owner, keydir / owner, f"invite {cluster} {friend} {base64.b64encode(public).decode()}")[0] == 0
+        signed = MemberList(cluster, 1, {friend: (Entry(INVITE, public),)}).signed(load_identity(owner, keydir / owner))
+        listed = base64.b64encode(signed.to_json().encode()).decode()
+        assert run(owner, keydir / owner, f"members {cluster} {listed}")[0] == 0
+        return seed
+
+    squatter = load_identity("dave", keydir / "carol")  # carol's key, under dave's name
+    squat = invitation("carol", "carol/x", "dave")
+    endorsement = base64.b64encode(endorse(squat, "carol/x", "dave", squatter.public_key)).decode()
+    assert run("dave", keydir / "carol", f"join carol/x {endorsement}")[0] == 0
+
+    real = invitation("alice", "alice/c", "dave")
+    status, _, err = run("dave", keydir / "carol", "members alice/c")
+    assert status != 0 and "access denied" in err  # the squatted name opens nothing of alice's
+    with board._cond:
+        assert not board._allowed("dave", "alice/c", squatter.public_key)
+
+    dave = load_identity("dave", keydir / "mallory")  # the real dave: a key the board has never seen
+    own = base64.b64encode(endorse(real, "alice/c", "dave", dave.public_key)).decode()
+    assert run("dave", keydir / "mallory", f"join alice/c {own}")[0] == 0  # not locked out by the squatter
+    assert run("dave", keydir / "mallory", "members alice/c")[0] == 0

@@ -38,12 +38,16 @@ def _raw(text: str, length: int, what: str) -> bytes:
 
 
 class Registry:
-    """Invitations (one use each, :data:`INVITE_DAYS` days), joined users' keys, signed member lists."""
+    """Invitations (one use each, :data:`INVITE_DAYS` days), joined keys per cluster, signed member lists.
+
+    A key registered through an invitation serves only the clusters it joined, and only while their
+    lists name its user: an invitation to one's own cluster cannot borrow a name elsewhere.
+    """
 
     def __init__(self, path: Path, now: Callable[[], float] = time.time) -> None:
         self.path = path
         self._now = now
-        self._state: dict[str, dict[str, Any]] = {"invites": {}, "users": {}, "lists": {}, "joins": {}}
+        self._state: dict[str, dict[str, Any]] = {"invites": {}, "lists": {}, "joins": {}}
         try:
             loaded = json.loads(path.read_text())
         except FileNotFoundError:
@@ -54,13 +58,14 @@ class Registry:
             raise ConfigurationError(f"board state {path} is malformed")
         self._state = {k: loaded[k] for k in self._state}
 
-    # -- who may log in
+    # -- who may log in, and where
     def allows(self, user: str, key: bytes) -> bool:
-        """A friend who joined through an invitation, with the key they joined with."""
-        return _b64(key) in self._state["users"].get(user, ())
+        """A friend who joined some cluster through an invitation, with the key they joined with."""
+        return any(self.allows_in(cluster, user, key) for cluster in self._state["joins"])
 
-    def allows_any(self, user: str) -> bool:
-        return bool(self._state["users"].get(user))
+    def allows_in(self, cluster: str, user: str, key: bytes) -> bool:
+        """That key joined ``cluster``, and its list still names ``user`` (removal prunes the join)."""
+        return _b64(key) in self._state["joins"].get(cluster, {}).get(user, {})
 
     def invited(self, user: str) -> bool:
         """Whether ``user`` holds an unused, unexpired invitation to some cluster."""
@@ -85,9 +90,6 @@ class Registry:
         if not endorsed(base64.b64decode(invite["key"]), cluster, user, key, signature):
             raise CommandError("this invitation code does not match: ask the owner for a new one")
         del self._state["invites"][cluster][user]
-        keys = self._state["users"].setdefault(user, [])
-        if _b64(key) not in keys:
-            keys.append(_b64(key))
         self._state["joins"].setdefault(cluster, {}).setdefault(user, {})[_b64(key)] = endorsement_b64
         self._save()
         log.info("%s joined %s", user, cluster)

@@ -490,10 +490,9 @@ class BoardServer:
             return self.users.allows(user, key) or self.registry.allows(user, key)
 
     def _invitee(self, user: str) -> bool:
-        """A name nobody has here yet, with an open invitation: it may log in with any key, to join."""
+        """A name with an open invitation may log in with a new key, to run ``join`` and nothing else."""
         with self._registry_lock:
-            return not self.users.has_user(user) and not self.registry.allows_any(user) \
-                and self.registry.invited(user)
+            return self.registry.invited(user)
 
     def _membership_command(self, conn: _Connection, cmd: Command) -> str:
         """``invite``, ``join`` and ``members``: see :mod:`.registry`."""
@@ -505,10 +504,14 @@ class BoardServer:
                 conn.joining = False
                 return self.registry.view(cluster)
         if cmd.name == "invite" or cmd.args:
-            if user != owner:
-                raise CommandError(f"only {owner} may change who is in {cluster}")
-        elif not self._allowed(user, cluster):
-            raise CommandError(f"access denied to {cluster}")
+            if user != owner or not self.users.allows(user, conn.key):  # a users-file key, not an invitation's
+                raise CommandError(f"only {owner}, with a key in this board's users file, may change who is "
+                                   f"in {cluster}")
+        else:
+            with self._cond:
+                allowed = self._allowed(user, cluster, conn.key)
+            if not allowed:
+                raise CommandError(f"access denied to {cluster}")
         if cmd.name == "invite":
             invitee, key = cmd.args
             if not valid_username(invitee):
@@ -587,7 +590,7 @@ class BoardServer:
                 self._members[cluster] = new
                 topic = self._topics.get(cluster)
                 sessions = (topic.receivers + topic.pubs) if topic else []
-                revoked = [s for s in sessions if not self._allowed(s.user, cluster)]
+                revoked = [s for s in sessions if not self._allowed(s.user, cluster, s.key)]
         log.info("members of %s: %s", cluster, ", ".join(new) or "(owner only)")
         for session in revoked:
             session.stop(1, "access denied")
@@ -615,9 +618,17 @@ class BoardServer:
         subs = sum(1 for s in t.receivers if s.cmd.name == "sub")
         return {"pub": len(t.pubs), "sub": subs, "pipe": len(t.receivers) - subs}
 
-    def _allowed(self, user: str, topic: str) -> bool:
+    def _allowed(self, user: str, topic: str, key: bytes | None = None) -> bool:
+        """By name, as pico does; and a key that only an invitation registered serves only its own clusters."""
         owner = topic.split("/", 1)[0]
-        return owner == PUBLIC or user == owner or user in self._members.get(topic, ())
+        if owner == PUBLIC:
+            return True
+        if not (user == owner or user in self._members.get(topic, ())):
+            return False
+        if key is None or self.users.allows(user, key):
+            return True
+        with self._registry_lock:
+            return self.registry.allows_in(topic, user, key)
 
     @property
     def _state_file(self) -> Path:
@@ -870,7 +881,7 @@ class BoardServer:
                 raise _Refused("board is shutting down")
             if not self._still_allowed(session.conn):  # set_users() ran since _run_session began
                 raise _Refused("access revoked")
-            if not self._allowed(user, name):
+            if not self._allowed(user, name, session.key):
                 log.info("access denied: %s to %s", user, name)
                 raise _Refused("access denied")
             topic = self._topics.setdefault(name, _Topic())
