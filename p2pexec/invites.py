@@ -110,8 +110,25 @@ def _publish(client: paramiko.SSHClient, topic: str, line: bytes) -> None:
         channel.close()
 
 
+def _catch_up(client: paramiko.SSHClient, membership: Membership) -> None:
+    """Start from the board's list, not this machine's copy: another machine of the owner may have changed it."""
+    try:
+        view = json.loads(_command(client, f"members {membership.cluster}", "keep member lists"))
+    except ValueError:
+        raise P2PExecError("the board's answer to members was not a member list") from None
+    if isinstance(view, dict):
+        if isinstance(view.get("list"), str):
+            membership.update(view["list"])
+        membership.add_joins(view.get("joins"))
+
+
 def _set_list(client: paramiko.SSHClient, owner: Identity, membership: Membership, new: MemberList) -> None:
-    """Sign ``new``, tell the members online, then store it on the board (which then enforces it)."""
+    """Sign ``new`` (keys friends joined with become its own entries), tell the members online, then store it
+    on the board (which then enforces it)."""
+    new = MemberList(new.cluster, new.version, {
+        user: (*entries, *(Entry.ssh(key) for key in membership.joins.get(user, {})
+                           if Entry.ssh(key) not in entries))
+        for user, entries in new.members.items()})
     signed = new.signed(owner)
     text = signed.to_json()
     _publish(client, membership.cluster, messages.encode(owner, membership.cluster, "members", {"list": text},
@@ -136,13 +153,14 @@ def invite(cluster: str, friend: str, *, board: str | None = None, identity: str
     membership, state = _owner_membership(who.cluster, who.identity, who.board)
     seed = os.urandom(32)
     invitation_key = bytes(SigningKey(seed).verify_key)
-    base = membership.list or MemberList(who.cluster, 0, {})
-    kept = tuple(e for e in base.members.get(friend, ()) if e.kind != INVITE)  # an older invitation goes
-    new = MemberList(who.cluster, _next_version(membership.list),
-                     {**base.members, friend: (*kept, Entry(INVITE, invitation_key))})
     client = connect(who.board, who.identity, known_hosts, accept_new_host_key)
     try:
         host_key = client.get_transport().get_remote_server_key()
+        _catch_up(client, membership)
+        base = membership.list or MemberList(who.cluster, 0, {})
+        kept = tuple(e for e in base.members.get(friend, ()) if e.kind != INVITE)  # an older invitation goes
+        new = MemberList(who.cluster, _next_version(membership.list),
+                         {**base.members, friend: (*kept, Entry(INVITE, invitation_key))})
         _command(client, f"invite {who.cluster} {friend} {base64.b64encode(invitation_key).decode()}",
                  "hold invitations")
         _set_list(client, who.identity, membership, new)
@@ -164,11 +182,12 @@ def remove(cluster: str, friend: str, *, board: str | None = None, identity: str
     if who.identity.user != owner:
         raise P2PExecError(f"only {owner} can remove members of {who.cluster}")
     membership, state = _owner_membership(who.cluster, who.identity, who.board)
-    if membership.list is None or friend not in membership.list.members:
-        raise P2PExecError(f"{friend} is not on the member list of {who.cluster} "
-                           f"(members: {', '.join(membership.users())})")
     client = connect(who.board, who.identity, known_hosts, accept_new_host_key)
     try:
+        _catch_up(client, membership)
+        if membership.list is None or friend not in membership.list.members:
+            raise P2PExecError(f"{friend} is not on the member list of {who.cluster} "
+                               f"(members: {', '.join(membership.users())})")
         _set_list(client, who.identity, membership, membership.list.without(friend, _next_version(membership.list)))
     finally:
         client.close()

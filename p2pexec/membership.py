@@ -7,7 +7,8 @@ the list in place of the friend's real key, and hands its private half to
 the friend in the invitation code.  The friend signs their own SSH key with
 it (an *endorsement*) when they join, so that every member can check the
 new key at once, even while the owner is offline.  The owner's next list
-may name the real key directly.
+names the joined keys directly (``p2pexec invite`` and ``remove`` do), so a
+later invitation to the same friend does not lock their first key out.
 """
 
 from __future__ import annotations

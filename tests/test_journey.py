@@ -165,6 +165,12 @@ def _journey(people: People, tmp_path: Path) -> None:
     first = client.until(lambda line: line.startswith("ready"), 120, "carol's first result")
     assert first == "ready bob"
 
+    # Inviting bob again (a second machine, say) must not lock out the key he joined with.
+    people.run("alice", p2pexec, "invite", "alice/friends", "bob")
+    again = time.time()
+    client.until(lambda line: line[:1].isdigit() and float(line.split()[0]) >= again + 5 and line.endswith(" bob"),
+                 60, "bob's worker to keep serving after a second invitation")
+
     people.start("alice", worker, "--cluster", "alice/friends", log="alice-worker.log", JOURNEY_MARK="alice")
     people.run("alice", p2pexec, "remove", "alice/friends", "bob")
     removed = time.time()
