@@ -6,6 +6,7 @@ import getpass
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,7 @@ def save_cluster_state(cluster: str, state: dict[str, Any]) -> None:
     """Write atomically: a crash leaves the old file or the new one, never half of one."""
     path = cluster_state_path(cluster)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # a worker and a client may both save
     with os.fdopen(fd, "w") as f:
         json.dump(state, f, indent=1)
         f.write("\n")
@@ -147,6 +147,10 @@ def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
         keyring = membership_of(cluster, state)
     elif not members_required:
         keyring = None
+    elif username == cluster.partition("/")[0]:
+        raise ConfigurationError(
+            f"cluster {cluster} has no members yet: invite one with 'p2pexec invite {cluster} FRIEND' "
+            f"(which creates it), or pass members=PATH (--members) for a hand-kept members file")
     else:
         raise ConfigurationError(
             f"you have not joined cluster {cluster}: run 'p2pexec join CODE' with the code its owner "

@@ -27,18 +27,21 @@ def futures_in(value: Any, found: list[Future[Any]] | None = None) -> list[Futur
 
 
 def resolved(value: Any) -> Any:
-    """``value`` with each (finished) Future replaced by its result; containers are copied, not changed."""
+    """``value`` with each (finished) Future replaced by its result.
+
+    Only containers that hold a future are rebuilt (as the same type where it can be), so every other
+    argument reaches the task as it is: a ``Counter`` stays a ``Counter``.
+    """
     if isinstance(value, Future):
         return value.result(timeout=0)
+    if not isinstance(value, (list, tuple, dict)) or not futures_in(value):
+        return value
     if isinstance(value, list):
         return [resolved(item) for item in value]
     if isinstance(value, tuple):
         items = [resolved(item) for item in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
-    if isinstance(value, dict):
-        return type(value)((k, resolved(v)) for k, v in value.items()) if type(value) is dict \
-            else {k: resolved(v) for k, v in value.items()}
-    return value
+    return {k: resolved(v) for k, v in value.items()}
 
 
 def first_failure(futures: list[Future[Any]]) -> BaseException | None:

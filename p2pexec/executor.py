@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -201,14 +202,17 @@ class P2PExecutor(Executor):
                     return
             if future.done():  # cancelled meanwhile
                 return
-            failure = first_failure(waiting_for)
             try:
+                failure = first_failure(waiting_for)
                 if failure is not None:
                     future.set_exception(failure)
                 else:
                     self._enqueue(future, fn, resolved(args), resolved(kwargs))
             except InvalidStateError:
                 pass  # cancelled between the check and now
+            except BaseException as exc:  # (a callback's error would be logged and lost: the future with it)
+                with contextlib.suppress(InvalidStateError):
+                    future.set_exception(exc)
 
         for dependency in waiting_for:
             dependency.add_done_callback(one_done)

@@ -56,9 +56,12 @@ def test_namedtuples_keep_their_type_and_other_objects_are_left_alone():
         def __init__(self, f):
             self.f = f
 
-    box = Box(done(1))
-    out = resolved((Pair(done(1), [done(2)]), box))
-    assert out == (Pair(1, [2]), box) and type(out[0]) is Pair and out[1].f is box.f
+    from collections import Counter
+
+    box, counts = Box(done(1)), Counter("aab")
+    out = resolved((Pair(done(1), [done(2)]), box, counts))
+    assert out == (Pair(1, [2]), box, counts) and type(out[0]) is Pair and out[1].f is box.f
+    assert out[2] is counts  # a container without futures reaches the task as it is
     assert futures_in(box) == []
 
 

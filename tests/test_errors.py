@@ -88,7 +88,9 @@ def test_member_of_board_but_not_of_cluster_gets_access_denied(tmp_path):
 def test_not_joined_says_what_to_do(cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("P2PEXEC_CONFIG", str(tmp_path))
     with pytest.raises(ConfigurationError, match=r"not joined cluster .*p2pexec join CODE.*p2pexec invite"):
-        P2PExecutor(cluster.cluster, board=cluster.board, identity=cluster.identity)
+        P2PExecutor(cluster.cluster, board=cluster.board, identity=cluster.worker_identity, user=cluster.worker_user)
+    with pytest.raises(ConfigurationError, match=r"has no members yet: invite one with 'p2pexec invite"):
+        P2PExecutor(cluster.cluster, board=cluster.board, identity=cluster.identity)  # the owner herself
 
 
 def test_identity_missing_or_not_listed(cluster, tmp_path):

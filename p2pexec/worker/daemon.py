@@ -347,7 +347,8 @@ class WorkerDaemon:
                     await channel.close()
         except* (ProtocolError, messages.InvalidMessage, trio.TooSlowError) as group:  # nurseries group them
             exc = group.exceptions[0]
-            log.warning("dropped a lease stream: %s", exc or type(exc).__name__)
+            # an accept that reaches a stopping worker is expected, not worth a warning
+            (log.debug if self.draining else log.warning)("dropped a lease stream: %s", exc or type(exc).__name__)
             await framed.reset()
         except* Exception as group:  # a bug of ours must cost one lease, not the worker
             log.error("dropped a lease stream after an unexpected error; please report it",

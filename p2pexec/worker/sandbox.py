@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import select
 import shutil
 import site
 import subprocess
@@ -222,11 +223,13 @@ def _pid_cap_fails(bwrap: str, processes: int) -> str:
         return f"bubblewrap failed: {exc}"
     finally:
         os.close(write)
+    info = os.fdopen(read)
     try:
         assert proc.stdout is not None
-        proc.stdout.readline()  # set up and running, as a task process is when it says it is ready
-        with os.fdopen(read) as info:
-            pid = json.loads(info.read())["child-pid"]
+        ready, _, _ = select.select([proc.stdout], [], [], 10)
+        if not ready or not proc.stdout.readline():  # set up and running, as a ready task process is
+            return "the probe sandbox did not start within 10 s"
+        pid = json.loads(info.read())["child-pid"]  # (written before the sandbox ran its command)
         command = sandbox.cap_command(pid)
         if command is None:
             return "needs Linux 6.14+ (a PID namespace's own pid_max) and nsenter"
@@ -240,6 +243,7 @@ def _pid_cap_fails(bwrap: str, processes: int) -> str:
     except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
         return f"could not probe: {exc}"
     finally:
+        info.close()
         proc.kill()
         proc.wait()
 

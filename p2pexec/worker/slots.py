@@ -121,11 +121,12 @@ class TaskSlot:
             command = self.sandbox.cap_command(json.loads(info)["child-pid"])
             if command is None:
                 raise ValueError("this machine cannot cap PIDs")
-            done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+            with trio.fail_after(10):
+                done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
             if done.returncode != 0:
                 raise ValueError(done.stderr.decode(errors="replace").strip())
-        except (ValueError, KeyError, OSError) as exc:
-            raise await self._end(f"could not cap its processes ({exc})") from None
+        except (ValueError, KeyError, OSError, trio.TooSlowError) as exc:
+            raise await self._end(f"could not cap its processes ({exc!r})") from None
         finally:
             await stream.aclose()
 
