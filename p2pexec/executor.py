@@ -128,6 +128,7 @@ class P2PExecutor(Executor):
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._unfinished: set[Future[Any]] = set()
+        self._waiting: set[Future[Any]] = set()  # tasks waiting for the futures among their arguments
         self._stopped = False
 
         quiet_dependencies(verbose)
@@ -194,12 +195,15 @@ class P2PExecutor(Executor):
         """Send the task once every future it depends on has finished (from whichever thread finishes last)."""
         left = [len(waiting_for)]
         lock = threading.Lock()
+        self._waiting.add(future)
+        future.add_done_callback(self._waiting.discard)
 
         def one_done(_: Future[Any]) -> None:
             with lock:
                 left[0] -= 1
                 if left[0]:
                     return
+            self._waiting.discard(future)
             if future.done():  # cancelled meanwhile
                 return
             try:
@@ -268,6 +272,8 @@ class P2PExecutor(Executor):
         ``Future.cancel()``, this also works once the task was sent to a
         worker; the worker frees the slot within moments.
         """
+        if future in self._waiting:  # still waiting for the futures among its arguments: never sent
+            return future.cancel()
         runtime, scheduler = self._runtime, self._scheduler
         if runtime is None or scheduler is None or not runtime.alive:
             return future.cancel()
@@ -307,6 +313,8 @@ class P2PExecutor(Executor):
         if scheduler is None or runtime is None:
             return
         if cancel_futures:
+            for waiting in list(self._waiting):
+                waiting.cancel()
             runtime.call_soon(scheduler.withdraw_queued)
         if already and not wait:
             return
@@ -338,6 +346,8 @@ class P2PExecutor(Executor):
         """After Ctrl-C: cancel what is queued, interrupt what runs on workers, stop within about a second."""
         with self._shutdown_lock:
             self._shutdown = True
+        for waiting in list(self._waiting):
+            waiting.cancel()
         runtime, scheduler = self._runtime, self._scheduler
         if runtime is None or scheduler is None:
             return

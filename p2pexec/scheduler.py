@@ -420,7 +420,8 @@ class ClientScheduler:
     def probe(self) -> None:
         """Ask the cluster who has slots, leasing nothing: the offers land in :attr:`offered`."""
         view = self.nat.view.to_json() if self.nat is not None else {}
-        self._post("request", {"req": self.request_id, "n": PROBE_SLOTS, "py": PYTHON, **view}, REQUEST_TTL)
+        self._post("request", {"req": self.request_id, "n": PROBE_SLOTS, "py": PYTHON, "probe": True, **view},
+                   REQUEST_TTL)
 
     def _tick(self) -> None:
         self._maybe_request()

@@ -120,3 +120,17 @@ def test_a_chain_of_a_thousand_dependent_tasks_completes(one_slot):
     for _ in range(999):
         link = one_slot.submit(inc, link)
     assert link.result(timeout=100) == 1000
+
+
+def test_a_waiting_task_can_be_interrupted_and_is_cancelled_by_shutdown(one_slot):
+    gate = threading.Event()
+    with ThreadPoolExecutor(1) as threads:
+        slow = threads.submit(gate.wait, 60)
+        waiting = one_slot.submit(inc, slow)
+        assert one_slot.interrupt(waiting) and waiting.cancelled()
+        with LocalCluster(workers=1) as lc:
+            ex = lc.executor()
+            later = ex.submit(inc, slow)
+            ex.shutdown(wait=True, cancel_futures=True)
+            assert later.cancelled()
+        gate.set()

@@ -261,7 +261,10 @@ class WorkerDaemon:
             return self._decline(msg, "worker-allow")
         if not python_compatible(PYTHON, msg["py"]):
             return self._decline(msg, "python")
-        if self._joining:
+        if msg.body.get("probe") is True:  # a client counting slots (joblib's n_jobs=-1): offer what is free, no more
+            if not self._joining:
+                self._offer(msg)
+        elif self._joining:
             self.waiting[msg["req"]] = msg
         elif not self._offer(msg):
             self.waiting[msg["req"]] = msg  # served first when slots free up
