@@ -39,9 +39,10 @@ LEAVE_GRACE = 1.0  # after Ctrl-C, how long workers get to confirm they stopped 
 def _shutdown_all() -> None:
     """At interpreter exit: finish the work, unless the program is ending on Ctrl-C (then leave at once).
 
-    The interpreter keeps an uncaught exception in ``sys.last_value`` before it runs this hook.
+    The interpreter keeps an uncaught exception in ``sys.last_value`` before it runs this hook.  An
+    interactive session keeps it after any statement, so there an old Ctrl-C says nothing about now.
     """
-    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt) and not hasattr(sys, "ps1")
     for executor in list(_live_executors):
         if interrupted:
             executor._leave_now()

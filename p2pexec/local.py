@@ -48,6 +48,15 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _pid_namespace() -> str:
+    """Which PID namespace, on which boot, this process's pids belong to."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{os.readlink('/proc/self/ns/pid')}@{boot}"
+    except OSError:
+        return "?"
+
+
 def _remove_stale_directories() -> None:
     """Remove the directories (private keys among them) of LocalClusters whose process is gone.
 
@@ -58,9 +67,12 @@ def _remove_stale_directories() -> None:
         try:
             if path.stat().st_uid != os.getuid():
                 continue  # another user's: theirs to remove
-            owner = int((path / _OWNER_FILE).read_text())
+            pid, _, where = (path / _OWNER_FILE).read_text().partition(" ")
+            owner = int(pid)
         except (OSError, ValueError):
             continue  # being created right now, or not a LocalCluster's
+        if where.strip() != _pid_namespace():
+            continue  # a process of another PID namespace (a container sharing /tmp): its pid means nothing here
         if not _alive(owner):
             shutil.rmtree(path, ignore_errors=True)
             log.info("removed %s, left by process %d, which has ended", path, owner)
@@ -146,7 +158,7 @@ class LocalCluster:
         self.workers: list[WorkerProcess] = []
         self._n_workers = workers
         self._dir = Path(tempfile.mkdtemp(prefix=_PREFIX))
-        (self._dir / _OWNER_FILE).write_text(str(os.getpid()))
+        (self._dir / _OWNER_FILE).write_text(f"{os.getpid()} {_pid_namespace()}")
         self.identity = str(self._dir / "owner_ed25519")
         self.worker_identity = str(self._dir / "worker_ed25519")
         self.members = str(self._dir / "members")

@@ -285,20 +285,26 @@ def test_local_cluster_workers_and_keys_end_with_their_process(tmp_path, how):
 
 
 def test_a_later_local_cluster_removes_directories_left_by_ended_processes():
+    from p2pexec.local import _pid_namespace
+
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
+    here = _pid_namespace()
     stale = Path(tempfile.mkdtemp(prefix="p2pexec-local-"))
-    (stale / "owner.pid").write_text(str(ended.pid))
+    (stale / "owner.pid").write_text(f"{ended.pid} {here}")
     (stale / "owner_ed25519").write_text("a private key")
     live = Path(tempfile.mkdtemp(prefix="p2pexec-local-"))
-    (live / "owner.pid").write_text(str(os.getpid()))
+    (live / "owner.pid").write_text(f"{os.getpid()} {here}")
+    elsewhere = Path(tempfile.mkdtemp(prefix="p2pexec-local-"))  # a container's, sharing /tmp: its pid is not ours
+    (elsewhere / "owner.pid").write_text(f"{ended.pid} pid:[1]@another-boot")
     try:
         with LocalCluster(workers=0):
             pass
         assert not stale.exists()
         assert live.exists()  # its process (this one) still runs
+        assert elsewhere.exists()
     finally:
-        for path in (stale, live):
+        for path in (stale, live, elsewhere):
             shutil.rmtree(path, ignore_errors=True)
 
 
