@@ -106,8 +106,8 @@ class People:
 
     def env(self, who: str, **extra: str) -> dict[str, str]:
         home = self.root / who
-        home.mkdir(exist_ok=True)
-        return {**self.base, "HOME": str(home), "USER": who, "LOGNAME": who, **extra}
+        (home / "tmp").mkdir(parents=True, exist_ok=True)  # what killed workers leave goes with tmp_path
+        return {**self.base, "HOME": str(home), "USER": who, "LOGNAME": who, "TMPDIR": str(home / "tmp"), **extra}
 
     def run(self, who: str, *argv: str) -> str:
         done = subprocess.run([*self.prefix, *argv], env=self.env(who), capture_output=True, text=True,
