@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
-from .errors import P2PExecError
+from .errors import P2PExecError, first_leaf
 from .logs import quiet_dependencies
 
 if TYPE_CHECKING:
@@ -554,13 +554,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         matched, _ = group.split(P2PExecError)
         if matched is None:
             raise
-        return _fail("p2pexec-worker", _first(matched))
-
-
-def _first(group: BaseException) -> BaseException:
-    while isinstance(group, BaseExceptionGroup):
-        group = group.exceptions[0]
-    return group
+        return _fail("p2pexec-worker", first_leaf(matched))
 
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

@@ -6,7 +6,6 @@ import getpass
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import paramiko
 
 from .board.client import DEFAULT_BOARD, BoardAddress
 from .errors import ConfigurationError
+from .files import write_json_atomically
 from .keys import Identity, Keyring, Members, WatchedKeyring, agent_identity, load_identity, parse_openssh_public
 from .membership import Membership
 
@@ -68,15 +68,7 @@ def load_cluster_state(cluster: str) -> dict[str, Any] | None:
 
 def save_cluster_state(cluster: str, state: dict[str, Any]) -> None:
     """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    path = cluster_state_path(cluster)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # a worker and a client may both save
-    with os.fdopen(fd, "w") as f:
-        json.dump(state, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomically(cluster_state_path(cluster), state)  # (a worker and a client may both save)
 
 
 def membership_of(cluster: str, state: dict[str, Any]) -> Membership:

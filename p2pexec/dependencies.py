@@ -7,7 +7,7 @@ travels as it is.
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any
 
 
@@ -27,29 +27,30 @@ def futures_in(value: Any, found: list[Future[Any]] | None = None) -> list[Futur
 
 
 def resolved(value: Any) -> Any:
-    """``value`` with each (finished) Future replaced by its result.
+    """``value`` with each (finished) Future replaced by its result, in one pass.
 
-    Only containers that hold a future are rebuilt (as the same type where it can be), so every other
-    argument reaches the task as it is: a ``Counter`` stays a ``Counter``.
+    A container is rebuilt (as the same type where it can be) only when something in it changed, so
+    every other argument reaches the task as it is: a ``Counter`` without futures stays that object.
     """
     if isinstance(value, Future):
         return value.result(timeout=0)
-    if not isinstance(value, (list, tuple, dict)) or not futures_in(value):
-        return value
-    if isinstance(value, list):
-        return [resolved(item) for item in value]
-    if isinstance(value, tuple):
+    if isinstance(value, (list, tuple)):
         items = [resolved(item) for item in value]
+        if all(new is old for new, old in zip(items, value)):
+            return value
+        if isinstance(value, list):
+            return items
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
-    return {k: resolved(v) for k, v in value.items()}
+    if isinstance(value, dict):
+        pairs = {k: resolved(v) for k, v in value.items()}
+        return value if all(pairs[k] is v for k, v in value.items()) else pairs
+    return value
 
 
 def first_failure(futures: list[Future[Any]]) -> BaseException | None:
     """The exception a dependent task fails with: its first failed (or cancelled) argument's."""
     for future in futures:
         if future.cancelled():
-            from concurrent.futures import CancelledError
-
             return CancelledError("a future this task depends on was cancelled")
         if future.exception(timeout=0) is not None:
             return future.exception(timeout=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class P2PExecError(Exception):
     """Base class of every p2pexec error."""
@@ -60,3 +62,10 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+def first_leaf(group: BaseException) -> Any:
+    """The first exception inside a (nested) exception group: what ``except*`` matched, to report or handle."""
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group

@@ -292,8 +292,6 @@ class P2PExecutor(Executor):
             scheduler.capacity_known.clear()
             runtime.call_soon(scheduler.probe)
             scheduler.capacity_known.wait(wait)
-            if scheduler.capacity_known.is_set():  # give the other workers a moment to answer the same request
-                scheduler.capacity_known.wait(0.2)
             slots = runtime.run_sync(scheduler.capacity)
         return slots
 

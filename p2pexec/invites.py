@@ -22,7 +22,8 @@ from typing import Any
 import paramiko
 from nacl.signing import SigningKey
 
-from .board.client import DEFAULT_KNOWN_HOSTS, BoardAddress, connect, exec_command, fingerprint
+from .board.client import (DEFAULT_KNOWN_HOSTS, BoardAddress, connect, exec_command, fingerprint,
+                           known_hosts_name)
 from .config import (cluster_state_path, config_dir, load_cluster_state, membership_of, resolve,
                      save_cluster_state, validate_cluster)
 from .errors import ConfigurationError, P2PExecError
@@ -113,13 +114,9 @@ def _publish(client: paramiko.SSHClient, topic: str, line: bytes) -> None:
 def _catch_up(client: paramiko.SSHClient, membership: Membership) -> None:
     """Start from the board's list, not this machine's copy: another machine of the owner may have changed it."""
     try:
-        view = json.loads(_command(client, f"members {membership.cluster}", "keep member lists"))
+        membership.apply_view(json.loads(_command(client, f"members {membership.cluster}", "keep member lists")))
     except ValueError:
         raise P2PExecError("the board's answer to members was not a member list") from None
-    if isinstance(view, dict):
-        if isinstance(view.get("list"), str):
-            membership.update(view["list"])
-        membership.add_joins(view.get("joins"))
 
 
 def _set_list(client: paramiko.SSHClient, owner: Identity, membership: Membership, new: MemberList) -> None:
@@ -210,7 +207,7 @@ def _friend_identity(user: str, identity: str | None) -> tuple[Identity, str]:
 
 def _pin_host_key(board: BoardAddress, host_key: str, known_hosts: Path) -> None:
     """Record the board's host key from the code, refusing if known_hosts says otherwise."""
-    name = board.host if board.port == 22 else f"[{board.host}]:{board.port}"
+    name = known_hosts_name(board)
     kind, _, blob = host_key.partition(" ")
     key = paramiko.PKey.from_type_string(kind, base64.b64decode(blob))
     hosts = paramiko.HostKeys()
@@ -245,9 +242,7 @@ def join(code: str, *, identity: str | None = None, known_hosts: Path = DEFAULT_
                                  "owner_key": invitation.owner_key}
         membership = membership_of(cluster, state)
         membership.on_change = lambda m: None  # saved below, once it is known to hold us
-        if isinstance(view.get("list"), str):
-            membership.update(view["list"])
-        membership.add_joins(view.get("joins"))
+        membership.apply_view(view)
         if not membership.allows(user, me.public_key):
             raise P2PExecError(f"the owner's member list of {cluster} does not vouch for your key: ask "
                                f"{cluster.partition('/')[0]} for a new invitation")

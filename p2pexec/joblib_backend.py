@@ -83,7 +83,7 @@ def _backend_class() -> type:
 
         def submit(self, func: Callable[[], Any], callback: Callable[[Future[Any]], None] | None = None) -> Any:
             assert self._executor is not None
-            for inner, _, _ in getattr(func, "items", ()):  # results may hold their packages' classes
+            for inner in {f for f, _, _ in getattr(func, "items", ())}:  # results may hold their packages' classes
                 self._executor._allow_classes_of(inner)
             future = self._executor.submit(func)
             self._futures.add(future)

@@ -13,8 +13,6 @@ later invitation to the same friend does not lock their first key out.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,25 +23,11 @@ from nacl.signing import SigningKey, VerifyKey
 
 from .errors import ConfigurationError
 from .keys import Identity, openssh_public_line, parse_openssh_public, valid_username
+from .protocol.messages import b64, unb64
 
 _LIST_CONTEXT = b"p2pexec/member-list/v1\n"
 _JOIN_CONTEXT = b"p2pexec/join/v1\n"
 INVITE = "invite"  # a list entry "invite BASE64": the public half of an invitation key
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def unb64(text: Any, length: int) -> bytes:
-    """Strict base64 of exactly ``length`` bytes, else ValueError."""
-    try:
-        raw = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != length:
-        raise ValueError(f"expected {length} bytes of base64")
-    return raw
 
 
 @dataclass(frozen=True)
@@ -54,7 +38,7 @@ class Entry:
     key: bytes
 
     def text(self) -> str:
-        return openssh_public_line(self.key) if self.kind == "ssh" else f"{INVITE} {_b64(self.key)}"
+        return openssh_public_line(self.key) if self.kind == "ssh" else f"{INVITE} {b64(self.key)}"
 
     @classmethod
     def parse(cls, text: str) -> "Entry":
@@ -93,7 +77,7 @@ class MemberList:
         return True
 
     def to_json(self) -> str:
-        return json.dumps({"cluster": self.cluster, "version": self.version, "sig": _b64(self.signature),
+        return json.dumps({"cluster": self.cluster, "version": self.version, "sig": b64(self.signature),
                            "members": {u: [e.text() for e in es] for u, es in sorted(self.members.items())}},
                           separators=(",", ":"))
 
@@ -110,7 +94,7 @@ class MemberList:
                     or not all(isinstance(e, str) for e in entries):
                 raise ValueError(f"bad member entry {user!r}")
             members[user] = tuple(Entry.parse(e) for e in entries)
-        return cls(data["cluster"], data["version"], members, unb64(data.get("sig"), 64))
+        return cls(data["cluster"], data["version"], members, unb64(str(data.get("sig", "")), 64))
 
     def with_member(self, user: str, entry: Entry, version: int) -> "MemberList":
         return MemberList(self.cluster, version, {**self.members, user: (*self.members.get(user, ()), entry)})
@@ -162,8 +146,12 @@ class Membership:
         if any(e.kind == "ssh" and e.key == key for e in entries):
             return True
         signature = self.joins.get(user, {}).get(key)
-        return signature is not None and any(
-            e.kind == INVITE and endorsed(e.key, self.cluster, user, key, signature) for e in entries)
+        return signature is not None and self._vouched(user, key, signature)
+
+    def _vouched(self, user: str, key: bytes, signature: bytes) -> bool:
+        """One of the user's invitation keys on the list endorsed ``key``."""
+        entries = self.list.members.get(user, ()) if self.list else ()
+        return any(e.kind == INVITE and endorsed(e.key, self.cluster, user, key, signature) for e in entries)
 
     def users(self) -> List[str]:  # (``list`` is the attribute here)
         return sorted({self.owner, *(self.list.members if self.list else ())})
@@ -184,17 +172,23 @@ class Membership:
 
     def admit(self, user: str, key: bytes, signature: bytes) -> bool:
         """Record a friend's endorsed key if an invitation key on the list vouches for it."""
-        entries = self.list.members.get(user, ()) if self.list else ()
         if self.joins.get(user, {}).get(key) == signature:
             return True
-        if not any(e.kind == INVITE and endorsed(e.key, self.cluster, user, key, signature) for e in entries):
+        if not self._vouched(user, key, signature):
             return False
         self.joins.setdefault(user, {})[key] = signature
         self.on_change(self)
         return True
 
     def joins_json(self) -> dict[str, dict[str, str]]:
-        return {u: {_b64(k): _b64(s) for k, s in ks.items()} for u, ks in self.joins.items()}
+        return {u: {b64(k): b64(s) for k, s in ks.items()} for u, ks in self.joins.items()}
+
+    def apply_view(self, view: Any) -> None:
+        """Take what a board's ``members`` command answers: the signed list, then the joined keys."""
+        if isinstance(view, dict):
+            if isinstance(view.get("list"), str):
+                self.update(view["list"])
+            self.add_joins(view.get("joins"))
 
     def add_joins(self, joins: Any) -> None:
         """Admit every valid endorsement of a ``joins_json()`` mapping (from the board or a file)."""

@@ -25,7 +25,8 @@ import nacl.bindings as sodium
 import trio
 
 from .board.client import BoardSession
-from .errors import NoWorkersError, ProtocolError, ResultTooLargeError, TaskProcessDiedError, WorkerLostError
+from .errors import (NoWorkersError, ProtocolError, ResultTooLargeError, TaskProcessDiedError, WorkerLostError,
+                     first_leaf)
 from .keys import Identity
 from .protocol import messages
 from .protocol.frames import (
@@ -112,13 +113,6 @@ class SchedulerOptions:
     trusted_results: bool = False  # unpickle results without the allow-list (workers may run code here)
     result_types: frozenset[str] = frozenset()  # "module.name" entries added to the allow-list
     task_timeout: float | None = None  # interrupt a task running longer, failing it with TimeoutError
-
-
-def _first_leaf(group: BaseException) -> Any:
-    """The first exception of a (nested) exception group: the one ``except*`` matched."""
-    while isinstance(group, BaseExceptionGroup):
-        group = group.exceptions[0]
-    return group
 
 
 class Lease:
@@ -533,7 +527,7 @@ class ClientScheduler:
                 else:
                     await framed.reset()
         except* MessageTooLarge as group:
-            reason = self._too_large(lease, _first_leaf(group))
+            reason = self._too_large(lease, first_leaf(group))
         except* (ProtocolError, messages.InvalidMessage) as group:  # raised in the lease's nursery too
             exc = group.exceptions[0]
             reason = str(exc)

@@ -14,6 +14,7 @@ Workers, slots, ``chunksize``, completion order and retries change none of it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -33,11 +34,19 @@ def _enter(seed: int, key: tuple[int, ...]) -> None:
     global _current
     _current = (seed, key)
     random.seed(python_seed(seed, key))
+    numpy = _numpy()
+    if numpy is not None:
+        numpy.random.seed(numpy.random.SeedSequence(seed, spawn_key=key).generate_state(8))
+
+
+@functools.cache
+def _numpy() -> Any:
+    """NumPy where the worker has it, looked for once per task process (a failed import is slow)."""
     try:
         import numpy
     except ImportError:
-        return
-    numpy.random.seed(numpy.random.SeedSequence(seed, spawn_key=key).generate_state(8))
+        return None
+    return numpy
 
 
 def task_seed() -> Any:

@@ -90,7 +90,7 @@ def fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
-def _known_hosts_name(address: BoardAddress) -> str:
+def known_hosts_name(address: BoardAddress) -> str:
     return address.host if address.port == 22 else f"[{address.host}]:{address.port}"
 
 
@@ -99,7 +99,7 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
         self.address, self.known_hosts, self.accept_new = address, known_hosts, accept_new
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        name = _known_hosts_name(self.address)
+        name = known_hosts_name(self.address)
         if not self.accept_new:
             raise HostKeyError(
                 f"the board {name} is not in {self.known_hosts}; its host key is "
@@ -272,13 +272,9 @@ class BoardSession:
             return
         try:
             status, out, _ = self.command(f"members {self.topic}")
-            view = json.loads(out) if status == 0 else {}
+            members.apply_view(json.loads(out) if status == 0 else None)
         except (BoardError, ValueError):
             return
-        if isinstance(view, dict):
-            if isinstance(view.get("list"), str):
-                members.update(view["list"])
-            members.add_joins(view.get("joins"))
 
     def command(self, command: str) -> tuple[int, str, str]:
         """Run a one-shot board command on this session's connection (see :func:`exec_command`)."""

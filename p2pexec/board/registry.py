@@ -11,23 +11,20 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..membership import INVITE, MemberList, Membership, endorsed, unb64
+from ..files import write_json_atomically
+from ..membership import INVITE, MemberList, Membership, endorsed
+from ..protocol.messages import b64, unb64
 from .commands import CommandError
 
 log = logging.getLogger(__name__)
 
 INVITE_DAYS = 7
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
 
 
 def _raw(text: str, length: int, what: str) -> bytes:
@@ -65,7 +62,7 @@ class Registry:
 
     def allows_in(self, cluster: str, user: str, key: bytes) -> bool:
         """That key joined ``cluster``, and its list still names ``user`` (removal prunes the join)."""
-        return _b64(key) in self._state["joins"].get(cluster, {}).get(user, {})
+        return b64(key) in self._state["joins"].get(cluster, {}).get(user, {})
 
     def invited(self, user: str) -> bool:
         """Whether ``user`` holds an unused, unexpired invitation to some cluster."""
@@ -90,7 +87,7 @@ class Registry:
         if not endorsed(base64.b64decode(invite["key"]), cluster, user, key, signature):
             raise CommandError("this invitation code does not match: ask the owner for a new one")
         del self._state["invites"][cluster][user]
-        self._state["joins"].setdefault(cluster, {}).setdefault(user, {})[_b64(key)] = endorsement_b64
+        self._state["joins"].setdefault(cluster, {}).setdefault(user, {})[b64(key)] = endorsement_b64
         self._save()
         log.info("%s joined %s", user, cluster)
 
@@ -109,7 +106,7 @@ class Registry:
         self._state["joins"][cluster] = {u: ks for u, ks in joins.items() if u in membership.list.members}
         invites = self._state["invites"].get(cluster, {})
         self._state["invites"][cluster] = {u: i for u, i in invites.items() if any(
-            e.kind == INVITE and _b64(e.key) == i["key"] for e in membership.list.members.get(u, ()))}
+            e.kind == INVITE and b64(e.key) == i["key"] for e in membership.list.members.get(u, ()))}
         self._save()
         return membership.list
 
@@ -119,10 +116,4 @@ class Registry:
                            "joins": self._state["joins"].get(cluster, {})}) + "\n"
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self._state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_json_atomically(self.path, self._state)

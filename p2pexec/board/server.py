@@ -38,6 +38,7 @@ import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
 
 from ..errors import ConfigurationError
+from ..files import write_json_atomically
 from ..keys import ED25519, Keyring, generate_identity_file, parse_openssh_public, valid_username
 from ..protocol.messages import check_sender
 from .commands import HELP, PUBLIC, Command, CommandError, parse, valid_topic
@@ -651,14 +652,7 @@ class BoardServer:
         return {k: tuple(v) for k, v in data.items()}
 
     def _save_members(self, state: dict[str, tuple[str, ...]]) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_file.with_suffix(".json.tmp")
-        with open(tmp, "w") as f:
-            json.dump({k: list(v) for k, v in sorted(state.items())}, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_file)
+        write_json_atomically(self._state_file, {k: list(v) for k, v in sorted(state.items())}, mode=0o644)
 
     # -- threads and connections
 
