@@ -22,6 +22,7 @@ from .errors import (
 from .joblib_backend import install as _install_joblib_backend
 from .seeding import task_rng, task_seed
 from .stats import ExecutorStats, WorkerStats
+from .whereami import WorkerInfo, current_worker
 
 _install_joblib_backend()  # backend="p2pexec" for joblib, whether it is imported before p2pexec or after
 
@@ -46,5 +47,5 @@ __all__ = [
     "P2PExecutor", "LocalCluster", "RemoteTraceback", "P2PExecError", "ConfigurationError", "BoardError",
     "BoardConnectionError", "HostKeyError", "AuthenticationError", "AccessDeniedError", "ProtocolError",
     "TaskProcessDiedError", "WorkerLostError", "NoWorkersError", "ResultTooLargeError", "UntrustedResultError",
-    "ExecutorStats", "WorkerStats", "task_rng", "task_seed",
+    "ExecutorStats", "WorkerStats", "task_rng", "task_seed", "current_worker", "WorkerInfo",
 ]

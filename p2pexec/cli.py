@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, TextIO
 from . import __version__
 from .errors import P2PExecError, first_leaf
 from .logs import quiet_dependencies
+from .protocol.resources import check_tags, gpu_list
 
 if TYPE_CHECKING:
     from .config import Participant
@@ -519,9 +521,17 @@ def worker_main(argv: list[str] | None = None) -> int:
     sandbox.add_argument("--max-processes", type=_process_cap, default=1024, metavar="N",
                          help="processes and threads a task may have at once, with all it starts (default 1024, "
                               "up to 300 more early on; 0: no cap; needs bubblewrap on Linux 6.14+)")
-    sandbox.add_argument("--memory", type=_size, default=None, metavar="SIZE",
-                         help="memory tasks may use in all, e.g. 8GiB, split between the slots "
-                              "(default: each task process at most this machine's memory)")
+    lend = parser.add_argument_group("what you lend", "Advertised on the board; tasks that ask for memory, cores, "
+                                                      "GPUs or tags (ex.options(...)) only come if they fit.")
+    lend.add_argument("--memory", type=_size, default=None, metavar="SIZE",
+                      help="memory tasks may use in all, e.g. 8GiB: a task gets what it asked for, else a slot's "
+                           "share, and is stopped past it (default: this machine's memory, tasks that ask for "
+                           "nothing not held to a share)")
+    lend.add_argument("--gpus", default="all", metavar="all|none|0,1",
+                      help="GPUs to share, dealt between the slots; each task process sees only its slot's "
+                           "(default: all that nvidia-ml-py finds; none without it)")
+    lend.add_argument("--tag", action="append", default=[], metavar="NAME",
+                      help="a label tasks can ask for, e.g. --tag big-disk; repeatable")
     history = parser.add_argument_group("history", "Workers record what ran (member, function, start, duration, "
                                                    "outcome) in $XDG_STATE_HOME/p2pexec/worker-history.jsonl "
                                                    "(default ~/.local/state/...), trimmed to about 1 MiB.")
@@ -536,6 +546,13 @@ def worker_main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     if args.slots < 1:
         parser.error("--slots must be at least 1")
+    from .worker.gpus import detect as detect_gpus
+
+    try:
+        args.tags = check_tags(args.tag)
+        args.gpus_shared = gpu_list(args.gpus, detect_gpus() if args.gpus.strip().lower() == "all" else ())
+    except ValueError as exc:
+        parser.error(str(exc))
     if not args.drain >= 0:
         parser.error("--drain must be 0 or more seconds")
     if args.check_sandbox:
@@ -557,20 +574,14 @@ def worker_main(argv: list[str] | None = None) -> int:
         return _fail("p2pexec-worker", first_leaf(matched))
 
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 def _size(text: str) -> int:
     """``8GiB``, ``512MiB``, ``2G``, ``1048576``: bytes."""
-    number = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = number[-1:] if number[-1:] in _UNITS and not number[-1:].isdigit() else ""
+    from .protocol.resources import parse_size
+
     try:
-        value = float(number[: len(number) - len(unit)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 8GiB or 512MiB") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("a size must be positive")
-    return int(value * _UNITS[unit])
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _sandbox(args: argparse.Namespace) -> "Sandbox":
@@ -578,9 +589,9 @@ def _sandbox(args: argparse.Namespace) -> "Sandbox":
 
     from .config import physical_memory
 
-    per_slot = args.memory // args.slots if args.memory else physical_memory()
-    return detect(network=args.network, memory=per_slot, enabled=not args.no_sandbox, layer=args.sandbox_layer,
-                  processes=args.max_processes or None)
+    sandbox = detect(network=args.network, memory=args.memory or physical_memory(), enabled=not args.no_sandbox,
+                     layer=args.sandbox_layer, processes=args.max_processes or None)
+    return dataclasses.replace(sandbox, gpus=bool(args.gpus_shared))
 
 
 def _process_cap(text: str) -> int:
@@ -615,9 +626,11 @@ def _worker(args: argparse.Namespace) -> int:
     who = resolve(args.cluster, board=args.board, user=args.user, identity=args.identity, members=args.members,
                   relay=args.relay)
     allow = frozenset(u.strip() for u in args.allow.split(",") if u.strip()) if args.allow else None
-    config = WorkerConfig(who=who, slots=args.slots, lease_seconds=args.lease_seconds, listen=tuple(args.listen or ["/ip4/0.0.0.0/tcp/0"]), allow=allow,
+    config = WorkerConfig(who=who, slots=args.slots, lease_seconds=args.lease_seconds,
+                          listen=tuple(args.listen or ["/ip4/0.0.0.0/tcp/0"]), allow=allow,
                           known_hosts=args.known_hosts.expanduser(), accept_new_host_key=args.accept_new_host_key,
-                          relays=who.relays, sandbox=_sandbox(args))
+                          relays=who.relays, sandbox=_sandbox(args), memory=args.memory, gpus=args.gpus_shared,
+                          tags=args.tags)
 
     def ready() -> None:
         if args.ready_fd is not None:

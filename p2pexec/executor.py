@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -9,7 +10,7 @@ import sys
 import secrets
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, InvalidStateError, wait
 from concurrent.futures.process import _chain_from_iterable_of_lists, _get_chunks, _process_chunk
 from functools import partial
@@ -22,6 +23,7 @@ from .board.client import DEFAULT_KNOWN_HOSTS, BoardSession
 from .config import physical_memory, resolve
 from .logs import quiet_dependencies
 from .protocol.messages import Inbox
+from .protocol.resources import ANY, Need
 from .dependencies import first_failure, futures_in, resolved
 from .results import task_package
 from .seeding import Seeded, numbered_chunks, seeded_chunk
@@ -80,6 +82,11 @@ class P2PExecutor(Executor):
     ``p2pexec.task_rng()`` streams derive from ``S`` and the task's place in
     submission order only (see :mod:`p2pexec.seeding`), whatever runs it.
 
+    ``resources={"memory": "2GiB", "cores": 4, "gpus": 1, "tags": {"big"}}``
+    sends every task only to worker slots that have that much (see
+    :meth:`options` for some tasks only); a task is held to the memory it
+    asked for.
+
     ``shutdown(wait=True)`` (and leaving ``with``) waits for the work while
     workers run it; once no worker has taken any of it for
     ``shutdown_timeout`` seconds (default 60; None waits forever), the
@@ -97,7 +104,8 @@ class P2PExecutor(Executor):
                  accept_new_host_key: bool = False, relay: str | list[str] | None = None,
                  allow: Iterable[str] | None = None, task_timeout: float | None = None,
                  max_result_size: int | None = None, trusted_results: bool = False,
-                 result_types: Iterable[str] = (), seed: int | bool | None = None, verbose: bool = False) -> None:
+                 result_types: Iterable[str] = (), seed: int | bool | None = None,
+                 resources: Mapping[str, Any] | None = None, verbose: bool = False) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if task_timeout is not None and not task_timeout > 0:
@@ -113,6 +121,7 @@ class P2PExecutor(Executor):
             raise ValueError("seed must be a non-negative int, True (a random one, logged) or None")
         self.seed: int | None = seed
         self._submits = self._maps = 0  # submission order: what a seeded task's random stream derives from
+        self._need = _need(ANY, resources or {})
         if isinstance(allow, str):
             raise TypeError("allow= takes a list of member names, e.g. allow=['alice', 'bob']")
         who = resolve(cluster, board=board, user=user, identity=identity, members=members, relay=relay)
@@ -167,6 +176,10 @@ class P2PExecutor(Executor):
 
     # -- Executor API -----------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._submit(self._need, fn, args, kwargs)
+
+    def _submit(self, need: Need, fn: Callable[..., Any], args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Future[Any]:
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -180,9 +193,9 @@ class P2PExecutor(Executor):
             if waiting_for:
                 self._unfinished.add(future)
                 future.add_done_callback(self._unfinished.discard)
-                self._after(waiting_for, future, fn, args, kwargs)
+                self._after(waiting_for, future, fn, args, kwargs, need)
             else:
-                self._enqueue(future, fn, args, kwargs)
+                self._enqueue(future, fn, args, kwargs, need)
             return future
 
     submit.__doc__ = (Executor.submit.__doc__ or "") + """
@@ -192,7 +205,7 @@ class P2PExecutor(Executor):
         one's exception if one failed."""
 
     def _after(self, waiting_for: list[Future[Any]], future: Future[Any], fn: Callable[..., Any],
-               args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+               args: tuple[Any, ...], kwargs: dict[str, Any], need: Need) -> None:
         """Send the task once every future it depends on has finished (from whichever thread finishes last)."""
         left = [len(waiting_for)]
         lock = threading.Lock()
@@ -212,7 +225,7 @@ class P2PExecutor(Executor):
                 if failure is not None:
                     future.set_exception(failure)
                 else:
-                    self._enqueue(future, fn, resolved(args), resolved(kwargs))
+                    self._enqueue(future, fn, resolved(args), resolved(kwargs), need)
             except InvalidStateError:
                 pass  # cancelled between the check and now
             except BaseException as exc:  # (a callback's error would be logged and lost: the future with it)
@@ -223,7 +236,7 @@ class P2PExecutor(Executor):
             dependency.add_done_callback(one_done)
 
     def _enqueue(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> None:
+                 kwargs: dict[str, Any], need: Need) -> None:
         runtime, scheduler = self._runtime, self._scheduler
         assert scheduler is not None and runtime is not None
         if not runtime.alive:
@@ -234,7 +247,7 @@ class P2PExecutor(Executor):
         except Exception as exc:
             future.set_exception(exc)
             return
-        item = WorkItem(future, payload, scheduler.next_id())
+        item = WorkItem(future, payload, scheduler.next_id(), need=need)
         if future not in self._unfinished:  # (a task that waited for futures is there already)
             self._unfinished.add(future)
             future.add_done_callback(self._unfinished.discard)
@@ -246,6 +259,25 @@ class P2PExecutor(Executor):
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
         """Like ProcessPoolExecutor.map: ``chunksize`` items travel and run together."""
+        return self._map(self, fn, iterables, timeout, chunksize)
+
+    def options(self, *, memory: str | int | None = None, cores: int | None = None, gpus: int | None = None,
+                tags: Iterable[str] | None = None) -> "ExecutorView":
+        """This executor for tasks that ask for more: ``ex.options(memory="2GiB", gpus=1).map(f, xs)``.
+
+        The view shares this executor's leases, seed and runtime; its tasks
+        go only to worker slots with ``memory`` (bytes or ``"2GiB"``: the task
+        is stopped if it uses more), ``cores``, ``gpus`` (the task process
+        sees that many, in ``CUDA_VISIBLE_DEVICES``) and every one of
+        ``tags`` (``p2pexec-worker --tag``).  What is not given comes from
+        ``resources=``.  When no online worker could ever meet it, the
+        no-worker warning (``warn_after``) says which requirement and what
+        the workers have.
+        """
+        return ExecutorView(self, _need(self._need, {"memory": memory, "cores": cores, "gpus": gpus, "tags": tags}))
+
+    def _map(self, submitter: Executor, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
+             timeout: float | None, chunksize: int) -> Iterator[Any]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         self._allow_classes_of(fn)
@@ -262,7 +294,7 @@ class P2PExecutor(Executor):
             task: Callable[..., Any] = PrepickledFunction(chunk_task)
         except Exception:
             task = chunk_task  # each submit reports the pickling error on its future
-        results = super().map(task, chunks, timeout=timeout)
+        results = Executor.map(submitter, task, chunks, timeout=timeout)
         return _chain_from_iterable_of_lists(results)
 
     def interrupt(self, future: Future[Any]) -> bool:
@@ -380,3 +412,56 @@ class P2PExecutor(Executor):
         if self._board is not None:
             self._board.close(last_line=None)
         _live_executors.discard(self)
+
+
+def _need(base: Need, requests: Mapping[str, Any]) -> Need:
+    """``base`` with the requests given (None: keep its own); a clear error for a wrong name or value."""
+    unknown = set(requests) - {"memory", "cores", "gpus", "tags"}
+    if unknown:
+        raise TypeError(f"unknown resource {sorted(unknown)[0]!r}: ask for memory, cores, gpus or tags")
+    return base.updated(**{name: value for name, value in requests.items() if value is not None})
+
+
+class ExecutorView(Executor):
+    """:meth:`P2PExecutor.options`: the same executor, whose tasks ask for more of their worker.
+
+    ``shutdown`` (and leaving ``with``) waits for, or cancels, only the
+    tasks submitted through this view; the executor itself stays open.
+    """
+
+    def __init__(self, executor: P2PExecutor, need: Need) -> None:
+        self.executor = executor
+        self.need = need
+        self._futures: set[Future[Any]] = set()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future = self.executor._submit(self.need, fn, args, kwargs)
+        self._futures.add(future)
+        future.add_done_callback(self._futures.discard)
+        return future
+
+    submit.__doc__ = P2PExecutor.submit.__doc__
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """Like :meth:`P2PExecutor.map`, on slots that meet this view's needs."""
+        return self.executor._map(self, fn, iterables, timeout, chunksize)
+
+    def options(self, *, memory: str | int | None = None, cores: int | None = None, gpus: int | None = None,
+                tags: Iterable[str] | None = None) -> ExecutorView:
+        """A view asking for these on top of this view's needs."""
+        return ExecutorView(self.executor, _need(self.need, {"memory": memory, "cores": cores, "gpus": gpus,
+                                                            "tags": tags}))
+
+    def interrupt(self, future: Future[Any]) -> bool:
+        return self.executor.interrupt(future)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if cancel_futures:
+            for future in list(self._futures):
+                future.cancel()
+        if wait:
+            concurrent.futures.wait(list(self._futures))
+
+    def __repr__(self) -> str:
+        return f"<ExecutorView of {self.executor.cluster} asking for {self.need}>"

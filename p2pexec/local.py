@@ -223,12 +223,14 @@ class LocalCluster:
 
     def add_worker(self, slots: int | None = None, env: dict[str, str] | None = None,
                    program: Sequence[str] = (sys.executable, "-m", "p2pexec.worker"),
-                   user: str | None = None) -> WorkerProcess:
+                   user: str | None = None, options: Sequence[str] = ()) -> WorkerProcess:
         """Start one more worker daemon; returns once it has joined the board.
 
         ``program`` is the command that takes ``p2pexec-worker``'s arguments;
-        tests pass a misbehaving double of it.  ``user`` is the member who
-        runs it: the worker user (default) or the owner.
+        tests pass a misbehaving double of it (or another environment's
+        Python).  ``user`` is the member who runs it: the worker user
+        (default) or the owner.  ``options`` are extra flags for this worker
+        alone (e.g. ``("--tag", "big", "--memory", "2GiB")``).
         """
         user = user or self.worker_user
         identity = {self.worker_user: self.worker_identity, self.owner: self.identity}[user]
@@ -239,7 +241,8 @@ class LocalCluster:
                "--identity", identity, "--members", self.members,
                "--known-hosts", self.known_hosts, "--slots", str(slots or self.slots),
                "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-fd", str(write_fd),
-               "--exit-with-parent", str(os.getpid()), "--remove-with-parent", str(self._dir), *self.worker_options]
+               "--exit-with-parent", str(os.getpid()), "--remove-with-parent", str(self._dir), *self.worker_options,
+               *options]
         if self.verbose:
             cmd.append("--verbose")
         scratch = self._dir / "tmp"  # removed with the cluster, even when a test SIGKILLs the worker

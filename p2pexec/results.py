@@ -32,6 +32,8 @@ from .tasks import is_local_module
 _ALLOWED: dict[str, frozenset[str]] = {k: frozenset(v.split()) for k, v in {
     "p2pexec.tasks": "Outcome _rebuild_exception RemoteError",
     "p2pexec.errors": "RemoteTraceback",
+    "p2pexec.whereami": "WorkerInfo",  # current_worker(), returned as it is
+    "p2pexec.protocol.resources": "Resources Gpu",
     "collections": "OrderedDict defaultdict deque Counter",
     "datetime": "datetime date time timedelta timezone",
     "decimal": "Decimal",

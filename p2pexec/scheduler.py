@@ -15,7 +15,6 @@ import math
 import sys
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, FINISHED
 from dataclasses import dataclass, field
@@ -34,6 +33,8 @@ from .protocol.frames import (
 )
 from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
+from .protocol.resources import ANY, Need, Resources, unmet
+from .pending import Pending
 from .stats import ExecutorStats, Tally
 from .status import AnswerObservers
 from .results import UntrustedResultError
@@ -68,6 +69,7 @@ class WorkItem:
     deadline: float = math.inf  # with task_timeout: when it is interrupted, then when its worker must have
                                 # answered the interrupt (monotonic)
     ran_on: tuple[str, str] | None = None  # (member, peer) of the worker it was last sent to, for stats
+    need: Need = ANY  # what its slot must have (ex.options / resources=)
 
     def __post_init__(self) -> None:
         self.size = sum(nbytes(p) for p in self.payload)
@@ -115,9 +117,21 @@ class SchedulerOptions:
     task_timeout: float | None = None  # interrupt a task running longer, failing it with TimeoutError
 
 
+@dataclass
+class _Ask:
+    """The board conversation for one need: its own request id, and when we last asked for how many."""
+
+    req: str
+    last_request: float = -1e9
+    last_asked: int = 0
+
+
 class Lease:
-    def __init__(self, worker: str, peer: str, slots: int, key: bytes = b"") -> None:
+    def __init__(self, worker: str, peer: str, slots: int, key: bytes = b"", need: Need = ANY,
+                 resources: Resources | None = None) -> None:
         self.worker = worker
+        self.need = need  # it runs only tasks of this need
+        self.resources = resources  # what its worker advertised
         self.key = key  # the member key its offer was signed with: still a member's?
         self.peer = peer
         self.slots = slots
@@ -141,7 +155,7 @@ class ClientScheduler:
         self.cluster = cluster
         self.options = options
         self.request_id = messages.new_id()
-        self.pending: deque[WorkItem] = deque()  # appended by submitting threads
+        self.pending: Pending[WorkItem] = Pending()  # appended by submitting threads
         self.task_packages: set[str] = set()  # installed packages of submitted functions: their classes may return
         self.wakeup_pending = False  # set by submitters, cleared by wake() on the loop
         self.leases: list[Lease] = []
@@ -155,8 +169,7 @@ class ClientScheduler:
         self._observers = AnswerObservers()
         self._nursery: trio.Nursery | None = None
         self._closing = False
-        self._last_request = -1e9
-        self._last_asked = 0
+        self._asks: dict[Need, _Ask] = {ANY: _Ask(self.request_id)}  # one request id per need
         self._starving_since: float | None = None
         self._warned: frozenset[Sighting] | None = None  # what the last no-worker warning said, this episode
         self._warned_at = -1e9
@@ -196,11 +209,16 @@ class ClientScheduler:
                 self._nursery.start_soon(self.nat.join_any)
         elif msg.type == "hello" and msg["role"] == "worker":
             self._note_unusable(msg.sender, msg.body.get("py"))
-            self._last_request = -1e9  # a worker arrived: ask again right away
-            self._maybe_request()
-        elif msg.type == "decline" and msg["req"] == self.request_id and msg["to"] == self.identity.user:
+            self.reannounce()  # a worker arrived: ask again right away
+        elif msg.type == "decline" and self._need_of(msg["req"]) is not None and msg["to"] == self.identity.user:
             if msg["why"] in ("python", "worker-allow"):
                 self._unusable.note(msg.sender, msg["why"], str(msg.body.get("py", "?")), time.monotonic())
+            elif msg["why"] == "resources":
+                self._unusable.note(msg.sender, "resources", str(msg.body.get("detail", "?")), time.monotonic())
+
+    def _need_of(self, req: str) -> Need | None:
+        """The need whose request id is ``req``, if it is one of ours."""
+        return next((need for need, ask in self._asks.items() if ask.req == req), None)
 
     def hello(self) -> bytes:
         return self._sign("hello", {"role": "client", "node": self.request_id, "py": PYTHON,
@@ -212,7 +230,8 @@ class ClientScheduler:
                           ttl=60)
 
     def reannounce(self) -> None:
-        self._last_request = -1e9
+        for ask in self._asks.values():
+            ask.last_request = -1e9
         self._maybe_request()
 
     def interrupt(self, future: Future[Any]) -> bool:
@@ -324,9 +343,8 @@ class ClientScheduler:
         self._fail_all(RuntimeError("the executor shut down before this task ran"))
 
     # -- queue helpers -----------------------------------------------------------------
-    def _take(self) -> WorkItem | None:
-        while self.pending:
-            item = self.pending.popleft()
+    def _take(self, need: Need) -> WorkItem | None:
+        while (item := self.pending.take(need)) is not None:
             if item.started and item.future.done():  # interrupted while requeued
                 continue
             if item.started or item.future.set_running_or_notify_cancel():
@@ -337,16 +355,17 @@ class ClientScheduler:
     async def _wait_change(self) -> None:
         await self._changed.wait()
 
-    def _leased_slots(self) -> int:
-        return sum(lease.slots for lease in self.leases)
-
     def _inflight(self) -> int:
         return sum(len(lease.inflight) for lease in self.leases)
 
-    def _wanted(self) -> int:
+    def _wanted(self, need: Need) -> int:
+        """Slots to lease for ``need``: its work, within what max_workers leaves after the other needs' leases."""
         if self._closing:
             return 0
-        return slots_wanted(len(self.pending), self._inflight(), self._leased_slots(), self.options.max_workers)
+        mine = [lease for lease in self.leases if lease.need == need]
+        others = sum(lease.slots for lease in self.leases if lease.need != need)
+        return slots_wanted(self.pending.count(need), sum(len(lease.inflight) for lease in mine),
+                            sum(lease.slots for lease in mine), max(0, self.options.max_workers - others))
 
     # -- board -------------------------------------------------------------------------
     def _sign(self, mtype: str, body: dict[str, Any], ttl: float) -> bytes:
@@ -357,14 +376,18 @@ class ClientScheduler:
             self.board.send(self._sign(mtype, body, ttl))
 
     def _maybe_request(self) -> None:
-        wanted = self._wanted()
+        for need in self.pending.needs():
+            self._asks.setdefault(need, _Ask(messages.new_id()))
         now = time.monotonic()
-        if not wanted:
-            self._last_asked = 0
-        elif should_request(wanted, self._last_asked, now - self._last_request, REQUEST_EVERY):
-            self._last_request, self._last_asked = now, wanted
-            view = self.nat.view.to_json() if self.nat is not None else {}
-            self._post("request", {"req": self.request_id, "n": wanted, "py": PYTHON, **view}, REQUEST_TTL)
+        for need, ask in self._asks.items():
+            wanted = self._wanted(need)
+            if not wanted:
+                ask.last_asked = 0
+            elif should_request(wanted, ask.last_asked, now - ask.last_request, REQUEST_EVERY):
+                ask.last_request, ask.last_asked = now, wanted
+                view = self.nat.view.to_json() if self.nat is not None else {}
+                needs = {"need": need.to_json()} if need != ANY else {}
+                self._post("request", {"req": ask.req, "n": wanted, "py": PYTHON, **needs, **view}, REQUEST_TTL)
 
     def _note_unusable(self, worker: str, python: Any) -> bool:
         """Note why this member's worker cannot serve us, if it cannot; True then."""
@@ -380,7 +403,8 @@ class ClientScheduler:
         return True
 
     def _on_offer(self, msg: messages.Message) -> None:
-        if msg["req"] != self.request_id or msg["to"] != self.identity.user or self._nursery is None:
+        need = self._need_of(msg["req"])
+        if need is None or msg["to"] != self.identity.user or self._nursery is None:
             return
         self._note_unusable(msg.sender, msg["py"])
         if msg.sender in self.banned:  # by member: a new peer id (a restarted worker) does not evade it
@@ -396,12 +420,17 @@ class ClientScheduler:
         if not self._backoff.ready(msg["peer"], time.monotonic()):
             log.debug("ignoring an offer from %s: it could not be reached, next try later", msg.sender)
             return
-        self.offered[msg["peer"]] = (msg["slots"], time.monotonic())
-        self.capacity_known.set()
-        slots = slots_to_accept(msg["slots"], self._wanted())
+        resources = _resources_in(msg)
+        if need != ANY and (resources is None or unmet(need, resources) is not None):
+            log.debug("ignoring an offer from %s: it cannot meet %s", msg.sender, need)
+            return
+        if need == ANY:
+            self.offered[msg["peer"]] = (msg["slots"], time.monotonic())
+            self.capacity_known.set()
+        slots = slots_to_accept(msg["slots"], self._wanted(need))
         if slots <= 0:
             return
-        lease = Lease(msg.sender, msg["peer"], slots, msg.key)
+        lease = Lease(msg.sender, msg["peer"], slots, msg.key, need, resources)
         self.leases.append(lease)
         self._nursery.start_soon(self._run_lease, lease, msg)
 
@@ -422,7 +451,9 @@ class ClientScheduler:
         now = time.monotonic()
         if self.options.task_timeout is not None:
             self._time_out(now)
-        if not self.pending or any(lease.channel is not None for lease in self.leases):
+        served = {lease.need for lease in self.leases if lease.channel is not None}
+        starving = [need for need in self.pending.needs() if need not in served]
+        if not starving:
             self._starving_since, self._warned = None, None
             return
         if self._starving_since is None:
@@ -432,12 +463,13 @@ class ClientScheduler:
             news = frozenset(self._sightings(now))
             if self._warned is None or (news != self._warned and now - self._warned_at >= REWARN_AT_MOST_EVERY):
                 self._warned, self._warned_at = news, now
-                log.warning("no worker has run tasks for cluster %s in %.0f s; %s", self.cluster, waited,
-                            self._starving_hint())
+                log.warning("no worker has run tasks%s for cluster %s in %.0f s; %s", _asking(starving),
+                            self.cluster, waited, self._starving_hint())
         timeout = self.options.worker_timeout
         if timeout is not None and waited >= timeout:
             self._fail_pending(NoWorkersError(
-                f"no worker of cluster {self.cluster} took this task within {timeout:g} s; {self._starving_hint()}"))
+                f"no worker of cluster {self.cluster} took this task within {timeout:g} s; {self._starving_hint()}"),
+                starving)
         self._give_up_leaving(now)
 
     def _give_up_leaving(self, now: float) -> None:
@@ -502,7 +534,7 @@ class ClientScheduler:
             dialed = True
             framed = FramedStream(stream)
             try:
-                accept = self._sign("accept", {"offer": offer.id, "worker": offer.sender, "req": self.request_id,
+                accept = self._sign("accept", {"offer": offer.id, "worker": offer.sender, "req": offer["req"],
                                                "kx": messages.b64(self._kx_pk), "slots": lease.slots}, ttl=30)
                 await framed.send(accept)
                 rx, tx = session_keys("client", self._kx_pk, self._kx_sk, messages.unb64(offer["kx"], 32))
@@ -548,7 +580,7 @@ class ClientScheduler:
             self.leases.remove(lease)
             self._requeue(lease, reason)
             if dialed:  # after a failed dial, wait for the backoff rather than asking again at once
-                self._last_request = -1e9
+                self._asks[lease.need].last_request = -1e9
             self.notify()
             self._maybe_request()
 
@@ -595,12 +627,13 @@ class ClientScheduler:
     async def _feed(self, lease: Lease) -> None:
         channel = lease.channel
         assert channel is not None
+        idle_since: float | None = None  # (heartbeats wake us too: they must not make an idle lease look busy)
         while True:
             batch: list[Buffer] = [*lease.control]
             lease.control.clear()
             size = 0
             while (lease.credits > 0 and size < BATCH_BYTES and self._may_send(lease)
-                   and (item := self._take()) is not None):
+                   and (item := self._take(lease.need)) is not None):
                 lease.credits -= 1
                 lease.inflight[item.id] = item
                 item.ran_on = (lease.worker, lease.peer)
@@ -614,13 +647,18 @@ class ClientScheduler:
                 continue
             if self._closing and not lease.inflight:
                 break
-            if lease.inflight or self.pending:
+            if lease.inflight or self.pending.count(lease.need):
+                idle_since = None
                 await self._wait_change()
                 continue
-            with trio.move_on_after(self.options.lease_idle) as idle:
-                await self._wait_change()
-            if idle.cancelled_caught:
+            if self._starving_other(lease.need):  # our own work of another need waits for these slots
                 break
+            idle_since = trio.current_time() if idle_since is None else idle_since
+            left = self.options.lease_idle - (trio.current_time() - idle_since)
+            if left <= 0:
+                break
+            with trio.move_on_after(left):
+                await self._wait_change()
         await channel.send(encode_op(Op.END))
 
     async def _upgrade(self, lease: Lease, resume: bytes) -> None:
@@ -659,11 +697,17 @@ class ClientScheduler:
             lease.control.append(encode_op(Op.PING))
             self.notify()
 
+    def _starving_other(self, need: Need) -> bool:
+        """Has work of another need no lease at all?"""
+        return any(other != need and not any(lease.need == other for lease in self.leases)
+                   for other in self.pending.needs())
+
     def _may_send(self, lease: Lease) -> bool:
         """Fill idle slots anywhere before queueing a task behind a busy one (prefetch)."""
         if len(lease.inflight) < lease.slots:
             return True
-        return not any(other.credits > 0 and len(other.inflight) < other.slots for other in self.leases)
+        return not any(other.credits > 0 and len(other.inflight) < other.slots and other.need == lease.need
+                       for other in self.leases)
 
     async def _receive(self, lease: Lease) -> None:
         channel = lease.channel
@@ -772,14 +816,29 @@ class ClientScheduler:
         else:
             self.pending.appendleft(item)
 
-    def _fail_pending(self, exc: BaseException) -> None:
-        while self.pending:
-            item = self.pending.popleft()
-            if item.started or item.future.set_running_or_notify_cancel():
-                self._set_exception(item, exc)
+    def _fail_pending(self, exc: BaseException, needs: list[Need] | None = None) -> None:
+        """Fail the work not sent yet: all of it, or that of ``needs``."""
+        for need in self.pending.needs() if needs is None else needs:
+            while (item := self.pending.take(need)) is not None:
+                if item.started or item.future.set_running_or_notify_cancel():
+                    self._set_exception(item, exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         self._fail_pending(exc)
         for lease in self.leases:
             for item in lease.inflight.values():
                 self._set_exception(item, exc)
+
+
+def _resources_in(msg: messages.Message) -> Resources | None:
+    """What an offer's worker advertises (None from a worker too old to say, or garbled)."""
+    try:
+        return Resources.from_json(msg.body.get("res"))
+    except (ValueError, TypeError):
+        return None
+
+
+def _asking(needs: list[Need]) -> str:
+    """`` asking for memory=2 GiB`` for the needs that starve, unless it is only plain tasks."""
+    named = [str(need) for need in needs if need != ANY]
+    return f" (tasks asking for {'; '.join(named)})" if named else ""

@@ -18,6 +18,7 @@ from typing import Any
 from .board.client import BoardSession
 from .config import Participant
 from .protocol import messages
+from .protocol.resources import Resources, format_size
 
 OBSERVER_HELLO_TTL = 30.0
 ANSWER_AT_MOST_EVERY = 0.5
@@ -159,8 +160,17 @@ def _busy(worker: dict[str, Any]) -> str:
 
 
 def _resources(worker: dict[str, Any]) -> str:
+    """Cores and memory; with a worker that advertises them, the memory it lends, its GPUs and tags."""
+    try:
+        lent = Resources.from_json(worker.get("res"))
+    except (ValueError, TypeError):
+        lent = None
     cores, memory = worker.get("cores"), worker.get("memory")
     cpu = f"{cores} cores" if isinstance(cores, int) else "? cores"
+    if lent is not None:
+        gpus = f", {len(lent.gpus)} GPU(s): {_text(', '.join(str(g) for g in lent.gpus[:4]))}" if lent.gpus else ""
+        tags = f", tags {_text(','.join(sorted(lent.tags)))}" if lent.tags else ""
+        return f"{cpu}, {format_size(lent.memory)} lent{gpus}{tags}"
     mem = f"{memory / (1 << 30):.1f} GiB" if isinstance(memory, (int, float)) and memory > 0 else "? GiB"
     return f"{cpu}, {mem}"
 

@@ -26,6 +26,7 @@ _ADVICE = {
     "banned": "a worker of {member} broke the protocol ({detail}); this executor uses none of theirs again "
               "(a new executor starts afresh)",
     "unreachable": "offered but could not be reached: {detail}",
+    "resources": "cannot meet {detail}",
 }
 REASONS = frozenset(_ADVICE)
 

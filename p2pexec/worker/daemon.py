@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import platform
 import shutil
 import signal
 import sys
@@ -36,12 +37,14 @@ from ..protocol.frames import (
 )
 from ..protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS, CreditLedger
 from ..protocol.matching import python_compatible, slots_to_offer
+from ..protocol.resources import ANY, Gpu, Need, Reservations, Resources, unmet
 from ..status import AnswerObservers
 from ..transport.channel import FramedStream, SecureChannel
 from ..protocol.reach import NetView, announced_relays
 from ..protocol.unusable import DeclineLimiter
 from ..transport.host import Libp2pHost
 from ..transport.nat import NatTraversal
+from ..whereami import WORKER_ENV, describe
 from . import hop
 from .history import Entry, History, default_path
 from .privileges import prctl
@@ -70,6 +73,15 @@ class WorkerConfig:
     lease_seconds: float = 30.0
     relays: tuple[str, ...] = ()  # relay multiaddrs given with --relay / P2PEXEC_RELAY (the board may add its own)
     sandbox: Sandbox = Sandbox(None)  # how task processes run (see worker/sandbox.py)
+    memory: int | None = None  # bytes its tasks may use in all (--memory); None: the machine's
+    gpus: tuple[Gpu, ...] = ()  # the GPUs it shares (--gpus), dealt between the slots
+    tags: frozenset[str] = frozenset()  # --tag: what tasks may ask for by name
+
+    def resources(self) -> Resources:
+        """What this worker lends, as it advertises it."""
+        return Resources(self.slots, os.cpu_count() or 1, self.memory or physical_memory() or 0, self.gpus,
+                         self.tags, sys.platform, platform.machine(), platform.python_version(),
+                         memory_capped=self.memory is not None)
 
 
 Task = tuple[int, memoryview, "tuple[int, int] | None"]  # id, payload, (memfd, offset) if shared
@@ -105,6 +117,7 @@ class Offer:
     slots: int
     exp: float
     kx: tuple[bytes, bytes]  # this offer's own X25519 key pair: one lease's keys reveal no other's
+    need: Need = ANY  # what the request asked of each slot
 
 
 class WorkerDaemon:
@@ -113,7 +126,9 @@ class WorkerDaemon:
         # Lease handshakes run on trio; board lines are checked in the board's reader thread.
         self.inbox = messages.Inbox(config.who.cluster, config.who.keyring)
         self._scratch = Path(tempfile.mkdtemp(prefix="p2pexec-worker-"))  # every task process's scratch, below
-        self.free: list[TaskSlot] = [TaskSlot(i, config.sandbox, self._scratch) for i in range(config.slots)]
+        self.resources = config.resources()
+        self.slots = [TaskSlot(i, config.sandbox, self._scratch) for i in range(config.slots)]
+        self.reservations = Reservations(self.resources)  # which slots, memory and cores each lease holds
         self.offers: dict[str, Offer] = {}
         self.host: Libp2pHost | None = None
         self.board: BoardSession | None = None
@@ -141,8 +156,14 @@ class WorkerDaemon:
             self.nat = NatTraversal(host, self.config.who.identity, serve=True)
             self.nat.add_candidates(self.config.relays)
             host.set_handler(self._handle_stream)
+            for slot in self.slots:
+                slot.env[WORKER_ENV] = describe(self.config.who.identity.user, host.peer_id, slot.index,
+                                                self.resources)
+                if self.config.gpus:
+                    slot.env["CUDA_VISIBLE_DEVICES"] = ",".join(
+                        str(gpu.index) for gpu in self.resources.gpus_of(slot.index))
             async with trio.open_nursery() as starting:  # each task process imports for ~0.1 s
-                for slot in self.free:
+                for slot in self.slots:
                     starting.start_soon(slot.start)
             token = trio.lowlevel.current_trio_token()
             self.board = BoardSession(
@@ -173,8 +194,10 @@ class WorkerDaemon:
             finally:
                 with trio.CancelScope(shield=True):
                     await self._leave_board()
-                    for slot in self.free:
-                        await slot.stop()
+                    busy = self.reservations.busy
+                    for slot in self.slots:
+                        if slot.index not in busy:  # (a lease stops its own)
+                            await slot.stop()
                     shutil.rmtree(self._scratch, ignore_errors=True)  # and what busy slots' processes left
 
     async def drain(self) -> int:
@@ -190,7 +213,7 @@ class WorkerDaemon:
         return self.running
 
     def _check_drained(self) -> None:
-        if self.draining and len(self.free) == self.config.slots:
+        if self.draining and not self.reservations.busy:
             self.drained.set()
 
     async def _leave_board(self) -> None:
@@ -231,7 +254,9 @@ class WorkerDaemon:
                                     "addrs": self.nat.addrs_for(None) if self.host else [],
                                     "reach": self._reach(),
                                     "leases": [move.status for move in list(self._moves.values())[:16]],
-                                    "py": PYTHON, "slots": self.config.slots, "free": len(self.free),
+                                    "py": PYTHON, "slots": self.config.slots,
+                                    "free": self.config.slots - len(self.reservations.busy),
+                                    "res": self.resources.to_json(),
                                     "platform": sys.platform, "load": round(os.getloadavg()[0], 2),
                                     "cores": os.cpu_count() or 0, "memory": physical_memory() or 0}, ttl=60)
 
@@ -261,6 +286,13 @@ class WorkerDaemon:
             return self._decline(msg, "worker-allow")
         if not python_compatible(PYTHON, msg["py"]):
             return self._decline(msg, "python")
+        try:
+            why_not = unmet(_need_in(msg), self.resources)
+        except (ValueError, TypeError) as exc:
+            log.debug("ignoring a request from %s with a bad resource need: %s", msg.sender, exc)
+            return None
+        if why_not is not None:
+            return self._decline(msg, "resources", f"{why_not}; it lends {self.resources.describe()}")
         if msg.body.get("probe") is True:  # a client counting slots (joblib's n_jobs=-1): offer what is free, no more
             if not self._joining:
                 self._offer(msg)
@@ -271,26 +303,29 @@ class WorkerDaemon:
             for poke in list(self._pokes):
                 poke()
 
-    def _decline(self, request: messages.Message, why: str) -> None:
+    def _decline(self, request: messages.Message, why: str, detail: str = "") -> None:
         """Tell a client we will not serve it, so its no-worker warning can say why (rate-limited)."""
         assert self.board is not None and self.host is not None
         if self._declines.due(request["req"], time.monotonic()):
             self.board.send(self._sign("decline", {"req": request["req"], "to": request.sender, "why": why,
-                                                   "py": PYTHON, "node": self.host.peer_id}, ttl=OFFER_TTL))
+                                                   "py": PYTHON, "node": self.host.peer_id, "detail": detail[:1000]},
+                                       ttl=OFFER_TTL))
 
     def _offer(self, request: messages.Message) -> bool:
         """Offer free slots to a request; False if none are free."""
         assert self.host is not None and self.board is not None
-        slots = slots_to_offer(len(self.free), request["n"])
+        need = _need_in(request)
+        slots = slots_to_offer(self.reservations.available(need), request["n"])
         if slots <= 0:
             return False
         kx = sodium.crypto_kx_keypair()
         line_out = self._sign("offer", {"req": request["req"], "to": request.sender, "slots": slots, "py": PYTHON,
-                                        "peer": self.host.peer_id,
+                                        "peer": self.host.peer_id, "res": self.resources.to_json(),
                                         "addrs": self.nat.addrs_for(NetView.from_json(request.body)),
                                         "kx": messages.b64(kx[0])}, ttl=OFFER_TTL)
         offer_id = messages.decode(line_out).id
-        self.offers[offer_id] = Offer(offer_id, request["req"], request.sender, slots, time.time() + OFFER_TTL, kx)
+        self.offers[offer_id] = Offer(offer_id, request["req"], request.sender, slots, time.time() + OFFER_TTL, kx,
+                                      need)
         self.board.send(line_out)
         self.waiting.pop(request["req"], None)
         return True
@@ -324,7 +359,9 @@ class WorkerDaemon:
                     return await self._resume(stream, first)
                 accept = self._authenticate(first)
                 offer = self.offers.pop(accept["offer"])
-                slots = [self.free.pop() for _ in range(min(accept["slots"], offer.slots, len(self.free)))]
+                count = min(accept["slots"], offer.slots, self.reservations.available(offer.need))
+                held = self.reservations.reserve(offer.id, offer.need, count) if count > 0 else None
+                slots = [self.slots[i] for i in held or ()]
                 if not slots:  # the offer's slots went to another accept first: a race, not an attack
                     log.debug("an accept from %s came after its offer's slots were taken; it will ask again",
                               accept.sender)
@@ -340,6 +377,7 @@ class WorkerDaemon:
             self._moves[move.token] = move
             for slot in slots:
                 await slot.assign(accept.sender)
+                slot.limit = self.reservations.limit_of(offer.need)
             log.info("lease for %s with %d slot(s) started (%s)", accept.sender, len(slots), status["path"])
             if status["path"] == "relayed" and self._background is not None:
                 self._background.start_soon(self._watch_punch, move, accept.sender)
@@ -362,8 +400,8 @@ class WorkerDaemon:
                 self._moves.pop(move.token, None)
                 move.done.set()
                 self._lease_ended(move)
-            self.free.extend(slots)
             if slots:
+                self.reservations.release(accept["offer"])
                 self.last_served[accept["req"]] = time.time()
                 self._offer_to_waiting()
                 self._check_drained()
@@ -429,9 +467,11 @@ class WorkerDaemon:
                            move: _Move, client_key: bytes) -> None:
         """Run the client's tasks on our slots; the client may only send what we credited.
 
-        A lease older than ``lease_seconds`` that another client is waiting
-        for gets no more credit; once it has answered what it holds, it ends,
-        and the slots go to whoever waited.  A worker that is stopping
+        A lease older than ``lease_seconds`` that another client (or another
+        need of the same client) is waiting for gets no more credit; once it
+        has answered what it holds, it ends, and the slots go to whoever
+        waited.  So does one that falls idle after its work while someone
+        waits.  A worker that is stopping
         (:meth:`drain`) grants no more credit either, hands back the tasks it
         has not started (RETURNED: the client runs them elsewhere), and ends
         the lease once its running tasks are answered.
@@ -481,8 +521,11 @@ class WorkerDaemon:
         started = trio.current_time()
 
         def expired() -> bool:
-            return self.draining or (trio.current_time() - started > self.config.lease_seconds
-                                     and self.contended(req))
+            """Stopping, or someone waits and this lease is idle after its work, or older than lease_seconds."""
+            if self.draining:
+                return True
+            idle = ledger.answered > 0 and not ledger.running and not ledger.queued
+            return (idle or trio.current_time() - started > self.config.lease_seconds) and self.contended(req)
 
         def hand_back() -> None:
             """Stopping: what has not started runs elsewhere, at once."""
@@ -570,6 +613,11 @@ class WorkerDaemon:
                 self._pokes.discard(post)
             finished = True
             post()
+
+
+def _need_in(request: messages.Message) -> Need:
+    """What a request asks of each slot (ValueError or TypeError if it is garbled)."""
+    return Need.from_json(request.body["need"]) if "need" in request.body else ANY
 
 
 def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None, *, drain: float = 30.0,

@@ -10,8 +10,12 @@ pipe copies, no second buffer of the size of the payload.
 
 A task process may precede an outcome with REPORT messages: a small
 JSON object saying which function it is about to run (``fn``, only when
-it changed) or that the task raised (``ok``: false), for the worker's
-history; the daemon reads them without unpickling anything.
+it changed), that the task raised (``ok``: false), for the worker's
+history, or that it went past its memory limit (``over``: ``memory``,
+after which it exits); the daemon reads them without unpickling anything.
+The daemon may precede a task with a LIMIT message: ``size`` is the
+address space the task process allows itself from then on (0: as much
+as its hard limit).
 
 The daemon trusts nothing a task process sends: a shared outcome must be
 a memfd sealed against shrinking (so the daemon's mapping can never
@@ -32,7 +36,7 @@ import weakref
 from collections.abc import Sequence
 
 HEADER = struct.Struct(">BQQ")
-INLINE, SHARED, REPORT = 0, 1, 2
+INLINE, SHARED, REPORT, LIMIT = 0, 1, 2, 3
 MAX_REPORT = 1024  # bytes of one REPORT
 SHARED_MIN = 1 << 20  # smaller data is cheaper to copy through the socket
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW

@@ -29,8 +29,13 @@ Landlock (``--sandbox-layer`` chooses):
   reparented to it and killed when that task process ends.  The task
   process drops every capability (a worker run as root keeps none for its
   tasks).  Processes per task are not capped in this layer.
-* **rlimits**: each task process's address space is capped (``RLIMIT_AS``,
-  ``memory``); going over fails that task, the worker carries on.
+* **rlimits**: each task process's address space is capped (``RLIMIT_AS``):
+  its hard limit is all the memory the worker lends (``memory``), and before
+  each lease's tasks the daemon lowers its soft limit to what they asked for
+  (or a slot's share); a task that goes past it is stopped, its future
+  fails saying so, and the worker carries on.  A task could raise its own
+  soft limit back up to the hard one: this guards against mistakes, the
+  hard limit against worse.
 
 Set-up costs happen once per task process, never per task.  Without
 bubblewrap tasks run unsandboxed, and the worker says so loudly.
@@ -38,6 +43,7 @@ bubblewrap tasks run unsandboxed, and the worker says so loudly.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import resource
@@ -80,11 +86,12 @@ class Sandbox:
 
     bwrap: str | None  # a bubblewrap that works here, or None
     network: bool = False
-    memory: int | None = None  # bytes of address space per task process
+    memory: int | None = None  # bytes of address space a task process may ever have (its hard limit)
     why_not: str = "turned off"  # without any layer: why
     landlock: int = 0  # Landlock ABI to confine task processes with, where there is no bubblewrap
     processes: int | None = None  # PIDs per task process and all it starts, where enforced
     processes_why_not: str = ""  # why processes are not capped although asked to be
+    gpus: bool = False  # the worker shares GPUs: tasks see the NVIDIA devices (each slot's own, through CUDA)
 
     @property
     def layer(self) -> str | None:
@@ -124,6 +131,9 @@ class Sandbox:
         wrapped += ["--proc", "/proc", "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev", "--tmpfs", "/tmp"]
         for path in python_paths(package_root):
             wrapped += ["--ro-bind", path, path]
+        if self.gpus:
+            for device in sorted(glob.glob("/dev/nvidia*")):
+                wrapped += ["--dev-bind-try", device, device]
         wrapped += ["--bind", str(scratch), str(scratch), "--chdir", str(scratch),
                     "--setenv", "HOME", str(scratch), "--setenv", "TMPDIR", str(scratch)]
         for name in _UNSET:
@@ -165,7 +175,8 @@ class Sandbox:
                      *(["this worker runs as root: its tasks own root's files in the directories they see "
                         "(read-only); run it as an ordinary user"] if os.geteuid() == 0 else []),
                      "tasks have no network" if not self.network else "tasks may use the network (--network)"]
-        lines.append(f"memory: {self.memory} bytes of address space per task process" if self.memory else
+        lines.append(f"memory: each task within what it asked for (or a slot's share of --memory), "
+                     f"{self.memory} bytes of address space at most" if self.memory else
                      "memory: not capped (--memory)")
         if self.processes is not None:
             lines.append(f"processes: {self.processes} (up to {self.processes + 300}) processes and threads per "

@@ -17,7 +17,8 @@ from pathlib import Path
 import trio
 
 from ..protocol.frames import Buffer, nbytes
-from .hop import HEADER, INLINE, MAX_REPORT, REPORT, SHARED, map_outcome
+from ..protocol.resources import format_size
+from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, map_outcome
 from .history import printable
 from .privileges import prctl
 from .sandbox import SLOT_ENV, Sandbox
@@ -57,6 +58,10 @@ class TaskSlot:
         self.member: str | None = None  # whose code the current process has run
         self.function = "?"  # the function its current task runs, as the task process reported it (untrusted)
         self.raised = False  # the task process reported that its last task raised
+        self.env: dict[str, str] = {}  # for its task processes on top of the daemon's (GPUs, current_worker)
+        self.limit: int | None = None  # the address space its tasks get now (None: the hard limit), per lease
+        self._applied: int | None = None  # the limit its process has been told
+        self._over: str | None = None  # the limit the running task went past, as the task process reported
 
     async def assign(self, member: str) -> None:
         """Serve ``member`` next, in a process no other member's task has run in.
@@ -74,6 +79,8 @@ class TaskSlot:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         self._scratch = Path(tempfile.mkdtemp(prefix=f"slot{self.index}-", dir=self._scratch_root))
         env.update(self.sandbox.environment(self._scratch, _PACKAGE_ROOT, self.index))
+        env.update(self.env)
+        self._applied = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         info_read, info_write = os.pipe() if self.sandbox.processes is not None else (None, None)
         argv = self.sandbox.command([sys.executable, "-m", "p2pexec.worker.taskproc", str(theirs.fileno())],
@@ -139,8 +146,11 @@ class TaskSlot:
             await self.start()
         proc = self._proc
         assert proc is not None
-        self.raised = False
+        self.raised, self._over = False, None
         try:
+            if self.limit != self._applied:
+                await self._send_all(HEADER.pack(LIMIT, 0, self.limit or 0))
+                self._applied = self.limit
             size = nbytes(payload)
             if shared is not None:
                 fd, offset = shared
@@ -226,6 +236,8 @@ class TaskSlot:
             self.function = printable(fields["fn"])
         if fields.get("ok") is False:
             self.raised = True
+        if fields.get("over") == "memory":
+            self._over = f"the task went past its memory limit of {format_size(self._applied or 0)} and was stopped"
 
     async def _receive_into(self, view: memoryview) -> None:
         assert self._sock is not None
@@ -248,7 +260,8 @@ class TaskSlot:
                 proc.kill()
                 await proc.wait()
             self._left_behind(proc)
-        return TaskProcessDied(why or f"the task process {describe_exit(proc.returncode if proc else None)}")
+        return TaskProcessDied(why or self._over or
+                               f"the task process {describe_exit(proc.returncode if proc else None)}")
 
     def _forget(self) -> None:
         if self._sock is not None:

@@ -21,7 +21,7 @@ import tempfile
 
 from ..protocol.frames import nbytes
 from ..tasks import dump_outcome, load_task
-from .hop import HEADER, INLINE, REPORT, SHARED, SHARED_MIN, map_payload, share_outcome
+from .hop import HEADER, INLINE, LIMIT, REPORT, SHARED, SHARED_MIN, map_payload, share_outcome
 from .sandbox import LANDLOCK_ENV
 
 
@@ -51,8 +51,23 @@ class _Capture:
         return texts[0], texts[1]
 
 
+_memory_limit = 0  # the address space this process allows itself now (0: its hard limit)
+OVER_MEMORY_EXIT = 3
+
+
+def _limit_memory(size: int) -> None:
+    """Lower (or raise, up to the hard limit the daemon set) what this process may map from now on."""
+    global _memory_limit
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    soft = hard if size == 0 or (hard != resource.RLIM_INFINITY and size > hard) else size
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    _memory_limit = 0 if soft == hard else soft
+
+
 def _receive(sock: socket.socket) -> bytearray | memoryview | None:
-    """The next task payload from the daemon, or None once it is gone."""
+    """The next task payload from the daemon, or None once it is gone; applies the LIMITs that precede it."""
     data, fds, _, _ = socket.recv_fds(sock, HEADER.size, 1)
     try:
         header = bytearray(data)
@@ -62,6 +77,9 @@ def _receive(sock: socket.socket) -> bytearray | memoryview | None:
         if not data:
             return None
         kind, offset, size = HEADER.unpack(header)
+        if kind == LIMIT and not fds:
+            _limit_memory(size)
+            return _receive(sock)
         if kind == SHARED and len(fds) == 1:
             return map_payload(fds[0], offset, size)
         payload = bytearray(size)  # filled in place: a big task is held once, not in pieces and again joined
@@ -136,6 +154,9 @@ def serve(sock: socket.socket) -> None:
             reported = _tell_name(sock, name, reported)  # before it runs: a task that kills its process is named
             ok, value = True, fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - a task's SystemExit is its result too
+            if isinstance(exc, MemoryError) and _memory_limit:  # stopped: the daemon says which limit
+                sock.sendall(_report({"over": "memory"}))
+                os._exit(OVER_MEMORY_EXIT)
             ok, value = False, exc
         reported = _tell_name(sock, name, reported)  # said already, unless loading failed
         try:
