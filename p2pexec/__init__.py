@@ -11,6 +11,7 @@ from .errors import (
     BoardError,
     ConfigurationError,
     HostKeyError,
+    MissingPackageError,
     NoWorkersError,
     P2PExecError,
     ProtocolError,
@@ -46,5 +47,6 @@ __all__ = [
     "P2PExecutor", "LocalCluster", "RemoteTraceback", "P2PExecError", "ConfigurationError", "BoardError",
     "BoardConnectionError", "HostKeyError", "AuthenticationError", "AccessDeniedError", "ProtocolError",
     "TaskProcessDiedError", "WorkerLostError", "NoWorkersError", "ResultTooLargeError", "UntrustedResultError",
+    "MissingPackageError",
     "ExecutorStats", "WorkerStats", "task_rng", "task_seed",
 ]

@@ -26,6 +26,8 @@ from hypothesis import strategies as st
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+import p2pexec
+from p2pexec import MissingPackageError, P2PExecError
 from p2pexec.environment import (
     MAX_ASKED, Misfit, answer, distributions, install_command, installed, misfit, misfits, parse_requires,
     referenced_modules,
@@ -358,6 +360,30 @@ def test_parse_requires_accepts_names_specifiers_and_requirements():
     reqs = parse_requires(["numpy>=2", Requirement("scikit-learn"), "pandas ==2.*"])
     assert [str(r) for r in reqs] == ["numpy>=2", "scikit-learn", "pandas==2.*"]
     assert parse_requires("numpy") == (Requirement("numpy"),)
+
+
+# --- the error the user sees ------------------------------------------------------------
+
+
+def test_missing_package_error_says_what_and_where_and_how():
+    error = MissingPackageError("numpy", "1.26.4", {"carol/w2": "2.1.0", "bob/w1": None})
+    text = str(error)
+    assert "numpy 1.26.4" in text and "bob/w1 lacks it" in text and "carol/w2 has 2.1.0" in text
+    assert "pip install 'numpy==1.26.4'" in text
+    assert isinstance(error, ImportError) and isinstance(error, P2PExecError)
+    assert error.name == "numpy" and p2pexec.MissingPackageError is MissingPackageError
+    many = MissingPackageError("numpy", ">=2", {f"w{i}": None for i in range(20)})
+    assert "and 12 more" in str(many) and "pip install 'numpy>=2'" in str(many)
+
+
+@pytest.mark.parametrize("module", [pickle, dill])
+def test_missing_package_error_pickles(module):
+    error = MissingPackageError("fake-dist", "2.1.0", {"bob/w1": None, "carol/w2": "1.0"})
+    back = module.loads(module.dumps(error))
+    assert type(back) is MissingPackageError and str(back) == str(error)
+    assert (back.dist, back.version, back.workers, back.name) == ("fake-dist", "2.1.0", error.workers, "fake-dist")
+    with pytest.raises(ImportError):
+        raise back
 
 
 # --- another environment for a worker ---------------------------------------------------
