@@ -19,6 +19,7 @@ from __future__ import annotations
 import _compat_pickle
 import functools
 import importlib.metadata
+import itertools
 import logging
 import pickletools
 import re
@@ -44,8 +45,7 @@ ALWAYS_THERE = (frozenset(sys.stdlib_module_names) | {m.partition(".")[0] for m 
 MAX_ASKED = 32
 MAX_NAME = 100
 
-_IMPORT_MODULE = ("dill._dill", "_import_module")
-_MAX_NESTING = 3  # a pickle inside a pickle (a map's prepickled function) inside ...
+_MAX_NESTING = 3  # a map's function is a pickle inside the task's pickle; deeper than this is garbage
 _MAX_STRING = 256  # longer strings are never module names: not decoded
 _MAX_LINE = 1 << 16  # protocol 0's text arguments; a longer one ends the scan
 
@@ -89,7 +89,10 @@ def _table() -> list[_Entry | None]:
 
 
 _OPCODES = _table()
-_IMPORTER = object()  # stands for dill's _import_module on the scanner's stack
+# The two callables whose argument names more: dill's _import_module (a module's name) and
+# p2pexec's _load_function (a map's function, pickled on its own and carried as bytes).
+_IMPORTER, _LOADER = object(), object()
+_CALLABLES = {("dill._dill", "_import_module"): _IMPORTER, ("p2pexec.tasks", "_load_function"): _LOADER}
 
 
 def referenced_modules(pickle: bytes | bytearray | memoryview) -> frozenset[str]:
@@ -114,7 +117,6 @@ def _scan(data: memoryview, found: set[str], depth: int) -> None:
     memo: dict[int, object] = {}
     below: object = None  # the two topmost stack values, as far as they name modules
     top: object = None
-    expect_module = False  # the next string is the argument of dill's _import_module
     pos, end = 0, len(data)
     while pos < end:
         entry = _OPCODES[data[pos]]
@@ -146,10 +148,10 @@ def _scan(data: memoryview, found: set[str], depth: int) -> None:
             memo[len(memo)] = top
             continue
         elif effect == _PUT:
-            memo[_index(data[start:pos])] = top
+            memo[_index(data[start:pos], layout)] = top
             continue
         elif effect == _GET:
-            value = memo.get(_index(data[start:pos]))
+            value = memo.get(_index(data[start:pos], layout))
         elif effect == _DUP:
             value = top
         elif effect in (_UTF8, _LATIN1):
@@ -165,37 +167,27 @@ def _scan(data: memoryview, found: set[str], depth: int) -> None:
             value = _global(below, top, found) if isinstance(below, str) and isinstance(top, str) else None
         else:  # _BYTES
             value = None
-            if depth < _MAX_NESTING and _is_pickle(data[start:pos]):
-                _scan(data[start:pos], found, depth + 1)  # a pickle carried as bytes: a map's prepickled function
-        if expect_module and isinstance(value, str):
+            if top is _LOADER and depth < _MAX_NESTING:
+                _scan(data[start:pos], found, depth + 1)
+        if top is _IMPORTER and isinstance(value, str):
             _add(value, found)
-        expect_module = value is _IMPORTER
         below, top = top, value
 
 
-def _index(arg: memoryview) -> int:
-    """A memo index: one byte, four little-endian bytes, or protocol 0's decimal line."""
-    if len(arg) == 1:
-        return arg[0]
-    if len(arg) == 4 and arg[-1] != 0x0A:
-        return int.from_bytes(arg, "little")
-    return int(bytes(arg))
+def _index(arg: memoryview, layout: int) -> int:
+    """A memo index: protocol 0's decimal line, or one or four little-endian bytes."""
+    return int(bytes(arg)) if layout == _LINE else int.from_bytes(arg, "little")
 
 
 def _global(module: str, attr: str, found: set[str]) -> object:
     _add(module, found)
-    return _IMPORTER if (module, attr) == _IMPORT_MODULE else None
+    return _CALLABLES.get((module, attr))
 
 
 def _add(module: str, found: set[str]) -> None:
     top = module.partition(".")[0]
     if top.isidentifier():
         found.add(top)
-
-
-def _is_pickle(data: memoryview) -> bool:
-    """Starts with PROTO 2 to 5, as every pickle dill writes does."""
-    return len(data) > 2 and data[0] == 0x80 and 2 <= data[1] <= 5
 
 
 # --- what is installed -------------------------------------------------------
@@ -206,9 +198,13 @@ def _module_distributions() -> Mapping[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
-@functools.cache
 def installed() -> dict[str, str]:
     """Every distribution installed here: canonical name -> version (the first on ``sys.path`` wins, as imports do)."""
+    return dict(_installed())
+
+
+@functools.cache
+def _installed() -> Mapping[str, str]:
     found: dict[str, str] = {}
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"]
@@ -221,7 +217,7 @@ def refresh() -> None:
     """Forget the cached metadata, after distributions were installed or ``sys.path`` changed."""
     importlib.invalidate_caches()
     _module_distributions.cache_clear()
-    installed.cache_clear()
+    _installed.cache_clear()
 
 
 def distributions(modules: Iterable[str]) -> dict[str, str]:
@@ -230,7 +226,7 @@ def distributions(modules: Iterable[str]) -> dict[str, str]:
     A module of no distribution (a local file) is left out; one that several
     distributions provide (a namespace package) brings each of them.
     """
-    have = installed()
+    have = _installed()
     out: dict[str, str] = {}
     for module in modules:
         for dist in _module_distributions().get(module, ()):
@@ -243,14 +239,13 @@ def distributions(modules: Iterable[str]) -> dict[str, str]:
 def answer(asked: Iterable[object]) -> dict[str, str | None]:
     """A worker's reply to a client asking which versions it has; the version or None, per name.
 
-    Reads at most :data:`MAX_ASKED` names of at most :data:`MAX_NAME`
-    characters: the question comes from the network.
+    The question comes from the network: only its first :data:`MAX_ASKED`
+    items are read, and those that are not names of at most :data:`MAX_NAME`
+    characters are skipped.
     """
-    have = installed()
+    have = _installed()
     out: dict[str, str | None] = {}
-    for name in asked:
-        if len(out) >= MAX_ASKED:
-            break
+    for name in itertools.islice(asked, MAX_ASKED):
         if isinstance(name, str) and 0 < len(name) <= MAX_NAME:
             out[name] = have.get(canonicalize_name(name))
     return out

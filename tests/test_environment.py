@@ -163,10 +163,16 @@ def test_a_corrupted_byte_never_raises(where, byte):
     assert isinstance(referenced_modules(data), frozenset)
 
 
-@given(st.binary(max_size=64), st.sampled_from([b"\x80\x05", b"\x80\x04\x95", b"\x80\x02"]))
-def test_a_garbage_nested_pickle_never_raises(tail, head):
-    carrier = pickle.dumps([head + tail, head + tail[::-1]], protocol=5)
-    assert isinstance(referenced_modules(carrier), frozenset)
+@given(st.binary(max_size=64), st.sampled_from([b"", b"\x80\x05", b"\x80\x04\x95", b"\x80\x02"]))
+def test_a_garbage_prepickled_function_never_raises(tail, head):
+    carrier = PrepickledFunction(uses_nothing)
+    carrier.data = head + tail
+    assert isinstance(modules_of(carrier, 1), frozenset)
+
+
+def test_a_pickle_the_user_sends_as_bytes_is_not_read():
+    # only a map's own carrier is read inside; the task may never unpickle these bytes
+    assert modules_of(uses_nothing, pickle.dumps(pd.DataFrame({"a": [1]}))) == set()
 
 
 # --- property: random nests of values from known packages -----------------------------
@@ -267,6 +273,7 @@ def test_answer_is_bounded(tmp_path):
         got = answer(["fakepkg", "FakePkg", "numpy", "no-such-dist", 3, None, "x" * 101, ""])
     assert got == {"fakepkg": "2.1.0", "FakePkg": "2.1.0", "numpy": np.__version__, "no-such-dist": None}
     assert len(answer(f"dist{i}" for i in range(1000))) == MAX_ASKED
+    assert answer([*[None] * MAX_ASKED, "numpy"]) == {}  # only the first items are read
 
 
 # --- whether a worker fits -------------------------------------------------------------
