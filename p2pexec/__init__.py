@@ -11,6 +11,7 @@ from .errors import (
     BoardError,
     ConfigurationError,
     HostKeyError,
+    MissingPackageError,
     NoWorkersError,
     P2PExecError,
     ProtocolError,
@@ -47,5 +48,5 @@ __all__ = [
     "P2PExecutor", "LocalCluster", "RemoteTraceback", "P2PExecError", "ConfigurationError", "BoardError",
     "BoardConnectionError", "HostKeyError", "AuthenticationError", "AccessDeniedError", "ProtocolError",
     "TaskProcessDiedError", "WorkerLostError", "NoWorkersError", "ResultTooLargeError", "UntrustedResultError",
-    "ExecutorStats", "WorkerStats", "task_rng", "task_seed", "current_worker", "WorkerInfo",
+    "MissingPackageError", "ExecutorStats", "WorkerStats", "task_rng", "task_seed", "current_worker", "WorkerInfo",
 ]

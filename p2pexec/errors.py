@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -51,6 +52,34 @@ class ResultTooLargeError(P2PExecError):
 
 class NoWorkersError(P2PExecError):
     """No worker offered to run the task within ``worker_timeout``."""
+
+
+class MissingPackageError(P2PExecError, ImportError):
+    """No worker has a distribution the task needs (or the version it needs).
+
+    An :class:`ImportError` too, so code that already handles a missing
+    import handles this; ``name`` is the distribution.  ``version`` is the
+    client's version, or a specifier from ``requires=`` ('>=2'), or None;
+    ``workers`` maps each worker that was asked to the version it has (None: none).
+    """
+
+    def __init__(self, dist: str, version: str | None, workers: Mapping[str, str | None]) -> None:
+        from .environment import install_command  # not at the top: keeps packaging out of task processes' start
+
+        self.dist, self.version, self.workers = dist, version, dict(workers)
+        if version and version[0].isalnum():
+            wanted = f"{dist} {version}, the client's version,"
+        else:
+            wanted = f"{dist}{version or ''}"
+        lacking = [f"{w} has {found}" if found else f"{w} lacks it" for w, found in sorted(self.workers.items())]
+        if len(lacking) > 8:
+            lacking[8:] = [f"and {len(lacking) - 8} more"]
+        where = "; ".join(lacking) if lacking else "no worker is online"
+        super().__init__(f"the task needs {wanted} but no worker has it: {where}. "
+                         f"To run it there: {install_command(dist, version)}", name=dist)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.dist, self.version, self.workers)
 
 
 class RemoteTraceback(Exception):
