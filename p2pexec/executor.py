@@ -25,6 +25,7 @@ from .logs import quiet_dependencies
 from .protocol.messages import Inbox
 from .protocol.resources import ANY, Need
 from .dependencies import first_failure, futures_in, resolved
+from .fitting import EnvFinder
 from .results import task_package
 from .seeding import Seeded, numbered_chunks, seeded_chunk
 from .runtime import TrioThread
@@ -85,7 +86,14 @@ class P2PExecutor(Executor):
     ``resources={"memory": "2GiB", "cores": 4, "gpus": 1, "tags": {"big"}}``
     sends every task only to worker slots that have that much (see
     :meth:`options` for some tasks only); a task is held to the memory it
-    asked for.
+    asked for.  ``requires=["numpy>=2"]`` (also in ``resources``) sends
+    tasks only to workers whose installed distributions satisfy it.
+
+    Tasks go only to workers that have the packages they refer to (read
+    from their pickles), at the client's major version unless
+    ``strict_versions=False``; when no online worker has one, the task
+    fails with :class:`~p2pexec.errors.MissingPackageError` saying which
+    and the command to run there.
 
     ``shutdown(wait=True)`` (and leaving ``with``) waits for the work while
     workers run it; once no worker has taken any of it for
@@ -105,7 +113,8 @@ class P2PExecutor(Executor):
                  allow: Iterable[str] | None = None, task_timeout: float | None = None,
                  max_result_size: int | None = None, trusted_results: bool = False,
                  result_types: Iterable[str] = (), seed: int | bool | None = None,
-                 resources: Mapping[str, Any] | None = None, verbose: bool = False) -> None:
+                 resources: Mapping[str, Any] | None = None, requires: Iterable[str] = (),
+                 strict_versions: bool = True, verbose: bool = False) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if task_timeout is not None and not task_timeout > 0:
@@ -121,7 +130,8 @@ class P2PExecutor(Executor):
             raise ValueError("seed must be a non-negative int, True (a random one, logged) or None")
         self.seed: int | None = seed
         self._submits = self._maps = 0  # submission order: what a seeded task's random stream derives from
-        self._need = _need(ANY, resources or {})
+        self._need = _need(ANY, {**(resources or {}), **({"requires": requires} if requires else {})})
+        self._envs = EnvFinder()
         if isinstance(allow, str):
             raise TypeError("allow= takes a list of member names, e.g. allow=['alice', 'bob']")
         who = resolve(cluster, board=board, user=user, identity=identity, members=members, relay=relay)
@@ -131,7 +141,7 @@ class P2PExecutor(Executor):
             warn_after=warn_after, worker_timeout=worker_timeout, board_hint=who.board_hint,
             relays=who.relays, allow=frozenset(allow) if allow is not None else None, task_timeout=task_timeout,
             max_result_size=max_result_size or (physical_memory() or 8 << 30) // 2, trusted_results=trusted_results,
-            result_types=frozenset(result_types), shutdown_timeout=shutdown_timeout)
+            result_types=frozenset(result_types), shutdown_timeout=shutdown_timeout, strict_versions=strict_versions)
         self._scheduler: ClientScheduler | None = None
         self._runtime: TrioThread | None = None
         self._board: BoardSession | None = None
@@ -247,7 +257,9 @@ class P2PExecutor(Executor):
         except Exception as exc:
             future.set_exception(exc)
             return
-        item = WorkItem(future, payload, scheduler.next_id(), need=need)
+        env = self._envs.of(fn, args, kwargs, payload)
+        scheduler.fitting.want(env)
+        item = WorkItem(future, payload, scheduler.next_id(), need=need, env=env)
         if future not in self._unfinished:  # (a task that waited for futures is there already)
             self._unfinished.add(future)
             future.add_done_callback(self._unfinished.discard)
@@ -262,19 +274,21 @@ class P2PExecutor(Executor):
         return self._map(self, fn, iterables, timeout, chunksize)
 
     def options(self, *, memory: str | int | None = None, cores: int | None = None, gpus: int | None = None,
-                tags: Iterable[str] | None = None) -> "ExecutorView":
+                tags: Iterable[str] | None = None, requires: Iterable[str] | None = None) -> "ExecutorView":
         """This executor for tasks that ask for more: ``ex.options(memory="2GiB", gpus=1).map(f, xs)``.
 
         The view shares this executor's leases, seed and runtime; its tasks
         go only to worker slots with ``memory`` (bytes or ``"2GiB"``: the task
         is stopped if it uses more), ``cores``, ``gpus`` (the task process
         sees that many, in ``CUDA_VISIBLE_DEVICES``) and every one of
-        ``tags`` (``p2pexec-worker --tag``).  What is not given comes from
-        ``resources=``.  When no online worker could ever meet it, the
-        no-worker warning (``warn_after``) says which requirement and what
-        the workers have.
+        ``tags`` (``p2pexec-worker --tag``), whose installed distributions
+        satisfy ``requires`` (``["numpy>=2", "scikit-learn"]``).  What is not
+        given comes from ``resources=``.  When no online worker could ever
+        meet it, the no-worker warning (``warn_after``) says which
+        requirement and what the workers have.
         """
-        return ExecutorView(self, _need(self._need, {"memory": memory, "cores": cores, "gpus": gpus, "tags": tags}))
+        return ExecutorView(self, _need(self._need, {"memory": memory, "cores": cores, "gpus": gpus, "tags": tags,
+                                                     "requires": requires}))
 
     def _map(self, submitter: Executor, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
              timeout: float | None, chunksize: int) -> Iterator[Any]:
@@ -416,9 +430,9 @@ class P2PExecutor(Executor):
 
 def _need(base: Need, requests: Mapping[str, Any]) -> Need:
     """``base`` with the requests given (None: keep its own); a clear error for a wrong name or value."""
-    unknown = set(requests) - {"memory", "cores", "gpus", "tags"}
+    unknown = set(requests) - {"memory", "cores", "gpus", "tags", "requires"}
     if unknown:
-        raise TypeError(f"unknown resource {sorted(unknown)[0]!r}: ask for memory, cores, gpus or tags")
+        raise TypeError(f"unknown resource {sorted(unknown)[0]!r}: ask for memory, cores, gpus, tags or requires")
     return base.updated(**{name: value for name, value in requests.items() if value is not None})
 
 
@@ -448,10 +462,10 @@ class ExecutorView(Executor):
         return self.executor._map(self, fn, iterables, timeout, chunksize)
 
     def options(self, *, memory: str | int | None = None, cores: int | None = None, gpus: int | None = None,
-                tags: Iterable[str] | None = None) -> ExecutorView:
+                tags: Iterable[str] | None = None, requires: Iterable[str] | None = None) -> ExecutorView:
         """A view asking for these on top of this view's needs."""
         return ExecutorView(self.executor, _need(self.need, {"memory": memory, "cores": cores, "gpus": gpus,
-                                                            "tags": tags}))
+                                                            "tags": tags, "requires": requires}))
 
     def interrupt(self, future: Future[Any]) -> bool:
         return self.executor.interrupt(future)

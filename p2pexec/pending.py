@@ -8,6 +8,7 @@ threads append while the event loop takes: each line is a deque, whose
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -56,6 +57,10 @@ class Pending(Generic[T]):
 
     def remove(self, item: T) -> None:
         self._lines[item.need].remove(item)
+
+    def head(self, need: Need, count: int) -> list[T]:
+        """The first ``count`` tasks waiting with ``need`` (a copy, taken in one step)."""
+        return list(itertools.islice(self._lines.get(need, ()), count))
 
     def count(self, need: Need) -> int:
         line = self._lines.get(need)

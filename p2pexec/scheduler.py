@@ -35,6 +35,7 @@ from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
 from .protocol.resources import ANY, Need, Resources, unmet
 from .pending import Pending
+from .fitting import NOTHING, Fitting, TaskEnv
 from .stats import ExecutorStats, Tally
 from .status import AnswerObservers
 from .results import UntrustedResultError
@@ -51,9 +52,12 @@ PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 REQUEST_TTL = 10.0
 REQUEST_EVERY = 2.0
 PROBE_SLOTS = 4096  # a request that asks every worker for all it has, to count slots
-REWARN_AT_MOST_EVERY = 5.0  # the no-worker warning repeats only when its news changed, at most this often
+REWARN_AT_MOST_EVERY = 5.0
+REMEMBER_WORKERS = 90.0  # a worker not heard from for this long (hello every 30 s) is not online
+HOPELESS_AFTER = 3.0  # a task lacking packages everywhere fails only after this long (the last hellos arrive)  # the no-worker warning repeats only when its news changed, at most this often
 TICK = 0.25
 BATCH_BYTES = 1 << 20
+SKIP_AT_MOST = 64  # tasks a lease passes over (their packages are missing there) before it waits
 UPGRADE_RETRY = 2.0
 
 
@@ -70,6 +74,8 @@ class WorkItem:
                                 # answered the interrupt (monotonic)
     ran_on: tuple[str, str] | None = None  # (member, peer) of the worker it was last sent to, for stats
     need: Need = ANY  # what its slot must have (ex.options / resources=)
+    env: TaskEnv = NOTHING  # the installed packages it refers to
+    since: float = field(default_factory=time.monotonic)  # when it was queued
 
     def __post_init__(self) -> None:
         self.size = sum(nbytes(p) for p in self.payload)
@@ -115,6 +121,7 @@ class SchedulerOptions:
     trusted_results: bool = False  # unpickle results without the allow-list (workers may run code here)
     result_types: frozenset[str] = frozenset()  # "module.name" entries added to the allow-list
     task_timeout: float | None = None  # interrupt a task running longer, failing it with TimeoutError
+    strict_versions: bool = True  # a worker with another major version of a package a task uses is skipped
 
 
 @dataclass
@@ -141,6 +148,7 @@ class Lease:
         self.channel: SecureChannel | None = None
         self.path = "dialing"  # direct, relayed, or "upgraded after N s"
         self.moving: Any = None  # the direct stream the lease is moving to, until the worker's MOVE
+        self.stuck = False  # its need has work, none of which its worker has the packages for
         self.nursery: trio.Nursery | None = None  # its I/O tasks, once established
 
     def __repr__(self) -> str:
@@ -181,6 +189,8 @@ class ClientScheduler:
         self._backoff = DialBackoff()  # workers that could not be reached, by peer id
         self.unreachable: dict[str, str] = {}  # worker user -> why it could not be reached (for errors)
         self.tally = Tally()  # done and failed futures, overall and per worker
+        self.fitting = Fitting(options.strict_versions)  # which workers have the packages tasks refer to
+        self._workers: dict[str, tuple[str, float]] = {}  # peer -> member, when last heard: who is online
 
     # -- called from any thread through TrioThread.call_soon -----------------------
     def next_id(self) -> int:
@@ -208,13 +218,16 @@ class ClientScheduler:
                     and not self.nat.state.checked:
                 self._nursery.start_soon(self.nat.join_any)
         elif msg.type == "hello" and msg["role"] == "worker":
-            self._note_unusable(msg.sender, msg.body.get("py"))
+            if not self._note_unusable(msg.sender, msg.body.get("py")) and isinstance(msg.body.get("node"), str):
+                self._workers[msg["node"]] = (msg.sender, time.monotonic())
             self.reannounce()  # a worker arrived: ask again right away
         elif msg.type == "decline" and self._need_of(msg["req"]) is not None and msg["to"] == self.identity.user:
             if msg["why"] in ("python", "worker-allow"):
                 self._unusable.note(msg.sender, msg["why"], str(msg.body.get("py", "?")), time.monotonic())
-            elif msg["why"] == "resources":
-                self._unusable.note(msg.sender, "resources", str(msg.body.get("detail", "?")), time.monotonic())
+            elif msg["why"] in ("resources", "requires"):
+                self._unusable.note(msg.sender, msg["why"], str(msg.body.get("detail", "?")), time.monotonic())
+        elif msg.type == "bye" and msg["role"] == "worker":
+            self._workers = {peer: seen for peer, seen in self._workers.items() if seen[0] != msg.sender}
 
     def _need_of(self, req: str) -> Need | None:
         """The need whose request id is ``req``, if it is one of ours."""
@@ -343,14 +356,26 @@ class ClientScheduler:
         self._fail_all(RuntimeError("the executor shut down before this task ran"))
 
     # -- queue helpers -----------------------------------------------------------------
-    def _take(self, need: Need) -> WorkItem | None:
-        while (item := self.pending.take(need)) is not None:
+    def _take(self, lease: Lease) -> WorkItem | None:
+        """The next task of the lease's need that its worker has the packages for; those it lacks wait."""
+        skipped: list[WorkItem] = []
+        taken = None
+        while (item := self.pending.take(lease.need)) is not None:
             if item.started and item.future.done():  # interrupted while requeued
+                continue
+            if self.fitting.misfit(lease.peer, item.env) is not None:
+                skipped.append(item)
+                if len(skipped) >= SKIP_AT_MOST:
+                    break
                 continue
             if item.started or item.future.set_running_or_notify_cancel():
                 item.started = True
-                return item
-        return None
+                taken = item
+                break
+        for item in reversed(skipped):
+            self.pending.appendleft(item)
+        lease.stuck = taken is None and bool(skipped)
+        return taken
 
     async def _wait_change(self) -> None:
         await self._changed.wait()
@@ -387,7 +412,9 @@ class ClientScheduler:
                 ask.last_request, ask.last_asked = now, wanted
                 view = self.nat.view.to_json() if self.nat is not None else {}
                 needs = {"need": need.to_json()} if need != ANY else {}
-                self._post("request", {"req": ask.req, "n": wanted, "py": PYTHON, **needs, **view}, REQUEST_TTL)
+                dists = {"dists": sorted(self.fitting.asking)} if self.fitting.asking else {}
+                self._post("request", {"req": ask.req, "n": wanted, "py": PYTHON, **needs, **dists, **view},
+                           REQUEST_TTL)
 
     def _note_unusable(self, worker: str, python: Any) -> bool:
         """Note why this member's worker cannot serve us, if it cannot; True then."""
@@ -424,6 +451,12 @@ class ClientScheduler:
         if need != ANY and (resources is None or unmet(need, resources) is not None):
             log.debug("ignoring an offer from %s: it cannot meet %s", msg.sender, need)
             return
+        now = time.monotonic()
+        self._workers[msg["peer"]] = (msg.sender, now)
+        self.fitting.heard(msg["peer"], msg.sender, msg.body.get("dists"), now)
+        if not self._useful(need, msg["peer"]):
+            log.debug("ignoring an offer from %s: it lacks packages our tasks use", msg.sender)
+            return
         if need == ANY:
             self.offered[msg["peer"]] = (msg["slots"], time.monotonic())
             self.capacity_known.set()
@@ -433,6 +466,30 @@ class ClientScheduler:
         lease = Lease(msg.sender, msg["peer"], slots, msg.key, need, resources)
         self.leases.append(lease)
         self._nursery.start_soon(self._run_lease, lease, msg)
+
+    def _useful(self, need: Need, peer: str) -> bool:
+        """Could that worker run any of the first tasks waiting with ``need`` (or is nothing waiting)?"""
+        waiting = self.pending.head(need, SKIP_AT_MOST)
+        return not waiting or any(self.fitting.misfit(peer, item.env) is None for item in waiting)
+
+    def _fail_hopeless(self, now: float) -> None:
+        """Fail the waiting tasks whose packages no online worker has (every one has answered)."""
+        self._workers = {p: seen for p, seen in self._workers.items() if now - seen[1] < REMEMBER_WORKERS}
+        self.fitting.forget(now)
+        online = [peer for peer, (member, _) in self._workers.items()
+                  if member not in self.banned and (self.options.allow is None or member in self.options.allow)]
+        verdicts: dict[int, Exception | None] = {}
+        for need in self.pending.needs():
+            for item in self.pending.head(need, SKIP_AT_MOST):
+                if item.env is NOTHING or now - item.since < HOPELESS_AFTER:
+                    continue
+                if id(item.env) not in verdicts:
+                    verdicts[id(item.env)] = self.fitting.hopeless(item.env, online, now)
+                error = verdicts[id(item.env)]
+                if error is not None:
+                    self.pending.remove(item)
+                    if item.started or item.future.set_running_or_notify_cancel():
+                        self._set_exception(item, error)
 
     def capacity(self) -> int:
         """Slots leased now, plus those offered in the last minute by workers not leased (joblib's n_jobs=-1)."""
@@ -449,6 +506,7 @@ class ClientScheduler:
     def _tick(self) -> None:
         self._maybe_request()
         now = time.monotonic()
+        self._fail_hopeless(now)
         if self.options.task_timeout is not None:
             self._time_out(now)
         served = {lease.need for lease in self.leases if lease.channel is not None}
@@ -633,7 +691,7 @@ class ClientScheduler:
             lease.control.clear()
             size = 0
             while (lease.credits > 0 and size < BATCH_BYTES and self._may_send(lease)
-                   and (item := self._take(lease.need)) is not None):
+                   and (item := self._take(lease)) is not None):
                 lease.credits -= 1
                 lease.inflight[item.id] = item
                 item.ran_on = (lease.worker, lease.peer)
@@ -646,6 +704,8 @@ class ClientScheduler:
                 del batch
                 continue
             if self._closing and not lease.inflight:
+                break
+            if lease.stuck and not lease.inflight:  # what is left needs packages its worker lacks
                 break
             if lease.inflight or self.pending.count(lease.need):
                 idle_since = None
@@ -732,12 +792,20 @@ class ClientScheduler:
             return True
         if op is Op.CREDIT:
             lease.credits += arg
-        elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED, Op.RETURNED):
+        elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED, Op.RETURNED, Op.MISSING):
             item = lease.inflight.pop(arg, None)
             if item is None:
                 raise ProtocolError(f"worker {lease.worker} answered unknown task {arg}")
             if op is Op.RETURNED:  # the worker is stopping: it grants no more, and what it held runs elsewhere
                 lease.credits = 0
+                self._hand_back(item)
+            elif op is Op.MISSING:  # it could not import a module the task needs: elsewhere, then
+                module = bytes(data[:100]).decode("ascii", errors="replace")
+                if not module.isidentifier():
+                    raise ProtocolError(f"worker {lease.worker} said task {arg} needs module {module!r}")
+                log.info("worker %s lacks module %s: its tasks that need it run elsewhere", lease.worker, module)
+                self.fitting.lacks(lease.peer, lease.worker, module, time.monotonic())
+                item.env = item.env.with_module(module)
                 self._hand_back(item)
             elif op is Op.CANCELLED:
                 if not item.cancel_asked:

@@ -256,6 +256,7 @@ class Op(enum.IntEnum):
     PING = 10  # either side: still here (a quiet lease would look like a frozen or unplugged peer)
     MOVE = 11  # either side: my last message on this stream; the lease goes on where RESUME_MAGIC came
     RETURNED = 12  # worker -> client: task ``arg`` will not run here (the worker is stopping); run it elsewhere
+    MISSING = 13  # worker -> client: task ``arg`` needs a module this worker lacks (data: its name); run it elsewhere
 
 
 def op_parts(op: Op, arg: int = 0, *data: Buffer) -> list[Buffer]:

@@ -69,10 +69,11 @@ class Need:
     cores: int | None = None
     gpus: int = 0
     tags: frozenset[str] = frozenset()
+    requires: tuple[str, ...] = ()  # PEP 508 requirements on the worker's distributions ("numpy>=2")
 
     @classmethod
     def of(cls, memory: str | int | None = None, cores: int | None = None, gpus: int = 0,
-           tags: Iterable[str] = ()) -> Need:
+           tags: Iterable[str] = (), requires: Iterable[str] = ()) -> Need:
         """A need from a user's arguments; a ValueError says which one is wrong."""
         if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):
             raise ValueError(f"cores must be a whole number of at least 1, not {cores!r}")
@@ -80,11 +81,20 @@ class Need:
             raise ValueError(f"gpus must be a whole number of 0 or more, not {gpus!r}")
         if isinstance(tags, str):
             raise TypeError("tags= takes a set of names, e.g. tags={'big'}")
-        return cls(None if memory is None else parse_size(memory), cores, gpus, check_tags(tags))
+        if isinstance(requires, str):
+            requires = [requires]
+        if requires:
+            from ..environment import parse_requires  # (packaging: kept out of task processes' start)
+
+            requires = sorted({str(req) for req in parse_requires(requires)})
+        if len(tuple(requires)) > 16:
+            raise ValueError("at most 16 requirements")
+        return cls(None if memory is None else parse_size(memory), cores, gpus, check_tags(tags), tuple(requires))
 
     def updated(self, **changes: Any) -> Need:
         """This need with the given requests replaced (``ex.options`` on top of ``resources=``)."""
-        mine: dict[str, Any] = {"memory": self.memory, "cores": self.cores, "gpus": self.gpus, "tags": self.tags}
+        mine: dict[str, Any] = {"memory": self.memory, "cores": self.cores, "gpus": self.gpus, "tags": self.tags,
+                                "requires": self.requires}
         mine.update(changes)
         return Need.of(**mine)
 
@@ -98,22 +108,25 @@ class Need:
             out["gpus"] = self.gpus
         if self.tags:
             out["tags"] = sorted(self.tags)
+        if self.requires:
+            out["requires"] = list(self.requires)
         return out
 
     @classmethod
     def from_json(cls, data: object) -> Need:
         """A need from a message; ValueError (or TypeError) if it is not one."""
-        if not isinstance(data, Mapping) or set(data) - {"memory", "cores", "gpus", "tags"}:
+        if not isinstance(data, Mapping) or set(data) - {"memory", "cores", "gpus", "tags", "requires"}:
             raise ValueError("not a resource need")
-        tags = data.get("tags", [])
-        if not isinstance(tags, list):
-            raise ValueError("tags must be a list")
-        return cls.of(data.get("memory"), data.get("cores"), data.get("gpus", 0), tags)
+        tags, requires = data.get("tags", []), data.get("requires", [])
+        if not isinstance(tags, list) or not isinstance(requires, list) or len(requires) > 16:
+            raise ValueError("tags and requires must be lists")
+        return cls.of(data.get("memory"), data.get("cores"), data.get("gpus", 0), tags, requires)
 
     def __str__(self) -> str:
         parts = [f"memory={format_size(self.memory)}" if self.memory else "",
                  f"cores={self.cores}" if self.cores else "", f"gpus={self.gpus}" if self.gpus else "",
-                 f"tags={{{', '.join(sorted(self.tags))}}}" if self.tags else ""]
+                 f"tags={{{', '.join(sorted(self.tags))}}}" if self.tags else "",
+                 f"requires={list(self.requires)}" if self.requires else ""]
         return ", ".join(p for p in parts if p) or "no resources"
 
 

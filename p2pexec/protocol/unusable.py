@@ -27,6 +27,7 @@ _ADVICE = {
               "(a new executor starts afresh)",
     "unreachable": "offered but could not be reached: {detail}",
     "resources": "cannot meet {detail}",
+    "requires": "does not satisfy requires=: {detail}",
 }
 REASONS = frozenset(_ADVICE)
 

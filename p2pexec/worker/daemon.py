@@ -27,6 +27,7 @@ from typing import Any
 import nacl.bindings as sodium
 import trio
 
+from .. import environment
 from ..board.client import BoardSession
 from ..config import Participant, physical_memory
 from ..errors import ProtocolError
@@ -287,12 +288,17 @@ class WorkerDaemon:
         if not python_compatible(PYTHON, msg["py"]):
             return self._decline(msg, "python")
         try:
-            why_not = unmet(_need_in(msg), self.resources)
+            need = _need_in(msg)
         except (ValueError, TypeError) as exc:
             log.debug("ignoring a request from %s with a bad resource need: %s", msg.sender, exc)
             return None
+        why_not = unmet(need, self.resources)
         if why_not is not None:
             return self._decline(msg, "resources", f"{why_not}; it lends {self.resources.describe()}")
+        required = environment.parse_requires(need.requires)
+        unsatisfied = environment.misfit({}, required, environment.installed(), strict=False)
+        if unsatisfied is not None:
+            return self._decline(msg, "requires", f"{unsatisfied.describe()} (to fix: {unsatisfied.fix()})")
         if msg.body.get("probe") is True:  # a client counting slots (joblib's n_jobs=-1): offer what is free, no more
             if not self._joining:
                 self._offer(msg)
@@ -321,6 +327,7 @@ class WorkerDaemon:
         kx = sodium.crypto_kx_keypair()
         line_out = self._sign("offer", {"req": request["req"], "to": request.sender, "slots": slots, "py": PYTHON,
                                         "peer": self.host.peer_id, "res": self.resources.to_json(),
+                                        "dists": _answer(request),
                                         "addrs": self.nat.addrs_for(NetView.from_json(request.body)),
                                         "kx": messages.b64(kx[0])}, ttl=OFFER_TTL)
         offer_id = messages.decode(line_out).id
@@ -503,8 +510,14 @@ class WorkerDaemon:
                         stoppers[task_id] = stopper
                         self.running += 1
                         try:
-                            op = op_parts(Op.RESULT, task_id, await slot.run(payload, shared))
-                            record.outcome = "failed" if slot.raised else "ok"
+                            outcome = await slot.run(payload, shared)
+                            if slot.missing is not None:  # it could not even load: the client runs it elsewhere
+                                op = op_parts(Op.MISSING, task_id, slot.missing.encode())
+                                record.outcome = "failed"
+                            else:
+                                op = op_parts(Op.RESULT, task_id, outcome)
+                                record.outcome = "failed" if slot.raised else "ok"
+                            del outcome
                         except TaskProcessDied as exc:
                             log.warning("task %d of %s: %s", task_id, client, exc)
                             op = op_parts(Op.FAILED, task_id, str(exc).encode())
@@ -613,6 +626,12 @@ class WorkerDaemon:
                 self._pokes.discard(post)
             finished = True
             post()
+
+
+def _answer(request: messages.Message) -> dict[str, str | None]:
+    """Our versions of the distributions a request asks about."""
+    asked = request.body.get("dists")
+    return environment.answer(asked) if isinstance(asked, list) else {}
 
 
 def _need_in(request: messages.Message) -> Need:

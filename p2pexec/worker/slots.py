@@ -62,6 +62,7 @@ class TaskSlot:
         self.limit: int | None = None  # the address space its tasks get now (None: the hard limit), per lease
         self._applied: int | None = None  # the limit its process has been told
         self._over: str | None = None  # the limit the running task went past, as the task process reported
+        self.missing: str | None = None  # the module its last task could not be loaded without (reported)
 
     async def assign(self, member: str) -> None:
         """Serve ``member`` next, in a process no other member's task has run in.
@@ -146,7 +147,7 @@ class TaskSlot:
             await self.start()
         proc = self._proc
         assert proc is not None
-        self.raised, self._over = False, None
+        self.raised, self._over, self.missing = False, None, None
         try:
             if self.limit != self._applied:
                 await self._send_all(HEADER.pack(LIMIT, 0, self.limit or 0))
@@ -186,11 +187,12 @@ class TaskSlot:
         sent = await self._sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         await self._send_all(header[sent:])
 
-    async def _receive_outcome(self, reports: int = 2) -> Buffer:
+    async def _receive_outcome(self, reports: int = 3) -> Buffer:
         """One message from the task process: inline bytes, or a view of its sealed shared memory.
 
         Up to ``reports`` REPORT messages may come first (the function's
-        name, whether it raised); more is a broken hop.
+        name, a module it could not load, whether it raised); more is a
+        broken hop.
         """
         assert self._sock is not None
         data, ancillary, _, _ = await self._sock.recvmsg(HEADER.size, socket.CMSG_SPACE(_MAX_FDS * 4))
@@ -236,6 +238,9 @@ class TaskSlot:
             self.function = printable(fields["fn"])
         if fields.get("ok") is False:
             self.raised = True
+        missing = fields.get("missing")
+        if isinstance(missing, str) and missing.isidentifier() and len(missing) <= 100:
+            self.missing = missing
         if fields.get("over") == "memory":
             self._over = f"the task went past its memory limit of {format_size(self._applied or 0)} and was stopped"
 

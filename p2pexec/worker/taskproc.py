@@ -158,6 +158,8 @@ def serve(sock: socket.socket) -> None:
                 sock.sendall(_report({"over": "memory"}))
                 os._exit(OVER_MEMORY_EXIT)
             ok, value = False, exc
+            if name == "?" and isinstance(exc, ModuleNotFoundError) and exc.name:  # not installed here
+                sock.sendall(_report({"missing": exc.name.partition(".")[0]}))
         reported = _tell_name(sock, name, reported)  # said already, unless loading failed
         try:
             sys.stdout.flush()

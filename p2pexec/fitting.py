@@ -1,0 +1,151 @@
+"""Which workers can run which tasks, by their installed packages: the client's side.
+
+Each task's :class:`TaskEnv` says which installed distributions its
+pickle refers to (:mod:`p2pexec.environment` reads them from the pickle)
+and at which versions the client has them.  The client asks workers about
+those distributions in its requests; a worker answers with its versions
+in its offers.  :class:`Fitting` keeps the answers, and a task goes only
+to a worker with no known misfit: a missing distribution, or (strict) a
+different major version.  A worker that could not import a module of a
+task says so (the task comes back, it is no loss); the task then avoids
+that worker.  When every worker online has answered and none fits, the
+task fails with :class:`~p2pexec.errors.MissingPackageError`.
+
+Pure, given the clock; the metadata lookups are cached in
+:mod:`p2pexec.environment`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import environment
+from .environment import MAX_ASKED, Misfit
+from .errors import MissingPackageError
+from .protocol.frames import Buffer
+from .tasks import PrepickledFunction, is_plain
+
+log = logging.getLogger("p2pexec.client")
+
+REMEMBER_SECONDS = 90.0  # an answer older than this may be out of date (the friend installed something)
+
+
+@dataclass(frozen=True)
+class TaskEnv:
+    """What one task needs installed where it runs."""
+
+    needs: Mapping[str, str]  # canonical distribution -> the client's version
+    modules: frozenset[str]  # top-level modules its pickle names
+
+    def with_module(self, module: str) -> TaskEnv:
+        return TaskEnv(self.needs, self.modules | {module})
+
+
+NOTHING = TaskEnv({}, frozenset())
+
+
+class EnvFinder:
+    """A task's :class:`TaskEnv`, cheaply: a function's once, its arguments only when they may name packages."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._by_function: OrderedDict[int, tuple[Callable[..., Any], TaskEnv]] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()  # submitting threads share it
+
+    def of(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+           payload: list[Buffer]) -> TaskEnv:
+        plain = is_plain((args, kwargs))
+        if plain:
+            with self._lock:
+                hit = self._by_function.get(id(fn))
+                if hit is not None and hit[0] is fn:  # (the function is held, so its id is not reused meanwhile)
+                    self._by_function.move_to_end(id(fn))
+                    return hit[1]
+        main = payload[1] if len(payload) > 1 else payload[0]  # [header, pickle, out-of-band buffers...]
+        modules = environment.referenced_modules(main)
+        env = TaskEnv(environment.distributions(modules), modules) if modules else NOTHING
+        if plain:  # plain arguments name no module: this is the function's own
+            with self._lock:
+                self._by_function[id(fn)] = (fn, env)
+                if len(self._by_function) > self._size:
+                    self._by_function.popitem(last=False)
+        return env
+
+
+class Fitting:
+    """What the client knows of each worker's distributions, by peer id."""
+
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = strict
+        self.asking: dict[str, str] = {}  # distributions requests ask about -> the client's version
+        self._heard: dict[str, tuple[str, dict[str, str | None], float]] = {}  # peer -> member, versions, when
+        self._lacks: dict[str, set[str]] = {}  # peer -> modules a task of ours could not import there
+        self._warned: set[tuple[str, str]] = set()
+
+    def want(self, env: TaskEnv) -> None:
+        """Ask workers about these distributions from now on (at most :data:`MAX_ASKED`)."""
+        for dist, version in env.needs.items():
+            if dist not in self.asking and len(self.asking) < MAX_ASKED:
+                self.asking[dist] = version
+
+    def heard(self, peer: str, member: str, versions: object, now: float) -> None:
+        """A worker's answer (from its offer); garbage is ignored."""
+        if not isinstance(versions, dict):
+            return
+        clean = {k: v for k, v in versions.items() if isinstance(k, str) and (v is None or isinstance(v, str))}
+        _, known, _ = self._heard.get(peer, (member, {}, now))
+        self._heard[peer] = (member, {**known, **clean}, now)
+
+    def lacks(self, peer: str, member: str, module: str, now: float) -> None:
+        """A task of ours could not import ``module`` on that worker."""
+        self._lacks.setdefault(peer, set()).add(module)
+        if peer not in self._heard:
+            self._heard[peer] = (member, {}, now)
+
+    def misfit(self, peer: str, env: TaskEnv) -> Misfit | None:
+        """What is known to keep this worker from running a task of ``env`` (unknown is not a misfit)."""
+        if env is NOTHING:
+            return None
+        lacking = self._lacks.get(peer, set()) & env.modules
+        if lacking:
+            module = min(lacking)
+            dists = environment.distributions([module])
+            dist = min(dists) if dists else module
+            return Misfit("missing", dist, dists.get(dist, "?"), None)
+        heard = self._heard.get(peer)
+        if heard is None:
+            return None
+        member, versions, _ = heard
+        known = {dist: versions[dist] for dist in env.needs if dist in versions}
+        found = environment.misfit({d: env.needs[d] for d in known}, (), known, self.strict)
+        if found is not None and found.kind == "skew" and (peer, found.dist) not in self._warned:
+            self._warned.add((peer, found.dist))
+            log.warning("not sending tasks that use %s to worker %s: %s; results could differ silently "
+                        "(pass strict_versions=False to allow it; to match: %s)", found.dist, member,
+                        found.describe(), found.fix())
+        return found
+
+    def hopeless(self, env: TaskEnv, online: Iterable[str], now: float) -> MissingPackageError | None:
+        """The error to fail a task with, once every worker online has answered and none can run it."""
+        if env is NOTHING:
+            return None
+        online = set(online)
+        fresh = {peer for peer, (_, _, when) in self._heard.items() if now - when < REMEMBER_SECONDS}
+        if not online or not online <= fresh:
+            return None
+        misfits = {peer: self.misfit(peer, env) for peer in online}
+        if any(m is None for m in misfits.values()):
+            return None
+        first = min((m for m in misfits.values() if m is not None), key=lambda m: (m.kind != "missing", m.dist))
+        return MissingPackageError(first.dist, env.needs.get(first.dist, first.wanted),
+                                   {f"{self._heard[peer][0]}'s worker ...{peer[-6:]}": self._heard[peer][1].get(first.dist)
+                                    for peer in online})
+
+    def forget(self, now: float) -> None:
+        """Drop answers too old to trust (they are asked again)."""
+        self._heard = {p: h for p, h in self._heard.items() if now - h[2] < REMEMBER_SECONDS}
