@@ -86,6 +86,7 @@ class Fitting:
         self._heard: dict[str, tuple[str, dict[str, str | None], float]] = {}  # peer -> member, versions, when
         self._lacks: dict[str, set[str]] = {}  # peer -> modules a task of ours could not import there
         self._warned: set[tuple[str, str]] = set()
+        self._memo: dict[tuple[str, int], tuple[TaskEnv, Misfit | None]] = {}  # (peer, id(env)): asked per task
 
     def want(self, env: TaskEnv) -> None:
         """Ask workers about these distributions from now on (at most :data:`MAX_ASKED`)."""
@@ -100,10 +101,12 @@ class Fitting:
         clean = {k: v for k, v in versions.items() if isinstance(k, str) and (v is None or isinstance(v, str))}
         _, known, _ = self._heard.get(peer, (member, {}, now))
         self._heard[peer] = (member, {**known, **clean}, now)
+        self._memo.clear()
 
     def lacks(self, peer: str, member: str, module: str, now: float) -> None:
         """A task of ours could not import ``module`` on that worker."""
         self._lacks.setdefault(peer, set()).add(module)
+        self._memo.clear()
         if peer not in self._heard:
             self._heard[peer] = (member, {}, now)
 
@@ -111,6 +114,16 @@ class Fitting:
         """What is known to keep this worker from running a task of ``env`` (unknown is not a misfit)."""
         if env is NOTHING:
             return None
+        hit = self._memo.get((peer, id(env)))
+        if hit is not None and hit[0] is env:
+            return hit[1]
+        if len(self._memo) > 4096:
+            self._memo.clear()
+        found = self._misfit(peer, env)
+        self._memo[(peer, id(env))] = (env, found)
+        return found
+
+    def _misfit(self, peer: str, env: TaskEnv) -> Misfit | None:
         lacking = self._lacks.get(peer, set()) & env.modules
         if lacking:
             module = min(lacking)
@@ -148,4 +161,7 @@ class Fitting:
 
     def forget(self, now: float) -> None:
         """Drop answers too old to trust (they are asked again)."""
-        self._heard = {p: h for p, h in self._heard.items() if now - h[2] < REMEMBER_SECONDS}
+        fresh = {p: h for p, h in self._heard.items() if now - h[2] < REMEMBER_SECONDS}
+        if len(fresh) != len(self._heard):
+            self._heard = fresh
+            self._memo.clear()

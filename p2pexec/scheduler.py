@@ -52,9 +52,9 @@ PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 REQUEST_TTL = 10.0
 REQUEST_EVERY = 2.0
 PROBE_SLOTS = 4096  # a request that asks every worker for all it has, to count slots
-REWARN_AT_MOST_EVERY = 5.0
+REWARN_AT_MOST_EVERY = 5.0  # the no-worker warning repeats only when its news changed, at most this often
 REMEMBER_WORKERS = 90.0  # a worker not heard from for this long (hello every 30 s) is not online
-HOPELESS_AFTER = 3.0  # a task lacking packages everywhere fails only after this long (the last hellos arrive)  # the no-worker warning repeats only when its news changed, at most this often
+HOPELESS_AFTER = 3.0  # a task lacking packages everywhere fails only after this long (the last hellos arrive)
 TICK = 0.25
 BATCH_BYTES = 1 << 20
 SKIP_AT_MOST = 64  # tasks a lease passes over (their packages are missing there) before it waits
@@ -226,8 +226,8 @@ class ClientScheduler:
                 self._unusable.note(msg.sender, msg["why"], str(msg.body.get("py", "?")), time.monotonic())
             elif msg["why"] in ("resources", "requires"):
                 self._unusable.note(msg.sender, msg["why"], str(msg.body.get("detail", "?")), time.monotonic())
-        elif msg.type == "bye" and msg["role"] == "worker":
-            self._workers = {peer: seen for peer, seen in self._workers.items() if seen[0] != msg.sender}
+        elif msg.type == "bye" and msg["role"] == "worker" and isinstance(msg.body.get("node"), str):
+            self._workers.pop(msg["node"], None)
 
     def _need_of(self, req: str) -> Need | None:
         """The need whose request id is ``req``, if it is one of ours."""

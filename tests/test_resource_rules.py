@@ -129,3 +129,11 @@ class ReservationMachine(RuleBasedStateMachine):
 
 TestReservations = ReservationMachine.TestCase
 TestReservations.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+
+def test_a_machine_without_an_nvidia_driver_lends_no_gpus_and_nothing_breaks():
+    """nvidia-ml-py is installed with the test extra; this machine has no driver, so NVML fails to start."""
+    from p2pexec.worker.gpus import detect
+
+    pytest.importorskip("pynvml")
+    assert detect() == ()

@@ -221,7 +221,7 @@ class WorkerDaemon:
         """Say goodbye once, so clients and ``p2pexec status`` stop counting on this worker."""
         board, self.board = self.board, None
         if board is not None:
-            bye = self._sign("bye", {"role": "worker"}, ttl=30)
+            bye = self._sign("bye", {"role": "worker", "node": self.host.peer_id if self.host else ""}, ttl=30)
             await trio.to_thread.run_sync(board.close, bye)
 
     async def _find_relay(self) -> None:

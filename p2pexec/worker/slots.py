@@ -187,7 +187,7 @@ class TaskSlot:
         sent = await self._sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         await self._send_all(header[sent:])
 
-    async def _receive_outcome(self, reports: int = 3) -> Buffer:
+    async def _receive_outcome(self, reports: int = 2) -> Buffer:
         """One message from the task process: inline bytes, or a view of its sealed shared memory.
 
         Up to ``reports`` REPORT messages may come first (the function's

@@ -159,7 +159,8 @@ def serve(sock: socket.socket) -> None:
                 os._exit(OVER_MEMORY_EXIT)
             ok, value = False, exc
             if name == "?" and isinstance(exc, ModuleNotFoundError) and exc.name:  # not installed here
-                sock.sendall(_report({"missing": exc.name.partition(".")[0]}))
+                sock.sendall(_report({"fn": name, "missing": exc.name.partition(".")[0]}))
+                reported = name
         reported = _tell_name(sock, name, reported)  # said already, unless loading failed
         try:
             sys.stdout.flush()
