@@ -26,6 +26,7 @@ from typing import Any
 import nacl.bindings as sodium
 import trio
 
+from .. import portability
 from ..board.client import BoardSession
 from ..config import Participant, physical_memory
 from ..errors import ProtocolError
@@ -232,7 +233,8 @@ class WorkerDaemon:
                                     "reach": self._reach(),
                                     "leases": [move.status for move in list(self._moves.values())[:16]],
                                     "py": PYTHON, "slots": self.config.slots, "free": len(self.free),
-                                    "platform": sys.platform, "load": round(os.getloadavg()[0], 2),
+                                    "platform": sys.platform,
+                                    "load": round(os.getloadavg()[0], 2) if portability.loadavg() else None,
                                     "cores": os.cpu_count() or 0, "memory": physical_memory() or 0}, ttl=60)
 
     def _reach(self) -> str:
