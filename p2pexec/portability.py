@@ -1,7 +1,7 @@
 """Which platform-specific fast paths this machine allows; each caller keeps a portable fallback.
 
 The fast paths are Linux's (memfd, Landlock, bubblewrap, ``/proc``,
-``prctl``) or POSIX's (``fcntl`` locks, ``resource`` limits, load average,
+``prctl``, address-space limits) or POSIX's (``flock``, load average,
 SCM_RIGHTS).  Each check is False where the platform lacks the feature,
 and also everywhere when ``P2PEXEC_PORTABLE=1`` is set: read once, at
 import, so that CI can run the core suite through the fallbacks on
@@ -69,6 +69,6 @@ def file_locks() -> bool:
 
 
 def rlimits() -> bool:
-    """``resource.setrlimit`` (POSIX), for the memory cap of task processes."""
-    return _allowed(_has("resource", "setrlimit"))
+    """``resource.setrlimit(RLIMIT_AS)`` for the memory cap of task processes: Linux enforces it, macOS not."""
+    return _allowed(_LINUX and _has("resource", "RLIMIT_AS"))
 

@@ -72,6 +72,19 @@ def test_p2pexec_imports_and_falls_back_without_fcntl_and_resource():
     assert out.strip() == "imported"
 
 
+def portable_here():
+    from p2pexec import portability
+    from p2pexec.worker import hop
+
+    return portability.FORCED, hop.shared()
+
+
+def test_local_workers_and_their_task_processes_inherit_portable_mode(cluster):
+    """So ``P2PEXEC_PORTABLE=1 pytest`` (a CI run) puts every LocalCluster worker through the fallbacks."""
+    with cluster.executor() as ex:
+        assert ex.submit(portable_here).result(timeout=60) == (portability.FORCED, hop.shared())
+
+
 def payload_place(view):
     """Does the task's argument lie in the daemon's memfd (the argument, out of band, is a view of it)?"""
     with open("/proc/self/maps") as maps:
