@@ -315,7 +315,8 @@ def _board(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=watcher.reload, daemon=True).start())
+    if hasattr(signal, "SIGHUP"):  # not on Windows, where the users file is still re-read on change
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=watcher.reload, daemon=True).start())
     stop.wait()
     watcher.stop()
     server.stop()

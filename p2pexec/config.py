@@ -33,7 +33,7 @@ def physical_memory() -> int | None:
     """This machine's memory in bytes, where the platform says."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
+    except (ValueError, OSError, AttributeError):  # AttributeError: Windows has no sysconf
         return None
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import paramiko
 
+from . import portability
 from .board.server import BoardServer
 from .errors import P2PExecError
 from .executor import P2PExecutor
@@ -61,8 +62,12 @@ def _remove_stale_directories() -> None:
     """Remove the directories (private keys among them) of LocalClusters whose process is gone.
 
     A process killed before it closed its cluster, with no worker left to
-    clean up after it, leaves one behind.
+    clean up after it, leaves one behind.  Without ``/proc`` nothing is
+    removed: a pid cannot be tied to its PID namespace and boot there (and
+    on Windows ``os.kill(pid, 0)`` would end the process).
     """
+    if not portability.procfs():
+        return
     for path in Path(tempfile.gettempdir()).glob(_PREFIX + "*"):
         try:
             if path.stat().st_uid != os.getuid():

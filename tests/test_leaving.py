@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pexec import LocalCluster, NoWorkersError
+from p2pexec import LocalCluster, NoWorkersError, portability
 
 from .conftest import wait_until
 
@@ -284,6 +284,7 @@ def test_local_cluster_workers_and_keys_end_with_their_process(tmp_path, how):
             proc.wait()
 
 
+@pytest.mark.skipif(not portability.procfs(), reason="the sweep ties pids to their PID namespace through /proc")
 def test_a_later_local_cluster_removes_directories_left_by_ended_processes():
     from p2pexec.local import _pid_namespace
 

@@ -27,7 +27,7 @@ from typing import Any
 import nacl.bindings as sodium
 import trio
 
-from .. import environment
+from .. import environment, portability
 from ..board.client import BoardSession
 from ..config import Participant, physical_memory
 from ..errors import ProtocolError
@@ -257,8 +257,8 @@ class WorkerDaemon:
                                     "leases": [move.status for move in list(self._moves.values())[:16]],
                                     "py": PYTHON, "slots": self.config.slots,
                                     "free": self.config.slots - len(self.reservations.busy),
-                                    "res": self.resources.to_json(),
-                                    "platform": sys.platform, "load": round(os.getloadavg()[0], 2),
+                                    "res": self.resources.to_json(), "platform": sys.platform,
+                                    "load": round(os.getloadavg()[0], 2) if portability.loadavg() else None,
                                     "cores": os.cpu_count() or 0, "memory": physical_memory() or 0}, ttl=60)
 
     def _reach(self) -> str:
@@ -384,7 +384,7 @@ class WorkerDaemon:
             self._moves[move.token] = move
             for slot in slots:
                 await slot.assign(accept.sender)
-                slot.limit = self.reservations.limit_of(offer.need)
+                slot.limit = self.reservations.limit_of(offer.need) if portability.rlimits() else None
             log.info("lease for %s with %d slot(s) started (%s)", accept.sender, len(slots), status["path"])
             if status["path"] == "relayed" and self._background is not None:
                 self._background.start_soon(self._watch_punch, move, accept.sender)

@@ -11,14 +11,13 @@ it say anything: it tells the friend what members *say* they ran, not
 what they did.  It is stripped of control characters before it is stored.
 
 The file stays small: past :data:`MAX_BYTES` it is trimmed in place to its
-newest :data:`KEEP_BYTES`, under an exclusive lock, so several workers on
-one machine may share it.  Writing is batched, and a failure to write
+newest :data:`KEEP_BYTES`, under an exclusive lock (where the platform
+has ``flock``), so several workers on one machine may share it.  Writing is batched, and a failure to write
 costs the record, never the worker.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -27,6 +26,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .. import portability
 
 log = logging.getLogger("p2pexec.worker")
 
@@ -78,6 +79,19 @@ class Entry:
         return entry
 
 
+def _lock(fd: int) -> None:
+    """Lock ``fd`` exclusively until it is closed, where ``flock`` exists.
+
+    Without it (Windows, ``P2PEXEC_PORTABLE=1``) nothing is locked: each
+    batch is still one ``O_APPEND`` write, but a batch appended by another
+    worker on this machine while one trims may be lost.
+    """
+    if portability.file_locks():
+        import fcntl  # not at the top: Windows has none
+
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
 def trim(data: bytes, keep: int) -> bytes:
     """The newest whole lines of ``data`` that fit in ``keep`` bytes (a torn last line counts as one)."""
     if len(data) <= keep:
@@ -122,7 +136,7 @@ class History:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _lock(fd)
             os.write(fd, b"".join(entry.to_line() for entry in entries))
             size = os.fstat(fd).st_size
             if size > self.max_bytes:

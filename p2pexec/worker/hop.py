@@ -6,7 +6,9 @@ descriptor (SCM_RIGHTS) of a sealed memfd holding the data at
 ``offset``: a big task payload is decrypted by the daemon straight into
 such a memfd and read in place by the task process, and a big outcome is
 written by the task process into one that the daemon sends from.  No
-pipe copies, no second buffer of the size of the payload.
+pipe copies, no second buffer of the size of the payload.  Where there
+is no memfd or no SCM_RIGHTS (macOS, Windows, ``P2PEXEC_PORTABLE=1``:
+:func:`shared`), everything goes INLINE.
 
 A task process may precede an outcome with REPORT messages: a small
 JSON object saying which function it is about to run (``fn``, only when
@@ -27,7 +29,6 @@ nor dill.
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import stat
@@ -35,17 +36,35 @@ import struct
 import weakref
 from collections.abc import Sequence
 
+from .. import portability
+
 HEADER = struct.Struct(">BQQ")
 INLINE, SHARED, REPORT, LIMIT = 0, 1, 2, 3
 MAX_REPORT = 1024  # bytes of one REPORT
 SHARED_MIN = 1 << 20  # smaller data is cheaper to copy through the socket
-_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+try:
+    import fcntl
+
+    _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+except (ImportError, AttributeError):  # no fcntl (Windows) or no seals (macOS): no memfd, nothing below runs
+    _SEALS = 0
 
 _fds: "weakref.WeakKeyDictionary[mmap.mmap, int]" = weakref.WeakKeyDictionary()
 
 
-def allocate(size: int) -> mmap.mmap:
-    """A writable buffer in a sealed memfd that task processes can be given; freed with its last view."""
+def shared() -> bool:
+    """Can big data hop through a sealed memfd here?  Else it goes inline."""
+    return portability.memfd() and portability.fd_passing()
+
+
+def allocate(size: int) -> mmap.mmap | bytearray:
+    """A writable buffer in a sealed memfd that task processes can be given; freed with its last view.
+
+    Where memfds cannot hop (:func:`shared`), a plain bytearray.
+    """
+    if not shared():
+        return bytearray(size)
     fd = os.memfd_create("p2pexec-data", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)

@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 
+from .. import portability
+
 _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
 _CAPABILITY_VERSION_3 = 0x20080522
 PID_MAX_MIN = 301  # the kernel refuses a smaller pid_max
@@ -25,6 +27,8 @@ def libc() -> ctypes.CDLL:
 
 def prctl(option: int, value: int) -> bool:
     """``prctl(option, value)`` on this process; False where it failed or the platform has none."""
+    if not portability.prctl():
+        return False
     try:
         return libc().prctl(option, value, 0, 0, 0) == 0
     except (OSError, AttributeError):

@@ -46,7 +46,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import resource
 import select
 import shutil
 import site
@@ -57,6 +56,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import portability
 from .privileges import pid_cap_command
 
 NOBODY = 65534
@@ -146,8 +146,10 @@ class Sandbox:
 
     def limits(self) -> Callable[[], None] | None:
         """A preexec function that applies the rlimits (in the child, before it runs anything)."""
-        if self.memory is None:
+        if self.memory is None or not portability.rlimits():
             return None
+        import resource  # here, not in the child, and not at the top: Windows has none
+
         memory = self.memory
 
         def apply() -> None:
@@ -175,9 +177,10 @@ class Sandbox:
                      *(["this worker runs as root: its tasks own root's files in the directories they see "
                         "(read-only); run it as an ordinary user"] if os.geteuid() == 0 else []),
                      "tasks have no network" if not self.network else "tasks may use the network (--network)"]
-        lines.append(f"memory: each task within what it asked for (or a slot's share of --memory), "
-                     f"{self.memory} bytes of address space at most" if self.memory else
-                     "memory: not capped (--memory)")
+        lines.append("memory: not capped (--memory)" if not self.memory else
+                     f"memory: each task within what it asked for (or a slot's share of --memory), "
+                     f"{self.memory} bytes of address space at most" if portability.rlimits() else
+                     "memory: not capped: not enforced on this platform")
         if self.processes is not None:
             lines.append(f"processes: {self.processes} (up to {self.processes + 300}) processes and threads per "
                          f"task process, with all it starts")
@@ -195,8 +198,9 @@ def detect(network: bool = False, memory: int | None = None, enabled: bool = Tru
     """
     if not enabled:
         return Sandbox(None, network, memory, "turned off with --no-sandbox")
-    if not sys.platform.startswith("linux"):
-        return Sandbox(None, network, memory, "sandboxing needs Linux")
+    if not portability.sandbox():
+        why = "P2PEXEC_PORTABLE=1 is set" if portability.FORCED else "sandboxing needs Linux"
+        return Sandbox(None, network, memory, f"not enforced on this platform: {why}")
     if layer == "landlock":
         return _landlock(network, memory, "", processes)
     bwrap = shutil.which("bwrap")

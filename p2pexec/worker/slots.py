@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from .. import portability
 from ..protocol.frames import Buffer, nbytes
 from ..protocol.resources import format_size
 from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, map_outcome
@@ -82,7 +83,7 @@ class TaskSlot:
         env.update(self.sandbox.environment(self._scratch, _PACKAGE_ROOT, self.index))
         env.update(self.env)
         self._applied = None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = socket.socketpair()  # AF_UNIX where there is one
         info_read, info_write = os.pipe() if self.sandbox.processes is not None else (None, None)
         argv = self.sandbox.command([sys.executable, "-m", "p2pexec.worker.taskproc", str(theirs.fileno())],
                                     self._scratch, _PACKAGE_ROOT, info_fd=info_write)
@@ -195,8 +196,11 @@ class TaskSlot:
         broken hop.
         """
         assert self._sock is not None
-        data, ancillary, _, _ = await self._sock.recvmsg(HEADER.size, socket.CMSG_SPACE(_MAX_FDS * 4))
-        fds = _received_fds(ancillary)
+        if portability.fd_passing():
+            data, ancillary, _, _ = await self._sock.recvmsg(HEADER.size, socket.CMSG_SPACE(_MAX_FDS * 4))
+            fds = _received_fds(ancillary)
+        else:  # no SCM_RIGHTS: every outcome comes inline
+            data, fds = await self._sock.recv(HEADER.size), []
         try:
             if not data:
                 raise await self._end(None)
@@ -303,6 +307,8 @@ def reap_orphans(slot: int) -> int:
     holds: the daemon is a child subreaper (:func:`become_subreaper`), so a
     double fork lands here, not with init.  Returns how many were killed.
     """
+    if not portability.procfs():
+        return 0  # nothing to search; only the Landlock layer (Linux) sweeps
     me, mine, killed = os.getpid(), f"{SLOT_ENV}={slot}".encode(), 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in _LIVE:

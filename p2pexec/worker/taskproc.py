@@ -19,9 +19,10 @@ import socket
 import sys
 import tempfile
 
+from .. import portability
 from ..protocol.frames import nbytes
 from ..tasks import dump_outcome, load_task
-from .hop import HEADER, INLINE, LIMIT, REPORT, SHARED, SHARED_MIN, map_payload, share_outcome
+from .hop import HEADER, INLINE, LIMIT, REPORT, SHARED, SHARED_MIN, map_payload, share_outcome, shared
 from .sandbox import LANDLOCK_ENV
 
 
@@ -68,7 +69,10 @@ def _limit_memory(size: int) -> None:
 
 def _receive(sock: socket.socket) -> bytearray | memoryview | None:
     """The next task payload from the daemon, or None once it is gone; applies the LIMITs that precede it."""
-    data, fds, _, _ = socket.recv_fds(sock, HEADER.size, 1)
+    if portability.fd_passing():
+        data, fds, _, _ = socket.recv_fds(sock, HEADER.size, 1)
+    else:  # the daemon sends no memfds here: every payload comes inline
+        data, fds = sock.recv(HEADER.size), []
     try:
         header = bytearray(data)
         while data and len(header) < HEADER.size:
@@ -121,7 +125,7 @@ def _tell_name(sock: socket.socket, name: str, reported: str | None) -> str:
 def _send(sock: socket.socket, parts: list, report: bytes = b"") -> None:
     """The outcome, after ``report`` if any: through shared memory when big, else inline in one write."""
     size = sum(nbytes(p) for p in parts)
-    if size >= SHARED_MIN:
+    if size >= SHARED_MIN and shared():
         try:
             fd = share_outcome(parts, size)
         except OSError:

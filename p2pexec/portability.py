@@ -1,0 +1,74 @@
+"""Which platform-specific fast paths this machine allows; each caller keeps a portable fallback.
+
+The fast paths are Linux's (memfd, Landlock, bubblewrap, ``/proc``,
+``prctl``, address-space limits) or POSIX's (``flock``, load average,
+SCM_RIGHTS).  Each check is False where the platform lacks the feature,
+and also everywhere when ``P2PEXEC_PORTABLE=1`` is set: read once, at
+import, so that CI can run the core suite through the fallbacks on
+Linux.  Worker daemons and their task processes inherit the variable
+from whoever starts them (LocalCluster passes its environment on).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import sys
+
+#: ``P2PEXEC_PORTABLE=1``: behave as a platform with none of the fast paths.
+FORCED = os.environ.get("P2PEXEC_PORTABLE") == "1"
+_LINUX = sys.platform.startswith("linux")
+
+
+def _allowed(present: bool) -> bool:
+    return present and not FORCED
+
+
+def _has(module: str, name: str) -> bool:
+    """Does ``module`` import here and have ``name``?  (``fcntl`` and ``resource`` are missing on Windows.)"""
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
+def memfd() -> bool:
+    """Sealed memory files (``memfd_create``): big payloads and outcomes hop without a copy."""
+    return _allowed(hasattr(os, "memfd_create") and _has("fcntl", "F_ADD_SEALS"))
+
+
+def fd_passing() -> bool:
+    """File descriptors sent over a Unix socket (SCM_RIGHTS), which is how a memfd reaches the other side."""
+    return _allowed(hasattr(socket, "send_fds") and hasattr(socket, "CMSG_SPACE"))
+
+
+def procfs() -> bool:
+    """Linux's ``/proc``, for finding the processes a task left behind."""
+    return _allowed(_LINUX and os.path.isdir("/proc/self"))
+
+
+def prctl() -> bool:
+    """Linux's ``prctl`` (non-dumpable daemon, child subreaper, dropping capabilities)."""
+    return _allowed(_LINUX)
+
+
+def sandbox() -> bool:
+    """The sandbox layers (bubblewrap, Landlock), both Linux-only."""
+    return _allowed(_LINUX)
+
+
+def loadavg() -> bool:
+    """``os.getloadavg`` (POSIX), which the worker shows in ``p2pexec status``."""
+    return _allowed(hasattr(os, "getloadavg"))
+
+
+def file_locks() -> bool:
+    """``fcntl.flock`` (POSIX), so several workers may share one history file."""
+    return _allowed(_has("fcntl", "flock"))
+
+
+def rlimits() -> bool:
+    """``resource.setrlimit(RLIMIT_AS)`` for the memory cap of task processes: Linux enforces it, macOS not."""
+    return _allowed(_LINUX and _has("resource", "RLIMIT_AS"))
+
