@@ -54,7 +54,10 @@ class Unusable:
             self._forget_stale(now)
             if len(self._notes) >= MAX_ENTRIES:
                 return
-        self._notes[key] = (detail[:300], now)
+        old = self._notes.get(key)
+        if old is not None and now - old[1] < REMEMBER_SECONDS and detail not in old[0]:
+            detail = f"{old[0]} | {detail}"  # another worker of the same member, another reason to tell
+        self._notes[key] = (detail[:600], now)
 
     def forget(self, member: str, reason: str) -> None:
         self._notes.pop((member, reason), None)
