@@ -69,3 +69,26 @@ def test_the_backend_is_there_whichever_is_imported_first(order):
     code = f"{order}\nfrom joblib.parallel import BACKENDS\nprint('p2pexec' in BACKENDS)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60).stdout.strip() == "True"
+
+
+def _nested(x: int, *, scale: int = 1) -> tuple[int, str]:
+    backend, _ = joblib.parallel.get_active_backend()
+    inner = joblib.Parallel(n_jobs=2)(joblib.delayed(_square)(i) for i in range(3))
+    return x * scale + sum(inner), type(backend).__name__
+
+
+def test_batches_keep_keyword_arguments_and_joblibs_nested_backend(executor):
+    """Batches of one function travel as the function plus C-pickled arguments; they must run exactly
+    as joblib's own BatchedCalls would, nested Parallel calls included."""
+    with joblib.parallel_config(backend="p2pexec", executor=executor):
+        out = joblib.Parallel(n_jobs=2, batch_size=4)(joblib.delayed(_nested)(i, scale=10) for i in range(8))
+        mixed = joblib.Parallel(n_jobs=2, batch_size=4)(
+            joblib.delayed(_square if i % 2 else abs)(i) for i in range(8))
+    assert [value for value, _ in out] == [10 * i + 5 for i in range(8)]
+    assert {name for _, name in out} <= {"SequentialBackend", "ThreadingBackend"}
+    assert mixed == [i * i if i % 2 else i for i in range(8)]
+
+
+def test_n_jobs_minus_one_counts_every_worker_that_answers(cluster):
+    with cluster.executor() as ex, joblib.parallel_config(backend="p2pexec", executor=ex):
+        assert joblib.effective_n_jobs(-1) == 2  # (the session cluster: 2 workers, 1 slot each)
