@@ -13,7 +13,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, InvalidStateError, wait
-from concurrent.futures.process import _chain_from_iterable_of_lists, _get_chunks, _process_chunk
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from .protocol.resources import ANY, Need
 from .dependencies import first_failure, futures_in, resolved
 from .fitting import EnvFinder
 from .results import task_package
-from .seeding import Seeded, numbered_chunks, seeded_chunk
+from .chunks import chained, numbered_chunks, run_chunk
+from .seeding import Seeded, seeded_chunk
 from .runtime import TrioThread
 from .scheduler import ClientScheduler, SchedulerOptions, WorkItem
 from .stats import ExecutorStats
@@ -60,7 +60,7 @@ threading._register_atexit(_shutdown_all)  # type: ignore[attr-defined]  # as co
 
 def _is_map_chunk(fn: Any) -> bool:
     return isinstance(fn, PrepickledFunction) or (
-        isinstance(fn, partial) and fn.func in (_process_chunk, seeded_chunk))
+        isinstance(fn, partial) and fn.func in (run_chunk, seeded_chunk))
 
 
 class P2PExecutor(Executor):
@@ -297,21 +297,19 @@ class P2PExecutor(Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         self._allow_classes_of(fn)
-        chunks: Iterable[Any]
+        chunks = numbered_chunks(*iterables, chunksize=chunksize)
         if self.seed is None:
-            chunk_task: Callable[..., Any] = partial(_process_chunk, fn)
-            chunks = _get_chunks(*iterables, chunksize=chunksize)
+            chunk_task: Callable[..., Any] = partial(run_chunk, fn)
         else:
             with self._shutdown_lock:
                 number, self._maps = self._maps, self._maps + 1
             chunk_task = partial(seeded_chunk, fn, self.seed, (1, number))
-            chunks = numbered_chunks(*iterables, chunksize=chunksize)
         try:
             task: Callable[..., Any] = PrepickledFunction(chunk_task)
         except Exception:
             task = chunk_task  # each submit reports the pickling error on its future
         results = Executor.map(submitter, task, chunks, timeout=timeout)
-        return _chain_from_iterable_of_lists(results)
+        return chained(results)
 
     def interrupt(self, future: Future[Any]) -> bool:
         """Cancel ``future`` even if its task is running: the worker stops it by killing its task process.

@@ -28,7 +28,7 @@ from . import environment
 from .environment import MAX_ASKED, Misfit
 from .errors import MissingPackageError
 from .protocol.frames import Buffer
-from .tasks import PrepickledFunction, is_plain
+from .tasks import is_plain
 
 log = logging.getLogger("p2pexec.client")
 

@@ -18,14 +18,13 @@ import builtins
 import io
 import sys
 from collections.abc import Collection, Iterable
-from concurrent.futures.process import _process_chunk
-from functools import partial
 from typing import Any
 
 import dill
 import dill._dill
 
 from .errors import P2PExecError
+from .chunks import mapped_function
 from .tasks import is_local_module
 
 # module -> names that only build values (constructors of data types, reconstructors that call nothing else)
@@ -151,8 +150,7 @@ def task_package(fn: Any) -> str | None:
     None for the standard library, p2pexec and the user's own code (whose
     classes are allowed anyway).
     """
-    while isinstance(fn, partial):
-        fn = fn.args[0] if fn.func is _process_chunk and fn.args else fn.func
+    fn = mapped_function(fn)
     module = getattr(fn, "__module__", None) or ""
     top = module.split(".")[0]
     # joblib is the machinery of our own backend (BatchedCalls): trust the functions it carries, not joblib.

@@ -37,7 +37,7 @@ from .protocol.resources import ANY, Need, Resources, unmet
 from .pending import Pending
 from .fitting import NOTHING, Fitting, TaskEnv
 from .stats import ExecutorStats, Tally
-from .status import AnswerObservers
+from .protocol.observers import AnswerObservers
 from .results import UntrustedResultError
 from .tasks import load_outcome
 from .transport.channel import FramedStream, PeerLost, SecureChannel
@@ -209,7 +209,7 @@ class ClientScheduler:
 
     def on_message(self, msg: messages.Message) -> None:
         """A verified board message from a member."""
-        if self.board is not None and self._observers.due(msg):
+        if self.board is not None and self._observers.due(msg, time.monotonic()):
             self.board.send(self.hello())
         if msg.type == "offer":
             self._on_offer(msg)

@@ -17,8 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
-from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
+from collections.abc import Callable, Iterable
 from typing import Any
 
 _current: tuple[int, tuple[int, ...]] | None = None  # (seed, key) of the task running in this process
@@ -90,11 +89,3 @@ def seeded_chunk(fn: Callable[..., Any], seed: int, prefix: tuple[int, ...],
         _enter(seed, (*prefix, start + offset))
         out.append(fn(*args))
     return out
-
-
-def numbered_chunks(*iterables: Iterable[Any], chunksize: int) -> Iterator[tuple[int, tuple[tuple[Any, ...], ...]]]:
-    """``(index of the first item, chunk)`` pairs, lazily, like concurrent.futures' own chunking."""
-    items, start = zip(*iterables), 0
-    while chunk := tuple(islice(items, chunksize)):
-        yield start, chunk
-        start += len(chunk)

@@ -18,10 +18,10 @@ from typing import Any
 from .board.client import BoardSession
 from .config import Participant
 from .protocol import messages
+from .protocol.observers import ANSWER_AT_MOST_EVERY
 from .protocol.resources import Resources, format_size
 
 OBSERVER_HELLO_TTL = 30.0
-ANSWER_AT_MOST_EVERY = 0.5
 FORGET_AFTER_ROUNDS = 3
 MAX_NODES = 4096  # nodes a status view keeps; a flood of made-up node ids cannot grow it further
 
@@ -187,19 +187,3 @@ REACH = {
 def _leases(node: dict[str, Any]) -> list[dict[str, Any]]:
     leases = node.get("leases")
     return [lease for lease in leases if isinstance(lease, dict)] if isinstance(leases, list) else []
-
-
-class AnswerObservers:
-    """Rate-limits answers to observer hellos, so a status loop cannot make peers flood."""
-
-    def __init__(self) -> None:
-        self._last = -1e9
-
-    def due(self, msg: messages.Message) -> bool:
-        if msg.type != "hello" or msg.body.get("role") != "observer":
-            return False
-        now = time.monotonic()
-        if now - self._last < ANSWER_AT_MOST_EVERY:
-            return False
-        self._last = now
-        return True

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from ..config import Participant
 from ..protocol import messages
+from ..protocol.observers import ANSWER_AT_MOST_EVERY
 from .client import BoardSession
 
 EVERY = 30.0
 TTL = 120.0
-ANSWER_AT_MOST_EVERY = 0.5
 
 
 class RelayAnnouncer:

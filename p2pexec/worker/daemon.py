@@ -40,7 +40,7 @@ from ..protocol.frames import (
 from ..protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS, CreditLedger
 from ..protocol.matching import python_compatible, slots_to_offer
 from ..protocol.resources import ANY, Gpu, Need, Reservations, Resources, unmet
-from ..status import AnswerObservers
+from ..protocol.observers import AnswerObservers
 from ..transport.channel import FramedStream, SecureChannel
 from ..protocol.reach import NetView, announced_relays
 from ..protocol.unusable import DeclineLimiter
@@ -277,7 +277,7 @@ class WorkerDaemon:
                      "port per connection?); leases stay on the relay, at its speed", client, PUNCH_GIVES_UP)
 
     def _on_message(self, msg: messages.Message) -> None:
-        if self.board is not None and self._observers.due(msg):
+        if self.board is not None and self._observers.due(msg, time.monotonic()):
             self.board.send(self._hello())
         if msg.type == "relay" and self.host is not None:
             self._relay_announced(announced_relays(msg.sender, self.config.who.cluster, msg["addrs"]))

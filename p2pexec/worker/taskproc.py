@@ -10,7 +10,6 @@ writes to fd 1 or 2 is captured and sent back with its outcome.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -20,6 +19,7 @@ import sys
 import tempfile
 
 from .. import portability
+from ..chunks import mapped_function
 from ..protocol.frames import nbytes
 from ..tasks import dump_outcome, load_task
 from .hop import HEADER, INLINE, LIMIT, REPORT, SHARED, SHARED_MIN, map_payload, share_outcome, shared
@@ -101,12 +101,7 @@ def _receive(sock: socket.socket) -> bytearray | memoryview | None:
 
 def function_name(fn: object) -> str:
     """``module.qualname`` of a task's function, for the worker's history; a map's chunk names what it maps."""
-    for _ in range(8):  # a bounded unwrap: partials of partials
-        if not isinstance(fn, functools.partial):
-            break
-        inner = fn.func
-        mapped = getattr(inner, "__qualname__", "") == "_process_chunk" and fn.args
-        fn = fn.args[0] if mapped else inner
+    fn = mapped_function(fn)
     named = fn if hasattr(fn, "__qualname__") else type(fn)
     return f"{getattr(named, '__module__', None) or '?'}.{getattr(named, '__qualname__', '?')}"[:150]
 
