@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from p2pexec.board.commands import Command, CommandError, format_duration, parse
 from p2pexec.board.server import BoardServer, UsersFileWatcher, load_or_create_host_key
 from p2pexec.keys import Identity, Keyring, generate_identity_file, load_identity
-from p2pexec.protocol.messages import encode
+from p2pexec.protocol.messages import InvalidMessage, decode, encode
 
 SSH = "/usr/bin/ssh"
 USERS = ("alice", "bob", "carol")  # mallory has a key but is not a board user
@@ -226,7 +227,8 @@ def test_shell_request_gets_usage(board: BoardServer, keydir: Path) -> None:
 
 @pytest.mark.timeout(30)
 def test_pipe_relays_to_others_and_to_itself_only_with_r(
-        board: BoardServer, spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+        make_board: Callable[..., BoardServer], spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    board = make_board(verify_sender=False)  # text on a topic with an access list, as pico.sh relays it
     p1 = spawn(board, "alice", "pipe t -a bob")
     wait_clients(board, "alice/t", pipe=1)  # bob may join once alice's -a is in
     p2 = spawn(board, "bob", "pipe -r alice/t")
@@ -476,8 +478,57 @@ def test_forged_messages_are_dropped(board: BoardServer, keydir: Path,
     claims_bob = msg(Identity("bob", alice.signing_key), "client")  # alice's key, from=bob
     sender.sendall(good + bobs + claims_bob + b'{"not": "json\n' + b"plain text\n" + last)
     out = Lines(receiver.makefile("rb"))
-    assert [out.get() for _ in range(3)] == [good, b"plain text\n", last]
-    assert board.dropped["bad-sender"] == 3
+    assert [out.get() for _ in range(2)] == [good, last]
+    assert board.dropped["bad-sender"] == 2
+    assert board.dropped["not-a-message"] == 2  # alice/t has an access list: a cluster's topic
+
+
+def _duplicate(line: bytes, name: str, value: str, first: bool) -> bytes:
+    extra = json.dumps(name).encode() + b":" + json.dumps(value).encode()
+    return b"{" + extra + b"," + line[1:] if first else line[:-1] + b"," + extra + b"}"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("cluster", [True, False], ids=["cluster-topic", "plain-topic"])
+def test_disguised_forgeries_are_not_relayed(make_board: Callable[..., BoardServer], keydir: Path,
+                                             channel: Callable[..., paramiko.Channel], cluster: bool) -> None:
+    """bob's lines that a receiver would read as alice's, or as anything once normalised, stay on the board."""
+    board = make_board()
+    alice, bob = load_identity("alice", keydir / "alice"), load_identity("bob", keydir / "bob")
+    now = time.time()
+
+    def msg(identity: Identity, role: str) -> bytes:
+        return encode(identity, "alice/t", "hello", {"role": role}, now=now, ttl=60)
+
+    forged = msg(Identity("alice", bob.signing_key), "forged")  # bob's key, from=alice
+    alices = msg(alice, "replayed")  # alice's genuine line, in bob's session
+    disguises = [b" " + alices, alices + b" ", b"\t" + alices + b"\r", " ".encode() + alices,
+                 "\u3000".encode() + alices, "\ufeff".encode() + alices, alices.decode().encode("utf-16"),
+                 _duplicate(msg(bob, "x"), "from", "alice", first=False),
+                 _duplicate(msg(bob, "x"), "from", "alice", first=True),
+                 _duplicate(forged, "from", "bob", first=True), b" " + forged, forged, alices]
+    topic = "alice/t" if cluster else "public/t"
+    receiver = channel(board, "alice", "pipe t -a bob" if cluster else "sub -p t")
+    wait_clients(board, topic, **({"pipe": 1} if cluster else {"sub": 1}))
+    sender = channel(board, "bob", f"pipe {topic}")
+    wait_clients(board, topic, **({"pipe": 2} if cluster else {"sub": 1, "pipe": 1}))
+    last = msg(bob, "last") + b"\n"
+    sender.sendall(b"".join(line + b"\n" for line in disguises) + b"plain text\n" + last)
+    out = Lines(receiver.makefile("rb"))
+    relayed = [out.get()]
+    while relayed[-1] != last:
+        assert len(relayed) <= len(disguises) + 2
+        relayed.append(out.get())
+    if cluster:  # only the cluster's messages in their sender's own name
+        assert relayed == [last]
+        assert board.dropped["not-a-message"] == len(disguises) - 2 + 1  # all but the bare two, and the text
+        assert board.dropped["bad-sender"] == 2
+    else:  # text too, but nothing a receiver would read as a message but bob's
+        assert b"plain text\n" in relayed
+        for line in relayed:
+            with contextlib.suppress(InvalidMessage):
+                assert decode(line[:-1]).sender == "bob"
+        assert board.dropped["bad-sender"] == 2
 
 
 @pytest.mark.timeout(30)

@@ -40,7 +40,7 @@ from paramiko.common import MSG_CHANNEL_REQUEST
 from ..errors import ConfigurationError
 from ..files import write_json_atomically
 from ..keys import ED25519, Keyring, generate_identity_file, parse_openssh_public, valid_username
-from ..protocol.messages import check_sender
+from ..protocol.messages import relay_refusal
 from .commands import HELP, PUBLIC, Command, CommandError, parse, valid_topic
 from .registry import INVITE_DAYS, Registry
 
@@ -925,13 +925,21 @@ class BoardServer:
         return topic.receivers if topic is not None else []
 
     def _relay(self, sender: _Session, line: bytes) -> None:
-        """Queue ``line`` for every receiver of the topic, in one order for all."""
-        if (self.verify_sender and line.startswith(b"{")
-                and not check_sender(line[:-1], sender.user, sender.key)):
+        """Queue ``line`` for every receiver of the topic, in one order for all.
+
+        A topic with an access list is a cluster's: only the cluster's messages
+        signed by the session's own user and key go out there (see
+        :func:`relay_refusal`); elsewhere, lines that are not messages too.
+        """
+        if self.verify_sender:
             with self._cond:
-                self.dropped["bad-sender"] += 1
-            log.debug("dropped a line from %s not signed by its own key", sender.client_id)
-            return
+                cluster = sender.topic if sender.topic in self._members else None
+            refusal = relay_refusal(line[:-1], sender.user, sender.key, cluster)
+            if refusal is not None:
+                with self._cond:
+                    self.dropped[refusal] += 1
+                log.debug("dropped a line from %s on %s: %s", sender.client_id, sender.topic, refusal)
+                return
         slow: list[_Session] = []
         with self._cond:
             self.relayed += 1

@@ -125,16 +125,33 @@ def _limit(type: str) -> int:
     return MAX_LIST_BYTES if type == "members" else MAX_LINE_BYTES
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` keeps the last of two equal keys; another parser may keep the first."""
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise InvalidMessage("duplicate-key")
+    return fields
+
+
 def decode(line: bytes) -> Message:
-    """Parse a line and check its structure and signature (not its freshness or sender)."""
+    """Parse a line and check its structure and signature (not its freshness or sender).
+
+    Strict, so that the board's check and every receiver's reading of a line
+    cannot differ: UTF-8 only (``json.loads`` of bytes would also take a BOM,
+    UTF-16 and UTF-32), nothing around the object, no key twice.
+    """
     if len(line) > MAX_LIST_BYTES:
         raise InvalidMessage("too-long")
     try:
-        fields = json.loads(line)
+        fields = json.loads(line.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except InvalidMessage:
+        raise
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidMessage("not-json") from None
     if not isinstance(fields, dict):
         raise InvalidMessage("not-object")
+    if not (line.startswith(b"{") and line.endswith(b"}")):
+        raise InvalidMessage("padded")  # JSON allows whitespace around; receivers need not
     if fields.get("v") != VERSION:
         raise InvalidMessage("version", repr(fields.get("v")))
     mtype = fields.get("type")
@@ -168,17 +185,24 @@ def decode(line: bytes) -> Message:
                    body=body, line=line)
 
 
-def check_sender(line: bytes, user: str, key: bytes) -> bool:
-    """True if ``line`` is a message validly signed by ``key`` on behalf of ``user``.
+def relay_refusal(line: bytes, user: str, key: bytes, cluster: str | None) -> str | None:
+    """Why a board should not relay ``line`` from a session of ``user`` with ``key``; None if it may.
 
-    The p2pexec board uses this to relay only lines whose signer is the
-    session's own SSH key and user.
+    ``line`` must be exactly what receivers will hand to :func:`decode` (the
+    board splits lines on newline as they do), so whatever passes here they
+    read as it was read here.  On a cluster's topic (``cluster`` given) only
+    that cluster's messages pass; on other topics lines that are not messages
+    pass too (pico.sh users pipe plain text there, and receivers drop them).
     """
     try:
         msg = decode(line)
     except InvalidMessage:
-        return False
-    return msg.sender == user and msg.key == key
+        return "not-a-message" if cluster is not None else None
+    if msg.sender != user or msg.key != key:
+        return "bad-sender"
+    if cluster is not None and msg.cluster != cluster:
+        return "other-cluster"
+    return None
 
 
 class Inbox:
