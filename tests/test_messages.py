@@ -7,6 +7,7 @@ import time
 
 import pytest
 from hypothesis import given, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
@@ -193,3 +194,61 @@ def test_large_buffers_travel_out_of_band_in_both_directions():
     for value in (big, bytearray(big), memoryview(big)):
         back = load_outcome(b"".join(dump_outcome(True, value, "", ""))).value
         assert type(back) is type(value) and bytes(back) == big
+
+
+class InboxReplay(RuleBasedStateMachine):
+    """Replays within their expiry are always dropped; a fresh id is never taken for a replay.
+
+    Messages get random ids, lifetimes and clock skews; the clock moves in random steps
+    (now and then backwards).  A small limit makes the flood cap part of the run.
+    """
+
+    LIMIT = 12
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = NOW
+        self.inbox = Inbox(CLUSTER, KEYRING, max_seen=self.LIMIT)
+        self.accepted: dict[str, tuple[bytes, float]] = {}  # id -> (line, exp)
+        self.fresh = 0
+
+    def _retained(self) -> int:
+        return sum(1 for _, exp in self.accepted.values() if exp > self.now - 1)  # kept up to 1 s past exp
+
+    @rule(ttl=st.floats(0.5, messages.MAX_LIFETIME), skew=st.floats(-30, 30))
+    def send_fresh(self, ttl, skew):
+        self.fresh += 1
+        msg_id = f"m{self.fresh}"
+        line = encode(ALICE, CLUSTER, "withdraw", {"req": "r"}, now=self.now + skew, ttl=ttl, msg_id=msg_id)
+        exp = decode(line).exp
+        before = self.inbox.dropped.copy()
+        if self.inbox.receive(line, self.now) is not None:
+            self.accepted[msg_id] = (line, exp)
+            return
+        (reason,) = (self.inbox.dropped - before).keys()
+        if reason == "seen-full":
+            assert self._retained() >= self.LIMIT
+        else:
+            assert reason == "expired" and exp <= self.now
+
+    @precondition(lambda self: self.accepted)
+    @rule(data=st.data())
+    def replay(self, data):
+        msg_id = data.draw(st.sampled_from(sorted(self.accepted)))
+        line, exp = self.accepted[msg_id]
+        before = self.inbox.dropped.copy()
+        assert self.inbox.receive(line, self.now) is None
+        (reason,) = (self.inbox.dropped - before).keys()
+        assert reason == ("replayed" if exp > self.now else "expired")
+
+    @rule(step=st.one_of(st.floats(0, 5), st.floats(5, 400), st.floats(-3, 0)))
+    def tick(self, step):
+        self.now += step
+
+    @invariant()
+    def bounded(self):
+        assert len(self.inbox._seen) <= self.LIMIT  # noqa: SLF001
+
+
+TestInboxReplay = InboxReplay.TestCase
+TestInboxReplay.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
