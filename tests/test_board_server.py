@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pexec.board.admission import Limits
 from p2pexec.board.commands import Command, CommandError, format_duration, parse
 from p2pexec.board.server import BoardServer, UsersFileWatcher, load_or_create_host_key
 from p2pexec.keys import Identity, Keyring, generate_identity_file, load_identity
@@ -621,7 +622,7 @@ def test_sessions_per_user(make_board: Callable[..., BoardServer],
 @pytest.mark.timeout(30)
 def test_max_connections(make_board: Callable[..., BoardServer],
                          channel: Callable[..., paramiko.Channel]) -> None:
-    board = make_board(max_connections=2)
+    board = make_board(limits=Limits(max_connections=2))
     listener = channel(board, "alice", "sub -k t")
     channel(board, "bob", "sub -k t")
     wait_clients(board, "alice/t", sub=1)

@@ -10,7 +10,9 @@ reader cannot stall its topic (as it can on pico.sh).
 Every limit ends only the offending session (or connection), with a clear
 message on its stderr and exit status 1, and is counted by reason: sessions
 cut off midway in ``dropped`` (with dropped lines), sessions and connections
-turned away at the door in ``refused``.  The users can be replaced while
+turned away at the door in ``refused``.  Which connections get in, and how
+long they may take to log in, :mod:`.admission` decides; a thread of its own
+closes those past their deadline.  The users can be replaced while
 running (:meth:`BoardServer.set_users`, :class:`UsersFileWatcher`): whoever
 loses their key is disconnected, everyone else carries on.
 
@@ -41,13 +43,14 @@ from ..errors import ConfigurationError
 from ..files import write_json_atomically
 from ..keys import ED25519, Keyring, generate_identity_file, parse_openssh_public, valid_username
 from ..protocol.messages import relay_refusal
+from .admission import Admission, Limits, LogLimiter
 from .commands import HELP, PUBLIC, Command, CommandError, parse, valid_topic
 from .registry import INVITE_DAYS, Registry
 
 log = logging.getLogger("p2pexec.board")
 
 KEEPALIVE = 15           # seconds between SSH keepalives on every connection
-AUTH_TIMEOUT = 30.0      # a connection must authenticate within this
+LIMIT_LOG_INTERVAL = 60.0  # at most one log line per admission limit this often, with the count
 MESSAGE_TIMEOUT = 1.0    # to send a last message to a client that does not read
 STOP_GRACE = 2.0         # stop(): time for sessions to send their exit status
 LINGER = 1.0             # stop(): time for clients to hang up after that
@@ -194,10 +197,16 @@ class _Transport(paramiko.Transport):
         MSG_CHANNEL_REQUEST: _start_after_reply,
     }
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, on_login: Callable[[], None]) -> None:
         super().__init__(sock)
         self.pending_starts: dict[int, Callable[[], None]] = {}
         self.started: set[int] = set()  # channel ids that already have a command
+        self._on_login = on_login
+
+    def _auth_trigger(self) -> None:
+        """paramiko's hook once a login succeeded (the signature checked): tell the admission."""
+        super()._auth_trigger()
+        self._on_login()
 
 
 class _Interface(paramiko.ServerInterface):
@@ -379,8 +388,8 @@ class BoardServer:
 
     Limits: ``max_line`` bytes a line, ``lines_per_second`` relayed per
     session (token bucket, bursts of ``max(10, 2 * rate)``), ``sessions_per_user``
-    concurrent commands across all of a user's connections, ``max_connections``
-    TCP connections in all (authenticated or not).
+    concurrent commands across all of a user's connections, and the
+    connection limits and login deadlines of ``limits`` (see :class:`.admission.Limits`).
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
@@ -389,9 +398,8 @@ class BoardServer:
                  verify_sender: bool = True,
                  max_line: int = 65536, subscriber_queue: int = 1000,
                  lines_per_second: float = 200.0, sessions_per_user: int = 32,
-                 max_connections: int = 512, relay: RelayAddress | None = None) -> None:
-        if not (max_line > 0 and subscriber_queue > 0 and lines_per_second > 0
-                and sessions_per_user > 0 and max_connections > 0):
+                 limits: Limits | None = None, relay: RelayAddress | None = None) -> None:
+        if not (max_line > 0 and subscriber_queue > 0 and lines_per_second > 0 and sessions_per_user > 0):
             raise ValueError("board limits must be positive")
         self.host, self.port = host, port
         self.host_key, self.users = host_key, users
@@ -399,7 +407,8 @@ class BoardServer:
         self.verify_sender = verify_sender
         self.max_line, self.subscriber_queue = max_line, subscriber_queue
         self.lines_per_second = lines_per_second
-        self.sessions_per_user, self.max_connections = sessions_per_user, max_connections
+        self.sessions_per_user = sessions_per_user
+        self.limits = limits or Limits()
         self.relay = relay  # told to members by the ``relay`` command
         self.dropped: collections.Counter[str] = collections.Counter()  # lines and sessions cut off
         self.refused: collections.Counter[str] = collections.Counter()  # turned away at the door
@@ -413,7 +422,8 @@ class BoardServer:
         self._connections: set[_Connection] = set()
         self._slots: dict[paramiko.Channel, str] = {}  # running commands -> their user
         self._user_slots: collections.Counter[str] = collections.Counter()
-        self._full_logged = False  # max_connections reached, and said so once
+        self._admission: Admission[socket.socket] = Admission(self.limits)
+        self._limit_log = LogLimiter(LIMIT_LOG_INTERVAL)
         self._threads: set[threading.Thread] = set()
         self._serial = 0
         self._started = self._stopping = False
@@ -436,6 +446,7 @@ class BoardServer:
         self.port = self._listener.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
         self._spawn(self._accept_loop, "board-accept")
+        self._spawn(self._reap_loop, "board-admission")
         log.info("board listening on %s port %d", self.host, self.port)
 
     def stop(self) -> None:
@@ -709,27 +720,51 @@ class BoardServer:
                         self._spawn(self._serve, f"board-conn-{conn.address}", conn)
 
     def _admit(self, sock: socket.socket, addr: tuple) -> _Connection | None:
-        """Register a new TCP connection, or close it if the board is full or stopping."""
+        """Register a new TCP connection, or close it at once if a limit says so or the board is stopping."""
         address = f"{addr[0]}:{addr[1]}"
         with self._cond:  # only this thread adds connections: room now is room below
-            full = len(self._connections) >= self.max_connections
-            if full:
-                self.refused["max-connections"] += 1
-            warn, self._full_logged = full and not self._full_logged, full
-        if full:  # one warning each time the board fills up, not one per connection
-            (log.warning if warn else log.debug)(
-                "refused connection from %s: the board has max_connections (%d)", address,
-                self.max_connections)
+            refusal = "stopping" if self._stopping else self._admission.connect(sock, addr[0], time.monotonic())
+            if refusal is not None:
+                self.refused[refusal] += 1
+                self._log_limit(refusal, f"refused connections: {refusal} (last from {address})")
+            self._cond.notify_all()  # a new deadline for the reaper
+        if refusal is not None:
             sock.close()
             return None
         sock.setblocking(True)
-        conn = _Connection(_Transport(sock), sock, address)
+        conn = _Connection(_Transport(sock, lambda: self._logged_in(sock)), sock, address)
         with self._cond:
             if not self._stopping:
                 self._connections.add(conn)
                 return conn
+            self._admission.closed(sock)
         sock.close()
         return None
+
+    def _logged_in(self, sock: socket.socket) -> None:
+        with self._cond:
+            self._admission.authenticated(sock)
+            self._cond.notify_all()
+
+    def _log_limit(self, reason: str, text: str) -> None:
+        """Log ``text`` with how many times it happened, at most once per LIMIT_LOG_INTERVAL per reason."""
+        count = self._limit_log.hit(reason, time.monotonic())
+        if count:
+            log.warning("%s: %d since the last such line (at most one a minute)", text, count)
+
+    def _reap_loop(self) -> None:
+        """Close the connections that have not exchanged keys or logged in by their deadline."""
+        with self._cond:
+            while not self._stopping:
+                now = time.monotonic()
+                for sock, reason in self._admission.tick(now):
+                    self.refused[reason] += 1
+                    self._log_limit(reason, f"closed connections: {reason}")
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)  # wakes its threads; _serve closes it
+                    except OSError:
+                        pass
+                self._cond.wait(min(self._admission.next_deadline() - now, 60.0))
 
     def _serve(self, conn: _Connection) -> None:
         sock, transport = conn.sock, conn.transport
@@ -740,20 +775,22 @@ class BoardServer:
         try:
             transport.set_keepalive(KEEPALIVE)
             transport.add_server_key(self.host_key)
+            # paramiko's own timeouts only as a backstop: the reaper closes late connections
+            transport.banner_timeout = transport.handshake_timeout = self.limits.handshake_timeout + 1
+            transport.auth_timeout = self.limits.auth_timeout + 1
             try:
                 transport.start_server(server=_Interface(self, conn))
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 log.debug("SSH handshake with %s failed: %s", conn.address, exc)
                 return
-            transport.join(AUTH_TIMEOUT)
-            if transport.is_alive() and not transport.is_authenticated():
-                log.info("%s did not authenticate in time", conn.address)
-                transport.close()
+            with self._cond:
+                self._admission.handshaken(sock)
             transport.join()
         finally:
             transport.close()
             sock.close()
             with self._cond:
+                self._admission.closed(sock)
                 self._connections.discard(conn)
                 sessions = list(conn.sessions)
                 self._cond.notify_all()
