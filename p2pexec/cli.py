@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="lines per second a session may send (default: 200)")
     board.add_argument("--sessions-per-user", type=int, default=32, metavar="N",
                        help="concurrent sessions per user (default: 32)")
+    board.add_argument("--topics-per-user", type=int, default=100, metavar="N",
+                       help="topics one user may own, live or with an access list (which the board keeps); "
+                            "public ones aside (default: 100)")
     admission = board.add_argument_group(
         "connections", "Limits on TCP connections, so that strangers without a key, from one address or a few, "
                        "cannot crowd out members. A source is an IPv4 address or an IPv6 /64.")
@@ -302,7 +305,7 @@ def _board(args: argparse.Namespace) -> int:
         server = BoardServer(host=host.strip("[]"), port=int(port), host_key=host_key,
                              users=Keyring.load(users_path), state_dir=state, max_line=args.max_line,
                              lines_per_second=args.lines_per_second, sessions_per_user=args.sessions_per_user,
-                             limits=limits)
+                             topics_per_user=args.topics_per_user, limits=limits)
     except ValueError as exc:
         raise P2PExecError(str(exc)) from None
     relay = None

@@ -28,6 +28,8 @@ from p2pexec.board.server import BoardServer, UsersFileWatcher, load_or_create_h
 from p2pexec.keys import Identity, Keyring, generate_identity_file, load_identity
 from p2pexec.protocol.messages import InvalidMessage, decode, encode
 
+from .conftest import wait_until
+
 SSH = "/usr/bin/ssh"
 USERS = ("alice", "bob", "carol")  # mallory has a key but is not a board user
 WAIT = 10.0
@@ -313,8 +315,9 @@ def test_access_denied_until_owner_adds_member(
     assert r.returncode == 1 and b"only alice can set the access list" in r.stderr
     assert ssh(board, "alice", "pub friends -b=false -a bob,carol").returncode == 0
     assert board.members("alice/friends") == ("bob", "carol")
-    assert json.loads((tmp_path / "state" / "clusters.json").read_text()) == {
-        "alice/friends": ["bob", "carol"]}
+    saved = tmp_path / "state" / "clusters.json"  # within a moment: writes are coalesced
+    wait_until(lambda: saved.exists() and json.loads(saved.read_text()) == {"alice/friends": ["bob", "carol"]},
+               WAIT, "the access list saved")
     r = ssh(board, "carol", "pipe alice/friends")  # stdin EOF: joins, then ends
     assert (r.returncode, r.stderr) == (0, b"")
     assert ssh(board, "bob", "pipe -p lobby").returncode == 0  # public topics are open
@@ -338,6 +341,39 @@ def test_membership_survives_restart_and_revocation_disconnects(
     assert chan.recv_exit_status() == 1
     assert chan.makefile_stderr("rb").read() == b"access denied\n"
     assert ssh(second, "carol", "pipe alice/friends").returncode == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_user_past_the_topic_cap_is_told_and_the_lists_survive_a_restart(
+        make_board: Callable[..., BoardServer], ssh: Callable[..., subprocess.CompletedProcess[bytes]],
+        channel: Callable[..., paramiko.Channel], tmp_path: Path) -> None:
+    """The issue's flood: one user made 400 persisted access lists in 18 s, each one a write and an fsync."""
+    first = make_board(topics_per_user=5)
+    live = channel(first, "alice", "sub -k live")  # live topics count too
+    wait_clients(first, "alice/live", sub=1)
+    started = time.monotonic()
+    for i in range(4):
+        first.set_members(f"alice/c{i}", ["bob"])
+    for i in range(30):  # the same list changed again and again: saved a few times a second at most
+        first.set_members("alice/c0", ["bob"] if i % 2 else ["carol"])
+    elapsed = time.monotonic() - started
+    r = ssh(first, "alice", "pipe c9 -a bob")
+    assert r.returncode == 1
+    assert r.stderr == (b"alice has 5 topics on this board, the most it keeps for one user (topics_per_user); "
+                        b"use one of them (see: ls)\n")
+    assert ssh(first, "alice", "pub -b=false c9", input=b"x\n").returncode == 1  # a new live topic neither
+    assert ssh(first, "alice", "pipe c1 -a bob,carol").returncode == 0  # the ones she has are hers to change
+    assert ssh(first, "bob", "pub -b=false -p anything", input=b"x\n").returncode == 0  # bob's own cap is his
+    assert first.refused["topics-per-user"] == 2
+    assert first._state_writer.writes <= 2 + elapsed / 0.25  # noqa: SLF001
+    first.set_members("alice/c2", ["carol"])  # the last change, just before stopping
+    live.close()
+    first.stop()
+    saved = json.loads((tmp_path / "state" / "clusters.json").read_text())
+    assert saved == {"alice/c0": ["bob"], "alice/c1": ["bob", "carol"], "alice/c2": ["carol"], "alice/c3": ["bob"]}
+    second = make_board(topics_per_user=5)
+    assert [second.members(f"alice/c{i}") for i in range(4)] == [("bob",), ("bob", "carol"), ("carol",), ("bob",)]
+    assert ssh(second, "carol", "pipe alice/c2").returncode == 0
 
 
 @pytest.mark.timeout(30)

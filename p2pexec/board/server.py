@@ -40,12 +40,12 @@ import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
 
 from ..errors import ConfigurationError
-from ..files import write_json_atomically
 from ..keys import ED25519, Keyring, generate_identity_file, parse_openssh_public, valid_username
 from ..protocol.messages import relay_refusal
 from .admission import Admission, Limits, LogLimiter
 from .commands import HELP, PUBLIC, Command, CommandError, parse, valid_topic
 from .registry import INVITE_DAYS, Registry
+from .statefile import CoalescingWriter
 
 log = logging.getLogger("p2pexec.board")
 
@@ -388,7 +388,8 @@ class BoardServer:
 
     Limits: ``max_line`` bytes a line, ``lines_per_second`` relayed per
     session (token bucket, bursts of ``max(10, 2 * rate)``), ``sessions_per_user``
-    concurrent commands across all of a user's connections, and the
+    concurrent commands across all of a user's connections, ``topics_per_user``
+    topics a user owns (live, or with an access list, which persists), and the
     connection limits and login deadlines of ``limits`` (see :class:`.admission.Limits`).
     """
 
@@ -397,9 +398,10 @@ class BoardServer:
                  state_dir: Path,
                  verify_sender: bool = True,
                  max_line: int = 65536, subscriber_queue: int = 1000,
-                 lines_per_second: float = 200.0, sessions_per_user: int = 32,
+                 lines_per_second: float = 200.0, sessions_per_user: int = 32, topics_per_user: int = 100,
                  limits: Limits | None = None, relay: RelayAddress | None = None) -> None:
-        if not (max_line > 0 and subscriber_queue > 0 and lines_per_second > 0 and sessions_per_user > 0):
+        if not (max_line > 0 and subscriber_queue > 0 and lines_per_second > 0 and sessions_per_user > 0
+                and topics_per_user > 0):
             raise ValueError("board limits must be positive")
         self.host, self.port = host, port
         self.host_key, self.users = host_key, users
@@ -407,7 +409,7 @@ class BoardServer:
         self.verify_sender = verify_sender
         self.max_line, self.subscriber_queue = max_line, subscriber_queue
         self.lines_per_second = lines_per_second
-        self.sessions_per_user = sessions_per_user
+        self.sessions_per_user, self.topics_per_user = sessions_per_user, topics_per_user
         self.limits = limits or Limits()
         self.relay = relay  # told to members by the ``relay`` command
         self.dropped: collections.Counter[str] = collections.Counter()  # lines and sessions cut off
@@ -427,7 +429,7 @@ class BoardServer:
         self._threads: set[threading.Thread] = set()
         self._serial = 0
         self._started = self._stopping = False
-        self._state_lock = threading.Lock()  # serialises clusters.json writes
+        self._state_writer = CoalescingWriter(self._state_file, self._members_snapshot, mode=0o644)
         self._listener: socket.socket | None = None
         self._wake_r: socket.socket | None = None  # stop() wakes the accept loop through it
         self._wake_w: socket.socket | None = None
@@ -447,13 +449,14 @@ class BoardServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._spawn(self._accept_loop, "board-accept")
         self._spawn(self._reap_loop, "board-admission")
+        self._state_writer.start()
         log.info("board listening on %s port %d", self.host, self.port)
 
     def stop(self) -> None:
         """Close the listener and every session, and join the threads, in bounded time."""
         with self._cond:
             if self._stopping or self._wake_w is None:
-                return
+                return self._state_writer.stop()  # saves what set_members() changed, started or not
             self._stopping = True
             sessions = list(self._sessions)
             self._cond.notify_all()
@@ -469,6 +472,7 @@ class BoardServer:
         self._wake_w.close()
         assert self._wake_r is not None
         self._wake_r.close()
+        self._state_writer.stop()
         log.info("board on port %d stopped", self.port)
 
     def __enter__(self) -> "BoardServer":
@@ -536,6 +540,11 @@ class BoardServer:
                 text = base64.b64decode(cmd.args[0], validate=True).decode()
             except (ValueError, UnicodeDecodeError):
                 raise CommandError("the member list must be base64 of its JSON") from None
+            with self._cond:
+                try:
+                    self._check_room(cluster)
+                except _Refused as exc:
+                    raise CommandError(str(exc)) from None
             with self._registry_lock:
                 signed = self.registry.set_list(cluster, conn.key, text)
             self.set_members(cluster, sorted(signed.members))
@@ -582,7 +591,7 @@ class BoardServer:
     # -- membership
 
     def set_members(self, cluster: str, members: list[str]) -> None:
-        """Set who besides its owner may join ``cluster`` (``owner/name``); persisted.
+        """Set who besides its owner may join ``cluster`` (``owner/name``); saved within a moment.
 
         Sessions of users no longer listed are disconnected with ``access denied``.
         """
@@ -592,17 +601,14 @@ class BoardServer:
         if bad:
             raise ValueError(f"invalid user names {bad}")
         new = tuple(dict.fromkeys(members))
-        with self._state_lock:
-            with self._cond:
-                if self._members.get(cluster) == new:
-                    return
-                state = {**self._members, cluster: new}
-            self._save_members(state)
-            with self._cond:
-                self._members[cluster] = new
-                topic = self._topics.get(cluster)
-                sessions = (topic.receivers + topic.pubs) if topic else []
-                revoked = [s for s in sessions if not self._allowed(s.user, cluster, s.key)]
+        with self._cond:
+            if self._members.get(cluster) == new:
+                return
+            self._members[cluster] = new
+            topic = self._topics.get(cluster)
+            sessions = (topic.receivers + topic.pubs) if topic else []
+            revoked = [s for s in sessions if not self._allowed(s.user, cluster, s.key)]
+        self._state_writer.changed()
         log.info("members of %s: %s", cluster, ", ".join(new) or "(owner only)")
         for session in revoked:
             session.stop(1, "access denied")
@@ -662,8 +668,9 @@ class BoardServer:
                 f"board state {path} is malformed: expected {{\"owner/name\": [\"user\", ...]}}")
         return {k: tuple(v) for k, v in data.items()}
 
-    def _save_members(self, state: dict[str, tuple[str, ...]]) -> None:
-        write_json_atomically(self._state_file, {k: list(v) for k, v in sorted(state.items())}, mode=0o644)
+    def _members_snapshot(self) -> dict[str, list[str]]:
+        with self._cond:
+            return {k: list(v) for k, v in sorted(self._members.items())}
 
     # -- threads and connections
 
@@ -902,14 +909,13 @@ class BoardServer:
         if cmd.access is not None:
             if user != cmd.owner:
                 raise _Refused(f"only {cmd.owner} can set the access list of {name}")
-            try:
-                self.set_members(name, list(cmd.access))
-            except OSError as exc:
-                log.error("cannot save board state: %s", exc)
-                raise _Refused(f"cannot save the access list: {exc.strerror}") from None
+            with self._cond:
+                self._check_room(name)
+            self.set_members(name, list(cmd.access))
         with self._cond:
             if self._stopping:
                 raise _Refused("board is shutting down")
+            self._check_room(name)
             if not self._still_allowed(session.conn):  # set_users() ran since _run_session began
                 raise _Refused("access revoked")
             if not self._allowed(user, name, session.key):
@@ -926,6 +932,17 @@ class BoardServer:
             self._sessions.add(session)
             session.conn.sessions.add(session)
             self._cond.notify_all()
+
+    def _check_room(self, name: str) -> None:
+        """Refuse a new topic (live or with an access list) to an owner who has topics_per_user already."""
+        owner = name.split("/", 1)[0]
+        if owner == PUBLIC or name in self._topics or name in self._members:
+            return  # public topics live only as long as their sessions, which sessions_per_user bounds
+        owned = {n for n in (*self._topics, *self._members) if n.split("/", 1)[0] == owner}
+        if len(owned) >= self.topics_per_user:
+            self.refused["topics-per-user"] += 1
+            raise _Refused(f"{owner} has {len(owned)} topics on this board, the most it keeps for one user "
+                           f"(topics_per_user); use one of them (see: ls)")
 
     def _leave(self, session: _Session) -> None:
         """Take ``session`` off its topic: it gets no more lines, and may end plain subs."""
