@@ -341,7 +341,10 @@ def _board(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=watcher.reload, daemon=True).start())
-    stop.wait()
+    # A signal that lands on another thread (likely with a flood's hundreds) does not wake
+    # a wait without a timeout; its handler runs once this one returns.
+    while not stop.wait(1.0):
+        pass
     watcher.stop()
     server.stop()
     if relay is not None:

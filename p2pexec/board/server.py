@@ -455,11 +455,14 @@ class BoardServer:
     def stop(self) -> None:
         """Close the listener and every session, and join the threads, in bounded time."""
         with self._cond:
-            if self._stopping or self._wake_w is None:
-                return self._state_writer.stop()  # saves what set_members() changed, started or not
-            self._stopping = True
-            sessions = list(self._sessions)
-            self._cond.notify_all()
+            done = self._stopping or self._wake_w is None
+            if not done:
+                self._stopping = True
+                sessions = list(self._sessions)
+                self._cond.notify_all()
+        if done:
+            return self._state_writer.stop()  # saves what set_members() changed, started or not
+        assert self._wake_w is not None
         self._wake_w.send(b"x")
         started = time.monotonic()
         for session in sessions:
