@@ -115,10 +115,10 @@ class AdmissionMachine(RuleBasedStateMachine):
             host, since, stage = self.open.pop(conn)
             assert stage is not Stage.AUTHENTICATED
             limit = LIMITS.handshake_timeout if reason == "handshake-timeout" else LIMITS.auth_timeout
-            assert self.now - since >= limit
+            assert self.now >= since + limit  # as the deadline was computed: no rounding between
         for host, since, stage in self.open.values():  # nobody outlives their deadline
-            assert stage is Stage.AUTHENTICATED or self.now - since < LIMITS.auth_timeout
-            assert stage is not Stage.HANDSHAKE or self.now - since < LIMITS.handshake_timeout
+            assert stage is Stage.AUTHENTICATED or self.now < since + LIMITS.auth_timeout
+            assert stage is not Stage.HANDSHAKE or self.now < since + LIMITS.handshake_timeout
 
     @invariant()
     def within_limits(self):
