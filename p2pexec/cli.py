@@ -140,8 +140,27 @@ def main(argv: list[str] | None = None) -> int:
                        help="lines per second a session may send (default: 200)")
     board.add_argument("--sessions-per-user", type=int, default=32, metavar="N",
                        help="concurrent sessions per user (default: 32)")
-    board.add_argument("--max-connections", type=int, default=512, metavar="N",
-                       help="concurrent connections in all (default: 512)")
+    board.add_argument("--topics-per-user", type=int, default=100, metavar="N",
+                       help="topics one user may own, live or with an access list (which the board keeps); "
+                            "public ones aside (default: 100)")
+    admission = board.add_argument_group(
+        "connections", "Limits on TCP connections, so that strangers without a key, from one address or a few, "
+                       "cannot crowd out members. A source is an IPv4 address or an IPv6 /64.")
+    admission.add_argument("--max-connections", type=int, default=512, metavar="N",
+                           help="concurrent connections in all (default: 512)")
+    admission.add_argument("--max-unauthenticated", type=int, default=None, metavar="N",
+                           help="of those, connections not logged in yet; the rest is kept for members "
+                                "(default: three quarters of --max-connections)")
+    admission.add_argument("--connections-per-source", type=int, default=128, metavar="N",
+                           help="connections from one source, logged in or not (default: 128)")
+    admission.add_argument("--unauthenticated-per-source", type=int, default=16, metavar="N",
+                           help="connections from one source not logged in yet (default: 16)")
+    admission.add_argument("--handshakes-per-source", type=int, default=8, metavar="N",
+                           help="connections from one source still exchanging SSH keys (default: 8)")
+    admission.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                           help="time from connecting to the end of the SSH key exchange (default: 10)")
+    admission.add_argument("--auth-timeout", type=float, default=20.0, metavar="SECONDS",
+                           help="time from connecting to logging in (default: 20)")
     relay_limits = board.add_argument_group(
         "relay", "The board also runs a libp2p circuit relay, so that members behind home routers reach each "
                  "other (relayed, then hole-punched to a direct connection where the routers allow). Members "
@@ -264,6 +283,7 @@ def _board(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from .board.admission import Limits
     from .board.client import fingerprint
     from .board.server import BoardServer, UsersFileWatcher, load_or_create_host_key
     from .keys import Keyring
@@ -277,10 +297,15 @@ def _board(args: argparse.Namespace) -> int:
     host_key = load_or_create_host_key((args.host_key or state / "host_ed25519").expanduser())
     users_path = args.users.expanduser()
     try:
+        limits = Limits(max_connections=args.max_connections, max_unauthenticated=args.max_unauthenticated,
+                        connections_per_source=args.connections_per_source,
+                        unauthenticated_per_source=args.unauthenticated_per_source,
+                        handshakes_per_source=args.handshakes_per_source,
+                        handshake_timeout=args.handshake_timeout, auth_timeout=args.auth_timeout)
         server = BoardServer(host=host.strip("[]"), port=int(port), host_key=host_key,
                              users=Keyring.load(users_path), state_dir=state, max_line=args.max_line,
                              lines_per_second=args.lines_per_second, sessions_per_user=args.sessions_per_user,
-                             max_connections=args.max_connections)
+                             topics_per_user=args.topics_per_user, limits=limits)
     except ValueError as exc:
         raise P2PExecError(str(exc)) from None
     relay = None
@@ -317,7 +342,10 @@ def _board(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if hasattr(signal, "SIGHUP"):  # not on Windows, where the users file is still re-read on change
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=watcher.reload, daemon=True).start())
-    stop.wait()
+    # A signal that lands on another thread (likely with a flood's hundreds) does not wake
+    # a wait without a timeout; its handler runs once this one returns.
+    while not stop.wait(1.0):
+        pass
     watcher.stop()
     server.stop()
     if relay is not None:

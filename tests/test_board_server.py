@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,10 +22,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pexec.board.admission import Limits
 from p2pexec.board.commands import Command, CommandError, format_duration, parse
 from p2pexec.board.server import BoardServer, UsersFileWatcher, load_or_create_host_key
 from p2pexec.keys import Identity, Keyring, generate_identity_file, load_identity
-from p2pexec.protocol.messages import encode
+from p2pexec.protocol.messages import InvalidMessage, decode, encode
+
+from .conftest import wait_until
 
 SSH = "/usr/bin/ssh"
 USERS = ("alice", "bob", "carol")  # mallory has a key but is not a board user
@@ -226,7 +230,8 @@ def test_shell_request_gets_usage(board: BoardServer, keydir: Path) -> None:
 
 @pytest.mark.timeout(30)
 def test_pipe_relays_to_others_and_to_itself_only_with_r(
-        board: BoardServer, spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+        make_board: Callable[..., BoardServer], spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    board = make_board(verify_sender=False)  # text on a topic with an access list, as pico.sh relays it
     p1 = spawn(board, "alice", "pipe t -a bob")
     wait_clients(board, "alice/t", pipe=1)  # bob may join once alice's -a is in
     p2 = spawn(board, "bob", "pipe -r alice/t")
@@ -310,8 +315,9 @@ def test_access_denied_until_owner_adds_member(
     assert r.returncode == 1 and b"only alice can set the access list" in r.stderr
     assert ssh(board, "alice", "pub friends -b=false -a bob,carol").returncode == 0
     assert board.members("alice/friends") == ("bob", "carol")
-    assert json.loads((tmp_path / "state" / "clusters.json").read_text()) == {
-        "alice/friends": ["bob", "carol"]}
+    saved = tmp_path / "state" / "clusters.json"  # within a moment: writes are coalesced
+    wait_until(lambda: saved.exists() and json.loads(saved.read_text()) == {"alice/friends": ["bob", "carol"]},
+               WAIT, "the access list saved")
     r = ssh(board, "carol", "pipe alice/friends")  # stdin EOF: joins, then ends
     assert (r.returncode, r.stderr) == (0, b"")
     assert ssh(board, "bob", "pipe -p lobby").returncode == 0  # public topics are open
@@ -335,6 +341,39 @@ def test_membership_survives_restart_and_revocation_disconnects(
     assert chan.recv_exit_status() == 1
     assert chan.makefile_stderr("rb").read() == b"access denied\n"
     assert ssh(second, "carol", "pipe alice/friends").returncode == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_user_past_the_topic_cap_is_told_and_the_lists_survive_a_restart(
+        make_board: Callable[..., BoardServer], ssh: Callable[..., subprocess.CompletedProcess[bytes]],
+        channel: Callable[..., paramiko.Channel], tmp_path: Path) -> None:
+    """The issue's flood: one user made 400 persisted access lists in 18 s, each one a write and an fsync."""
+    first = make_board(topics_per_user=5)
+    live = channel(first, "alice", "sub -k live")  # live topics count too
+    wait_clients(first, "alice/live", sub=1)
+    started = time.monotonic()
+    for i in range(4):
+        first.set_members(f"alice/c{i}", ["bob"])
+    for i in range(30):  # the same list changed again and again: saved a few times a second at most
+        first.set_members("alice/c0", ["bob"] if i % 2 else ["carol"])
+    elapsed = time.monotonic() - started
+    r = ssh(first, "alice", "pipe c9 -a bob")
+    assert r.returncode == 1
+    assert r.stderr == (b"alice has 5 topics on this board, the most it keeps for one user (topics_per_user); "
+                        b"use one of them (see: ls)\n")
+    assert ssh(first, "alice", "pub -b=false c9", input=b"x\n").returncode == 1  # a new live topic neither
+    assert ssh(first, "alice", "pipe c1 -a bob,carol").returncode == 0  # the ones she has are hers to change
+    assert ssh(first, "bob", "pub -b=false -p anything", input=b"x\n").returncode == 0  # bob's own cap is his
+    assert first.refused["topics-per-user"] == 2
+    assert first._state_writer.writes <= 2 + elapsed / 0.25  # noqa: SLF001
+    first.set_members("alice/c2", ["carol"])  # the last change, just before stopping
+    live.close()
+    first.stop()
+    saved = json.loads((tmp_path / "state" / "clusters.json").read_text())
+    assert saved == {"alice/c0": ["bob"], "alice/c1": ["bob", "carol"], "alice/c2": ["carol"], "alice/c3": ["bob"]}
+    second = make_board(topics_per_user=5)
+    assert [second.members(f"alice/c{i}") for i in range(4)] == [("bob",), ("bob", "carol"), ("carol",), ("bob",)]
+    assert ssh(second, "carol", "pipe alice/c2").returncode == 0
 
 
 @pytest.mark.timeout(30)
@@ -476,8 +515,57 @@ def test_forged_messages_are_dropped(board: BoardServer, keydir: Path,
     claims_bob = msg(Identity("bob", alice.signing_key), "client")  # alice's key, from=bob
     sender.sendall(good + bobs + claims_bob + b'{"not": "json\n' + b"plain text\n" + last)
     out = Lines(receiver.makefile("rb"))
-    assert [out.get() for _ in range(3)] == [good, b"plain text\n", last]
-    assert board.dropped["bad-sender"] == 3
+    assert [out.get() for _ in range(2)] == [good, last]
+    assert board.dropped["bad-sender"] == 2
+    assert board.dropped["not-a-message"] == 2  # alice/t has an access list: a cluster's topic
+
+
+def _duplicate(line: bytes, name: str, value: str, first: bool) -> bytes:
+    extra = json.dumps(name).encode() + b":" + json.dumps(value).encode()
+    return b"{" + extra + b"," + line[1:] if first else line[:-1] + b"," + extra + b"}"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("cluster", [True, False], ids=["cluster-topic", "plain-topic"])
+def test_disguised_forgeries_are_not_relayed(make_board: Callable[..., BoardServer], keydir: Path,
+                                             channel: Callable[..., paramiko.Channel], cluster: bool) -> None:
+    """bob's lines that a receiver would read as alice's, or as anything once normalised, stay on the board."""
+    board = make_board()
+    alice, bob = load_identity("alice", keydir / "alice"), load_identity("bob", keydir / "bob")
+    now = time.time()
+
+    def msg(identity: Identity, role: str) -> bytes:
+        return encode(identity, "alice/t", "hello", {"role": role}, now=now, ttl=60)
+
+    forged = msg(Identity("alice", bob.signing_key), "forged")  # bob's key, from=alice
+    alices = msg(alice, "replayed")  # alice's genuine line, in bob's session
+    disguises = [b" " + alices, alices + b" ", b"\t" + alices + b"\r", " ".encode() + alices,
+                 "\u3000".encode() + alices, "\ufeff".encode() + alices, alices.decode().encode("utf-16"),
+                 _duplicate(msg(bob, "x"), "from", "alice", first=False),
+                 _duplicate(msg(bob, "x"), "from", "alice", first=True),
+                 _duplicate(forged, "from", "bob", first=True), b" " + forged, forged, alices]
+    topic = "alice/t" if cluster else "public/t"
+    receiver = channel(board, "alice", "pipe t -a bob" if cluster else "sub -p t")
+    wait_clients(board, topic, **({"pipe": 1} if cluster else {"sub": 1}))
+    sender = channel(board, "bob", f"pipe {topic}")
+    wait_clients(board, topic, **({"pipe": 2} if cluster else {"sub": 1, "pipe": 1}))
+    last = msg(bob, "last") + b"\n"
+    sender.sendall(b"".join(line + b"\n" for line in disguises) + b"plain text\n" + last)
+    out = Lines(receiver.makefile("rb"))
+    relayed = [out.get()]
+    while relayed[-1] != last:
+        assert len(relayed) <= len(disguises) + 2
+        relayed.append(out.get())
+    if cluster:  # only the cluster's messages in their sender's own name
+        assert relayed == [last]
+        assert board.dropped["not-a-message"] == len(disguises) - 2 + 1  # all but the bare two, and the text
+        assert board.dropped["bad-sender"] == 2
+    else:  # text too, but nothing a receiver would read as a message but bob's
+        assert b"plain text\n" in relayed
+        for line in relayed:
+            with contextlib.suppress(InvalidMessage):
+                assert decode(line[:-1]).sender == "bob"
+        assert board.dropped["bad-sender"] == 2
 
 
 @pytest.mark.timeout(30)
@@ -570,7 +658,7 @@ def test_sessions_per_user(make_board: Callable[..., BoardServer],
 @pytest.mark.timeout(30)
 def test_max_connections(make_board: Callable[..., BoardServer],
                          channel: Callable[..., paramiko.Channel]) -> None:
-    board = make_board(max_connections=2)
+    board = make_board(limits=Limits(max_connections=2))
     listener = channel(board, "alice", "sub -k t")
     channel(board, "bob", "sub -k t")
     wait_clients(board, "alice/t", sub=1)

@@ -7,12 +7,13 @@ import time
 
 import pytest
 from hypothesis import given, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from p2pexec.keys import Identity, Keyring, openssh_public_line
 from p2pexec.protocol import messages
-from p2pexec.protocol.messages import Inbox, InvalidMessage, check_sender, decode, encode
+from p2pexec.protocol.messages import Inbox, InvalidMessage, decode, encode, relay_refusal
 
 CLUSTER = "alice/friends"
 ALICE = Identity("alice", SigningKey.generate())
@@ -61,9 +62,66 @@ def test_member_name_with_another_members_key_is_rejected():
     inbox = Inbox(CLUSTER, KEYRING)
     assert inbox.receive(forged, NOW) is None
     assert inbox.dropped["not-a-member"] == 1
-    assert not check_sender(forged, "alice", ALICE.public_key)
-    assert check_sender(request(), "alice", ALICE.public_key)
-    assert not check_sender(request(), "bob", ALICE.public_key)
+    assert relay_refusal(forged, "alice", ALICE.public_key, CLUSTER) == "bad-sender"
+    assert relay_refusal(request(), "alice", ALICE.public_key, CLUSTER) is None
+    assert relay_refusal(request(), "bob", ALICE.public_key, CLUSTER) == "bad-sender"
+    assert relay_refusal(request(cluster="alice/other"), "alice", ALICE.public_key, CLUSTER) == "other-cluster"
+    assert relay_refusal(b"plain text", "alice", ALICE.public_key, CLUSTER) == "not-a-message"
+    assert relay_refusal(b"plain text", "alice", ALICE.public_key, None) is None  # not a cluster's topic
+
+
+# Whitespace to JSON (the first four), to str.strip(), or to neither; and a BOM.
+SPACES = [" ", "\t", "\r", "\n", "\x0b", "\x0c", "\x85", "\xa0", "\u2028", "\u3000", "\ufeff", ""]
+
+
+def _with_duplicate(line: bytes, name: str, value: object, first: bool) -> bytes:
+    """``line`` with a second ``name`` field, before (``first``) or after all the others."""
+    extra = json.dumps(name) + ":" + json.dumps(value)
+    text = line.decode()
+    return ("{" + extra + "," + text[1:] if first else text[:-1] + "," + extra + "}").encode()
+
+
+@st.composite
+def disguised(draw):
+    """A line signed by alice or by bob, then padded, re-encoded or given a second sender."""
+    signer = draw(st.sampled_from([ALICE, BOB, Identity("alice", BOB.signing_key)]))
+    line = request(signer)
+    if draw(st.booleans()):
+        other = draw(st.sampled_from([ALICE, BOB]))
+        line = _with_duplicate(line, draw(st.sampled_from(["from", "key"])),
+                               other.user if draw(st.booleans()) else messages.b64(other.public_key),
+                               draw(st.booleans()))
+    text = draw(st.sampled_from(SPACES)) + line.decode() + draw(st.sampled_from(SPACES))
+    return text.encode(draw(st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-32"])))
+
+
+@settings(max_examples=300, deadline=None)
+@given(line=disguised())
+def test_board_and_receivers_read_a_relayed_line_alike(line):
+    """Whatever the board relays from bob's session, every receiver reads as bob's, or drops."""
+    if relay_refusal(line, "bob", BOB.public_key, CLUSTER) is None:
+        msg = decode(line)
+        assert (msg.sender, msg.key) == ("bob", BOB.public_key)
+        assert json.loads(line)["from"] == "bob"  # even a lax reader would agree
+    inbox = Inbox(CLUSTER, KEYRING)
+    msg = inbox.receive(line, NOW)
+    assert msg is None or relay_refusal(line, msg.sender, msg.key, CLUSTER) is None
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b" " + request(), "padded"),
+    (request() + b"\r", "padded"),
+    ("\u00a0".encode() + request(), "not-json"),
+    ("\u3000".encode() + request(), "not-json"),
+    (b"\xef\xbb\xbf" + request(), "not-json"),
+    (request().decode().encode("utf-16"), "not-json"),
+    (_with_duplicate(request(BOB), "from", "alice", first=True), "duplicate-key"),
+    (_with_duplicate(request(), "n", 4, first=False), "duplicate-key"),
+], ids=["space", "cr", "nbsp", "ideographic-space", "bom", "utf-16", "two-senders", "two-counts"])
+def test_lines_a_lax_parser_would_read_are_refused(line, reason):
+    with pytest.raises(InvalidMessage) as exc:
+        decode(line)
+    assert exc.value.reason == reason
 
 
 @given(field=st.sampled_from(["req", "n", "from", "cluster", "ts", "exp", "id", "type"]),
@@ -136,3 +194,61 @@ def test_large_buffers_travel_out_of_band_in_both_directions():
     for value in (big, bytearray(big), memoryview(big)):
         back = load_outcome(b"".join(dump_outcome(True, value, "", ""))).value
         assert type(back) is type(value) and bytes(back) == big
+
+
+class InboxReplay(RuleBasedStateMachine):
+    """Replays within their expiry are always dropped; a fresh id is never taken for a replay.
+
+    Messages get random ids, lifetimes and clock skews; the clock moves in random steps
+    (now and then backwards).  A small limit makes the flood cap part of the run.
+    """
+
+    LIMIT = 12
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = NOW
+        self.inbox = Inbox(CLUSTER, KEYRING, max_seen=self.LIMIT)
+        self.accepted: dict[str, tuple[bytes, float]] = {}  # id -> (line, exp)
+        self.fresh = 0
+
+    def _retained(self) -> int:
+        return sum(1 for _, exp in self.accepted.values() if exp > self.now - 1)  # kept up to 1 s past exp
+
+    @rule(ttl=st.floats(0.5, messages.MAX_LIFETIME), skew=st.floats(-30, 30))
+    def send_fresh(self, ttl, skew):
+        self.fresh += 1
+        msg_id = f"m{self.fresh}"
+        line = encode(ALICE, CLUSTER, "withdraw", {"req": "r"}, now=self.now + skew, ttl=ttl, msg_id=msg_id)
+        exp = decode(line).exp
+        before = self.inbox.dropped.copy()
+        if self.inbox.receive(line, self.now) is not None:
+            self.accepted[msg_id] = (line, exp)
+            return
+        (reason,) = (self.inbox.dropped - before).keys()
+        if reason == "seen-full":
+            assert self._retained() >= self.LIMIT
+        else:
+            assert reason == "expired" and exp <= self.now
+
+    @precondition(lambda self: self.accepted)
+    @rule(data=st.data())
+    def replay(self, data):
+        msg_id = data.draw(st.sampled_from(sorted(self.accepted)))
+        line, exp = self.accepted[msg_id]
+        before = self.inbox.dropped.copy()
+        assert self.inbox.receive(line, self.now) is None
+        (reason,) = (self.inbox.dropped - before).keys()
+        assert reason == ("replayed" if exp > self.now else "expired")
+
+    @rule(step=st.one_of(st.floats(0, 5), st.floats(5, 400), st.floats(-3, 0)))
+    def tick(self, step):
+        self.now += step
+
+    @invariant()
+    def bounded(self):
+        assert len(self.inbox._seen) <= self.LIMIT  # noqa: SLF001
+
+
+TestInboxReplay = InboxReplay.TestCase
+TestInboxReplay.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

@@ -10,7 +10,9 @@ reader cannot stall its topic (as it can on pico.sh).
 Every limit ends only the offending session (or connection), with a clear
 message on its stderr and exit status 1, and is counted by reason: sessions
 cut off midway in ``dropped`` (with dropped lines), sessions and connections
-turned away at the door in ``refused``.  The users can be replaced while
+turned away at the door in ``refused``.  Which connections get in, and how
+long they may take to log in, :mod:`.admission` decides; a thread of its own
+closes those past their deadline.  The users can be replaced while
 running (:meth:`BoardServer.set_users`, :class:`UsersFileWatcher`): whoever
 loses their key is disconnected, everyone else carries on.
 
@@ -38,16 +40,17 @@ import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
 
 from ..errors import ConfigurationError
-from ..files import write_json_atomically
 from ..keys import ED25519, Keyring, generate_identity_file, parse_openssh_public, valid_username
-from ..protocol.messages import check_sender
+from ..protocol.messages import relay_refusal
+from .admission import Admission, Limits, LogLimiter
 from .commands import HELP, PUBLIC, Command, CommandError, parse, valid_topic
 from .registry import INVITE_DAYS, Registry
+from .statefile import CoalescingWriter
 
 log = logging.getLogger("p2pexec.board")
 
 KEEPALIVE = 15           # seconds between SSH keepalives on every connection
-AUTH_TIMEOUT = 30.0      # a connection must authenticate within this
+LIMIT_LOG_INTERVAL = 60.0  # at most one log line per admission limit this often, with the count
 MESSAGE_TIMEOUT = 1.0    # to send a last message to a client that does not read
 STOP_GRACE = 2.0         # stop(): time for sessions to send their exit status
 LINGER = 1.0             # stop(): time for clients to hang up after that
@@ -194,10 +197,16 @@ class _Transport(paramiko.Transport):
         MSG_CHANNEL_REQUEST: _start_after_reply,
     }
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, on_login: Callable[[], None]) -> None:
         super().__init__(sock)
         self.pending_starts: dict[int, Callable[[], None]] = {}
         self.started: set[int] = set()  # channel ids that already have a command
+        self._on_login = on_login
+
+    def _auth_trigger(self) -> None:
+        """paramiko's hook once a login succeeded (the signature checked): tell the admission."""
+        super()._auth_trigger()
+        self._on_login()
 
 
 class _Interface(paramiko.ServerInterface):
@@ -379,8 +388,9 @@ class BoardServer:
 
     Limits: ``max_line`` bytes a line, ``lines_per_second`` relayed per
     session (token bucket, bursts of ``max(10, 2 * rate)``), ``sessions_per_user``
-    concurrent commands across all of a user's connections, ``max_connections``
-    TCP connections in all (authenticated or not).
+    concurrent commands across all of a user's connections, ``topics_per_user``
+    topics a user owns (live, or with an access list, which persists), and the
+    connection limits and login deadlines of ``limits`` (see :class:`.admission.Limits`).
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
@@ -388,10 +398,10 @@ class BoardServer:
                  state_dir: Path,
                  verify_sender: bool = True,
                  max_line: int = 65536, subscriber_queue: int = 1000,
-                 lines_per_second: float = 200.0, sessions_per_user: int = 32,
-                 max_connections: int = 512, relay: RelayAddress | None = None) -> None:
-        if not (max_line > 0 and subscriber_queue > 0 and lines_per_second > 0
-                and sessions_per_user > 0 and max_connections > 0):
+                 lines_per_second: float = 200.0, sessions_per_user: int = 32, topics_per_user: int = 100,
+                 limits: Limits | None = None, relay: RelayAddress | None = None) -> None:
+        if not (max_line > 0 and subscriber_queue > 0 and lines_per_second > 0 and sessions_per_user > 0
+                and topics_per_user > 0):
             raise ValueError("board limits must be positive")
         self.host, self.port = host, port
         self.host_key, self.users = host_key, users
@@ -399,7 +409,8 @@ class BoardServer:
         self.verify_sender = verify_sender
         self.max_line, self.subscriber_queue = max_line, subscriber_queue
         self.lines_per_second = lines_per_second
-        self.sessions_per_user, self.max_connections = sessions_per_user, max_connections
+        self.sessions_per_user, self.topics_per_user = sessions_per_user, topics_per_user
+        self.limits = limits or Limits()
         self.relay = relay  # told to members by the ``relay`` command
         self.dropped: collections.Counter[str] = collections.Counter()  # lines and sessions cut off
         self.refused: collections.Counter[str] = collections.Counter()  # turned away at the door
@@ -413,11 +424,12 @@ class BoardServer:
         self._connections: set[_Connection] = set()
         self._slots: dict[paramiko.Channel, str] = {}  # running commands -> their user
         self._user_slots: collections.Counter[str] = collections.Counter()
-        self._full_logged = False  # max_connections reached, and said so once
+        self._admission: Admission[socket.socket] = Admission(self.limits)
+        self._limit_log = LogLimiter(LIMIT_LOG_INTERVAL)
         self._threads: set[threading.Thread] = set()
         self._serial = 0
         self._started = self._stopping = False
-        self._state_lock = threading.Lock()  # serialises clusters.json writes
+        self._state_writer = CoalescingWriter(self._state_file, self._members_snapshot, mode=0o644)
         self._listener: socket.socket | None = None
         self._wake_r: socket.socket | None = None  # stop() wakes the accept loop through it
         self._wake_w: socket.socket | None = None
@@ -436,16 +448,21 @@ class BoardServer:
         self.port = self._listener.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
         self._spawn(self._accept_loop, "board-accept")
+        self._spawn(self._reap_loop, "board-admission")
+        self._state_writer.start()
         log.info("board listening on %s port %d", self.host, self.port)
 
     def stop(self) -> None:
         """Close the listener and every session, and join the threads, in bounded time."""
         with self._cond:
-            if self._stopping or self._wake_w is None:
-                return
-            self._stopping = True
-            sessions = list(self._sessions)
-            self._cond.notify_all()
+            done = self._stopping or self._wake_w is None
+            if not done:
+                self._stopping = True
+                sessions = list(self._sessions)
+                self._cond.notify_all()
+        if done:
+            return self._state_writer.stop()  # saves what set_members() changed, started or not
+        assert self._wake_w is not None
         self._wake_w.send(b"x")
         started = time.monotonic()
         for session in sessions:
@@ -458,6 +475,7 @@ class BoardServer:
         self._wake_w.close()
         assert self._wake_r is not None
         self._wake_r.close()
+        self._state_writer.stop()
         log.info("board on port %d stopped", self.port)
 
     def __enter__(self) -> "BoardServer":
@@ -525,6 +543,11 @@ class BoardServer:
                 text = base64.b64decode(cmd.args[0], validate=True).decode()
             except (ValueError, UnicodeDecodeError):
                 raise CommandError("the member list must be base64 of its JSON") from None
+            with self._cond:
+                try:
+                    self._check_room(cluster)
+                except _Refused as exc:
+                    raise CommandError(str(exc)) from None
             with self._registry_lock:
                 signed = self.registry.set_list(cluster, conn.key, text)
             self.set_members(cluster, sorted(signed.members))
@@ -571,7 +594,7 @@ class BoardServer:
     # -- membership
 
     def set_members(self, cluster: str, members: list[str]) -> None:
-        """Set who besides its owner may join ``cluster`` (``owner/name``); persisted.
+        """Set who besides its owner may join ``cluster`` (``owner/name``); saved within a moment.
 
         Sessions of users no longer listed are disconnected with ``access denied``.
         """
@@ -581,17 +604,14 @@ class BoardServer:
         if bad:
             raise ValueError(f"invalid user names {bad}")
         new = tuple(dict.fromkeys(members))
-        with self._state_lock:
-            with self._cond:
-                if self._members.get(cluster) == new:
-                    return
-                state = {**self._members, cluster: new}
-            self._save_members(state)
-            with self._cond:
-                self._members[cluster] = new
-                topic = self._topics.get(cluster)
-                sessions = (topic.receivers + topic.pubs) if topic else []
-                revoked = [s for s in sessions if not self._allowed(s.user, cluster, s.key)]
+        with self._cond:
+            if self._members.get(cluster) == new:
+                return
+            self._members[cluster] = new
+            topic = self._topics.get(cluster)
+            sessions = (topic.receivers + topic.pubs) if topic else []
+            revoked = [s for s in sessions if not self._allowed(s.user, cluster, s.key)]
+        self._state_writer.changed()
         log.info("members of %s: %s", cluster, ", ".join(new) or "(owner only)")
         for session in revoked:
             session.stop(1, "access denied")
@@ -651,8 +671,9 @@ class BoardServer:
                 f"board state {path} is malformed: expected {{\"owner/name\": [\"user\", ...]}}")
         return {k: tuple(v) for k, v in data.items()}
 
-    def _save_members(self, state: dict[str, tuple[str, ...]]) -> None:
-        write_json_atomically(self._state_file, {k: list(v) for k, v in sorted(state.items())}, mode=0o644)
+    def _members_snapshot(self) -> dict[str, list[str]]:
+        with self._cond:
+            return {k: list(v) for k, v in sorted(self._members.items())}
 
     # -- threads and connections
 
@@ -709,27 +730,51 @@ class BoardServer:
                         self._spawn(self._serve, f"board-conn-{conn.address}", conn)
 
     def _admit(self, sock: socket.socket, addr: tuple) -> _Connection | None:
-        """Register a new TCP connection, or close it if the board is full or stopping."""
+        """Register a new TCP connection, or close it at once if a limit says so or the board is stopping."""
         address = f"{addr[0]}:{addr[1]}"
         with self._cond:  # only this thread adds connections: room now is room below
-            full = len(self._connections) >= self.max_connections
-            if full:
-                self.refused["max-connections"] += 1
-            warn, self._full_logged = full and not self._full_logged, full
-        if full:  # one warning each time the board fills up, not one per connection
-            (log.warning if warn else log.debug)(
-                "refused connection from %s: the board has max_connections (%d)", address,
-                self.max_connections)
+            refusal = "stopping" if self._stopping else self._admission.connect(sock, addr[0], time.monotonic())
+            if refusal is not None:
+                self.refused[refusal] += 1
+                self._log_limit(refusal, f"refused connections: {refusal} (last from {address})")
+            self._cond.notify_all()  # a new deadline for the reaper
+        if refusal is not None:
             sock.close()
             return None
         sock.setblocking(True)
-        conn = _Connection(_Transport(sock), sock, address)
+        conn = _Connection(_Transport(sock, lambda: self._logged_in(sock)), sock, address)
         with self._cond:
             if not self._stopping:
                 self._connections.add(conn)
                 return conn
+            self._admission.closed(sock)
         sock.close()
         return None
+
+    def _logged_in(self, sock: socket.socket) -> None:
+        with self._cond:
+            self._admission.authenticated(sock)
+            self._cond.notify_all()
+
+    def _log_limit(self, reason: str, text: str) -> None:
+        """Log ``text`` with how many times it happened, at most once per LIMIT_LOG_INTERVAL per reason."""
+        count = self._limit_log.hit(reason, time.monotonic())
+        if count:
+            log.warning("%s: %d since the last such line (at most one a minute)", text, count)
+
+    def _reap_loop(self) -> None:
+        """Close the connections that have not exchanged keys or logged in by their deadline."""
+        with self._cond:
+            while not self._stopping:
+                now = time.monotonic()
+                for sock, reason in self._admission.tick(now):
+                    self.refused[reason] += 1
+                    self._log_limit(reason, f"closed connections: {reason}")
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)  # wakes its threads; _serve closes it
+                    except OSError:
+                        pass
+                self._cond.wait(min(self._admission.next_deadline() - now, 60.0))
 
     def _serve(self, conn: _Connection) -> None:
         sock, transport = conn.sock, conn.transport
@@ -740,20 +785,22 @@ class BoardServer:
         try:
             transport.set_keepalive(KEEPALIVE)
             transport.add_server_key(self.host_key)
+            # paramiko's own timeouts only as a backstop: the reaper closes late connections
+            transport.banner_timeout = transport.handshake_timeout = self.limits.handshake_timeout + 1
+            transport.auth_timeout = self.limits.auth_timeout + 1
             try:
                 transport.start_server(server=_Interface(self, conn))
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 log.debug("SSH handshake with %s failed: %s", conn.address, exc)
                 return
-            transport.join(AUTH_TIMEOUT)
-            if transport.is_alive() and not transport.is_authenticated():
-                log.info("%s did not authenticate in time", conn.address)
-                transport.close()
+            with self._cond:
+                self._admission.handshaken(sock)
             transport.join()
         finally:
             transport.close()
             sock.close()
             with self._cond:
+                self._admission.closed(sock)
                 self._connections.discard(conn)
                 sessions = list(conn.sessions)
                 self._cond.notify_all()
@@ -865,14 +912,13 @@ class BoardServer:
         if cmd.access is not None:
             if user != cmd.owner:
                 raise _Refused(f"only {cmd.owner} can set the access list of {name}")
-            try:
-                self.set_members(name, list(cmd.access))
-            except OSError as exc:
-                log.error("cannot save board state: %s", exc)
-                raise _Refused(f"cannot save the access list: {exc.strerror}") from None
+            with self._cond:
+                self._check_room(name)
+            self.set_members(name, list(cmd.access))
         with self._cond:
             if self._stopping:
                 raise _Refused("board is shutting down")
+            self._check_room(name)
             if not self._still_allowed(session.conn):  # set_users() ran since _run_session began
                 raise _Refused("access revoked")
             if not self._allowed(user, name, session.key):
@@ -889,6 +935,17 @@ class BoardServer:
             self._sessions.add(session)
             session.conn.sessions.add(session)
             self._cond.notify_all()
+
+    def _check_room(self, name: str) -> None:
+        """Refuse a new topic (live or with an access list) to an owner who has topics_per_user already."""
+        owner = name.split("/", 1)[0]
+        if owner == PUBLIC or name in self._topics or name in self._members:
+            return  # public topics live only as long as their sessions, which sessions_per_user bounds
+        owned = {n for n in (*self._topics, *self._members) if n.split("/", 1)[0] == owner}
+        if len(owned) >= self.topics_per_user:
+            self.refused["topics-per-user"] += 1
+            raise _Refused(f"{owner} has {len(owned)} topics on this board, the most it keeps for one user "
+                           f"(topics_per_user); use one of them (see: ls)")
 
     def _leave(self, session: _Session) -> None:
         """Take ``session`` off its topic: it gets no more lines, and may end plain subs."""
@@ -925,13 +982,21 @@ class BoardServer:
         return topic.receivers if topic is not None else []
 
     def _relay(self, sender: _Session, line: bytes) -> None:
-        """Queue ``line`` for every receiver of the topic, in one order for all."""
-        if (self.verify_sender and line.startswith(b"{")
-                and not check_sender(line[:-1], sender.user, sender.key)):
+        """Queue ``line`` for every receiver of the topic, in one order for all.
+
+        A topic with an access list is a cluster's: only the cluster's messages
+        signed by the session's own user and key go out there (see
+        :func:`relay_refusal`); elsewhere, lines that are not messages too.
+        """
+        if self.verify_sender:
             with self._cond:
-                self.dropped["bad-sender"] += 1
-            log.debug("dropped a line from %s not signed by its own key", sender.client_id)
-            return
+                cluster = sender.topic if sender.topic in self._members else None
+            refusal = relay_refusal(line[:-1], sender.user, sender.key, cluster)
+            if refusal is not None:
+                with self._cond:
+                    self.dropped[refusal] += 1
+                log.debug("dropped a line from %s on %s: %s", sender.client_id, sender.topic, refusal)
+                return
         slow: list[_Session] = []
         with self._cond:
             self.relayed += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import heapq
 import json
 import math
 import os
@@ -32,6 +33,10 @@ MAX_LINE_BYTES = 4096
 MAX_LIST_BYTES = 60000  # a "members" line carries the whole signed list
 MAX_LIFETIME = 300.0
 CLOCK_SKEW = 60.0
+# Ids an Inbox remembers at most; past it, new messages are dropped ("seen-full") rather than
+# old ids forgotten early, which would let their messages be replayed.  About 25 MB; a member
+# would have to send 280 lines a second for the 360 s an id can live to fill it.
+MAX_SEEN = 100_000
 _SIGN_CONTEXT = b"p2pexec/board-message/v1\n"
 _ENVELOPE = ("v", "type", "from", "key", "cluster", "id", "ts", "exp", "sig")
 
@@ -125,16 +130,33 @@ def _limit(type: str) -> int:
     return MAX_LIST_BYTES if type == "members" else MAX_LINE_BYTES
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` keeps the last of two equal keys; another parser may keep the first."""
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise InvalidMessage("duplicate-key")
+    return fields
+
+
 def decode(line: bytes) -> Message:
-    """Parse a line and check its structure and signature (not its freshness or sender)."""
+    """Parse a line and check its structure and signature (not its freshness or sender).
+
+    Strict, so that the board's check and every receiver's reading of a line
+    cannot differ: UTF-8 only (``json.loads`` of bytes would also take a BOM,
+    UTF-16 and UTF-32), nothing around the object, no key twice.
+    """
     if len(line) > MAX_LIST_BYTES:
         raise InvalidMessage("too-long")
     try:
-        fields = json.loads(line)
+        fields = json.loads(line.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except InvalidMessage:
+        raise
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidMessage("not-json") from None
     if not isinstance(fields, dict):
         raise InvalidMessage("not-object")
+    if not (line.startswith(b"{") and line.endswith(b"}")):
+        raise InvalidMessage("padded")  # JSON allows whitespace around; receivers need not
     if fields.get("v") != VERSION:
         raise InvalidMessage("version", repr(fields.get("v")))
     mtype = fields.get("type")
@@ -168,17 +190,67 @@ def decode(line: bytes) -> Message:
                    body=body, line=line)
 
 
-def check_sender(line: bytes, user: str, key: bytes) -> bool:
-    """True if ``line`` is a message validly signed by ``key`` on behalf of ``user``.
+def relay_refusal(line: bytes, user: str, key: bytes, cluster: str | None) -> str | None:
+    """Why a board should not relay ``line`` from a session of ``user`` with ``key``; None if it may.
 
-    The p2pexec board uses this to relay only lines whose signer is the
-    session's own SSH key and user.
+    ``line`` must be exactly what receivers will hand to :func:`decode` (the
+    board splits lines on newline as they do), so whatever passes here they
+    read as it was read here.  On a cluster's topic (``cluster`` given) only
+    that cluster's messages pass; on other topics lines that are not messages
+    pass too (pico.sh users pipe plain text there, and receivers drop them).
     """
     try:
         msg = decode(line)
     except InvalidMessage:
-        return False
-    return msg.sender == user and msg.key == key
+        return "not-a-message" if cluster is not None else None
+    if msg.sender != user or msg.key != key:
+        return "bad-sender"
+    if cluster is not None and msg.cluster != cluster:
+        return "other-cluster"
+    return None
+
+
+class SeenIds:
+    """The ids of accepted messages until they expire, in constant time per id, amortised.
+
+    Ids are kept in buckets by the second they expire in; a heap orders the
+    buckets, of which there are at most about MAX_LIFETIME + CLOCK_SKEW
+    (exp is checked against now first), so each id costs one dict insert,
+    one list append and, once its second has passed, one delete.
+    """
+
+    def __init__(self, limit: int = MAX_SEEN) -> None:
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        self.limit = limit
+        self._expiry: dict[str, float] = {}
+        self._buckets: dict[int, list[str]] = {}  # ceil(exp) -> ids expiring in that second
+        self._heap: list[int] = []  # the keys of _buckets
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def __contains__(self, msg_id: str) -> bool:
+        return msg_id in self._expiry
+
+    def prune(self, now: float) -> None:
+        """Forget the ids of every second that has passed (ids live up to a second past exp)."""
+        while self._heap and self._heap[0] <= now:
+            for msg_id in self._buckets.pop(heapq.heappop(self._heap)):
+                del self._expiry[msg_id]
+
+    def add(self, msg_id: str, exp: float) -> bool:
+        """Remember ``msg_id`` until ``exp``; False if full (call :meth:`prune` first)."""
+        if len(self._expiry) >= self.limit:
+            return False
+        self._expiry[msg_id] = exp
+        key = math.ceil(exp)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = []
+            heapq.heappush(self._heap, key)
+        bucket.append(msg_id)
+        return True
 
 
 class Inbox:
@@ -187,14 +259,16 @@ class Inbox:
     Pure: the caller passes the current time.  Drops are counted by reason
     in :attr:`dropped` so tests and ``status`` can see them.  With a live
     :class:`~p2pexec.membership.Membership` as keyring, ``members`` and
-    ``joined`` messages update it here and go no further.
+    ``joined`` messages update it here and go no further.  At most
+    ``max_seen`` unexpired ids are remembered; a flood past that is dropped
+    as ``seen-full``.
     """
 
-    def __init__(self, cluster: str, keyring: Members) -> None:
+    def __init__(self, cluster: str, keyring: Members, max_seen: int = MAX_SEEN) -> None:
         self.cluster = cluster
         self.keyring = keyring
         self.dropped: Counter[str] = Counter()
-        self._seen: dict[str, float] = {}
+        self._seen = SeenIds(max_seen)
 
     def receive(self, line: bytes, now: float) -> Message | None:
         try:
@@ -214,11 +288,11 @@ class Inbox:
             raise InvalidMessage("not-a-member")
         if msg.exp <= now or msg.ts > now + CLOCK_SKEW or msg.exp - msg.ts > MAX_LIFETIME:
             raise InvalidMessage("expired")
+        self._seen.prune(now)
         if msg.id in self._seen:
             raise InvalidMessage("replayed")
-        self._seen[msg.id] = msg.exp
-        if len(self._seen) > 4096:
-            self._seen = {i: e for i, e in self._seen.items() if e > now}
+        if not self._seen.add(msg.id, msg.exp):
+            raise InvalidMessage("seen-full")
         if msg.type in ("members", "joined"):
             if msg.type == "members" and hasattr(self.keyring, "update"):
                 self.keyring.update(msg["list"])  # only the owner's newer, signed list takes

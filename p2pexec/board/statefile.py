@@ -1,0 +1,86 @@
+"""Saving the board's state at most a few times a second, however fast it changes, and never losing the last change."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..files import write_json_atomically
+
+log = logging.getLogger("p2pexec.board")
+
+WRITE_INTERVAL = 0.25  # seconds between two writes of one file at the most
+RETRY_AFTER = 5.0  # seconds before trying again after a failed write (a full disk, say)
+
+
+class CoalescingWriter:
+    """Writes ``snapshot()`` to ``path`` (atomically, fsynced) after :meth:`changed`, at most once an ``interval``.
+
+    Changes that come while a write is pending or too recent are folded into
+    the next write, which takes a fresh snapshot; :meth:`stop` writes what is
+    still pending before it returns.  A failed write is logged and retried
+    RETRY_AFTER seconds later, and at stop.
+    """
+
+    def __init__(self, path: Path, snapshot: Callable[[], Any], *, mode: int = 0o600,
+                 interval: float = WRITE_INTERVAL) -> None:
+        self.path, self.mode, self.interval = path, mode, interval
+        self.writes = 0  # files written, for tests and status
+        self._snapshot = snapshot
+        self._cond = threading.Condition()
+        self._dirty = self._stopping = False
+        self._last = -float("inf")  # monotonic time of the last write
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"board-save-{self.path.name}", daemon=True)
+        self._thread.start()
+
+    def changed(self) -> None:
+        """The state changed: save it soon (never blocks on the disk)."""
+        with self._cond:
+            self._dirty = True
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """Write any pending change, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self._write_if_dirty()  # never started, or a last change after the thread ended
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopping:
+                wait = self._last + self.interval - time.monotonic()
+                if not self._dirty or wait > 0:
+                    self._cond.wait(wait if self._dirty else None)
+                    continue
+                self._cond.release()
+                try:
+                    self._write_if_dirty()
+                finally:
+                    self._cond.acquire()
+
+    def _write_if_dirty(self) -> None:
+        with self._cond:
+            if not self._dirty:
+                return
+            self._dirty = False
+            self._last = time.monotonic()
+        try:
+            write_json_atomically(self.path, self._snapshot(), mode=self.mode)
+        except OSError as exc:
+            log.error("cannot save board state %s (trying again in %g s): %s", self.path, RETRY_AFTER, exc)
+            with self._cond:
+                self._dirty = True
+                self._last = time.monotonic() + RETRY_AFTER - self.interval
+            return
+        with self._cond:
+            self.writes += 1
