@@ -1,9 +1,8 @@
-"""Command line: ``p2pexec {demo,board}`` and ``p2pexec-worker``."""
+"""Command line: ``p2pexec`` (demo, board, relay, invite, join, status, ...); ``p2pexec-worker`` is :mod:`.worker_cli`."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import os
@@ -12,27 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
-from .errors import P2PExecError, first_leaf
-from .logs import quiet_dependencies
-from .protocol.resources import check_tags, gpu_list
+from .errors import P2PExecError
+from .cli_common import fail, participant_options, setup_logging
 
 if TYPE_CHECKING:
     from .config import Participant
     from .transport.relay import RelayPolicy
-    from .worker.sandbox import Sandbox
 
 log = logging.getLogger("p2pexec")
-
-
-def _setup_logging(verbose: bool, level: int = logging.INFO) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else level,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
-    quiet_dependencies(verbose)
-
-
-def _fail(prog: str, exc: BaseException) -> int:
-    print(f"{prog}: error: {exc}", file=sys.stderr)
-    return 1
 
 
 DEFAULT_RELAY_PORT = 4001
@@ -77,30 +63,6 @@ def _tcp_multiaddr(text: str, option: str) -> str:
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise P2PExecError(f"{option} {text!r}: expected HOST:PORT")
     return f"/{'ip6' if ':' in host else 'ip4'}/{host}/tcp/{port}"
-
-
-def _participant_options() -> argparse.ArgumentParser:
-    """Who we are and which board: the options every cluster command shares."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--board", default=None, metavar="URL",
-                        help="ssh://user@host:port, a ~/.ssh/config Host, or host (default: $P2PEXEC_BOARD, "
-                             "else pipe.pico.sh)")
-    common.add_argument("--identity", default=None, metavar="KEY",
-                        help="SSH Ed25519 private key (default: $P2PEXEC_IDENTITY, ssh-agent, ~/.ssh/id_ed25519)")
-    common.add_argument("--user", default=None, help="user name on the board (default: from --board, "
-                                                     "$P2PEXEC_USER, or your login name)")
-    common.add_argument("--members", default=None, metavar="FILE",
-                        help="who may take part: 'NAME ssh-ed25519 KEY' per line "
-                             "(default: ~/.config/p2pexec/clusters/OWNER/NAME.members)")
-    common.add_argument("--known-hosts", type=Path, default=Path("~/.ssh/known_hosts"), metavar="FILE",
-                        help="known_hosts file for the board's host key (default: ~/.ssh/known_hosts)")
-    common.add_argument("--accept-new-host-key", action="store_true",
-                        help="trust and remember the board's host key if it is not known yet")
-    common.add_argument("--relay", action="append", default=None, metavar="MULTIADDR",
-                        help="a libp2p relay for peers behind NATs, /ip4/HOST/tcp/PORT/p2p/ID; repeatable "
-                             "(default: $P2PEXEC_RELAY, plus the board's own relay if it has one)")
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logs, libp2p's included")
-    return common
 
 
 # -- p2pexec ------------------------------------------------------------------------------
@@ -171,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     _relay_options(relay_limits)
     board.add_argument("-v", "--verbose", action="store_true", help="debug logs")
 
-    common = _participant_options()
+    common = participant_options()
 
     host = sub.add_parser("host", parents=[common], help="set who may join your cluster (owner only)",
                           description="Set the member list of your cluster OWNER/NAME on the board. On a "
@@ -232,12 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     _relay_options(relay)
 
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose, logging.WARNING if args.command == "demo" else logging.INFO)
+    setup_logging(args.verbose, logging.WARNING if args.command == "demo" else logging.INFO)
     try:
         return {"demo": _demo, "board": _board, "host": _host, "status": _status, "relay": _relay,
                 "invite": _invite, "join": _join, "remove": _remove}[args.command](args)
     except P2PExecError as exc:
-        return _fail("p2pexec", exc)
+        return fail("p2pexec", exc)
     except KeyboardInterrupt:
         return 130
 
@@ -512,162 +474,6 @@ def _watch_status(who: "Participant", args: argparse.Namespace, session_options:
             print(f"{_CLEAR}{block}\n(Ctrl-C to stop)" if tty else f"{block}\n", flush=True)
     except KeyboardInterrupt:
         pass  # the watcher's session was closed on the way out
-    return 0
-
-
-# -- p2pexec-worker ------------------------------------------------------------------------
-def worker_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="p2pexec-worker", parents=[_participant_options()],
-        description="Contribute this machine's compute to a cluster. Tasks from the cluster's members run in "
-                    "separate task processes, sandboxed where this machine allows (see --check-sandbox); stop "
-                    "with Ctrl-C.",
-        epilog="example: p2pexec-worker --cluster alice/friends --slots 4",
-    )
-    parser.add_argument("--cluster", metavar="OWNER/NAME", help="the cluster to serve (required)")
-    parser.add_argument("--slots", type=int, default=1, help="tasks to run at once (default: 1)")
-    parser.add_argument("--allow", default=None, metavar="USER,...",
-                        help="run tasks only from these members (default: every member)")
-    parser.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
-                        help="after S seconds a lease yields its slots to another waiting client "
-                             "(default: 30)")
-    parser.add_argument("--listen", action="append", default=None, metavar="MULTIADDR",
-                        help="libp2p listen address (default: /ip4/0.0.0.0/tcp/0); repeatable")
-    parser.add_argument("--drain", type=float, default=30.0, metavar="S",
-                        help="on Ctrl-C or SIGTERM, take no new work and let running tasks finish for up to S "
-                             "seconds (tasks not started go back to their clients); a second signal stops at "
-                             "once (default: 30; 0: stop at once)")
-    sandbox = parser.add_argument_group("sandbox", "Tasks run in a bubblewrap sandbox where the machine has "
-                                                   "it: no access to your files, keys or network, nothing left "
-                                                   "running after them.")
-    sandbox.add_argument("--check-sandbox", action="store_true", help="print what is enforced here and exit")
-    sandbox.add_argument("--no-sandbox", action="store_true",
-                         help="run tasks unsandboxed, as your user: they can read your files and keys")
-    sandbox.add_argument("--sandbox-layer", choices=("auto", "bubblewrap", "landlock"), default="auto",
-                         help="bubblewrap (namespaces, an unprivileged user) where it works, else Landlock "
-                              "(default: auto)")
-    sandbox.add_argument("--network", action="store_true", help="let tasks use the network")
-    sandbox.add_argument("--max-processes", type=_process_cap, default=1024, metavar="N",
-                         help="processes and threads a task may have at once, with all it starts (default 1024, "
-                              "up to 300 more early on; 0: no cap; needs bubblewrap on Linux 6.14+)")
-    lend = parser.add_argument_group("what you lend", "Advertised on the board; tasks that ask for memory, cores, "
-                                                      "GPUs or tags (ex.options(...)) only come if they fit.")
-    lend.add_argument("--memory", type=_size, default=None, metavar="SIZE",
-                      help="memory tasks may use in all, e.g. 8GiB: a task gets what it asked for, else a slot's "
-                           "share, and is stopped past it (default: this machine's memory, tasks that ask for "
-                           "nothing not held to a share)")
-    lend.add_argument("--gpus", default="all", metavar="all|none|0,1",
-                      help="GPUs to share, dealt between the slots; each task process sees only its slot's "
-                           "(default: all that nvidia-ml-py finds; none without it)")
-    lend.add_argument("--tag", action="append", default=[], metavar="NAME",
-                      help="a label tasks can ask for, e.g. --tag big-disk; repeatable")
-    history = parser.add_argument_group("history", "Workers record what ran (member, function, start, duration, "
-                                                   "outcome) in $XDG_STATE_HOME/p2pexec/worker-history.jsonl "
-                                                   "(default ~/.local/state/...), trimmed to about 1 MiB.")
-    history.add_argument("--history", nargs="?", type=int, const=20, default=None, metavar="N",
-                         help="print the N most recent tasks (default 20) and exit")
-    history.add_argument("--json", action="store_true", help="with --history: one JSON object per line")
-    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--exit-with-parent", type=int, default=None, metavar="PID", help=argparse.SUPPRESS)
-    parser.add_argument("--remove-with-parent", type=Path, default=None, metavar="DIR", help=argparse.SUPPRESS)
-    parser.add_argument("--version", action="version", version=f"p2pexec {__version__}")
-    args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
-    if args.slots < 1:
-        parser.error("--slots must be at least 1")
-    from .worker.gpus import detect as detect_gpus
-
-    try:
-        args.tags = check_tags(args.tag)
-        args.gpus_shared = gpu_list(args.gpus, detect_gpus() if args.gpus.strip().lower() == "all" else ())
-    except ValueError as exc:
-        parser.error(str(exc))
-    if not args.drain >= 0:
-        parser.error("--drain must be 0 or more seconds")
-    if args.check_sandbox:
-        for line in _sandbox(args).describe():
-            print(line)
-        return 0
-    if args.history is not None:
-        return _history(args.history, args.json)
-    if not args.cluster:
-        parser.error("--cluster OWNER/NAME is required")
-    try:
-        return _worker(args)
-    except P2PExecError as exc:
-        return _fail("p2pexec-worker", exc)
-    except BaseExceptionGroup as group:  # from the daemon's task groups: say the cause, in one line
-        matched, _ = group.split(P2PExecError)
-        if matched is None:
-            raise
-        return _fail("p2pexec-worker", first_leaf(matched))
-
-
-def _size(text: str) -> int:
-    """``8GiB``, ``512MiB``, ``2G``, ``1048576``: bytes."""
-    from .protocol.resources import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _sandbox(args: argparse.Namespace) -> "Sandbox":
-    from .worker.sandbox import detect
-
-    from .config import physical_memory
-
-    sandbox = detect(network=args.network, memory=args.memory or physical_memory(), enabled=not args.no_sandbox,
-                     layer=args.sandbox_layer, processes=args.max_processes or None)
-    return dataclasses.replace(sandbox, gpus=bool(args.gpus_shared))
-
-
-def _process_cap(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes") from None
-    if value < 0 or 0 < value < 16:
-        raise argparse.ArgumentTypeError(f"{value} is too few: a task needs room for its threads; "
-                                         f"use at least 16, or 0 for no cap")
-    return value
-
-
-def _history(count: int, as_json: bool) -> int:
-    """What ran on this machine's workers, newest last; the function names are what members reported."""
-    from .worker.history import History, default_path, format_table
-
-    entries = History(default_path()).recent(max(0, count))
-    if as_json:
-        for entry in entries:
-            sys.stdout.write(entry.to_line().decode())
-    else:
-        print(format_table(entries))
-        print(f"({default_path()}; function names are what the members' tasks reported)")
-    return 0
-
-
-def _worker(args: argparse.Namespace) -> int:
-    from .config import resolve
-    from .worker.daemon import WorkerConfig, serve
-
-    who = resolve(args.cluster, board=args.board, user=args.user, identity=args.identity, members=args.members,
-                  relay=args.relay)
-    allow = frozenset(u.strip() for u in args.allow.split(",") if u.strip()) if args.allow else None
-    config = WorkerConfig(who=who, slots=args.slots, lease_seconds=args.lease_seconds,
-                          listen=tuple(args.listen or ["/ip4/0.0.0.0/tcp/0"]), allow=allow,
-                          known_hosts=args.known_hosts.expanduser(), accept_new_host_key=args.accept_new_host_key,
-                          relays=who.relays, sandbox=_sandbox(args), memory=args.memory, gpus=args.gpus_shared,
-                          tags=args.tags)
-
-    def ready() -> None:
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, b"ready\n")
-            os.close(args.ready_fd)
-
-    serve(config, on_ready=ready, drain=args.drain, parent=args.exit_with_parent,
-          leftovers=args.remove_with_parent)
     return 0
 
 

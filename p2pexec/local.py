@@ -227,7 +227,7 @@ class LocalCluster:
             self._server = None
 
     def add_worker(self, slots: int | None = None, env: dict[str, str] | None = None,
-                   program: Sequence[str] = (sys.executable, "-m", "p2pexec.worker"),
+                   program: Sequence[str] = (sys.executable, "-m", "p2pexec.worker_cli"),
                    user: str | None = None, options: Sequence[str] = ()) -> WorkerProcess:
         """Start one more worker daemon; returns once it has joined the board.
 

@@ -37,7 +37,7 @@ def lab(tmp_path_factory):
     with LocalCluster(workers=0) as lc:
         for label, site in (("plain", None), ("same", same), ("old", old), ("hollow", hollow)):
             options = {} if site is None else {
-                "program": (str(make_venv(root / f"venv-{label}", [site])), "-m", "p2pexec.worker")}
+                "program": (str(make_venv(root / f"venv-{label}", [site])), "-m", "p2pexec.worker_cli")}
             lc.add_worker(env={"TEST_WORKER_LABEL": label}, **options)
         with on_path(client):
             yield lc

@@ -168,7 +168,7 @@ def test_a_worker_refused_by_the_board_says_so_in_one_line(cluster):
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "p2pexec.worker", "--cluster", "alice/elsewhere",
+        [sys.executable, "-m", "p2pexec.worker_cli", "--cluster", "alice/elsewhere",
          "--board", f"ssh://{cluster.worker_user}@127.0.0.1:{cluster.board.rpartition(':')[2]}",
          "--identity", cluster.worker_identity, "--members", cluster.members, "--known-hosts", cluster.known_hosts,
          "--listen", "/ip4/127.0.0.1/tcp/0", "--no-sandbox"], capture_output=True, text=True, timeout=60)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from p2pexec import LocalCluster, TaskProcessDiedError
-from p2pexec.cli import worker_main
+from p2pexec.worker_cli import main as worker_main
 from p2pexec.worker.sandbox import detect
 
 from .conftest import wait_until

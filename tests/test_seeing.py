@@ -167,7 +167,7 @@ def test_worker_logs_each_lease_and_keeps_a_history(tmp_path):
 
 
 def test_worker_history_is_empty_before_anything_ran(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "p2pexec.worker", "--history"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "p2pexec.worker_cli", "--history"], capture_output=True, text=True,
                           env={**os.environ, "XDG_STATE_HOME": str(tmp_path)}, timeout=60)
     assert done.returncode == 0 and "nothing has run" in done.stdout
 

@@ -18,14 +18,14 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_daemon_import_graph_has_no_unpickler():
-    code = ("import sys, p2pexec.cli, p2pexec.worker.daemon; "
+    code = ("import sys, p2pexec.worker_cli, p2pexec.worker.daemon; "
             "print(sorted(m for m in sys.modules if m == 'dill' or m.startswith('dill.') or m == 'p2pexec.tasks'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_cli_help_is_fast_and_does_not_load_libp2p():
-    code = "import sys; from p2pexec.cli import worker_main; print('libp2p' in sys.modules)"
+    code = "import sys; from p2pexec.worker_cli import main; print('libp2p' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
     started = time.perf_counter()

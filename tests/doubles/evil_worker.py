@@ -21,7 +21,7 @@ import os
 import pickle
 import sys
 
-from p2pexec import cli
+from p2pexec import worker_cli
 from p2pexec.protocol.frames import _FIRST, _OP, _TOTAL, Op, op_parts, pack_parts
 import trio
 
@@ -108,4 +108,4 @@ elif MODE == "silent":
     slots.TaskSlot.run = _never
 else:
     daemon.WorkerDaemon = EvilDaemon  # serve() builds its daemon from this name
-sys.exit(cli.worker_main())
+sys.exit(worker_cli.main())

@@ -54,7 +54,7 @@ BOARD_PORT = 2222
 #: ``python -c`` programs: the console scripts may not be on PATH inside ``ip netns exec``,
 #: and p2pexec has no ``__main__`` module.
 P2PEXEC_MAIN = "import sys; from p2pexec.cli import main; sys.exit(main())"
-WORKER_MAIN = "import sys; from p2pexec.cli import worker_main; sys.exit(worker_main())"
+WORKER_MAIN = "import sys; from p2pexec.worker_cli import main; sys.exit(main())"
 
 STOP_GRACE = 5.0          # SIGTERM, then this long, then SIGKILL
 COMMAND_TIMEOUT = 30.0    # ip / natlab.sh commands

@@ -1,5 +1,0 @@
-import sys
-
-from ..cli import worker_main
-
-sys.exit(worker_main())
