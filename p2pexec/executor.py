@@ -32,6 +32,7 @@ from .seeding import Seeded, seeded_chunk
 from .runtime import TrioThread
 from .scheduler import ClientScheduler, SchedulerOptions, WorkItem
 from .stats import ExecutorStats
+from .stdlib_private import before_threads_are_joined
 from .tasks import PrepickledFunction, dump_task
 
 log = logging.getLogger("p2pexec.client")
@@ -55,7 +56,7 @@ def _shutdown_all() -> None:
             executor.shutdown(wait=True)
 
 
-threading._register_atexit(_shutdown_all)  # type: ignore[attr-defined]  # as concurrent.futures does
+before_threads_are_joined(_shutdown_all)
 
 
 def _is_map_chunk(fn: Any) -> bool:

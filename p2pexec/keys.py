@@ -8,6 +8,8 @@ file names who may take part in a cluster, one key per line::
     # comments and blank lines are ignored
 
 The board's users file has the same format, so an owner can share it as is.
+paramiko is imported only where a key is loaded or an agent asked: what
+merely checks signatures (the protocol's pure core) stays free of SSH.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-
-import paramiko
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -74,6 +74,8 @@ class Identity:
         """A raw 64-byte Ed25519 signature of ``data``."""
         if self.signing_key is not None:
             return self.signing_key.sign(data).signature
+        import paramiko
+
         reply = paramiko.Message(self.pkey.sign_ssh_data(data))
         if reply.get_text() != ED25519:
             raise ConfigurationError("ssh-agent answered with a signature that is not ssh-ed25519")
@@ -157,6 +159,8 @@ def load_identity(user: str, path: str | os.PathLike[str]) -> Identity:
         )
     seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption())
+    import paramiko
+
     pkey = paramiko.Ed25519Key.from_private_key_file(str(path))
     return Identity(user=user, signing_key=SigningKey(seed), path=path, pkey=pkey)
 
@@ -165,6 +169,8 @@ def agent_identity(user: str, keyring: "Members") -> Identity | None:
     """The ssh-agent's Ed25519 key that ``keyring`` lists for ``user``, if the agent has one."""
     if not os.environ.get("SSH_AUTH_SOCK"):
         return None
+    import paramiko
+
     try:
         agent = paramiko.Agent()
         keys = agent.get_keys()

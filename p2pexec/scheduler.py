@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from concurrent.futures._base import CANCELLED, FINISHED
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +36,7 @@ from .protocol.resources import ANY, Need, Resources, unmet
 from .pending import Pending
 from .fitting import NOTHING, Fitting, TaskEnv
 from .stats import ExecutorStats, Tally
+from .stdlib_private import cancel_running
 from .protocol.observers import AnswerObservers
 from .results import UntrustedResultError
 from .tasks import load_outcome
@@ -84,26 +84,6 @@ class WorkItem:
 async def _fail(exc: BaseException) -> None:
     """Started in a lease's nursery to end the lease with ``exc``."""
     raise exc
-
-
-def cancel_running(future: Future[Any]) -> bool:
-    """``Future.cancel()`` for a future already marked running, which the stdlib refuses.
-
-    Only for a task that is not running anywhere any more (withdrawn, or
-    stopped on its worker).  Ends in the state a cancelled pending future
-    reaches, so ``cancelled()``, ``wait``, ``as_completed`` and asyncio all
-    see a cancellation.
-    """
-    with future._condition:
-        if future._state == FINISHED:
-            return False
-        if future.cancelled():
-            return True
-        future._state = CANCELLED
-        future._condition.notify_all()
-    future._invoke_callbacks()  # type: ignore[attr-defined]
-    future.set_running_or_notify_cancel()  # moves it to CANCELLED_AND_NOTIFIED and tells the waiters
-    return True
 
 
 @dataclass

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
-from paramiko.common import MSG_CHANNEL_REQUEST
 
 from ..errors import ConfigurationError
 from ..keys import ED25519, Keyring, generate_identity_file, parse_openssh_public, valid_username
@@ -46,6 +45,7 @@ from .admission import Admission, Limits, LogLimiter
 from .commands import HELP, PUBLIC, Command, CommandError, parse, valid_topic
 from .registry import INVITE_DAYS, Registry
 from .statefile import CoalescingWriter
+from .ssh_transport import BoardTransport as _Transport
 
 log = logging.getLogger("p2pexec.board")
 
@@ -174,39 +174,6 @@ class _Connection:
 class _Topic:
     receivers: list["_Session"] = field(default_factory=list)  # subs and pipes
     pubs: list["_Session"] = field(default_factory=list)
-
-
-def _start_after_reply(chan: paramiko.Channel, m: paramiko.Message) -> None:
-    paramiko.Channel._handle_request(chan, m)
-    start = chan.transport.pending_starts.pop(chan.get_id(), None)
-    if start is not None:
-        start()
-
-
-class _Transport(paramiko.Transport):
-    """A Transport that starts a session only once its exec request is answered.
-
-    paramiko replies to an exec request after ``check_channel_exec_request``
-    returns; a session started from there could send its output, exit status
-    and close first, and a paramiko client's ``exec_command`` then fails with
-    "Channel closed".  So the start is queued and run after the reply.
-    """
-
-    _channel_handler_table = {
-        **paramiko.Transport._channel_handler_table,
-        MSG_CHANNEL_REQUEST: _start_after_reply,
-    }
-
-    def __init__(self, sock: socket.socket, on_login: Callable[[], None]) -> None:
-        super().__init__(sock)
-        self.pending_starts: dict[int, Callable[[], None]] = {}
-        self.started: set[int] = set()  # channel ids that already have a command
-        self._on_login = on_login
-
-    def _auth_trigger(self) -> None:
-        """paramiko's hook once a login succeeded (the signature checked): tell the admission."""
-        super()._auth_trigger()
-        self._on_login()
 
 
 class _Interface(paramiko.ServerInterface):
