@@ -370,11 +370,12 @@ class P2PExecutor(Executor):
             runtime.call_soon(scheduler.withdraw_queued)
         if already and not wait:
             return
-        runtime.call_soon(scheduler.leaving)
         if not wait:
+            runtime.call_soon(scheduler.leaving)
             threading.Thread(target=self._finish, name="p2pexec-shutdown", daemon=True).start()
             return
-        try:
+        try:  # (from the moment we say we are leaving: a Ctrl-C then must not slip past)
+            runtime.call_soon(scheduler.leaving)
             self._finish()
         except KeyboardInterrupt:  # Ctrl-C while waiting: one is enough
             self._leave_now()

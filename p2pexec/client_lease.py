@@ -1,0 +1,283 @@
+"""One lease, as the client runs it: dial the worker, set up the encrypted channel, feed it tasks.
+
+The :class:`~p2pexec.scheduler.ClientScheduler` decides which offers to
+accept and which tasks go where (``take``, ``may_send``); a :class:`Lease`
+does the I/O of one accepted offer on the client's trio loop, until the
+worker or the client ends it, and hands back what it still held.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .errors import ProtocolError, ResultTooLargeError, TaskProcessDiedError, first_leaf
+from .protocol import messages
+from .protocol.frames import Buffer, MessageTooLarge, Op, decode_ops, encode_op, op_parts, resume_frame, session_keys
+from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
+from .protocol.reach import CIRCUIT
+from .protocol.resources import ANY, Need, Resources
+from .stdlib_private import cancel_running
+from .transport.channel import FramedStream, PeerLost, SecureChannel
+from .transport.host import RELAY_JOIN_TIMEOUT, Unreachable
+
+if TYPE_CHECKING:
+    from .scheduler import ClientScheduler, WorkItem
+
+log = logging.getLogger("p2pexec.client")
+
+BATCH_BYTES = 1 << 20  # what one message to a worker carries at most (tasks beyond it go in the next)
+UPGRADE_RETRY = 2.0
+
+
+class Lease:
+    def __init__(self, client: ClientScheduler, worker: str, peer: str, slots: int, key: bytes = b"",
+                 need: Need = ANY, resources: Resources | None = None) -> None:
+        self.client = client
+        self.worker = worker
+        self.need = need  # it runs only tasks of this need
+        self.resources = resources  # what its worker advertised
+        self.key = key  # the member key its offer was signed with: still a member's?
+        self.peer = peer
+        self.slots = slots
+        self.credits = 0
+        self.inflight: dict[int, WorkItem] = {}
+        self.control: list[bytes] = []  # WITHDRAW and INTERRUPT ops for the feeder to send
+        self.channel: SecureChannel | None = None
+        self.path = "dialing"  # direct, relayed, or "upgraded after N s"
+        self.moving: Any = None  # the direct stream the lease is moving to, until the worker's MOVE
+        self.stuck = False  # its need has work, none of which its worker has the packages for
+        self.nursery: trio.Nursery | None = None  # its I/O tasks, once established
+
+    def __repr__(self) -> str:
+        return f"<lease {self.worker}@{self.peer[-8:]} slots={self.slots}>"
+
+    async def run(self, offer: messages.Message) -> None:
+        assert self.client.host is not None
+        reason: str | None = None  # None: the lease ended in good order
+        dialed = False
+        try:
+            stream = await self._dial([str(a) for a in offer["addrs"]][:16])
+            dialed = True
+            framed = FramedStream(stream)
+            try:
+                accept = self.client.sign("accept", {"offer": offer.id, "worker": offer.sender, "req": offer["req"],
+                                               "kx": messages.b64(self.client.kx_keys[0]), "slots": self.slots}, ttl=30)
+                await framed.send(accept)
+                rx, tx = session_keys("client", self.client.kx_keys[0], self.client.kx_keys[1], messages.unb64(offer["kx"], 32))
+                self.channel = await SecureChannel.establish(framed, rx, tx, allocate=None,
+                                                              max_message=self.client.options.max_result_size)
+                framed.silence_limit = SILENCE_SECONDS
+                log.info("leased %d slot(s) of worker %s (%s connection)", self.slots, self.worker, self.path)
+                if self.client.board is not None:  # tell the others; the worker has consumed it already
+                    self.client.board.send(accept)
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(self._feed)
+                    nursery.start_soon(self._heartbeat)
+                    if self.path == "relayed":
+                        nursery.start_soon(self._upgrade, resume_frame(rx, tx, offer.id))
+                    await self._receive()
+                    nursery.cancel_scope.cancel()
+            finally:
+                if self.channel is not None:
+                    with trio.CancelScope(shield=True):
+                        await self.channel.close()
+                else:
+                    await framed.reset()
+        except* MessageTooLarge as group:
+            reason = self._too_large(first_leaf(group))
+        except* (ProtocolError, messages.InvalidMessage) as group:  # raised in the lease's nursery too
+            exc = group.exceptions[0]
+            reason = str(exc)
+            if self.channel is None:  # e.g. its slots went to another accept first
+                log.debug("could not lease worker %s: %s", self.worker, exc)
+            elif isinstance(exc, PeerLost):  # it died, or the network did: it may come back
+                log.warning("lost worker %s: %s", self.worker, exc)
+            else:
+                self.client.banned[self.worker] = reason
+                log.warning("dropped worker %s (peer %s), which broke the protocol: %s; its tasks run elsewhere "
+                            "and this executor will use no worker of %s again", self.worker, self.peer, exc,
+                            self.worker)
+        except* Exception as group:  # a bug of ours must cost one lease, not every future of the executor
+            reason = f"unexpected error: {group.exceptions[0]!r}"
+            log.error("lease with worker %s failed; its tasks are retried. Please report this:", self.worker,
+                      exc_info=group.exceptions[0])
+        finally:
+            self.client.leases.remove(self)
+            self.client.requeue(self, reason)
+            if dialed:  # after a failed dial, wait for the backoff rather than asking again at once
+                self.client.ask_soon(self.need)
+            self.client.notify()
+            self.client.maybe_request()
+
+    def _too_large(self, exc: MessageTooLarge) -> str | None:
+        """Fail the task whose result is over max_result_size; the lease ends, its other tasks run again."""
+        culprit = exc.culprit()
+        item = self.inflight.pop(culprit[1], None) if culprit and culprit[0] is Op.RESULT else None
+        if item is None or culprit is None:
+            self.client.banned[self.worker] = str(exc)
+            log.warning("dropped worker %s, which announced %d bytes for no task it holds; this executor will use "
+                        "no worker of %s again", self.worker, exc.total, self.worker)
+            return str(exc)
+        self.client.set_exception(item, ResultTooLargeError(
+            f"worker {lease.worker} has a {culprit[2]}-byte result for this task, over max_result_size="
+            f"{exc.limit}; pass a larger max_result_size= to accept it"))
+        log.warning("refused a %d-byte result from worker %s (max_result_size=%d)", culprit[2], self.worker, exc.limit)
+        return None
+
+    async def _dial(self, addrs: list[str]) -> Any:
+        """Reach the worker by any of its addresses; back off per worker when none works."""
+        assert self.client.host is not None and self.client.nat is not None
+        relay_errors: dict[str, str] = {}
+        try:
+            for circuit in dict.fromkeys(a for a in addrs if CIRCUIT in a):
+                try:
+                    with trio.fail_after(RELAY_JOIN_TIMEOUT):
+                        await self.client.nat.member_of(circuit)
+                except (ProtocolError, trio.TooSlowError) as exc:
+                    relay_errors[f"{circuit}/p2p/{lease.peer}"] = f"its relay did not take us: {exc or 'timed out'}"
+            stream = await self.client.host.open_stream(self.peer, addrs)
+        except Unreachable as exc:
+            exc = Unreachable(self.peer, {**exc.attempts, **relay_errors})
+            delay, first = self.client.backoff.failed(self.peer, time.monotonic())
+            self.client.unreachable[self.worker] = str(exc)
+            (log.warning if first else log.debug)(
+                "cannot reach worker %s: %s; trying it again in %.0f s", self.worker, exc, delay)
+            raise exc from None
+        if self.client.backoff.succeeded(self.peer):
+            log.info("reached worker %s after all", self.worker)
+        self.client.unreachable.pop(self.worker, None)
+        self.path = self.client.host.stream_path(stream)
+        return stream
+
+    async def _feed(self) -> None:
+        channel = self.channel
+        assert channel is not None
+        idle_since: float | None = None  # (heartbeats wake us too: they must not make an idle lease look busy)
+        while True:
+            batch: list[Buffer] = [*self.control]
+            self.control.clear()
+            size = 0
+            while (self.credits > 0 and size < BATCH_BYTES and self.client.may_send(self)
+                   and (item := self.client.take(self)) is not None):
+                self.credits -= 1
+                self.inflight[item.id] = item
+                item.ran_on = (self.worker, self.peer)
+                if self.client.options.task_timeout is not None:
+                    item.deadline = time.monotonic() + self.client.options.task_timeout
+                batch.extend(op_parts(Op.TASK, item.id, *item.payload))
+                size += item.size
+            if batch:  # everything sendable now goes in one message: one write, not one per task
+                await channel.send(batch)
+                del batch
+                continue
+            if self.client.closing and not self.inflight:
+                break
+            if self.stuck and not self.inflight:  # what is left needs packages its worker lacks
+                break
+            if self.inflight or self.client.pending.count(self.need):
+                idle_since = None
+                await self.client.wait_change()
+                continue
+            if self.client.starving_other(self.need):  # our own work of another need waits for these slots
+                break
+            idle_since = trio.current_time() if idle_since is None else idle_since
+            left = self.client.options.lease_idle - (trio.current_time() - idle_since)
+            if left <= 0:
+                break
+            with trio.move_on_after(left):
+                await self.client.wait_change()
+        await channel.send(encode_op(Op.END))
+
+    async def _upgrade(self, resume: bytes) -> None:
+        """Move a relayed lease onto a direct connection once hole punching made one.
+
+        Relayed bytes are slow and libp2p closes the relayed connection about
+        a minute after an upgrade, streams or not; so the lease moves at a
+        message boundary: a new stream on the direct connection presents the
+        resume frame, and MOVE ends the old stream in each direction.
+        Nothing in flight is lost or repeated: secretstream carries on.
+        """
+        assert self.client.host is not None and self.channel is not None
+        started = trio.current_time()
+        self.client.host.punch(self.peer)
+        while True:
+            await self.client.host.wait_direct(self.peer)
+            try:
+                stream = await self.client.host.direct_stream(self.peer)
+                await FramedStream(stream).send(resume)
+            except ProtocolError as exc:
+                log.debug("moving the lease with %s to a direct connection failed, staying relayed: %s",
+                          self.worker, exc)
+                await trio.sleep(UPGRADE_RETRY)
+                continue
+            break
+        self.moving = stream
+        self.path = f"upgraded after {trio.current_time() - started:.1f} s"  # said once the worker moved too
+        await self.channel.move_tx(stream)
+
+    async def _heartbeat(self) -> None:
+        """Let the worker tell a quiet lease from a frozen client; end the lease if its member left."""
+        while True:
+            await trio.sleep(HEARTBEAT_SECONDS)
+            if self.client.board is not None and not self.client.board.inbox.keyring.allows(self.worker, self.key):
+                raise PeerLost(f"{lease.worker} is no longer a member of {self.cluster}")
+            self.control.append(encode_op(Op.PING))
+            self.client.notify()
+
+    async def _receive(self) -> None:
+        channel = self.channel
+        assert channel is not None
+        while (plaintext := await channel.recv()) is not None:
+            for op, arg, data, _ in decode_ops(plaintext):
+                if op is Op.MOVE:  # the worker's last message on the old stream
+                    if self.moving is None:
+                        raise ProtocolError(f"worker {lease.worker} moved a lease nobody asked to move")
+                    channel.framed.move_rx(self.moving)
+                    self.moving = None
+                    await channel.framed.close_old()
+                    log.info("lease with worker %s moved to a direct connection (%s)", self.worker, self.path)
+                elif not self._apply(op, arg, data):
+                    return
+
+    def _apply(self, op: Op, arg: int, data: memoryview) -> bool:
+        """Apply one operation from the worker; False once the worker ended the lease."""
+        if op is Op.END:
+            return False
+        if op is Op.PING:
+            return True
+        if op is Op.CREDIT:
+            self.credits += arg
+        elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED, Op.RETURNED, Op.MISSING):
+            item = self.inflight.pop(arg, None)
+            if item is None:
+                raise ProtocolError(f"worker {lease.worker} answered unknown task {arg}")
+            if op is Op.RETURNED:  # the worker is stopping: it grants no more, and what it held runs elsewhere
+                self.credits = 0
+                self.client.hand_back(item)
+            elif op is Op.MISSING:  # it could not import a module the task needs: elsewhere, then
+                module = bytes(data[:100]).decode("ascii", errors="replace")
+                if not module.isidentifier():
+                    raise ProtocolError(f"worker {lease.worker} said task {arg} needs module {module!r}")
+                log.info("worker %s lacks module %s: its tasks that need it run elsewhere", self.worker, module)
+                self.client.fitting.lacks(self.peer, self.worker, module, time.monotonic())
+                item.env = item.env.with_module(module)
+                self.client.hand_back(item)
+            elif op is Op.CANCELLED:
+                if not item.cancel_asked:
+                    raise ProtocolError(f"worker {lease.worker} cancelled task {arg}, which nobody asked it to")
+                cancel_running(item.future)
+            elif op is Op.RESULT:
+                self.client.resolve(item, data)
+            else:
+                self.client.set_exception(item, TaskProcessDiedError(
+                    f"{bytes(data).decode(errors='replace')} while running this task on worker "
+                    f"{lease.worker}; the task was not retried"))
+        else:
+            raise ProtocolError(f"worker {lease.worker} sent unexpected {op.name}")
+        self.client.notify()
+        return True
