@@ -124,7 +124,7 @@ class Lease:
                         "no worker of %s again", self.worker, exc.total, self.worker)
             return str(exc)
         self.client.set_exception(item, ResultTooLargeError(
-            f"worker {lease.worker} has a {culprit[2]}-byte result for this task, over max_result_size="
+            f"worker {self.worker} has a {culprit[2]}-byte result for this task, over max_result_size="
             f"{exc.limit}; pass a larger max_result_size= to accept it"))
         log.warning("refused a %d-byte result from worker %s (max_result_size=%d)", culprit[2], self.worker, exc.limit)
         return None
@@ -139,7 +139,7 @@ class Lease:
                     with trio.fail_after(RELAY_JOIN_TIMEOUT):
                         await self.client.nat.member_of(circuit)
                 except (ProtocolError, trio.TooSlowError) as exc:
-                    relay_errors[f"{circuit}/p2p/{lease.peer}"] = f"its relay did not take us: {exc or 'timed out'}"
+                    relay_errors[f"{circuit}/p2p/{self.peer}"] = f"its relay did not take us: {exc or 'timed out'}"
             stream = await self.client.host.open_stream(self.peer, addrs)
         except Unreachable as exc:
             exc = Unreachable(self.peer, {**exc.attempts, **relay_errors})
@@ -225,7 +225,7 @@ class Lease:
         while True:
             await trio.sleep(HEARTBEAT_SECONDS)
             if self.client.board is not None and not self.client.board.inbox.keyring.allows(self.worker, self.key):
-                raise PeerLost(f"{lease.worker} is no longer a member of {self.cluster}")
+                raise PeerLost(f"{self.worker} is no longer a member of {self.client.cluster}")
             self.control.append(encode_op(Op.PING))
             self.client.notify()
 
@@ -236,7 +236,7 @@ class Lease:
             for op, arg, data, _ in decode_ops(plaintext):
                 if op is Op.MOVE:  # the worker's last message on the old stream
                     if self.moving is None:
-                        raise ProtocolError(f"worker {lease.worker} moved a lease nobody asked to move")
+                        raise ProtocolError(f"worker {self.worker} moved a lease nobody asked to move")
                     channel.framed.move_rx(self.moving)
                     self.moving = None
                     await channel.framed.close_old()
@@ -255,29 +255,29 @@ class Lease:
         elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED, Op.RETURNED, Op.MISSING):
             item = self.inflight.pop(arg, None)
             if item is None:
-                raise ProtocolError(f"worker {lease.worker} answered unknown task {arg}")
+                raise ProtocolError(f"worker {self.worker} answered unknown task {arg}")
             if op is Op.RETURNED:  # the worker is stopping: it grants no more, and what it held runs elsewhere
                 self.credits = 0
                 self.client.hand_back(item)
             elif op is Op.MISSING:  # it could not import a module the task needs: elsewhere, then
                 module = bytes(data[:100]).decode("ascii", errors="replace")
                 if not module.isidentifier():
-                    raise ProtocolError(f"worker {lease.worker} said task {arg} needs module {module!r}")
+                    raise ProtocolError(f"worker {self.worker} said task {arg} needs module {module!r}")
                 log.info("worker %s lacks module %s: its tasks that need it run elsewhere", self.worker, module)
                 self.client.fitting.lacks(self.peer, self.worker, module, time.monotonic())
                 item.env = item.env.with_module(module)
                 self.client.hand_back(item)
             elif op is Op.CANCELLED:
                 if not item.cancel_asked:
-                    raise ProtocolError(f"worker {lease.worker} cancelled task {arg}, which nobody asked it to")
+                    raise ProtocolError(f"worker {self.worker} cancelled task {arg}, which nobody asked it to")
                 cancel_running(item.future)
             elif op is Op.RESULT:
                 self.client.resolve(item, data)
             else:
                 self.client.set_exception(item, TaskProcessDiedError(
                     f"{bytes(data).decode(errors='replace')} while running this task on worker "
-                    f"{lease.worker}; the task was not retried"))
+                    f"{self.worker}; the task was not retried"))
         else:
-            raise ProtocolError(f"worker {lease.worker} sent unexpected {op.name}")
+            raise ProtocolError(f"worker {self.worker} sent unexpected {op.name}")
         self.client.notify()
         return True

@@ -23,27 +23,24 @@ import nacl.bindings as sodium
 import trio
 
 from .board.client import BoardSession
-from .errors import (NoWorkersError, ProtocolError, ResultTooLargeError, TaskProcessDiedError, WorkerLostError,
-                     first_leaf)
-from .keys import Identity
-from .protocol import messages
-from .protocol.frames import (
-    MAX_MESSAGE, Buffer, MessageTooLarge, Op, decode_ops, encode_op, nbytes, op_parts, resume_frame, session_keys,
-)
-from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
-from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
-from .protocol.resources import ANY, Need, Resources, unmet
-from .pending import Pending
+from .client_lease import Lease
+from .errors import NoWorkersError, ProtocolError, WorkerLostError
 from .fitting import NOTHING, Fitting, TaskEnv
+from .keys import Identity
+from .pending import Pending
+from .protocol import messages
+from .protocol.frames import MAX_MESSAGE, Buffer, Op, encode_op, nbytes
+from .protocol.lease import SILENCE_SECONDS
+from .protocol.matching import python_compatible, should_request, slots_to_accept, slots_wanted
+from .protocol.observers import AnswerObservers
+from .protocol.reach import DialBackoff, announced_relays
+from .protocol.resources import ANY, Need, Resources, unmet
+from .protocol.unusable import Sighting, Unusable, describe
+from .results import UntrustedResultError
 from .stats import ExecutorStats, Tally
 from .stdlib_private import cancel_running
-from .protocol.observers import AnswerObservers
-from .results import UntrustedResultError
 from .tasks import load_outcome
-from .transport.channel import FramedStream, PeerLost, SecureChannel
-from .protocol.reach import CIRCUIT, DialBackoff, announced_relays
-from .protocol.unusable import Sighting, Unusable, describe
-from .transport.host import RELAY_JOIN_TIMEOUT, Libp2pHost, Unreachable
+from .transport.host import Libp2pHost
 from .transport.nat import NatTraversal
 
 log = logging.getLogger("p2pexec.client")
@@ -56,9 +53,7 @@ REWARN_AT_MOST_EVERY = 5.0  # the no-worker warning repeats only when its news c
 REMEMBER_WORKERS = 90.0  # a worker not heard from for this long (hello every 30 s) is not online
 HOPELESS_AFTER = 3.0  # a task lacking packages everywhere fails only after this long (the last hellos arrive)
 TICK = 0.25
-BATCH_BYTES = 1 << 20
 SKIP_AT_MOST = 64  # tasks a lease passes over (their packages are missing there) before it waits
-UPGRADE_RETRY = 2.0
 
 
 @dataclass(eq=False)
@@ -113,28 +108,6 @@ class _Ask:
     last_asked: int = 0
 
 
-class Lease:
-    def __init__(self, worker: str, peer: str, slots: int, key: bytes = b"", need: Need = ANY,
-                 resources: Resources | None = None) -> None:
-        self.worker = worker
-        self.need = need  # it runs only tasks of this need
-        self.resources = resources  # what its worker advertised
-        self.key = key  # the member key its offer was signed with: still a member's?
-        self.peer = peer
-        self.slots = slots
-        self.credits = 0
-        self.inflight: dict[int, WorkItem] = {}
-        self.control: list[bytes] = []  # WITHDRAW and INTERRUPT ops for the feeder to send
-        self.channel: SecureChannel | None = None
-        self.path = "dialing"  # direct, relayed, or "upgraded after N s"
-        self.moving: Any = None  # the direct stream the lease is moving to, until the worker's MOVE
-        self.stuck = False  # its need has work, none of which its worker has the packages for
-        self.nursery: trio.Nursery | None = None  # its I/O tasks, once established
-
-    def __repr__(self) -> str:
-        return f"<lease {self.worker}@{self.peer[-8:]} slots={self.slots}>"
-
-
 class ClientScheduler:
     """Owns the queue of work items, the leases and the board conversation."""
 
@@ -151,12 +124,12 @@ class ClientScheduler:
         self.capacity_known = threading.Event()  # set by each usable offer
         self.board: BoardSession | None = None
         self.host: Libp2pHost | None = None
-        self._kx_pk, self._kx_sk = sodium.crypto_kx_keypair()
+        self.kx_keys = sodium.crypto_kx_keypair()  # ours for every lease: (public, secret)
         self._ids = itertools.count(1)
         self._changed = trio.Event()
         self._observers = AnswerObservers()
         self._nursery: trio.Nursery | None = None
-        self._closing = False
+        self.closing = False
         self._asks: dict[Need, _Ask] = {ANY: _Ask(self.request_id)}  # one request id per need
         self._starving_since: float | None = None
         self._warned: frozenset[Sighting] | None = None  # what the last no-worker warning said, this episode
@@ -166,7 +139,7 @@ class ClientScheduler:
         self._cancel_queued = False  # shutdown(cancel_futures=True): queued work is withdrawn, not run
         self.banned: dict[str, str] = {}  # member -> how a worker of theirs broke the protocol
         self.nat: NatTraversal | None = None
-        self._backoff = DialBackoff()  # workers that could not be reached, by peer id
+        self.backoff = DialBackoff()  # workers that could not be reached, by peer id
         self.unreachable: dict[str, str] = {}  # worker user -> why it could not be reached (for errors)
         self.tally = Tally()  # done and failed futures, overall and per worker
         self.fitting = Fitting(options.strict_versions)  # which workers have the packages tasks refer to
@@ -180,7 +153,7 @@ class ClientScheduler:
         """Called on the loop after submits; clears the flag first so no submit goes unnoticed."""
         self.wakeup_pending = False
         self.notify()
-        self._maybe_request()  # demand only grows here, when a lease ends, and by the tick
+        self.maybe_request()  # demand only grows here, when a lease ends, and by the tick
 
     def notify(self) -> None:
         """Wake the lease feeders (runs per result: keep it cheap)."""
@@ -214,7 +187,7 @@ class ClientScheduler:
         return next((need for need, ask in self._asks.items() if ask.req == req), None)
 
     def hello(self) -> bytes:
-        return self._sign("hello", {"role": "client", "node": self.request_id, "py": PYTHON,
+        return self.sign("hello", {"role": "client", "node": self.request_id, "py": PYTHON,
                                     "queued": len(self.pending), "running": self._inflight(),
                                     "done": self.tally.done, "failed": self.tally.failed,
                                     "leases": [{"worker": lease.worker, "slots": lease.slots, "path": lease.path}
@@ -222,10 +195,14 @@ class ClientScheduler:
                                     "banned": {member: why[:200] for member, why in list(self.banned.items())[:8]}},
                           ttl=60)
 
+    def ask_soon(self, need: Need) -> None:
+        """Ask the board for workers of ``need`` at the next chance, not after REQUEST_EVERY."""
+        self._asks[need].last_request = -1e9
+
     def reannounce(self) -> None:
         for ask in self._asks.values():
             ask.last_request = -1e9
-        self._maybe_request()
+        self.maybe_request()
 
     def interrupt(self, future: Future[Any]) -> bool:
         """Cancel ``future`` wherever its task is; a running task is stopped on its worker."""
@@ -306,7 +283,7 @@ class ClientScheduler:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            while not (self._closing and not self.leases):
+            while not (self.closing and not self.leases):
                 await trio.sleep(TICK)
                 self._tick()
             nursery.cancel_scope.cancel()
@@ -325,18 +302,18 @@ class ClientScheduler:
 
     async def close(self, grace: float = 5.0) -> None:
         """End every lease politely, hang up on those still open after ``grace`` s; called once the executor is done."""
-        self._closing = True
+        self.closing = True
         self.notify()
         with trio.move_on_after(grace):
             while self.leases:
-                await self._wait_change()
+                await self.wait_change()
         if self.leases and self._nursery is not None:
             log.debug("hanging up on %d lease(s) that did not end within %g s", len(self.leases), grace)
             self._nursery.cancel_scope.cancel()
         self._fail_all(RuntimeError("the executor shut down before this task ran"))
 
     # -- queue helpers -----------------------------------------------------------------
-    def _take(self, lease: Lease) -> WorkItem | None:
+    def take(self, lease: Lease) -> WorkItem | None:
         """The next task of the lease's need that its worker has the packages for; those it lacks wait."""
         skipped: list[WorkItem] = []
         taken = None
@@ -357,7 +334,7 @@ class ClientScheduler:
         lease.stuck = taken is None and bool(skipped)
         return taken
 
-    async def _wait_change(self) -> None:
+    async def wait_change(self) -> None:
         await self._changed.wait()
 
     def _inflight(self) -> int:
@@ -365,7 +342,7 @@ class ClientScheduler:
 
     def _wanted(self, need: Need) -> int:
         """Slots to lease for ``need``: its work, within what max_workers leaves after the other needs' leases."""
-        if self._closing:
+        if self.closing:
             return 0
         mine = [lease for lease in self.leases if lease.need == need]
         others = sum(lease.slots for lease in self.leases if lease.need != need)
@@ -373,14 +350,14 @@ class ClientScheduler:
                             sum(lease.slots for lease in mine), max(0, self.options.max_workers - others))
 
     # -- board -------------------------------------------------------------------------
-    def _sign(self, mtype: str, body: dict[str, Any], ttl: float) -> bytes:
+    def sign(self, mtype: str, body: dict[str, Any], ttl: float) -> bytes:
         return messages.encode(self.identity, self.cluster, mtype, body, now=time.time(), ttl=ttl)
 
     def _post(self, mtype: str, body: dict[str, Any], ttl: float) -> None:
         if self.board is not None:
-            self.board.send(self._sign(mtype, body, ttl))
+            self.board.send(self.sign(mtype, body, ttl))
 
-    def _maybe_request(self) -> None:
+    def maybe_request(self) -> None:
         for need in self.pending.needs():
             self._asks.setdefault(need, _Ask(messages.new_id()))
         now = time.monotonic()
@@ -424,7 +401,7 @@ class ClientScheduler:
         if not python_compatible(PYTHON, msg["py"]):
             log.debug("ignoring an offer from %s: Python %s, not %s", msg.sender, msg["py"], PYTHON)
             return
-        if not self._backoff.ready(msg["peer"], time.monotonic()):
+        if not self.backoff.ready(msg["peer"], time.monotonic()):
             log.debug("ignoring an offer from %s: it could not be reached, next try later", msg.sender)
             return
         resources = _resources_in(msg)
@@ -443,9 +420,9 @@ class ClientScheduler:
         slots = slots_to_accept(msg["slots"], self._wanted(need))
         if slots <= 0:
             return
-        lease = Lease(msg.sender, msg["peer"], slots, msg.key, need, resources)
+        lease = Lease(self, msg.sender, msg["peer"], slots, msg.key, need, resources)
         self.leases.append(lease)
-        self._nursery.start_soon(self._run_lease, lease, msg)
+        self._nursery.start_soon(lease.run, msg)
 
     def _useful(self, need: Need, peer: str) -> bool:
         """Could that worker run any of the first tasks waiting with ``need`` (or is nothing waiting)?"""
@@ -469,7 +446,7 @@ class ClientScheduler:
                 if error is not None:
                     self.pending.remove(item)
                     if item.started or item.future.set_running_or_notify_cancel():
-                        self._set_exception(item, error)
+                        self.set_exception(item, error)
 
     def capacity(self) -> int:
         """Slots leased now, plus those offered in the last minute by workers not leased (joblib's n_jobs=-1)."""
@@ -484,7 +461,7 @@ class ClientScheduler:
                    REQUEST_TTL)
 
     def _tick(self) -> None:
-        self._maybe_request()
+        self.maybe_request()
         now = time.monotonic()
         self._fail_hopeless(now)
         if self.options.task_timeout is not None:
@@ -540,7 +517,7 @@ class ClientScheduler:
                             f"being asked"))
                     item.deadline = math.inf
                     continue
-                self._set_exception(item, TimeoutError(
+                self.set_exception(item, TimeoutError(
                     f"the task ran longer than task_timeout={self.options.task_timeout:g} s on worker "
                     f"{lease.worker}; it was interrupted there"))
                 item.deadline = now + SILENCE_SECONDS
@@ -563,259 +540,32 @@ class ClientScheduler:
                 f"or a member runs a worker this client can use: {run}")
 
     # -- leases ----------------------------------------------------------------------
-    async def _run_lease(self, lease: Lease, offer: messages.Message) -> None:
-        assert self.host is not None
-        reason: str | None = None  # None: the lease ended in good order
-        dialed = False
-        try:
-            stream = await self._dial(lease, [str(a) for a in offer["addrs"]][:16])
-            dialed = True
-            framed = FramedStream(stream)
-            try:
-                accept = self._sign("accept", {"offer": offer.id, "worker": offer.sender, "req": offer["req"],
-                                               "kx": messages.b64(self._kx_pk), "slots": lease.slots}, ttl=30)
-                await framed.send(accept)
-                rx, tx = session_keys("client", self._kx_pk, self._kx_sk, messages.unb64(offer["kx"], 32))
-                lease.channel = await SecureChannel.establish(framed, rx, tx, allocate=None,
-                                                              max_message=self.options.max_result_size)
-                framed.silence_limit = SILENCE_SECONDS
-                log.info("leased %d slot(s) of worker %s (%s connection)", lease.slots, lease.worker, lease.path)
-                if self.board is not None:  # tell the others; the worker has consumed it already
-                    self.board.send(accept)
-                async with trio.open_nursery() as nursery:
-                    lease.nursery = nursery
-                    nursery.start_soon(self._feed, lease)
-                    nursery.start_soon(self._heartbeat, lease)
-                    if lease.path == "relayed":
-                        nursery.start_soon(self._upgrade, lease, resume_frame(rx, tx, offer.id))
-                    await self._receive(lease)
-                    nursery.cancel_scope.cancel()
-            finally:
-                if lease.channel is not None:
-                    with trio.CancelScope(shield=True):
-                        await lease.channel.close()
-                else:
-                    await framed.reset()
-        except* MessageTooLarge as group:
-            reason = self._too_large(lease, first_leaf(group))
-        except* (ProtocolError, messages.InvalidMessage) as group:  # raised in the lease's nursery too
-            exc = group.exceptions[0]
-            reason = str(exc)
-            if lease.channel is None:  # e.g. its slots went to another accept first
-                log.debug("could not lease worker %s: %s", lease.worker, exc)
-            elif isinstance(exc, PeerLost):  # it died, or the network did: it may come back
-                log.warning("lost worker %s: %s", lease.worker, exc)
-            else:
-                self.banned[lease.worker] = reason
-                log.warning("dropped worker %s (peer %s), which broke the protocol: %s; its tasks run elsewhere "
-                            "and this executor will use no worker of %s again", lease.worker, lease.peer, exc,
-                            lease.worker)
-        except* Exception as group:  # a bug of ours must cost one lease, not every future of the executor
-            reason = f"unexpected error: {group.exceptions[0]!r}"
-            log.error("lease with worker %s failed; its tasks are retried. Please report this:", lease.worker,
-                      exc_info=group.exceptions[0])
-        finally:
-            self.leases.remove(lease)
-            self._requeue(lease, reason)
-            if dialed:  # after a failed dial, wait for the backoff rather than asking again at once
-                self._asks[lease.need].last_request = -1e9
-            self.notify()
-            self._maybe_request()
-
-    def _too_large(self, lease: Lease, exc: MessageTooLarge) -> str | None:
-        """Fail the task whose result is over max_result_size; the lease ends, its other tasks run again."""
-        culprit = exc.culprit()
-        item = lease.inflight.pop(culprit[1], None) if culprit and culprit[0] is Op.RESULT else None
-        if item is None or culprit is None:
-            self.banned[lease.worker] = str(exc)
-            log.warning("dropped worker %s, which announced %d bytes for no task it holds; this executor will use "
-                        "no worker of %s again", lease.worker, exc.total, lease.worker)
-            return str(exc)
-        self._set_exception(item, ResultTooLargeError(
-            f"worker {lease.worker} has a {culprit[2]}-byte result for this task, over max_result_size="
-            f"{exc.limit}; pass a larger max_result_size= to accept it"))
-        log.warning("refused a %d-byte result from worker %s (max_result_size=%d)", culprit[2], lease.worker, exc.limit)
-        return None
-
-    async def _dial(self, lease: Lease, addrs: list[str]) -> Any:
-        """Reach the worker by any of its addresses; back off per worker when none works."""
-        assert self.host is not None and self.nat is not None
-        relay_errors: dict[str, str] = {}
-        try:
-            for circuit in dict.fromkeys(a for a in addrs if CIRCUIT in a):
-                try:
-                    with trio.fail_after(RELAY_JOIN_TIMEOUT):
-                        await self.nat.member_of(circuit)
-                except (ProtocolError, trio.TooSlowError) as exc:
-                    relay_errors[f"{circuit}/p2p/{lease.peer}"] = f"its relay did not take us: {exc or 'timed out'}"
-            stream = await self.host.open_stream(lease.peer, addrs)
-        except Unreachable as exc:
-            exc = Unreachable(lease.peer, {**exc.attempts, **relay_errors})
-            delay, first = self._backoff.failed(lease.peer, time.monotonic())
-            self.unreachable[lease.worker] = str(exc)
-            (log.warning if first else log.debug)(
-                "cannot reach worker %s: %s; trying it again in %.0f s", lease.worker, exc, delay)
-            raise exc from None
-        if self._backoff.succeeded(lease.peer):
-            log.info("reached worker %s after all", lease.worker)
-        self.unreachable.pop(lease.worker, None)
-        lease.path = self.host.stream_path(stream)
-        return stream
-
-    async def _feed(self, lease: Lease) -> None:
-        channel = lease.channel
-        assert channel is not None
-        idle_since: float | None = None  # (heartbeats wake us too: they must not make an idle lease look busy)
-        while True:
-            batch: list[Buffer] = [*lease.control]
-            lease.control.clear()
-            size = 0
-            while (lease.credits > 0 and size < BATCH_BYTES and self._may_send(lease)
-                   and (item := self._take(lease)) is not None):
-                lease.credits -= 1
-                lease.inflight[item.id] = item
-                item.ran_on = (lease.worker, lease.peer)
-                if self.options.task_timeout is not None:
-                    item.deadline = time.monotonic() + self.options.task_timeout
-                batch.extend(op_parts(Op.TASK, item.id, *item.payload))
-                size += item.size
-            if batch:  # everything sendable now goes in one message: one write, not one per task
-                await channel.send(batch)
-                del batch
-                continue
-            if self._closing and not lease.inflight:
-                break
-            if lease.stuck and not lease.inflight:  # what is left needs packages its worker lacks
-                break
-            if lease.inflight or self.pending.count(lease.need):
-                idle_since = None
-                await self._wait_change()
-                continue
-            if self._starving_other(lease.need):  # our own work of another need waits for these slots
-                break
-            idle_since = trio.current_time() if idle_since is None else idle_since
-            left = self.options.lease_idle - (trio.current_time() - idle_since)
-            if left <= 0:
-                break
-            with trio.move_on_after(left):
-                await self._wait_change()
-        await channel.send(encode_op(Op.END))
-
-    async def _upgrade(self, lease: Lease, resume: bytes) -> None:
-        """Move a relayed lease onto a direct connection once hole punching made one.
-
-        Relayed bytes are slow and libp2p closes the relayed connection about
-        a minute after an upgrade, streams or not; so the lease moves at a
-        message boundary: a new stream on the direct connection presents the
-        resume frame, and MOVE ends the old stream in each direction.
-        Nothing in flight is lost or repeated: secretstream carries on.
-        """
-        assert self.host is not None and lease.channel is not None
-        started = trio.current_time()
-        self.host.punch(lease.peer)
-        while True:
-            await self.host.wait_direct(lease.peer)
-            try:
-                stream = await self.host.direct_stream(lease.peer)
-                await FramedStream(stream).send(resume)
-            except ProtocolError as exc:
-                log.debug("moving the lease with %s to a direct connection failed, staying relayed: %s",
-                          lease.worker, exc)
-                await trio.sleep(UPGRADE_RETRY)
-                continue
-            break
-        lease.moving = stream
-        lease.path = f"upgraded after {trio.current_time() - started:.1f} s"  # said once the worker moved too
-        await lease.channel.move_tx(stream)
-
-    async def _heartbeat(self, lease: Lease) -> None:
-        """Let the worker tell a quiet lease from a frozen client; end the lease if its member left."""
-        while True:
-            await trio.sleep(HEARTBEAT_SECONDS)
-            if self.board is not None and not self.board.inbox.keyring.allows(lease.worker, lease.key):
-                raise PeerLost(f"{lease.worker} is no longer a member of {self.cluster}")
-            lease.control.append(encode_op(Op.PING))
-            self.notify()
-
-    def _starving_other(self, need: Need) -> bool:
+    def starving_other(self, need: Need) -> bool:
         """Has work of another need no lease at all?"""
         return any(other != need and not any(lease.need == other for lease in self.leases)
                    for other in self.pending.needs())
 
-    def _may_send(self, lease: Lease) -> bool:
+    def may_send(self, lease: Lease) -> bool:
         """Fill idle slots anywhere before queueing a task behind a busy one (prefetch)."""
         if len(lease.inflight) < lease.slots:
             return True
         return not any(other.credits > 0 and len(other.inflight) < other.slots and other.need == lease.need
                        for other in self.leases)
 
-    async def _receive(self, lease: Lease) -> None:
-        channel = lease.channel
-        assert channel is not None
-        while (plaintext := await channel.recv()) is not None:
-            for op, arg, data, _ in decode_ops(plaintext):
-                if op is Op.MOVE:  # the worker's last message on the old stream
-                    if lease.moving is None:
-                        raise ProtocolError(f"worker {lease.worker} moved a lease nobody asked to move")
-                    channel.framed.move_rx(lease.moving)
-                    lease.moving = None
-                    await channel.framed.close_old()
-                    log.info("lease with worker %s moved to a direct connection (%s)", lease.worker, lease.path)
-                elif not self._apply(lease, op, arg, data):
-                    return
-
-    def _apply(self, lease: Lease, op: Op, arg: int, data: memoryview) -> bool:
-        """Apply one operation from the worker; False once the worker ended the lease."""
-        if op is Op.END:
-            return False
-        if op is Op.PING:
-            return True
-        if op is Op.CREDIT:
-            lease.credits += arg
-        elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED, Op.RETURNED, Op.MISSING):
-            item = lease.inflight.pop(arg, None)
-            if item is None:
-                raise ProtocolError(f"worker {lease.worker} answered unknown task {arg}")
-            if op is Op.RETURNED:  # the worker is stopping: it grants no more, and what it held runs elsewhere
-                lease.credits = 0
-                self._hand_back(item)
-            elif op is Op.MISSING:  # it could not import a module the task needs: elsewhere, then
-                module = bytes(data[:100]).decode("ascii", errors="replace")
-                if not module.isidentifier():
-                    raise ProtocolError(f"worker {lease.worker} said task {arg} needs module {module!r}")
-                log.info("worker %s lacks module %s: its tasks that need it run elsewhere", lease.worker, module)
-                self.fitting.lacks(lease.peer, lease.worker, module, time.monotonic())
-                item.env = item.env.with_module(module)
-                self._hand_back(item)
-            elif op is Op.CANCELLED:
-                if not item.cancel_asked:
-                    raise ProtocolError(f"worker {lease.worker} cancelled task {arg}, which nobody asked it to")
-                cancel_running(item.future)
-            elif op is Op.RESULT:
-                self._resolve(item, data)
-            else:
-                self._set_exception(item, TaskProcessDiedError(
-                    f"{bytes(data).decode(errors='replace')} while running this task on worker "
-                    f"{lease.worker}; the task was not retried"))
-        else:
-            raise ProtocolError(f"worker {lease.worker} sent unexpected {op.name}")
-        self.notify()
-        return True
-
-    def _resolve(self, item: WorkItem, data: memoryview) -> None:
+    def resolve(self, item: WorkItem, data: memoryview) -> None:
         if item.future.done():
             return
         try:
             outcome = load_outcome(data, self.options.trusted_results, self.options.result_types, self.task_packages)
         except UntrustedResultError as exc:
-            self._set_exception(item, exc)
+            self.set_exception(item, exc)
             return
         except BaseException as exc:  # SystemExit included: a result must not end the client
             if isinstance(exc, KeyboardInterrupt):
                 raise
             error = RuntimeError(f"the task's outcome could not be unpickled here: {exc!r}")
             error.__cause__ = exc
-            self._set_exception(item, error)
+            self.set_exception(item, error)
             return
         if outcome.stdout:
             sys.stdout.write(outcome.stdout)
@@ -825,14 +575,14 @@ class ClientScheduler:
             item.future.set_result(outcome.value)
             self.tally.settled(True, *(item.ran_on or (None, None)))
         else:
-            self._set_exception(item, outcome.value)
+            self.set_exception(item, outcome.value)
 
-    def _set_exception(self, item: WorkItem, exc: BaseException) -> None:
+    def set_exception(self, item: WorkItem, exc: BaseException) -> None:
         if not item.future.done():
             item.future.set_exception(exc)
             self.tally.settled(False, *(item.ran_on or (None, None)))
 
-    def _requeue(self, lease: Lease, reason: str | None) -> None:
+    def requeue(self, lease: Lease, reason: str | None) -> None:
         """Put back what the lease still held; with a ``reason``, the worker was lost."""
         lost = sorted(lease.inflight.values(), key=lambda i: i.id, reverse=True)
         lease.inflight.clear()
@@ -843,19 +593,19 @@ class ClientScheduler:
             if self._cancel_queued:
                 cancel_running(item.future)
                 continue
-            if reason is None and not self._closing:  # sent as the worker ended the lease: not a loss
+            if reason is None and not self.closing:  # sent as the worker ended the lease: not a loss
                 self.pending.appendleft(item)
                 continue
             item.losses.append(f"{lease.worker} at {stamp} ({reason or 'lease ended'})")
-            if self._closing:
-                self._set_exception(item, RuntimeError("the executor shut down while this task ran"))
+            if self.closing:
+                self.set_exception(item, RuntimeError("the executor shut down while this task ran"))
             elif len(item.losses) > self.options.max_retries:
-                self._set_exception(item, WorkerLostError(
+                self.set_exception(item, WorkerLostError(
                     f"task lost with its worker {len(item.losses)} times: " + "; ".join(item.losses)))
             else:
                 self.pending.appendleft(item)
 
-    def _hand_back(self, item: WorkItem) -> None:
+    def hand_back(self, item: WorkItem) -> None:
         """A stopping worker returned a task it never started: it runs elsewhere, and is no loss."""
         if item.future.done():  # interrupted meanwhile
             return
@@ -869,13 +619,13 @@ class ClientScheduler:
         for need in self.pending.needs() if needs is None else needs:
             while (item := self.pending.take(need)) is not None:
                 if item.started or item.future.set_running_or_notify_cancel():
-                    self._set_exception(item, exc)
+                    self.set_exception(item, exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         self._fail_pending(exc)
         for lease in self.leases:
             for item in lease.inflight.values():
-                self._set_exception(item, exc)
+                self.set_exception(item, exc)
 
 
 def _resources_in(msg: messages.Message) -> Resources | None:
