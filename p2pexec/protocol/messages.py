@@ -269,6 +269,7 @@ class Inbox:
         self.keyring = keyring
         self.dropped: Counter[str] = Counter()
         self._seen = SeenIds(max_seen)
+        self._latest = -math.inf  # the latest time seen: ids forgotten then must stay expired if the clock steps back
 
     def receive(self, line: bytes, now: float) -> Message | None:
         try:
@@ -286,9 +287,10 @@ class Inbox:
             self.keyring.admit(msg.sender, msg.key, unb64(msg["endorsement"], 64))
         if not self.keyring.allows(msg.sender, msg.key):
             raise InvalidMessage("not-a-member")
-        if msg.exp <= now or msg.ts > now + CLOCK_SKEW or msg.exp - msg.ts > MAX_LIFETIME:
+        self._latest = max(self._latest, now)
+        if msg.exp <= self._latest or msg.ts > now + CLOCK_SKEW or msg.exp - msg.ts > MAX_LIFETIME:
             raise InvalidMessage("expired")
-        self._seen.prune(now)
+        self._seen.prune(self._latest)
         if msg.id in self._seen:
             raise InvalidMessage("replayed")
         if not self._seen.add(msg.id, msg.exp):
