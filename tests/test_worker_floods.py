@@ -74,3 +74,9 @@ def test_a_stranger_that_completes_the_handshake_but_proves_nothing_is_closed(lo
 
     waited = trio.run(stranger)
     assert waited > 1.0  # it was let in, then closed for not proving membership (not refused at once)
+
+
+def test_only_noise_is_ever_negotiated():
+    """new_host's defaults would also accept /plaintext/2.0.0 and secio peers."""
+    host = Libp2pHost()
+    assert list(host.host.get_network().upgrader.security_multistream.transports) == ["/noise"]
