@@ -57,7 +57,8 @@ class RelayPolicy:
 class MemberRelay(CircuitV2Protocol):
     """Circuit relay v2 (hop) for members only; see the module docstring."""
 
-    def __init__(self, host: Any, policy: RelayPolicy, allows: Callable[[str, bytes], bool]) -> None:
+    def __init__(self, host: Any, policy: RelayPolicy, allows: Callable[[str, bytes], bool],
+                 on_member: Callable[[ID], None] = lambda peer: None) -> None:
         limits = RelayLimits(duration=policy.circuit_seconds, data=policy.circuit_bytes,
                              max_circuit_conns=policy.circuits_per_member, max_reservations=1 << 20)
         super().__init__(host, limits=limits, allow_hop=True)
@@ -66,6 +67,7 @@ class MemberRelay(CircuitV2Protocol):
         self.members: dict[ID, str] = {}  # peer id -> member it proved to be
         self._circuits: Counter[str] = Counter()  # member -> circuits it opened, live
         self.refused: Counter[str] = Counter()  # reason -> count, for logs and tests
+        self._on_member = on_member  # told each peer that presents a valid ticket
         host.set_stream_handler(TICKET_PROTOCOL, self._handle_ticket)
 
     # -- membership ------------------------------------------------------------------
@@ -84,6 +86,7 @@ class MemberRelay(CircuitV2Protocol):
                 seen = stream.get_remote_address()
                 reachable = await self._dial_back(seen[0], ports) if seen and not self._relayed(stream) else []
                 self.members[peer] = user
+                self._on_member(peer)
                 await framed.send(json.dumps({"user": user, "seen": seen[0] if seen else None,
                                               "reachable": reachable}).encode())
                 log.info("relay: %s is member %s (seen at %s, reachable ports %s)", peer, user,
@@ -189,9 +192,9 @@ async def running_relay(listen: str, policy: RelayPolicy,
     """A relay host on ``listen`` (a multiaddr) serving members only, while the block runs."""
     from libp2p.tools.anyio_service import background_trio_service
 
-    host = Libp2pHost([listen])
+    host = Libp2pHost([listen], members_only=True)  # a peer has PROVE_SECONDS to present its ticket
     async with host.running():
-        relay = MemberRelay(host.host, policy, allows)
+        relay = MemberRelay(host.host, policy, allows, on_member=host.proved)
         host.host.get_network().register_notifee(_Forget(relay))
         async with background_trio_service(relay):
             yield host, relay

@@ -153,7 +153,7 @@ class WorkerDaemon:
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled (SIGINT/SIGTERM in :func:`main`)."""
-        async with Libp2pHost(self.config.listen, nat_traversal=True).running() as host:
+        async with Libp2pHost(self.config.listen, nat_traversal=True, members_only=True).running() as host:
             self.host = host
             self.nat = NatTraversal(host, self.config.who.identity, serve=True)
             self.nat.add_candidates(self.config.relays)
@@ -378,6 +378,8 @@ class WorkerDaemon:
                     return
                 rx, tx = session_keys("worker", *offer.kx, messages.unb64(accept["kx"], 32))
                 channel = await SecureChannel.establish(framed, rx, tx, allocate=hop.allocate)
+                if self.host is not None:
+                    self.host.proved(stream.muxed_conn.peer_id)  # a member's client: not a stranger any more
             framed.decoder.max_frame = MAX_FRAME
             framed.silence_limit = SILENCE_SECONDS
             status = {"client": accept.sender, "path": Libp2pHost.stream_path(stream), "slots": len(slots),
