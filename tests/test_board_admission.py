@@ -9,7 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from p2pexec.board.admission import Admission, Limits, LogLimiter, Stage, source_of
+from p2pexec.board.admission import Admission, Limits, LogLimiter, Stage
+from p2pexec.protocol.sources import source_of
 
 LIMITS = Limits(max_connections=12, max_unauthenticated=8, connections_per_source=6,
                 unauthenticated_per_source=4, handshakes_per_source=2, handshake_timeout=10, auth_timeout=20)

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from p2pexec.transport.admission import Admission, Limits, Pool, Refused, Reporter, Stage, Ticket, source_of
+from p2pexec.transport.admission import Admission, Limits, Pool, Refused, Reporter, Stage, Ticket
+from p2pexec.protocol.sources import source_of
 
 
 def test_sources_are_ipv4_addresses_and_ipv6_slash_64s():

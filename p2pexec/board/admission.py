@@ -23,12 +23,13 @@ connections past their deadline, for the server to close.
 from __future__ import annotations
 
 import collections
-import ipaddress
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Generic, TypeVar
+
+from ..protocol.sources import source_of
 
 K = TypeVar("K", bound=Hashable)  # how the server names a connection
 
@@ -68,17 +69,12 @@ class Limits:
         return max(1, self.max_connections * 3 // 4)
 
 
-def source_of(host: str) -> str:
-    """The source a connection counts against: the IPv4 address, or the IPv6 /64."""
+def _source(host: str) -> str:
+    """The source a connection counts against; a peer name that is no IP address counts on its own."""
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        return source_of(host)
     except ValueError:
         return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 class Stage(Enum):
@@ -121,7 +117,7 @@ class Admission(Generic[K]):
         """A connection from ``host`` was accepted: None to serve it, else why to close it now."""
         if conn in self._conns:
             raise RuntimeError(f"connection {conn!r} is already admitted")
-        source = source_of(host)
+        source = _source(host)
         counts = self._sources.get(source, _Counts())
         lim = self.limits
         reason = ("max-connections" if self._all.total >= lim.max_connections else
@@ -174,7 +170,7 @@ class Admission(Generic[K]):
 
     def counts(self, host: str | None = None) -> dict[str, int]:
         """Open connections, unauthenticated ones and handshakes: in all, or of ``host``'s source."""
-        c = self._all if host is None else self._sources.get(source_of(host), _Counts())
+        c = self._all if host is None else self._sources.get(_source(host), _Counts())
         return {"total": c.total, "unauthenticated": c.unauthenticated, "handshakes": c.handshakes}
 
     def _overdue(self, entry: _Entry, now: float) -> str | None:

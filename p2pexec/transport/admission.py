@@ -28,10 +28,11 @@ The I/O half is ``_Gate`` in :mod:`p2pexec.transport.host`.
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from itertools import count
+
+from ..protocol.sources import source_of
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,6 @@ class Ticket:
 class Refused:
     source: str
     reason: str  # "source": its source is at per_source; "full": no room left for it
-
-
-def source_of(ip: str) -> str:
-    """The unit limits count by: an IPv4 address, or the /64 of an IPv6 one (IPv4-mapped ones are IPv4).
-
-    Raises ValueError for anything that is not an IP address.
-    """
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])  # (a zone index says nothing about the sender)
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr)
 
 
 @dataclass

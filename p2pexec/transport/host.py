@@ -56,7 +56,7 @@ from ..errors import ProtocolError
 from ..keys import Identity
 from ..logs import after_libp2p_import
 from ..protocol.reach import CIRCUIT, direct_and_relayed, make_ticket, split_tcp
-from .admission import Admission, Limits, Refused, Reporter, Ticket, source_of
+from .admission import Admission, Limits, Refused, Reporter, Ticket
 from .channel import FramedStream
 
 after_libp2p_import()
