@@ -161,6 +161,7 @@ class LocalCluster:
         self.verify_senders = verify_senders
         self.worker_options = tuple(worker_options) + (() if sandbox else ("--no-sandbox",))
         self.workers: list[WorkerProcess] = []
+        self._others: list[str] = []  # members besides the owner and the worker user (add_member)
         self._n_workers = workers
         self._dir = Path(tempfile.mkdtemp(prefix=_PREFIX))
         (self._dir / _OWNER_FILE).write_text(f"{os.getpid()} {_pid_namespace()}")
@@ -209,7 +210,7 @@ class LocalCluster:
             users=self._keyring, state_dir=self._state, verify_sender=self.verify_senders)
         self._server.start()
         self._port = self._server.port
-        self._server.set_members(self.cluster, [self.worker_user])
+        self._server.set_members(self.cluster, [self.worker_user, *self._others])
 
     def restart_board(self) -> None:
         """Stop the board and start it again on the same port, keeping users and clusters."""
@@ -269,6 +270,23 @@ class LocalCluster:
         finally:
             os.close(read_fd)
         return worker
+
+    def add_member(self, name: str) -> dict[str, Any]:
+        """Another member with a key of their own; returns the ``executor()`` arguments that act as them.
+
+        Add members before the workers that must know them: a worker re-reads
+        the members file when it changes, but only every few seconds.
+        """
+        path = self._dir / f"{name}_ed25519"
+        generate_identity_file(path, f"{name}@p2pexec-local")
+        keyring = Keyring.parse(f"{self._keyring.dumps()}{name} {load_identity(name, str(path)).openssh_public}\n")
+        Path(self.members).write_text(keyring.dumps())
+        self._keyring = keyring
+        self._others.append(name)
+        if self._server is not None:
+            self._server.set_users(keyring)
+            self._server.set_members(self.cluster, [self.worker_user, *self._others])
+        return {"board": f"ssh://{name}@127.0.0.1:{self._port}", "identity": str(path)}
 
     def executor(self, **kwargs: Any) -> P2PExecutor:
         options: dict[str, Any] = dict(board=self.board, identity=self.identity, members=self.members,
