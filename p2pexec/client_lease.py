@@ -19,7 +19,7 @@ from .protocol import messages
 from .protocol.frames import Buffer, MessageTooLarge, Op, decode_ops, encode_op, op_parts, resume_frame, session_keys
 from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.reach import CIRCUIT
-from .protocol.resources import ANY, Need, Resources
+from .protocol.resources import ANY, Need
 from .stdlib_private import cancel_running
 from .transport.channel import FramedStream, PeerLost, SecureChannel
 from .transport.host import RELAY_JOIN_TIMEOUT, Unreachable
@@ -35,11 +35,10 @@ UPGRADE_RETRY = 2.0
 
 class Lease:
     def __init__(self, client: ClientScheduler, worker: str, peer: str, slots: int, key: bytes = b"",
-                 need: Need = ANY, resources: Resources | None = None) -> None:
+                 need: Need = ANY) -> None:
         self.client = client
         self.worker = worker
         self.need = need  # it runs only tasks of this need
-        self.resources = resources  # what its worker advertised
         self.key = key  # the member key its offer was signed with: still a member's?
         self.peer = peer
         self.slots = slots

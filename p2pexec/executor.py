@@ -33,7 +33,7 @@ from .runtime import TrioThread
 from .scheduler import ClientScheduler, SchedulerOptions, WorkItem
 from .stats import ExecutorStats
 from .stdlib_private import before_threads_are_joined
-from .tasks import PrepickledFunction, dump_task
+from .tasks import PrepickledFunction, dump_task, is_plain
 
 log = logging.getLogger("p2pexec.client")
 
@@ -255,12 +255,13 @@ class P2PExecutor(Executor):
         if not runtime.alive:
             future.set_exception(RuntimeError("the p2pexec runtime stopped before this task could be sent"))
             return
+        plain = is_plain((args, kwargs))  # (checked once: the pickling and the package lookup both ask)
         try:
-            payload = dump_task(fn, args, kwargs)
+            payload = dump_task(fn, args, kwargs, plain)
         except Exception as exc:
             future.set_exception(exc)
             return
-        env = self._envs.of(fn, args, kwargs, payload)
+        env = self._envs.of(fn, plain, payload)
         scheduler.fitting.want(env)
         item = WorkItem(future, payload, scheduler.next_id(), need=need, env=env)
         if future not in self._unfinished:  # (a task that waited for futures is there already)

@@ -28,7 +28,6 @@ from . import environment
 from .environment import MAX_ASKED, Misfit
 from .errors import MissingPackageError
 from .protocol.frames import Buffer
-from .tasks import is_plain
 
 log = logging.getLogger("p2pexec.client")
 
@@ -57,9 +56,8 @@ class EnvFinder:
         self._size = size
         self._lock = threading.Lock()  # submitting threads share it
 
-    def of(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-           payload: list[Buffer]) -> TaskEnv:
-        plain = is_plain((args, kwargs))
+    def of(self, fn: Callable[..., Any], plain: bool, payload: list[Buffer]) -> TaskEnv:
+        """``plain``: the task's arguments are plain builtin data (:func:`~p2pexec.tasks.is_plain`)."""
         if plain:
             with self._lock:
                 hit = self._by_function.get(id(fn))

@@ -361,15 +361,15 @@ class ClientScheduler:
         for need in self.pending.needs():
             self._asks.setdefault(need, _Ask(messages.new_id()))
         now = time.monotonic()
+        view = self.nat.view.to_json() if self.nat is not None else {}
+        dists = {"dists": sorted(self.fitting.asking)} if self.fitting.asking else {}
         for need, ask in self._asks.items():
             wanted = self._wanted(need)
             if not wanted:
                 ask.last_asked = 0
             elif should_request(wanted, ask.last_asked, now - ask.last_request, REQUEST_EVERY):
                 ask.last_request, ask.last_asked = now, wanted
-                view = self.nat.view.to_json() if self.nat is not None else {}
                 needs = {"need": need.to_json()} if need != ANY else {}
-                dists = {"dists": sorted(self.fitting.asking)} if self.fitting.asking else {}
                 self._post("request", {"req": ask.req, "n": wanted, "py": PYTHON, **needs, **dists, **view},
                            REQUEST_TTL)
 
@@ -415,12 +415,12 @@ class ClientScheduler:
             log.debug("ignoring an offer from %s: it lacks packages our tasks use", msg.sender)
             return
         if need == ANY:
-            self.offered[msg["peer"]] = (msg["slots"], time.monotonic())
+            self.offered[msg["peer"]] = (msg["slots"], now)
             self.capacity_known.set()
         slots = slots_to_accept(msg["slots"], self._wanted(need))
         if slots <= 0:
             return
-        lease = Lease(self, msg.sender, msg["peer"], slots, msg.key, need, resources)
+        lease = Lease(self, msg.sender, msg["peer"], slots, msg.key, need)
         self.leases.append(lease)
         self._nursery.start_soon(lease.run, msg)
 

@@ -161,8 +161,10 @@ def is_plain(obj: Any, budget: int = 1 << 16) -> bool:
     return True
 
 
-def dump_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Buffer]:
-    if isinstance(fn, PrepickledFunction) and is_plain((args, kwargs)):
+def dump_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+              plain: bool | None = None) -> list[Buffer]:
+    """The task's payload; ``plain`` is :func:`is_plain` of ``(args, kwargs)`` when the caller knows it already."""
+    if isinstance(fn, PrepickledFunction) and (is_plain((args, kwargs)) if plain is None else plain):
         return _dumps_plain((fn, args, kwargs))  # the common map case: the C pickler, 20x faster
     # recurse=True pickles only the globals a function uses, so functions
     # from a user's __main__ travel without dragging the whole module along.

@@ -16,13 +16,13 @@ NUMPY = installed()["numpy"]
 
 def test_a_functions_needs_are_found_once_and_arguments_only_when_they_may_name_packages():
     finder = EnvFinder()
-    first = finder.of(np.sum, (1, 2), {}, dump_task(np.sum, (1, 2), {}))
+    first = finder.of(np.sum, True, dump_task(np.sum, (1, 2), {}))
     assert first.needs == {"numpy": NUMPY}
-    assert finder.of(np.sum, (3, 4), {}, dump_task(np.sum, (3, 4), {})) is first  # plain arguments: cached
+    assert finder.of(np.sum, True, dump_task(np.sum, (3, 4), {})) is first  # plain arguments: cached
     version = packaging.version.Version("1.0")
-    mixed = finder.of(len, (version,), {}, dump_task(len, (version,), {}))
+    mixed = finder.of(len, False, dump_task(len, (version,), {}))
     assert "packaging" in mixed.needs and "numpy" not in mixed.needs
-    assert finder.of(len, ([1],), {}, dump_task(len, ([1],), {})) is NOTHING  # stdlib only
+    assert finder.of(len, True, dump_task(len, ([1],), {})) is NOTHING  # stdlib only
 
 
 def test_a_worker_is_skipped_only_for_what_it_is_known_to_lack():
