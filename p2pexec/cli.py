@@ -1,4 +1,7 @@
-"""Command line: ``p2pexec`` (demo, board, relay, invite, join, status, ...); ``p2pexec-worker`` is :mod:`.worker_cli`."""
+"""Command line: ``p2pexec`` (demo, board, relay, invite, join, status, ...).
+
+``p2pexec-worker`` is :mod:`.worker_cli`.
+"""
 
 from __future__ import annotations
 

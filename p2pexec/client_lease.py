@@ -66,7 +66,7 @@ class Lease:
                 accept = self.client.sign("accept", {"offer": offer.id, "worker": offer.sender, "req": offer["req"],
                                                "kx": messages.b64(self.client.kx_keys[0]), "slots": self.slots}, ttl=30)
                 await framed.send(accept)
-                rx, tx = session_keys("client", self.client.kx_keys[0], self.client.kx_keys[1], messages.unb64(offer["kx"], 32))
+                rx, tx = session_keys("client", *self.client.kx_keys, messages.unb64(offer["kx"], 32))
                 self.channel = await SecureChannel.establish(framed, rx, tx, allocate=None,
                                                               max_message=self.client.options.max_result_size)
                 framed.silence_limit = SILENCE_SECONDS

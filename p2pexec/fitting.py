@@ -153,9 +153,9 @@ class Fitting:
         if any(m is None for m in misfits.values()):
             return None
         first = min((m for m in misfits.values() if m is not None), key=lambda m: (m.kind != "missing", m.dist))
-        return MissingPackageError(first.dist, env.needs.get(first.dist, first.wanted),
-                                   {f"{self._heard[peer][0]}'s worker ...{peer[-6:]}": self._heard[peer][1].get(first.dist)
-                                    for peer in online})
+        found = {f"{self._heard[peer][0]}'s worker ...{peer[-6:]}": self._heard[peer][1].get(first.dist)
+                 for peer in online}
+        return MissingPackageError(first.dist, env.needs.get(first.dist, first.wanted), found)
 
     def forget(self, now: float) -> None:
         """Drop answers too old to trust (they are asked again)."""

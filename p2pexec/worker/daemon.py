@@ -297,8 +297,8 @@ class WorkerDaemon:
         if why_not is not None:
             return self._decline(msg, "resources", f"{why_not}; it lends {self.resources.describe()}")
         required = environment.parse_requires(need.requires)
-        unsatisfied = environment.misfit({}, required, environment.answer(canonicalize_name(req.name) for req in required),
-                                         strict=False)
+        have = environment.answer(canonicalize_name(req.name) for req in required)
+        unsatisfied = environment.misfit({}, required, have, strict=False)
         if unsatisfied is not None:
             return self._decline(msg, "requires", f"{unsatisfied.describe()} (to fix: {unsatisfied.fix()})")
         if msg.body.get("probe") is True:  # a client counting slots (joblib's n_jobs=-1): offer what is free, no more
