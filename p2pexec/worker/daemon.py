@@ -663,11 +663,15 @@ def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None, *, 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_leave_on_signals, daemon, nursery.cancel_scope, drain)
             if parent is not None:
-                nursery.start_soon(_end_with_parent, parent, leftovers, nursery.cancel_scope)
+                nursery.start_soon(_end_with_parent, parent, nursery.cancel_scope)
             await nursery.start(daemon.run)
             on_ready()
 
     trio.run(main)
+    if parent is not None and leftovers is not None and os.getppid() != parent:
+        # Only now: while stopping, the worker still wrote there (its history, its scratch), which would
+        # bring the directory back after an earlier removal.  Each worker removes it as it ends.
+        shutil.rmtree(leftovers, ignore_errors=True)
 
 
 DEFAULT_KEY = Path("~/.ssh/id_ed25519")
@@ -725,18 +729,16 @@ async def _then_cancel(afn: Callable[[], Any], scope: trio.CancelScope) -> None:
 PARENT_CHECK_SECONDS = 0.2
 
 
-async def _end_with_parent(parent: int, leftovers: Path | None, stop: trio.CancelScope) -> None:
+async def _end_with_parent(parent: int, stop: trio.CancelScope) -> None:
     """Stop once process ``parent`` has ended, however it ended (SIGKILL, a notebook kernel restart).
 
     Its death reparents us, which ``getppid`` shows.  PR_SET_PDEATHSIG
     would fire when the *thread* that started us ends, which may be long
     before its process; a pipe's EOF would wait for every process that
-    inherited its other end (anything the parent forked).  ``leftovers``
-    (the LocalCluster's directory, which holds private keys) goes too.
+    inherited its other end (anything the parent forked).  :func:`serve`
+    then removes the LocalCluster's directory, which holds private keys.
     """
     while os.getppid() == parent:
         await trio.sleep(PARENT_CHECK_SECONDS)
     log.warning("the process that started this worker (pid %d) has ended; stopping", parent)
-    if leftovers is not None:
-        shutil.rmtree(leftovers, ignore_errors=True)
     stop.cancel()
