@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -209,7 +210,7 @@ class InboxReplay(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now = NOW
-        self.latest = NOW  # the latest time the inbox was given
+        self.latest = -math.inf  # the latest time the inbox was given (none yet)
         self.inbox = Inbox(CLUSTER, KEYRING, max_seen=self.LIMIT)
         self.accepted: dict[str, tuple[bytes, float]] = {}  # id -> (line, exp)
         self.fresh = 0
