@@ -159,7 +159,7 @@ class P2PExecutor(Executor):
         self._runtime = TrioThread(self._serve, name=f"p2pexec-client-{cluster}")
         board_session = BoardSession(
             who.board, who.identity, self.cluster,
-            inbox=Inbox(self.cluster, who.keyring),
+            inbox=Inbox(self.cluster, who.keyring, me=who.identity.user),
             on_message=partial(self._runtime.call_soon, scheduler.on_message),
             make_hello=scheduler.hello,
             on_connect=partial(self._runtime.call_soon, scheduler.reannounce),

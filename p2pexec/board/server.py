@@ -40,7 +40,7 @@ import paramiko
 
 from ..errors import ConfigurationError
 from ..keys import ED25519, Keyring, generate_identity_file, parse_openssh_public, valid_username
-from ..protocol.messages import relay_refusal
+from ..protocol.messages import route
 from .admission import Admission, Limits, LogLimiter
 from .commands import HELP, PUBLIC, Command, CommandError, parse, valid_topic
 from .registry import INVITE_DAYS, Registry
@@ -953,22 +953,27 @@ class BoardServer:
 
         A topic with an access list is a cluster's: only the cluster's messages
         signed by the session's own user and key go out there (see
-        :func:`relay_refusal`); elsewhere, lines that are not messages too.
+        :func:`route`); elsewhere, lines that are not messages too.  A message
+        addressed to one member (an offer, a decline) goes to that member's
+        sessions alone: the others would drop it anyway, and sending every
+        offer to everyone grows with the square of the cluster.
         """
+        to = None
         if self.verify_sender:
             with self._cond:
                 cluster = sender.topic if sender.topic in self._members else None
-            refusal = relay_refusal(line[:-1], sender.user, sender.key, cluster)
-            if refusal is not None:
+            verdict = route(line[:-1], sender.user, sender.key, cluster)
+            if verdict.refusal is not None:
                 with self._cond:
-                    self.dropped[refusal] += 1
-                log.debug("dropped a line from %s on %s: %s", sender.client_id, sender.topic, refusal)
+                    self.dropped[verdict.refusal] += 1
+                log.debug("dropped a line from %s on %s: %s", sender.client_id, sender.topic, verdict.refusal)
                 return
+            to = verdict.to
         slow: list[_Session] = []
         with self._cond:
             self.relayed += 1
             for r in self._receivers(sender.topic):
-                if r is sender and not sender.cmd.replay:
+                if (r is sender and not sender.cmd.replay) or (to is not None and r.user != to and r is not sender):
                     continue
                 assert r.outbox is not None
                 if not r.outbox.offer(line):

@@ -170,7 +170,8 @@ class WorkerDaemon:
             token = trio.lowlevel.current_trio_token()
             self.board = BoardSession(
                 self.config.who.board, self.config.who.identity, self.config.who.cluster,
-                inbox=messages.Inbox(self.config.who.cluster, self.config.who.keyring),
+                inbox=messages.Inbox(self.config.who.cluster, self.config.who.keyring,
+                                     me=self.config.who.identity.user),
                 on_message=lambda msg: token.run_sync_soon(self._on_message, msg),
                 make_hello=self._hello,
                 known_hosts=self.config.known_hosts, accept_new_host_key=self.config.accept_new_host_key,
