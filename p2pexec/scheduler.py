@@ -47,6 +47,7 @@ log = logging.getLogger("p2pexec.client")
 
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 REQUEST_TTL = 10.0
+SCHEDULER_SKIPS = frozenset({"request", "withdraw"})  # other clients' asking: :meth:`on_message` never reads it
 REQUEST_EVERY = 2.0
 PROBE_SLOTS = 4096  # a request that asks every worker for all it has, to count slots
 REWARN_AT_MOST_EVERY = 5.0  # the no-worker warning repeats only when its news changed, at most this often

@@ -65,6 +65,8 @@ def test_lines_addressed_to_others_are_dropped_before_their_signature_is_checked
     assert carols.receive(tampered, NOW) is None and carols.dropped == {"bad-signature": 1}
     assert carols.receive(decline, NOW) is not None
     assert alices.receive(request(), NOW) is not None  # unaddressed lines are for everyone
+    clients = Inbox(CLUSTER, KEYRING, me="carol", skip=frozenset({"request"}))
+    assert clients.receive(request(), NOW) is None and clients.dropped == {"not-for-us": 1}
 
 
 def test_member_name_with_another_members_key_is_rejected():

@@ -138,7 +138,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return fields
 
 
-def decode(line: bytes, for_user: str | None = None) -> Message:
+def decode(line: bytes, for_user: str | None = None, skip: frozenset[str] = frozenset()) -> Message:
     """Parse a line and check its structure and signature (not its freshness or sender).
 
     Strict, so that the board's check and every receiver's reading of a line
@@ -148,6 +148,7 @@ def decode(line: bytes, for_user: str | None = None) -> Message:
     ``not-for-us`` before its signature is checked: on a broadcast board
     (pico.sh) every participant sees every offer, and checking each one's
     signature would cost every participant time in proportion to the cluster.
+    Types in ``skip`` (what this receiver never reads) are dropped the same way.
     """
     if len(line) > MAX_LIST_BYTES:
         raise InvalidMessage("too-long")
@@ -182,7 +183,7 @@ def decode(line: bytes, for_user: str | None = None) -> Message:
             raise InvalidMessage("bad-field", f"{mtype}.{name}")
     if not valid_username(fields["from"]):
         raise InvalidMessage("bad-envelope", "from")
-    if for_user is not None and fields.get("to", for_user) != for_user:
+    if (for_user is not None and fields.get("to", for_user) != for_user) or mtype in skip:
         raise InvalidMessage("not-for-us")
     key = unb64(fields["key"], 32)
     sig = unb64(fields.pop("sig"), 64)
@@ -280,10 +281,11 @@ class Inbox:
     as ``seen-full``.
     """
 
-    def __init__(self, cluster: str, keyring: Members, max_seen: int = MAX_SEEN, me: str | None = None) -> None:
+    def __init__(self, cluster: str, keyring: Members, max_seen: int = MAX_SEEN, me: str | None = None,
+                 skip: frozenset[str] = frozenset()) -> None:
         self.cluster = cluster
         self.keyring = keyring
-        self.me = me  # lines addressed to others are dropped unread (see decode)
+        self.me, self.skip = me, skip  # lines addressed to others, and types we never read: dropped unread
         self.dropped: Counter[str] = Counter()
         self._seen = SeenIds(max_seen)
         self._latest = -math.inf  # the latest time seen: ids forgotten then must stay expired if the clock steps back
@@ -297,7 +299,7 @@ class Inbox:
         return msg
 
     def _check(self, line: bytes, now: float) -> Message:
-        msg = decode(line, self.me)
+        msg = decode(line, self.me, self.skip)
         if msg.cluster != self.cluster:
             raise InvalidMessage("other-cluster")
         if msg.type == "joined" and hasattr(self.keyring, "admit"):

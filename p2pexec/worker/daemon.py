@@ -62,6 +62,8 @@ OFFER_TTL = 15.0
 HELLO_EVERY = 30.0
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HANDSHAKE_FRAME = messages.MAX_LINE_BYTES
+IDLE_GRACE = 0.5  # a lease is idle once no task came this long after its last answer (a long task's next one
+# comes only after the client has the answer and the credit: a round trip, up to a few hundred ms)
 PUNCH_GIVES_UP = 20.0  # a lease still relayed this long after it started will not be hole-punched
 
 
@@ -523,6 +525,8 @@ class WorkerDaemon:
             outbox.extend(op)
             mail.set()
 
+        started = answered_at = trio.current_time()  # (answered_at: when a task was last answered)
+        looking_again = False
         stoppers: dict[int, trio.CancelScope] = {}  # running task id -> what interrupts it
         idle: set[trio.CancelScope] = set()  # slots waiting for a task: a poke makes them look up
 
@@ -548,6 +552,7 @@ class WorkerDaemon:
             return True
 
         async def run_slot(slot: TaskSlot, tasks: trio.MemoryReceiveChannel[Task]) -> None:
+            nonlocal answered_at, looking_again
             async with tasks:
                 while not leaves(slot):
                     with trio.CancelScope() as waiting:
@@ -586,9 +591,17 @@ class WorkerDaemon:
                         log.info("task %d of %s interrupted as asked", task_id, client)
                         op = op_parts(Op.CANCELLED, task_id)
                     ledger.task_answered(task_id, None if stopper.cancelled_caught else trio.current_time() - started)
+                    answered_at = trio.current_time()
                     post(*op)
+                    if not ledger.queued and not looking_again:  # idle, unless its next task is on its way
+                        looking_again = True
+                        nursery.start_soon(look_again)
 
-        started = trio.current_time()
+        async def look_again() -> None:
+            nonlocal looking_again
+            await trio.sleep(IDLE_GRACE)
+            looking_again = False
+            post()
 
         def giving_way() -> bool:
             """Its last slot is owed to a more deserving request."""
@@ -599,7 +612,8 @@ class WorkerDaemon:
             than lease_seconds."""
             if self.draining or giving_way():
                 return True
-            done = ledger.answered > 0 and not ledger.running and not ledger.queued
+            done = (ledger.answered > 0 and not ledger.running and not ledger.queued
+                    and trio.current_time() - answered_at >= IDLE_GRACE)
             return ((done or trio.current_time() - started > self.config.lease_seconds)
                     and self.sharing.contended(req, time.time()))
 
