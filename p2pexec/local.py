@@ -32,6 +32,9 @@ log = logging.getLogger("p2pexec.local")
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0  # a stopping worker with nothing running exits in well under a second
 _PREFIX = "p2pexec-local-"
+# Every worker of a LocalCluster is the same user, each with a board session (plus its commands):
+# a public board's 32 per user would cap a local cluster at about 30 workers.
+LOCAL_SESSIONS_PER_USER = 1024
 _OWNER_FILE = "owner.pid"  # the pid of the process whose cluster it is
 
 
@@ -207,7 +210,8 @@ class LocalCluster:
         self._server = BoardServer(
             host="127.0.0.1", port=self._port,
             host_key=paramiko.Ed25519Key.from_private_key_file(str(self._host_key_path)),
-            users=self._keyring, state_dir=self._state, verify_sender=self.verify_senders)
+            users=self._keyring, state_dir=self._state, verify_sender=self.verify_senders,
+            sessions_per_user=LOCAL_SESSIONS_PER_USER)
         self._server.start()
         self._port = self._server.port
         self._server.set_members(self.cluster, [self.worker_user, *self._others])
