@@ -14,6 +14,7 @@ import sys
 import sysconfig
 import threading
 import traceback
+import types
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -251,13 +252,8 @@ class _Hoisting:
         self.used: dict[int, int] = {}  # id(value) -> its index in this task
         self.values: list[Value] = []
 
-    def pid(self, obj: Any) -> int | None:
-        hit = self.memo.get(id(obj)) if self.memo else None
-        if hit is None:
-            if _hoistable_size(obj) < wire.HOIST_MIN:
-                return None
-            hit = self.memo[id(obj)] = (obj, Value(_dumps(obj, recurse=True)))
-        value = hit[1]
+    def index(self, value: Value) -> int:
+        """``value``'s index in this task, given on first use."""
         index = self.used.get(id(value))
         if index is None:
             index = self.used[id(value)] = len(self.values)
@@ -269,16 +265,39 @@ class _Hoisting:
         buf = io.BytesIO()
         buffers: list[pickle.PickleBuffer] = []
         pickler = _HoistingPickler(buf, protocol=_PROTOCOL, buffer_callback=buffers.append, recurse=True)
-        pickler.hoisting = self
+        pickler.hoisting, pickler.memo_of_values = self, self.memo
         pickler.dump(obj)
         return pack_parts([buf.getbuffer(), *(b.raw() for b in buffers)])
 
 
+_NEVER_BIG_ALONE = frozenset({int, float, bool, complex, type(None), tuple, list, dict, set, frozenset, type,
+                              types.FunctionType, types.BuiltinFunctionType, types.CodeType, types.CellType,
+                              types.ModuleType, functools.partial})
+
+
 class _HoistingPickler(_TaskPickler):
+    """Replaces big objects by their index among the task's values (``persistent_id``, asked of every object
+    pickled: kept short)."""
+
     hoisting: _Hoisting
+    memo_of_values: dict[int, tuple[Any, Value]]
 
     def persistent_id(self, obj: Any) -> int | None:
-        return self.hoisting.pid(obj)
+        if self.memo_of_values:
+            hit = self.memo_of_values.get(id(obj))
+            if hit is not None:
+                return self.hoisting.index(hit[1])
+        kind = type(obj)
+        if kind in _NEVER_BIG_ALONE:
+            return None
+        if kind is str or kind is bytes:
+            if len(obj) < wire.HOIST_MIN:
+                return None
+        elif _hoistable_size(obj) < wire.HOIST_MIN:
+            return None
+        value = Value(_dumps(obj, recurse=True))
+        self.memo_of_values[id(obj)] = (obj, value)
+        return self.hoisting.index(value)
 
 
 _shared = threading.local()
