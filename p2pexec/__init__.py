@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 from .errors import (
     AccessDeniedError,
     AuthenticationError,
+    BoardBusyError,
     BoardConnectionError,
     BoardError,
     ConfigurationError,
@@ -46,7 +47,7 @@ def __getattr__(name: str):  # task processes import p2pexec too: keep SSH, trio
 
 __all__ = [
     "P2PExecutor", "LocalCluster", "RemoteTraceback", "P2PExecError", "ConfigurationError", "BoardError",
-    "BoardConnectionError", "HostKeyError", "AuthenticationError", "AccessDeniedError", "ProtocolError",
+    "BoardConnectionError", "BoardBusyError", "HostKeyError", "AuthenticationError", "AccessDeniedError", "ProtocolError",
     "TaskProcessDiedError", "WorkerLostError", "NoWorkersError", "ResultTooLargeError", "UntrustedResultError",
     "MissingPackageError", "ExecutorStats", "WorkerStats", "task_rng", "task_seed", "current_worker", "WorkerInfo",
 ]

@@ -22,6 +22,15 @@ class BoardConnectionError(BoardError):
     """The board host could not be reached."""
 
 
+class BoardBusyError(BoardConnectionError):
+    """The board did not answer in time, or closed the connection before we logged in.
+
+    An overloaded or flooded board sheds connections this way, as does a
+    flaky network: worth another try, which :class:`P2PExecutor` makes for a
+    while before raising it.
+    """
+
+
 class HostKeyError(BoardError):
     """The board's SSH host key is unknown or does not match known_hosts."""
 

@@ -30,7 +30,7 @@ from .results import task_package
 from .chunks import chained, numbered_chunks, run_chunk
 from .seeding import Seeded, seeded_chunk
 from .runtime import TrioThread
-from .scheduler import ClientScheduler, SchedulerOptions, WorkItem
+from .scheduler import SCHEDULER_SKIPS, ClientScheduler, SchedulerOptions, WorkItem
 from .stats import ExecutorStats
 from .stdlib_private import before_threads_are_joined
 from .tasks import PrepickledFunction, dump_task_values, is_plain, shared_values
@@ -159,7 +159,7 @@ class P2PExecutor(Executor):
         self._runtime = TrioThread(self._serve, name=f"p2pexec-client-{cluster}")
         board_session = BoardSession(
             who.board, who.identity, self.cluster,
-            inbox=Inbox(self.cluster, who.keyring),
+            inbox=Inbox(self.cluster, who.keyring, me=who.identity.user, skip=SCHEDULER_SKIPS),
             on_message=partial(self._runtime.call_soon, scheduler.on_message),
             make_hello=scheduler.hello,
             on_connect=partial(self._runtime.call_soon, scheduler.reannounce),

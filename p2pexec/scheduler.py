@@ -48,6 +48,7 @@ log = logging.getLogger("p2pexec.client")
 
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 REQUEST_TTL = 10.0
+SCHEDULER_SKIPS = frozenset({"request", "withdraw"})  # other clients' asking: :meth:`on_message` never reads it
 REQUEST_EVERY = 2.0
 PROBE_SLOTS = 4096  # a request that asks every worker for all it has, to count slots
 REWARN_AT_MOST_EVERY = 5.0  # the no-worker warning repeats only when its news changed, at most this often
@@ -318,6 +319,7 @@ class ClientScheduler:
     async def close(self, grace: float = 5.0) -> None:
         """End every lease politely, hang up on those still open after ``grace`` s; called once the executor is done."""
         self.closing = True
+        self.maybe_request()  # withdraws what we asked for
         self.notify()
         with trio.move_on_after(grace):
             while self.leases:
@@ -381,12 +383,14 @@ class ClientScheduler:
         for need, ask in self._asks.items():
             wanted = self._wanted(need)
             if not wanted:
+                if ask.last_asked:  # we asked and want no more: workers stop keeping slots for us
+                    self._post("withdraw", {"req": ask.req}, REQUEST_TTL)
                 ask.last_asked = 0
             elif should_request(wanted, ask.last_asked, now - ask.last_request, REQUEST_EVERY):
                 ask.last_request, ask.last_asked = now, wanted
                 needs = {"need": need.to_json()} if need != ANY else {}
-                self._post("request", {"req": ask.req, "n": wanted, "py": PYTHON, **needs, **dists, **view},
-                           REQUEST_TTL)
+                self._post("request", {"req": ask.req, "client": self.request_id, "n": wanted, "py": PYTHON,
+                                       **needs, **dists, **view}, REQUEST_TTL)
 
     def _note_unusable(self, worker: str, python: Any) -> bool:
         """Note why this member's worker cannot serve us, if it cannot; True then."""

@@ -13,12 +13,17 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import paramiko
 import pytest
 
 from p2pexec.board.admission import Limits
+from p2pexec.board.client import BoardAddress, BoardSession
 from p2pexec.board.server import BoardServer
+from p2pexec.errors import BoardBusyError, BoardConnectionError
+from p2pexec.keys import Keyring, load_identity
+from p2pexec.protocol import messages
 
 from .test_board_server import (  # noqa: F401 -- fixtures
     WAIT,
@@ -149,3 +154,44 @@ def test_logged_in_members_keep_their_reserve(
     pub.sendall(b"hi\n")
     pub.shutdown_write()
     assert pub.recv_exit_status() == 0
+
+
+def test_a_member_shed_by_a_busy_board_joins_on_a_later_try(
+        make_board: Callable[..., BoardServer], keydir: Path, sockets: list[socket.socket],
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """A board full of strangers' handshakes closes a member's connection; the member's client tries again."""
+    caplog.set_level(logging.INFO, logger="p2pexec.board")
+    board = make_board(limits=Limits(max_connections=8, max_unauthenticated=1, handshake_timeout=1.0,
+                                     auth_timeout=2.0))
+    open_from(board, "127.0.0.2", sockets)  # the only unauthenticated place, until its handshake deadline
+    alice = load_identity("alice", keydir / "alice")
+    session = BoardSession(
+        BoardAddress("127.0.0.1", board.port, "alice"), alice, "alice/t",
+        inbox=messages.Inbox("alice/t", board.users), on_message=lambda m: None,
+        make_hello=lambda: messages.encode(alice, "alice/t", "hello", {"role": "observer"}, now=time.time(),
+                                           ttl=30),
+        known_hosts=tmp_path / "known_hosts", accept_new_host_key=True)
+    session.open(within=WAIT)
+    try:
+        assert session.connected.is_set()
+    finally:
+        session.close()
+    assert board.refused["max-unauthenticated"] >= 1, board.refused
+    assert "is busy" in caplog.text
+
+
+def test_a_board_that_is_not_running_fails_at_once(tmp_path: Path, keydir: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound, not listening: connections are refused
+        alice = load_identity("alice", keydir / "alice")
+        session = BoardSession(
+            BoardAddress("127.0.0.1", port, "alice"), alice, "alice/t",
+            inbox=messages.Inbox("alice/t", Keyring.parse("")), on_message=lambda m: None,
+            make_hello=lambda: b"", known_hosts=tmp_path / "known_hosts")
+        started = time.monotonic()
+        with pytest.raises(BoardConnectionError) as caught:
+            session.open(within=WAIT)
+    assert not isinstance(caught.value, BoardBusyError)
+    assert time.monotonic() - started < WAIT  # no retries: nothing listens there
+

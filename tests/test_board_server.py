@@ -520,6 +520,29 @@ def test_forged_messages_are_dropped(board: BoardServer, keydir: Path,
     assert board.dropped["not-a-message"] == 2  # alice/t has an access list: a cluster's topic
 
 
+@pytest.mark.timeout(30)
+def test_addressed_messages_reach_their_addressee_alone(board: BoardServer, keydir: Path,
+                                                         channel: Callable[..., paramiko.Channel]) -> None:
+    """An offer or decline goes to its ``to`` member's sessions only (and the sender's own echo)."""
+    alice, bob = load_identity("alice", keydir / "alice"), load_identity("bob", keydir / "bob")
+    now = time.time()
+
+    def decline(to: str) -> bytes:
+        return encode(alice, "alice/t", "decline", {"req": "r", "to": to, "why": "python"}, now=now, ttl=60) + b"\n"
+
+    sender = channel(board, "alice", "pipe t -r -a bob,carol")
+    wait_clients(board, "alice/t", pipe=1)
+    bobs, carols = channel(board, "bob", "sub alice/t"), channel(board, "carol", "sub alice/t")
+    wait_clients(board, "alice/t", sub=2, pipe=1)
+    everyone = encode(alice, "alice/t", "hello", {"role": "client"}, now=now, ttl=60) + b"\n"
+    sent = [decline("bob"), decline("carol"), decline("dave"), everyone]
+    sender.sendall(b"".join(sent))
+    for chan, expected in ((bobs, [sent[0], everyone]), (carols, [sent[1], everyone]),
+                           (sender, sent)):  # -r: the sender sees all it sent
+        lines = Lines(chan.makefile("rb"))
+        assert [lines.get() for _ in expected] == expected
+
+
 def _duplicate(line: bytes, name: str, value: str, first: bool) -> bytes:
     extra = json.dumps(name).encode() + b":" + json.dumps(value).encode()
     return b"{" + extra + b"," + line[1:] if first else line[:-1] + b"," + extra + b"}"

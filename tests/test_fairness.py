@@ -26,3 +26,18 @@ def test_a_waiting_client_gets_a_slot_before_a_long_queue_drains():
     # the other client ran while the hog still had work queued, and the hog lost nothing
     assert finished_other < max(finished_hog)
     assert sum(t > finished_other for t in finished_hog) >= 10
+
+
+def test_a_lease_gives_a_slot_to_a_newcomer_between_two_tasks_and_keeps_the_other():
+    """Fair sharing, with the default --lease-seconds (30): the newcomer does not wait for the queue."""
+    with LocalCluster(workers=1, slots=2) as lc:
+        with lc.executor() as hog, lc.executor() as other:
+            hog_futures = [hog.submit(stamp_after, 0.2) for _ in range(40)]  # ~4 s of work on 2 slots
+            hog_futures[1].result(timeout=30)  # the hog holds both slots
+            finished_other = other.submit(stamp_after, 0).result(timeout=60)
+            finished_hog = sorted(f.result(timeout=60) for f in hog_futures)
+        log = lc.workers[0].log_path.read_text()
+    assert finished_other < finished_hog[-10]  # it ran while the hog still had work queued
+    assert "gives a slot to alice" in log or "another client is waiting" in log  # moved between two tasks
+    ended = [line for line in log.splitlines() if "ended after" in line]
+    assert ended and all(line.endswith(" 0 killed") for line in ended)  # no running task was stopped

@@ -14,7 +14,7 @@ from nacl.signing import SigningKey
 
 from p2pexec.keys import Identity, Keyring, openssh_public_line
 from p2pexec.protocol import messages
-from p2pexec.protocol.messages import Inbox, InvalidMessage, decode, encode, relay_refusal
+from p2pexec.protocol.messages import Inbox, InvalidMessage, decode, encode, route
 
 CLUSTER = "alice/friends"
 ALICE = Identity("alice", SigningKey.generate())
@@ -56,6 +56,19 @@ def test_bad_lines_dropped_with_reason(line, reason):
     assert inbox.dropped[reason] == 1
 
 
+def test_lines_addressed_to_others_are_dropped_before_their_signature_is_checked():
+    decline = encode(BOB, CLUSTER, "decline", {"req": "r1", "to": "carol", "why": "python"}, now=NOW, ttl=10)
+    tampered = decline.replace(b'"python"', b'"pythoX"')  # its signature no longer holds
+    alices = Inbox(CLUSTER, KEYRING, me="alice")
+    assert alices.receive(tampered, NOW) is None and alices.dropped == {"not-for-us": 1}
+    carols = Inbox(CLUSTER, KEYRING, me="carol")
+    assert carols.receive(tampered, NOW) is None and carols.dropped == {"bad-signature": 1}
+    assert carols.receive(decline, NOW) is not None
+    assert alices.receive(request(), NOW) is not None  # unaddressed lines are for everyone
+    clients = Inbox(CLUSTER, KEYRING, me="carol", skip=frozenset({"request"}))
+    assert clients.receive(request(), NOW) is None and clients.dropped == {"not-for-us": 1}
+
+
 def test_member_name_with_another_members_key_is_rejected():
     # bob signs a message claiming to be alice: valid signature, wrong key for the name
     forged = encode(Identity("alice", BOB.signing_key), CLUSTER, "request",
@@ -63,12 +76,12 @@ def test_member_name_with_another_members_key_is_rejected():
     inbox = Inbox(CLUSTER, KEYRING)
     assert inbox.receive(forged, NOW) is None
     assert inbox.dropped["not-a-member"] == 1
-    assert relay_refusal(forged, "alice", ALICE.public_key, CLUSTER) == "bad-sender"
-    assert relay_refusal(request(), "alice", ALICE.public_key, CLUSTER) is None
-    assert relay_refusal(request(), "bob", ALICE.public_key, CLUSTER) == "bad-sender"
-    assert relay_refusal(request(cluster="alice/other"), "alice", ALICE.public_key, CLUSTER) == "other-cluster"
-    assert relay_refusal(b"plain text", "alice", ALICE.public_key, CLUSTER) == "not-a-message"
-    assert relay_refusal(b"plain text", "alice", ALICE.public_key, None) is None  # not a cluster's topic
+    assert route(forged, "alice", ALICE.public_key, CLUSTER).refusal == "bad-sender"
+    assert route(request(), "alice", ALICE.public_key, CLUSTER).refusal is None
+    assert route(request(), "bob", ALICE.public_key, CLUSTER).refusal == "bad-sender"
+    assert route(request(cluster="alice/other"), "alice", ALICE.public_key, CLUSTER).refusal == "other-cluster"
+    assert route(b"plain text", "alice", ALICE.public_key, CLUSTER).refusal == "not-a-message"
+    assert route(b"plain text", "alice", ALICE.public_key, None).refusal is None  # not a cluster's topic
 
 
 # Whitespace to JSON (the first four), to str.strip(), or to neither; and a BOM.
@@ -100,13 +113,13 @@ def disguised(draw):
 @given(line=disguised())
 def test_board_and_receivers_read_a_relayed_line_alike(line):
     """Whatever the board relays from bob's session, every receiver reads as bob's, or drops."""
-    if relay_refusal(line, "bob", BOB.public_key, CLUSTER) is None:
+    if route(line, "bob", BOB.public_key, CLUSTER).refusal is None:
         msg = decode(line)
         assert (msg.sender, msg.key) == ("bob", BOB.public_key)
         assert json.loads(line)["from"] == "bob"  # even a lax reader would agree
     inbox = Inbox(CLUSTER, KEYRING)
     msg = inbox.receive(line, NOW)
-    assert msg is None or relay_refusal(line, msg.sender, msg.key, CLUSTER) is None
+    assert msg is None or route(line, msg.sender, msg.key, CLUSTER).refusal is None
 
 
 @pytest.mark.parametrize("line, reason", [

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import queue
+import random
 import socket
 import threading
 import time
@@ -29,6 +30,7 @@ from ..protocol.messages import Inbox, Message
 from ..errors import (
     AccessDeniedError,
     AuthenticationError,
+    BoardBusyError,
     BoardConnectionError,
     BoardError,
     HostKeyError,
@@ -39,6 +41,8 @@ log = logging.getLogger("p2pexec.board")
 DEFAULT_BOARD = "pipe.pico.sh"
 DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
 _MAX_BUFFERED = 1 << 20
+# How long joining keeps trying a board that is busy (see BoardBusyError) before it gives up.
+JOIN_WITHIN = 30.0
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,10 @@ def connect(address: BoardAddress, identity: Identity, known_hosts: Path = DEFAU
     except (OSError, EOFError, paramiko.SSHException) as exc:
         client.close()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        raise BoardConnectionError(
+        # Nothing listens, or no such host: trying again will not help.  Anything else (a timeout, a
+        # connection closed before login) is what a busy or flooded board does to connections it sheds.
+        final = isinstance(exc, (ConnectionRefusedError, socket.gaierror))
+        raise (BoardConnectionError if final else BoardBusyError)(
             f"cannot reach the board at {where}: {reason}. Check the address (board=... or "
             f"P2PEXEC_BOARD) and that the board is running (start your own with: p2pexec board)"
         ) from None
@@ -220,9 +227,25 @@ class BoardSession:
         self.connected = threading.Event()
 
     # -- public -----------------------------------------------------------------
-    def open(self) -> None:
-        """Connect and join, raising a precise BoardError if that is impossible."""
-        pending = self._connect()
+    def open(self, within: float = JOIN_WITHIN) -> None:
+        """Connect and join, raising a precise BoardError if that is impossible.
+
+        A busy board (:class:`BoardBusyError`) gets more tries, with jittered
+        backoff, for up to ``within`` seconds.
+        """
+        deadline = time.monotonic() + within
+        delay = 0.25
+        while True:
+            try:
+                pending = self._connect()
+                break
+            except BoardBusyError as exc:
+                wait = delay * random.uniform(0.5, 1.5)  # members shed together must not return together
+                if time.monotonic() + wait > deadline:
+                    raise
+                log.info("the board %s is busy (%s); trying again in %.1f s", self.address, exc, wait)
+                time.sleep(wait)
+                delay = min(2 * delay, 4.0)
         self._sync_members()
         self._reader = threading.Thread(target=self._read_forever, args=(pending,),
                                         name=f"p2pexec-board-{self.topic}", daemon=True)
@@ -317,8 +340,7 @@ class BoardSession:
             try:
                 if channel is not None and channel.exit_status_ready():
                     self._raise_refusal(channel)  # refused before our hello went out
-                raise BoardConnectionError(
-                    f"the board at {where} dropped the session while joining: {exc}") from None
+                raise BoardBusyError(f"the board at {where} dropped the session while joining: {exc}") from None
             finally:
                 client.close()
         except BoardError:

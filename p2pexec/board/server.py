@@ -39,8 +39,9 @@ from pathlib import Path
 import paramiko
 
 from ..errors import ConfigurationError
+from ..logs import quiet_dependencies
 from ..keys import ED25519, Keyring, generate_identity_file, parse_openssh_public, valid_username
-from ..protocol.messages import relay_refusal
+from ..protocol.messages import route
 from .admission import Admission, Limits, LogLimiter
 from .commands import HELP, PUBLIC, Command, CommandError, parse, valid_topic
 from .registry import INVITE_DAYS, Registry
@@ -57,6 +58,8 @@ LINGER = 1.0             # stop(): time for clients to hang up after that
 JOIN_TIMEOUT = 5.0       # stop(): time for every thread to end
 CHUNK = 32768            # bytes read from a channel at once
 BATCH = 65536            # bytes written to a receiver at once
+ACCEPT_BACKLOG = 1024     # connections the kernel queues for accept()
+ACCEPT_BATCH = 64         # connections accepted per wake-up of the accept thread
 SHELL_USAGE = "this board runs commands, not a shell: ssh -T HOST help"
 
 _ClientGone = (OSError, EOFError, paramiko.SSHException)
@@ -409,8 +412,11 @@ class BoardServer:
             if self._started:
                 raise RuntimeError("BoardServer.start() may be called once")
             self._started = True
+        quiet_dependencies()  # paramiko logs each stranger's broken handshake at ERROR, with a traceback
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._listener = socket.create_server((self.host, self.port), family=family, backlog=128)
+        # A long queue: while strangers' connections come and go, members' must not find it full
+        # (their SYN would wait a second or more for its retry).  The kernel caps it at somaxconn.
+        self._listener = socket.create_server((self.host, self.port), family=family, backlog=ACCEPT_BACKLOG)
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
@@ -684,17 +690,18 @@ class BoardServer:
                 for key, _ in sel.select():
                     if key.fileobj is self._wake_r:
                         return
-                    try:
-                        sock, addr = self._listener.accept()
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError as exc:  # e.g. out of file descriptors: back off
-                        log.warning("board accept failed: %s", exc)
-                        sel.select(0.5)
-                        continue
-                    conn = self._admit(sock, addr)
-                    if conn is not None:
-                        self._spawn(self._serve, f"board-conn-{conn.address}", conn)
+                    for _ in range(ACCEPT_BATCH):  # empty the queue while it is full, not one per wake-up
+                        try:
+                            sock, addr = self._listener.accept()
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError as exc:  # e.g. out of file descriptors: back off
+                            log.warning("board accept failed: %s", exc)
+                            sel.select(0.5)
+                            break
+                        conn = self._admit(sock, addr)
+                        if conn is not None:
+                            self._spawn(self._serve, f"board-conn-{conn.address}", conn)
 
     def _admit(self, sock: socket.socket, addr: tuple) -> _Connection | None:
         """Register a new TCP connection, or close it at once if a limit says so or the board is stopping."""
@@ -953,22 +960,27 @@ class BoardServer:
 
         A topic with an access list is a cluster's: only the cluster's messages
         signed by the session's own user and key go out there (see
-        :func:`relay_refusal`); elsewhere, lines that are not messages too.
+        :func:`route`); elsewhere, lines that are not messages too.  A message
+        addressed to one member (an offer, a decline) goes to that member's
+        sessions alone: the others would drop it anyway, and sending every
+        offer to everyone grows with the square of the cluster.
         """
+        to = None
         if self.verify_sender:
             with self._cond:
                 cluster = sender.topic if sender.topic in self._members else None
-            refusal = relay_refusal(line[:-1], sender.user, sender.key, cluster)
-            if refusal is not None:
+            verdict = route(line[:-1], sender.user, sender.key, cluster)
+            if verdict.refusal is not None:
                 with self._cond:
-                    self.dropped[refusal] += 1
-                log.debug("dropped a line from %s on %s: %s", sender.client_id, sender.topic, refusal)
+                    self.dropped[verdict.refusal] += 1
+                log.debug("dropped a line from %s on %s: %s", sender.client_id, sender.topic, verdict.refusal)
                 return
+            to = verdict.to
         slow: list[_Session] = []
         with self._cond:
             self.relayed += 1
             for r in self._receivers(sender.topic):
-                if r is sender and not sender.cmd.replay:
+                if (r is sender and not sender.cmd.replay) or (to is not None and r.user != to and r is not sender):
                     continue
                 assert r.outbox is not None
                 if not r.outbox.offer(line):

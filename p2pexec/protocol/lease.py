@@ -66,6 +66,12 @@ class CreditLedger:
         if seconds is not None:
             self.mean_seconds = seconds if self.mean_seconds is None else 0.8 * self.mean_seconds + 0.2 * seconds
 
+    def shrink(self) -> None:
+        """One slot left the lease: the window it grants shrinks with it."""
+        if self.slots <= 1:
+            raise RuntimeError("a lease keeps its last slot until it ends")
+        self.slots -= 1
+
     def grant(self) -> int:
         """Credits to send now so the client's window is full again."""
         extra = max(0, credit_window(self.slots, self.mean_seconds) - self.outstanding)

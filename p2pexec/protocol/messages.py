@@ -138,12 +138,17 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return fields
 
 
-def decode(line: bytes) -> Message:
+def decode(line: bytes, for_user: str | None = None, skip: frozenset[str] = frozenset()) -> Message:
     """Parse a line and check its structure and signature (not its freshness or sender).
 
     Strict, so that the board's check and every receiver's reading of a line
     cannot differ: UTF-8 only (``json.loads`` of bytes would also take a BOM,
-    UTF-16 and UTF-32), nothing around the object, no key twice.
+    UTF-16 and UTF-32), nothing around the object, no key twice.  With
+    ``for_user``, a line addressed (``to``) to someone else is dropped as
+    ``not-for-us`` before its signature is checked: on a broadcast board
+    (pico.sh) every participant sees every offer, and checking each one's
+    signature would cost every participant time in proportion to the cluster.
+    Types in ``skip`` (what this receiver never reads) are dropped the same way.
     """
     if len(line) > MAX_LIST_BYTES:
         raise InvalidMessage("too-long")
@@ -178,6 +183,8 @@ def decode(line: bytes) -> Message:
             raise InvalidMessage("bad-field", f"{mtype}.{name}")
     if not valid_username(fields["from"]):
         raise InvalidMessage("bad-envelope", "from")
+    if (for_user is not None and fields.get("to", for_user) != for_user) or mtype in skip:
+        raise InvalidMessage("not-for-us")
     key = unb64(fields["key"], 32)
     sig = unb64(fields.pop("sig"), 64)
     try:
@@ -190,8 +197,17 @@ def decode(line: bytes) -> Message:
                    body=body, line=line)
 
 
-def relay_refusal(line: bytes, user: str, key: bytes, cluster: str | None) -> str | None:
-    """Why a board should not relay ``line`` from a session of ``user`` with ``key``; None if it may.
+@dataclass(frozen=True)
+class Route:
+    """What a board does with one line: ``refusal`` says why it drops it; else it goes to the
+    sessions of ``to`` alone when the line is addressed, or to every receiver."""
+
+    refusal: str | None = None
+    to: str | None = None
+
+
+def route(line: bytes, user: str, key: bytes, cluster: str | None) -> Route:
+    """Whether and to whom a board relays ``line`` from a session of ``user`` with ``key``.
 
     ``line`` must be exactly what receivers will hand to :func:`decode` (the
     board splits lines on newline as they do), so whatever passes here they
@@ -202,12 +218,13 @@ def relay_refusal(line: bytes, user: str, key: bytes, cluster: str | None) -> st
     try:
         msg = decode(line)
     except InvalidMessage:
-        return "not-a-message" if cluster is not None else None
+        return Route("not-a-message" if cluster is not None else None)
     if msg.sender != user or msg.key != key:
-        return "bad-sender"
+        return Route("bad-sender")
     if cluster is not None and msg.cluster != cluster:
-        return "other-cluster"
-    return None
+        return Route("other-cluster")
+    to = msg.body.get("to")
+    return Route(to=to if isinstance(to, str) else None)
 
 
 class SeenIds:
@@ -264,9 +281,11 @@ class Inbox:
     as ``seen-full``.
     """
 
-    def __init__(self, cluster: str, keyring: Members, max_seen: int = MAX_SEEN) -> None:
+    def __init__(self, cluster: str, keyring: Members, max_seen: int = MAX_SEEN, me: str | None = None,
+                 skip: frozenset[str] = frozenset()) -> None:
         self.cluster = cluster
         self.keyring = keyring
+        self.me, self.skip = me, skip  # lines addressed to others, and types we never read: dropped unread
         self.dropped: Counter[str] = Counter()
         self._seen = SeenIds(max_seen)
         self._latest = -math.inf  # the latest time seen: ids forgotten then must stay expired if the clock steps back
@@ -280,7 +299,7 @@ class Inbox:
         return msg
 
     def _check(self, line: bytes, now: float) -> Message:
-        msg = decode(line)
+        msg = decode(line, self.me, self.skip)
         if msg.cluster != self.cluster:
             raise InvalidMessage("other-cluster")
         if msg.type == "joined" and hasattr(self.keyring, "admit"):

@@ -282,6 +282,18 @@ class Reservations:
     def release(self, lease: str) -> None:
         self._held.pop(lease, None)
 
+    def release_slot(self, lease: str, slot: int) -> None:
+        """Lease ``lease`` gives back one of its slots, with that slot's share of memory and cores."""
+        held = self._held[lease]
+        if slot not in held.slots:
+            raise ValueError(f"lease {lease} does not hold slot {slot}")
+        count = len(held.slots)
+        rest = tuple(s for s in held.slots if s != slot)
+        if not rest:
+            del self._held[lease]
+            return
+        self._held[lease] = _Held(rest, held.memory - held.memory // count, held.cores - held.cores // count)
+
 
 def gpu_list(text: str, detected: Sequence[Gpu]) -> tuple[Gpu, ...]:
     """``--gpus``: ``all`` (those detected), ``none``, or indices like ``0,1`` (described where detected)."""

@@ -40,6 +40,7 @@ from ..protocol.frames import (
 from ..protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS, CreditLedger
 from ..protocol.matching import python_compatible, slots_to_offer
 from ..protocol.resources import ANY, Gpu, Need, Reservations, Resources, unmet
+from ..protocol.sharing import OFFER_HOLD, Party, Sharing, Want
 from ..protocol.observers import AnswerObservers
 from ..transport.channel import FramedStream, SecureChannel
 from ..protocol.reach import NetView, announced_relays
@@ -63,6 +64,8 @@ OFFER_TTL = 15.0
 HELLO_EVERY = 30.0
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HANDSHAKE_FRAME = messages.MAX_LINE_BYTES
+IDLE_GRACE = 0.5  # a lease is idle once no task came this long after its last answer (a long task's next one
+# comes only after the client has the answer and the credit: a round trip, up to a few hundred ms)
 PUNCH_GIVES_UP = 20.0  # a lease still relayed this long after it started will not be hole-punched
 DEFAULT_CACHE_SIZE = 1 << 30
 
@@ -124,6 +127,7 @@ class Offer:
     exp: float
     kx: tuple[bytes, bytes]  # this offer's own X25519 key pair: one lease's keys reveal no other's
     need: Need = ANY  # what the request asked of each slot
+    party: Party | None = None  # whose request it answers (None: a probe, which holds no slots)
 
 
 class WorkerDaemon:
@@ -141,8 +145,7 @@ class WorkerDaemon:
         self._observers = AnswerObservers()
         self._declines = DeclineLimiter()
         self.history = History(default_path())  # what ran, for p2pexec-worker --history
-        self.waiting: dict[str, messages.Message] = {}  # requests we had no slot for, by request id
-        self.last_served: dict[str, float] = {}  # request id -> when its last lease ended
+        self.sharing = Sharing(messages.new_id())  # who waits for our slots, who holds them (fair sharing)
         self._pokes: set[Callable[[], None]] = set()  # re-check each live lease (someone started waiting)
         self.nat: NatTraversal
         self._moves: dict[bytes, _Move] = {}  # resume frame -> the live lease it may move
@@ -175,7 +178,8 @@ class WorkerDaemon:
             token = trio.lowlevel.current_trio_token()
             self.board = BoardSession(
                 self.config.who.board, self.config.who.identity, self.config.who.cluster,
-                inbox=messages.Inbox(self.config.who.cluster, self.config.who.keyring),
+                inbox=messages.Inbox(self.config.who.cluster, self.config.who.keyring,
+                                     me=self.config.who.identity.user),
                 on_message=lambda msg: token.run_sync_soon(self._on_message, msg),
                 make_hello=self._hello,
                 known_hosts=self.config.known_hosts, accept_new_host_key=self.config.accept_new_host_key,
@@ -198,6 +202,7 @@ class WorkerDaemon:
                             self.board.send(self._hello())
                         now = time.time()
                         self.offers = {k: o for k, o in self.offers.items() if o.exp > now}
+                        self.sharing.expire(now)
                         self._expire_values()
             finally:
                 with trio.CancelScope(shield=True):
@@ -213,7 +218,7 @@ class WorkerDaemon:
         tasks it has not started and ends once its running ones are answered.  Returns how many run."""
         self.draining = True
         self.offers.clear()
-        self.waiting.clear()
+        self.sharing.waiting.clear()
         for poke in list(self._pokes):
             poke()
         self._check_drained()
@@ -287,6 +292,9 @@ class WorkerDaemon:
             self.board.send(self._hello())
         if msg.type == "relay" and self.host is not None:
             self._relay_announced(announced_relays(msg.sender, self.config.who.cluster, msg["addrs"]))
+        if msg.type == "withdraw":
+            self.sharing.withdraw(msg["req"], msg.sender)
+            return self._offer_to_waiting()
         if msg.type != "request" or self.host is None or self.board is None:
             return
         if self.config.allow is not None and msg.sender not in self.config.allow:
@@ -309,12 +317,13 @@ class WorkerDaemon:
             return self._decline(msg, "requires", f"{unsatisfied.describe()} (to fix: {unsatisfied.fix()})")
         if msg.body.get("probe") is True:  # a client counting slots (joblib's n_jobs=-1): offer what is free, no more
             if not self._joining:
-                self._offer(msg)
-        elif self._joining:
-            self.waiting[msg["req"]] = msg
-        elif not self._offer(msg):
-            self.waiting[msg["req"]] = msg  # served first when slots free up
-            for poke in list(self._pokes):
+                self._offer(msg, self.reservations.available(need), None)
+            return
+        self.sharing.wait(Want(msg["req"], _party(msg), max(1, msg["n"]), msg.exp, msg))
+        if not self._joining:  # else they wait for the relay: offers must carry addresses that work
+            self._offer_to_waiting()
+        if msg["req"] in self.sharing.waiting:
+            for poke in list(self._pokes):  # a lease may owe it a slot (fair sharing)
                 poke()
 
     def _decline(self, request: messages.Message, why: str, detail: str = "") -> None:
@@ -325,13 +334,12 @@ class WorkerDaemon:
                                                    "py": PYTHON, "node": self.host.peer_id, "detail": detail[:1000]},
                                        ttl=OFFER_TTL))
 
-    def _offer(self, request: messages.Message) -> bool:
-        """Offer free slots to a request; False if none are free."""
+    def _offer(self, request: messages.Message, slots: int, party: Party | None) -> str | None:
+        """Offer ``slots`` slots to a request; the offer's id, or None if there are none to offer."""
         assert self.host is not None and self.board is not None
-        need = _need_in(request)
-        slots = slots_to_offer(self.reservations.available(need), request["n"])
+        slots = slots_to_offer(slots, request["n"])
         if slots <= 0:
-            return False
+            return None
         kx = sodium.crypto_kx_keypair()
         line_out = self._sign("offer", {"req": request["req"], "to": request.sender, "slots": slots, "py": PYTHON,
                                         "peer": self.host.peer_id, "res": self.resources.to_json(),
@@ -340,25 +348,32 @@ class WorkerDaemon:
                                         "kx": messages.b64(kx[0])}, ttl=OFFER_TTL)
         offer_id = messages.decode(line_out).id
         self.offers[offer_id] = Offer(offer_id, request["req"], request.sender, slots, time.time() + OFFER_TTL, kx,
-                                      need)
+                                      _need_in(request), party)
         self.board.send(line_out)
-        self.waiting.pop(request["req"], None)
-        return True
+        return offer_id
 
-    def contended(self, req: str) -> bool:
-        """Is a client other than request ``req``'s waiting for a slot of ours?"""
-        now = time.time()
-        self.waiting = {r: m for r, m in self.waiting.items() if m.exp > now}
-        return any(r != req for r in self.waiting)
-
-    def _offer_to_waiting(self) -> None:
-        """Freed slots go to the waiting requests, least recently served first."""
-        if self.host is None or self.board is None:
+    def _offer_to_waiting(self, owed: Want | None = None) -> None:
+        """Offer what is free to the waiting requests, one slot at a time to the most deserving
+        (see :mod:`p2pexec.protocol.sharing`), first a slot to ``owed`` if a lease just gave it one;
+        an offer holds its slots for a few seconds."""
+        if self.host is None or self.board is None or self.draining:
             return
         now = time.time()
-        for req, msg in sorted(self.waiting.items(), key=lambda kv: self.last_served.get(kv[0], 0.0)):
-            if msg.exp > now and not self._offer(msg):
-                break
+        self.sharing.expire(now)
+        promised = self.sharing.offered_slots(now)
+        given = [(owed, 1)] if owed is not None else []
+        for want, slots in given + self.sharing.allocate(
+                lambda w: self.reservations.available(_need_in(w.request)) - promised - len(given), now):
+            offer_id = self._offer(want.request, slots, want.party)
+            if offer_id is not None:
+                self.sharing.offered(offer_id, want, slots, now)
+                if self._background is not None:
+                    self._background.start_soon(self._after_hold)
+
+    async def _after_hold(self) -> None:
+        """An offer not taken frees its slots for the others who wait."""
+        await trio.sleep(OFFER_HOLD)
+        self._offer_to_waiting()
 
     # -- leases -----------------------------------------------------------------------
     async def _handle_stream(self, stream: Any) -> None:
@@ -374,10 +389,14 @@ class WorkerDaemon:
                     return await self._resume(stream, first)
                 accept = self._authenticate(first)
                 offer = self.offers.pop(accept["offer"])
+                self.sharing.ended(offer.id)  # its hold: the reservation below holds what it takes
                 count = min(accept["slots"], offer.slots, self.reservations.available(offer.need))
                 held = self.reservations.reserve(offer.id, offer.need, count) if count > 0 else None
                 slots = [self.slots[i] for i in held or ()]
-                if not slots:  # the offer's slots went to another accept first: a race, not an attack
+                if slots:
+                    self.sharing.leased(offer.id, offer.req, offer.party or Party(accept.sender, offer.req),
+                                        len(slots), time.time())
+                else:  # the offer's slots went to another accept first: a race, not an attack
                     log.debug("an accept from %s came after its offer's slots were taken; it will ask again",
                               accept.sender)
                     await framed.reset()
@@ -400,7 +419,8 @@ class WorkerDaemon:
                 self._background.start_soon(self._watch_punch, move, accept.sender)
             self.values.lease_started(accept.sender)
             try:
-                await self._serve_lease(channel, slots, accept.sender, accept["req"], move, accept.key)
+                await self._serve_lease(channel, slots, accept.sender, accept["req"], accept["offer"], move,
+                                        accept.key)
             finally:
                 self.values.lease_ended(accept.sender, time.monotonic())
                 if not self.config.who.keyring.allows(accept.sender, accept.key):  # removed: forget at once
@@ -424,7 +444,7 @@ class WorkerDaemon:
                 self._lease_ended(move)
             if slots:
                 self.reservations.release(accept["offer"])
-                self.last_served[accept["req"]] = time.time()
+                self.sharing.ended(accept["offer"])
                 self._offer_to_waiting()
                 self._check_drained()
 
@@ -491,14 +511,17 @@ class WorkerDaemon:
         return msg
 
     async def _serve_lease(self, channel: SecureChannel, slots: list[TaskSlot], client: str, req: str,
-                           move: _Move, client_key: bytes) -> None:
+                           lease: str, move: _Move, client_key: bytes) -> None:
         """Run the client's tasks on our slots; the client may only send what we credited.
 
-        A lease older than ``lease_seconds`` that another client (or another
-        need of the same client) is waiting for gets no more credit; once it
-        has answered what it holds, it ends, and the slots go to whoever
-        waited.  So does one that falls idle after its work while someone
-        waits.  A worker that is stopping
+        Fair sharing (:mod:`p2pexec.protocol.sharing`): a slot owed to a more
+        deserving request leaves the lease between two tasks; the last one
+        hands back the tasks not started and ends the lease once its running
+        task is answered.  A lease older than ``lease_seconds`` that another
+        client (or another need of the same client) is waiting for gets no
+        more credit; once it has answered what it holds, it ends, and the
+        slots go to whoever waited.  So does one that falls idle after its
+        work while someone waits.  A worker that is stopping
         (:meth:`drain`) grants no more credit either, hands back the tasks it
         has not started (RETURNED: the client runs them elsewhere), and ends
         the lease once its running tasks are answered.
@@ -519,11 +542,46 @@ class WorkerDaemon:
             outbox.extend(op)
             mail.set()
 
+        started = answered_at = trio.current_time()  # (answered_at: when a task was last answered)
+        looking_again = False
         stoppers: dict[int, trio.CancelScope] = {}  # running task id -> what interrupts it
+        idle: set[trio.CancelScope] = set()  # slots waiting for a task: a poke makes them look up
+
+        def poke() -> None:
+            """Someone started waiting: check whether they are owed a slot, busy or idle."""
+            post()
+            for scope in list(idle):
+                scope.cancel()
+
+        def leaves(slot: TaskSlot) -> bool:
+            """Between two tasks: does this slot go to a more deserving request?  (The last slot stays,
+            and the lease ends instead: see ``giving_way``.)"""
+            owed = None if finished or len(slots) < 2 else self.sharing.owed(lease, time.time())
+            if owed is None:
+                return False
+            slots.remove(slot)
+            ledger.shrink()
+            self.reservations.release_slot(lease, slot.index)
+            self.sharing.shrunk(lease)
+            move.status["slots"] = len(slots)
+            log.info("lease for %s gives a slot to %s, who waits; %d left", client, owed.party.member, len(slots))
+            self._offer_to_waiting(owed)
+            return True
 
         async def run_slot(slot: TaskSlot, tasks: trio.MemoryReceiveChannel[Task]) -> None:
+            nonlocal answered_at, looking_again
             async with tasks:
-                async for task_id, payload, shared, values in tasks:
+                while not leaves(slot):
+                    with trio.CancelScope() as waiting:
+                        idle.add(waiting)
+                        try:
+                            task_id, payload, shared, values = await tasks.receive()
+                        except trio.EndOfChannel:
+                            return
+                        finally:
+                            idle.discard(waiting)
+                    if waiting.cancelled_caught:
+                        continue  # poked: look again whether to leave
                     if not ledger.task_started(task_id):
                         continue  # withdrawn or handed back while it waited, and answered then
                     started = trio.current_time()
@@ -550,19 +608,34 @@ class WorkerDaemon:
                         log.info("task %d of %s interrupted as asked", task_id, client)
                         op = op_parts(Op.CANCELLED, task_id)
                     ledger.task_answered(task_id, None if stopper.cancelled_caught else trio.current_time() - started)
+                    answered_at = trio.current_time()
                     post(*op)
+                    if not ledger.queued and not looking_again:  # idle, unless its next task is on its way
+                        looking_again = True
+                        nursery.start_soon(look_again)
 
-        started = trio.current_time()
+        async def look_again() -> None:
+            nonlocal looking_again
+            await trio.sleep(IDLE_GRACE)
+            looking_again = False
+            post()
+
+        def giving_way() -> bool:
+            """Its last slot is owed to a more deserving request."""
+            return len(slots) == 1 and self.sharing.owed(lease, time.time()) is not None
 
         def expired() -> bool:
-            """Stopping, or someone waits and this lease is idle after its work, or older than lease_seconds."""
-            if self.draining:
+            """Stopping or giving way, or someone waits and this lease is idle after its work, or older
+            than lease_seconds."""
+            if self.draining or giving_way():
                 return True
-            idle = ledger.answered > 0 and not ledger.running and not ledger.queued
-            return (idle or trio.current_time() - started > self.config.lease_seconds) and self.contended(req)
+            done = (ledger.answered > 0 and not ledger.running and not ledger.queued
+                    and trio.current_time() - answered_at >= IDLE_GRACE)
+            return ((done or trio.current_time() - started > self.config.lease_seconds)
+                    and self.sharing.contended(req, time.time()))
 
         def hand_back() -> None:
-            """Stopping: what has not started runs elsewhere, at once."""
+            """Stopping or giving way: what has not started runs elsewhere, at once."""
             for task_id in sorted(ledger.queued):
                 ledger.withdraw(task_id)
                 outbox.extend(op_parts(Op.RETURNED, task_id))
@@ -572,7 +645,7 @@ class WorkerDaemon:
             while True:
                 await mail.wait()
                 mail = trio.Event()
-                if self.draining:
+                if self.draining or (not finished and giving_way()):
                     hand_back()
                 batch, outbox[:] = outbox[:], []
                 if not finished and expired() and ledger.answered == ledger.received:
@@ -642,7 +715,7 @@ class WorkerDaemon:
             nursery.start_soon(time_is_up)
             nursery.start_soon(heartbeat)
             post()  # the first message carries the initial credit
-            self._pokes.add(post)
+            self._pokes.add(poke)
             try:
                 async with trio.open_nursery() as running:
                     async with receive_tasks:
@@ -653,7 +726,7 @@ class WorkerDaemon:
                 nursery.cancel_scope.cancel()
                 raise
             finally:
-                self._pokes.discard(post)
+                self._pokes.discard(poke)
             finished = True
             post()
 
@@ -662,6 +735,12 @@ def _answer(request: messages.Message) -> dict[str, str | None]:
     """Our versions of the distributions a request asks about."""
     asked = request.body.get("dists")
     return environment.answer(asked) if isinstance(asked, list) else {}
+
+
+def _party(request: messages.Message) -> Party:
+    """Who asks: the member, and their client (its ``client`` id; the request id from older clients)."""
+    client = request.body.get("client")
+    return Party(request.sender, client if isinstance(client, str) else request["req"])
 
 
 def _need_in(request: messages.Message) -> Need:
