@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     lend.add_argument("--cache-size", type=_size_or_zero, default=None, metavar="SIZE",
                       help="memory for big task arguments (1 MiB or more: arrays, bytes, big closures), kept so "
                            "that each crosses the network once per client, e.g. 2GiB: least recently used out "
-                           "first, per member (no member can use another's); a member's are dropped 60 s after "
+                           "first, per member (no member can use another's); a member's are dropped 60-90 s after "
                            "their last lease ended, or at once when they are removed from the cluster; 0 turns it "
                            "off (default: 1 GiB, at most a quarter of --memory or of this machine's memory)")
     history = parser.add_argument_group("history", "Workers record what ran (member, function, start, duration, "

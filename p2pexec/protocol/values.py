@@ -41,7 +41,7 @@ HOIST_MIN = 1 << 20  # a value this big (bytes, or pickled bytes) crosses once p
 DIGEST_BYTES = 32  # SHA-256 (hardware-accelerated on most CPUs, unlike BLAKE2)
 MAX_VALUES = 1024  # values one task may use
 MISSES_BEFORE_INLINE = 2  # UNCACHED answers for a value before the client always sends it with its tasks
-KEEP_SECONDS = 60.0  # a member's values stay cached this long after their last lease ended
+KEEP_SECONDS = 60.0  # a member's values stay this long after their last lease (the daemon looks every 30 s)
 _COUNT = struct.Struct(">H")
 
 T = TypeVar("T")
