@@ -20,6 +20,7 @@ from .protocol.frames import Buffer, MessageTooLarge, Op, decode_ops, encode_op,
 from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.reach import CIRCUIT
 from .protocol.resources import ANY, Need
+from .protocol.values import split_digests, task_header
 from .stdlib_private import cancel_running
 from .transport.channel import FramedStream, PeerLost, SecureChannel
 from .transport.host import RELAY_JOIN_TIMEOUT, Unreachable
@@ -168,8 +169,14 @@ class Lease:
                 item.ran_on = (self.worker, self.peer)
                 if self.client.options.task_timeout is not None:
                     item.deadline = time.monotonic() + self.client.options.task_timeout
-                batch.extend(op_parts(Op.TASK, item.id, *item.payload))
+                if item.values:
+                    batch = await self._send_values(item, batch)
+                    batch.extend(op_parts(Op.TASK_WITH_VALUES, item.id,
+                                          task_header([v.digest for v in item.values]), *item.payload))
+                else:
+                    batch.extend(op_parts(Op.TASK, item.id, *item.payload))
                 size += item.size
+                self.client.tally.bytes_sent += item.size
             if batch:  # everything sendable now goes in one message: one write, not one per task
                 await channel.send(batch)
                 del batch
@@ -191,6 +198,26 @@ class Lease:
             with trio.move_on_after(left):
                 await self.client.wait_change()
         await channel.send(encode_op(Op.END))
+
+    async def _send_values(self, item: WorkItem, batch: list[Buffer]) -> list[Buffer]:
+        """Send the big values ``item`` uses that its worker may not hold, each in a message of its own
+        (after ``batch``, which goes first); returns the batch to go on with."""
+        assert self.channel is not None
+        sending = self.client.sent_values(self.peer).to_send([v.digest for v in item.values], every=item.uncached)
+        item.sent_with = tuple(sending)
+        if not sending:
+            return batch
+        if batch:
+            await self.channel.send(batch)
+        tally = self.client.tally
+        for value in item.values:
+            if value.digest in sending:
+                sending.remove(value.digest)
+                await self.channel.send(op_parts(Op.BLOB, item.id, value.digest, *value.parts))
+                tally.values_sent += 1
+                tally.value_bytes_sent += value.size
+                tally.bytes_sent += value.size
+        return []
 
     async def _upgrade(self, resume: bytes) -> None:
         """Move a relayed lease onto a direct connection once hole punching made one.
@@ -251,11 +278,19 @@ class Lease:
             return True
         if op is Op.CREDIT:
             self.credits += arg
-        elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED, Op.RETURNED, Op.MISSING):
+        elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED, Op.RETURNED, Op.MISSING, Op.UNCACHED):
             item = self.inflight.pop(arg, None)
             if item is None:
                 raise ProtocolError(f"worker {self.worker} answered unknown task {arg}")
-            if op is Op.RETURNED:  # the worker is stopping: it grants no more, and what it held runs elsewhere
+            if op is Op.UNCACHED:  # it no longer holds a value: the task goes again, with the value
+                said = split_digests(data)
+                self.client.sent_values(self.peer).uncached(said, [v.digest for v in item.values], item.sent_with)
+                self.client.tally.values_missed += len(said)
+                item.uncached = True
+                log.debug("worker %s no longer holds %d value(s) of task %d: sending them again", self.worker,
+                          len(said), arg)
+                self.client.hand_back(item)
+            elif op is Op.RETURNED:  # the worker is stopping: it grants no more, and what it held runs elsewhere
                 self.credits = 0
                 self.client.hand_back(item)
             elif op is Op.MISSING:  # it could not import a module the task needs: elsewhere, then

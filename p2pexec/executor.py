@@ -33,7 +33,7 @@ from .runtime import TrioThread
 from .scheduler import SCHEDULER_SKIPS, ClientScheduler, SchedulerOptions, WorkItem
 from .stats import ExecutorStats
 from .stdlib_private import before_threads_are_joined
-from .tasks import PrepickledFunction, dump_task, is_plain
+from .tasks import PrepickledFunction, dump_task_values, is_plain, shared_values
 
 log = logging.getLogger("p2pexec.client")
 
@@ -257,13 +257,13 @@ class P2PExecutor(Executor):
             return
         plain = is_plain((args, kwargs))  # (checked once: the pickling and the package lookup both ask)
         try:
-            payload = dump_task(fn, args, kwargs, plain)
+            payload, values = dump_task_values(fn, args, kwargs, plain)
         except Exception as exc:
             future.set_exception(exc)
             return
-        env = self._envs.of(fn, plain, payload)
+        env = self._envs.of(fn, plain, payload, values)
         scheduler.fitting.want(env)
-        item = WorkItem(future, payload, scheduler.next_id(), need=need, env=env)
+        item = WorkItem(future, payload, scheduler.next_id(), need=need, env=env, values=values)
         if future not in self._unfinished:  # (a task that waited for futures is there already)
             self._unfinished.add(future)
             future.add_done_callback(self._unfinished.discard)
@@ -310,7 +310,8 @@ class P2PExecutor(Executor):
             task: Callable[..., Any] = PrepickledFunction(chunk_task)
         except Exception:
             task = chunk_task  # each submit reports the pickling error on its future
-        results = Executor.map(submitter, task, chunks, timeout=timeout)
+        with shared_values():  # a big argument given to every item is pickled and sent once
+            results = Executor.map(submitter, task, chunks, timeout=timeout)
         return chained(results)
 
     def interrupt(self, future: Future[Any]) -> bool:

@@ -20,14 +20,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import environment
 from .environment import MAX_ASKED, Misfit
 from .errors import MissingPackageError
 from .protocol.frames import Buffer
+
+if TYPE_CHECKING:
+    from .tasks import Value
 
 log = logging.getLogger("p2pexec.client")
 
@@ -56,8 +59,11 @@ class EnvFinder:
         self._size = size
         self._lock = threading.Lock()  # submitting threads share it
 
-    def of(self, fn: Callable[..., Any], plain: bool, payload: list[Buffer]) -> TaskEnv:
-        """``plain``: the task's arguments are plain builtin data (:func:`~p2pexec.tasks.is_plain`)."""
+    def of(self, fn: Callable[..., Any], plain: bool, payload: list[Buffer], values: Sequence[Value] = ()) -> TaskEnv:
+        """``plain``: the task's arguments are plain builtin data (:func:`~p2pexec.tasks.is_plain`);
+        ``values``: the big values it refers to, whose modules count too (each read once)."""
+        if values:
+            return self._with_values(self.of(fn, plain, payload), values)
         if plain:
             with self._lock:
                 hit = self._by_function.get(id(fn))
@@ -73,6 +79,17 @@ class EnvFinder:
                 if len(self._by_function) > self._size:
                     self._by_function.popitem(last=False)
         return env
+
+    @staticmethod
+    def _with_values(env: TaskEnv, values: Sequence[Value]) -> TaskEnv:
+        modules = set(env.modules)
+        for value in values:
+            if value.modules is None:
+                value.modules = environment.referenced_modules(value.pickle)
+            modules |= value.modules
+        if len(modules) == len(env.modules):
+            return env
+        return TaskEnv(environment.distributions(frozenset(modules)), frozenset(modules))
 
 
 class Fitting:

@@ -36,10 +36,11 @@ from .protocol.observers import AnswerObservers
 from .protocol.reach import DialBackoff, announced_relays
 from .protocol.resources import ANY, Need, Resources, unmet
 from .protocol.unusable import Sighting, Unusable, describe
+from .protocol.values import SentValues
 from .results import UntrustedResultError
 from .stats import ExecutorStats, Tally
 from .stdlib_private import cancel_running
-from .tasks import load_outcome
+from .tasks import Value, load_outcome
 from .transport.host import Libp2pHost
 from .transport.nat import NatTraversal
 
@@ -55,6 +56,7 @@ REMEMBER_WORKERS = 90.0  # a worker not heard from for this long (hello every 30
 HOPELESS_AFTER = 3.0  # a task lacking packages everywhere fails only after this long (the last hellos arrive)
 TICK = 0.25
 SKIP_AT_MOST = 64  # tasks a lease passes over (their packages are missing there) before it waits
+MAX_PEERS_REMEMBERED = 1024  # workers whose held values we track; a forgotten one is sent them again
 
 
 @dataclass(eq=False)
@@ -72,6 +74,9 @@ class WorkItem:
     need: Need = ANY  # what its slot must have (ex.options / resources=)
     env: TaskEnv = NOTHING  # the installed packages it refers to
     since: float = field(default_factory=time.monotonic)  # when it was queued
+    values: tuple[Value, ...] = ()  # the big values its payload refers to, sent beside it (protocol/values.py)
+    sent_with: tuple[bytes, ...] = ()  # the digests of those sent with it last time
+    uncached: bool = False  # a worker sent it back for lack of a value: it goes with all its values next
 
     def __post_init__(self) -> None:
         self.size = sum(nbytes(p) for p in self.payload)
@@ -145,6 +150,16 @@ class ClientScheduler:
         self.tally = Tally()  # done and failed futures, overall and per worker
         self.fitting = Fitting(options.strict_versions)  # which workers have the packages tasks refer to
         self._workers: dict[str, tuple[str, float]] = {}  # peer -> member, when last heard: who is online
+        self._sent_values: dict[str, SentValues] = {}  # peer -> the big values it should hold
+
+    def sent_values(self, peer: str) -> SentValues:
+        """What worker ``peer`` holds of our big values, as far as we know; kept across its leases."""
+        sent = self._sent_values.get(peer)
+        if sent is None:
+            if len(self._sent_values) >= MAX_PEERS_REMEMBERED:
+                del self._sent_values[next(iter(self._sent_values))]
+            sent = self._sent_values[peer] = SentValues()
+        return sent
 
     # -- called from any thread through TrioThread.call_soon -----------------------
     def next_id(self) -> int:

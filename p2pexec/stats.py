@@ -35,6 +35,12 @@ class ExecutorStats:
     with an exception (raised by the task, its process died, timed out,
     lost, refused, no worker).  Cancelled futures are in none of them.
     ``workers`` lists every worker that ran or holds a task, by peer.
+
+    What went to workers: ``bytes_sent``, the payloads of tasks and big
+    values (encryption and framing aside); ``values_sent`` and
+    ``value_bytes_sent``, the big values among them (each sent once per
+    worker, again only when a worker no longer held it: ``values_missed``
+    counts those answers).
     """
 
     queued: int = 0
@@ -42,6 +48,10 @@ class ExecutorStats:
     done: int = 0
     failed: int = 0
     workers: tuple[WorkerStats, ...] = field(default_factory=tuple)
+    bytes_sent: int = 0
+    values_sent: int = 0
+    value_bytes_sent: int = 0
+    values_missed: int = 0
 
 
 @dataclass
@@ -60,6 +70,10 @@ class Tally:
         self.done = 0
         self.failed = 0
         self._by_peer: dict[str, _Counts] = {}
+        self.bytes_sent = 0  # task and value payloads sent to workers
+        self.values_sent = 0
+        self.value_bytes_sent = 0
+        self.values_missed = 0  # a worker no longer held a value a task needed: both were sent again
 
     def settled(self, ok: bool, member: str | None, peer: str | None) -> None:
         """A future ended with a result (``ok``) or an exception, last sent to ``peer`` run by ``member``."""
@@ -87,4 +101,5 @@ class Tally:
             counts = self._by_peer.get(peer, _Counts(member))
             workers.append(WorkerStats(member, peer, counts.done, counts.failed, running.get((member, peer), 0)))
         return ExecutorStats(queued=queued, running=sum(running.values()), done=self.done, failed=self.failed,
-                             workers=tuple(workers))
+                             workers=tuple(workers), bytes_sent=self.bytes_sent, values_sent=self.values_sent,
+                             value_bytes_sent=self.value_bytes_sent, values_missed=self.values_missed)

@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                            "(default: all that nvidia-ml-py finds; none without it)")
     lend.add_argument("--tag", action="append", default=[], metavar="NAME",
                       help="a label tasks can ask for, e.g. --tag big-disk; repeatable")
+    lend.add_argument("--cache-size", type=_size_or_zero, default=None, metavar="SIZE",
+                      help="memory for big task arguments (1 MiB or more: arrays, bytes, big closures), kept so "
+                           "that each crosses the network once per client, e.g. 2GiB: least recently used out "
+                           "first, per member (no member can use another's); a member's are dropped 60-90 s after "
+                           "their last lease ended, or at once when they are removed from the cluster; 0 turns it "
+                           "off (default: 1 GiB, at most a quarter of --memory or of this machine's memory)")
     history = parser.add_argument_group("history", "Workers record what ran (member, function, start, duration, "
                                                    "outcome) in $XDG_STATE_HOME/p2pexec/worker-history.jsonl "
                                                    "(default ~/.local/state/...), trimmed to about 1 MiB.")
@@ -116,6 +122,21 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _size_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else _size(text)
+
+
+def _cache_size(given: int | None, memory: int | None) -> int:
+    """--cache-size, else 1 GiB, but at most a quarter of what the worker lends."""
+    if given is not None:
+        return given
+    from .config import physical_memory
+    from .worker.daemon import DEFAULT_CACHE_SIZE
+
+    lent = memory or physical_memory()
+    return min(DEFAULT_CACHE_SIZE, lent // 4) if lent else DEFAULT_CACHE_SIZE
+
+
 def _sandbox(args: argparse.Namespace) -> "Sandbox":
     from .worker.sandbox import detect
 
@@ -162,7 +183,7 @@ def _worker(args: argparse.Namespace) -> int:
                           listen=tuple(args.listen or ["/ip4/0.0.0.0/tcp/0"]), allow=allow,
                           known_hosts=args.known_hosts.expanduser(), accept_new_host_key=args.accept_new_host_key,
                           relays=who.relays, sandbox=_sandbox(args), memory=args.memory, gpus=args.gpus_shared,
-                          tags=args.tags)
+                          tags=args.tags, cache_size=_cache_size(args.cache_size, args.memory))
 
     def ready() -> None:
         if args.ready_fd is not None:

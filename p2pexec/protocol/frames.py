@@ -257,6 +257,9 @@ class Op(enum.IntEnum):
     MOVE = 11  # either side: my last message on this stream; the lease goes on where RESUME_MAGIC came
     RETURNED = 12  # worker -> client: task ``arg`` will not run here (the worker is stopping); run it elsewhere
     MISSING = 13  # worker -> client: task ``arg`` needs a module this worker lacks (data: its name); run it elsewhere
+    BLOB = 14  # client -> worker: data = digest + a big value's payload, for task ``arg`` (next) and later ones
+    TASK_WITH_VALUES = 15  # client -> worker: run task ``arg``; data = its values' digests (values.py), payload
+    UNCACHED = 16  # worker -> client: task ``arg`` was not run, these values are not here (data: digests); send again
 
 
 def op_parts(op: Op, arg: int = 0, *data: Buffer) -> list[Buffer]:

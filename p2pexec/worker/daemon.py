@@ -45,6 +45,7 @@ from ..protocol.observers import AnswerObservers
 from ..transport.channel import FramedStream, SecureChannel
 from ..protocol.reach import NetView, announced_relays
 from ..protocol.unusable import DeclineLimiter
+from ..protocol.values import ValueCache
 from ..transport.host import Libp2pHost
 from ..transport.nat import NatTraversal
 from ..whereami import WORKER_ENV, describe
@@ -53,6 +54,7 @@ from .history import Entry, History, default_path
 from .privileges import prctl
 from .sandbox import Sandbox
 from .slots import TaskProcessDied, TaskSlot, become_subreaper
+from .valuecache import Blob, LeaseBlobs
 
 log = logging.getLogger("p2pexec.worker")
 
@@ -65,6 +67,7 @@ MAX_HANDSHAKE_FRAME = messages.MAX_LINE_BYTES
 IDLE_GRACE = 0.5  # a lease is idle once no task came this long after its last answer (a long task's next one
 # comes only after the client has the answer and the credit: a round trip, up to a few hundred ms)
 PUNCH_GIVES_UP = 20.0  # a lease still relayed this long after it started will not be hole-punched
+DEFAULT_CACHE_SIZE = 1 << 30
 
 
 @dataclass
@@ -81,6 +84,7 @@ class WorkerConfig:
     memory: int | None = None  # bytes its tasks may use in all (--memory); None: the machine's
     gpus: tuple[Gpu, ...] = ()  # the GPUs it shares (--gpus), dealt between the slots
     tags: frozenset[str] = frozenset()  # --tag: what tasks may ask for by name
+    cache_size: int = DEFAULT_CACHE_SIZE  # --cache-size: bytes of big values kept for members' next tasks
 
     def resources(self) -> Resources:
         """What this worker lends, as it advertises it."""
@@ -89,7 +93,7 @@ class WorkerConfig:
                          memory_capped=self.memory is not None)
 
 
-Task = tuple[int, memoryview, "tuple[int, int] | None"]  # id, payload, (memfd, offset) if shared
+Task = tuple[int, memoryview, "tuple[int, int] | None", list[Blob]]  # id, payload, (memfd, offset) if shared, values
 
 
 @dataclass(eq=False)
@@ -152,6 +156,7 @@ class WorkerDaemon:
         self.draining = False  # stopping: no new leases; live ones end once their running tasks are answered
         self.drained = trio.Event()  # set once draining and every slot is back
         self.running = 0  # tasks running in task processes, over all leases
+        self.values = ValueCache[Blob](config.cache_size)  # members' big values (protocol/values.py)
 
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -198,6 +203,7 @@ class WorkerDaemon:
                         now = time.time()
                         self.offers = {k: o for k, o in self.offers.items() if o.exp > now}
                         self.sharing.expire(now)
+                        self._expire_values()
             finally:
                 with trio.CancelScope(shield=True):
                     await self._leave_board()
@@ -411,10 +417,15 @@ class WorkerDaemon:
             log.info("lease for %s with %d slot(s) started (%s)", accept.sender, len(slots), status["path"])
             if status["path"] == "relayed" and self._background is not None:
                 self._background.start_soon(self._watch_punch, move, accept.sender)
+            self.values.lease_started(accept.sender)
             try:
                 await self._serve_lease(channel, slots, accept.sender, accept["req"], accept["offer"], move,
                                         accept.key)
             finally:
+                self.values.lease_ended(accept.sender, time.monotonic())
+                if not self.config.who.keyring.allows(accept.sender, accept.key):  # removed: forget at once
+                    self.values.drop(accept.sender)
+                self._expire_values()
                 with trio.CancelScope(shield=True):
                     await channel.close()
         except* (ProtocolError, messages.InvalidMessage, trio.TooSlowError) as group:  # nurseries group them
@@ -436,6 +447,11 @@ class WorkerDaemon:
                 self.sharing.ended(accept["offer"])
                 self._offer_to_waiting()
                 self._check_drained()
+
+    def _expire_values(self) -> None:
+        """Forget the big values of members who have had no lease for a while."""
+        for member in self.values.expire(time.monotonic()):
+            log.info("dropped the cached values of %s (no lease for %.0f s)", member, self.values.keep)
 
     @contextmanager
     def _recording(self, move: _Move, slot: TaskSlot, member: str) -> Iterator[_Ran]:
@@ -516,6 +532,7 @@ class WorkerDaemon:
         writes the final END, so no write is ever cancelled halfway.
         """
         ledger = CreditLedger(len(slots))
+        blobs = LeaseBlobs(self.values, client)
         send_tasks, receive_tasks = trio.open_memory_channel[Task](math.inf)
         outbox: list[Buffer] = []
         mail = trio.Event()
@@ -558,7 +575,7 @@ class WorkerDaemon:
                     with trio.CancelScope() as waiting:
                         idle.add(waiting)
                         try:
-                            task_id, payload, shared = await tasks.receive()
+                            task_id, payload, shared, values = await tasks.receive()
                         except trio.EndOfChannel:
                             return
                         finally:
@@ -572,7 +589,7 @@ class WorkerDaemon:
                         stoppers[task_id] = stopper
                         self.running += 1
                         try:
-                            outcome = await slot.run(payload, shared)
+                            outcome = await slot.run(payload, shared, values)
                             if slot.missing is not None:  # it could not even load: the client runs it elsewhere
                                 op = op_parts(Op.MISSING, task_id, slot.missing.encode())
                                 record.outcome = "failed"
@@ -586,7 +603,7 @@ class WorkerDaemon:
                         finally:
                             del stoppers[task_id]
                             self.running -= 1
-                    del payload, shared
+                    del payload, shared, values
                     if stopper.cancelled_caught:
                         log.info("task %d of %s interrupted as asked", task_id, client)
                         op = op_parts(Op.CANCELLED, task_id)
@@ -653,14 +670,23 @@ class WorkerDaemon:
                     for op, arg, data, offset in decode_ops(plaintext):
                         if op is Op.END:
                             return
-                        if op is Op.TASK:
+                        if op is Op.TASK or op is Op.TASK_WITH_VALUES:
                             ledger.task_received(arg)
                             if self.draining:  # sent on credit granted before we began to stop
                                 ledger.withdraw(arg)
                                 post(*op_parts(Op.RETURNED, arg))
                                 continue
+                            values: list[Blob] = []
+                            if op is Op.TASK_WITH_VALUES:
+                                values, missing, data, offset = blobs.task(arg, data, offset)
+                                if missing:  # evicted, or held before a restart: the client sends it again
+                                    ledger.withdraw(arg)
+                                    post(*op_parts(Op.UNCACHED, arg, *missing))
+                                    continue
                             shared = (memfd, offset) if memfd is not None and data.nbytes >= hop.SHARED_MIN else None
-                            send_tasks.send_nowait((arg, data, shared))
+                            send_tasks.send_nowait((arg, data, shared, values))
+                        elif op is Op.BLOB:
+                            await blobs.blob(arg, data, memfd, offset)
                         elif op is Op.PING:
                             pass
                         elif op is Op.MOVE:

@@ -17,7 +17,9 @@ history, or that it went past its memory limit (``over``: ``memory``,
 after which it exits); the daemon reads them without unpickling anything.
 The daemon may precede a task with a LIMIT message: ``size`` is the
 address space the task process allows itself from then on (0: as much
-as its hard limit).
+as its hard limit); and with VALUE messages, one per big value the task
+refers to, in order (:mod:`p2pexec.protocol.values`): with a memfd, the
+value lies at ``offset`` in it, else its ``size`` bytes follow inline.
 
 The daemon trusts nothing a task process sends: a shared outcome must be
 a memfd sealed against shrinking (so the daemon's mapping can never
@@ -39,7 +41,7 @@ from collections.abc import Sequence
 from .. import portability
 
 HEADER = struct.Struct(">BQQ")
-INLINE, SHARED, REPORT, LIMIT = 0, 1, 2, 3
+INLINE, SHARED, REPORT, LIMIT, VALUE = 0, 1, 2, 3, 4
 MAX_REPORT = 1024  # bytes of one REPORT
 SHARED_MIN = 1 << 20  # smaller data is cheaper to copy through the socket
 

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
@@ -19,10 +20,11 @@ import trio
 from .. import portability
 from ..protocol.frames import Buffer, nbytes
 from ..protocol.resources import format_size
-from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, map_outcome
+from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, VALUE, map_outcome
 from .history import printable
 from .privileges import prctl
 from .sandbox import SLOT_ENV, Sandbox
+from .valuecache import Blob
 
 log = logging.getLogger("p2pexec.worker")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -139,8 +141,9 @@ class TaskSlot:
         finally:
             await stream.aclose()
 
-    async def run(self, payload: Buffer, shared: tuple[int, int] | None = None) -> Buffer:
-        """Run one task; ``shared`` is (memfd, offset) when the payload lies in shared memory.
+    async def run(self, payload: Buffer, shared: tuple[int, int] | None = None, values: Sequence[Blob] = ()) -> Buffer:
+        """Run one task; ``shared`` is (memfd, offset) when the payload lies in shared memory; ``values``
+        are the big values it refers to (each task process maps them afresh: its own copy to write into).
 
         Returns the outcome bytes or raises TaskProcessDied.
         """
@@ -153,6 +156,13 @@ class TaskSlot:
             if self.limit != self._applied:
                 await self._send_all(HEADER.pack(LIMIT, 0, self.limit or 0))
                 self._applied = self.limit
+            for value in values:
+                if value.shared is not None:
+                    fd, offset = value.shared
+                    await self._send_with_fd(HEADER.pack(VALUE, offset, value.data.nbytes), fd)
+                else:
+                    await self._send_all(HEADER.pack(VALUE, 0, value.data.nbytes))
+                    await self._send_all(value.data)
             size = nbytes(payload)
             if shared is not None:
                 fd, offset = shared

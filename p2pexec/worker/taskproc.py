@@ -22,7 +22,7 @@ from .. import portability
 from ..chunks import mapped_function
 from ..protocol.frames import nbytes
 from ..tasks import dump_outcome, load_task
-from .hop import HEADER, INLINE, LIMIT, REPORT, SHARED, SHARED_MIN, map_payload, share_outcome, shared
+from .hop import HEADER, INLINE, LIMIT, REPORT, SHARED, SHARED_MIN, VALUE, map_payload, share_outcome, shared
 from .sandbox import LANDLOCK_ENV
 
 
@@ -67,8 +67,26 @@ def _limit_memory(size: int) -> None:
     _memory_limit = 0 if soft == hard else soft
 
 
-def _receive(sock: socket.socket) -> bytearray | memoryview | None:
-    """The next task payload from the daemon, or None once it is gone; applies the LIMITs that precede it."""
+Data = bytearray | memoryview
+
+
+def _receive(sock: socket.socket) -> tuple[Data, list[Data]] | None:
+    """The next task payload from the daemon and its values, or None once it is gone; applies the LIMITs
+    that precede it."""
+    values: list[Data] = []
+    while True:
+        message = _receive_one(sock)
+        if message is None:
+            return None
+        kind, data = message
+        if kind == VALUE:
+            values.append(data)
+        elif kind != LIMIT:
+            return data, values
+
+
+def _receive_one(sock: socket.socket) -> tuple[int, Data] | None:
+    """One message: its kind and its data (a private mapping of a shared memfd, or the bytes that followed)."""
     if portability.fd_passing():
         data, fds, _, _ = socket.recv_fds(sock, HEADER.size, 1)
     else:  # the daemon sends no memfds here: every payload comes inline
@@ -83,9 +101,9 @@ def _receive(sock: socket.socket) -> bytearray | memoryview | None:
         kind, offset, size = HEADER.unpack(header)
         if kind == LIMIT and not fds:
             _limit_memory(size)
-            return _receive(sock)
-        if kind == SHARED and len(fds) == 1:
-            return map_payload(fds[0], offset, size)
+            return kind, bytearray()
+        if kind in (SHARED, VALUE) and len(fds) == 1:
+            return kind, map_payload(fds[0], offset, size)
         payload = bytearray(size)  # filled in place: a big task is held once, not in pieces and again joined
         view = memoryview(payload)
         while view:
@@ -93,7 +111,7 @@ def _receive(sock: socket.socket) -> bytearray | memoryview | None:
             if not count:
                 return None
             view = view[count:]
-        return payload
+        return kind, payload
     finally:
         for fd in fds:
             os.close(fd)
@@ -141,14 +159,15 @@ def serve(sock: socket.socket) -> None:
     sock.sendall(HEADER.pack(INLINE, 0, 0))  # ready: imports done
     reported = None  # the function name the daemon has: said again only when it changes (maps cost nothing)
     while True:
-        payload = _receive(sock)
-        if payload is None:
+        received = _receive(sock)
+        if received is None:
             return
+        payload, values = received
         out, err = capture.start()
         name = "?"  # what the history says of a task that cannot even be loaded
         try:
-            fn, args, kwargs = load_task(payload)
-            del payload
+            fn, args, kwargs = load_task(payload, values)
+            del payload, values
             name = function_name(fn)
             reported = _tell_name(sock, name, reported)  # before it runs: a task that kills its process is named
             ok, value = True, fn(*args, **kwargs)

@@ -97,7 +97,7 @@ class EvilDaemon(daemon.WorkerDaemon):
 BOGUS = ["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.2/tcp/1",
          "/ip4/127.0.0.1/tcp/2/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA/p2p-circuit"]
 
-async def _never(self, payload, shared):
+async def _never(self, payload, shared, values=()):
     with trio.CancelScope(shield=True):  # not even INTERRUPT ends it
         await trio.sleep_forever()
 

@@ -1,0 +1,262 @@
+"""Big values that cross to a worker once: their wire layout and bookkeeping, without I/O.
+
+An argument value of :data:`HOIST_MIN` bytes or more (bytes-like, a NumPy
+array, a function with a big closure, any object whose pickle is that
+large) is pickled on its own, as a *value*, named by the SHA-256 of its
+payload.  A task's pickle refers to it by index; the task carries the
+digests.  The worker keeps values in a bounded cache keyed by
+``(member, digest)``, so one member can neither use nor probe another's.
+
+Who sends what, on a lease's encrypted channel::
+
+    client -> worker   BLOB task=T              digest, then the value's payload   (each in a message of its own)
+    client -> worker   TASK_WITH_VALUES task=T  count, digests, then the task's payload
+    worker -> client   UNCACHED task=T          the digests the worker does not hold: T was not run
+
+A BLOB is sent for task T just before T, for the values the client does
+not believe the worker holds (:class:`SentValues`); the worker checks the
+digest (a mismatch is a :class:`~p2pexec.errors.ProtocolError`: the
+lease ends) and keeps the value for T even if its cache cannot
+(:class:`LeaseValues`), so a value bigger than the whole cache still
+works.  A task whose value the worker no longer holds (evicted, the
+worker restarted) comes back as UNCACHED; the client sends it again with
+all its values, so that second sending runs.  A worker that says UNCACHED of a value sent with the task, or
+that the task does not use, breaks the protocol: it cannot make a task
+loop.  After :data:`MISSES_BEFORE_INLINE` such answers for one value, the
+client sends that value with every task to that worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Generic, TypeVar
+
+from ..errors import ProtocolError
+from .frames import Buffer
+
+HOIST_MIN = 1 << 20  # a value this big (bytes, or pickled bytes) crosses once per worker
+DIGEST_BYTES = 32  # SHA-256 (hardware-accelerated on most CPUs, unlike BLAKE2)
+MAX_VALUES = 1024  # values one task may use
+MISSES_BEFORE_INLINE = 2  # UNCACHED answers for a value before the client always sends it with its tasks
+KEEP_SECONDS = 60.0  # a member's values stay this long after their last lease (the daemon looks every 30 s)
+_COUNT = struct.Struct(">H")
+
+T = TypeVar("T")
+
+
+def digest(parts: Sequence[Buffer]) -> bytes:
+    """The name of a value: the SHA-256 of its payload's parts, in order."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def task_header(digests: Sequence[bytes]) -> bytes:
+    """What precedes a task's payload in TASK_WITH_VALUES: the digests of the values it uses, in order."""
+    if not 0 < len(digests) <= MAX_VALUES:
+        raise ValueError(f"a task uses 1 to {MAX_VALUES} values, not {len(digests)}")
+    return _COUNT.pack(len(digests)) + b"".join(digests)
+
+
+def split_task(data: memoryview) -> tuple[list[bytes], memoryview, int]:
+    """TASK_WITH_VALUES data: the digests, the task's payload, and where the payload starts in ``data``."""
+    if data.nbytes < _COUNT.size:
+        raise ProtocolError("task with values too short")
+    (count,) = _COUNT.unpack_from(data)
+    end = _COUNT.size + count * DIGEST_BYTES
+    if not 0 < count <= MAX_VALUES or data.nbytes < end:
+        raise ProtocolError(f"task with a malformed list of {count} values")
+    digests = [bytes(data[i : i + DIGEST_BYTES]) for i in range(_COUNT.size, end, DIGEST_BYTES)]
+    return digests, data[end:], end
+
+
+def split_digests(data: memoryview) -> list[bytes]:
+    """UNCACHED data: the digests a worker lacks."""
+    if data.nbytes == 0 or data.nbytes % DIGEST_BYTES or data.nbytes > MAX_VALUES * DIGEST_BYTES:
+        raise ProtocolError(f"malformed list of digests ({data.nbytes} bytes)")
+    return [bytes(data[i : i + DIGEST_BYTES]) for i in range(0, data.nbytes, DIGEST_BYTES)]
+
+
+def split_blob(data: memoryview) -> tuple[bytes, memoryview]:
+    """BLOB data: the digest it claims and the value's payload (not checked yet: :func:`check_blob`)."""
+    if data.nbytes <= DIGEST_BYTES:
+        raise ProtocolError("value too short")
+    return bytes(data[:DIGEST_BYTES]), data[DIGEST_BYTES:]
+
+
+def check_blob(claimed: bytes, value: Buffer) -> None:
+    """A value must be what its digest says, or the lease ends: nothing else could ever find it."""
+    if digest([value]) != claimed:
+        raise ProtocolError("a value does not match its digest")
+
+
+class ValueCache(Generic[T]):
+    """A worker's values, by ``(member, digest)``: at most ``capacity`` bytes, least recently used out first.
+
+    A member's values go once they have had no live lease for
+    :data:`KEEP_SECONDS` (:meth:`expire`), or at once when they are removed
+    from the cluster (:meth:`drop`).  ``T`` is whatever holds a value's
+    bytes; the cache only counts them.
+    """
+
+    def __init__(self, capacity: int, keep: float = KEEP_SECONDS) -> None:
+        if capacity < 0:
+            raise ValueError("a cache size is 0 or more bytes")
+        self.capacity = capacity
+        self.keep = keep
+        self.size = 0
+        self._entries: OrderedDict[tuple[str, bytes], tuple[T, int]] = OrderedDict()
+        self._leases: Counter[str] = Counter()  # live leases per member
+        self._idle_since: dict[str, float] = {}  # members with values and no live lease
+        self.hits = 0
+        self.misses = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: tuple[str, bytes]) -> bool:
+        return key in self._entries
+
+    def get(self, member: str, name: bytes) -> T | None:
+        entry = self._entries.get((member, name))
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end((member, name))
+        self.hits += 1
+        return entry[0]
+
+    def put(self, member: str, name: bytes, item: T, size: int) -> bool:
+        """Keep a value, evicting the least recently used; False if it is bigger than the whole cache."""
+        key = (member, name)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.size -= old[1]
+        if size > self.capacity:
+            return False
+        while self.size + size > self.capacity:
+            _, (_, freed) = self._entries.popitem(last=False)
+            self.size -= freed
+            self.evicted += 1
+        self._entries[key] = (item, size)
+        self.size += size
+        return True
+
+    def drop(self, member: str) -> int:
+        """Forget every value of ``member``; how many there were."""
+        keys = [key for key in self._entries if key[0] == member]
+        for key in keys:
+            self.size -= self._entries.pop(key)[1]
+        self._idle_since.pop(member, None)
+        return len(keys)
+
+    def lease_started(self, member: str) -> None:
+        self._leases[member] += 1
+        self._idle_since.pop(member, None)
+
+    def lease_ended(self, member: str, now: float) -> None:
+        self._leases[member] -= 1
+        if self._leases[member] <= 0:
+            del self._leases[member]
+            self._idle_since[member] = now
+
+    def expire(self, now: float) -> list[str]:
+        """Drop the values of members without a live lease for ``keep`` seconds; which members."""
+        gone = [member for member, since in self._idle_since.items() if now - since >= self.keep]
+        for member in gone:
+            self.drop(member)
+        return gone
+
+
+class LeaseValues(Generic[T]):
+    """The values of one lease's tasks, on the worker: those that just arrived, else the cache's.
+
+    A BLOB belongs to the task that follows it; it is kept for that task
+    whether or not the cache can keep it, so every task the client sent
+    its values with runs.
+    """
+
+    def __init__(self, cache: ValueCache[T], member: str) -> None:
+        self.cache = cache
+        self.member = member
+        self.for_task: int | None = None  # the task the values in ``arrived`` came for
+        self.arrived: dict[bytes, T] = {}
+        self.received = 0  # BLOBs, for the log
+
+    def blob(self, task_id: int, name: bytes, item: T, size: int) -> None:
+        """A checked value that came for task ``task_id``."""
+        if self.for_task not in (None, task_id):
+            raise ProtocolError(f"the client sent values for task {task_id} before task {self.for_task}")
+        self.for_task = task_id
+        self.arrived[name] = item
+        self.received += 1
+        self.cache.put(self.member, name, item, size)
+
+    def task(self, task_id: int, names: Iterable[bytes]) -> tuple[list[T], list[bytes]]:
+        """Task ``task_id``'s values in order, and the digests not held (then the task cannot run here)."""
+        if self.for_task not in (None, task_id):
+            raise ProtocolError(f"the client sent values for task {self.for_task}, then task {task_id}")
+        found: list[T] = []
+        missing: list[bytes] = []
+        for name in names:
+            item = self.arrived.get(name)
+            if item is None:
+                item = self.cache.get(self.member, name)
+            if item is None:
+                if name not in missing:
+                    missing.append(name)
+            else:
+                found.append(item)
+        self.for_task, self.arrived = None, {}
+        return found, missing
+
+
+class SentValues:
+    """Which values one worker should hold, as the client knows it; the client's half of the protocol.
+
+    Kept per worker peer for the executor's life, so a new lease with the
+    same worker does not send them again (the worker keeps a member's
+    values a while after a lease ends; if it lost them, it says so).
+    """
+
+    REMEMBER = 4096  # digests remembered per worker; older ones are sent again if needed
+
+    def __init__(self) -> None:
+        self._held: OrderedDict[bytes, None] = OrderedDict()
+        self._misses: Counter[bytes] = Counter()
+
+    def to_send(self, names: Iterable[bytes], every: bool = False) -> list[bytes]:
+        """The values to send before a task that uses ``names``; from now on the worker is taken to hold them.
+
+        ``every``: all of them, for a task the worker sent back as UNCACHED
+        (a value sent with it before may not have stayed either), so that
+        its second sending runs.
+        """
+        out: list[bytes] = []
+        for name in names:
+            if name in out:
+                continue
+            if not every and name in self._held and self._misses[name] < MISSES_BEFORE_INLINE:
+                self._held.move_to_end(name)
+                continue
+            out.append(name)
+            self._held[name] = None
+            if len(self._held) > self.REMEMBER:
+                self._held.popitem(last=False)
+        return out
+
+    def uncached(self, said: Iterable[bytes], used: Iterable[bytes], sent_with: Iterable[bytes]) -> None:
+        """The worker did not hold ``said`` for a task that uses ``used`` and was sent with ``sent_with``."""
+        used, sent_with = set(used), set(sent_with)
+        for name in said:
+            if name not in used:
+                raise ProtocolError("the worker lacks a value the task does not use")
+            if name in sent_with:
+                raise ProtocolError("the worker lacks a value that was sent with the task")
+            self._held.pop(name, None)
+            self._misses[name] += 1

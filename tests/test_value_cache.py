@@ -1,0 +1,103 @@
+"""Big values cross once per worker, on real workers: counted, isolated per task and per member, never lost."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from p2pexec import LocalCluster
+
+pytestmark = pytest.mark.timeout(120)
+
+MIB = 1 << 20
+
+
+def digest_of(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def scribble(data, i):
+    """Read the argument, then spoil it: the next task on this slot must not see the damage."""
+    before = digest_of(data)
+    if not isinstance(data, bytes):
+        data[:] = bytes(len(data)) if isinstance(data, bytearray) else 0
+    return before, i
+
+
+def test_a_big_argument_crosses_once_per_worker(cluster):
+    data = os.urandom(2 * MIB)
+    with cluster.executor() as ex:
+        out = list(ex.map(scribble, [data] * 20, range(20)))
+        stats = ex.stats()
+    assert out == [(digest_of(data), i) for i in range(20)]
+    workers = len(stats.workers)
+    assert 1 <= stats.values_sent <= workers <= 2
+    assert stats.value_bytes_sent < workers * 2.01 * MIB
+    assert stats.bytes_sent < stats.value_bytes_sent + 20 * 64 * 1024  # the tasks themselves are small
+
+
+def test_each_task_gets_its_own_copy_of_a_big_array(cluster):
+    np = pytest.importorskip("numpy")
+    array = np.arange(2 * MIB // 8, dtype=np.float64)
+    expected = digest_of(array.tobytes())
+
+    def use(a, i):
+        before = digest_of(a.tobytes())
+        a[:] = -1  # writes into its own copy, never the cached value or the next task's
+        return before, i
+
+    with cluster.executor() as ex:
+        out = list(ex.map(use, [array] * 20, range(20)))
+        mutable = list(ex.map(scribble, [bytearray(array.tobytes())] * 6, range(6)))
+        assert ex.stats().values_sent <= 4
+    assert out == [(expected, i) for i in range(20)]
+    assert mutable == [(expected, i) for i in range(6)]
+    assert (array == np.arange(2 * MIB // 8)).all()
+
+
+def test_a_closure_over_a_big_object_crosses_once(cluster):
+    np = pytest.importorskip("numpy")
+    model = np.random.default_rng(1).random(3 * MIB // 8)
+    table = {i: str(i) for i in range(150_000)}  # no array: found by the size of its pickle
+    with cluster.executor() as ex:
+        assert list(ex.map(lambda i: float(model[i]), range(20))) == [float(model[i]) for i in range(20)]
+        first = ex.stats().values_sent
+        assert 1 <= first <= 2
+        assert list(ex.map(lambda i: table[i * 1000], range(20))) == [str(i * 1000) for i in range(20)]
+        assert 1 <= ex.stats().values_sent - first <= 2
+        assert ex.submit(lambda: len(table) + model.size).result(timeout=60) == len(table) + model.size
+
+
+def test_tasks_complete_when_values_are_evicted_or_bigger_than_the_cache():
+    a, b = os.urandom(2 * MIB), os.urandom(2 * MIB)
+    huge = os.urandom(5 * MIB)
+    with LocalCluster(workers=1, worker_options=("--cache-size", "3MiB")) as lc, lc.executor() as ex:
+        values = [a, b] * 6  # both do not fit: each evicts the other
+        assert list(ex.map(scribble, values, range(12))) == [(digest_of(v), i) for i, v in enumerate(values)]
+        evicted = ex.stats()
+        assert evicted.values_missed >= 1  # the worker said so, and the tasks went again with their values
+        assert list(ex.map(scribble, [huge] * 5, range(5))) == [(digest_of(huge), i) for i in range(5)]
+        assert ex.stats().done == 17 and ex.stats().failed == 0
+
+
+def test_members_cannot_use_each_others_values():
+    data = os.urandom(2 * MIB)
+    with LocalCluster(workers=0) as lc:
+        bob = lc.add_member("bob")
+        lc.add_worker()
+        with lc.executor() as alice:
+            assert alice.submit(digest_of, data).result(timeout=60) == digest_of(data)  # now cached for alice
+            assert alice.stats().values_sent == 1
+        with lc.executor(**bob) as ex:
+            assert ex.submit(len, b"warm").result(timeout=60) == 4
+            peer = ex.stats().workers[0].peer
+            from p2pexec.tasks import Value, _dumps
+
+            # bob claims the worker holds the value (as if he could probe alice's): it answers UNCACHED
+            name = Value(_dumps(data, recurse=True)).digest
+            ex._runtime.run_sync(lambda: ex._scheduler.sent_values(peer).to_send([name]))
+            assert ex.submit(digest_of, data).result(timeout=60) == digest_of(data)
+            stats = ex.stats()
+        assert stats.values_missed == 1 and stats.values_sent == 1  # then he sent it himself

@@ -1,0 +1,292 @@
+"""Big values cross once: the pure protocol (p2pexec.protocol.values) and the client's pickling, without I/O."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from p2pexec.errors import ProtocolError
+from p2pexec.protocol.values import (
+    DIGEST_BYTES, HOIST_MIN, MISSES_BEFORE_INLINE, LeaseValues, SentValues, ValueCache, check_blob, digest,
+    split_blob, split_digests, split_task, task_header,
+)
+
+names = st.binary(min_size=DIGEST_BYTES, max_size=DIGEST_BYTES)
+members = st.sampled_from(["alice", "bob", "carol"])
+
+
+def name(i: int) -> bytes:
+    return hashlib.sha256(str(i).encode()).digest()
+
+
+# -- wire layout ---------------------------------------------------------------------------------------------
+@given(st.lists(names, min_size=1, max_size=20), st.binary(max_size=200))
+def test_a_task_header_round_trips(digests, payload):
+    data = memoryview(task_header(digests) + payload)
+    got, rest, start = split_task(data)
+    assert got == digests and bytes(rest) == payload and bytes(data[start:]) == payload
+
+
+@given(st.binary(max_size=200))
+def test_garbled_value_lists_are_protocol_errors(data):
+    for parse in (split_task, split_digests, split_blob):
+        try:
+            parse(memoryview(data))
+        except ProtocolError:
+            pass
+
+
+@settings(max_examples=200)
+@given(st.binary(min_size=1, max_size=500), st.data())
+def test_a_tampered_value_fails_its_digest(value, data):
+    blob = memoryview(digest([value]) + value)
+    claimed, got = split_blob(blob)
+    check_blob(claimed, got)  # intact: fine
+    i = data.draw(st.integers(0, len(blob) - 1))
+    bit = data.draw(st.integers(0, 7))
+    tampered = bytearray(blob)
+    tampered[i] ^= 1 << bit
+    claimed, got = split_blob(memoryview(tampered))
+    with pytest.raises(ProtocolError, match="does not match its digest"):
+        check_blob(claimed, got)
+
+
+def test_a_digest_covers_the_parts_in_order():
+    assert digest([b"ab", b"c"]) == digest([b"abc"]) == hashlib.sha256(b"abc").digest()
+    assert digest([b"a", b"bc"]) != digest([b"bc", b"a"])
+
+
+# -- the worker's cache ----------------------------------------------------------------------------------------
+class CacheMachine(RuleBasedStateMachine):
+    """The cache against a model: an LRU list of (member, name, size) within the capacity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capacity = 100
+        self.cache: ValueCache[tuple[str, bytes]] = ValueCache(self.capacity, keep=10.0)
+        self.model: list[tuple[str, bytes, int]] = []  # least recently used first
+        self.now = 0.0
+        self.leases: dict[str, int] = {}
+
+    def _find(self, member: str, key: bytes) -> int | None:
+        return next((i for i, (m, k, _) in enumerate(self.model) if (m, k) == (member, key)), None)
+
+    @rule(member=members, i=st.integers(0, 8), size=st.integers(0, 130))
+    def put(self, member, i, size):
+        kept = self.cache.put(member, name(i), (member, name(i)), size)
+        at = self._find(member, name(i))
+        if at is not None:
+            del self.model[at]
+        assert kept == (size <= self.capacity)
+        if kept:
+            while sum(s for _, _, s in self.model) + size > self.capacity:
+                self.model.pop(0)  # least recently used out first
+            self.model.append((member, name(i), size))
+
+    @rule(member=members, i=st.integers(0, 8))
+    def get(self, member, i):
+        got = self.cache.get(member, name(i))
+        at = self._find(member, name(i))
+        if at is None:
+            assert got is None
+        else:
+            assert got == (member, name(i))  # never another member's, even with the same digest
+            self.model.append(self.model.pop(at))
+
+    @rule(member=members)
+    def start_lease(self, member):
+        self.cache.lease_started(member)
+        self.leases[member] = self.leases.get(member, 0) + 1
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data())
+    def end_lease(self, data):
+        member = data.draw(st.sampled_from(sorted(self.leases)))
+        self.cache.lease_ended(member, self.now)
+        self.leases[member] -= 1
+        if not self.leases[member]:
+            del self.leases[member]
+
+    @rule(seconds=st.floats(0, 15))
+    def time_passes(self, seconds):
+        self.now += seconds
+        gone = self.cache.expire(self.now)
+        assert not set(gone) & set(self.leases)  # a member with a live lease keeps its values
+        self.model = [entry for entry in self.model if entry[0] not in gone]
+
+    @rule(member=members)
+    def removed(self, member):
+        self.cache.drop(member)
+        self.model = [entry for entry in self.model if entry[0] != member]
+
+    @invariant()
+    def agrees_with_the_model(self):
+        assert self.cache.size == sum(s for _, _, s in self.model) <= self.capacity
+        assert len(self.cache) == len(self.model)
+        for member, key, _ in self.model:
+            assert (member, key) in self.cache
+
+
+TestCache = CacheMachine.TestCase
+
+
+def test_values_of_a_member_go_some_time_after_their_last_lease():
+    cache: ValueCache[str] = ValueCache(10, keep=60)
+    cache.lease_started("alice")
+    cache.lease_started("alice")
+    cache.put("alice", name(1), "a", 1)
+    cache.put("bob", name(1), "b", 1)
+    cache.lease_ended("alice", now=0)
+    assert cache.expire(1000) == []  # one lease of alice's is still live
+    assert cache.get("alice", name(1)) == "a"
+    cache.lease_ended("alice", now=100)
+    assert cache.expire(159) == [] and cache.get("alice", name(1)) == "a"
+    assert cache.expire(160) == ["alice"] and cache.get("alice", name(1)) is None
+    assert cache.get("bob", name(1)) == "b"  # bob never had a lease here: nothing to expire
+
+
+# -- the protocol between a client and a worker --------------------------------------------------------------
+class ProtocolMachine(RuleBasedStateMachine):
+    """A client (SentValues) and a worker (ValueCache + LeaseValues) exchanging tasks that use values.
+
+    Whatever the cache's size, other members' traffic and restarts of the
+    worker do, every task runs, on its first or second sending, with the
+    values it uses, and no value is sent to a worker believed to hold it
+    more than MISSES_BEFORE_INLINE times in vain.
+    """
+
+    sizes = {i: (i + 1) * 10 for i in range(6)}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capacity = 0
+        self.restart(0)
+        self.sent = SentValues()
+        self.task_id = 0
+        self.blobs_sent = 0
+        self.tasks_run = 0
+
+    @rule(capacity=st.sampled_from([0, 10, 35, 60, 1000]))
+    def restart(self, capacity):
+        """A new worker process (its cache is gone), with this cache size."""
+        self.capacity = capacity
+        self.cache: ValueCache[bytes] = ValueCache(capacity)
+        self.lease = LeaseValues(self.cache, "alice")
+
+    @rule(i=st.integers(0, 5))
+    def another_member_fills_the_cache(self, i):
+        self.cache.put("bob", name(i), name(i), self.sizes[i])
+
+    @rule(used=st.lists(st.integers(0, 5), min_size=1, max_size=4))
+    def run_a_task(self, used):
+        digests = [name(i) for i in used]
+        size = {name(i): self.sizes[i] for i in used}
+        for attempt in (1, 2):
+            self.task_id += 1
+            sending = self.sent.to_send(digests, every=attempt == 2)
+            for d in sending:  # client -> worker: BLOB, then the task
+                self.lease.blob(self.task_id, d, d, size[d])
+                self.blobs_sent += 1
+            found, missing = self.lease.task(self.task_id, digests)
+            if not missing:
+                assert found == digests  # in order, each one the task uses
+                self.tasks_run += 1
+                return
+            assert attempt == 1, "a task sent with its missing values must run"
+            self.sent.uncached(missing, digests, sending)
+
+    @rule()
+    def a_worker_that_lies_is_caught(self):
+        self.task_id += 1
+        digests = [name(0)]
+        sending = self.sent.to_send(digests)
+        for d in sending:
+            self.lease.blob(self.task_id, d, d, self.sizes[0])
+        with pytest.raises(ProtocolError):
+            self.sent.uncached([name(9)], digests, sending)  # a value the task does not use
+        if sending:
+            with pytest.raises(ProtocolError):
+                self.sent.uncached(sending, digests, sending)  # a value sent with the task
+        self.lease.task(self.task_id, [])  # (clears what arrived for it)
+
+
+TestProtocol = ProtocolMachine.TestCase
+
+
+def test_a_value_the_worker_keeps_losing_goes_with_every_task():
+    sent = SentValues()
+    d = [name(1)]
+    assert sent.to_send(d) == d and sent.to_send(d) == []
+    for _ in range(MISSES_BEFORE_INLINE):
+        sent.uncached(d, d, [])
+        assert sent.to_send(d) == d
+    assert sent.to_send(d) == d  # no more asking in vain
+
+
+def test_values_must_come_before_their_own_task():
+    lease: LeaseValues[bytes] = LeaseValues(ValueCache(100), "alice")
+    lease.blob(1, name(1), b"x", 1)
+    with pytest.raises(ProtocolError):
+        lease.blob(2, name(2), b"y", 1)
+    with pytest.raises(ProtocolError):
+        lease.task(2, [name(1)])
+
+
+# -- the client's pickling: which objects become values ------------------------------------------------------
+def _load(payload, values):
+    from p2pexec.tasks import load_task
+
+    return load_task(b"".join(bytes(p) for p in payload), [b"".join(bytes(p) for p in v.parts) for v in values])
+
+
+def total(*xs):
+    return sum(len(x) if isinstance(x, (bytes, dict, list)) else int(x.size) for x in xs)
+
+
+def test_small_tasks_have_no_values():
+    from p2pexec.tasks import dump_task_values
+
+    payload, values = dump_task_values(total, (b"x" * 1000, [1, 2]), {})
+    assert values == () and _load(payload, values)[1] == (b"x" * 1000, [1, 2])
+
+
+def test_big_bytes_arrays_and_closures_become_values_once_per_map():
+    np = pytest.importorskip("numpy")
+    from p2pexec.tasks import PrepickledFunction, dump_task_values, shared_values
+
+    array = np.arange(HOIST_MIN // 8 + 1, dtype=np.float64)
+    blob = bytes(HOIST_MIN)
+    model = {i: str(i) for i in range(100_000)}  # pure Python, > 1 MiB pickled: found by its size
+    with shared_values():
+        fn = PrepickledFunction(lambda x, b, m: len(model) + x.size + len(b) + len(m))
+        tasks = [dump_task_values(fn, ((i, ((array, blob, model),)),), {}) for i in range(3)]
+    digests = [[v.digest for v in values] for _, values in tasks]
+    assert len(digests[0]) == 4 and digests[0] == digests[1] == digests[2]
+    assert len({id(v) for _, values in tasks for v in values}) == 4  # pickled and hashed once, not per task
+    assert all(len(bytes(payload[1])) < 1024 for payload, _ in tasks)
+    fn_back, (chunk,), _ = _load(*tasks[0])
+    assert chunk[0] == 0 and chunk[1][0][2] == model and (chunk[1][0][0] == array).all()
+
+
+def test_the_same_value_twice_in_a_task_is_one_object_there():
+    from p2pexec.tasks import dump_task_values
+
+    big = bytearray(HOIST_MIN)
+    payload, values = dump_task_values(total, (big, big), {})
+    assert len(values) == 1
+    _, (a, b), _ = _load(payload, values)
+    assert a is b and a == big
+
+
+def test_a_closure_over_a_big_object_becomes_a_value():
+    from p2pexec.tasks import dump_task_values
+
+    captured = list(range(300_000))
+    payload, values = dump_task_values(lambda: len(captured), (), {})
+    assert len(values) == 1 and values[0].size > HOIST_MIN
+    fn, _, _ = _load(payload, values)
+    assert fn() == 300_000
