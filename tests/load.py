@@ -4,7 +4,7 @@ Two strangers hold 300 idle sockets each, re-opened as they are closed: one
 against the board's SSH port (from 127.0.0.2), one against a worker's libp2p
 port (from 127.0.0.3).  Meanwhile 64 members, each with a key of their own,
 map a few tasks each; every one must get every result.  The members' clients
-run in 4 processes of 16 and each flood in a process of its own, as they
+run in 16 processes of 4 and each flood in a process of its own, as they
 would on their own machines (in the board's process they would starve it of
 the GIL, which a real board does not share).  All of them connect from
 127.0.0.1, one source for the board's per-source limits.  Everything is
@@ -27,13 +27,13 @@ from p2pexec import LocalCluster
 
 from .flood import libp2p_port
 
-CLIENTS, PROCESSES, WORKERS, TASKS = 64, 4, 32, 8
+CLIENTS, PROCESSES, WORKERS, TASKS = 64, 16, 32, 8
 
 CLIENT_PROCESS = '''
 import json, sys, threading
 from p2pexec import P2PExecutor
 members, cluster, common, tasks, timeout = json.loads(sys.argv[1])
-arriving = threading.Semaphore(2)  # a few members arrive at a time, as people do (8 in all: the per-source limit)
+arriving = threading.Semaphore(1)  # members arrive a few at a time, as people do (16 at once in all)
 results, errors = {}, []
 
 def client(i, member):

@@ -42,7 +42,7 @@ DEFAULT_BOARD = "pipe.pico.sh"
 DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
 _MAX_BUFFERED = 1 << 20
 # How long joining keeps trying a board that is busy (see BoardBusyError) before it gives up.
-JOIN_WITHIN = 30.0
+JOIN_WITHIN = 60.0
 
 
 @dataclass(frozen=True)
@@ -357,10 +357,10 @@ class BoardSession:
         while True:
             try:
                 chunk = channel.recv(65536)
-            except socket.timeout:
-                raise BoardError(
+            except socket.timeout:  # a busy board, or a host that takes `pipe` and never echoes: tried again
+                raise BoardBusyError(
                     f"the board did not relay our first message on {self.topic} within "
-                    f"{self._timeout:g} s; is {self.address} a pico-compatible pipe host?"
+                    f"{self._timeout:g} s: it is busy, or {self.address} is not a pico-compatible pipe host"
                 ) from None
             if not chunk:
                 self._raise_refusal(channel)
