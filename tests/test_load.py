@@ -1,6 +1,6 @@
 """64 members' clients and 32 workers on one board keep working while two strangers flood it (issue 15).
 
-Slow (about 2 minutes on 2 cores), so .ci/run runs it on its own, after the
+Slow (about 2.5 minutes on 2 cores), so .ci/run runs it on its own, after the
 parallel suite: ``pytest -m load``.
 """
 
