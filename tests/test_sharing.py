@@ -55,7 +55,10 @@ def simulate(slots: int, parties: list[Party], durations: list[float], horizon: 
                 ask(p)
             owed = sharing.owed(lease, now)
             if owed is not None:
-                sharing.shrunk(lease)
+                if sum(h is not None and h[0] == lease for h in holder) > 1:
+                    sharing.shrunk(lease, now)
+                else:  # its last slot: the daemon ends the lease instead
+                    sharing.ended(lease, now)
                 lease = f"lease-{next(ids)}"
                 sharing.offered(lease, owed, 1, now)
                 sharing.leased(lease, owed.req, owed.party, 1, now)
@@ -94,7 +97,7 @@ def test_a_newcomer_is_owed_a_slot_at_once_by_a_lease_with_two_more():
     assert not sharing.owed("hog", 0.0)  # nobody waits
     sharing.wait(Want("r-b", BOB, 1, FAR))
     assert sharing.owed("hog", 0.0).party == BOB  # 2 against 0: at the next task boundary
-    sharing.shrunk("hog")
+    sharing.shrunk("hog", 0.0)
     [(want, count)] = sharing.allocate(lambda w: 1, 0.0)
     assert (want.party, count) == (BOB, 1)
     sharing.offered("o", want, count, 0.0)
@@ -181,7 +184,7 @@ class SharingRules(RuleBasedStateMachine):
         owed = self.sharing.owed(lease, self.now)
         if owed is not None:
             assert owed.party.client != party.client and owed.exp > self.now  # never to its own client
-            self.sharing.shrunk(lease)
+            self.sharing.shrunk(lease, self.now)
             if count == 1:
                 del self.leases[lease]
             else:
@@ -192,7 +195,7 @@ class SharingRules(RuleBasedStateMachine):
     @rule(data=st.data())
     def end(self, data):
         lease = data.draw(st.sampled_from(sorted(self.leases)))
-        self.sharing.ended(lease)
+        self.sharing.ended(lease, self.now)
         del self.leases[lease]
 
     @rule(party=st.sampled_from(PARTIES))

@@ -5,7 +5,8 @@ a request whose member holds fewer of its slots (counting offers not yet
 taken) than the member of a running lease takes a slot from that lease at
 the lease's next task boundary: at once when the gap is two slots or more,
 when it is one once the holder has had :data:`QUANTUM` seconds since it last
-gained a slot here (so one-slot workers take turns).  Two
+gained a slot here and the waiter gave none up in the last half quantum (so
+one-slot workers take turns, and members outnumbering the slots rotate).  Two
 clients of one member share the member's slots the same way.  A running
 task is never stopped for it.  Equally deserving requests are served least
 recently served first, and otherwise in an order of the worker's own (a
@@ -20,6 +21,7 @@ a time, not to every request in sight.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +68,7 @@ class Sharing:
     waiting: dict[str, Want] = field(default_factory=dict)  # by request id
     _holds: dict[str, _Hold] = field(default_factory=dict)  # by offer id (a lease keeps its offer's id)
     _served: dict[str, float] = field(default_factory=dict)  # member, and client, -> when last given slots
+    _lost: dict[str, float] = field(default_factory=dict)  # member, and client, -> when a lease last gave one up
 
     # -- events
     def wait(self, want: Want) -> None:
@@ -92,15 +95,19 @@ class Sharing:
         self._holds[offer] = _Hold(req, party, slots, None)
         self._note_served(party, now)
 
-    def shrunk(self, lease: str) -> None:
+    def shrunk(self, lease: str, now: float) -> None:
         """A lease gave back one slot."""
         hold = self._holds[lease]
+        self._lost["m:" + hold.party.member] = self._lost["c:" + hold.party.client] = now
         hold.slots -= 1
         if hold.slots <= 0:
             del self._holds[lease]
 
-    def ended(self, lease: str) -> None:
-        self._holds.pop(lease, None)
+    def ended(self, lease: str, now: float) -> None:
+        """A lease ended (or an offer was taken: its hold goes, and :meth:`leased` holds the slots)."""
+        hold = self._holds.pop(lease, None)
+        if hold is not None and hold.until is None:
+            self._lost["m:" + hold.party.member] = self._lost["c:" + hold.party.client] = now
 
     # -- questions
     def expire(self, now: float) -> None:
@@ -148,11 +155,14 @@ class Sharing:
                 continue  # the client's own other needs take turns by lease_seconds, not here
             if want.party.member != hold.party.member:
                 gap = members[hold.party.member] - members[want.party.member]
-                since = self._served.get("m:" + hold.party.member, 0.0)
+                held, waited = "m:" + hold.party.member, "m:" + want.party.member
             else:
                 gap = clients[hold.party.client] - clients[want.party.client]
-                since = self._served.get("c:" + hold.party.client, 0.0)
-            if gap >= 2 or (gap == 1 and now - since >= self.quantum):  # turns: a quantum after it last gained
+                held, waited = "c:" + hold.party.client, "c:" + want.party.client
+            # Turns: the holder has had a quantum since it last gained a slot, and the waiter did not just
+            # give one up (else the one who yields would take another's slot at once, and never wait).
+            if gap >= 2 or (gap == 1 and now - self._served.get(held, 0.0) >= self.quantum
+                            and now - self._lost.get(waited, -math.inf) >= self.quantum / 2):
                 owed.append(want)
         return min(owed, key=lambda w: self._rank(w, members, clients), default=None)
 

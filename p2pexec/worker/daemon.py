@@ -389,7 +389,7 @@ class WorkerDaemon:
                     return await self._resume(stream, first)
                 accept = self._authenticate(first)
                 offer = self.offers.pop(accept["offer"])
-                self.sharing.ended(offer.id)  # its hold: the reservation below holds what it takes
+                self.sharing.ended(offer.id, time.time())  # its hold: the reservation below holds what it takes
                 count = min(accept["slots"], offer.slots, self.reservations.available(offer.need))
                 held = self.reservations.reserve(offer.id, offer.need, count) if count > 0 else None
                 slots = [self.slots[i] for i in held or ()]
@@ -444,7 +444,7 @@ class WorkerDaemon:
                 self._lease_ended(move)
             if slots:
                 self.reservations.release(accept["offer"])
-                self.sharing.ended(accept["offer"])
+                self.sharing.ended(accept["offer"], time.time())
                 self._offer_to_waiting()
                 self._check_drained()
 
@@ -562,7 +562,7 @@ class WorkerDaemon:
             slots.remove(slot)
             ledger.shrink()
             self.reservations.release_slot(lease, slot.index)
-            self.sharing.shrunk(lease)
+            self.sharing.shrunk(lease, time.time())
             move.status["slots"] = len(slots)
             log.info("lease for %s gives a slot to %s, who waits; %d left", client, owed.party.member, len(slots))
             self._offer_to_waiting(owed)
