@@ -544,6 +544,7 @@ class WorkerDaemon:
 
         started = answered_at = trio.current_time()  # (answered_at: when a task was last answered)
         looking_again = False
+        gave_way = False
         stoppers: dict[int, trio.CancelScope] = {}  # running task id -> what interrupts it
         idle: set[trio.CancelScope] = set()  # slots waiting for a task: a poke makes them look up
 
@@ -621,8 +622,11 @@ class WorkerDaemon:
             post()
 
         def giving_way() -> bool:
-            """Its last slot is owed to a more deserving request."""
-            return len(slots) == 1 and self.sharing.owed(lease, time.time()) is not None
+            """Its last slot is owed to a more deserving request; once so, for good (the client was told,
+            by RETURNED, that no more credit comes: the lease must end even if that request goes away)."""
+            nonlocal gave_way
+            gave_way = gave_way or (len(slots) == 1 and self.sharing.owed(lease, time.time()) is not None)
+            return gave_way
 
         def expired() -> bool:
             """Stopping or giving way, or someone waits and this lease is idle after its work, or older
