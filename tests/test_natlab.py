@@ -100,7 +100,8 @@ def test_every_pair_of_public_and_natted_hosts_gets_results(lab_cluster, worker_
     """No flag beyond today's: the board's relay, its address learned from the board, DCUtR to go direct."""
     lab_cluster.start_worker(worker_ns, name="friend")
     watcher = lab_cluster.watch_board()
-    client = lab_cluster.spawn_client(client_ns, tasks=8, sleep=0.4, timeout=60)
+    # 6.4 s of work: more than the 5 s an upgrade may take (with 3.2 s, a slow punch found the work done)
+    client = lab_cluster.spawn_client(client_ns, tasks=8, sleep=0.8, timeout=60)
     if path == "upgraded":  # while the lease runs, status tells how the worker is reached and by which path
         lab_cluster.lab.wait_for_output(client, UPGRADED.pattern, timeout=30)
         status = lab_cluster.status("k")
