@@ -144,6 +144,18 @@ def test_workers_spread_equal_requests_instead_of_all_offering_to_the_first():
     assert len(firsts) >= 12  # 32 one-slot workers, 32 equal requests: not a herd on one
 
 
+def test_a_long_running_worker_forgets_the_clients_it_served_long_ago():
+    sharing = Sharing("w")
+    for i in range(1000):  # every executor is a client of its own
+        want = Want(f"r{i}", Party("alice", f"c{i}"), 1, FAR)
+        sharing.wait(want)
+        sharing.offered(f"o{i}", want, 1, now=float(i))
+        sharing.leased(f"o{i}", want.req, want.party, 1, now=float(i))
+        sharing.ended(f"o{i}", now=float(i) + 0.5)
+    sharing.expire(now=1500.0)  # 501 s after the last: the last 99 clients and alice are still known
+    assert len(sharing._served) == 100 and not sharing._lost  # noqa: SLF001
+
+
 class SharingRules(RuleBasedStateMachine):
     """Any order of requests, offers, leases, yields and withdrawals keeps the books straight."""
 

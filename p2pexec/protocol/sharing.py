@@ -29,6 +29,7 @@ from typing import Any
 
 QUANTUM = 5.0  # a slot held this long goes to a waiting member (or client) that holds one fewer here
 OFFER_HOLD = 3.0  # an offer not taken within this long frees its slots for other requests
+FORGET = 600.0  # when a member or client was last served or gave up a slot is kept this long (ranks, turns)
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,12 @@ class Sharing:
 
     # -- questions
     def expire(self, now: float) -> None:
-        """Drop requests past their expiry and offers past their hold."""
+        """Drop requests past their expiry, offers past their hold, and who was served long ago (every
+        executor is a new client: a worker's life would otherwise keep them all)."""
         self.waiting = {r: w for r, w in self.waiting.items() if w.exp > now}
         self._holds = {k: h for k, h in self._holds.items() if h.until is None or h.until > now}
+        self._served = {k: t for k, t in self._served.items() if now - t < FORGET}
+        self._lost = {k: t for k, t in self._lost.items() if now - t < self.quantum}
 
     def offered_slots(self, now: float) -> int:
         """Slots promised to offers not yet taken."""
@@ -146,8 +150,8 @@ class Sharing:
     def owed(self, lease: str, now: float) -> Want | None:
         """The waiting request that ``lease`` owes one of its slots, at its next task boundary; or None."""
         hold = self._holds.get(lease)
-        if hold is None or hold.until is not None:
-            return None
+        if not self.waiting or hold is None or hold.until is not None:
+            return None  # (asked at every task boundary: nobody waiting must cost nothing)
         members, clients = self._counts(now)
         owed = []
         for want in self.waiting.values():

@@ -64,8 +64,9 @@ OFFER_TTL = 15.0
 HELLO_EVERY = 30.0
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HANDSHAKE_FRAME = messages.MAX_LINE_BYTES
-IDLE_GRACE = 0.5  # a lease is idle once no task came this long after its last answer (a long task's next one
-# comes only after the client has the answer and the credit: a round trip, up to a few hundred ms)
+# A lease is idle once no task came this long after its last answer: a long task's next one comes only
+# after the client has the answer and the credit, a round trip of up to a few hundred ms.
+IDLE_GRACE = 0.5
 PUNCH_GIVES_UP = 20.0  # a lease still relayed this long after it started will not be hole-punched
 DEFAULT_CACHE_SIZE = 1 << 30
 
