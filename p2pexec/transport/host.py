@@ -151,10 +151,14 @@ def _interface_ipv4() -> list[str]:
 
 
 def _short(exc: BaseException) -> str:
+    """One line on why: py-libp2p's own message, then its cause's (which says what actually failed)."""
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
     text = str(exc) or type(exc).__name__
-    return text if len(text) < 160 else text[:157] + "..."
+    cause = exc.__cause__
+    if cause is not None and str(cause) not in text:
+        text += f": {str(cause) or type(cause).__name__}"
+    return text if len(text) < 240 else text[:237] + "..."
 
 
 class Libp2pHost:
