@@ -149,7 +149,7 @@ _functions: dict[bytes, Callable[..., Any]] = {}
 
 def _load_function(data: bytes, digest: bytes, fresh: bool = False) -> Callable[..., Any]:
     if fresh:
-        return dill.loads(data)  # type: ignore[no-any-return]
+        return dill.loads(data)
     fn = _functions.get(digest)
     if fn is None:
         if hashlib.blake2b(data, digest_size=16).digest() != digest:
@@ -358,7 +358,7 @@ def _snapshot(fn: types.FunctionType, snapshot: list[tuple[Any, ...]], seen: set
     fixed = [fn.__defaults__ or (), *(kwdefaults or {}).values(), *notes.values(), *cells]
     if not all(_stable(item, snapshot, seen) for item in fixed):
         return False
-    globs, builtins_ = fn.__globals__, fn.__builtins__
+    globs, builtins_ = fn.__globals__, getattr(fn, "__builtins__")  # (a dict, on functions)
     names = []
     for name in sorted(_code_names(fn.__code__)):
         value = globs.get(name, _ABSENT)
@@ -392,7 +392,7 @@ def _unchanged(snapshot: tuple[tuple[Any, ...], ...]) -> bool:
                     return False
             except ValueError:
                 return False
-        globs, builtins_ = fn.__globals__, fn.__builtins__
+        globs, builtins_ = fn.__globals__, getattr(fn, "__builtins__")  # (a dict, on functions)
         for key, value, builtin in names:
             if globs.get(key, _ABSENT) is not value or (value is _ABSENT and builtins_.get(key, _ABSENT) is not builtin):
                 return False
