@@ -259,23 +259,27 @@ class Lease:
         channel = self.channel
         assert channel is not None
         while (plaintext := await channel.recv()) is not None:
-            for op, arg, data, _ in decode_ops(plaintext):
-                if op is Op.MOVE:  # the worker's last message on the old stream
-                    if self.moving is None:
-                        raise ProtocolError(f"worker {self.worker} moved a lease nobody asked to move")
-                    channel.framed.move_rx(self.moving)
-                    self.moving = None
-                    await channel.framed.close_old()
-                    log.info("lease with worker %s moved to a direct connection (%s)", self.worker, self.path)
-                elif not self._apply(op, arg, data):
-                    return
+            changed = False
+            try:
+                for op, arg, data, _ in decode_ops(plaintext):
+                    if op is Op.MOVE:  # the worker's last message on the old stream
+                        if self.moving is None:
+                            raise ProtocolError(f"worker {self.worker} moved a lease nobody asked to move")
+                        channel.framed.move_rx(self.moving)
+                        self.moving = None
+                        await channel.framed.close_old()
+                        log.info("lease with worker %s moved to a direct connection (%s)", self.worker, self.path)
+                    elif op is Op.END:
+                        return
+                    elif op is not Op.PING:
+                        self._apply(op, arg, data)
+                        changed = True
+            finally:
+                if changed:  # one wake-up of the feeders per message, however many answers it held
+                    self.client.notify()
 
-    def _apply(self, op: Op, arg: int, data: memoryview) -> bool:
-        """Apply one operation from the worker; False once the worker ended the lease."""
-        if op is Op.END:
-            return False
-        if op is Op.PING:
-            return True
+    def _apply(self, op: Op, arg: int, data: memoryview) -> None:
+        """Apply one operation from the worker (not END, PING or MOVE); the caller then notifies the feeders."""
         if op is Op.CREDIT:
             self.credits += arg
         elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED, Op.RETURNED, Op.MISSING, Op.UNCACHED):
@@ -313,5 +317,3 @@ class Lease:
                     f"{self.worker}; the task was not retried"))
         else:
             raise ProtocolError(f"worker {self.worker} sent unexpected {op.name}")
-        self.client.notify()
-        return True

@@ -33,7 +33,7 @@ from .runtime import TrioThread
 from .scheduler import SCHEDULER_SKIPS, ClientScheduler, SchedulerOptions, WorkItem
 from .stats import ExecutorStats
 from .stdlib_private import before_threads_are_joined
-from .tasks import PrepickledFunction, dump_task_values, is_plain, shared_values
+from .tasks import PrepickledFunction, prepare_task, shared_values
 
 log = logging.getLogger("p2pexec.client")
 
@@ -255,9 +255,8 @@ class P2PExecutor(Executor):
         if not runtime.alive:
             future.set_exception(RuntimeError("the p2pexec runtime stopped before this task could be sent"))
             return
-        plain = is_plain((args, kwargs))  # (checked once: the pickling and the package lookup both ask)
         try:
-            payload, values = dump_task_values(fn, args, kwargs, plain)
+            payload, values, plain = prepare_task(fn, args, kwargs)
         except Exception as exc:
             future.set_exception(exc)
             return

@@ -38,7 +38,7 @@ from ..protocol.frames import (
     MAX_FRAME, RESUME_MAGIC, Buffer, Op, decode_ops, encode_op, op_parts, resume_frame, session_keys,
 )
 from ..protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS, CreditLedger
-from ..protocol.matching import python_compatible, slots_to_offer
+from ..protocol.matching import credit_window, python_compatible, slots_to_offer
 from ..protocol.resources import ANY, Gpu, Need, Reservations, Resources, unmet
 from ..protocol.sharing import OFFER_HOLD, Party, Sharing, Want
 from ..protocol.observers import AnswerObservers
@@ -67,6 +67,11 @@ MAX_HANDSHAKE_FRAME = messages.MAX_LINE_BYTES
 # A lease is idle once no task came this long after its last answer: a long task's next one comes only
 # after the client has the answer and the credit, a round trip of up to a few hundred ms.
 IDLE_GRACE = 0.5
+# Short tasks queued behind a running one: their answers are held this long at most (and at most GATHER_OPS
+# of them), so that several leave in one message, with one credit; a message costs both ends far more
+# than an answer does (libp2p, Noise, yamux).  A lone task's answer, or a long task's, is never held.
+GATHER_SECONDS = 0.001
+GATHER_OPS = 64  # buffers in the outbox (an answer is one or two)
 PUNCH_GIVES_UP = 20.0  # a lease still relayed this long after it started will not be hole-punched
 DEFAULT_CACHE_SIZE = 1 << 30
 
@@ -645,11 +650,31 @@ class WorkerDaemon:
                 ledger.withdraw(task_id)
                 outbox.extend(op_parts(Op.RETURNED, task_id))
 
+        def gathering() -> bool:
+            """Hold the answers a moment: short tasks are queued behind the running ones, so the next
+            answer is due within moments, and the slots stay busy meanwhile."""
+            return (not finished and not self.draining and bool(ledger.queued) and bool(ledger.running)
+                    and ledger.mean_seconds is not None and ledger.mean_seconds < GATHER_SECONDS
+                    and len(outbox) < GATHER_OPS)
+
+        def refill() -> int:
+            """Credit to grant now: the client's window refills once half of what may queue here is
+            answered, so it sends its tasks several to a message (and gets their answers so too)."""
+            queue = credit_window(ledger.slots, ledger.mean_seconds) - ledger.slots
+            if ledger.outstanding > ledger.slots + queue // 2:
+                return 0  # the client holds credit still, or its tasks are here: their answers bring this
+            return ledger.grant()
+
         async def send_mail() -> None:
             nonlocal mail, finished
             while True:
                 await mail.wait()
                 mail = trio.Event()
+                if gathering():
+                    with trio.move_on_after(GATHER_SECONDS):
+                        while gathering():
+                            await mail.wait()
+                            mail = trio.Event()
                 if self.draining or (not finished and giving_way()):
                     hand_back()
                 batch, outbox[:] = outbox[:], []
@@ -659,7 +684,7 @@ class WorkerDaemon:
                     finished = True
                 if finished:
                     batch.append(encode_op(Op.END))
-                elif not expired() and (grant := ledger.grant()):
+                elif not expired() and (grant := refill()):
                     batch.append(encode_op(Op.CREDIT, grant))
                 if batch:
                     await channel.send(batch)

@@ -1,0 +1,113 @@
+"""Functions pickled by value once (tasks.prepickled): reused only while the pickle would come out the same."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+from p2pexec.tasks import dump_outcome, load_outcome, load_task, prepare_task, prepickled
+
+LIMIT = 5
+TABLE = [1, 2]
+
+
+def _run(fn, *args, **kwargs):
+    payload, values, plain = prepare_task(fn, args, kwargs)
+    assert not values
+    loaded, a, k = load_task(b"".join(bytes(p) for p in payload))
+    return loaded(*a, **k)
+
+
+def uses_limit(x):
+    return x + LIMIT + len([x]) + math.floor(1.5)
+
+
+def uses_table():
+    return list(TABLE)
+
+
+def calls_helper(x):
+    return helper(x)
+
+
+def helper(x):
+    return x * LIMIT
+
+
+def test_a_changed_global_is_sent_again():
+    global LIMIT
+    assert _run(uses_limit, 1) == 8
+    first = prepickled(uses_limit)
+    assert first is not None and prepickled(uses_limit) is first
+    LIMIT = 7
+    try:
+        assert prepickled(uses_limit) is not first
+        assert _run(uses_limit, 1) == 10
+    finally:
+        LIMIT = 5
+
+
+def test_mutable_globals_are_pickled_every_time():
+    assert prepickled(uses_table) is None
+    TABLE.append(3)
+    try:
+        assert _run(uses_table) == [1, 2, 3]
+    finally:
+        TABLE.pop()
+
+
+def test_nested_functions_by_value_are_watched_too():
+    global helper
+    assert _run(calls_helper, 2) == 10
+    original = helper
+    helper = lambda x: -x  # noqa: E731
+    try:
+        assert _run(calls_helper, 2) == -2
+    finally:
+        helper = original
+
+
+def test_defaults_closures_and_attributes():
+    def make(n):
+        def add(x, y=1):
+            return x + y + n
+        return add
+
+    add = make(10)
+    assert _run(add, 1) == 12
+    add.__defaults__ = (5,)
+    assert _run(add, 1) == 16
+    add.extra = [1]  # an attribute is pickled with it: no reuse
+    assert prepickled(add) is None
+    assert _run(add, 1) == 16
+
+
+def test_each_task_gets_its_own_copy():
+    def counting():
+        global COUNT
+        COUNT = globals().get("COUNT", 0) + 1
+        return COUNT
+
+    # each payload unpickles a fresh function with fresh globals, as before
+    assert _run(counting) == 1
+    assert _run(counting) == 1
+
+
+def test_plain_arguments_and_builtins_take_the_c_pickler():
+    payload, values, plain = prepare_task(math.sqrt, (4,), {})
+    assert plain and len(payload) == 2
+    assert _run(math.sqrt, 4) == 2.0
+    _, _, plain = prepare_task(uses_limit, (object(),), {})
+    assert not plain
+    _, _, plain = prepare_task(uses_limit, (pickle.PickleBuffer(b"x"),), {})
+    assert not plain  # (out of band, as before)
+    payload, _, plain = prepare_task(uses_limit, (b"x" * 100_000,), {})
+    assert not plain and len(payload) == 3  # big bytes still go out of band
+
+
+def test_outcomes_of_plain_data():
+    for value in (None, [1, "a", {2: (3.5, b"b")}], "x" * 100_000):
+        assert load_outcome(b"".join(bytes(p) for p in dump_outcome(True, value, "out", ""))).value == value
+    big = b"y" * 100_000
+    parts = dump_outcome(True, big, "", "")
+    assert len(parts) == 3 and load_outcome(b"".join(bytes(p) for p in parts), trusted=False).value == big
