@@ -424,7 +424,8 @@ class BoardServer:
                     session.outbox.close()  # once drained, its write loop ends and so does the session
             elif isinstance(action, HangUp):
                 conn = action.conn
-                login = self.hub.login(conn)
+                with self._cond:
+                    login = self.hub.login(conn)
                 log.info("access revoked: %s at %s", login.user if login else None, conn.address)
                 self._spawn(self._disconnect, f"board-revoke-{conn.address}", conn)
             elif isinstance(action, Persist) and action.what == "registry":
@@ -657,7 +658,7 @@ class BoardServer:
         self._apply(actions, cmd.topic)
         if session is None:
             if refusal == "access denied":
-                log.info("access denied: %s to %s", self.hub.login(conn), cmd.topic)
+                log.info("access denied: %s to %s", conn.transport.get_username(), cmd.topic)
             self._release_slot(channel)
             return close_channel(channel, 1, err=refusal)
         try:
