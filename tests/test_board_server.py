@@ -844,7 +844,7 @@ def test_an_invitation_to_ones_own_cluster_cannot_borrow_a_name_elsewhere(board,
     status, _, err = run("dave", keydir / "carol", "members alice/c")
     assert status != 0 and "access denied" in err  # the squatted name opens nothing of alice's
     with board._cond:
-        assert not board._allowed("dave", "alice/c", squatter.public_key)
+        assert not board.hub.allowed("dave", "alice/c", squatter.public_key)
 
     dave = load_identity("dave", keydir / "mallory")  # the real dave: a key the board has never seen
     own = base64.b64encode(endorse(real, "alice/c", "dave", dave.public_key)).decode()

@@ -16,7 +16,7 @@ PURE = ["p2pexec.protocol.frames", "p2pexec.protocol.messages", "p2pexec.protoco
         "p2pexec.protocol.matching", "p2pexec.protocol.reach", "p2pexec.protocol.unusable",
         "p2pexec.protocol.resources", "p2pexec.protocol.observers", "p2pexec.protocol.sources",
         "p2pexec.protocol.values", "p2pexec.protocol.sharing",
-        "p2pexec.board.admission", "p2pexec.transport.admission",
+        "p2pexec.board.admission", "p2pexec.board.hub", "p2pexec.board.registry", "p2pexec.transport.admission",
         "p2pexec.membership", "p2pexec.pending", "p2pexec.chunks"]
 IO = ["paramiko", "trio", "libp2p", "socket", "multiaddr"]
 COMMANDS = {"p2pexec.cli", "p2pexec.worker_cli", "p2pexec.cli_common"}

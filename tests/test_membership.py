@@ -4,6 +4,7 @@ pure logic, no sockets."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 
 import pytest
@@ -109,34 +110,34 @@ def test_a_garbled_code_says_what_to_copy():
         Invitation.parse("p2pexec1:bm90IGpzb24")
 
 
-def test_registry_invitations_are_one_time_and_expire(tmp_path):
-    now = [1000.0]
-    registry = Registry(tmp_path / "registry.json", now=lambda: now[0])
+def test_registry_invitations_are_one_time_and_expire():
+    now = 1000.0
+    registry = Registry()
     seed, public = invitation()
-    registry.invite(CLUSTER, "bob", base64.b64encode(public).decode())
-    assert registry.invited("bob") and not registry.allows("bob", BOB.public_key)
+    registry.invite(CLUSTER, "bob", base64.b64encode(public).decode(), now)
+    assert registry.invited("bob", now) and not registry.allows("bob", BOB.public_key)
     with pytest.raises(CommandError, match="does not match"):
         registry.join(CLUSTER, "bob", BOB.public_key,
-                      base64.b64encode(endorse(os.urandom(32), CLUSTER, "bob", BOB.public_key)).decode())
+                      base64.b64encode(endorse(os.urandom(32), CLUSTER, "bob", BOB.public_key)).decode(), now)
     registry.join(CLUSTER, "bob", BOB.public_key,
-                  base64.b64encode(endorse(seed, CLUSTER, "bob", BOB.public_key)).decode())
-    assert registry.allows("bob", BOB.public_key) and not registry.invited("bob")
+                  base64.b64encode(endorse(seed, CLUSTER, "bob", BOB.public_key)).decode(), now)
+    assert registry.allows("bob", BOB.public_key) and not registry.invited("bob", now)
     with pytest.raises(CommandError, match="no open invitation"):  # used once
         registry.join(CLUSTER, "bob", MALLORY.public_key,
-                      base64.b64encode(endorse(seed, CLUSTER, "bob", MALLORY.public_key)).decode())
-    assert Registry(tmp_path / "registry.json").allows("bob", BOB.public_key)  # persisted
-    registry.invite(CLUSTER, "carol", base64.b64encode(invitation()[1]).decode())
-    now[0] += 8 * 86400
-    assert not registry.invited("carol")
+                      base64.b64encode(endorse(seed, CLUSTER, "bob", MALLORY.public_key)).decode(), now)
+    saved = json.loads(json.dumps(registry.snapshot()))  # as the board saves and reads it back
+    assert Registry(saved).allows("bob", BOB.public_key)
+    registry.invite(CLUSTER, "carol", base64.b64encode(invitation()[1]).decode(), now)
+    assert registry.invited("carol", now + 6 * 86400)
+    assert not registry.invited("carol", now + 8 * 86400)
 
 
-def test_registry_keeps_only_the_owners_newer_list(tmp_path):
-    registry = Registry(tmp_path / "registry.json")
+def test_registry_keeps_only_the_owners_newer_list():
+    registry = Registry()
     registry.set_list(CLUSTER, ALICE.public_key, signed(2, {"bob": (Entry.ssh(BOB.public_key),)}))
     with pytest.raises(CommandError, match="newer member list signed by"):
         registry.set_list(CLUSTER, ALICE.public_key, signed(1, {}))
     with pytest.raises(CommandError, match="newer member list signed by"):
         registry.set_list(CLUSTER, ALICE.public_key, signed(3, {}, owner=MALLORY))  # not the key alice logged in with
-    import json
 
     assert MemberList.from_json(json.loads(registry.view(CLUSTER))["list"]).version == 2

@@ -1,7 +1,9 @@
-"""Saving the board's state at most a few times a second, however fast it changes, and never losing the last change."""
+"""The board's state on disk: read once at start, then saved at most a few times a second, however fast it
+changes, atomically, and never losing the last change."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -9,9 +11,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigurationError
 from ..files import write_json_atomically
 
 log = logging.getLogger("p2pexec.board")
+
+
+def read_state(path: Path) -> Any:
+    """The JSON in ``path``, or None if there is no such file; ConfigurationError if it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot read board state {path}: {exc}") from None
+
 
 WRITE_INTERVAL = 0.25  # seconds between two writes of one file at the most
 RETRY_AFTER = 5.0  # seconds before trying again after a failed write (a full disk, say)
@@ -23,7 +37,8 @@ class CoalescingWriter:
     Changes that come while a write is pending or too recent are folded into
     the next write, which takes a fresh snapshot; :meth:`stop` writes what is
     still pending before it returns.  A failed write is logged and retried
-    RETRY_AFTER seconds later, and at stop.
+    RETRY_AFTER seconds later, and at stop.  :meth:`flush` writes at once,
+    for a change that must be on disk before the client hears it is done.
     """
 
     def __init__(self, path: Path, snapshot: Callable[[], Any], *, mode: int = 0o600,
@@ -32,6 +47,7 @@ class CoalescingWriter:
         self.writes = 0  # files written, for tests and status
         self._snapshot = snapshot
         self._cond = threading.Condition()
+        self._write_lock = threading.Lock()  # one snapshot-and-write at a time: the last one holds every change
         self._dirty = self._stopping = False
         self._last = -float("inf")  # monotonic time of the last write
         self._thread: threading.Thread | None = None
@@ -45,6 +61,10 @@ class CoalescingWriter:
         with self._cond:
             self._dirty = True
             self._cond.notify_all()
+
+    def flush(self) -> bool:
+        """Write any pending change now (blocks on the disk); False if that failed (it is retried later)."""
+        return self._write_if_dirty()
 
     def stop(self) -> None:
         """Write any pending change, then end the thread."""
@@ -68,19 +88,22 @@ class CoalescingWriter:
                 finally:
                     self._cond.acquire()
 
-    def _write_if_dirty(self) -> None:
-        with self._cond:
-            if not self._dirty:
-                return
-            self._dirty = False
-            self._last = time.monotonic()
-        try:
-            write_json_atomically(self.path, self._snapshot(), mode=self.mode)
-        except OSError as exc:
-            log.error("cannot save board state %s (trying again in %g s): %s", self.path, RETRY_AFTER, exc)
+    def _write_if_dirty(self) -> bool:
+        with self._write_lock:
             with self._cond:
-                self._dirty = True
-                self._last = time.monotonic() + RETRY_AFTER - self.interval
-            return
-        with self._cond:
-            self.writes += 1
+                if not self._dirty:
+                    return True
+                self._dirty = False
+                self._last = time.monotonic()
+            try:
+                write_json_atomically(self.path, self._snapshot(), mode=self.mode)
+            except OSError as exc:
+                log.error("cannot save board state %s (trying again in %g s): %s", self.path, RETRY_AFTER, exc)
+                with self._cond:
+                    self._dirty = True
+                    self._last = time.monotonic() + RETRY_AFTER - self.interval
+                    self._cond.notify_all()
+                return False
+            with self._cond:
+                self.writes += 1
+            return True
