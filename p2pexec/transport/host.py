@@ -91,8 +91,8 @@ def _connection_config(per_peer: int) -> ConnectionConfig:
         max_connections=MAX_CONNECTIONS,
         # The swarm lets (max - min) connections in before any authentication; with
         # min 0 that is all of them, and the gate (not this count) stops strangers.
-        # min/low 0 also keep the auto-connector from dialling peers we once met;
-        # high = max keeps the pruner from closing members' connections below the cap.
+        # (The auto-connector, which would dial towards their midpoint, never runs: _no_auto_dials.)
+        # High = max keeps the pruner from closing members' connections below the cap.
         min_connections=0, low_watermark=0, high_watermark=MAX_CONNECTIONS,
         inbound_upgrade_timeout=UPGRADE_SECONDS,
         outbound_upgrade_timeout=UPGRADE_SECONDS,  # a peer that stalls our handshake is as useless
@@ -119,6 +119,22 @@ def _resource_manager() -> ResourceManager:
         enable_rate_limiting=True, connections_per_peer_per_sec=10.0, burst_connections_per_peer=50.0,
         enable_prometheus=False,
     )
+
+
+def _no_auto_dials(swarm: Any) -> None:
+    """Keep py-libp2p's AutoConnector from ever starting: p2pexec hosts make only the connections they decide on.
+
+    py-libp2p 0.8.1 dials peers from its peer store until (low + high
+    watermark) / 2 connections are open: 512 with the watermarks above, so a
+    worker dialled back every client that ever reached it and a client every
+    worker it once leased, each a Noise handshake on both sides.  It has no
+    switch (``auto_connect_interval`` must be positive), so its ``start`` is
+    made a no-op; ``tests/test_libp2p_host.py`` fails if that stops working.
+    """
+    async def stay_stopped() -> None:
+        return None
+
+    swarm.auto_connector.start = stay_stopped
 
 
 class Unreachable(ProtocolError):
@@ -188,6 +204,7 @@ class Libp2pHost:
         self._dcutr: DCUtRProtocol | None = None
         self._dial_locks: dict[str, trio.Lock] = {}
         self._new_connection: dict[str, trio.Event] = {}  # peer id -> set when a connection to it opens
+        _no_auto_dials(self._host.get_network())
         self._host.get_network().register_notifee(_Connected(self._new_connection))
         self._host.get_network().register_notifee(self._gate)
         self._nursery: trio.Nursery | None = None
