@@ -70,6 +70,7 @@ class Sharing:
     _holds: dict[str, _Hold] = field(default_factory=dict)  # by offer id (a lease keeps its offer's id)
     _served: dict[str, float] = field(default_factory=dict)  # member, and client, -> when last given slots
     _lost: dict[str, float] = field(default_factory=dict)  # member, and client, -> when a lease last gave one up
+    _spreads: dict[str, bytes] = field(default_factory=dict)  # request -> its place among equals (a hash, kept)
 
     # -- events
     def wait(self, want: Want) -> None:
@@ -115,6 +116,7 @@ class Sharing:
         """Drop requests past their expiry, offers past their hold, and who was served long ago (every
         executor is a new client: a worker's life would otherwise keep them all)."""
         self.waiting = {r: w for r, w in self.waiting.items() if w.exp > now}
+        self._spreads = {r: spread for r, spread in self._spreads.items() if r in self.waiting}
         self._holds = {k: h for k, h in self._holds.items() if h.until is None or h.until > now}
         self._served = {k: t for k, t in self._served.items() if now - t < FORGET}
         self._lost = {k: t for k, t in self._lost.items() if now - t < self.quantum}
@@ -128,13 +130,16 @@ class Sharing:
         deserving; ``room(want)`` is how many slots its need could have before any of these offers."""
         members, clients = self._counts(now)
         live = [w for w in self.waiting.values() if w.exp > now and w.slots > 0]
+        rooms = {w.req: room(w) for w in live}
         given: Counter[str] = Counter()
         total = 0
         while live:
+            # (Every request is asked about at each one a worker hears: with no slot free this must cost
+            # one pass, not a ranking of all of them; a need with no room now gets none later either.)
+            live = [w for w in live if rooms[w.req] > total]
+            if not live:
+                break
             best = min(live, key=lambda w: self._rank(w, members, clients))
-            if room(best) - total <= 0:
-                live.remove(best)
-                continue
             given[best.req] += 1
             total += 1
             members[best.party.member] += 1
@@ -189,4 +194,7 @@ class Sharing:
         return members, clients
 
     def _spread(self, req: str) -> bytes:
-        return hashlib.blake2b(f"{self.name}\0{req}".encode(), digest_size=8).digest()
+        spread = self._spreads.get(req)
+        if spread is None:
+            spread = self._spreads[req] = hashlib.blake2b(f"{self.name}\0{req}".encode(), digest_size=8).digest()
+        return spread
