@@ -872,8 +872,21 @@ async def _end_with_parent(parent: int, stop: trio.CancelScope) -> None:
     before its process; a pipe's EOF would wait for every process that
     inherited its other end (anything the parent forked).  :func:`serve`
     then removes the LocalCluster's directory, which holds private keys.
+    Where Linux gives a pidfd for the parent, its end wakes us (a worker
+    polling five times a second cost 1% of a core with 32 on a machine);
+    elsewhere we look at ``getppid``.
     """
-    while os.getppid() == parent:
-        await trio.sleep(PARENT_CHECK_SECONDS)
+    try:
+        pidfd = os.pidfd_open(parent)  # type: ignore[attr-defined,unused-ignore]  # (Linux 5.3+)
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        if pidfd is not None and os.getppid() == parent:
+            await trio.lowlevel.wait_readable(pidfd)  # readable once it has ended
+        while os.getppid() == parent:
+            await trio.sleep(PARENT_CHECK_SECONDS)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     log.warning("the process that started this worker (pid %d) has ended; stopping", parent)
     stop.cancel()
