@@ -341,7 +341,25 @@ class Libp2pHost:
         try:
             return await self._host.new_stream(pid, [LEASE_PROTOCOL])
         except Exception as exc:
+            await self._drop_idle(peer_id)
             raise Unreachable(peer_id, {"stream": _short(exc)}) from None
+
+    async def _drop_idle(self, peer_id: str) -> None:
+        """Close the connections to a peer that carry no stream, after a stream on them failed to open.
+
+        Under load we saw connections on which every new stream timed out
+        (py-libp2p 0.8.1; the cause is unknown) while both event loops
+        answered within 2 s; a retry reused the same connection until the
+        worker closed it for want of proof.  A fresh dial has no such
+        history, and leases on a connection that works are left alone.
+        """
+        for conn in self._connections(peer_id):
+            if not conn.get_streams():
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    try:
+                        await conn.close()
+                    except Exception:  # noqa: BLE001 - broken already: nothing more to close
+                        pass
 
     async def _connect(self, pid: ID, direct: list[Any], relayed: list[Any], head_start: float) -> None:
         """Dial every address, direct ones first; the first connection cancels the rest."""
