@@ -103,8 +103,18 @@ class Meter:
         self.cpu, self.seconds = self._cpu() - self._cpu0, time.monotonic() - self._t0
 
 
+def _report(proc: subprocess.Popen[str], deadline: float) -> dict:
+    """What a client process printed; if it overran the deadline, that it did (the test then fails saying so)."""
+    try:
+        return json.loads(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"results": {}, "errors": [f"client process {proc.pid} still running at the deadline"], "alive": 1}
+
+
 def run(clients: int = CLIENTS, workers: int = WORKERS, tasks: int = TASKS, processes: int = PROCESSES,
-        timeout: float = 300.0, floods: bool = True) -> dict:
+        timeout: float = 420.0, floods: bool = True) -> dict:
     """Start the cluster, the floods and the clients; what each client got, and what the board used."""
     with LocalCluster(workers=0) as lc:
         members = {i: lc.add_member(f"m{i:02d}") for i in range(clients)}
@@ -123,7 +133,8 @@ def run(clients: int = CLIENTS, workers: int = WORKERS, tasks: int = TASKS, proc
                      json.dumps([{i: members[i] for i in range(p * share, min(clients, (p + 1) * share))},
                                  lc.cluster, common, tasks, timeout])],
                     stdout=subprocess.PIPE, text=True) for p in range(processes)]
-                reports = [json.loads(proc.communicate(timeout=timeout + 60)[0]) for proc in procs]
+                deadline = time.monotonic() + timeout + 60
+                reports = [_report(proc, deadline) for proc in procs]
             finally:
                 opened = [json.loads(proc.communicate("done\n", timeout=60)[0])["opened"] for proc in attackers]
         results = {int(i): values for r in reports for i, values in r["results"].items()}
