@@ -128,6 +128,17 @@ def test_without_sender_checks_the_board_knows_no_roles_and_broadcasts():
     assert say(h, client, line("alice", "alice/c", "request")).to == (worker.id, other.id)
 
 
+def test_fan_out_off_is_a_broadcast_board():
+    h = logged_in(hub(), a="alice", b="bob")
+    h.set_members("alice/c", ["bob"])
+    h.fan_out = False
+    client, worker, other = join(h, "a", "pipe c"), join(h, "b", "pipe alice/c"), join(h, "a", "pipe c")
+    say(h, worker, line("bob", "alice/c", "worker"))
+    say(h, other, line("alice", "alice/c"))
+    assert say(h, client, line("alice", "alice/c", "request")).to == (worker.id, other.id)
+    assert h.delivered == 2 + 2 + 2
+
+
 def test_plain_text_passes_where_there_is_no_access_list_but_a_forgery_never_does():
     h = logged_in(hub(), a="alice", b="bob")
     pub, sub = join(h, "a", "pub -p t"), join(h, "b", "sub -p t")

@@ -196,7 +196,10 @@ class Hub(Generic[C, K]):
     ``sessions_per_user`` concurrent commands across a user's connections,
     ``topics_per_user`` topics a user owns (live, or with an access list).
     ``dropped`` counts lines and sessions cut off, ``refused`` sessions turned
-    away, ``relayed`` lines accepted for relay (once, however many get them).
+    away, ``relayed`` lines accepted for relay (once, however many get them),
+    ``delivered`` lines handed to receivers (once per receiver).  ``fan_out``:
+    requests, withdraws and hellos go only to the sessions whose role reads them
+    (:mod:`.fanout`); off, to every receiver, as on a broadcast board (a baseline).
     """
 
     def __init__(self, users: Users, *, members: dict[str, tuple[str, ...]] | None = None,
@@ -212,6 +215,8 @@ class Hub(Generic[C, K]):
         self.dropped: collections.Counter[str] = collections.Counter()
         self.refused: collections.Counter[str] = collections.Counter()
         self.relayed = 0
+        self.delivered = 0
+        self.fan_out = True
         self.stopping = False  # no session may join any more
         self._members: dict[str, tuple[str, ...]] = dict(members or {})
         self._topics: dict[str, _Topic[C]] = {}
@@ -517,6 +522,8 @@ class Hub(Generic[C, K]):
         self.relayed += 1
         to, msg = verdict.to, verdict.message
         topic = self._topics[s.topic]
+        if not self.fan_out:
+            msg = None
         if to is None and msg is not None and msg.type in ("request", "withdraw"):
             fanout = topic.fanout
             if msg.type == "request":
@@ -525,15 +532,19 @@ class Hub(Generic[C, K]):
                 chosen = fanout.withdraw(s.id, msg.body.get("req"), now)
             echo = [s.id] if s.cmd.replay else []
             ids = (*echo, *chosen, *(sid for sid in fanout.unknown if sid != s.id))
-            return Relay(to=tuple(sid for sid in ids if self._live(self._sessions[sid])))
+            return self._deliver(tuple(sid for sid in ids if self._live(self._sessions[sid])))
         skips: frozenset[str] = frozenset()
         if to is None and msg is not None and msg.type == "hello":
             topic.fanout.hello(s.id, msg.body)
             skips = topic.fanout.hello_skips(msg.body.get("role"))
-        return Relay(to=tuple(
+        return self._deliver(tuple(
             r.id for r in topic.receivers
             if self._live(r) and (r is not s or s.cmd.replay) and (to is None or r.user == to or r is s)
             and (r is s or topic.fanout.role(r.id) not in skips)))
+
+    def _deliver(self, to: tuple[int, ...]) -> Relay:
+        self.delivered += len(to)
+        return Relay(to=to)
 
     def _live(self, s: Session[C]) -> bool:
         login = self._logins.get(s.conn)
