@@ -6,7 +6,8 @@
 Everyone is a real SSH session on a real ``BoardServer`` (its own process)
 through the real board client, with real signed lines that every receiver
 checks; no libp2p.  A simulated worker (1 slot) answers a request with an
-offer as ``p2pexec-worker`` does (holding its slot for a few seconds), says
+offer as ``p2pexec-worker`` does (holding its slot for a few seconds; a
+request that finds it busy waits for its slot until the request expires), says
 hello on joining, every 30 s and when a request finds it busy or free unlike
 its last hello said.  A simulated client repeatedly wants two leases of
 ``--tasks-per-lease`` short tasks (then pauses, ``--think`` seconds on average): it posts a request (again every 2 s while
@@ -124,9 +125,27 @@ class Worker(Participant):
         self.held: tuple[str, str, float] | None = None  # offer id, request id, until
         self.said_free = (True, -1e9)
         self.requests = 0
+        self.waiting: dict[tuple[str, str], float] = {}  # (client, request id) -> until: offered to when free
 
     def free(self, now: float) -> bool:
         return now >= self.busy_until and (self.held is None or self.held[2] <= now)
+
+    def offer(self, now: float) -> None:
+        """Offer the slot to the request waiting longest, if it is free (as the worker's fair sharing does)."""
+        self.waiting = {k: until for k, until in self.waiting.items() if until > now}
+        if not self.waiting or not self.free(now):
+            return
+        client, req = next(iter(self.waiting))
+        del self.waiting[client, req]
+        line = self.sign("offer", {"req": req, "to": client, "slots": 1, "py": "3.11", "peer": self.name,
+                                   "addrs": [], "kx": KX}, ttl=OFFER_TTL)
+        self.held = (messages.decode(line).id, req, now + OFFER_HOLD)
+        self.session.send(line)
+
+    def tick(self, now: float) -> None:
+        with self.lock:
+            if self.waiting:
+                self.offer(now)
 
     def hello(self) -> bytes:
         now = time.monotonic()
@@ -142,13 +161,13 @@ class Worker(Participant):
                 self.requests += 1
                 if now - self.said_free[1] >= HELLO_NEWS_EVERY and self.free(now) != self.said_free[0]:
                     self.session.send(self.hello())
-                if self.free(now):
-                    line = self.sign("offer", {"req": msg["req"], "to": msg.sender, "slots": 1, "py": "3.11",
-                                               "peer": self.name, "addrs": [], "kx": KX}, ttl=OFFER_TTL)
-                    self.held = (messages.decode(line).id, msg["req"], now + OFFER_HOLD)
-                    self.session.send(line)
-            elif msg.type == "withdraw" and self.held is not None and self.held[1] == msg["req"]:
-                self.held = None
+                self.waiting[msg.sender, msg["req"]] = now + (msg.exp - msg.ts)
+                self.offer(now)
+            elif msg.type == "withdraw":
+                self.waiting.pop((msg.sender, msg["req"]), None)
+                if self.held is not None and self.held[1] == msg["req"]:
+                    self.held = None
+                    self.offer(now)
             elif msg.type == "accept" and msg["worker"] == self.name and self.held is not None \
                     and self.held[0] == msg["offer"]:
                 self.held = None
@@ -226,12 +245,14 @@ def run_workers(tmp: str, port: int, who: list[str], ready: Any, stop: Any) -> N
     workers = [Worker(tmp, name, port, keyring) for name in who]
     open_all(workers)  # type: ignore[arg-type]
     ready.put(len(workers))
-    start = time.monotonic()
-    while not stop.wait(1.0):  # hellos every HELLO_EVERY, spread over it
+    start = last = time.monotonic()
+    while not stop.wait(0.02):
         now = time.monotonic()
         for i, w in enumerate(workers):
-            if (now - start - i * HELLO_EVERY / len(workers)) % HELLO_EVERY < 1.0:
+            w.tick(now)  # a slot freed: offer it to who waits
+            if (now - start - i * HELLO_EVERY / len(workers)) % HELLO_EVERY < now - last:  # every HELLO_EVERY
                 w.session.send(w.hello())
+        last = now
     for w in workers:
         w.session.close()
 
