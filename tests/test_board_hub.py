@@ -12,6 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from nacl.signing import SigningKey
 
 from p2pexec.board.commands import CommandError, parse
+from p2pexec.board.fanout import MIN_FANOUT
 from p2pexec.board.hub import End, EndOutput, HangUp, Hub, Persist, Refused
 from p2pexec.keys import Identity, Keyring
 from p2pexec.membership import INVITE, Entry, MemberList, endorse
@@ -30,9 +31,14 @@ def hub(**kw) -> Hub:
     return Hub(keyring(*PEOPLE), **kw)
 
 
+BODIES = {"hello": {"role": "client"}, "worker": {"role": "worker", "free": 1}, "busy": {"role": "worker", "free": 0},
+          "observer": {"role": "observer"}, "request": {"req": "r", "n": 1, "py": "3.12"}, "withdraw": {"req": "r"}}
+
+
 def line(signer: str, cluster: str, kind: str = "hello", to: str = "bob") -> bytes:
-    body = {"role": "client"} if kind == "hello" else {"req": "r", "to": to, "why": "python"}
-    return messages.encode(PEOPLE[signer], cluster, kind, body, now=WALL, ttl=60) + b"\n"
+    body = BODIES.get(kind, {"req": "r", "to": to, "why": "python"})
+    mtype = {"worker": "hello", "busy": "hello", "observer": "hello"}.get(kind, kind)
+    return messages.encode(PEOPLE[signer], cluster, mtype, body, now=WALL, ttl=60) + b"\n"
 
 
 def join(h: Hub, conn: str, command: str, now: float = 0.0):
@@ -78,6 +84,59 @@ def test_the_sender_check_on_a_clusters_topic():
     assert say(h, bob, line("bob", "bob/other")).refusal == "other-cluster"
     assert say(h, alice, line("alice", "alice/c", "decline", to="carol")).to == (carol.id,)  # addressed
     assert h.dropped == {"bad-sender": 1, "not-a-message": 2, "other-cluster": 1}
+
+
+def test_requests_go_to_a_bounded_set_of_workers_and_hellos_to_who_reads_them():
+    h = logged_in(hub(sessions_per_user=100), a="alice", b="bob", c="carol")
+    h.set_members("alice/c", ["bob", "carol"])
+    client = join(h, "a", "pipe c -r")
+    other = join(h, "a", "pipe c -r")
+    watcher = join(h, "c", "sub alice/c")  # never says hello: gets everything, as on pico
+    observer = join(h, "c", "pipe alice/c -r")
+    workers = [join(h, "b", "pipe alice/c -r") for _ in range(20)]
+    assert say(h, observer, line("carol", "alice/c", "observer")).to == tuple(
+        s.id for s in (client, other, watcher, observer, *workers))  # asks everyone to answer
+    for w in workers:
+        say(h, w, line("bob", "alice/c", "worker"))
+    assert say(h, workers[0], line("bob", "alice/c", "worker")).to == (  # not to the other workers
+        client.id, other.id, watcher.id, observer.id, workers[0].id)
+    say(h, client, line("alice", "alice/c"))
+    assert say(h, other, line("alice", "alice/c")).to == (other.id, watcher.id, observer.id)  # a client's hello
+    asked = say(h, client, line("alice", "alice/c", "request")).to
+    reached = set(asked) - {client.id, watcher.id}
+    assert asked[0] == client.id and watcher.id in asked and other.id not in asked and observer.id not in asked
+    assert reached <= {w.id for w in workers} and len(reached) == MIN_FANOUT
+    again = say(h, client, line("alice", "alice/c", "request")).to  # asking again reaches others
+    assert not (set(again) - {client.id, watcher.id}) & reached
+    assert set(say(h, client, line("alice", "alice/c", "withdraw")).to) == set(asked) | set(again)
+    assert say(h, other, line("alice", "alice/c", "withdraw")).to == (other.id, watcher.id)  # not its request
+    for w in workers[:18]:  # busy now
+        say(h, w, line("bob", "alice/c", "busy"))
+    free = {w.id for w in workers[18:]}
+    assert free < set(say(h, other, line("alice", "alice/c", "request")).to)  # the free ones first
+    h.leave(workers[19].id)
+    assert workers[19].id not in say(h, other, line("alice", "alice/c", "request")).to
+
+
+def test_without_sender_checks_the_board_knows_no_roles_and_broadcasts():
+    h = logged_in(hub(verify_sender=False), a="alice", b="bob")
+    h.set_members("alice/c", ["bob"])
+    client, worker = join(h, "a", "pipe c"), join(h, "b", "pipe alice/c")
+    other = join(h, "a", "pipe c")
+    say(h, worker, line("bob", "alice/c", "worker"))
+    say(h, other, line("alice", "alice/c"))
+    assert say(h, client, line("alice", "alice/c", "request")).to == (worker.id, other.id)
+
+
+def test_fan_out_off_is_a_broadcast_board():
+    h = logged_in(hub(), a="alice", b="bob")
+    h.set_members("alice/c", ["bob"])
+    h.fan_out = False
+    client, worker, other = join(h, "a", "pipe c"), join(h, "b", "pipe alice/c"), join(h, "a", "pipe c")
+    say(h, worker, line("bob", "alice/c", "worker"))
+    say(h, other, line("alice", "alice/c"))
+    assert say(h, client, line("alice", "alice/c", "request")).to == (worker.id, other.id)
+    assert h.delivered == 2 + 2 + 2
 
 
 def test_plain_text_passes_where_there_is_no_access_list_but_a_forgery_never_does():
@@ -212,13 +271,16 @@ TOPICS = ("alice/t", "alice/u", "alice/v", "bob/t", "public/p")
 CONNS = tuple(f"c{i}" for i in range(6))
 CAP_SESSIONS, CAP_TOPICS = 2, 2
 LINES = {(signer, cluster, kind, to): line(signer, cluster, kind, to)
-         for signer in PEOPLE for cluster in TOPICS for kind in ("hello", "decline")
-         for to in (("bob",) if kind == "hello" else tuple(PEOPLE))}
+         for signer in PEOPLE for cluster in TOPICS for kind in ("decline", *BODIES)
+         for to in (tuple(PEOPLE) if kind == "decline" else ("bob",))}
+SKIPS = {"worker": {"worker"}, "busy": {"worker"}, "hello": {"worker", "client"}}  # who does not read a hello
+ROLE = {"worker": "worker", "busy": "worker", "hello": "client", "observer": "observer"}
 
 
 class HubMachine(RuleBasedStateMachine):
     """Drives a hub and a model of what it must decide: who is on which topic, who may read it, who
-    was cut off.  Every relay is checked against the model: exactly the receivers allowed get a line."""
+    was cut off, which role each receiver said it has.  Every relay is checked against the model: exactly
+    the receivers allowed and interested get a line; a request, a bounded number of the workers."""
 
     @initialize(users=st.lists(st.sampled_from(sorted(PEOPLE)), min_size=len(CONNS), max_size=len(CONNS)),
                 members=st.lists(st.sampled_from(sorted(PEOPLE)), max_size=3),
@@ -234,6 +296,8 @@ class HubMachine(RuleBasedStateMachine):
         self.sessions: dict[int, tuple[str, str, str, str, bool]] = {}  # id -> conn, user, topic, mode, replay
         self.ended: set[int] = set()
         self.slots: dict[str, str] = {}
+        self.roles: dict[int, str] = {}  # receiver -> the role of its last hello relayed
+        self.asked: dict[int, set[int]] = {}  # sender -> the workers its request "r" went to
         self.now = 0.0
         for conn, user in zip(CONNS, users):
             self.log_in(conn, user)
@@ -321,7 +385,8 @@ class HubMachine(RuleBasedStateMachine):
         del self.sessions[sid]
 
     @precondition(lambda self: self.sessions)
-    @rule(kind=st.sampled_from(("plain", "own", "forged", "other-cluster", "addressed")),
+    @rule(kind=st.sampled_from(("plain", "own", "forged", "other-cluster", "addressed", "worker", "busy",
+                                "observer", "request", "withdraw")),
           to=st.sampled_from(sorted(PEOPLE)))
     def everyone_says(self, kind: str, to: str) -> None:
         """Each session in turn says a line of ``kind``: each relay is checked."""
@@ -334,7 +399,7 @@ class HubMachine(RuleBasedStateMachine):
         other = next(t for t in TOPICS if t != topic)
         text = {"plain": b"plain\n", "own": LINES[user, topic, "hello", "bob"],
                 "forged": LINES[forger, topic, "hello", "bob"], "other-cluster": LINES[user, other, "hello", "bob"],
-                "addressed": LINES[user, topic, "decline", to]}[kind]
+                "addressed": LINES[user, topic, "decline", to]}.get(kind) or LINES[user, topic, kind, "bob"]
         self.now += 0.001
         relayed = say(self.hub, self.hub.session(sid), text, self.now)
         cluster = topic in self.members
@@ -343,12 +408,34 @@ class HubMachine(RuleBasedStateMachine):
                    "other-cluster": "other-cluster" if cluster else None}.get(kind)
         assert relayed.end is None
         assert relayed.refusal == (refusal if sending else None)
-        expected = set()
-        if sending and refusal is None:
-            expected = {r for r, (c, u, t, m, _) in self.sessions.items()
-                        if t == topic and m != "pub" and r not in self.ended and c not in self.revoked
-                        and (r != sid or replay) and (kind != "addressed" or u == to or r == sid)}
-        assert set(relayed.to) == expected
+        if not sending or refusal is not None:
+            assert relayed.to == ()
+            return
+        hello = {"own": "hello", "other-cluster": "hello"}.get(kind, kind)
+        if hello in ROLE and mode != "pub":
+            self.roles[sid] = ROLE[hello]
+        live = {r for r, (c, u, t, m, _) in self.sessions.items()
+                if t == topic and m != "pub" and r not in self.ended and c not in self.revoked}
+        echo = {sid} if replay else set()
+        unknown = {r for r in live if r not in self.roles} - {sid}
+        workers = {r for r in live if self.roles.get(r) == "worker"} - {sid}
+        got = set(relayed.to)
+        assert len(got) == len(relayed.to)
+        if kind == "request":
+            reached = got - unknown - echo
+            assert got >= unknown | echo and reached <= workers and sid not in reached
+            if len(workers) <= MIN_FANOUT:
+                assert reached == workers
+            self.asked.setdefault(sid, set()).update(reached)
+            return
+        if kind == "withdraw":
+            expected = echo | unknown | (self.asked.get(sid, set()) & workers)
+        else:
+            skips = SKIPS.get(hello, set())
+            expected = {r for r in live if (r == sid and replay) or (r != sid and self.roles.get(r) not in skips)}
+            if kind == "addressed":
+                expected = {r for r in live if (r != sid or replay) and (self.sessions[r][1] == to or r == sid)}
+        assert got == expected
         for r in relayed.to:  # whatever the model says: never to someone who may not read it
             s = self.hub.session(r)
             assert s is not None and s.topic == topic and self.hub.allowed(s.user, topic, s.key)

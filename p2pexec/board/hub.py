@@ -33,6 +33,7 @@ from typing import Generic, Protocol, TypeVar
 from ..keys import valid_username
 from ..protocol.messages import Route, route
 from .commands import HELP, PUBLIC, Command, CommandError, valid_topic
+from .fanout import FanOut
 from .registry import INVITE_DAYS, Registry
 
 C = TypeVar("C", bound=Hashable)  # how the server names a connection
@@ -185,6 +186,7 @@ class Session(Generic[C]):
 class _Topic(Generic[C]):
     receivers: list[Session[C]] = field(default_factory=list)  # subs and pipes, in the order they joined
     pubs: list[Session[C]] = field(default_factory=list)
+    fanout: FanOut = field(default_factory=FanOut)  # the receivers' roles, and where requests went
 
 
 class Hub(Generic[C, K]):
@@ -194,7 +196,10 @@ class Hub(Generic[C, K]):
     ``sessions_per_user`` concurrent commands across a user's connections,
     ``topics_per_user`` topics a user owns (live, or with an access list).
     ``dropped`` counts lines and sessions cut off, ``refused`` sessions turned
-    away, ``relayed`` lines accepted for relay (once, however many get them).
+    away, ``relayed`` lines accepted for relay (once, however many get them),
+    ``delivered`` lines handed to receivers (once per receiver).  ``fan_out``:
+    requests, withdraws and hellos go only to the sessions whose role reads them
+    (:mod:`.fanout`); off, to every receiver, as on a broadcast board (a baseline).
     """
 
     def __init__(self, users: Users, *, members: dict[str, tuple[str, ...]] | None = None,
@@ -210,6 +215,8 @@ class Hub(Generic[C, K]):
         self.dropped: collections.Counter[str] = collections.Counter()
         self.refused: collections.Counter[str] = collections.Counter()
         self.relayed = 0
+        self.delivered = 0
+        self.fan_out = True
         self.stopping = False  # no session may join any more
         self._members: dict[str, tuple[str, ...]] = dict(members or {})
         self._topics: dict[str, _Topic[C]] = {}
@@ -441,6 +448,7 @@ class Hub(Generic[C, K]):
         else:
             session.saw_publisher = bool(topic.pubs)
             topic.receivers.append(session)
+            topic.fanout.joined(session.id)
         self._sessions[session.id] = session
         return session, actions
 
@@ -457,6 +465,7 @@ class Hub(Generic[C, K]):
         for group in (topic.pubs, topic.receivers):
             if session in group:
                 group.remove(session)
+        topic.fanout.left(session.id)
         if session.cmd.name == "pub" and not topic.pubs:
             for r in topic.receivers:  # last publisher gone: plain subs end
                 if r.cmd.name == "sub" and not r.cmd.keep and r.saw_publisher:
@@ -490,7 +499,9 @@ class Hub(Generic[C, K]):
         :func:`..protocol.messages.route`); elsewhere, lines that are not messages too.  A message
         addressed to one member (an offer, a decline) goes to that member's
         sessions alone: the others would drop it anyway, and sending every
-        offer to everyone grows with the square of the cluster.  A session the
+        offer to everyone grows with the square of the cluster.  Requests,
+        withdraws and hellos go to the sessions whose role needs them
+        (:mod:`.fanout`): a request to a bounded number of workers.  A session the
         hub is ending, or whose connection was revoked, neither sends nor receives.
         """
         s = self._sessions.get(session_id)
@@ -509,11 +520,31 @@ class Hub(Generic[C, K]):
             self.dropped[verdict.refusal] += 1
             return Relay(refusal=verdict.refusal)
         self.relayed += 1
-        to = verdict.to
+        to, msg = verdict.to, verdict.message
         topic = self._topics[s.topic]
-        return Relay(to=tuple(
+        if not self.fan_out:
+            msg = None
+        if to is None and msg is not None and msg.type in ("request", "withdraw"):
+            fanout = topic.fanout
+            if msg.type == "request":
+                chosen = fanout.request(s.id, msg.body, msg.exp - msg.ts, now)
+            else:
+                chosen = fanout.withdraw(s.id, msg.body.get("req"), now)
+            echo = [s.id] if s.cmd.replay else []
+            ids = (*echo, *chosen, *(sid for sid in fanout.unknown if sid != s.id))
+            return self._deliver(tuple(sid for sid in ids if self._live(self._sessions[sid])))
+        skips: frozenset[str] = frozenset()
+        if to is None and msg is not None and msg.type == "hello":
+            topic.fanout.hello(s.id, msg.body)
+            skips = topic.fanout.hello_skips(msg.body.get("role"))
+        return self._deliver(tuple(
             r.id for r in topic.receivers
-            if self._live(r) and (r is not s or s.cmd.replay) and (to is None or r.user == to or r is s)))
+            if self._live(r) and (r is not s or s.cmd.replay) and (to is None or r.user == to or r is s)
+            and (r is s or topic.fanout.role(r.id) not in skips)))
+
+    def _deliver(self, to: tuple[int, ...]) -> Relay:
+        self.delivered += len(to)
+        return Relay(to=to)
 
     def _live(self, s: Session[C]) -> bool:
         login = self._logins.get(s.conn)

@@ -200,10 +200,12 @@ def decode(line: bytes, for_user: str | None = None, skip: frozenset[str] = froz
 @dataclass(frozen=True)
 class Route:
     """What a board does with one line: ``refusal`` says why it drops it; else it goes to the
-    sessions of ``to`` alone when the line is addressed, or to every receiver."""
+    sessions of ``to`` alone when the line is addressed, or to every receiver (a board that knows the
+    receivers' roles may narrow that by ``message``, the line as read, see :mod:`p2pexec.board.fanout`)."""
 
     refusal: str | None = None
     to: str | None = None
+    message: Message | None = field(default=None, compare=False, repr=False)
 
 
 def route(line: bytes, user: str, key: bytes, cluster: str | None) -> Route:
@@ -224,7 +226,7 @@ def route(line: bytes, user: str, key: bytes, cluster: str | None) -> Route:
     if cluster is not None and msg.cluster != cluster:
         return Route("other-cluster")
     to = msg.body.get("to")
-    return Route(to=to if isinstance(to, str) else None)
+    return Route(to=to if isinstance(to, str) else None, message=msg)
 
 
 class SeenIds:

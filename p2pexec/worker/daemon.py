@@ -62,6 +62,7 @@ log = logging.getLogger("p2pexec.worker")
 PYTHON = os.environ.get("P2PEXEC_ADVERTISE_PYTHON") or f"{sys.version_info.major}.{sys.version_info.minor}"
 OFFER_TTL = 15.0
 HELLO_EVERY = 30.0
+HELLO_NEWS_EVERY = 1.0  # a hello when a request finds us busy (or free) unlike our last hello said, at most this often
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HANDSHAKE_FRAME = messages.MAX_LINE_BYTES
 # A lease is idle once no task came this long after its last answer: a long task's next one comes only
@@ -158,6 +159,7 @@ class WorkerDaemon:
         self._background: trio.Nursery | None = None
         self._punch_failed = False  # a lease stayed relayed: our NAT defeats hole punching
         self._joining = 0  # relay joins under way: requests wait for them, so offers carry addresses that work
+        self._said_free = (True, -1e9)  # whether our last hello said we had free slots, and when (monotonic)
         self.serving = False  # joined the board and offering
         self.draining = False  # stopping: no new leases; live ones end once their running tasks are answered
         self.drained = trio.Event()  # set once draining and every slot is back
@@ -269,12 +271,14 @@ class WorkerDaemon:
         return messages.encode(self.config.who.identity, self.config.who.cluster, mtype, body, now=time.time(), ttl=ttl)
 
     def _hello(self) -> bytes:
+        free = self.config.slots - len(self.reservations.busy)
+        self._said_free = (free > 0, time.monotonic())  # our board sends requests to free workers first
         return self._sign("hello", {"role": "worker", "node": self.host.peer_id if self.host else "",
                                     "addrs": self.nat.addrs_for(None) if self.host else [],
                                     "reach": self._reach(),
                                     "leases": [move.status for move in list(self._moves.values())[:16]],
                                     "py": PYTHON, "slots": self.config.slots,
-                                    "free": self.config.slots - len(self.reservations.busy),
+                                    "free": free,
                                     "res": self.resources.to_json(), "platform": sys.platform,
                                     "load": round(os.getloadavg()[0], 2) if portability.loadavg() else None,
                                     "cores": os.cpu_count() or 0, "memory": physical_memory() or 0}, ttl=60)
@@ -294,8 +298,12 @@ class WorkerDaemon:
                      "port per connection?); leases stay on the relay, at its speed", client, PUNCH_GIVES_UP)
 
     def _on_message(self, msg: messages.Message) -> None:
-        if self.board is not None and self._observers.due(msg, time.monotonic()):
+        now = time.monotonic()
+        if self.board is not None and self._observers.due(msg, now):
             self.board.send(self._hello())
+        elif msg.type == "request" and self.board is not None and now - self._said_free[1] >= HELLO_NEWS_EVERY \
+                and (self.config.slots > len(self.reservations.busy)) != self._said_free[0]:
+            self.board.send(self._hello())  # news for the board, which asks the workers that said they are free
         if msg.type == "relay" and self.host is not None:
             self._relay_announced(announced_relays(msg.sender, self.config.who.cluster, msg["addrs"]))
         if msg.type == "withdraw":
