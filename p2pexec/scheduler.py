@@ -187,9 +187,12 @@ class ClientScheduler:
                     and not self.nat.state.checked:
                 self._nursery.start_soon(self.nat.join_any)
         elif msg.type == "hello" and msg["role"] == "worker":
-            if not self._note_unusable(msg.sender, msg.body.get("py")) and isinstance(msg.body.get("node"), str):
-                self._workers[msg["node"]] = (msg.sender, time.monotonic())
-            self.reannounce()  # a worker arrived: ask again right away
+            node = msg.body.get("node")
+            arrived = not (isinstance(node, str) and node in self._workers)
+            if not self._note_unusable(msg.sender, msg.body.get("py")) and isinstance(node, str):
+                self._workers[node] = (msg.sender, time.monotonic())
+            if arrived:  # a worker arrived: ask again right away (a known one keeps our request and offers when free)
+                self.reannounce()
         elif msg.type == "decline" and self._need_of(msg["req"]) is not None and msg["to"] == self.identity.user:
             if msg["why"] in ("python", "worker-allow"):
                 self._unusable.note(msg.sender, msg["why"], str(msg.body.get("py", "?")), time.monotonic())
