@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import threading
 
+import paramiko
 import pytest
 
-from p2pexec.board.client import BoardAddress
-from p2pexec.errors import BoardError, ConfigurationError
+from p2pexec.board.client import BoardAddress, connect
+from p2pexec.errors import AuthenticationError, BoardBusyError, BoardError, ConfigurationError
+from p2pexec.keys import generate_identity_file, load_identity
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,3 +81,47 @@ def test_key_from_ssh_agent(cluster, empty_home, agent):
     with cluster.executor(identity=None) as ex:
         assert ex._board.identity.path is None  # signed and logged in through the agent
         assert ex.submit(pow, 3, 3).result() == 27
+
+
+class _SlowLogin(paramiko.ServerInterface):
+    """An SSH server that takes a login longer than the client waits (as a flooded board does), or refuses it."""
+
+    def __init__(self, release: threading.Event, refuse: bool) -> None:
+        self.release, self.refuse = release, refuse
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        if not self.refuse:
+            self.release.wait(30)  # until the test is done with it
+        return paramiko.AUTH_FAILED
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["slow-login", "refused-key"])
+def test_a_login_that_runs_out_of_time_is_a_busy_board_not_a_refused_key(tmp_path, refuse):
+    """A busy board that does not finish a login in time gets another try; only a refused key means 'ask for an
+    invitation' (paramiko raises the same exception for both)."""
+    generate_identity_file(tmp_path / "id")
+    identity = load_identity("alice", tmp_path / "id")
+    release = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            transport = paramiko.Transport(conn)
+            transport.add_server_key(paramiko.Ed25519Key.from_private_key_file(str(tmp_path / "id")))
+            transport.start_server(server=_SlowLogin(release, refuse))
+            release.wait(30)
+            transport.close()
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        try:
+            with pytest.raises(AuthenticationError if refuse else BoardBusyError):
+                connect(BoardAddress("127.0.0.1", port, "alice"), identity, known_hosts=tmp_path / "known_hosts",
+                        accept_new_host_key=True, timeout=1.0)
+        finally:
+            release.set()
+            server.join(30)

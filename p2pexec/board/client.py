@@ -117,6 +117,19 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
         log.warning("added the board's host key %s %s to %s", name, fingerprint(key), self.known_hosts)
 
 
+def _shed(exc: paramiko.AuthenticationException) -> bool:
+    """Did the login run out of time or lose its connection, rather than the board refuse our key?
+
+    paramiko raises the same exception for both; only its words tell them
+    apart (``tests/test_board_client.py`` fails if they change).  A busy
+    board that sheds connections during login must get another try, not a
+    member told to ask for an invitation they already have.
+    """
+    text = str(exc)
+    return type(exc) is paramiko.AuthenticationException and (
+        text == "Authentication timeout." or text.startswith("Authentication failed: transport shut down"))
+
+
 def connect(address: BoardAddress, identity: Identity, known_hosts: Path = DEFAULT_KNOWN_HOSTS,
             accept_new_host_key: bool = False, timeout: float = 10.0) -> paramiko.SSHClient:
     """An authenticated SSH connection to the board, or a BoardError that says what to do."""
@@ -146,8 +159,11 @@ def connect(address: BoardAddress, identity: Identity, known_hosts: Path = DEFAU
             f"expects {fingerprint(exc.expected_key)}. Someone may be intercepting the connection; "
             f"if the board's owner really changed its key, remove the old line from {known_hosts}"
         ) from None
-    except paramiko.AuthenticationException:
+    except paramiko.AuthenticationException as exc:
         client.close()
+        if _shed(exc):
+            raise BoardBusyError(f"the board at {where} did not finish logging us in ({exc}): it is busy, or "
+                                 f"flooded") from None
         raise AuthenticationError(
             f"the board {where} rejected user {identity.user!r} with key {identity.where}. "
             f"Ask the cluster's owner for an invitation (p2pexec invite OWNER/NAME {identity.user}) and "
