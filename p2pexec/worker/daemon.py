@@ -298,12 +298,8 @@ class WorkerDaemon:
                      "port per connection?); leases stay on the relay, at its speed", client, PUNCH_GIVES_UP)
 
     def _on_message(self, msg: messages.Message) -> None:
-        now = time.monotonic()
-        if self.board is not None and self._observers.due(msg, now):
+        if self.board is not None and self._observers.due(msg, time.monotonic()):
             self.board.send(self._hello())
-        elif msg.type == "request" and self.board is not None and now - self._said_free[1] >= HELLO_NEWS_EVERY \
-                and (self.config.slots > len(self.reservations.busy)) != self._said_free[0]:
-            self.board.send(self._hello())  # news for the board, which asks the workers that said they are free
         if msg.type == "relay" and self.host is not None:
             self._relay_announced(announced_relays(msg.sender, self.config.who.cluster, msg["addrs"]))
         if msg.type == "withdraw":
@@ -340,6 +336,14 @@ class WorkerDaemon:
             for poke in list(self._pokes):  # a lease may owe it a slot (fair sharing)
                 poke()
 
+    def _tell_news(self) -> None:
+        """A hello when our slots turned from all busy to some free, or back, unlike our last hello said (at
+        most once a second): our board sends requests to the workers that last said they were free."""
+        now = time.monotonic()
+        if self.board is not None and now - self._said_free[1] >= HELLO_NEWS_EVERY \
+                and (self.config.slots > len(self.reservations.busy)) != self._said_free[0]:
+            self.board.send(self._hello())
+
     def _decline(self, request: messages.Message, why: str, detail: str = "") -> None:
         """Tell a client we will not serve it, so its no-worker warning can say why (rate-limited)."""
         assert self.board is not None and self.host is not None
@@ -372,6 +376,7 @@ class WorkerDaemon:
         an offer holds its slots for a few seconds."""
         if self.host is None or self.board is None or self.draining:
             return
+        self._tell_news()  # (called whenever slots may have come free)
         now = time.time()
         self.sharing.expire(now)
         promised = self.sharing.offered_slots(now)
