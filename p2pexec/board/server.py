@@ -200,22 +200,6 @@ class BoardServer:
         return self.hub.users  # type: ignore[return-value]
 
     @property
-    def verify_sender(self) -> bool:
-        return self.hub.verify_sender
-
-    @property
-    def lines_per_second(self) -> float:
-        return self.hub.lines_per_second
-
-    @property
-    def sessions_per_user(self) -> int:
-        return self.hub.sessions_per_user
-
-    @property
-    def topics_per_user(self) -> int:
-        return self.hub.topics_per_user
-
-    @property
     def dropped(self) -> collections.Counter[str]:
         """Lines and sessions cut off, by reason."""
         return self.hub.dropped
@@ -602,7 +586,7 @@ class BoardServer:
                 return close_channel(channel, 1, err="access revoked")
             if not self._take_slot(user, channel):
                 return close_channel(channel, 1, err=f"too many sessions for {user} "
-                                                     f"(limit {self.sessions_per_user})")
+                                                     f"(limit {self.hub.sessions_per_user})")
             if command is None:
                 return done(1, err=SHELL_USAGE)
             try:
@@ -634,7 +618,7 @@ class BoardServer:
         with self._cond:
             taken = self.hub.open(channel, user)
         if not taken:
-            log.info("refused a session of %s: %d sessions running", user, self.sessions_per_user)
+            log.info("refused a session of %s: %d sessions running", user, self.hub.sessions_per_user)
         return taken
 
     def _release_slot(self, channel: paramiko.Channel) -> None:
@@ -721,7 +705,7 @@ class BoardServer:
             r.stop(1, "too slow, disconnecting")
         if result.end is not None:
             log.info("%s on %s exceeds %g lines/s, disconnecting",
-                     session.client_id, session.topic, self.lines_per_second)
+                     session.client_id, session.topic, self.hub.lines_per_second)
             session.end(result.end.status, result.end.message)
             session.finish()
             return False
