@@ -1,4 +1,4 @@
-"""P2PExecutor on a LocalCluster (2 workers x 1 slot) vs ProcessPoolExecutor(2) and loky(2), in one run.
+"""P2PExecutor on a LocalCluster (2 workers x 1 slot) vs ProcessPoolExecutor(2), loky(2), Ray and dask, in one run.
 
     python benchmarks/bench_executor.py [--json results.json] [--roundtrips 500] [--items 5000]
                                         [--no-sandboxed]
@@ -14,8 +14,13 @@ P2PExecutor path is the real one: SSH board, worker daemons, libp2p
 loky (``pip install loky``, or the copy joblib ships as
 ``joblib.externals.loky``) is measured as a new ``loky.ProcessPoolExecutor(2)``
 each time, like the stdlib pool (not ``get_reusable_executor``, which would
-keep its processes between executors).  Without loky its column is skipped
-with a note.  The table ends with issue 16's small-task targets, each
+keep its processes between executors).  Ray (2 CPUs) and dask.distributed
+(2 worker processes of 1 thread) are measured warm through a small
+``Executor`` over their own futures, the same shape as the others; they
+have no chunked ``map`` and a new executor there is a new cluster, so those
+two rows are left empty for them.  ``pip install 'p2pexec[bench]'`` brings
+loky, Ray and dask; each missing one's column is skipped with a note.  The
+table ends with issue 16's small-task targets, each
 against its baseline from this run, and says pass or fall short.
 """
 
@@ -45,6 +50,57 @@ def loky_pool() -> Callable[[], Executor] | None:
         except ImportError:
             return None
     return lambda: LokyPool(2)
+
+
+class _RayExecutor(Executor):
+    """Ray tasks behind the Executor interface: one remote function per callable, ObjectRef.future()."""
+
+    def __init__(self) -> None:
+        import ray  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+        self._ray = ray
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        self._remote: dict[Callable[..., Any], Any] = {}
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        remote = self._remote.get(fn)
+        if remote is None:
+            remote = self._remote[fn] = self._ray.remote(fn)
+        return remote.remote(*args, **kwargs).future()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._ray.shutdown()
+
+
+class _DaskExecutor(Executor):
+    """dask.distributed's own ClientExecutor over a local cluster of 2 processes x 1 thread."""
+
+    def __init__(self) -> None:
+        from dask.distributed import Client, LocalCluster as DaskCluster  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+        self._cluster = DaskCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        self._client = Client(self._cluster)
+        self._executor = self._client.get_executor(pure=False)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._client.close()
+        self._cluster.close()
+
+
+def peer_makers() -> dict[str, Callable[[], Executor]]:
+    """Ray and dask where installed (the ``bench`` extra); a note for each one that is not."""
+    makers: dict[str, Callable[[], Executor]] = {}
+    for name, module, maker in (("Ray", "ray", _RayExecutor), ("dask", "distributed", _DaskExecutor)):
+        try:
+            __import__(module)
+        except ImportError:
+            print(f"{name} is not installed (pip install 'p2pexec[bench]'): its column is skipped")
+            continue
+        makers[name] = maker
+    return makers
 
 
 def noop(x: Any = None) -> Any:
@@ -81,13 +137,15 @@ def first_result_ms(make: Callable[[], Executor], repeats: int = 5) -> float:
     return statistics.median(samples) * 1e3
 
 
-def measure(make: Callable[[], Executor], roundtrips: int, items: int) -> dict[str, float]:
+def measure(make: Callable[[], Executor], roundtrips: int, items: int, pool: bool = True) -> dict[str, float]:
+    """All four measures; a peer that is not a pool of its own (``pool=False``) gets the first two."""
     with make() as ex:
-        rt = warm_roundtrip_ms(ex, roundtrips)
-        tput = map_throughput(ex, items)
-        chunked = map_throughput(ex, 4 * items, chunksize=100)
-    return {"roundtrip_ms": rt, "map_tasks_per_s": tput, "map_chunked_tasks_per_s": chunked,
-            "first_result_ms": first_result_ms(make)}
+        out = {"roundtrip_ms": warm_roundtrip_ms(ex, roundtrips), "map_tasks_per_s": map_throughput(ex, items)}
+        if pool:
+            out["map_chunked_tasks_per_s"] = map_throughput(ex, 4 * items, chunksize=100)
+    if pool:
+        out["first_result_ms"] = first_result_ms(make)
+    return out
 
 
 def main() -> int:
@@ -108,6 +166,8 @@ def main() -> int:
             results["loky(2)"] = measure(loky, args.roundtrips, args.items)
         else:
             print("loky is not installed (pip install loky, or joblib): its column is skipped")
+        for name, make in peer_makers().items():
+            results[name] = measure(make, args.roundtrips, args.items, pool=False)
     with LocalCluster(workers=2, slots=1) as lc:
         results["P2PExecutor(LocalCluster 2x1)"] = measure(lc.executor, args.roundtrips, args.items)
     layer = detect().layer
@@ -115,18 +175,19 @@ def main() -> int:
         with LocalCluster(workers=2, slots=1, sandbox=True) as lc:
             results[f"P2PExecutor(sandboxed: {layer})"] = measure(lc.executor, args.roundtrips, args.items)
 
-    columns = [(name, results[name]) for name in ("ProcessPoolExecutor(2)", "loky(2)",
+    columns = [(name, results[name]) for name in ("ProcessPoolExecutor(2)", "loky(2)", "Ray", "dask",
                                                   "P2PExecutor(LocalCluster 2x1)", f"P2PExecutor(sandboxed: {layer})")
                if name in results]
     rows = [("warm submit(noop).result(), median", "roundtrip_ms", "ms"),
             (f"map(noop, range({args.items})), chunksize 1", "map_tasks_per_s", "tasks/s"),
             (f"map(noop, range({4 * args.items})), chunksize 100", "map_chunked_tasks_per_s", "tasks/s"),
             ("new executor to first result, median of 5", "first_result_ms", "ms")]
-    heads = {"ProcessPoolExecutor(2)": "ProcessPool(2)", "loky(2)": "loky(2)",
+    heads = {"ProcessPoolExecutor(2)": "ProcessPool(2)", "loky(2)": "loky(2)", "Ray": "Ray", "dask": "dask",
              "P2PExecutor(LocalCluster 2x1)": "P2PExecutor"}
     print(f"{'measure':<48}" + "".join(f" {heads.get(name, 'sandboxed'):>18}" for name, _ in columns))
     for label, key, unit in rows:
-        print(f"{label:<48}" + "".join(f" {col[key]:>12.2f} {unit:<5}" for _, col in columns))
+        print(f"{label:<48}" + "".join(f" {col[key]:>12.2f} {unit:<5}" if key in col else f" {'—':>18}"
+                                       for _, col in columns))
     targets = verdicts(results, layer)
     if targets:
         print("\nissue 16, small tasks at local-pool speed:")
