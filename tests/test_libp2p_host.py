@@ -23,3 +23,48 @@ def test_a_host_never_dials_the_peers_it_knows_of_on_its_own():
     known, connections = trio.run(scenario)
     assert known >= 1  # the peer store knows the worker, with an address to dial
     assert connections == 0, "py-libp2p's auto-connector dialled: see _no_auto_dials in host.py"
+
+
+def test_a_reader_of_many_small_messages_releases_window_in_halves(monkeypatch):
+    """py-libp2p 0.8.1 sent a yamux WINDOW_UPDATE per read; ours sends one per half window (yamux_window.py)."""
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    from p2pexec.transport import yamux_window
+    from p2pexec.transport.channel import FramedStream
+
+    assert all(hasattr(YamuxStream, name) for name in yamux_window.USED), "py-libp2p changed: see yamux_window.py"
+    updates: list[int] = []
+    send_update = YamuxStream.send_window_update
+
+    async def counted(self, increment, skip_lock=False):  # type: ignore[no-untyped-def]
+        updates.append(increment)
+        await send_update(self, increment, skip_lock=skip_lock)
+
+    monkeypatch.setattr(YamuxStream, "send_window_update", counted)
+    count, size = 2000, 200
+
+    async def scenario() -> list[bytes]:
+        got: list[bytes] = []
+        done = trio.Event()
+
+        async def serve(stream):  # type: ignore[no-untyped-def]
+            framed = FramedStream(stream)
+            for _ in range(count):
+                message = await framed.recv()
+                assert message is not None
+                got.append(message)
+            done.set()
+
+        async with Libp2pHost().running() as worker, Libp2pHost().running() as client:
+            worker.set_handler(serve)
+            framed = FramedStream(await client.open_stream(worker.peer_id, worker.addrs))
+            for i in range(count):
+                await framed.send(i.to_bytes(4, "big") * (size // 4))
+            with trio.fail_after(30):
+                await done.wait()
+        return got
+
+    got = trio.run(scenario)
+    assert [int.from_bytes(m[:4], "big") for m in got] == list(range(count))  # all arrived, in order
+    moved = count * (size + 4)  # FramedStream's length prefix
+    assert 0 < len(updates) <= 2 * moved // (128 * 1024) + 2, f"{len(updates)} window updates for {count} messages"

@@ -58,6 +58,7 @@ from ..logs import after_libp2p_import
 from ..protocol.reach import CIRCUIT, direct_and_relayed, make_ticket, split_tcp
 from .admission import Admission, Limits, Refused, Reporter, Ticket
 from .channel import FramedStream
+from .yamux_window import release_in_halves
 
 after_libp2p_import()
 
@@ -205,6 +206,7 @@ class Libp2pHost:
         self._dial_locks: dict[str, trio.Lock] = {}
         self._new_connection: dict[str, trio.Event] = {}  # peer id -> set when a connection to it opens
         _no_auto_dials(self._host.get_network())
+        release_in_halves()
         self._host.get_network().register_notifee(_Connected(self._new_connection))
         self._host.get_network().register_notifee(self._gate)
         self._nursery: trio.Nursery | None = None
