@@ -50,4 +50,4 @@ async def _release_in_halves(self: Any, *, bytes_read: int = 0) -> None:
 
 def release_in_halves() -> None:
     """Install the go-yamux rule on py-libp2p's YamuxStream (idempotent)."""
-    YamuxStream._auto_tune_and_send_window_update = _release_in_halves
+    YamuxStream._auto_tune_and_send_window_update = _release_in_halves  # type: ignore[method-assign]
