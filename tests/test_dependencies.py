@@ -134,3 +134,11 @@ def test_a_waiting_task_can_be_interrupted_and_is_cancelled_by_shutdown(one_slot
             ex.shutdown(wait=True, cancel_futures=True)
             assert later.cancelled()
         gate.set()
+
+
+def test_futures_are_found_in_linear_time_and_cycles_end():
+    many = [Future() for _ in range(20_000)]
+    assert futures_in((many + many, {})) == many  # (was quadratic: minutes at this size)
+    loop: list[object] = [many[0]]
+    loop.append(loop)
+    assert futures_in(loop) == [many[0]]
