@@ -68,6 +68,7 @@ def run(workers: int, slots: int, seed: int, chunksize: int, n: int = 40, kill_o
             held, victim = [], lc.workers[0]
             while True:  # every task waits at its start until one has started on the victim
                 conn, _ = gate.accept()
+                conn.settimeout(60)
                 held.append(conn)
                 if _worker_of(conn) == victim.pid:
                     break
