@@ -81,8 +81,8 @@ class P2PExecutor(Executor):
     so a worker cannot run code here; ``result_types=["module.Name"]`` adds
     types, ``trusted_results=True`` accepts anything a worker sends.
 
-    ``seed=S`` (an int, or True for a random one that is logged) makes
-    random numbers reproducible: each task's ``random``, NumPy global and
+    ``seed=S`` (an int, or True for a random one that is logged and kept in
+    ``ex.seed``) makes random numbers reproducible: each task's ``random``, NumPy global and
     ``p2pexec.task_rng()`` streams derive from ``S`` and the task's place in
     submission order only (see :mod:`p2pexec.seeding`), whatever runs it.
 

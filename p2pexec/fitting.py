@@ -10,6 +10,10 @@ different major version.  A worker that could not import a module of a
 task says so (the task comes back, it is no loss); the task then avoids
 that worker.  When every worker online has answered and none fits, the
 task fails with :class:`~p2pexec.errors.MissingPackageError`.
+Such a mark is not for ever (the friend may install the module): it goes
+when the worker's answer about a distribution changes (another version, or
+installed now), and else after :data:`LACK_EXPIRES` seconds; at worst a
+task then goes there once more and comes back.
 
 Pure, given the clock; the metadata lookups are cached in
 :mod:`p2pexec.environment`.
@@ -28,6 +32,7 @@ from . import environment
 from .environment import MAX_ASKED, Misfit
 from .errors import MissingPackageError
 from .protocol.frames import Buffer
+from .seeding import Seeded
 
 if TYPE_CHECKING:
     from .tasks import Value
@@ -35,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pexec.client")
 
 REMEMBER_SECONDS = 90.0  # an answer older than this may be out of date (the friend installed something)
+LACK_EXPIRES = 600.0  # a module a worker could not import is tried there again after this long
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class EnvFinder:
         ``values``: the big values it refers to, whose modules count too (each read once)."""
         if values:
             return self._with_values(self.of(fn, plain, payload), values)
+        if isinstance(fn, Seeded):  # a new wrapper per submit: the function inside names the packages
+            fn = fn.fn
         if plain:
             with self._lock:
                 hit = self._by_function.get(id(fn))
@@ -99,7 +107,7 @@ class Fitting:
         self.strict = strict
         self.asking: dict[str, str] = {}  # distributions requests ask about -> the client's version
         self._heard: dict[str, tuple[str, dict[str, str | None], float]] = {}  # peer -> member, versions, when
-        self._lacks: dict[str, set[str]] = {}  # peer -> modules a task of ours could not import there
+        self._lacks: dict[str, dict[str, float]] = {}  # peer -> modules a task of ours could not import there, when
         self._warned: set[tuple[str, str]] = set()
         self._memo: dict[tuple[str, int], tuple[TaskEnv, Misfit | None]] = {}  # (peer, id(env)): asked per task
 
@@ -115,12 +123,14 @@ class Fitting:
             return
         clean = {k: v for k, v in versions.items() if isinstance(k, str) and (v is None or isinstance(v, str))}
         _, known, _ = self._heard.get(peer, (member, {}, now))
+        if any(dist in known and known[dist] != version for dist, version in clean.items()):
+            self._lacks.pop(peer, None)  # its environment changed: what it lacked may be there now
         self._heard[peer] = (member, {**known, **clean}, now)
         self._memo.clear()
 
     def lacks(self, peer: str, member: str, module: str, now: float) -> None:
         """A task of ours could not import ``module`` on that worker."""
-        self._lacks.setdefault(peer, set()).add(module)
+        self._lacks.setdefault(peer, {})[module] = now
         self._memo.clear()
         if peer not in self._heard:
             self._heard[peer] = (member, {}, now)
@@ -139,7 +149,7 @@ class Fitting:
         return found
 
     def _misfit(self, peer: str, env: TaskEnv) -> Misfit | None:
-        lacking = self._lacks.get(peer, set()) & env.modules
+        lacking = self._lacks.get(peer, {}).keys() & env.modules
         if lacking:
             module = min(lacking)
             dists = environment.distributions([module])
@@ -175,8 +185,10 @@ class Fitting:
         return MissingPackageError(first.dist, env.needs.get(first.dist, first.wanted), found)
 
     def forget(self, now: float) -> None:
-        """Drop answers too old to trust (they are asked again)."""
+        """Drop answers too old to trust (they are asked again) and modules lacked long enough ago."""
         fresh = {p: h for p, h in self._heard.items() if now - h[2] < REMEMBER_SECONDS}
-        if len(fresh) != len(self._heard):
-            self._heard = fresh
+        lacks = {p: kept for p, modules in self._lacks.items()
+                 if (kept := {m: when for m, when in modules.items() if now - when < LACK_EXPIRES})}
+        if len(fresh) != len(self._heard) or lacks != self._lacks:
+            self._heard, self._lacks = fresh, lacks
             self._memo.clear()

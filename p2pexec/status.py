@@ -125,8 +125,9 @@ def format_status(status: dict[str, Any]) -> str:
     if workers:
         lines.append("workers:")
         for w in workers:
-            lines.append(f"  {_text(w['user']):<16} {_busy(w)}  {_resources(w)}  python {_text(w.get('py')):<5} "
-                         f"{_text(w.get('platform')):<8} loadavg {_text(w.get('load')):<5} "
+            lent = _lent(w)
+            lines.append(f"  {_text(w['user']):<16} {_busy(w)}  {_resources(w, lent)}  python {_text(w.get('py')):<5} "
+                         f"{_platform(w, lent):<14} loadavg {_text(w.get('load')):<5} "
                          f"reachable: {REACH.get(str(w.get('reach')), _text(w.get('reach')))}")
             lines.extend(f"    lease for {_text(lease.get('client'))}: {_text(lease.get('path'))}"
                          for lease in _leases(w))
@@ -159,18 +160,30 @@ def _busy(worker: dict[str, Any]) -> str:
     return f"?/{_text(slots)} slots busy"
 
 
-def _resources(worker: dict[str, Any]) -> str:
-    """Cores and memory; with a worker that advertises them, the memory it lends, its GPUs and tags."""
+def _lent(worker: dict[str, Any]) -> Resources | None:
+    """What the worker advertises it lends, if it does (and says it well)."""
     try:
-        lent = Resources.from_json(worker.get("res"))
+        return Resources.from_json(worker.get("res"))
     except (ValueError, TypeError):
-        lent = None
+        return None
+
+
+def _platform(worker: dict[str, Any], lent: Resources | None) -> str:
+    """OS and CPU architecture (``linux/x86_64``); just the OS from a worker that does not advertise more."""
+    if lent is not None and lent.os and lent.arch:
+        return _text(f"{lent.os}/{lent.arch}")
+    return _text(worker.get("platform"))
+
+
+def _resources(worker: dict[str, Any], lent: Resources | None) -> str:
+    """Cores and memory; with a worker that advertises them, the memory it lends (in all and per slot), its
+    GPUs and tags."""
     cores, memory = worker.get("cores"), worker.get("memory")
     cpu = f"{cores} cores" if isinstance(cores, int) else "? cores"
     if lent is not None:
         gpus = f", {len(lent.gpus)} GPU(s): {_text(', '.join(str(g) for g in lent.gpus[:4]))}" if lent.gpus else ""
         tags = f", tags {_text(','.join(sorted(lent.tags)))}" if lent.tags else ""
-        return f"{cpu}, {format_size(lent.memory)} lent{gpus}{tags}"
+        return f"{cpu}, {format_size(lent.memory)} lent ({format_size(lent.share)} per slot){gpus}{tags}"
     mem = f"{memory / (1 << 30):.1f} GiB" if isinstance(memory, (int, float)) and memory > 0 else "? GiB"
     return f"{cpu}, {mem}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import re
 import signal
 import subprocess
@@ -128,3 +129,4 @@ def test_status_text_output(cluster):
                            "--known-hosts", cluster.known_hosts], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "2 worker(s)" in done.stdout and "friend" in done.stdout
+    assert f"{sys.platform}/{platform.machine()}" in done.stdout and " per slot)" in done.stdout

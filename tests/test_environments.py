@@ -2,18 +2,21 @@
 
 The client has ``p2pexec-fake-a`` 2.1.0 (and ``p2pexec-fake-b``, which no
 worker has); one worker lacks both, one has fake-a 2.1.0 (from a venv), one
-has fake-a 1.0.0 (another major version), and one has fake-c's metadata
-without its code (it says it has it, then cannot import it).
+has fake-a 1.0.0 (another major version), and one has fake-c's and fake-d's
+metadata without their code (it says it has them, then cannot import them).
+The worker with fake-a 2.1.0 has fake-d 2.1.0 too.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 
 import pytest
 
 from p2pexec import LocalCluster, MissingPackageError, NoWorkersError
 
+from .conftest import wait_until
 from .fakedist import make_venv, on_path, write_distribution
 
 CODE = """
@@ -27,13 +30,15 @@ def double(x):
 def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("envs")
     client = root / "client" / "site-packages"
-    for name in ("p2pexec-fake-a", "p2pexec-fake-b", "p2pexec-fake-c"):
+    for name in ("p2pexec-fake-a", "p2pexec-fake-b", "p2pexec-fake-c", "p2pexec-fake-d"):
         write_distribution(client, name, "2.1.0", code=CODE)
-    same = write_distribution(root / "same" / "site-packages", "p2pexec-fake-a", "2.1.0", code=CODE)
+    for name in ("p2pexec-fake-a", "p2pexec-fake-d"):
+        same = write_distribution(root / "same" / "site-packages", name, "2.1.0", code=CODE)
     old = write_distribution(root / "old" / "site-packages", "p2pexec-fake-a", "1.0.0", code=CODE)
-    hollow = write_distribution(root / "hollow" / "site-packages", "p2pexec-fake-c", "2.1.0", code=CODE)
-    (hollow / "p2pexec_fake_c" / "__init__.py").unlink()  # its metadata says installed; its code is gone
-    (hollow / "p2pexec_fake_c").rmdir()
+    for module in ("p2pexec_fake_c", "p2pexec_fake_d"):
+        hollow = write_distribution(root / "hollow" / "site-packages", module.replace("_", "-"), "2.1.0", code=CODE)
+        (hollow / module / "__init__.py").unlink()  # its metadata says installed; its code is gone
+        (hollow / module).rmdir()
     with LocalCluster(workers=0) as lc:
         for label, site in (("plain", None), ("same", same), ("old", old), ("hollow", hollow)):
             options = {} if site is None else {
@@ -80,6 +85,35 @@ def test_a_worker_that_cannot_import_a_module_hands_the_task_back(lab, caplog):
     with lc.executor() as ex, pytest.raises(MissingPackageError, match="p2pexec-fake-c"):
         ex.submit(p2pexec_fake_c.double, 1).result(timeout=60)
     assert any("lacks module p2pexec_fake_c" in r.getMessage() for r in caplog.records)
+
+
+def hold_until_told(port: int) -> tuple[int, str]:
+    import os
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.settimeout(120)
+        conn.recv(1)
+    return 0, os.environ["TEST_WORKER_LABEL"]
+
+
+def test_a_task_handed_back_for_a_missing_module_runs_on_a_worker_that_has_it(lab, caplog):
+    """hollow says it has fake-d but cannot import it; same has it, busy until the task has come back."""
+    lc = lab
+    import p2pexec_fake_d
+
+    caplog.set_level(logging.INFO, logger="p2pexec.client")
+    with lc.executor() as ex, socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(60)
+        held = ex.options(requires=["p2pexec-fake-a==2.1.0"]).submit(hold_until_told, listener.getsockname()[1])
+        conn, _ = listener.accept()  # same's only slot is taken (and the client knows same is online)
+        with conn:
+            future = ex.submit(p2pexec_fake_d.double, 1)
+            wait_until(lambda: any("lacks module p2pexec_fake_d" in r.getMessage() for r in caplog.records),
+                       timeout=60, what="hollow to hand the task back")
+            conn.sendall(b"g")
+        assert held.result(timeout=60) == (0, "same")
+        assert future.result(timeout=60) == (2, "same")
 
 
 def test_requires_sends_tasks_only_to_workers_that_satisfy_it(lab):

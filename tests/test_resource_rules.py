@@ -78,10 +78,12 @@ def test_gpus_to_share_are_all_none_or_listed():
 
 
 def test_status_shows_what_each_worker_lends():
-    res = Resources(2, 8, 16 * GiB, (Gpu(0, "RTX 4090", 24 * GiB),), frozenset({"big"}))
+    res = Resources(2, 8, 16 * GiB, (Gpu(0, "RTX 4090", 24 * GiB),), frozenset({"big"}), "linux", "aarch64", "3.12")
     text = format_status({"cluster": "a/b", "board": "x", "clients": [],
-                          "workers": [{"user": "bob", "slots": 2, "free": 2, "cores": 8, "res": res.to_json()}]})
-    assert "16 GiB lent, 1 GPU(s): RTX 4090 24 GiB, tags big" in text
+                          "workers": [{"user": "bob", "slots": 2, "free": 2, "cores": 8, "res": res.to_json(),
+                                       "py": "3.12", "platform": "linux"}]})
+    assert "16 GiB lent (8 GiB per slot), 1 GPU(s): RTX 4090 24 GiB, tags big" in text
+    assert "python 3.12  linux/aarch64" in text
     assert format_size(3 << 29) == "1.5 GiB"
 
 
