@@ -31,7 +31,10 @@ JOBLIB_RANGE = ">=1.5,<1.7"  # ParallelBackendBase.submit arrived in 1.5; keep i
 _registered = threading.Lock()
 
 
-# ---- joblib's private API: every use of it is in this section (fenced by tests/test_private_apis.py) ----
+# ---- joblib's private API ----
+# Beyond the backend methods P2PExecBackend implements (joblib's interface for backends), every use of
+# joblib's private API is in this section, for the versions in JOBLIB_RANGE; tests/test_private_apis.py
+# fails loudly if a joblib release moves any of it.
 
 def _private_bases() -> tuple[type, type]:
     """The base classes joblib's own backends use: joblib has no public ones."""
