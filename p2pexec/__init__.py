@@ -29,7 +29,7 @@ from .whereami import WorkerInfo, current_worker
 _install_joblib_backend()  # backend="p2pexec" for joblib, whether it is imported before p2pexec or after
 
 
-def __getattr__(name: str):  # task processes import p2pexec too: keep SSH, trio and libp2p out of them
+def __getattr__(name: str) -> type:  # task processes import p2pexec too: keep SSH, trio and libp2p out of them
     if name == "UntrustedResultError":
         from .results import UntrustedResultError
 

@@ -9,7 +9,8 @@ from.  A class the client sent by value (``__main__``, a notebook, a local
 module) comes back as the client's own class, never as code built from
 the worker's bytes; functions a worker sends are inert stand-ins.
 Anything else fails that result with :class:`UntrustedResultError`, which
-names the type and the option that allows it.
+names the type and the option that allows it.  With ``trusted_results=True``
+anything is unpickled, and by-value classes still come home as the client's.
 """
 
 from __future__ import annotations
@@ -225,11 +226,17 @@ def _class_in(module: str, qualname: str) -> type | None:
     return found
 
 
+def _own_class_of(name: str, namespace: dict[str, Any]) -> type | None:
+    """The client's own class that a class sent by value (built by dill's ``_create_type``) stands for."""
+    module, qualname = namespace.get("__module__"), namespace.get("__qualname__", name)
+    return _own_object(module, qualname) if isinstance(module, str) and isinstance(qualname, str) else None
+
+
 def _own_class(metatype: Any, name: str, bases: Any, namespace: dict[str, Any]) -> type:
     """A class sent by value comes home as the client's own class of that name."""
-    module, qualname = namespace.get("__module__"), namespace.get("__qualname__", name)
-    own = _own_object(module, qualname) if isinstance(module, str) and isinstance(qualname, str) else None
+    own = _own_class_of(name, namespace)
     if own is None:
+        module, qualname = namespace.get("__module__"), namespace.get("__qualname__", name)
         raise UntrustedResultError(f"a result holds an instance of {module}.{qualname}, a class this client does "
                                    f"not have; pass trusted_results=True to accept classes built by workers")
     return own
@@ -247,3 +254,24 @@ def load(main: Any, buffers: Iterable[Any], extra: Collection[str] = (), package
     """Unpickle a result payload with the allow-list, plus ``extra`` "module.name" entries and the classes of
     ``packages`` (those the client's task functions come from)."""
     return _Loader(io.BytesIO(main), buffers, extra, packages).load()
+
+
+class _TrustedLoader(dill.Unpickler):
+    """dill's unpickler, for ``trusted_results=True``: anything goes, but a class sent by value still comes
+    home as the client's own class when the client has one, so ``except MyError`` catches as it does
+    under the allow-list (dill alone would build a second class of that name)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("dill._dill", "dill.dill") and name == "_create_type":
+            return _own_class_or_new
+        return super().find_class(module, name)
+
+
+def _own_class_or_new(metatype: Any, name: str, bases: Any, namespace: dict[str, Any]) -> type:
+    own = _own_class_of(name, namespace)
+    return own if own is not None else dill._dill._create_type(metatype, name, bases, namespace)
+
+
+def load_trusted(main: Any, buffers: Iterable[Any]) -> Any:
+    """Unpickle a result payload from a trusted worker (it may run code here)."""
+    return _TrustedLoader(io.BytesIO(main), buffers=buffers).load()

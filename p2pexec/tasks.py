@@ -628,13 +628,10 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]
 def load_outcome(payload: Buffer, trusted: bool = True, result_types: Collection[str] = (),
                  packages: Collection[str] = ()) -> Outcome:
     """A task's outcome; unless ``trusted``, unpickled with :mod:`p2pexec.results`' allow-list."""
-    main, *buffers = unpack_parts(payload)
-    if trusted:
-        outcome = dill.loads(main, buffers=buffers)
-    else:
-        from .results import load
+    from .results import load, load_trusted  # (it imports this module)
 
-        outcome = load(main, buffers, result_types, packages)
+    main, *buffers = unpack_parts(payload)
+    outcome = load_trusted(main, buffers) if trusted else load(main, buffers, result_types, packages)
     if not isinstance(outcome, Outcome):
         raise TypeError(f"a worker returned {type(outcome).__name__}, not a task outcome")
     return outcome

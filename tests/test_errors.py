@@ -127,9 +127,24 @@ def test_worker_with_another_python_is_never_used(tmp_path):
             assert ex.submit(abs, -1).result(timeout=30) == 1
 
 
-def test_functions_from_a_script_main_run_on_workers(cluster, tmp_path):
+def _run_script(cluster, tmp_path: Path, source: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``source`` as a user's script (its own ``__main__``) against the session cluster, configured as a
+    user would be: the environment, a members file, known_hosts."""
     script = tmp_path / "user_script.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(textwrap.dedent(source))
+    env = dict(os.environ, P2PEXEC_BOARD=cluster.board, P2PEXEC_IDENTITY=cluster.identity)
+    cfg = tmp_path / "cfg"
+    (cfg / "clusters" / "alice").mkdir(parents=True)
+    (cfg / "clusters" / "alice" / "friends.members").write_text(Path(cluster.members).read_text())
+    (tmp_path / "home" / ".ssh").mkdir(parents=True)
+    (tmp_path / "home" / ".ssh" / "known_hosts").write_text(Path(cluster.known_hosts).read_text())
+    env.update(P2PEXEC_CONFIG=str(cfg), HOME=str(tmp_path / "home"))
+    return subprocess.run([sys.executable, str(script), *args], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_functions_from_a_script_main_run_on_workers(cluster, tmp_path):
+    done = _run_script(cluster, tmp_path, """
         import collections
         from p2pexec import P2PExecutor
 
@@ -148,18 +163,45 @@ def test_functions_from_a_script_main_run_on_workers(cluster, tmp_path):
             with P2PExecutor("alice/friends") as ex:
                 scaled = list(ex.map(Scaler(3), [Point(1, 2), Point(0, 1)]))
                 print(scaled, list(ex.map(norm2, scaled)), ex.submit(lambda: __name__).result())
-    """))
-    env = dict(os.environ, P2PEXEC_BOARD=cluster.board, P2PEXEC_IDENTITY=cluster.identity)
-    cfg = tmp_path / "cfg"
-    (cfg / "clusters" / "alice").mkdir(parents=True)
-    (cfg / "clusters" / "alice" / "friends.members").write_text(Path(cluster.members).read_text())
-    (tmp_path / "home" / ".ssh").mkdir(parents=True)
-    (tmp_path / "home" / ".ssh" / "known_hosts").write_text(Path(cluster.known_hosts).read_text())
-    env.update(P2PEXEC_CONFIG=str(cfg), HOME=str(tmp_path / "home"))
-    done = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60)
+    """)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[Point(x=3, y=6), Point(x=0, y=3)] [45, 9] __main__"
+
+
+@pytest.mark.parametrize("results", ["restricted", "trusted"])
+def test_classes_of_a_script_main_come_home_as_the_scripts_own(cluster, tmp_path, results):
+    """An exception class and a plain class of ``__main__`` travel by value; back home they are the script's
+    own classes, with either result unpickling: ``except`` catches, ``isinstance`` holds."""
+    done = _run_script(cluster, tmp_path, """
+        import sys
+        from p2pexec import P2PExecutor, RemoteTraceback
+
+        class MyError(Exception):
+            pass
+
+        class Plain:
+            def __init__(self, x):
+                self.x = x
+
+        def raise_mine(message):
+            raise MyError(message)
+
+        def make_plain(x):
+            return Plain(x)
+
+        if __name__ == "__main__":
+            with P2PExecutor("alice/friends", trusted_results=sys.argv[1] == "trusted") as ex:
+                plain = ex.submit(make_plain, 3).result()
+                print(type(plain) is Plain, isinstance(plain, Plain), plain.x)
+                try:
+                    ex.submit(raise_mine, "from a friend").result()
+                except MyError as exc:
+                    cause = exc.__cause__
+                    print(type(exc) is MyError, exc.args, isinstance(cause, RemoteTraceback),
+                          "in raise_mine" in str(cause))
+    """, results)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["True True 3", "True ('from a friend',) True True"], done.stderr
 
 
 def test_a_worker_refused_by_the_board_says_so_in_one_line(cluster):

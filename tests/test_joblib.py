@@ -52,13 +52,64 @@ def test_grid_search_gives_the_same_answer_as_one_job(executor):
     with joblib.parallel_config(backend="p2pexec", executor=executor):
         remote = GridSearchCV(SVC(), grid, cv=5, n_jobs=-1).fit(X, y)
     assert remote.best_params_ == local.best_params_
-    assert list(remote.cv_results_["mean_test_score"]) == list(local.cv_results_["mean_test_score"])
+    scores = [key for key in local.cv_results_ if key.endswith("test_score")]
+    assert len(scores) == 5 + 3  # split0..4, mean, std, rank
+    for key in scores:
+        assert list(remote.cv_results_[key]) == list(local.cv_results_[key]), key
+
+
+def _cluster_arguments(cluster) -> dict[str, str]:
+    return dict(cluster=cluster.cluster, board=cluster.board, identity=cluster.identity, members=cluster.members,
+                known_hosts=cluster.known_hosts)
+
+
+def _shut_down(ex) -> bool:
+    try:
+        ex.submit(abs, -1).cancel()
+    except RuntimeError as exc:
+        return "shutdown" in str(exc)
+    return False
 
 
 def test_cluster_arguments_open_and_close_an_executor(cluster):
-    with joblib.parallel_config(backend="p2pexec", cluster=cluster.cluster, board=cluster.board,
-                                identity=cluster.identity, members=cluster.members, known_hosts=cluster.known_hosts):
+    with joblib.parallel_config(backend="p2pexec", **_cluster_arguments(cluster)):
+        backend, _ = joblib.parallel.get_active_backend()
+        results = joblib.Parallel(n_jobs=2, return_as="generator")(joblib.delayed(_square)(i) for i in range(5))
+        first = next(results)
+        opened = backend._executor  # (the backend's own attribute: joblib has no way to ask)
+        assert opened is not None and not _shut_down(opened)
+        assert [first, *results] == [0, 1, 4, 9, 16]
+    assert backend._executor is None and _shut_down(opened)
+
+
+def test_n_jobs_minus_one_with_cluster_arguments_counts_before_the_first_parallel_call(cluster):
+    """scikit-learn asks effective_n_jobs(-1) before it calls Parallel: the executor opens then, and that
+    Parallel call uses it and closes it."""
+    with joblib.parallel_config(backend="p2pexec", **_cluster_arguments(cluster)):
+        assert joblib.effective_n_jobs(-1) == 2  # (the session cluster: 2 workers, 1 slot each)
+        backend, _ = joblib.parallel.get_active_backend()
+        opened = backend._executor
+        assert joblib.Parallel(n_jobs=-1)(joblib.delayed(_square)(i) for i in range(3)) == [0, 1, 4]
+    assert opened is not None and _shut_down(opened)
+
+
+def test_the_older_parallel_backend_works_too(executor):
+    with joblib.parallel_backend("p2pexec", executor=executor):
         assert joblib.Parallel(n_jobs=2)(joblib.delayed(_square)(i) for i in range(5)) == [0, 1, 4, 9, 16]
+        assert joblib.effective_n_jobs(-1) == 2
+
+
+def test_a_joblib_outside_the_tested_range_is_refused_by_name(monkeypatch):
+    """The backend builds on joblib's private API: another joblib fails at parallel_config, saying which it needs."""
+    import re
+
+    from p2pexec.joblib_backend import JOBLIB_RANGE
+
+    monkeypatch.setattr(joblib, "__version__", "1.4.2")
+    with pytest.raises(ImportError, match=re.escape(f"joblib{JOBLIB_RANGE}, not joblib 1.4.2")):
+        joblib.parallel_config(backend="p2pexec", cluster="alice/friends")
+    with pytest.raises(ImportError, match=re.escape(f"pip install 'joblib{JOBLIB_RANGE}'")):
+        joblib.parallel_backend("p2pexec", cluster="alice/friends")
 
 
 @pytest.mark.parametrize("order", ["import p2pexec, joblib", "import joblib, p2pexec"])
