@@ -40,7 +40,7 @@ def test_paramiko_still_has_what_the_board_transport_uses():
     assert isinstance(paramiko.Transport._active_check_timeout, float) and callable(paramiko.Transport.stop_thread)
     a, b = socket.socketpair()
     with a, b:
-        transport = BoardTransport(a, lambda: None)  # never started: no thread, nothing sent
+        BoardTransport(a, lambda: None)  # never started: no thread, nothing sent
         assert a.gettimeout() == POLL  # the poll interval paramiko's __init__ set from the class
     assert BoardTransport._channel_handler_table[MSG_CHANNEL_REQUEST] is not \
         paramiko.Transport._channel_handler_table[MSG_CHANNEL_REQUEST]
