@@ -229,6 +229,7 @@ class Client(Participant):
             if self.wanted == 0 and not self.leases and running and now >= self.next_round:
                 self.wanted = LEASES_WANTED
                 self.round_at, self.asked_wall = now, time.time()
+                self.req = messages.new_id()  # a late offer for the last round is not this round's
                 self.request(now)
             elif self.wanted and now - self.asked_at >= REQUEST_EVERY:
                 self.request(now)
