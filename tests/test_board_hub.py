@@ -435,6 +435,7 @@ class HubMachine(RuleBasedStateMachine):
             expected = {r for r in live if (r == sid and replay) or (r != sid and self.roles.get(r) not in skips)}
             if kind == "addressed":
                 expected = {r for r in live if (r != sid or replay) and (self.sessions[r][1] == to or r == sid)}
+                assert list(relayed.to) == sorted(relayed.to)  # in the order they joined, as every line
         assert got == expected
         for r in relayed.to:  # whatever the model says: never to someone who may not read it
             s = self.hub.session(r)

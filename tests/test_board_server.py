@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from p2pexec.board.admission import Limits
 from p2pexec.board.commands import Command, CommandError, format_duration, parse
 from p2pexec.board.server import BoardServer, UsersFileWatcher, load_or_create_host_key
+from p2pexec.board.ssh_transport import BoardTransport
 from p2pexec.keys import Identity, Keyring, generate_identity_file, load_identity
 from p2pexec.protocol.messages import InvalidMessage, decode, encode
 
@@ -738,6 +739,33 @@ def test_stop_is_prompt(make_board: Callable[..., BoardServer], spawn: Callable[
     for proc in procs:
         _, err = proc.communicate(timeout=WAIT)
         assert proc.returncode == 1 and b"board is shutting down" in err, err
+
+
+
+@pytest.mark.timeout(60)
+def test_idle_connections_do_not_poll_and_still_end_at_once(
+        make_board: Callable[..., BoardServer], channel: Callable[..., paramiko.Channel],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection's thread sleeps in its read (paramiko would wake it ten times a second); a client that
+    leaves, and stop(), still end it with no wake-up due for an hour, even one that never answers."""
+    monkeypatch.setattr(BoardTransport, "_active_check_timeout", 3600.0)
+    board = make_board()
+    leaving = channel(board, "alice", "pipe t")
+    staying = channel(board, "alice", "sub t")
+    wait_clients(board, "alice/t", sub=1, pipe=1)
+    with socket.create_connection(("127.0.0.1", board.port), timeout=WAIT) as silent:
+        wait_until(lambda: len([t for t in threading.enumerate() if isinstance(t, BoardTransport)]) == 3, WAIT,
+                   "the silent connection's thread")
+        ours = [t for t in threading.enumerate() if isinstance(t, BoardTransport)]
+        assert all(t.sock.gettimeout() == 3600.0 for t in ours)
+        leaving.get_transport().close()  # type: ignore[union-attr]
+        wait_until(lambda: sum(t.is_alive() for t in ours) == 2, WAIT, "the board to see the pipe leave")
+        board.stop()
+        assert staying.recv_exit_status() == 1
+        for t in ours:
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in ours)
+        assert silent.recv(1024).startswith(b"SSH-2.0-")  # it was only ever sent the banner
 
 
 # -- the command parser

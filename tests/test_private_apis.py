@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from concurrent.futures import Future, wait
 
 import paramiko
 import pytest
 
-from p2pexec.board.ssh_transport import BoardTransport
+from p2pexec.board.ssh_transport import POLL, BoardTransport
 from p2pexec.stdlib_private import cancel_running
 
 
@@ -37,6 +38,11 @@ def test_paramiko_still_has_what_the_board_transport_uses():
 
     assert MSG_CHANNEL_REQUEST in paramiko.Transport._channel_handler_table
     assert callable(paramiko.Channel._handle_request) and callable(paramiko.Transport._auth_trigger)
+    assert isinstance(paramiko.Transport._active_check_timeout, float) and callable(paramiko.Transport.stop_thread)
+    a, b = socket.socketpair()
+    with a, b:
+        BoardTransport(a, lambda: None)  # never started: no thread, nothing sent
+        assert a.gettimeout() == POLL  # the poll interval paramiko's __init__ set from the class
     assert BoardTransport._channel_handler_table[MSG_CHANNEL_REQUEST] is not \
         paramiko.Transport._channel_handler_table[MSG_CHANNEL_REQUEST]
 

@@ -185,6 +185,7 @@ class Session(Generic[C]):
 @dataclass(eq=False)
 class _Topic(Generic[C]):
     receivers: list[Session[C]] = field(default_factory=list)  # subs and pipes, in the order they joined
+    by_user: dict[str, list[Session[C]]] = field(default_factory=dict)  # the receivers again, by user
     pubs: list[Session[C]] = field(default_factory=list)
     fanout: FanOut = field(default_factory=FanOut)  # the receivers' roles, and where requests went
 
@@ -448,6 +449,7 @@ class Hub(Generic[C, K]):
         else:
             session.saw_publisher = bool(topic.pubs)
             topic.receivers.append(session)
+            topic.by_user.setdefault(user, []).append(session)
             topic.fanout.joined(session.id)
         self._sessions[session.id] = session
         return session, actions
@@ -462,9 +464,11 @@ class Hub(Generic[C, K]):
         if topic is None:
             return []
         actions: list[Action] = []
-        for group in (topic.pubs, topic.receivers):
+        for group in (topic.pubs, topic.receivers, topic.by_user.get(session.user, [])):
             if session in group:
                 group.remove(session)
+        if not topic.by_user.get(session.user, True):
+            del topic.by_user[session.user]
         topic.fanout.left(session.id)
         if session.cmd.name == "pub" and not topic.pubs:
             for r in topic.receivers:  # last publisher gone: plain subs end
@@ -533,14 +537,17 @@ class Hub(Generic[C, K]):
             echo = [s.id] if s.cmd.replay else []
             ids = (*echo, *chosen, *(sid for sid in fanout.unknown if sid != s.id))
             return self._deliver(tuple(sid for sid in ids if self._live(self._sessions[sid])))
+        if to is not None:  # its addressee's sessions, found without going through the whole topic
+            them = [*topic.by_user.get(to, ()), *((s,) if s.cmd.name != "pub" and s.user != to else ())]
+            return self._deliver(tuple(r.id for r in sorted(them, key=lambda r: r.id)  # ids: the join order
+                                       if self._live(r) and (r is not s or s.cmd.replay)))
         skips: frozenset[str] = frozenset()
-        if to is None and msg is not None and msg.type == "hello":
+        if msg is not None and msg.type == "hello":
             topic.fanout.hello(s.id, msg.body)
             skips = topic.fanout.hello_skips(msg.body.get("role"))
         return self._deliver(tuple(
             r.id for r in topic.receivers
-            if self._live(r) and (r is not s or s.cmd.replay) and (to is None or r.user == to or r is s)
-            and (r is s or topic.fanout.role(r.id) not in skips)))
+            if self._live(r) and (r is not s or s.cmd.replay) and (r is s or topic.fanout.role(r.id) not in skips)))
 
     def _deliver(self, to: tuple[int, ...]) -> Relay:
         self.delivered += len(to)
