@@ -217,6 +217,11 @@ def _refuse_buffer(_: Any) -> bool:
     raise _NotPlain
 
 
+def _big_bytes(*objs: Any) -> bool:
+    """One of ``objs`` is bytes that must go out of band: pickling it in-band first, to find that out, would copy it."""
+    return any(type(o) is bytes and len(o) >= OUT_OF_BAND for o in objs)
+
+
 def _plain_pickle(obj: Any, allowed: Any = None) -> bytes | None:
     """``obj`` pickled by the C pickler if it is builtin data only (apart from ``allowed``), else None."""
     buf = io.BytesIO()
@@ -249,7 +254,7 @@ def prepare_task(fn: Callable[..., Any], args: tuple[Any, ...],
             carried = fn  # the C pickler names it as dill would
         elif carried is not None and len(carried.data) >= OUT_OF_BAND:
             carried = None
-    if carried is not None:
+    if carried is not None and not _big_bytes(*args, *kwargs.values()):
         main = _plain_pickle((carried, args, kwargs), carried)
         if main is not None and len(main) < wire.HOIST_MIN and (len(main) < OUT_OF_BAND or is_plain((args, kwargs))):
             return pack_parts([main]), (), True  # (big bytes must go out of band: is_plain refuses them)
@@ -612,7 +617,7 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]
             value = RemoteError(f"{type(value).__qualname__}: {value}")
         value = _ExceptionWithTraceback(value, tb)
     outcome = Outcome(ok, value, stdout, stderr)
-    if ok:
+    if ok and not _big_bytes(value):
         main = _plain_pickle(outcome)  # builtin data: the C pickler, and nothing else to check
         if main is not None and (len(main) < OUT_OF_BAND or is_plain(value)):  # (big bytes go out of band)
             return pack_parts([main])

@@ -23,16 +23,19 @@ import enum
 import hashlib
 import mmap
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Union
 
 import nacl.bindings as sodium
+from nacl._sodium import ffi, lib
 from nacl.exceptions import CryptoError
 
 from ..errors import ProtocolError
 
 LENGTH = struct.Struct(">I")
 HEADER_BYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
+SEAL_BYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES  # a sealed chunk's size over its plaintext's
 _TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 _OP = struct.Struct(">BQQ")  # op, arg, data length: ops are self-delimiting, several fit in one message
 
@@ -53,12 +56,18 @@ def nbytes(buffer: Buffer) -> int:
 
 def chunk_message(parts: Sequence[Buffer], size: int = CHUNK) -> Iterator[bytes]:
     """The plaintexts that carry one logical message made of ``parts``."""
+    for pieces in chunk_pieces(parts, size):
+        yield b"".join(pieces)
+
+
+def chunk_pieces(parts: Sequence[Buffer], size: int = CHUNK) -> Iterator[list[Buffer]]:
+    """:func:`chunk_message` without the joining: each chunk as its kind header and views of ``parts``."""
     total = sum(nbytes(p) for p in parts)
     if total <= size:
-        yield b"".join([_SINGLE_HEAD, *parts])
+        yield [_SINGLE_HEAD, *parts]
         return
     views = [memoryview(p).cast("B") for p in parts]
-    pieces: list[memoryview] = []
+    pieces: list[Buffer] = []
     room, sent, first = size, 0, True
     for view in views:
         while view.nbytes:
@@ -67,7 +76,7 @@ def chunk_message(parts: Sequence[Buffer], size: int = CHUNK) -> Iterator[bytes]
             view, room, sent = view[take.nbytes :], room - take.nbytes, sent + take.nbytes
             if room == 0 or sent == total:
                 head = bytes([_FIRST]) + _TOTAL.pack(total) if first else bytes([_LAST if sent == total else _MORE])
-                yield b"".join([head, *pieces])
+                yield [head, *pieces]
                 pieces, room, first = [], size, False
 
 
@@ -97,18 +106,23 @@ class Reassembler:
 
     ``allocate(size)`` makes the buffer a chunked message is rebuilt in (a
     worker puts it in memory its task processes can read in place).  With
-    ``allocate=None`` the buffer grows as chunks arrive, so a peer that
-    announces more than it sends costs no more memory than it sent.
+    ``allocate=None`` it is anonymous memory that the system commits page by
+    page as chunks fill it, so a peer that announces more than it sends
+    costs no more memory than it sent.
+
+    A chunk after the first may be decrypted straight into the buffer
+    (:meth:`place`, then :meth:`placed`) instead of handed to :meth:`feed`.
     """
 
     def __init__(self, max_message: int = MAX_MESSAGE, allocate: Callable[[int], Writable] | None = bytearray) -> None:
         self.max_message = max_message
-        self._allocate = allocate
+        self._allocate = allocate or _untouched
         self._buf: Writable | None = None
         self._filled = 0
         self._total = 0
+        self._kept = 0  # the byte a placed chunk's kind header lands on, until it is put back
 
-    def feed(self, plaintext: bytes) -> memoryview | None:
+    def feed(self, plaintext: Buffer) -> memoryview | None:
         if not plaintext:
             raise ProtocolError("empty channel message")
         kind, view = plaintext[0], memoryview(plaintext)[1:]
@@ -121,8 +135,8 @@ class Reassembler:
             if total > self.max_message:
                 raise MessageTooLarge(total, self.max_message, view[_TOTAL.size :])
             try:
-                self._buf = bytearray() if self._allocate is None else self._allocate(total)
-            except (MemoryError, OSError):
+                self._buf = self._allocate(total)
+            except (MemoryError, OSError, ValueError):
                 raise ProtocolError(f"no memory for the {total}-byte message the peer announced") from None
             self._filled, self._total = 0, total
             return self._append(view[_TOTAL.size :], last=False)
@@ -130,22 +144,61 @@ class Reassembler:
             return self._append(view, last=kind == _LAST)
         raise ProtocolError(f"unexpected chunk kind {kind}")
 
+    def place(self, size: int) -> memoryview | None:
+        """Where the next chunk's ``size`` plaintext bytes can be decrypted in place, or None to :meth:`feed` it.
+
+        Within a message the next chunk is MORE or LAST: its one-byte kind
+        lands on the last byte filled so far (kept aside, put back by
+        :meth:`placed`), its data where it belongs.  A chunk that would run
+        past the announced total gets no place: :meth:`feed` rejects it.
+        """
+        if self._buf is None or self._filled == 0 or not 0 < size <= self._total - self._filled + 1:
+            return None
+        at = self._filled - 1
+        self._kept = self._buf[at]
+        return memoryview(self._buf)[at : at + size]
+
+    def placed(self, size: int) -> memoryview | None:
+        """The chunk of ``size`` bytes is in the place :meth:`place` gave: check its kind, as :meth:`feed` would."""
+        assert self._buf is not None
+        at = self._filled - 1
+        kind, self._buf[at] = self._buf[at], self._kept
+        if kind not in (_MORE, _LAST):
+            raise ProtocolError(f"unexpected chunk kind {kind}")
+        self._filled = at + size
+        return self._done() if kind == _LAST else None
+
     def _append(self, view: memoryview, last: bool) -> memoryview | None:
         assert self._buf is not None
         end = self._filled + view.nbytes
         if end > self._total:
             raise ProtocolError("chunked message longer than announced")
-        if self._allocate is None:
-            self._buf += view  # type: ignore[operator]  # a growing bytearray
-        else:
-            self._buf[self._filled : end] = view
+        self._buf[self._filled : end] = view
         self._filled = end
-        if not last:
-            return None
-        if end != self._total:
+        return self._done() if last else None
+
+    def _done(self) -> memoryview:
+        if self._filled != self._total:
             raise ProtocolError("chunked message shorter than announced")
-        out, self._buf = memoryview(self._buf), None
+        out, self._buf = memoryview(self._buf), None  # type: ignore[arg-type]
         return out
+
+
+def open_chunk(opener: "Opener", reassembler: Reassembler, frame: Buffer) -> memoryview | None:
+    """Decrypt a sealed chunk into its message: straight into the message's buffer where it has a place
+    there (:meth:`Reassembler.place`), else through a buffer of its own.  The message, once complete."""
+    size = nbytes(frame) - SEAL_BYTES
+    place = reassembler.place(size)
+    if place is None:
+        return reassembler.feed(opener.open(bytes(frame)))
+    with place:
+        opener.open_into(frame, place)
+    return reassembler.placed(size)
+
+
+def _untouched(size: int) -> mmap.mmap:
+    """Anonymous memory: its pages cost nothing until written."""
+    return mmap.mmap(-1, size)
 
 
 def encode_frame(data: bytes) -> bytes:
@@ -155,28 +208,58 @@ def encode_frame(data: bytes) -> bytes:
 
 
 class FrameDecoder:
-    """Reassembles frames from arbitrary chunks of a byte stream."""
+    """Reassembles frames from arbitrary chunks of a byte stream.
+
+    What it is fed is kept as it came and each frame copied out once
+    (a frame that is exactly one chunk, not at all): a big frame spans
+    several reads, and one copy is what assembling it takes.
+    """
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = bytearray()
         self.max_frame = max_frame
+        self._parts: deque[memoryview] = deque()
+        self._have = 0  # bytes in _parts
+        self._size: int | None = None  # the length of the frame being read, once its prefix was
 
     def feed(self, data: bytes) -> Iterator[bytes]:
-        self._buf += data
-        while len(self._buf) >= LENGTH.size:
-            (n,) = LENGTH.unpack_from(self._buf)
-            if n > self.max_frame:
-                raise ProtocolError(f"peer announced a {n}-byte frame, over the {self.max_frame}-byte limit")
-            if len(self._buf) < LENGTH.size + n:
+        if data:
+            self._parts.append(memoryview(data if type(data) is bytes else bytes(data)))
+            self._have += len(data)
+        while True:
+            if self._size is None:
+                if self._have < LENGTH.size:
+                    return
+                (n,) = LENGTH.unpack(self._take(LENGTH.size))
+                if n > self.max_frame:
+                    raise ProtocolError(f"peer announced a {n}-byte frame, over the {self.max_frame}-byte limit")
+                self._size = n
+            if self._have < self._size:
                 return
-            with memoryview(self._buf) as view:
-                frame = bytes(view[LENGTH.size : LENGTH.size + n])  # one copy, not two
-            del self._buf[: LENGTH.size + n]
+            frame, self._size = self._take(self._size), None
             yield frame
+
+    def _take(self, n: int) -> bytes:
+        """The next ``n`` bytes fed."""
+        if not n:
+            return b""
+        self._have -= n
+        first = self._parts[0]
+        if first.nbytes == n and len(first.obj) == n:  # type: ignore[arg-type]
+            self._parts.popleft()
+            return first.obj  # type: ignore[return-value]
+        pieces = []
+        while n:
+            part = self._parts.popleft()
+            if part.nbytes > n:
+                part, rest = part[:n], part[n:]
+                self._parts.appendleft(rest)
+            pieces.append(part)
+            n -= part.nbytes
+        return b"".join(pieces)
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        return self._have + (0 if self._size is None else LENGTH.size)
 
 
 def session_keys(role: str, my_pk: bytes, my_sk: bytes, peer_pk: bytes) -> tuple[bytes, bytes]:
@@ -219,6 +302,36 @@ class Sealer:
             self._state, plaintext, None, _TAG_FINAL if final else 0
         )
 
+    def seal_frame(self, pieces: Sequence[Buffer], final: bool = False) -> memoryview:
+        """The frame for ``pieces`` sealed as one chunk: length prefix and ciphertext, built in one buffer.
+
+        The plaintext is copied once, to where its ciphertext goes, and
+        encrypted there: libsodium encrypts in place, writing the tag
+        byte just before it and the MAC just after.  The buffer is not
+        zeroed first: every byte of it is written here.
+        """
+        size = sum(nbytes(p) for p in pieces)
+        if size + SEAL_BYTES > MAX_FRAME:
+            raise ProtocolError(f"a {size}-byte chunk does not fit in a {MAX_FRAME}-byte frame")
+        if self.closed:
+            raise ProtocolError("channel already closed for sending")
+        memory = _uncleared("unsigned char[]", LENGTH.size + SEAL_BYTES + size)
+        frame = memoryview(ffi.buffer(memory))
+        LENGTH.pack_into(frame, 0, SEAL_BYTES + size)
+        at = LENGTH.size + 1
+        for piece in pieces:
+            end = at + nbytes(piece)
+            frame[at:end] = piece if type(piece) is bytes else memoryview(piece).cast("B")
+            at = end
+        sealed = memory + LENGTH.size
+        lib.crypto_secretstream_xchacha20poly1305_push(self._state.statebuf, sealed, ffi.NULL, sealed + 1, size,
+                                                       ffi.NULL, 0, _TAG_FINAL if final else 0)
+        self.closed = final
+        return frame
+
+
+_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
+
 
 class Opener:
     """Decrypts and authenticates the other direction of a channel."""
@@ -228,6 +341,7 @@ class Opener:
             raise ProtocolError("bad secretstream header")
         self._state = sodium.crypto_secretstream_xchacha20poly1305_state()
         sodium.crypto_secretstream_xchacha20poly1305_init_pull(self._state, header, key)
+        self._tag = ffi.new("unsigned char *")
         self.finished = False
 
     def open(self, ciphertext: bytes) -> bytes:
@@ -239,6 +353,26 @@ class Opener:
             raise ProtocolError("payload failed authentication (tampered, reordered or wrong key)") from None
         self.finished = tag == _TAG_FINAL
         return plaintext
+
+    def open_into(self, ciphertext: Buffer, out: Writable) -> None:
+        """Decrypt ``ciphertext`` into ``out``, which is exactly its plaintext's size.
+
+        libsodium checks the MAC before it writes a byte, so a chunk that
+        fails leaves ``out`` as it was.
+        """
+        if self.finished:
+            raise ProtocolError("data after the final frame")
+        size = nbytes(ciphertext) - SEAL_BYTES
+        if size < 0:
+            raise ProtocolError("payload failed authentication (shorter than a sealed chunk)")
+        if memoryview(out).nbytes != size:
+            raise ValueError(f"a {size}-byte plaintext does not fill a {memoryview(out).nbytes}-byte buffer")
+        with ffi.from_buffer(ciphertext) as sealed, ffi.from_buffer(out, require_writable=True) as plain:
+            failed = lib.crypto_secretstream_xchacha20poly1305_pull(self._state.statebuf, plain, ffi.NULL, self._tag,
+                                                                    sealed, size + SEAL_BYTES, ffi.NULL, 0)
+        if failed:
+            raise ProtocolError("payload failed authentication (tampered, reordered or wrong key)")
+        self.finished = self._tag[0] == _TAG_FINAL
 
 
 class Op(enum.IntEnum):

@@ -11,8 +11,8 @@ import trio
 
 from ..errors import ProtocolError
 from ..protocol.frames import (
-    MAX_FRAME, MAX_MESSAGE, Buffer, FrameDecoder, Opener, Op, Reassembler, Sealer, chunk_message, encode_frame,
-    encode_op, Writable,
+    MAX_FRAME, MAX_MESSAGE, Buffer, FrameDecoder, Opener, Op, Reassembler, Sealer, chunk_pieces, encode_frame,
+    encode_op, open_chunk, Writable,
 )
 
 READ_SIZE = 1 << 20
@@ -53,8 +53,12 @@ class FramedStream:
         self.stream = stream
 
     async def send(self, data: bytes) -> None:
+        await self.send_frame(encode_frame(data))
+
+    async def send_frame(self, frame: Buffer) -> None:
+        """Write ``frame``, length prefix included (:meth:`Sealer.seal_frame`), as it is."""
         try:
-            await self.tx_stream.write(encode_frame(data))
+            await self.tx_stream.write(memoryview(frame))  # slices of a view cost no copy in the muxer
         except trio.Cancelled:
             raise
         except Exception as exc:
@@ -143,12 +147,12 @@ class SecureChannel:
     async def send(self, message: Buffer | Sequence[Buffer], final: bool = False) -> None:
         parts = [message] if isinstance(message, (bytes, bytearray, memoryview)) else message
         async with self._send_lock:
-            chunks = chunk_message(parts)
+            chunks = chunk_pieces(parts)
             chunk = next(chunks)
             for following in chunks:
-                await self.framed.send(self._sealer.seal(chunk))
+                await self.framed.send_frame(self._sealer.seal_frame(chunk))
                 chunk = following
-            await self.framed.send(self._sealer.seal(chunk, final))
+            await self.framed.send_frame(self._sealer.seal_frame(chunk, final))
 
     async def recv(self) -> memoryview | None:
         """Next message, or None once the peer sent its final frame."""
@@ -156,7 +160,7 @@ class SecureChannel:
             frame = await self.framed.recv()
             if frame is None:
                 raise PeerLost("stream ended without its final frame (truncated)")
-            message = self._reassembler.feed(self._opener.open(frame))
+            message = open_chunk(self._opener, self._reassembler, frame)
             if self._opener.finished:
                 break
             if message is not None:
@@ -170,8 +174,8 @@ class SecureChannel:
         from the new stream after it (:meth:`FramedStream.move_rx`).
         """
         async with self._send_lock:
-            for chunk in chunk_message([encode_op(Op.MOVE)]):
-                await self.framed.send(self._sealer.seal(chunk))
+            for chunk in chunk_pieces([encode_op(Op.MOVE)]):
+                await self.framed.send_frame(self._sealer.seal_frame(chunk))
             self.framed.move_tx(stream)
 
     async def close(self) -> None:

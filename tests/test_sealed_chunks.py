@@ -1,0 +1,183 @@
+"""Chunks sealed in place and opened into their message's buffer: the same bytes on the wire as the
+binding's own calls, and every chunk still authenticated, in order, with the final tag checked."""
+
+from __future__ import annotations
+
+import mmap
+
+import nacl.bindings as sodium
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nacl._sodium import ffi
+
+from p2pexec.errors import ProtocolError
+from p2pexec.protocol.frames import (
+    CHUNK, LENGTH, FrameDecoder, Opener, Reassembler, Sealer, chunk_pieces, open_chunk,
+)
+
+KEY = bytes(range(32))
+
+
+def seal_all(parts, size=CHUNK, final=True):
+    """The wire bytes of one message made of ``parts``, then (with ``final``) a final frame."""
+    sealer = Sealer(KEY)
+    frames = [bytes(sealer.seal_frame(chunk)) for chunk in chunk_pieces(parts, size)]
+    if final:
+        frames.append(bytes(sealer.seal_frame([b"\x00bye"], final=True)))
+    return sealer.header, frames
+
+
+def receive(header, frames, allocate=bytearray):
+    """What a SecureChannel would hand on: complete messages, and whether the final frame came."""
+    opener, reassembler, decoder = Opener(KEY, header), Reassembler(allocate=allocate), FrameDecoder()
+    messages = []
+    for frame in decoder.feed(b"".join(frames)):
+        message = open_chunk(opener, reassembler, frame)
+        if message is not None and not opener.finished:
+            messages.append(bytes(message))
+    return messages, opener.finished
+
+
+def clone(sealer: Sealer) -> sodium.crypto_secretstream_xchacha20poly1305_state:
+    state = sodium.crypto_secretstream_xchacha20poly1305_state()
+    ffi.memmove(state.statebuf, sealer._state.statebuf, len(state.statebuf))
+    return state
+
+
+@given(st.lists(st.binary(max_size=40), max_size=4), st.booleans())
+def test_sealing_in_place_gives_the_bindings_ciphertext(parts, final):
+    sealer = Sealer(KEY)
+    sealer.seal_frame([b"earlier"])  # not the first message: the state has moved on
+    reference = clone(sealer)
+    frame = sealer.seal_frame(parts, final)
+    expected = sodium.crypto_secretstream_xchacha20poly1305_push(
+        reference, b"".join(parts), None, sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL if final else 0)
+    assert bytes(frame) == LENGTH.pack(len(expected)) + expected
+
+
+@given(st.lists(st.binary(max_size=300), max_size=5), st.integers(1, 64), st.sampled_from([bytearray, None]))
+def test_messages_survive_any_chunk_size(parts, size, allocate):
+    header, frames = seal_all(parts, size)
+    assert receive(header, frames, allocate) == ([b"".join(parts)], True)
+
+
+@pytest.mark.parametrize("total", [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK - 9, 2 * CHUNK, 2 * CHUNK + 1, 3 * CHUNK + 7])
+@pytest.mark.parametrize("allocate", [bytearray, None])
+def test_sizes_at_chunk_boundaries(total, allocate):
+    data = bytes(range(251)) * (total // 251) + bytes(total % 251)
+    parts = [data[:CHUNK // 3], memoryview(data)[CHUNK // 3 :]]  # a part boundary inside a chunk too
+    header, frames = seal_all(parts)
+    assert receive(header, frames, allocate) == ([data], True)
+
+
+def test_the_buffer_given_is_the_one_filled():
+    made = []
+
+    def allocate(size: int) -> mmap.mmap:
+        made.append(mmap.mmap(-1, size))
+        return made[-1]
+
+    header, frames = seal_all([bytes(3 * CHUNK)])
+    opener, reassembler = Opener(KEY, header), Reassembler(allocate=allocate)
+    outputs = [open_chunk(opener, reassembler, frame[LENGTH.size :]) for frame in frames[:-1]]
+    assert outputs[-1] is not None and outputs[-1].obj is made[0]
+
+
+@settings(max_examples=100)
+@given(st.integers(2 * 16 + 1, 6 * 16), st.data())
+def test_a_tampered_chunk_is_rejected_and_nothing_of_its_message_comes_out(total, data):
+    header, frames = seal_all([bytes(i % 251 for i in range(total))], size=16)
+    i = data.draw(st.integers(0, len(frames) - 1))
+    j = data.draw(st.integers(LENGTH.size, len(frames[i]) - 1))
+    frames[i] = frames[i][:j] + bytes([frames[i][j] ^ 1]) + frames[i][j + 1 :]
+    with pytest.raises(ProtocolError, match="authentication"):
+        receive(header, frames)
+
+
+@given(st.integers(17, 200), st.data())
+def test_a_dropped_repeated_or_swapped_chunk_is_rejected(total, data):
+    header, frames = seal_all([bytes(total)], size=16)
+    i = data.draw(st.integers(0, len(frames) - 2))
+    attack = data.draw(st.sampled_from(["drop", "repeat", "swap"]))
+    if attack == "drop":
+        del frames[i]
+    elif attack == "repeat":
+        frames.insert(i, frames[i])
+    else:
+        frames[i], frames[i + 1] = frames[i + 1], frames[i]
+    with pytest.raises(ProtocolError):
+        receive(header, frames)
+
+
+@given(st.integers(0, 200), st.data())
+def test_a_truncated_stream_yields_no_final_and_no_partial_message(total, data):
+    header, frames = seal_all([bytes(total)], size=16)
+    kept = data.draw(st.integers(0, len(frames) - 1))
+    messages, finished = receive(header, frames[:kept])
+    assert not finished
+    assert messages == ([bytes(total)] if kept == len(frames) - 1 else [])
+
+
+def sealed_chunks(plaintexts):
+    """Chunks with arbitrary (authentic) contents, as a peer that breaks the chunking rules would seal them."""
+    sealer = Sealer(KEY)
+    return sealer.header, [sealer.seal(p) for p in plaintexts]
+
+
+@pytest.mark.parametrize("kind", [0, 1, 4, 255])
+def test_an_authentic_chunk_of_the_wrong_kind_mid_message_is_rejected(kind):
+    first = b"\x01" + (40).to_bytes(8, "big") + bytes(16)
+    header, frames = sealed_chunks([first, bytes([kind]) + bytes(16)])
+    opener, reassembler = Opener(KEY, header), Reassembler()
+    assert open_chunk(opener, reassembler, frames[0]) is None
+    with pytest.raises(ProtocolError, match="unexpected chunk kind"):
+        open_chunk(opener, reassembler, frames[1])
+
+
+def test_chunks_longer_or_shorter_than_announced_are_rejected():
+    first = b"\x01" + (40).to_bytes(8, "big") + bytes(16)
+    header, frames = sealed_chunks([first, b"\x02" + bytes(25)])
+    opener, reassembler = Opener(KEY, header), Reassembler()
+    open_chunk(opener, reassembler, frames[0])
+    with pytest.raises(ProtocolError, match="longer than announced"):
+        open_chunk(opener, reassembler, frames[1])
+    header, frames = sealed_chunks([first, b"\x03" + bytes(8)])
+    opener, reassembler = Opener(KEY, header), Reassembler()
+    open_chunk(opener, reassembler, frames[0])
+    with pytest.raises(ProtocolError, match="shorter than announced"):
+        open_chunk(opener, reassembler, frames[1])
+
+
+def test_a_forged_chunk_leaves_the_buffer_untouched():
+    sealer = Sealer(KEY)
+    frame = bytearray(sealer.seal(b"secret"))
+    frame[-1] ^= 1
+    out = bytearray(b"abcdef")
+    with pytest.raises(ProtocolError, match="authentication"):
+        Opener(KEY, sealer.header).open_into(frame, out)
+    assert out == b"abcdef"
+
+
+def test_nothing_is_sealed_or_opened_after_the_final_frame():
+    sealer = Sealer(KEY)
+    final = sealer.seal_frame([b"bye"], final=True)
+    with pytest.raises(ProtocolError, match="closed"):
+        sealer.seal_frame([b"more"])
+    opener = Opener(KEY, sealer.header)
+    opener.open_into(final[LENGTH.size :], bytearray(3))
+    assert opener.finished
+    with pytest.raises(ProtocolError, match="after the final"):
+        opener.open_into(final[LENGTH.size :], bytearray(3))
+
+
+def test_frames_come_out_whole_however_the_reads_split_them():
+    header, frames = seal_all([bytes(5 * 1000)], size=1000)
+    wire = b"".join(frames)
+    decoder = FrameDecoder()
+    out = []
+    for start in range(0, len(wire), 7):
+        out.extend(decoder.feed(wire[start : start + 7]))
+        fed = min(start + 7, len(wire))
+        assert decoder.pending == fed - sum(LENGTH.size + len(f) for f in out)
+    assert out == [f[LENGTH.size :] for f in frames] and decoder.pending == 0
