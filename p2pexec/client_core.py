@@ -8,10 +8,10 @@ and carries out the actions returned (:mod:`.client_state`)::
     ───────                                       ──────────                        ───────
     a board message ──────── on_message ────────► offers, hellos, declines      ──► Dial, Post, SayHello
     submits, a lease ended ─ maybe_request ─────► demand per need               ──► Post (request, withdraw)
-    a lease's feeder ─────── take ──────────────► queue, credits, packages     ──► the next task, or None
+    a lease's feeder ─────── take ──────────────► queue, credits, packages      ──► the next task, or None
     a worker's answer ────── returned, missing ─► requeue or cancel             ──► Cancel
     a lease ended ────────── lease_ended ───────► retries, losses               ──► Fail, Cancel, Post
-    every TICK ───────────── tick ──────────────► timeouts, starvation          ──► Fail, EndLease, Warn
+    every TICK ───────────── tick ──────────────► requests, Timeouts            ──► Fail, EndLease, Warn
     interrupt, shutdown ──── interrupt, ... ────► where each task is            ──► Cancel, Wake
 
 The core reads the futures (a user may cancel one from any thread) and claims each as its task is sent
@@ -28,27 +28,23 @@ from typing import TYPE_CHECKING, Any
 
 from .client_board import Matchmaker
 from .client_state import (
-    OFFERED, WAKE, Action, Cancel, Dial, EndLease, Fail, LeaseState, SchedulerOptions, Warn, WorkItem,
+    OFFERED, SKIP_AT_MOST, WAKE, Action, Cancel, Dial, Fail, LeaseState, SchedulerOptions, WorkItem,
 )
-from .errors import NoWorkersError, ProtocolError, WorkerLostError
+from .client_timeouts import Timeouts
+from .errors import ProtocolError, WorkerLostError
 from .pending import Pending
 from .protocol import messages
 from .protocol.frames import Op, encode_op
-from .protocol.lease import SILENCE_SECONDS
 from .protocol.matching import slots_to_accept, slots_wanted
 from .protocol.resources import ANY, Need
 from .protocol.values import SentValues
 from .stats import ExecutorStats, Tally
-from .task_env import NOTHING
 
 if TYPE_CHECKING:
     from .fitting import Fitting
 
 log = logging.getLogger("p2pexec.client")
 
-REWARN_AT_MOST_EVERY = 5.0  # the no-worker warning repeats only when its news changed, at most this often
-HOPELESS_AFTER = 3.0  # a task lacking packages everywhere fails only after this long (the last hellos arrive)
-SKIP_AT_MOST = 64  # tasks a lease passes over (their packages are missing there) before it waits
 MAX_PEERS_REMEMBERED = 1024  # workers whose held values we track; a forgotten one is sent them again
 END, WAIT, IDLE = "end", "wait", "idle"  # :meth:`ClientCore.feeding`
 
@@ -62,10 +58,7 @@ class ClientCore(Matchmaker):
         self.leases: list[LeaseState] = []
         self.tally = Tally()  # done and failed futures, overall and per worker
         self.closing = False
-        self._starving_since: float | None = None
-        self._warned: frozenset[Any] | None = None  # what the last no-worker warning said, this episode
-        self._warned_at = -1e9
-        self._leaving_since: float | None = None  # when shutdown() was called
+        self.timeouts = Timeouts()
         self._cancel_queued = False  # shutdown(cancel_futures=True): queued work is withdrawn, not run
         self._sent_values: dict[str, SentValues] = {}  # peer -> the big values it should hold
 
@@ -254,7 +247,7 @@ class ClientCore(Matchmaker):
             for item in lease.inflight.values():
                 if item.future is future:
                     log.info("interrupting task %d on worker %s", item.id, lease.worker)
-                    return [self._ask_cancel(lease, item, Op.INTERRUPT), Cancel(item)]
+                    return [self.ask_cancel(lease, item, Op.INTERRUPT), Cancel(item)]
         for item in self.pending:
             if item.future is future:
                 self.pending.remove(item)
@@ -268,7 +261,7 @@ class ClientCore(Matchmaker):
         for lease in self.leases:
             for item in lease.inflight.values():
                 if not item.future.done():
-                    done += [self._ask_cancel(lease, item, Op.INTERRUPT), Cancel(item)]
+                    done += [self.ask_cancel(lease, item, Op.INTERRUPT), Cancel(item)]
         log.info("interrupted: cancelled %d queued task(s), stopping %d sent to workers", queued,
                  (len(done) - queued) // 2)
         return done
@@ -278,7 +271,7 @@ class ClientCore(Matchmaker):
         done = self._cancel_waiting()
         for lease in self.leases:
             asked = [item for item in lease.inflight.values() if not item.cancel_asked]
-            done += [self._ask_cancel(lease, item, Op.WITHDRAW) for item in asked]
+            done += [self.ask_cancel(lease, item, Op.WITHDRAW) for item in asked]
             if asked:
                 log.info("withdrawing %d task(s) from worker %s unless they started", len(asked), lease.worker)
         return [*done, WAKE]
@@ -292,15 +285,15 @@ class ClientCore(Matchmaker):
         return done
 
     @staticmethod
-    def _ask_cancel(lease: LeaseState, item: WorkItem, op: Op) -> Action:
+    def ask_cancel(lease: LeaseState, item: WorkItem, op: Op) -> Action:
         item.cancel_asked = True
         lease.control.append(encode_op(op, item.id))
         return WAKE
 
     def leaving(self, now: float) -> None:
         """shutdown() was called: from now on, waiting for workers that never come is bounded."""
-        if self._leaving_since is None:
-            self._leaving_since = now
+        if self.timeouts.leaving_since is None:
+            self.timeouts.leaving_since = now
             log.debug("shutting down: %d task(s) queued, %d at workers", len(self.pending), self.inflight())
 
     def close(self, now: float) -> list[Action]:
@@ -310,12 +303,12 @@ class ClientCore(Matchmaker):
 
     def fail_all(self, error: BaseException) -> list[Action]:
         """Fail every task not finished, queued or sent."""
-        done = self._fail_pending(error)
+        done = self.fail_pending(error)
         for lease in self.leases:
             done += [Fail(item, error) for item in lease.inflight.values()]
         return done
 
-    def _fail_pending(self, error: BaseException, needs: list[Need] | None = None) -> list[Action]:
+    def fail_pending(self, error: BaseException, needs: list[Need] | None = None) -> list[Action]:
         """Fail the work not sent yet: all of it, or that of ``needs``."""
         done: list[Action] = []
         for need in self.pending.needs() if needs is None else needs:
@@ -326,87 +319,8 @@ class ClientCore(Matchmaker):
 
     # -- the clock -----------------------------------------------------------------------
     def tick(self, now: float) -> list[Action]:
-        """Every TICK: ask again, fail the hopeless and the overdue, warn (and give up) when no worker comes."""
-        done = self.maybe_request(now)
-        done += self._fail_hopeless(now)
-        if self.options.task_timeout is not None:
-            done += self._time_out(now)
-        served = {lease.need for lease in self.leases if lease.open}
-        starving = [need for need in self.pending.needs() if need not in served]
-        if not starving:
-            self._starving_since, self._warned = None, None
-            return done
-        if self._starving_since is None:
-            self._starving_since = now
-        waited = now - self._starving_since
-        if waited >= self.options.warn_after:
-            news = frozenset(self.sightings(now))
-            if self._warned is None or (news != self._warned and now - self._warned_at >= REWARN_AT_MOST_EVERY):
-                self._warned, self._warned_at = news, now
-                done.append(Warn(f"no worker has run tasks{_asking(starving)} for cluster {self.cluster} in "
-                                 f"{waited:.0f} s; {self.starving_hint(now)}"))
-        timeout = self.options.worker_timeout
-        if timeout is not None and waited >= timeout:
-            done += self._fail_pending(NoWorkersError(
-                f"no worker of cluster {self.cluster} took this task within {timeout:g} s; "
-                f"{self.starving_hint(now)}"), starving)
-        return done + self._give_up_leaving(now)
-
-    def _fail_hopeless(self, now: float) -> list[Action]:
-        """Fail the waiting tasks whose packages no online worker has (every one has answered)."""
-        online = self.online(now)
-        verdicts: dict[int, Exception | None] = {}
-        done: list[Action] = []
-        for need in self.pending.needs():
-            for item in self.pending.head(need, SKIP_AT_MOST):
-                if item.env is NOTHING or now - item.since < HOPELESS_AFTER:
-                    continue
-                if id(item.env) not in verdicts:
-                    verdicts[id(item.env)] = self.fitting.hopeless(item.env, online, now)
-                error = verdicts[id(item.env)]
-                if error is not None:
-                    self.pending.remove(item)
-                    if item.started or item.future.set_running_or_notify_cancel():
-                        done.append(Fail(item, error))
-        return done
-
-    def _give_up_leaving(self, now: float) -> list[Action]:
-        """shutdown() must not wait forever for workers that never come: fail what none took in time."""
-        limit = self.options.shutdown_timeout
-        if self._leaving_since is None or limit is None or self._starving_since is None or not self.pending:
-            return []
-        if now - max(self._starving_since, self._leaving_since) < limit:
-            return []
-        hint = self.starving_hint(now)
-        return [Warn(f"shutdown: no worker of cluster {self.cluster} took the {len(self.pending)} remaining task(s) "
-                     f"in {limit:g} s; failing them with NoWorkersError; {hint}"),
-                *self._fail_pending(NoWorkersError(
-                    f"the executor shut down and no worker of cluster {self.cluster} took this task in {limit:g} s "
-                    f"(shutdown_timeout); {hint}, or pass a larger shutdown_timeout="))]
-
-    def _time_out(self, now: float) -> list[Action]:
-        """Tasks past task_timeout fail with TimeoutError at once; their workers are told to stop them.
-
-        A worker that has not answered such an interrupt after :data:`SILENCE_SECONDS`
-        (an honest one kills the task process at once) holds slots it will never
-        free: it is dropped as broken, and the rest of its tasks run elsewhere.
-        """
-        done: list[Action] = []
-        for lease in self.leases:
-            for item in [i for i in lease.inflight.values() if i.deadline <= now]:
-                if item.future.done():  # interrupted earlier, and still not answered
-                    done.append(EndLease(lease, ProtocolError(
-                        f"worker {lease.worker} did not stop task {item.id} within {SILENCE_SECONDS:g} s of "
-                        f"being asked")))
-                    item.deadline = float("inf")
-                    continue
-                done.append(Fail(item, TimeoutError(
-                    f"the task ran longer than task_timeout={self.options.task_timeout:g} s on worker "
-                    f"{lease.worker}; it was interrupted there")))
-                item.deadline = now + SILENCE_SECONDS
-                if not item.cancel_asked:
-                    done.append(self._ask_cancel(lease, item, Op.INTERRUPT))
-        return done
+        """Every TICK: ask again, and what the clock decides (:class:`~.client_timeouts.Timeouts`)."""
+        return self.maybe_request(now) + self.timeouts.tick(self, now)
 
     def stats(self) -> ExecutorStats:
         """A snapshot of the counts."""
@@ -416,8 +330,3 @@ class ClientCore(Matchmaker):
             running[key] = running.get(key, 0) + len(lease.inflight)
         return self.tally.snapshot(len(self.pending), running)
 
-
-def _asking(needs: list[Need]) -> str:
-    """`` asking for memory=2 GiB`` for the needs that starve, unless it is only plain tasks."""
-    named = [str(need) for need in needs if need != ANY]
-    return f" (tasks asking for {'; '.join(named)})" if named else ""

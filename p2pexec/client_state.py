@@ -17,6 +17,8 @@ from .task_env import NOTHING, TaskEnv
 if TYPE_CHECKING:
     from .tasks import Value
 
+SKIP_AT_MOST = 64  # tasks a lease passes over (their packages are missing there) before it waits
+
 
 @dataclass(eq=False)
 class WorkItem:
