@@ -61,7 +61,8 @@ class Lease:
             framed = FramedStream(stream)
             try:
                 accept = self.client.sign("accept", {"offer": offer.id, "worker": offer.sender, "req": offer["req"],
-                                               "kx": messages.b64(self.client.kx_keys[0]), "slots": self.state.slots}, ttl=30)
+                                                     "kx": messages.b64(self.client.kx_keys[0]),
+                                                     "slots": self.state.slots}, ttl=30)
                 await framed.send(accept)
                 rx, tx = session_keys("client", *self.client.kx_keys, messages.unb64(offer["kx"], 32))
                 self.channel = await SecureChannel.establish(framed, rx, tx, allocate=None,
@@ -232,7 +233,8 @@ class Lease:
         """Let the worker tell a quiet lease from a frozen client; end the lease if its member left."""
         while True:
             await trio.sleep(HEARTBEAT_SECONDS)
-            if self.client.board is not None and not self.client.board.inbox.keyring.allows(self.worker, self.state.key):
+            board = self.client.board
+            if board is not None and not board.inbox.keyring.allows(self.worker, self.state.key):
                 raise PeerLost(f"{self.worker} is no longer a member of {self.client.cluster}")
             self.state.control.append(encode_op(Op.PING))
             self.client.notify()
