@@ -1,9 +1,10 @@
 """One lease, as the client runs it: dial the worker, set up the encrypted channel, feed it tasks.
 
-The :class:`~p2pexec.scheduler.ClientScheduler` decides which offers to
-accept and which tasks go where (``take``, ``may_send``); a :class:`Lease`
-does the I/O of one accepted offer on the client's trio loop, until the
-worker or the client ends it, and hands back what it still held.
+The client's core (:mod:`.client_core`) decides which offers to accept and
+which tasks go where, and keeps each lease's accounting in a
+:class:`~.client_state.LeaseState`; a :class:`Lease` does the I/O of one
+accepted offer on the client's trio loop, until the worker or the client
+ends it, and reports what its worker answers.
 """
 
 from __future__ import annotations
@@ -14,19 +15,20 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .client_core import END, WAIT
 from .errors import ProtocolError, ResultTooLargeError, TaskProcessDiedError, first_leaf
 from .protocol import messages
 from .protocol.frames import Buffer, MessageTooLarge, Op, decode_ops, encode_op, op_parts, resume_frame, session_keys
 from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.reach import CIRCUIT
-from .protocol.resources import ANY, Need
 from .protocol.values import split_digests, task_header
 from .stdlib_private import cancel_running
 from .transport.channel import FramedStream, PeerLost, SecureChannel
 from .transport.host import RELAY_JOIN_TIMEOUT, Unreachable
 
 if TYPE_CHECKING:
-    from .scheduler import ClientScheduler, WorkItem
+    from .client_state import LeaseState, WorkItem
+    from .scheduler import ClientScheduler
 
 log = logging.getLogger("p2pexec.client")
 
@@ -35,25 +37,19 @@ UPGRADE_RETRY = 2.0
 
 
 class Lease:
-    def __init__(self, client: ClientScheduler, worker: str, peer: str, slots: int, key: bytes = b"",
-                 need: Need = ANY) -> None:
+    """The I/O of one lease; its accounting is :attr:`state`, which the client's core reads."""
+
+    def __init__(self, client: ClientScheduler, state: LeaseState) -> None:
         self.client = client
-        self.worker = worker
-        self.need = need  # it runs only tasks of this need
-        self.key = key  # the member key its offer was signed with: still a member's?
-        self.peer = peer
-        self.slots = slots
-        self.credits = 0
-        self.inflight: dict[int, WorkItem] = {}
-        self.control: list[bytes] = []  # WITHDRAW and INTERRUPT ops for the feeder to send
+        self.state = state
+        self.worker = state.worker
+        self.peer = state.peer
         self.channel: SecureChannel | None = None
-        self.path = "dialing"  # direct, relayed, or "upgraded after N s"
         self.moving: Any = None  # the direct stream the lease is moving to, until the worker's MOVE
-        self.stuck = False  # its need has work, none of which its worker has the packages for
         self.nursery: trio.Nursery | None = None  # its I/O tasks, once established
 
     def __repr__(self) -> str:
-        return f"<lease {self.worker}@{self.peer[-8:]} slots={self.slots}>"
+        return repr(self.state)
 
     async def run(self, offer: messages.Message) -> None:
         assert self.client.host is not None
@@ -65,20 +61,23 @@ class Lease:
             framed = FramedStream(stream)
             try:
                 accept = self.client.sign("accept", {"offer": offer.id, "worker": offer.sender, "req": offer["req"],
-                                               "kx": messages.b64(self.client.kx_keys[0]), "slots": self.slots}, ttl=30)
+                                                     "kx": messages.b64(self.client.kx_keys[0]),
+                                                     "slots": self.state.slots}, ttl=30)
                 await framed.send(accept)
                 rx, tx = session_keys("client", *self.client.kx_keys, messages.unb64(offer["kx"], 32))
                 self.channel = await SecureChannel.establish(framed, rx, tx, allocate=None,
                                                               max_message=self.client.options.max_result_size)
                 framed.silence_limit = SILENCE_SECONDS
-                log.info("leased %d slot(s) of worker %s (%s connection)", self.slots, self.worker, self.path)
+                self.state.open = True
+                log.info("leased %d slot(s) of worker %s (%s connection)", self.state.slots, self.worker,
+                         self.state.path)
                 if self.client.board is not None:  # tell the others; the worker has consumed it already
                     self.client.board.send(accept)
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
                     nursery.start_soon(self._feed)
                     nursery.start_soon(self._heartbeat)
-                    if self.path == "relayed":
+                    if self.state.path == "relayed":
                         nursery.start_soon(self._upgrade, resume_frame(rx, tx, offer.id))
                     await self._receive()
                     nursery.cancel_scope.cancel()
@@ -98,7 +97,7 @@ class Lease:
             elif isinstance(exc, PeerLost):  # it died, or the network did: it may come back
                 log.warning("lost worker %s: %s", self.worker, exc)
             else:
-                self.client.banned[self.worker] = reason
+                self.client.core.ban(self.worker, reason)
                 log.warning("dropped worker %s (peer %s), which broke the protocol: %s; its tasks run elsewhere "
                             "and this executor will use no worker of %s again", self.worker, self.peer, exc,
                             self.worker)
@@ -107,19 +106,14 @@ class Lease:
             log.error("lease with worker %s failed; its tasks are retried. Please report this:", self.worker,
                       exc_info=group.exceptions[0])
         finally:
-            self.client.leases.remove(self)
-            self.client.requeue(self, reason)
-            if dialed:  # after a failed dial, wait for the backoff rather than asking again at once
-                self.client.ask_soon(self.need)
-            self.client.notify()
-            self.client.maybe_request()
+            self.client.lease_ended(self, reason, dialed)
 
     def _too_large(self, exc: MessageTooLarge) -> str | None:
         """Fail the task whose result is over max_result_size; the lease ends, its other tasks run again."""
         culprit = exc.culprit()
-        item = self.inflight.pop(culprit[1], None) if culprit and culprit[0] is Op.RESULT else None
+        item = self.state.inflight.pop(culprit[1], None) if culprit and culprit[0] is Op.RESULT else None
         if item is None or culprit is None:
-            self.client.banned[self.worker] = str(exc)
+            self.client.core.ban(self.worker, str(exc))
             log.warning("dropped worker %s, which announced %d bytes for no task it holds; this executor will use "
                         "no worker of %s again", self.worker, exc.total, self.worker)
             return str(exc)
@@ -143,32 +137,24 @@ class Lease:
             stream = await self.client.host.open_stream(self.peer, addrs)
         except Unreachable as exc:
             exc = Unreachable(self.peer, {**exc.attempts, **relay_errors})
-            delay, first = self.client.backoff.failed(self.peer, time.monotonic())
-            self.client.unreachable[self.worker] = str(exc)
+            delay, first = self.client.core.dial_failed(self.worker, self.peer, str(exc), time.monotonic())
             (log.warning if first else log.debug)(
                 "cannot reach worker %s: %s; trying it again in %.0f s", self.worker, exc, delay)
             raise exc from None
-        if self.client.backoff.succeeded(self.peer):
+        if self.client.core.dial_reached(self.worker, self.peer):
             log.info("reached worker %s after all", self.worker)
-        self.client.unreachable.pop(self.worker, None)
-        self.path = self.client.host.stream_path(stream)
+        self.state.path = self.client.host.stream_path(stream)
         return stream
 
     async def _feed(self) -> None:
-        channel = self.channel
+        channel, state, core = self.channel, self.state, self.client.core
         assert channel is not None
         idle_since: float | None = None  # (heartbeats wake us too: they must not make an idle lease look busy)
         while True:
-            batch: list[Buffer] = [*self.control]
-            self.control.clear()
+            batch: list[Buffer] = [*state.control]
+            state.control.clear()
             size = 0
-            while (self.credits > 0 and size < BATCH_BYTES and self.client.may_send(self)
-                   and (item := self.client.take(self)) is not None):
-                self.credits -= 1
-                self.inflight[item.id] = item
-                item.ran_on = (self.worker, self.peer)
-                if self.client.options.task_timeout is not None:
-                    item.deadline = time.monotonic() + self.client.options.task_timeout
+            while size < BATCH_BYTES and (item := core.take(state, time.monotonic())) is not None:
                 if item.values:
                     batch = await self._send_values(item, batch)
                     batch.extend(op_parts(Op.TASK_WITH_VALUES, item.id,
@@ -176,21 +162,18 @@ class Lease:
                 else:
                     batch.extend(op_parts(Op.TASK, item.id, *item.payload))
                 size += item.size
-                self.client.tally.bytes_sent += item.size
+                core.tally.bytes_sent += item.size
             if batch:  # everything sendable now goes in one message: one write, not one per task
                 await channel.send(batch)
                 del batch
                 continue
-            if self.client.closing and not self.inflight:
+            verdict = core.feeding(state)
+            if verdict == END:
                 break
-            if self.stuck and not self.inflight:  # what is left needs packages its worker lacks
-                break
-            if self.inflight or self.client.pending.count(self.need):
+            if verdict == WAIT:
                 idle_since = None
                 await self.client.wait_change()
                 continue
-            if self.client.starving_other(self.need):  # our own work of another need waits for these slots
-                break
             idle_since = trio.current_time() if idle_since is None else idle_since
             left = self.client.options.lease_idle - (trio.current_time() - idle_since)
             if left <= 0:
@@ -203,13 +186,13 @@ class Lease:
         """Send the big values ``item`` uses that its worker may not hold, each in a message of its own
         (after ``batch``, which goes first); returns the batch to go on with."""
         assert self.channel is not None
-        sending = self.client.sent_values(self.peer).to_send([v.digest for v in item.values], every=item.uncached)
+        sending = self.client.core.sent_values(self.peer).to_send([v.digest for v in item.values], every=item.uncached)
         item.sent_with = tuple(sending)
         if not sending:
             return batch
         if batch:
             await self.channel.send(batch)
-        tally = self.client.tally
+        tally = self.client.core.tally
         for value in item.values:
             if value.digest in sending:
                 sending.remove(value.digest)
@@ -243,16 +226,17 @@ class Lease:
                 continue
             break
         self.moving = stream
-        self.path = f"upgraded after {trio.current_time() - started:.1f} s"  # said once the worker moved too
+        self.state.path = f"upgraded after {trio.current_time() - started:.1f} s"  # said once the worker moved too
         await self.channel.move_tx(stream)
 
     async def _heartbeat(self) -> None:
         """Let the worker tell a quiet lease from a frozen client; end the lease if its member left."""
         while True:
             await trio.sleep(HEARTBEAT_SECONDS)
-            if self.client.board is not None and not self.client.board.inbox.keyring.allows(self.worker, self.key):
+            board = self.client.board
+            if board is not None and not board.inbox.keyring.allows(self.worker, self.state.key):
                 raise PeerLost(f"{self.worker} is no longer a member of {self.client.cluster}")
-            self.control.append(encode_op(Op.PING))
+            self.state.control.append(encode_op(Op.PING))
             self.client.notify()
 
     async def _receive(self) -> None:
@@ -268,7 +252,8 @@ class Lease:
                         channel.framed.move_rx(self.moving)
                         self.moving = None
                         await channel.framed.close_old()
-                        log.info("lease with worker %s moved to a direct connection (%s)", self.worker, self.path)
+                        log.info("lease with worker %s moved to a direct connection (%s)", self.worker,
+                                 self.state.path)
                     elif op is Op.END:
                         return
                     elif op is not Op.PING:
@@ -280,40 +265,23 @@ class Lease:
 
     def _apply(self, op: Op, arg: int, data: memoryview) -> None:
         """Apply one operation from the worker (not END, PING or MOVE); the caller then notifies the feeders."""
-        if op is Op.CREDIT:
-            self.credits += arg
-        elif op in (Op.RESULT, Op.FAILED, Op.CANCELLED, Op.RETURNED, Op.MISSING, Op.UNCACHED):
-            item = self.inflight.pop(arg, None)
-            if item is None:
-                raise ProtocolError(f"worker {self.worker} answered unknown task {arg}")
-            if op is Op.UNCACHED:  # it no longer holds a value: the task goes again, with the value
-                said = split_digests(data)
-                self.client.sent_values(self.peer).uncached(said, [v.digest for v in item.values], item.sent_with)
-                self.client.tally.values_missed += len(said)
-                item.uncached = True
-                log.debug("worker %s no longer holds %d value(s) of task %d: sending them again", self.worker,
-                          len(said), arg)
-                self.client.hand_back(item)
-            elif op is Op.RETURNED:  # the worker is stopping: it grants no more, and what it held runs elsewhere
-                self.credits = 0
-                self.client.hand_back(item)
-            elif op is Op.MISSING:  # it could not import a module the task needs: elsewhere, then
-                module = bytes(data[:100]).decode("ascii", errors="replace")
-                if not module.isidentifier():
-                    raise ProtocolError(f"worker {self.worker} said task {arg} needs module {module!r}")
-                log.info("worker %s lacks module %s: its tasks that need it run elsewhere", self.worker, module)
-                self.client.fitting.lacks(self.peer, self.worker, module, time.monotonic())
-                item.env = item.env.with_module(module)
-                self.client.hand_back(item)
-            elif op is Op.CANCELLED:
-                if not item.cancel_asked:
-                    raise ProtocolError(f"worker {self.worker} cancelled task {arg}, which nobody asked it to")
-                cancel_running(item.future)
-            elif op is Op.RESULT:
-                self.client.resolve(item, data)
-            else:
-                self.client.set_exception(item, TaskProcessDiedError(
-                    f"{bytes(data).decode(errors='replace')} while running this task on worker "
-                    f"{self.worker}; the task was not retried"))
+        state, client = self.state, self.client
+        if op is Op.RESULT:
+            client.resolve(state.answered(arg), data)
+        elif op is Op.CREDIT:
+            state.credits += arg
+        elif op is Op.FAILED:
+            client.set_exception(state.answered(arg), TaskProcessDiedError(
+                f"{bytes(data).decode(errors='replace')} while running this task on worker "
+                f"{self.worker}; the task was not retried"))
+        elif op is Op.CANCELLED:
+            cancel_running(state.cancelled(arg).future)
+        elif op is Op.RETURNED:  # the worker is stopping: it grants no more, and what it held runs elsewhere
+            client.do(client.core.returned(state, arg))
+        elif op is Op.MISSING:  # it could not import a module the task needs: elsewhere, then
+            module = bytes(data[:100]).decode("ascii", errors="replace")
+            client.do(client.core.missing(state, arg, module, time.monotonic()))
+        elif op is Op.UNCACHED:  # it no longer holds a value: the task goes again, with the value
+            client.do(client.core.uncached(state, arg, split_digests(data)))
         else:
             raise ProtocolError(f"worker {self.worker} sent unexpected {op.name}")

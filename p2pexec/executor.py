@@ -184,7 +184,7 @@ class P2PExecutor(Executor):
             async with Libp2pHost([ALL_INTERFACES], nat_traversal=True).running() as host:
                 await scheduler.run(host, task_status=task_status)
         except BaseException as exc:
-            scheduler._fail_all(RuntimeError(f"the p2pexec runtime stopped: {exc!r}"))
+            scheduler.fail_all(RuntimeError(f"the p2pexec runtime stopped: {exc!r}"))
             raise
 
     # -- Executor API -----------------------------------------------------------------
@@ -262,7 +262,8 @@ class P2PExecutor(Executor):
             return
         env = self._envs.of(fn, plain, payload, values)
         scheduler.fitting.want(env)
-        item = WorkItem(future, payload, scheduler.next_id(), need=need, env=env, values=values)
+        item = WorkItem(future, payload, scheduler.next_id(), need=need, env=env, since=time.monotonic(),
+                        values=values)
         if future not in self._unfinished:  # (a task that waited for futures is there already)
             self._unfinished.add(future)
             future.add_done_callback(self._unfinished.discard)

@@ -24,8 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import environment
@@ -33,6 +32,7 @@ from .environment import MAX_ASKED, Misfit
 from .errors import MissingPackageError
 from .protocol.frames import Buffer
 from .seeding import Seeded
+from .task_env import NOTHING, TaskEnv
 
 if TYPE_CHECKING:
     from .tasks import Value
@@ -41,20 +41,6 @@ log = logging.getLogger("p2pexec.client")
 
 REMEMBER_SECONDS = 90.0  # an answer older than this may be out of date (the friend installed something)
 LACK_EXPIRES = 600.0  # a module a worker could not import is tried there again after this long
-
-
-@dataclass(frozen=True)
-class TaskEnv:
-    """What one task needs installed where it runs."""
-
-    needs: Mapping[str, str]  # canonical distribution -> the client's version
-    modules: frozenset[str]  # top-level modules its pickle names
-
-    def with_module(self, module: str) -> TaskEnv:
-        return TaskEnv(self.needs, self.modules | {module})
-
-
-NOTHING = TaskEnv({}, frozenset())
 
 
 class EnvFinder:

@@ -152,7 +152,7 @@ def test_board_down_longer_than_the_backoff_then_back():
     with LocalCluster(workers=1) as lc:
         with lc.executor(lease_idle=0.1) as ex:
             assert ex.submit(double, 1).result(timeout=30) == 2
-            wait_until(lambda: not ex._scheduler.leases, what="the idle lease to end")
+            wait_until(lambda: not ex._scheduler.core.leases, what="the idle lease to end")
             lc.stop_board()
             pending = ex.submit(double, 5)  # cannot be matched while the board is away
             wait_until(lambda: not ex._board.connected.is_set(), what="the client to notice")

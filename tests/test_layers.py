@@ -17,7 +17,8 @@ PURE = ["p2pexec.protocol.frames", "p2pexec.protocol.messages", "p2pexec.protoco
         "p2pexec.protocol.resources", "p2pexec.protocol.observers", "p2pexec.protocol.sources",
         "p2pexec.protocol.values", "p2pexec.protocol.sharing",
         "p2pexec.board.admission", "p2pexec.board.hub", "p2pexec.board.registry", "p2pexec.transport.admission",
-        "p2pexec.membership", "p2pexec.pending", "p2pexec.chunks"]
+        "p2pexec.membership", "p2pexec.pending", "p2pexec.chunks", "p2pexec.task_env", "p2pexec.client_state",
+        "p2pexec.client_board", "p2pexec.client_timeouts", "p2pexec.client_core"]
 IO = ["paramiko", "trio", "libp2p", "socket", "multiaddr"]
 COMMANDS = {"p2pexec.cli", "p2pexec.worker_cli", "p2pexec.cli_common"}
 
