@@ -143,6 +143,8 @@ class WorkerCore:
         unsatisfied = self._requires_unmet(need)
         if unsatisfied is not None:
             return self._decline(msg, "requires", now, unsatisfied)
+        if self.draining:
+            return []  # (a request heard while leaving would let a slot leave a lease for an offer never made)
         if msg.body.get("probe") is True:  # a client counting slots (joblib's n_jobs=-1): offer what is free, no more
             probe = None if self.joining else self._offer(msg, self.reservations.available(need), None, now)
             return [probe] if probe is not None else []
