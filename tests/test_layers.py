@@ -15,7 +15,8 @@ PACKAGE = Path(p2pexec.__file__).parent
 PURE = ["p2pexec.protocol.frames", "p2pexec.protocol.messages", "p2pexec.protocol.lease",
         "p2pexec.protocol.matching", "p2pexec.protocol.reach", "p2pexec.protocol.unusable",
         "p2pexec.protocol.resources", "p2pexec.protocol.observers", "p2pexec.protocol.sources",
-        "p2pexec.protocol.values", "p2pexec.protocol.sharing",
+        "p2pexec.protocol.values", "p2pexec.protocol.sharing", "p2pexec.worker.decisions",
+        "p2pexec.worker.lease_decisions",
         "p2pexec.board.admission", "p2pexec.board.hub", "p2pexec.board.registry", "p2pexec.transport.admission",
         "p2pexec.membership", "p2pexec.pending", "p2pexec.chunks", "p2pexec.task_env", "p2pexec.client_state",
         "p2pexec.client_board", "p2pexec.client_timeouts", "p2pexec.client_core"]
