@@ -22,7 +22,7 @@ import pickle
 import sys
 
 from p2pexec import worker_cli
-from p2pexec.protocol.frames import _FIRST, _OP, _TOTAL, Op, op_parts, pack_parts
+from p2pexec.protocol.frames import _FIRST, _OP, _TOTAL, LENGTH, Op, op_parts, pack_parts
 import trio
 
 from p2pexec.transport import nat
@@ -39,7 +39,7 @@ class _Crafted:
 
 
 def _misbehave(channel) -> None:
-    framed_send, channel_send = channel.framed.send, channel.send
+    framed_send, framed_send_frame, channel_send = channel.framed.send, channel.framed.send_frame, channel.send
     sealed = 0
 
     if MODE == "crafted-pickle":
@@ -68,16 +68,16 @@ def _misbehave(channel) -> None:
         channel.send = claim
         return
 
-    async def send_frame(data: bytes) -> None:
+    async def send_frame(frame) -> None:  # length prefix, then the sealed chunk
         nonlocal sealed
         sealed += 1
+        frame = bytearray(frame)
         if sealed > 1:  # the first message, the initial credit, is honest: the client sends a task
             if MODE == "tamper":
-                data = bytearray(data)
-                data[len(data) // 2] ^= 1
+                frame[len(frame) // 2] ^= 1
             elif MODE == "garbage":
-                data = os.urandom(len(data))
-        await framed_send(bytes(data))
+                frame[LENGTH.size:] = os.urandom(len(frame) - LENGTH.size)
+        await framed_send_frame(frame)
 
     async def send_message(parts, final=False) -> None:
         if MODE == "wrong-id" and not isinstance(parts, (bytes, bytearray, memoryview)):
@@ -85,7 +85,7 @@ def _misbehave(channel) -> None:
                      if len(p) == _OP.size and p[0] == Op.RESULT else p for p in parts]
         await channel_send(parts, final)
 
-    channel.framed.send, channel.send = send_frame, send_message
+    channel.framed.send_frame, channel.send = send_frame, send_message
 
 
 class EvilDaemon(daemon.WorkerDaemon):
