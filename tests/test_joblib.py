@@ -71,13 +71,33 @@ def _shut_down(ex) -> bool:
     return False
 
 
+def _square_when_let(port: int, x: int) -> int:
+    """``x * x``, at once for 0, else once the test closes its gate (a listening socket on ``port``)."""
+    import socket
+
+    if x:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=120) as conn:
+                conn.recv(1)  # (ends with an error or b"" when the gate closes)
+        except OSError:
+            pass
+    return x * x
+
+
 def test_cluster_arguments_open_and_close_an_executor(cluster):
+    """Open while a call has results to come (joblib closes a backend once every task is done, even if
+    results are still to be read), closed after it."""
+    import socket
+    from functools import partial
+
     with joblib.parallel_config(backend="p2pexec", **_cluster_arguments(cluster)):
         backend, _ = joblib.parallel.get_active_backend()
-        results = joblib.Parallel(n_jobs=2, return_as="generator")(joblib.delayed(_square)(i) for i in range(5))
-        first = next(results)
-        opened = backend._executor  # (the backend's own attribute: joblib has no way to ask)
-        assert opened is not None and not _shut_down(opened)
+        with socket.create_server(("127.0.0.1", 0)) as gate:
+            square = partial(_square_when_let, gate.getsockname()[1])
+            results = joblib.Parallel(n_jobs=2, return_as="generator")(joblib.delayed(square)(i) for i in range(5))
+            first = next(results)
+            opened = backend._executor  # (the backend's own attribute: joblib has no way to ask)
+            assert opened is not None and not _shut_down(opened)
         assert [first, *results] == [0, 1, 4, 9, 16]
     assert backend._executor is None and _shut_down(opened)
 
