@@ -116,3 +116,13 @@ def test_declines_are_rate_limited_per_request_in_a_bounded_table():
     many = [limiter.due(f"req{i}", 100.0) for i in range(1000)]
     assert many.count(True) < 1000  # bounded: a flood of request ids is not all remembered
     assert limiter.due("later", 100.0 + DECLINE_EVERY)  # stale entries make room again
+
+
+@given(st.text(max_size=30), st.text(max_size=30), st.floats(0, 2e9), st.floats(0, 1e6),
+       st.sampled_from(["ok", "failed", "killed"]), st.text(max_size=30))
+def test_an_entry_comes_back_from_its_line_with_every_field(member, function, start, seconds, outcome, cluster):
+    import dataclasses
+
+    entry = Entry(member, function, start, seconds, outcome, cluster)
+    back = Entry.from_line(entry.to_line())
+    assert back == dataclasses.replace(entry, start=round(start, 3), seconds=round(seconds, 6))

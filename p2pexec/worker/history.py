@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import portability
@@ -61,8 +61,10 @@ class Entry:
     cluster: str = ""
 
     def to_line(self) -> bytes:
-        return json.dumps({**asdict(self), "start": round(self.start, 3), "seconds": round(self.seconds, 6)},
-                          ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+        # (a dict by hand: dataclasses.asdict deep-copies, and this runs once per task on the daemon's loop)
+        fields = {"member": self.member, "function": self.function, "start": round(self.start, 3),
+                  "seconds": round(self.seconds, 6), "outcome": self.outcome, "cluster": self.cluster}
+        return json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
 
     @classmethod
     def from_line(cls, line: bytes) -> "Entry | None":
