@@ -15,7 +15,7 @@ from .protocol.resources import ANY, Need
 from .task_env import NOTHING, TaskEnv
 
 if TYPE_CHECKING:
-    from .tasks import Value
+    from .hoisting import Value
 
 SKIP_AT_MOST = 64  # tasks a lease passes over (their packages are missing there) before it waits
 

@@ -33,7 +33,9 @@ from .runtime import TrioThread
 from .scheduler import SCHEDULER_SKIPS, ClientScheduler, SchedulerOptions, WorkItem
 from .stats import ExecutorStats
 from .stdlib_private import before_threads_are_joined
-from .tasks import PrepickledFunction, prepare_task, shared_values
+from .hoisting import shared_values
+from .prepare import prepare_task
+from .tasks import PrepickledFunction
 
 log = logging.getLogger("p2pexec.client")
 

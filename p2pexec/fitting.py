@@ -35,7 +35,7 @@ from .seeding import Seeded
 from .task_env import NOTHING, TaskEnv
 
 if TYPE_CHECKING:
-    from .tasks import Value
+    from .hoisting import Value
 
 log = logging.getLogger("p2pexec.client")
 

@@ -1,7 +1,16 @@
 """What travels between a client and a task process: dill payloads and results.
 
 The worker daemon forwards these bytes without ever unpickling them; only
-the task process (on the worker) and the client do.
+the task process (on the worker) and the client do.  This module is the
+format both ends share: the task pickler (the user's local code by value,
+big buffers out of band), :func:`dump_task` and :func:`load_task`, the C
+pickler's fast path for plain data, :class:`PrepickledFunction` and the
+task's :class:`Outcome`.  What pickles name (``_load_function``,
+``Outcome``, ``RemoteError``, ``_rebuild_exception``) lives here and stays
+here: clients and workers of other versions refer to it as
+``p2pexec.tasks``.  The client's way to a payload is in
+:mod:`p2pexec.prepare` (functions pickled once) and
+:mod:`p2pexec.hoisting` (big values sent once).
 """
 
 from __future__ import annotations
@@ -12,12 +21,8 @@ import io
 import pickle
 import sys
 import sysconfig
-import threading
 import traceback
-import types
-import weakref
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,10 +31,9 @@ import dill
 import dill._dill
 
 from .errors import RemoteTraceback
-from .protocol import values as wire
-from .protocol.frames import Buffer, nbytes, pack_parts, unpack_parts
+from .protocol.frames import Buffer, pack_parts, unpack_parts
 
-_PROTOCOL = 5
+PROTOCOL = 5
 
 
 @functools.lru_cache(maxsize=1024)
@@ -56,12 +60,20 @@ _dill_locate = dill._dill._locate_function
 def _locate(obj: Any, pickler: Any = None) -> bool:
     # dill pickles a function or class by value when it cannot "locate" it;
     # our task pickler also declines to locate the user's local code.
-    if isinstance(pickler, _TaskPickler) and is_local_module(getattr(obj, "__module__", None)):
+    if isinstance(pickler, TaskPickler) and is_local_module(getattr(obj, "__module__", None)):
         return False
     return _dill_locate(obj, pickler)
 
 
 dill._dill._locate_function = _locate
+
+
+def by_reference(obj: Any) -> bool:
+    """Does a task pickle ``obj`` (a function or class) by reference, i.e. by its module and name?"""
+    try:
+        return not is_local_module(getattr(obj, "__module__", None)) and bool(_dill_locate(obj, None))
+    except Exception:
+        return False
 
 
 OUT_OF_BAND = 64 * 1024
@@ -77,21 +89,21 @@ def _large_bytes_out_of_band(obj: Any) -> Any:
     return NotImplemented
 
 
-class _TaskPickler(dill.Pickler):
+class TaskPickler(dill.Pickler):
     reducer_override = staticmethod(_large_bytes_out_of_band)
 
 
-def _dumps(obj: Any, **options: Any) -> list[Buffer]:
+def dump_payload(obj: Any, **options: Any) -> list[Buffer]:
     """``obj`` as a payload: the pickle, then its out-of-band buffers."""
     buf = io.BytesIO()
     buffers: list[pickle.PickleBuffer] = []
-    _TaskPickler(buf, protocol=_PROTOCOL, buffer_callback=buffers.append, **options).dump(obj)
+    TaskPickler(buf, protocol=PROTOCOL, buffer_callback=buffers.append, **options).dump(obj)
     return pack_parts([buf.getbuffer(), *(b.raw() for b in buffers)])
 
 
 def _dumps_plain(obj: Any) -> list[Buffer]:
     """The C pickler, for data :func:`is_plain` accepted: nothing in it goes out of band."""
-    return pack_parts([pickle.dumps(obj, protocol=_PROTOCOL)])
+    return pack_parts([pickle.dumps(obj, protocol=PROTOCOL)])
 
 
 def _loads(payload: Buffer, values: Sequence[Buffer] = ()) -> Any:
@@ -102,7 +114,7 @@ def _loads(payload: Buffer, values: Sequence[Buffer] = ()) -> Any:
 
 
 class _ValueUnpickler(dill.Unpickler):
-    """Loads a task whose big values came beside it (:class:`Value`): each one fresh, once per task."""
+    """Loads a task whose big values (:class:`~p2pexec.hoisting.Value`) came beside it: each one fresh, once a task."""
 
     def __init__(self, file: io.BytesIO, values: Sequence[Buffer], **options: Any) -> None:
         super().__init__(file, **options)
@@ -132,7 +144,7 @@ class PrepickledFunction:
 
     def __init__(self, fn: Callable[..., Any], fresh: bool = False) -> None:
         buf = io.BytesIO()
-        _TaskPickler(buf, protocol=_PROTOCOL, recurse=True).dump(fn)  # in-band: it is sent with every task
+        TaskPickler(buf, protocol=PROTOCOL, recurse=True).dump(fn)  # in-band: it is sent with every task
         self.data = buf.getvalue()
         self.digest = hashlib.blake2b(self.data, digest_size=16).digest()
         self.fresh = fresh
@@ -160,7 +172,7 @@ def _load_function(data: bytes, digest: bytes, fresh: bool = False) -> Callable[
     return fn
 
 
-_ATOMS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+ATOMS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 _CONTAINERS = frozenset({tuple, list, dict, set, frozenset})
 
 
@@ -180,7 +192,7 @@ def is_plain(obj: Any, budget: int = 1 << 16) -> bool:
             return False
         item = stack.pop()
         kind = type(item)
-        if kind in _ATOMS:
+        if kind in ATOMS:
             if kind is bytes and len(item) >= OUT_OF_BAND:
                 return False
             continue
@@ -201,7 +213,7 @@ class _PlainPickler(pickle.Pickler):
     The C pickler asks ``reducer_override`` about every object except None,
     bools and exact ints, floats, bytes, str, dicts, sets, frozensets,
     lists, tuples, bytearrays and PickleBuffers; a PickleBuffer (which
-    :func:`_dumps` would send out of band) is refused by the buffer
+    :func:`dump_payload` would send out of band) is refused by the buffer
     callback.  Big bytes are not refused here: callers check the size.
     """
 
@@ -217,191 +229,21 @@ def _refuse_buffer(_: Any) -> bool:
     raise _NotPlain
 
 
-def _big_bytes(*objs: Any) -> bool:
+def has_big_bytes(*objs: Any) -> bool:
     """One of ``objs`` is bytes that must go out of band: pickling it in-band first, to find that out, would copy it."""
     return any(type(o) is bytes and len(o) >= OUT_OF_BAND for o in objs)
 
 
-def _plain_pickle(obj: Any, allowed: Any = None) -> bytes | None:
+def plain_pickle(obj: Any, allowed: Any = None) -> bytes | None:
     """``obj`` pickled by the C pickler if it is builtin data only (apart from ``allowed``), else None."""
     buf = io.BytesIO()
-    pickler = _PlainPickler(buf, protocol=_PROTOCOL, buffer_callback=_refuse_buffer)
+    pickler = _PlainPickler(buf, protocol=PROTOCOL, buffer_callback=_refuse_buffer)
     pickler.allowed = allowed
     try:
         pickler.dump(obj)
     except (_NotPlain, RecursionError, pickle.PicklingError):
         return None
     return buf.getvalue()
-
-
-def prepare_task(fn: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> tuple[list[Buffer], tuple[Value, ...], bool]:
-    """A task's payload and big values (:func:`dump_task_values`), and whether its arguments are plain data.
-
-    The common cases cost a few microseconds: a ``map`` chunk or a function
-    pickled by value (:func:`prepickled`, unchanged since it was last
-    pickled), with builtin data as arguments, go through the C pickler
-    once; everything else takes :func:`dump_task_values`' way.
-    """
-    carried: Any = None
-    if type(fn) is PrepickledFunction:
-        carried = fn if len(fn.data) < OUT_OF_BAND else None
-    elif type(fn) is types.BuiltinFunctionType:
-        carried = fn if _stable(fn, [], set()) else None  # len, math.sqrt: by name
-    elif type(fn) is types.FunctionType:
-        carried = prepickled(fn)
-        if carried is None and _by_reference(fn):
-            carried = fn  # the C pickler names it as dill would
-        elif carried is not None and len(carried.data) >= OUT_OF_BAND:
-            carried = None
-    if carried is not None and not _big_bytes(*args, *kwargs.values()):
-        main = _plain_pickle((carried, args, kwargs), carried)
-        if main is not None and len(main) < wire.HOIST_MIN and (len(main) < OUT_OF_BAND or is_plain((args, kwargs))):
-            return pack_parts([main]), (), True  # (big bytes must go out of band: is_plain refuses them)
-    plain = is_plain((args, kwargs))
-    payload, values = dump_task_values(fn, args, kwargs, plain)
-    return payload, values, plain
-
-
-# -- functions pickled by value, once while they stay the same ------------------------------------------------
-_ABSENT = object()
-_by_value: "weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], PrepickledFunction]]" = \
-    weakref.WeakKeyDictionary()
-_by_value_lock = threading.Lock()
-
-
-def prepickled(fn: types.FunctionType) -> PrepickledFunction | None:
-    """``fn`` pickled by value (as :func:`dump_task` would), reused while nothing it was pickled from changed.
-
-    Pickling a function of ``__main__``, a notebook or a local module
-    costs hundreds of microseconds (dill's pure-Python pickler), more
-    than the rest of a small task's round trip.  The pickle depends only
-    on the function's code, defaults, closure, attributes and the globals
-    its code names (recursively, for functions pickled by value too).
-    Such a function is pickled once and reused only while each of those
-    is the very same object *and* immutable (numbers, strings, None) or
-    pickled by reference (modules, installed functions and classes):
-    then the pickle would come out the same.  A function that refers to
-    anything else (a list, a dict, a class of ``__main__``) is pickled
-    every time, as before.  None when ``fn`` is pickled by reference, or
-    not cacheable.  Each task still unpickles its own copy (``fresh``).
-    """
-    with _by_value_lock:
-        hit = _by_value.get(fn)
-    if hit is not None and _unchanged(hit[0]):
-        return hit[1]
-    if _by_reference(fn):
-        return None
-    snapshot: list[tuple[Any, ...]] = []
-    if not _snapshot(fn, snapshot, set()):
-        return None
-    try:
-        made = PrepickledFunction(fn, fresh=True)
-    except Exception:
-        return None  # dump_task reports it
-    with _by_value_lock:
-        _by_value[fn] = (tuple(snapshot), made)
-    return made
-
-
-def _by_reference(obj: Any) -> bool:
-    """Does a task pickle ``obj`` (a function or class) by reference, i.e. by its module and name?"""
-    try:
-        return not is_local_module(getattr(obj, "__module__", None)) and bool(_dill_locate(obj, None))
-    except Exception:
-        return False
-
-
-_STABLE_TYPES = frozenset({int, float, complex, str, bool, type(None)})
-
-
-def _stable(obj: Any, snapshot: list[tuple[Any, ...]], seen: set[int]) -> bool:
-    """Is ``obj`` pickled the same while it is the same object?  A function pickled by value is, if
-    everything it is pickled from is (its checks go into ``snapshot``)."""
-    kind = type(obj)
-    if kind in _STABLE_TYPES:
-        return True
-    if kind is bytes:
-        return len(obj) < OUT_OF_BAND
-    if kind is tuple:
-        return all(_stable(item, snapshot, seen) for item in obj)
-    if kind is types.ModuleType:
-        return obj.__name__ != "__main__"  # (any other module is pickled by name)
-    if kind is types.BuiltinFunctionType:  # len, math.sqrt: by name; not a method of some object ([].append)
-        return getattr(obj, "__self__", None) is None or type(obj.__self__) is types.ModuleType
-    if kind is types.FunctionType:
-        return _by_reference(obj) or _snapshot(obj, snapshot, seen)
-    if isinstance(obj, type):
-        return _by_reference(obj)
-    return False
-
-
-def _code_names(code: types.CodeType) -> set[str]:
-    """Every name the code and the code nested in it may look up (a superset of its globals)."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if type(const) is types.CodeType:
-            names |= _code_names(const)
-    return names
-
-
-def _snapshot(fn: types.FunctionType, snapshot: list[tuple[Any, ...]], seen: set[int]) -> bool:
-    """Add what ``fn``'s pickle depends on to ``snapshot``; False if some of it may change in place."""
-    if id(fn) in seen:
-        return True
-    seen.add(id(fn))
-    if fn.__dict__:
-        return False
-    kwdefaults = fn.__kwdefaults__
-    notes = fn.__annotations__
-    cells: list[Any] = []
-    for cell in fn.__closure__ or ():
-        try:
-            cells.append(cell.cell_contents)
-        except ValueError:
-            return False  # an empty cell (filled later)
-    fixed = [fn.__defaults__ or (), *(kwdefaults or {}).values(), *notes.values(), *cells]
-    if not all(_stable(item, snapshot, seen) for item in fixed):
-        return False
-    globs, builtins_ = fn.__globals__, getattr(fn, "__builtins__")  # (a dict, on functions)
-    names = []
-    for name in sorted(_code_names(fn.__code__)):
-        value = globs.get(name, _ABSENT)
-        builtin = builtins_.get(name, _ABSENT) if value is _ABSENT else _ABSENT
-        for found in (value, builtin):
-            if found is not _ABSENT and not _stable(found, snapshot, seen):
-                return False
-        names.append((name, value, builtin))
-    snapshot.append((fn, fn.__code__, fn.__defaults__, kwdefaults, tuple((kwdefaults or {}).items()), notes,
-                     tuple(notes.items()), fn.__closure__, tuple(cells), fn.__name__, fn.__qualname__,
-                     fn.__module__, fn.__doc__, tuple(names)))
-    return True
-
-
-def _unchanged(snapshot: tuple[tuple[Any, ...], ...]) -> bool:
-    """Is every object the snapshot's functions were pickled from still the same one?"""
-    for (fn, code, defaults, kwdefaults, kwitems, notes, noteitems, closure, cells, name, qualname, module,
-         doc, names) in snapshot:
-        if (fn.__code__ is not code or fn.__defaults__ is not defaults or fn.__kwdefaults__ is not kwdefaults
-                or fn.__annotations__ is not notes or fn.__closure__ is not closure or fn.__dict__
-                or fn.__name__ is not name or fn.__qualname__ is not qualname or fn.__module__ is not module
-                or fn.__doc__ is not doc):
-            return False
-        if kwitems and (len(kwdefaults) != len(kwitems) or any(kwdefaults.get(k, _ABSENT) is not v for k, v in kwitems)):
-            return False
-        if noteitems and (len(notes) != len(noteitems) or any(notes.get(k, _ABSENT) is not v for k, v in noteitems)):
-            return False
-        for cell, value in zip(closure or (), cells):
-            try:
-                if cell.cell_contents is not value:
-                    return False
-            except ValueError:
-                return False
-        globs, builtins_ = fn.__globals__, getattr(fn, "__builtins__")  # (a dict, on functions)
-        for key, value, builtin in names:
-            if globs.get(key, _ABSENT) is not value or (value is _ABSENT and builtins_.get(key, _ABSENT) is not builtin):
-                return False
-    return True
 
 
 def dump_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -411,7 +253,7 @@ def dump_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
         return _dumps_plain((fn, args, kwargs))  # the common map case: the C pickler, 20x faster
     # recurse=True pickles only the globals a function uses, so functions
     # from a user's __main__ travel without dragging the whole module along.
-    return _dumps((fn, args, kwargs), recurse=True)
+    return dump_payload((fn, args, kwargs), recurse=True)
 
 
 def load_task(payload: Buffer, values: Sequence[Buffer] = ()) -> tuple[Callable[..., Any], tuple[Any, ...],
@@ -420,173 +262,9 @@ def load_task(payload: Buffer, values: Sequence[Buffer] = ()) -> tuple[Callable[
     return _loads(payload, values)
 
 
-# -- big values: pickled on their own, sent to each worker once ----------------------------------------------
-@dataclass(eq=False)
-class Value:
-    """A big argument (or function) pickled on its own, named by its digest (:mod:`p2pexec.protocol.values`)."""
-
-    parts: list[Buffer]  # its payload, as :func:`_dumps` makes it
-    digest: bytes = b""
-    size: int = 0
-    modules: frozenset[str] | None = None  # the modules its pickle names, once the client asked
-
-    def __post_init__(self) -> None:
-        self.digest = wire.digest(self.parts)
-        self.size = sum(nbytes(p) for p in self.parts)
-
-    @property
-    def pickle(self) -> Buffer:
-        return self.parts[1]  # [header, pickle, out-of-band buffers...]
 
 
-_numpy_array: Any = None  # numpy.ndarray, once numpy is loaded
-
-
-def _hoistable_size(obj: Any) -> int:
-    """How big ``obj`` is, for the types whose size costs nothing to know; 0 for the rest."""
-    global _numpy_array
-    kind = type(obj)
-    if kind is bytes or kind is bytearray or kind is str:
-        return len(obj)
-    if kind is memoryview:
-        return obj.nbytes if obj.c_contiguous else 0
-    if kind is PrepickledFunction:
-        return len(obj.data)
-    if _numpy_array is None:
-        numpy = sys.modules.get("numpy")  # (never imported here: an array's module is loaded already)
-        if numpy is None:
-            return 0
-        _numpy_array = numpy.ndarray
-    return obj.nbytes if isinstance(obj, _numpy_array) else 0
-
-
-class _Hoisting:
-    """Which objects of a task become :class:`Value` s: found while pickling, made once per object.
-
-    ``memo`` (id -> (object, value)) holds the object, so its id is not
-    reused while the memo lives: across the tasks of one ``map`` call,
-    or within one task.
-    """
-
-    def __init__(self, memo: dict[int, tuple[Any, Value]]) -> None:
-        self.memo = memo
-        self.used: dict[int, int] = {}  # id(value) -> its index in this task
-        self.values: list[Value] = []
-
-    def index(self, value: Value) -> int:
-        """``value``'s index in this task, given on first use."""
-        index = self.used.get(id(value))
-        if index is None:
-            index = self.used[id(value)] = len(self.values)
-            self.values.append(value)
-        return index
-
-    def dump(self, obj: Any) -> list[Buffer]:
-        self.used, self.values = {}, []
-        buf = io.BytesIO()
-        buffers: list[pickle.PickleBuffer] = []
-        pickler = _HoistingPickler(buf, protocol=_PROTOCOL, buffer_callback=buffers.append, recurse=True)
-        pickler.hoisting, pickler.memo_of_values = self, self.memo
-        pickler.dump(obj)
-        return pack_parts([buf.getbuffer(), *(b.raw() for b in buffers)])
-
-
-_NEVER_BIG_ALONE = frozenset({int, float, bool, complex, type(None), tuple, list, dict, set, frozenset, type,
-                              types.FunctionType, types.BuiltinFunctionType, types.CodeType, types.CellType,
-                              types.ModuleType, functools.partial})
-
-
-class _HoistingPickler(_TaskPickler):
-    """Replaces big objects by their index among the task's values (``persistent_id``, asked of every object
-    pickled: kept short)."""
-
-    hoisting: _Hoisting
-    memo_of_values: dict[int, tuple[Any, Value]]
-
-    def persistent_id(self, obj: Any) -> int | None:
-        if self.memo_of_values:
-            hit = self.memo_of_values.get(id(obj))
-            if hit is not None:
-                return self.hoisting.index(hit[1])
-        kind = type(obj)
-        if kind in _NEVER_BIG_ALONE:
-            return None
-        if kind is str or kind is bytes:
-            if len(obj) < wire.HOIST_MIN:
-                return None
-        elif _hoistable_size(obj) < wire.HOIST_MIN:
-            return None
-        value = Value(_dumps(obj, recurse=True))
-        self.memo_of_values[id(obj)] = (obj, value)
-        return self.hoisting.index(value)
-
-
-_shared = threading.local()
-
-
-@contextmanager
-def shared_values() -> Iterator[None]:
-    """Within this block (one ``map`` call) the same big object, met again, is the same value: pickled once.
-
-    Nothing else runs in this thread meanwhile, so what it holds cannot change in between.
-    """
-    outer = getattr(_shared, "memo", None)
-    _shared.memo = {}
-    try:
-        yield
-    finally:
-        _shared.memo = outer
-
-
-def _components(task: tuple[Any, ...], limit: int = 256) -> list[Any]:
-    """The parts of a task that may be big on their own: its function, and its arguments through tuples
-    (a map's chunks are tuples of argument tuples) and keyword dicts, at most ``limit`` of them."""
-    out: list[Any] = []
-    stack = [task]
-    while stack and len(out) < limit:
-        item = stack.pop()
-        kind = type(item)
-        if (kind is tuple and len(item) <= limit) or item is task:
-            stack.extend(reversed(item))
-        elif kind is dict and item is task[2]:
-            stack.extend(item.values())
-        elif kind not in _ATOMS or _hoistable_size(item):
-            out.append(item)
-    return out
-
-
-def dump_task_values(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                     plain: bool | None = None) -> tuple[list[Buffer], tuple[Value, ...]]:
-    """The task's payload and the big values it refers to, which travel beside it.
-
-    Bytes-like objects, NumPy arrays, strings and map functions of
-    :data:`~p2pexec.protocol.values.HOIST_MIN` bytes or more are found as
-    they are pickled (their size costs nothing to know).  Other objects
-    are only looked at when the task's own pickle came out that big: then
-    its function and each argument (through tuples, which is where a
-    map's items are) is pickled once more to find the big ones, and the
-    task again without them, so at most three picklings, and only for
-    tasks big enough that sending them costs far more.
-    """
-    if plain is None:
-        plain = is_plain((args, kwargs))
-    if plain and (not isinstance(fn, PrepickledFunction) or len(fn.data) < wire.HOIST_MIN):
-        payload = dump_task(fn, args, kwargs, plain)
-        if nbytes(payload[1]) < wire.HOIST_MIN:
-            return payload, ()
-    memo = getattr(_shared, "memo", None)
-    hoisting = _Hoisting({} if memo is None else memo)
-    task = (fn, args, kwargs)
-    payload = hoisting.dump(task)
-    if nbytes(payload[1]) >= wire.HOIST_MIN:  # big in its own pickle: which parts make it so?
-        probe = _Hoisting(hoisting.memo)
-        for part in _components(task):
-            if id(part) not in hoisting.memo and nbytes(probe.dump(part)[1]) >= wire.HOIST_MIN:
-                hoisting.memo[id(part)] = (part, Value(_dumps(part, recurse=True)))
-        payload = hoisting.dump(task)
-    return payload, tuple(hoisting.values)
-
-
+# -- outcomes: a task's result or exception, and what it printed ------------------------------------------
 def _rebuild_exception(exc: BaseException, tb: str) -> BaseException:
     exc.__cause__ = RemoteTraceback(tb)
     return exc
@@ -612,17 +290,17 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]
         tb = "".join(traceback.format_exception(type(value), value, value.__traceback__))
         tb = f'\n"""\n{tb}"""'
         try:  # the client must be able to rebuild it, not merely we to pickle it
-            dill.loads(dill.dumps(value, protocol=_PROTOCOL))
+            dill.loads(dill.dumps(value, protocol=PROTOCOL))
         except Exception:
             value = RemoteError(f"{type(value).__qualname__}: {value}")
         value = _ExceptionWithTraceback(value, tb)
     outcome = Outcome(ok, value, stdout, stderr)
-    if ok and not _big_bytes(value):
-        main = _plain_pickle(outcome)  # builtin data: the C pickler, and nothing else to check
+    if ok and not has_big_bytes(value):
+        main = plain_pickle(outcome)  # builtin data: the C pickler, and nothing else to check
         if main is not None and (len(main) < OUT_OF_BAND or is_plain(value)):  # (big bytes go out of band)
             return pack_parts([main])
     try:
-        return _dumps(outcome)
+        return dump_payload(outcome)
     except Exception as exc:
         if not ok:
             raise
@@ -649,3 +327,4 @@ class _ExceptionWithTraceback:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild_exception, (self.exc, self.tb)
+

@@ -1,11 +1,12 @@
-"""Functions pickled by value once (tasks.prepickled): reused only while the pickle would come out the same."""
+"""Functions pickled by value once (prepare.prepickled): reused only while the pickle would come out the same."""
 
 from __future__ import annotations
 
 import math
 import pickle
 
-from p2pexec.tasks import dump_outcome, load_outcome, load_task, prepare_task, prepickled
+from p2pexec.prepare import prepare_task, prepickled
+from p2pexec.tasks import dump_outcome, load_outcome, load_task
 
 LIMIT = 5
 TABLE = [1, 2]

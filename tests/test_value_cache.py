@@ -93,10 +93,11 @@ def test_members_cannot_use_each_others_values():
         with lc.executor(**bob) as ex:
             assert ex.submit(len, b"warm").result(timeout=60) == 4
             peer = ex.stats().workers[0].peer
-            from p2pexec.tasks import Value, _dumps
+            from p2pexec.hoisting import Value
+            from p2pexec.tasks import dump_payload
 
             # bob claims the worker holds the value (as if he could probe alice's): it answers UNCACHED
-            name = Value(_dumps(data, recurse=True)).digest
+            name = Value(dump_payload(data, recurse=True)).digest
             ex._runtime.run_sync(lambda: ex._scheduler.sent_values(peer).to_send([name]))
             assert ex.submit(digest_of, data).result(timeout=60) == digest_of(data)
             stats = ex.stats()

@@ -248,7 +248,7 @@ def total(*xs):
 
 
 def test_small_tasks_have_no_values():
-    from p2pexec.tasks import dump_task_values
+    from p2pexec.hoisting import dump_task_values
 
     payload, values = dump_task_values(total, (b"x" * 1000, [1, 2]), {})
     assert values == () and _load(payload, values)[1] == (b"x" * 1000, [1, 2])
@@ -256,7 +256,8 @@ def test_small_tasks_have_no_values():
 
 def test_big_bytes_arrays_and_closures_become_values_once_per_map():
     np = pytest.importorskip("numpy")
-    from p2pexec.tasks import PrepickledFunction, dump_task_values, shared_values
+    from p2pexec.hoisting import dump_task_values, shared_values
+    from p2pexec.tasks import PrepickledFunction
 
     array = np.arange(HOIST_MIN // 8 + 1, dtype=np.float64)
     blob = bytes(HOIST_MIN)
@@ -273,7 +274,7 @@ def test_big_bytes_arrays_and_closures_become_values_once_per_map():
 
 
 def test_the_same_value_twice_in_a_task_is_one_object_there():
-    from p2pexec.tasks import dump_task_values
+    from p2pexec.hoisting import dump_task_values
 
     big = bytearray(HOIST_MIN)
     payload, values = dump_task_values(total, (big, big), {})
@@ -283,7 +284,7 @@ def test_the_same_value_twice_in_a_task_is_one_object_there():
 
 
 def test_a_closure_over_a_big_object_becomes_a_value():
-    from p2pexec.tasks import dump_task_values
+    from p2pexec.hoisting import dump_task_values
 
     captured = list(range(300_000))
     payload, values = dump_task_values(lambda: len(captured), (), {})

@@ -1,0 +1,187 @@
+"""A submitted call's payload, in a few microseconds when it can be: :func:`prepare_task`.
+
+The client's per-task entry (``submit`` and each ``map`` chunk).  Most
+tasks are a function and builtin data; those go through the C pickler
+once.  That needs the function in a form the C pickler can carry: named
+by reference, or pickled by value once and reused while nothing it was
+pickled from changed (:func:`prepickled`, checked by a snapshot of the
+objects it was pickled from).  Everything else takes
+:func:`p2pexec.hoisting.dump_task_values`' way.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from .hoisting import Value, dump_task_values
+from .protocol import values as wire
+from .protocol.frames import Buffer, pack_parts
+from .tasks import OUT_OF_BAND, PrepickledFunction, by_reference, has_big_bytes, is_plain, plain_pickle
+
+
+def prepare_task(fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[list[Buffer], tuple[Value, ...], bool]:
+    """A task's payload and big values (:func:`dump_task_values`), and whether its arguments are plain data.
+
+    The common cases cost a few microseconds: a ``map`` chunk or a function
+    pickled by value (:func:`prepickled`, unchanged since it was last
+    pickled), with builtin data as arguments, go through the C pickler
+    once; everything else takes :func:`dump_task_values`' way.
+    """
+    carried: Any = None
+    if type(fn) is PrepickledFunction:
+        carried = fn if len(fn.data) < OUT_OF_BAND else None
+    elif type(fn) is types.BuiltinFunctionType:
+        carried = fn if _stable(fn, [], set()) else None  # len, math.sqrt: by name
+    elif type(fn) is types.FunctionType:
+        carried = prepickled(fn)
+        if carried is None and by_reference(fn):
+            carried = fn  # the C pickler names it as dill would
+        elif carried is not None and len(carried.data) >= OUT_OF_BAND:
+            carried = None
+    if carried is not None and not has_big_bytes(*args, *kwargs.values()):
+        main = plain_pickle((carried, args, kwargs), carried)
+        if main is not None and len(main) < wire.HOIST_MIN and (len(main) < OUT_OF_BAND or is_plain((args, kwargs))):
+            return pack_parts([main]), (), True  # (big bytes must go out of band: is_plain refuses them)
+    plain = is_plain((args, kwargs))
+    payload, values = dump_task_values(fn, args, kwargs, plain)
+    return payload, values, plain
+
+
+# -- functions pickled by value, once while they stay the same ------------------------------------------------
+_ABSENT = object()
+_by_value: "weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], PrepickledFunction]]" = \
+    weakref.WeakKeyDictionary()
+_by_value_lock = threading.Lock()
+
+
+def prepickled(fn: types.FunctionType) -> PrepickledFunction | None:
+    """``fn`` pickled by value (as :func:`~p2pexec.tasks.dump_task` would), reused while nothing it was
+    pickled from changed.
+
+    Pickling a function of ``__main__``, a notebook or a local module
+    costs hundreds of microseconds (dill's pure-Python pickler), more
+    than the rest of a small task's round trip.  The pickle depends only
+    on the function's code, defaults, closure, attributes and the globals
+    its code names (recursively, for functions pickled by value too).
+    Such a function is pickled once and reused only while each of those
+    is the very same object *and* immutable (numbers, strings, None) or
+    pickled by reference (modules, installed functions and classes):
+    then the pickle would come out the same.  A function that refers to
+    anything else (a list, a dict, a class of ``__main__``) is pickled
+    every time, as before.  None when ``fn`` is pickled by reference, or
+    not cacheable.  Each task still unpickles its own copy (``fresh``).
+    """
+    with _by_value_lock:
+        hit = _by_value.get(fn)
+    if hit is not None and _unchanged(hit[0]):
+        return hit[1]
+    if by_reference(fn):
+        return None
+    snapshot: list[tuple[Any, ...]] = []
+    if not _snapshot(fn, snapshot, set()):
+        return None
+    try:
+        made = PrepickledFunction(fn, fresh=True)
+    except Exception:
+        return None  # dump_task reports it
+    with _by_value_lock:
+        _by_value[fn] = (tuple(snapshot), made)
+    return made
+
+
+
+_STABLE_TYPES = frozenset({int, float, complex, str, bool, type(None)})
+
+
+def _stable(obj: Any, snapshot: list[tuple[Any, ...]], seen: set[int]) -> bool:
+    """Is ``obj`` pickled the same while it is the same object?  A function pickled by value is, if
+    everything it is pickled from is (its checks go into ``snapshot``)."""
+    kind = type(obj)
+    if kind in _STABLE_TYPES:
+        return True
+    if kind is bytes:
+        return len(obj) < OUT_OF_BAND
+    if kind is tuple:
+        return all(_stable(item, snapshot, seen) for item in obj)
+    if kind is types.ModuleType:
+        return obj.__name__ != "__main__"  # (any other module is pickled by name)
+    if kind is types.BuiltinFunctionType:  # len, math.sqrt: by name; not a method of some object ([].append)
+        return getattr(obj, "__self__", None) is None or type(obj.__self__) is types.ModuleType
+    if kind is types.FunctionType:
+        return by_reference(obj) or _snapshot(obj, snapshot, seen)
+    if isinstance(obj, type):
+        return by_reference(obj)
+    return False
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """Every name the code and the code nested in it may look up (a superset of its globals)."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if type(const) is types.CodeType:
+            names |= _code_names(const)
+    return names
+
+
+def _snapshot(fn: types.FunctionType, snapshot: list[tuple[Any, ...]], seen: set[int]) -> bool:
+    """Add what ``fn``'s pickle depends on to ``snapshot``; False if some of it may change in place."""
+    if id(fn) in seen:
+        return True
+    seen.add(id(fn))
+    if fn.__dict__:
+        return False
+    kwdefaults = fn.__kwdefaults__
+    notes = fn.__annotations__
+    cells: list[Any] = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:
+            return False  # an empty cell (filled later)
+    fixed = [fn.__defaults__ or (), *(kwdefaults or {}).values(), *notes.values(), *cells]
+    if not all(_stable(item, snapshot, seen) for item in fixed):
+        return False
+    globs, builtins_ = fn.__globals__, getattr(fn, "__builtins__")  # (a dict, on functions)
+    names = []
+    for name in sorted(_code_names(fn.__code__)):
+        value = globs.get(name, _ABSENT)
+        builtin = builtins_.get(name, _ABSENT) if value is _ABSENT else _ABSENT
+        for found in (value, builtin):
+            if found is not _ABSENT and not _stable(found, snapshot, seen):
+                return False
+        names.append((name, value, builtin))
+    snapshot.append((fn, fn.__code__, fn.__defaults__, kwdefaults, tuple((kwdefaults or {}).items()), notes,
+                     tuple(notes.items()), fn.__closure__, tuple(cells), fn.__name__, fn.__qualname__,
+                     fn.__module__, fn.__doc__, tuple(names)))
+    return True
+
+
+def _unchanged(snapshot: tuple[tuple[Any, ...], ...]) -> bool:
+    """Is every object the snapshot's functions were pickled from still the same one?"""
+    for (fn, code, defaults, kwdefaults, kwitems, notes, noteitems, closure, cells, name, qualname, module,
+         doc, names) in snapshot:
+        if (fn.__code__ is not code or fn.__defaults__ is not defaults or fn.__kwdefaults__ is not kwdefaults
+                or fn.__annotations__ is not notes or fn.__closure__ is not closure or fn.__dict__
+                or fn.__name__ is not name or fn.__qualname__ is not qualname or fn.__module__ is not module
+                or fn.__doc__ is not doc):
+            return False
+        if kwitems and (len(kwdefaults) != len(kwitems) or any(kwdefaults.get(k, _ABSENT) is not v for k, v in kwitems)):
+            return False
+        if noteitems and (len(notes) != len(noteitems) or any(notes.get(k, _ABSENT) is not v for k, v in noteitems)):
+            return False
+        for cell, value in zip(closure or (), cells):
+            try:
+                if cell.cell_contents is not value:
+                    return False
+            except ValueError:
+                return False
+        globs, builtins_ = fn.__globals__, getattr(fn, "__builtins__")  # (a dict, on functions)
+        for key, value, builtin in names:
+            if globs.get(key, _ABSENT) is not value or (value is _ABSENT and builtins_.get(key, _ABSENT) is not builtin):
+                return False
+    return True
