@@ -27,15 +27,13 @@ from .protocol.resources import ANY, Need
 from .dependencies import first_failure, futures_in, resolved
 from .fitting import EnvFinder
 from .results import task_package
-from .chunks import chained, numbered_chunks, run_chunk
-from .seeding import Seeded, seeded_chunk
+from .mapping import is_map_chunk, map_in_chunks
+from .seeding import Seeded
 from .runtime import TrioThread
 from .scheduler import SCHEDULER_SKIPS, ClientScheduler, SchedulerOptions, WorkItem
 from .stats import ExecutorStats
 from .stdlib_private import before_threads_are_joined
-from .hoisting import shared_values
 from .prepare import prepare_task
-from .tasks import PrepickledFunction
 
 log = logging.getLogger("p2pexec.client")
 
@@ -59,11 +57,6 @@ def _shutdown_all() -> None:
 
 
 before_threads_are_joined(_shutdown_all)
-
-
-def _is_map_chunk(fn: Any) -> bool:
-    return isinstance(fn, PrepickledFunction) or (
-        isinstance(fn, partial) and fn.func in (run_chunk, seeded_chunk))
 
 
 class P2PExecutor(Executor):
@@ -202,7 +195,7 @@ class P2PExecutor(Executor):
                 raise RuntimeError("cannot schedule new futures: the p2pexec runtime has stopped")
             future: Future[Any] = Future()
             self._allow_classes_of(fn)
-            if self.seed is not None and not _is_map_chunk(fn):  # (map numbers its own items)
+            if self.seed is not None and not is_map_chunk(fn):  # (map numbers its own items)
                 fn, self._submits = Seeded(fn, self.seed, (0, self._submits)), self._submits + 1
             waiting_for = futures_in((args, kwargs))
             if waiting_for:
@@ -301,20 +294,11 @@ class P2PExecutor(Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         self._allow_classes_of(fn)
-        chunks = numbered_chunks(*iterables, chunksize=chunksize)
-        if self.seed is None:
-            chunk_task: Callable[..., Any] = partial(run_chunk, fn)
-        else:
+        seeded = None
+        if self.seed is not None:
             with self._shutdown_lock:
-                number, self._maps = self._maps, self._maps + 1
-            chunk_task = partial(seeded_chunk, fn, self.seed, (1, number))
-        try:
-            task: Callable[..., Any] = PrepickledFunction(chunk_task)
-        except Exception:
-            task = chunk_task  # each submit reports the pickling error on its future
-        with shared_values():  # a big argument given to every item is pickled and sent once
-            results = Executor.map(submitter, task, chunks, timeout=timeout)
-        return chained(results)
+                seeded, self._maps = (self.seed, self._maps), self._maps + 1
+        return map_in_chunks(submitter, fn, iterables, timeout, chunksize, seeded)
 
     def interrupt(self, future: Future[Any]) -> bool:
         """Cancel ``future`` even if its task is running: the worker stops it by killing its task process.
