@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import os
 import sys
@@ -12,7 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Executor, Future, InvalidStateError, wait
+from concurrent.futures import Executor, Future, wait
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from .config import physical_memory, resolve
 from .logs import quiet_dependencies
 from .protocol.messages import Inbox
 from .protocol.resources import ANY, Need
-from .dependencies import first_failure, futures_in, resolved
+from .dependencies import futures_in, resolved
 from .fitting import EnvFinder
 from .results import task_package
 from .mapping import is_map_chunk, map_in_chunks
@@ -34,6 +33,7 @@ from .scheduler import SCHEDULER_SKIPS, ClientScheduler, SchedulerOptions, WorkI
 from .stats import ExecutorStats
 from .stdlib_private import before_threads_are_joined
 from .prepare import prepare_task
+from .waiting import Waiting
 
 log = logging.getLogger("p2pexec.client")
 
@@ -146,7 +146,7 @@ class P2PExecutor(Executor):
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._unfinished: set[Future[Any]] = set()
-        self._waiting: set[Future[Any]] = set()  # tasks waiting for the futures among their arguments
+        self._waiting = Waiting()  # tasks waiting for the futures among their arguments
         self._stopped = False
 
         quiet_dependencies(verbose)
@@ -201,7 +201,8 @@ class P2PExecutor(Executor):
             if waiting_for:
                 self._unfinished.add(future)
                 future.add_done_callback(self._unfinished.discard)
-                self._after(waiting_for, future, fn, args, kwargs, need)
+                self._waiting.hold(future, waiting_for,
+                                   lambda: self._enqueue(future, fn, resolved(args), resolved(kwargs), need))
             else:
                 self._enqueue(future, fn, args, kwargs, need)
             return future
@@ -211,37 +212,6 @@ class P2PExecutor(Executor):
         dict values) is replaced by its result; the task is sent once they
         all finished, holding no worker meanwhile, and fails with the first
         one's exception if one failed."""
-
-    def _after(self, waiting_for: list[Future[Any]], future: Future[Any], fn: Callable[..., Any],
-               args: tuple[Any, ...], kwargs: dict[str, Any], need: Need) -> None:
-        """Send the task once every future it depends on has finished (from whichever thread finishes last)."""
-        left = [len(waiting_for)]
-        lock = threading.Lock()
-        self._waiting.add(future)
-        future.add_done_callback(self._waiting.discard)
-
-        def one_done(_: Future[Any]) -> None:
-            with lock:
-                left[0] -= 1
-                if left[0]:
-                    return
-            self._waiting.discard(future)
-            if future.done():  # cancelled meanwhile
-                return
-            try:
-                failure = first_failure(waiting_for)
-                if failure is not None:
-                    future.set_exception(failure)
-                else:
-                    self._enqueue(future, fn, resolved(args), resolved(kwargs), need)
-            except InvalidStateError:
-                pass  # cancelled between the check and now
-            except BaseException as exc:  # (a callback's error would be logged and lost: the future with it)
-                with contextlib.suppress(InvalidStateError):
-                    future.set_exception(exc)
-
-        for dependency in waiting_for:
-            dependency.add_done_callback(one_done)
 
     def _enqueue(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], need: Need) -> None:
@@ -353,8 +323,7 @@ class P2PExecutor(Executor):
         if scheduler is None or runtime is None:
             return
         if cancel_futures:
-            for waiting in list(self._waiting):
-                waiting.cancel()
+            self._waiting.cancel_all()
             runtime.call_soon(scheduler.withdraw_queued)
         if already and not wait:
             return
@@ -387,8 +356,7 @@ class P2PExecutor(Executor):
         """After Ctrl-C: cancel what is queued, interrupt what runs on workers, stop within about a second."""
         with self._shutdown_lock:
             self._shutdown = True
-        for waiting in list(self._waiting):
-            waiting.cancel()
+        self._waiting.cancel_all()
         runtime, scheduler = self._runtime, self._scheduler
         if runtime is None or scheduler is None:
             return
