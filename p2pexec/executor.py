@@ -1,4 +1,13 @@
-"""P2PExecutor: a concurrent.futures.Executor whose workers are friends' machines."""
+"""P2PExecutor: a concurrent.futures.Executor whose workers are friends' machines.
+
+The thread-safe facade: it checks the options, numbers seeded tasks,
+keeps the futures and the shutdown rules, and hands each task to the
+scheduler.  Its I/O (the scheduler on its loop thread, the board session)
+is :mod:`p2pexec.client_runtime`; ``map``'s chunks are
+:mod:`p2pexec.mapping`; tasks waiting for futures among their arguments
+wait in :mod:`p2pexec.waiting`; a task's payload is made by
+:mod:`p2pexec.prepare`.
+"""
 
 from __future__ import annotations
 
@@ -12,24 +21,20 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, wait
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import trio
-
-from .board.client import DEFAULT_KNOWN_HOSTS, BoardSession
+from .board.client import DEFAULT_KNOWN_HOSTS
+from .client_runtime import ClientRuntime
 from .config import physical_memory, resolve
 from .logs import quiet_dependencies
-from .protocol.messages import Inbox
 from .protocol.resources import ANY, Need
 from .dependencies import futures_in, resolved
 from .fitting import EnvFinder
-from .results import task_package
 from .mapping import is_map_chunk, map_in_chunks
+from .results import task_package
 from .seeding import Seeded
-from .runtime import TrioThread
-from .scheduler import SCHEDULER_SKIPS, ClientScheduler, SchedulerOptions, WorkItem
+from .scheduler import SchedulerOptions, WorkItem
 from .stats import ExecutorStats
 from .stdlib_private import before_threads_are_joined
 from .prepare import prepare_task
@@ -38,8 +43,6 @@ from .waiting import Waiting
 log = logging.getLogger("p2pexec.client")
 
 _live_executors: "weakref.WeakSet[P2PExecutor]" = weakref.WeakSet()
-OFFERS_SETTLE = 0.1  # capacity(): offers still coming in this long after the last one are counted too
-LEAVE_GRACE = 1.0  # after Ctrl-C, how long workers get to confirm they stopped our tasks before we hang up
 
 
 def _shutdown_all() -> None:
@@ -140,47 +143,17 @@ class P2PExecutor(Executor):
             relays=who.relays, allow=frozenset(allow) if allow is not None else None, task_timeout=task_timeout,
             max_result_size=max_result_size or (physical_memory() or 8 << 30) // 2, trusted_results=trusted_results,
             result_types=frozenset(result_types), shutdown_timeout=shutdown_timeout, strict_versions=strict_versions)
-        self._scheduler: ClientScheduler | None = None
-        self._runtime: TrioThread | None = None
-        self._board: BoardSession | None = None
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._unfinished: set[Future[Any]] = set()
         self._waiting = Waiting()  # tasks waiting for the futures among their arguments
-        self._stopped = False
 
         quiet_dependencies(verbose)
-        self._scheduler = scheduler = ClientScheduler(who.identity, self.cluster, self._options)
-        self._runtime = TrioThread(self._serve, name=f"p2pexec-client-{cluster}")
-        board_session = BoardSession(
-            who.board, who.identity, self.cluster,
-            inbox=Inbox(self.cluster, who.keyring, me=who.identity.user, skip=SCHEDULER_SKIPS),
-            on_message=partial(self._runtime.call_soon, scheduler.on_message),
-            make_hello=scheduler.hello,
-            on_connect=partial(self._runtime.call_soon, scheduler.reannounce),
-            known_hosts=Path(known_hosts), accept_new_host_key=accept_new_host_key,
-        )
-        try:
-            board_session.open()
-        except BaseException:
-            self._stop_runtime()
-            raise
-        self._board = scheduler.board = board_session
-        self._runtime.call_soon(scheduler.board_joined)
+        self._client = ClientRuntime(who, cluster, self._options, Path(known_hosts), accept_new_host_key)
+        # (read by every submit: kept at hand, not looked up through the client)
+        self._runtime, self._scheduler, self._board = self._client.thread, self._client.scheduler, self._client.board
         _live_executors.add(self)
         log.debug("executor for %s ready on %s as %s", self.cluster, who.board, who.identity.user)
-
-    async def _serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        from .transport.host import ALL_INTERFACES, Libp2pHost
-
-        scheduler = self._scheduler
-        assert scheduler is not None
-        try:
-            async with Libp2pHost([ALL_INTERFACES], nat_traversal=True).running() as host:
-                await scheduler.run(host, task_status=task_status)
-        except BaseException as exc:
-            scheduler.fail_all(RuntimeError(f"the p2pexec runtime stopped: {exc!r}"))
-            raise
 
     # -- Executor API -----------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
@@ -191,7 +164,7 @@ class P2PExecutor(Executor):
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if self._runtime is None or not self._runtime.alive:
+            if not self._runtime.alive:
                 raise RuntimeError("cannot schedule new futures: the p2pexec runtime has stopped")
             future: Future[Any] = Future()
             self._allow_classes_of(fn)
@@ -216,7 +189,6 @@ class P2PExecutor(Executor):
     def _enqueue(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], need: Need) -> None:
         runtime, scheduler = self._runtime, self._scheduler
-        assert scheduler is not None and runtime is not None
         if not runtime.alive:
             future.set_exception(RuntimeError("the p2pexec runtime stopped before this task could be sent"))
             return
@@ -280,48 +252,26 @@ class P2PExecutor(Executor):
         """
         if future in self._waiting:  # still waiting for the futures among its arguments: never sent
             return future.cancel()
-        runtime, scheduler = self._runtime, self._scheduler
-        if runtime is None or scheduler is None or not runtime.alive:
+        if not self._runtime.alive:
             return future.cancel()
-        return runtime.run_sync(scheduler.interrupt, future)
+        return self._runtime.run_sync(self._scheduler.interrupt, future)
 
     def capacity(self, wait: float = 2.0) -> int:
         """Slots leased or offered right now; with none known yet, asks the cluster and waits up to ``wait`` s.
 
         This is what ``n_jobs=-1`` means for joblib's p2pexec backend.
         """
-        runtime, scheduler = self._runtime, self._scheduler
-        assert runtime is not None and scheduler is not None
-        slots = runtime.run_sync(scheduler.capacity)
-        if slots == 0:
-            deadline = time.monotonic() + wait
-            scheduler.capacity_known.clear()
-            runtime.call_soon(scheduler.probe)
-            if scheduler.capacity_known.wait(wait):  # the first offer: the others come within moments
-                while True:
-                    scheduler.capacity_known.clear()
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not scheduler.capacity_known.wait(min(OFFERS_SETTLE, left)):
-                        break
-            slots = runtime.run_sync(scheduler.capacity)
-        return slots
+        return self._client.capacity(wait)
 
     def stats(self) -> ExecutorStats:
         """Queued, running, done and failed tasks of this executor, overall and per worker (a snapshot)."""
-        runtime, scheduler = self._runtime, self._scheduler
-        assert runtime is not None and scheduler is not None
-        try:
-            return runtime.run_sync(scheduler.stats)
-        except RuntimeError:  # called on the loop itself (a done callback), or the loop has ended: no race
-            return scheduler.stats()
+        return self._client.stats()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
             already = self._shutdown
             self._shutdown = True
-            scheduler, runtime = self._scheduler, self._runtime
-        if scheduler is None or runtime is None:
-            return
+        scheduler, runtime = self._scheduler, self._runtime
         if cancel_futures:
             self._waiting.cancel_all()
             runtime.call_soon(scheduler.withdraw_queued)
@@ -349,7 +299,7 @@ class P2PExecutor(Executor):
     def _allow_classes_of(self, fn: Callable[..., Any]) -> None:
         """Results may hold classes of the installed package a task function comes from."""
         package = task_package(fn)
-        if package is not None and self._scheduler is not None:
+        if package is not None:
             self._scheduler.task_packages.add(package)  # (a set.add is atomic: no lock with the loop thread)
 
     def _leave_now(self) -> None:
@@ -357,38 +307,13 @@ class P2PExecutor(Executor):
         with self._shutdown_lock:
             self._shutdown = True
         self._waiting.cancel_all()
-        runtime, scheduler = self._runtime, self._scheduler
-        if runtime is None or scheduler is None:
-            return
-        if runtime.alive:
-            try:
-                runtime.run_sync(scheduler.interrupt_all)
-            except trio.RunFinishedError:
-                pass
-        self._stop_runtime(grace=LEAVE_GRACE)
+        self._client.leave_now()
+        _live_executors.discard(self)
 
     def _finish(self) -> None:
-        while self._runtime is not None and self._runtime.alive and self._unfinished:
+        while self._runtime.alive and self._unfinished:
             wait(list(self._unfinished), timeout=1.0)
-        self._stop_runtime()
-
-    def _stop_runtime(self, grace: float = 5.0) -> None:
-        """End the leases (politely for up to ``grace`` seconds), the loop thread and the board session."""
-        with self._shutdown_lock:
-            if self._stopped:
-                return
-            self._stopped = True
-        runtime, scheduler = self._runtime, self._scheduler
-        if runtime is None or scheduler is None:
-            return
-        if runtime.alive:
-            try:
-                runtime.run(scheduler.close, grace)
-            except trio.RunFinishedError:
-                pass
-        runtime.join(timeout=10)
-        if self._board is not None:
-            self._board.close(last_line=None)
+        self._client.stop()
         _live_executors.discard(self)
 
 
