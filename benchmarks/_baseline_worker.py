@@ -18,6 +18,6 @@ host.GatedTCP = _UngatedTCP  # type: ignore[misc,assignment]
 libp2p_config._connection_config = lambda per_peer: ConnectionConfig(max_connections_per_peer=per_peer)  # type: ignore[assignment]
 libp2p_config._resource_manager = lambda: None  # type: ignore[assignment,return-value]  # new_host makes its default one
 
-from p2pexec.cli import worker_main  # noqa: E402
+from p2pexec.worker_cli import main as worker_main  # noqa: E402
 
 sys.exit(worker_main())
