@@ -38,7 +38,7 @@ after_libp2p_import()
 # otherwise; go-yamux's half-window hysteresis (what remains) is enough and
 # saves a frame, a write and a wake-up per message.  A user's setting wins.
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
-DIAL_TIMEOUT = 5.0
+DIAL_TIMEOUT = 5.0  # one dial (TCP, Noise, yamux); Libp2pHost gives each address of a peer as long
 
 # py-libp2p's own connection limits.  Its defaults are go-libp2p's for a DHT
 # node (keep 50-100 peers connected, dial more, prune above 300); a worker or

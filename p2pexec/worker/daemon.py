@@ -87,7 +87,7 @@ class WorkerDaemon:
 
     It feeds the core what happens (board lines, accepts, leases ending, ticks) and carries out what it
     answers (:meth:`carry_out`); its :class:`~.leases.Leases` turns a client's stream into a lease, which
-runs in a :class:`~.lease_server.LeaseServer`.
+    runs in a :class:`~.lease_server.LeaseServer`.
     """
 
     def __init__(self, config: WorkerConfig) -> None:
