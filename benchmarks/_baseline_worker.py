@@ -6,6 +6,7 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.transport.tcp.tcp import TCP
 
 import p2pexec.transport.host as host
+import p2pexec.transport.libp2p_config as libp2p_config
 
 
 class _UngatedTCP(TCP):
@@ -13,10 +14,10 @@ class _UngatedTCP(TCP):
         super().__init__()
 
 
-host._GatedTCP = _UngatedTCP  # type: ignore[misc,assignment]
-host._connection_config = lambda per_peer: ConnectionConfig(max_connections_per_peer=per_peer)  # type: ignore[assignment]
-host._resource_manager = lambda: None  # type: ignore[assignment,return-value]  # new_host makes its default one
+host.GatedTCP = _UngatedTCP  # type: ignore[misc,assignment]
+libp2p_config._connection_config = lambda per_peer: ConnectionConfig(max_connections_per_peer=per_peer)  # type: ignore[assignment]
+libp2p_config._resource_manager = lambda: None  # type: ignore[assignment,return-value]  # new_host makes its default one
 
-from p2pexec.cli import worker_main  # noqa: E402
+from p2pexec.worker_cli import main as worker_main  # noqa: E402
 
 sys.exit(worker_main())

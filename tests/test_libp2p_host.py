@@ -22,7 +22,7 @@ def test_a_host_never_dials_the_peers_it_knows_of_on_its_own():
 
     known, connections = trio.run(scenario)
     assert known >= 1  # the peer store knows the worker, with an address to dial
-    assert connections == 0, "py-libp2p's auto-connector dialled: see _no_auto_dials in host.py"
+    assert connections == 0, "py-libp2p's auto-connector dialled: see _no_auto_dials in libp2p_config.py"
 
 
 def test_a_reader_of_many_small_messages_releases_window_in_halves(monkeypatch):

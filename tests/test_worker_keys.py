@@ -59,7 +59,7 @@ def test_a_worker_on_the_everyday_ssh_key_says_so(tmp_path, monkeypatch, caplog)
     from pathlib import Path
 
     from p2pexec.keys import generate_identity_file
-    from p2pexec.worker.daemon import say_how_we_sign
+    from p2pexec.worker.lifecycle import say_how_we_sign
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".ssh").mkdir()

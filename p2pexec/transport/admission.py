@@ -22,7 +22,7 @@ member out.  The rules here bound what one source can hold instead::
   the security handshake, then ``prove_seconds`` to prove membership.
 
 :class:`Admission` does no I/O and reads no clock: callers pass ``now``.
-The I/O half is ``_Gate`` in :mod:`p2pexec.transport.host`.
+The I/O half is ``Gate`` in :mod:`p2pexec.transport.gate`.
 """
 
 from __future__ import annotations

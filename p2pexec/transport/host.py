@@ -1,141 +1,52 @@
-"""A py-libp2p host configured the only way p2pexec accepts: TCP, Noise, yamux.
+"""A py-libp2p host as p2pexec uses it: listening, dialing, relays, hole punching.
 
-Plaintext and secio are never offered (new_host's defaults would accept
-them), and one connection per peer avoids py-libp2p's 250 ms dial delay.
+The host speaks TCP, Noise and yamux only, built and patched by
+:mod:`p2pexec.transport.libp2p_config`; every TCP connection accepted on our
+listening ports passes the gate of :mod:`p2pexec.transport.gate` first
+(with ``members_only``, a peer must prove membership, :meth:`Libp2pHost.proved`).
 Importing libp2p costs about half a second, so this module is imported only
 where a host is really started.
 
 With ``nat_traversal`` the host can also hold a reservation on a member
 relay (so peers behind NATs reach it through a circuit), accept relayed
 connections, and upgrade them to direct ones by DCUtR hole punching.
-
-Every TCP connection accepted on our listening ports passes
-:class:`_Gate` first, which applies :mod:`p2pexec.transport.admission`:
-a limit per source address on connections not yet proved, a short
-deadline for the Noise handshake and, with ``members_only``, for proving
-membership (:meth:`Libp2pHost.proved`), and a reserve for members'
-addresses.  py-libp2p's own limits are set below (``_connection_config``,
-``_resource_manager``), each with the reason for its value.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, AsyncIterator
 
 import multiaddr
 import trio
 from multiaddr.protocols import P_P2P
-from libp2p import new_host
-from libp2p.abc import INotifee
-from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
-from libp2p.rcmgr import ResourceLimits, ResourceManager
-from libp2p.rcmgr.connection_limits import ConnectionLimits
 from libp2p.relay.circuit_v2 import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, DCUtRProtocol, RelayLimits
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
-from libp2p.transport.tcp.tcp import TCP, TCPListener
 
 from ..errors import ProtocolError
 from ..keys import Identity
-from ..logs import after_libp2p_import
 from ..protocol.reach import CIRCUIT, direct_and_relayed, make_ticket, split_tcp
-from .admission import Admission, Limits, Refused, Reporter, Ticket
+from .admission import Admission, Limits
 from .channel import FramedStream
-from .yamux_window import release_in_halves
-
-after_libp2p_import()
+from .gate import PROVE_SECONDS, Gate, GatedTCP
+from .libp2p_config import DIAL_TIMEOUT, Notifee, new_libp2p_host
 
 LEASE_PROTOCOL = TProtocol("/p2pexec/lease/1.0.0")
 TICKET_PROTOCOL = TProtocol("/p2pexec/relay-ticket/1.0.0")
-
-# py-libp2p's yamux sends a WINDOW_UPDATE frame after every read unless told
-# otherwise; go-yamux's half-window hysteresis (what remains) is enough and
-# saves a frame, a write and a wake-up per message.  A user's setting wins.
-os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 ALL_INTERFACES = "/ip4/0.0.0.0/tcp/0"
 DIRECT_HEAD_START = 0.3   # a relayed dial starts this long after the direct one, or when it fails
-DIAL_TIMEOUT = 5.0
 RELAY_JOIN_TIMEOUT = 10.0
 _CLIENT_LIMITS = RelayLimits(duration=0, data=0, max_circuit_conns=64, max_reservations=4)
-log = logging.getLogger("p2pexec.transport")
-
-# py-libp2p's own connection limits.  Its defaults are go-libp2p's for a DHT
-# node (keep 50-100 peers connected, dial more, prune above 300); a worker or
-# a relay only answers peers that come to it.
-MAX_CONNECTIONS = 1024  # established or upgrading; a relay's members and a busy worker's clients fit
-UPGRADE_SECONDS = Limits.handshake_seconds  # Noise + yamux negotiation; the gate closes it at the same time
-STREAM_NEGOTIATION_SECONDS = 10.0  # multistream-select for a new stream (py-libp2p's default; ms in practice)
-MAX_STREAMS = 8192  # py-libp2p's stream semaphore over all peers (leases use one stream each, relays two)
-
-
-def _connection_config(per_peer: int) -> ConnectionConfig:
-    return ConnectionConfig(
-        max_connections_per_peer=per_peer,  # 1 avoids py-libp2p's 250 ms dial delay; 4 for relayed + direct
-        max_connections=MAX_CONNECTIONS,
-        # The swarm lets (max - min) connections in before any authentication; with
-        # min 0 that is all of them, and the gate (not this count) stops strangers.
-        # (The auto-connector, which would dial towards their midpoint, never runs: _no_auto_dials.)
-        # High = max keeps the pruner from closing members' connections below the cap.
-        min_connections=0, low_watermark=0, high_watermark=MAX_CONNECTIONS,
-        inbound_upgrade_timeout=UPGRADE_SECONDS,
-        outbound_upgrade_timeout=UPGRADE_SECONDS,  # a peer that stalls our handshake is as useless
-        inbound_stream_protocol_negotiation_timeout=STREAM_NEGOTIATION_SECONDS,
-        outbound_stream_protocol_negotiation_timeout=STREAM_NEGOTIATION_SECONDS,
-        dial_timeout=DIAL_TIMEOUT,
-    )
-
-
-def _resource_manager() -> ResourceManager:
-    """py-libp2p's resource manager with limits matching the above (its own are 256 inbound, a breaker, ...)."""
-    return ResourceManager(
-        limits=ResourceLimits(max_connections=MAX_CONNECTIONS, max_streams=MAX_STREAMS),
-        connection_limits=ConnectionLimits(
-            max_pending_inbound=Limits.strangers + Limits.reserve,  # what the gate lets in unproven
-            max_pending_outbound=64,
-            max_established_inbound=MAX_CONNECTIONS, max_established_outbound=MAX_CONNECTIONS,
-            max_established_per_peer=4, max_established_total=MAX_CONNECTIONS),
-        # Its circuit breaker would refuse every connection for 60 s after 5 internal
-        # errors: one peer's trouble must not lock out the others.
-        enable_circuit_breaker=False,
-        # Per peer id, after the handshake: a peer re-connecting 50 times in a burst is
-        # a bug or an attack (keys are free, so this is no defence against strangers).
-        enable_rate_limiting=True, connections_per_peer_per_sec=10.0, burst_connections_per_peer=50.0,
-        enable_prometheus=False,
-    )
-
-
-def _no_auto_dials(swarm: Any) -> None:
-    """Keep py-libp2p's AutoConnector from ever starting: p2pexec hosts make only the connections they decide on.
-
-    py-libp2p 0.8.1 dials peers from its peer store until (low + high
-    watermark) / 2 connections are open: 512 with the watermarks above, so a
-    worker dialled back every client that ever reached it and a client every
-    worker it once leased, each a Noise handshake on both sides.  It has no
-    switch (``auto_connect_interval`` must be positive), so its ``start`` is
-    made a no-op; ``tests/test_libp2p_host.py`` fails if that stops working.
-    """
-    async def stay_stopped() -> None:
-        return None
-
-    swarm.auto_connector.start = stay_stopped
 
 
 class Unreachable(ProtocolError):
@@ -185,28 +96,17 @@ class Libp2pHost:
                  members_only: bool = False, limits: Limits | None = None) -> None:
         """``members_only``: close a TCP connection accepted from a peer that has not proved membership
         (:meth:`proved`) within ``limits.prove_seconds`` (default :data:`PROVE_SECONDS`) of its handshake."""
-        key_pair = create_new_key_pair()
         self._listen = [multiaddr.Multiaddr(a) for a in listen]
         if limits is None:
             limits = Limits(prove_seconds=PROVE_SECONDS if members_only else None)
-        self._gate = _Gate(Admission(limits))
-        self._host = new_host(
-            key_pair=key_pair,
-            sec_opt={TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(key_pair, create_x25519_key_pair().private_key)},
-            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
-            listen_addrs=self._listen,
-            transports=[_GatedTCP(self._gate)],
-            connection_config=_connection_config(4 if nat_traversal else 1),
-            resource_manager=_resource_manager(),
-        )
+        self._gate = Gate(Admission(limits))
+        self._host = new_libp2p_host(self._listen, GatedTCP(self._gate), per_peer=4 if nat_traversal else 1)
         self.peer_id: str = self._host.get_id().to_base58()
         self.nat_traversal = nat_traversal
         self._circuits: CircuitV2Transport | None = None
         self._dcutr: DCUtRProtocol | None = None
         self._dial_locks: dict[str, trio.Lock] = {}
         self._new_connection: dict[str, trio.Event] = {}  # peer id -> set when a connection to it opens
-        _no_auto_dials(self._host.get_network())
-        release_in_halves()
         self._host.get_network().register_notifee(_Connected(self._new_connection))
         self._host.get_network().register_notifee(self._gate)
         self._nursery: trio.Nursery | None = None
@@ -446,17 +346,6 @@ class Libp2pHost:
         return "relayed" if _conn_relayed(stream.muxed_conn) else "direct"
 
 
-class Notifee(INotifee):
-    """py-libp2p's network notifications, each ignored unless a subclass overrides it."""
-
-    async def connected(self, network: Any, conn: Any) -> None: ...
-    async def disconnected(self, network: Any, conn: Any) -> None: ...
-    async def opened_stream(self, network: Any, stream: Any) -> None: ...
-    async def closed_stream(self, network: Any, stream: Any) -> None: ...
-    async def listen(self, network: Any, multiaddr: Any) -> None: ...
-    async def listen_close(self, network: Any, multiaddr: Any) -> None: ...
-
-
 class _Connected(Notifee):
     """Wakes whoever waits for a new connection to a peer (a hole punch that succeeded)."""
 
@@ -467,161 +356,6 @@ class _Connected(Notifee):
         event = self._events.pop(conn.muxed_conn.peer_id.to_base58(), None)
         if event is not None:
             event.set()
-
-
-PROVE_SECONDS = 15.0  # a worker's client sends its accept at once; the worker allows 10 s for it
-
-
-@dataclass(eq=False)
-class _Pending:
-    """One gated TCP connection on its way from accept() to settled."""
-
-    ticket: Ticket
-    handshaken: trio.Event = field(default_factory=trio.Event)
-    proved: trio.Event = field(default_factory=trio.Event)
-    gone: trio.Event = field(default_factory=trio.Event)
-    conn: Any = None  # py-libp2p's connection, once upgraded
-    peer: Any = None  # and its peer id
-
-
-class _Gate(Notifee):
-    """The I/O half of :class:`Admission`: wraps py-libp2p's handler of each accepted TCP connection.
-
-    It refuses a connection over its source's limit before libp2p sees it,
-    cancels libp2p's upgrade at the handshake deadline, closes a connection
-    whose peer does not prove membership in time, and, once a connection
-    closes, ends libp2p's handler for it: py-libp2p 0.8.1 keeps that handler
-    (and its inbound-limit token) until the host stops, so 250 connections
-    over a host's life would otherwise lock everyone out.
-    """
-
-    def __init__(self, admission: Admission) -> None:
-        self.admission = admission
-        self._reporter = Reporter()
-        self._handshaking: dict[tuple[str, int], _Pending] = {}  # remote (ip, port) -> upgrade under way
-        self._upgraded: dict[Any, _Pending] = {}  # libp2p connection -> its gate entry
-        self._proving: dict[Any, list[_Pending]] = {}  # peer id -> its connections waiting for its proof
-        self._members: set[Any] = set()  # peer ids that proved membership, while connected
-
-    def wrap(self, handler: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
-        async def gated(stream: Any) -> None:
-            remote = stream.get_remote_address()
-            try:
-                verdict = self.admission.open(remote[0], trio.current_time())
-            except (TypeError, ValueError):  # no IP address: not a connection we can count
-                return await handler(stream)
-            if isinstance(verdict, Refused):
-                self._report()
-                return await _close(stream)
-            pending = _Pending(verdict)
-            self._handshaking[remote] = pending
-            try:
-                async with trio.open_nursery() as nursery:
-                    async def libp2p() -> None:
-                        await handler(stream)
-                        nursery.cancel_scope.cancel()  # the upgrade failed: nothing left to watch
-                    nursery.start_soon(libp2p)
-                    await self._watch(pending)
-                    nursery.cancel_scope.cancel()  # ends libp2p's handler, which frees its inbound token
-            finally:
-                if self._handshaking.get(remote) is pending:
-                    del self._handshaking[remote]
-                self._upgraded.pop(pending.conn, None)
-                self.admission.close(pending.ticket)
-                await _close(stream)
-
-        return gated
-
-    async def _watch(self, pending: _Pending) -> None:
-        ticket = pending.ticket
-        with trio.move_on_at(ticket.deadline):
-            await pending.handshaken.wait()
-        if not pending.handshaken.is_set():
-            self.admission.expired(ticket)
-            self._report()
-            return
-        if self.admission.handshaken(ticket, trio.current_time()) and pending.peer not in self._members:
-            self._proving.setdefault(pending.peer, []).append(pending)
-            with trio.move_on_at(ticket.deadline):
-                await _either(pending.proved, pending.gone)
-            if pending.gone.is_set():
-                return
-            if not pending.proved.is_set():
-                self.admission.expired(ticket)
-                self._report()
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await pending.conn.close()
-                return
-        if self.admission.limits.prove_seconds is not None:
-            self.admission.proved(ticket, trio.current_time())
-        await pending.gone.wait()
-
-    def proved(self, peer: Any) -> None:
-        self._members.add(peer)
-        for pending in self._proving.pop(peer, ()):
-            pending.proved.set()
-
-    def _report(self) -> None:
-        news = self._reporter.due(self.admission, trio.current_time())
-        if news:
-            log.warning("libp2p port: %s in the last %g s (limits: %d unproven per address, %d in all + %d "
-                        "for members' addresses)", ", ".join(f"{v} {k}" for k, v in sorted(news.items())),
-                        self._reporter.every, self.admission.limits.per_source, self.admission.limits.strangers,
-                        self.admission.limits.reserve)
-
-    # -- py-libp2p's notifications ---------------------------------------------------------
-    async def connected(self, network: Any, conn: Any) -> None:
-        try:
-            remote = conn.muxed_conn.get_remote_address()
-        except Exception:  # noqa: BLE001 - a relayed connection: not one of ours
-            return
-        pending = self._handshaking.pop(remote, None) if remote else None
-        if pending is not None:
-            pending.conn, pending.peer = conn, conn.muxed_conn.peer_id
-            self._upgraded[conn] = pending
-            pending.handshaken.set()
-
-    async def disconnected(self, network: Any, conn: Any) -> None:
-        pending = self._upgraded.pop(conn, None)
-        if pending is not None:
-            pending.gone.set()
-            waiting = self._proving.get(pending.peer)
-            if waiting and pending in waiting:
-                waiting.remove(pending)
-                if not waiting:
-                    del self._proving[pending.peer]
-        peer = conn.muxed_conn.peer_id
-        if not network.get_connections(peer):
-            self._members.discard(peer)
-
-
-async def _either(a: trio.Event, b: trio.Event) -> None:
-    """Return once ``a`` or ``b`` is set."""
-    async with trio.open_nursery() as nursery:
-        async def wait(event: trio.Event) -> None:
-            await event.wait()
-            nursery.cancel_scope.cancel()
-        nursery.start_soon(wait, a)
-        nursery.start_soon(wait, b)
-
-
-async def _close(stream: Any) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(1):
-        try:
-            await stream.close()
-        except Exception:  # noqa: BLE001 - already closed or broken: nothing to close
-            pass
-
-
-class _GatedTCP(TCP):
-    """py-libp2p's TCP transport, with every accepted connection handed to the gate first."""
-
-    def __init__(self, gate: _Gate) -> None:
-        super().__init__()
-        self._gate = gate
-
-    def create_listener(self, handler_function: Any) -> TCPListener:
-        return TCPListener(self._gate.wrap(handler_function))
 
 
 def _conn_relayed(conn: Any) -> bool:

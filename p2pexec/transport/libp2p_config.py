@@ -1,0 +1,133 @@
+"""py-libp2p built and patched the only way p2pexec accepts: TCP, Noise, yamux, our limits.
+
+Kept apart from :mod:`p2pexec.transport.host` because everything here is
+about py-libp2p 0.8.1 itself (its constructor, its defaults we override, the
+private behaviour we patch), not about how p2pexec uses a host: when
+py-libp2p changes, this is the file to read.  Plaintext and secio are never
+offered (``new_host``'s defaults would accept them); py-libp2p's own limits
+are set below (``_connection_config``, ``_resource_manager``), each with the
+reason for its value; its auto-connector never runs (``_no_auto_dials``) and
+yamux releases its receive window in halves (:mod:`.yamux_window`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from libp2p import new_host
+from libp2p.abc import IHost, INotifee
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.rcmgr import ResourceLimits, ResourceManager
+from libp2p.rcmgr.connection_limits import ConnectionLimits
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from ..logs import after_libp2p_import
+from .admission import Limits
+from .yamux_window import release_in_halves
+
+after_libp2p_import()
+
+# py-libp2p's yamux sends a WINDOW_UPDATE frame after every read unless told
+# otherwise; go-yamux's half-window hysteresis (what remains) is enough and
+# saves a frame, a write and a wake-up per message.  A user's setting wins.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+DIAL_TIMEOUT = 5.0  # one dial (TCP, Noise, yamux); Libp2pHost gives each address of a peer as long
+
+# py-libp2p's own connection limits.  Its defaults are go-libp2p's for a DHT
+# node (keep 50-100 peers connected, dial more, prune above 300); a worker or
+# a relay only answers peers that come to it.
+MAX_CONNECTIONS = 1024  # established or upgrading; a relay's members and a busy worker's clients fit
+UPGRADE_SECONDS = Limits.handshake_seconds  # Noise + yamux negotiation; the gate closes it at the same time
+STREAM_NEGOTIATION_SECONDS = 10.0  # multistream-select for a new stream (py-libp2p's default; ms in practice)
+MAX_STREAMS = 8192  # py-libp2p's stream semaphore over all peers (leases use one stream each, relays two)
+
+
+def _connection_config(per_peer: int) -> ConnectionConfig:
+    return ConnectionConfig(
+        max_connections_per_peer=per_peer,  # 1 avoids py-libp2p's 250 ms dial delay; 4 for relayed + direct
+        max_connections=MAX_CONNECTIONS,
+        # The swarm lets (max - min) connections in before any authentication; with
+        # min 0 that is all of them, and the gate (not this count) stops strangers.
+        # (The auto-connector, which would dial towards their midpoint, never runs: _no_auto_dials.)
+        # High = max keeps the pruner from closing members' connections below the cap.
+        min_connections=0, low_watermark=0, high_watermark=MAX_CONNECTIONS,
+        inbound_upgrade_timeout=UPGRADE_SECONDS,
+        outbound_upgrade_timeout=UPGRADE_SECONDS,  # a peer that stalls our handshake is as useless
+        inbound_stream_protocol_negotiation_timeout=STREAM_NEGOTIATION_SECONDS,
+        outbound_stream_protocol_negotiation_timeout=STREAM_NEGOTIATION_SECONDS,
+        dial_timeout=DIAL_TIMEOUT,
+    )
+
+
+def _resource_manager() -> ResourceManager:
+    """py-libp2p's resource manager with limits matching the above (its own are 256 inbound, a breaker, ...)."""
+    return ResourceManager(
+        limits=ResourceLimits(max_connections=MAX_CONNECTIONS, max_streams=MAX_STREAMS),
+        connection_limits=ConnectionLimits(
+            max_pending_inbound=Limits.strangers + Limits.reserve,  # what the gate lets in unproven
+            max_pending_outbound=64,
+            max_established_inbound=MAX_CONNECTIONS, max_established_outbound=MAX_CONNECTIONS,
+            max_established_per_peer=4, max_established_total=MAX_CONNECTIONS),
+        # Its circuit breaker would refuse every connection for 60 s after 5 internal
+        # errors: one peer's trouble must not lock out the others.
+        enable_circuit_breaker=False,
+        # Per peer id, after the handshake: a peer re-connecting 50 times in a burst is
+        # a bug or an attack (keys are free, so this is no defence against strangers).
+        enable_rate_limiting=True, connections_per_peer_per_sec=10.0, burst_connections_per_peer=50.0,
+        enable_prometheus=False,
+    )
+
+
+def _no_auto_dials(swarm: Any) -> None:
+    """Keep py-libp2p's AutoConnector from ever starting: p2pexec hosts make only the connections they decide on.
+
+    py-libp2p 0.8.1 dials peers from its peer store until (low + high
+    watermark) / 2 connections are open: 512 with the watermarks above, so a
+    worker dialled back every client that ever reached it and a client every
+    worker it once leased, each a Noise handshake on both sides.  It has no
+    switch (``auto_connect_interval`` must be positive), so its ``start`` is
+    made a no-op; ``tests/test_libp2p_host.py`` fails if that stops working.
+    """
+    async def stay_stopped() -> None:
+        return None
+
+    swarm.auto_connector.start = stay_stopped
+
+
+def new_libp2p_host(listen: list[Any], transport: Any, per_peer: int) -> IHost:
+    """A py-libp2p host with a fresh key, listening on ``listen`` over ``transport`` (TCP), Noise and yamux only.
+
+    ``per_peer``: connections per peer (1 avoids py-libp2p's 250 ms dial
+    delay; 4 lets a relayed and a direct connection live side by side).
+    """
+    key_pair = create_new_key_pair()
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(key_pair, create_x25519_key_pair().private_key)},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=listen,
+        transports=[transport],
+        connection_config=_connection_config(per_peer),
+        resource_manager=_resource_manager(),
+    )
+    _no_auto_dials(host.get_network())
+    release_in_halves()
+    return host
+
+
+class Notifee(INotifee):
+    """py-libp2p's network notifications, each ignored unless a subclass overrides it."""
+
+    async def connected(self, network: Any, conn: Any) -> None: ...
+    async def disconnected(self, network: Any, conn: Any) -> None: ...
+    async def opened_stream(self, network: Any, stream: Any) -> None: ...
+    async def closed_stream(self, network: Any, stream: Any) -> None: ...
+    async def listen(self, network: Any, multiaddr: Any) -> None: ...
+    async def listen_close(self, network: Any, multiaddr: Any) -> None: ...
