@@ -164,3 +164,20 @@ def test_killing_the_relay_after_the_upgrade_leaves_the_lease_working(lab):
         _check(lc, out, 12, {"friend"})
         assert "relayed" in _paths(out["log"])[0]
         assert lc.runs("friend") == Counter([1, *range(12)])  # the move lost, repeated and reran nothing
+
+
+def test_a_moved_lease_outlives_the_handshake_deadline(lab_cluster):
+    """The worker held a resumed stream within its handshake deadline, so it reset a moved lease 10 s after
+    the move (and a task ran twice): the lease must run on, on its direct connection, as long as it has work."""
+    from p2pexec.worker.leases import HANDSHAKE_TIMEOUT
+
+    lab_cluster.start_worker("b", name="friend")
+    tasks = int((HANDSHAKE_TIMEOUT + 8) / 0.5)  # work on the moved lease well past the deadline
+    client = lab_cluster.spawn_client("c", tasks=tasks, sleep=0.5, timeout=120)
+    lab_cluster.lab.wait_for_output(client, UPGRADED.pattern, timeout=30)
+    out = lab_cluster.client_result(client)
+    _check(lab_cluster, out, tasks, {"friend"})
+    assert "lost worker" not in out["log"], out["log"]
+    assert lab_cluster.runs("friend") == Counter([1, *range(tasks)])  # nothing run twice
+    leased, upgrades = _paths(out["log"])
+    assert leased == ["relayed"] and upgrades, out["log"]

@@ -74,12 +74,14 @@ class Leases:
         grant: Grant | None = None
         move: Move | None = None
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
+            deadline = trio.current_time() + HANDSHAKE_TIMEOUT
+            with trio.fail_at(deadline):
                 first = await framed.recv()
                 if first is None:
                     raise ProtocolError("peer closed the stream before sending its accept")
-                if first.startswith(RESUME_MAGIC):
-                    return await self.resume(stream, first)
+            if first.startswith(RESUME_MAGIC):  # held for the rest of the lease's life: not within the deadline
+                return await self.resume(stream, first)
+            with trio.fail_at(deadline):
                 accept = self.authenticate(first)
                 grant = daemon.core.admit(accept, time.time())
                 if grant is None:  # the offer's slots went to another accept first: a race, not an attack
