@@ -366,7 +366,7 @@ def test_a_user_past_the_topic_cap_is_told_and_the_lists_survive_a_restart(
     assert ssh(first, "alice", "pipe c1 -a bob,carol").returncode == 0  # the ones she has are hers to change
     assert ssh(first, "bob", "pub -b=false -p anything", input=b"x\n").returncode == 0  # bob's own cap is his
     assert first.refused["topics-per-user"] == 2
-    assert first._state_writer.writes <= 2 + elapsed / 0.25  # noqa: SLF001
+    assert first._state.clusters.writes <= 2 + elapsed / 0.25  # noqa: SLF001
     first.set_members("alice/c2", ["carol"])  # the last change, just before stopping
     live.close()
     first.stop()
