@@ -22,7 +22,7 @@ signature is checked outside that lock too (:meth:`Sender.check`): the hub
 then only takes a verdict made against its current view of the topic.
 
 The hub composes pure pieces, each with one job, and keeps the rules that
-span them (who may join, what a revoked login or a changed access list ends):
+span them (who may join, what a revoked login or a changed access list ends)::
 
     .logins    who each connection logged in as; whether its key still opens the board
     .access    the access lists, and the membership commands that change them

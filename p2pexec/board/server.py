@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -137,7 +138,7 @@ class BoardServer:
         return self.hub.stopping
 
     @property
-    def _admission(self) -> Admission:
+    def _admission(self) -> Admission[socket.socket]:
         """Who is at the door, and how far each connection got (:mod:`.admission`); under ``_cond``."""
         return self._listener.admission
 

@@ -10,7 +10,7 @@ without a walk through the topic.  Each topic also holds its :class:`.FanOut`
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, KeysView, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -63,9 +63,9 @@ class Topics(Generic[C]):
         self._sessions: dict[int, Session[C]] = {}
 
     @property
-    def names(self) -> Mapping[str, Topic[C]]:
-        """The live topics (a view: ``in`` and iteration by name)."""
-        return self._topics
+    def names(self) -> KeysView[str]:
+        """The names of the live topics (a view)."""
+        return self._topics.keys()
 
     @property
     def sessions(self) -> Mapping[int, Session[C]]:
