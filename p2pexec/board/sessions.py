@@ -29,7 +29,7 @@ ClientGone = (OSError, EOFError, paramiko.SSHException)
 
 
 class Board(Protocol):
-    """What a session asks of its server (:class:`.server.BoardServer`)."""
+    """What a session asks of its board (:class:`.dispatch.Dispatcher`)."""
 
     max_line: int
     subscriber_queue: int

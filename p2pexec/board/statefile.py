@@ -1,5 +1,10 @@
 """The board's state on disk: read once at start, then saved at most a few times a second, however fast it
-changes, atomically, and never losing the last change."""
+changes, atomically, and never losing the last change.
+
+Two files in the board's ``state_dir``: ``clusters.json``, the access lists
+(``{"owner/name": ["user", ...]}``, world-readable), and ``registry.json``,
+invitations, joins and signed member lists (:class:`.Registry`, private).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ..files import write_json_atomically
+from ..keys import valid_username
+from .commands import valid_topic
+from .registry import Registry
 
 log = logging.getLogger("p2pexec.board")
 
@@ -27,6 +35,30 @@ def read_state(path: Path) -> Any:
         raise ConfigurationError(f"cannot read board state {path}: {exc}") from None
 
 
+def load_members(path: Path) -> dict[str, tuple[str, ...]]:
+    """The access lists saved in ``path`` (none if there is no such file); ConfigurationError if malformed."""
+    data = read_state(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(
+            isinstance(k, str) and valid_topic(k) and isinstance(v, list)
+            and all(isinstance(u, str) and valid_username(u) for u in v)
+            for k, v in data.items()):
+        raise ConfigurationError(
+            f"board state {path} is malformed: expected {{\"owner/name\": [\"user\", ...]}}")
+    return {k: tuple(v) for k, v in data.items()}
+
+
+def load_registry(path: Path) -> Registry:
+    """The registry saved in ``path`` (an empty one if there is no such file); ConfigurationError if malformed."""
+    try:
+        return Registry(read_state(path))
+    except ValueError:
+        raise ConfigurationError(f"board state {path} is malformed") from None
+
+
+CLUSTERS = "clusters.json"  # the access lists
+REGISTRY = "registry.json"  # invitations, joins and signed member lists
 WRITE_INTERVAL = 0.25  # seconds between two writes of one file at the most
 RETRY_AFTER = 5.0  # seconds before trying again after a failed write (a full disk, say)
 
@@ -107,3 +139,20 @@ class CoalescingWriter:
             with self._cond:
                 self.writes += 1
             return True
+
+
+class StateFiles:
+    """The writers of the board's two state files in ``state_dir``, one thread each."""
+
+    def __init__(self, state_dir: Path, members: Callable[[], Any], registry: Callable[[], Any]) -> None:
+        self.clusters = CoalescingWriter(state_dir / CLUSTERS, members, mode=0o644)
+        self.registry = CoalescingWriter(state_dir / REGISTRY, registry)
+
+    def start(self) -> None:
+        self.clusters.start()
+        self.registry.start()
+
+    def stop(self) -> None:
+        """Save what is pending, then end the threads (started or not)."""
+        self.clusters.stop()
+        self.registry.stop()
