@@ -20,7 +20,7 @@ import psutil
 
 from _common import write_json
 from p2pexec import LocalCluster
-from p2pexec.board import server as board_server
+from p2pexec.board.ssh_transport import BoardTransport
 
 
 def nap(_: int) -> None:
@@ -29,7 +29,7 @@ def nap(_: int) -> None:
 
 def board_cpu_seconds() -> float:
     ours = {t.native_id for t in threading.enumerate()
-            if t.name.startswith("board-") or isinstance(t, board_server._Transport)}
+            if t.name.startswith("board-") or isinstance(t, BoardTransport)}
     return sum(t.user_time + t.system_time for t in psutil.Process().threads() if t.id in ours)
 
 

@@ -58,7 +58,6 @@ from .hub import Action, End, EndOutput, HangUp, Hub, Persist
 from .listener import STOP_GRACE, Connection, Listener
 from .relay_address import RelayAddress, relay_info
 from .ssh_auth import Interface, load_or_create_host_key, raw_ed25519
-from .ssh_transport import BoardTransport
 from .statefile import CLUSTERS, REGISTRY, StateFiles, load_members, load_registry
 from .threads import Threads
 from .watcher import UsersFileWatcher
@@ -68,7 +67,6 @@ __all__ = ["BoardServer", "RelayAddress", "UsersFileWatcher", "load_or_create_ho
 log = logging.getLogger("p2pexec.board")
 
 JOIN_TIMEOUT = 5.0       # stop(): time for every thread to end
-_Transport = BoardTransport  # each connection's paramiko thread (benchmarks/bench_scale.py counts them)
 
 
 class BoardServer:
