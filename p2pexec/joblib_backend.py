@@ -22,7 +22,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
 from typing import Any, Callable
 
@@ -102,8 +102,6 @@ def _backend_class() -> type:
             self._owned = False
             self._futures: set[Future[Any]] = set()
             self._runners: dict[tuple[Any, ...], tuple[Callable[..., Any], PrepickledFunction]] = {}
-            self._lock = threading.Lock()
-            self._callbacks: ThreadPoolExecutor | None = None
 
         def _open(self) -> P2PExecutor:
             """The executor given, or else the one opened from the cluster arguments (until :meth:`terminate`)."""
@@ -152,22 +150,8 @@ def _backend_class() -> type:
             self._futures.add(future)
             future.add_done_callback(self._futures.discard)
             if callback is not None:
-                future.add_done_callback(partial(self._call_back, callback))
+                future.add_done_callback(callback)
             return future
-
-        def _call_back(self, callback: Callable[[Future[Any]], None], future: Future[Any]) -> None:
-            """Run joblib's callback on a thread of its own, not on the executor's I/O loop that resolved the
-            future: joblib dispatches the next batches there, reading the user's generator of calls (10,000
-            ``delayed`` calls cost 15-60 ms), and the loop must not stall while it does."""
-            with self._lock:
-                if self._callbacks is None:
-                    self._callbacks = ThreadPoolExecutor(1, thread_name_prefix="p2pexec-joblib")
-                try:
-                    self._callbacks.submit(callback, future)
-                    return
-                except RuntimeError:  # (interpreter shutting down)
-                    pass
-            callback(future)
 
         def _as_task(self, batch: Any) -> tuple[Any, ...]:
             """A batch of calls of one function with plain arguments travels as that function, pickled once
@@ -204,10 +188,6 @@ def _backend_class() -> type:
                 self.terminate()
 
         def terminate(self) -> None:
-            with self._lock:
-                callbacks, self._callbacks = self._callbacks, None
-            if callbacks is not None:
-                callbacks.shutdown(wait=False)  # (it may be this very thread: a callback that aborted the call)
             if self._owned and self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
                 self._executor, self._owned = None, False
