@@ -95,10 +95,6 @@ class Hub(Generic[C, K]):
     def sessions_per_user(self) -> int:
         return self._caps.sessions_per_user
 
-    @property
-    def topics_per_user(self) -> int:
-        return self._caps.topics_per_user
-
     # -- logins
 
     def knows(self, user: str, key: bytes) -> bool:

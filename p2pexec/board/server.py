@@ -132,10 +132,6 @@ class BoardServer:
         return self.hub.relayed
 
     @property
-    def _stopping(self) -> bool:
-        return self.hub.stopping
-
-    @property
     def _admission(self) -> Admission[socket.socket]:
         """Who is at the door, and how far each connection got (:mod:`.admission`); under ``_cond``."""
         return self._listener.admission
@@ -156,7 +152,7 @@ class BoardServer:
     def stop(self) -> None:
         """Close the listener and every session, and join the threads, in bounded time."""
         with self._cond:
-            done = self._stopping or not self._listener.started
+            done = self.hub.stopping or not self._listener.started
             if not done:
                 self.hub.stopping = True
                 sessions = list(self._dispatcher.sessions)

@@ -54,14 +54,9 @@ def nbytes(buffer: Buffer) -> int:
     return len(buffer) if type(buffer) is bytes else memoryview(buffer).nbytes
 
 
-def chunk_message(parts: Sequence[Buffer], size: int = CHUNK) -> Iterator[bytes]:
-    """The plaintexts that carry one logical message made of ``parts``."""
-    for pieces in chunk_pieces(parts, size):
-        yield b"".join(pieces)
-
-
 def chunk_pieces(parts: Sequence[Buffer], size: int = CHUNK) -> Iterator[list[Buffer]]:
-    """:func:`chunk_message` without the joining: each chunk as its kind header and views of ``parts``."""
+    """The chunks that carry one logical message made of ``parts``: each its kind header and views of
+    ``parts``, not joined (:meth:`Sealer.seal_frame` copies them once, into the frame)."""
     total = sum(nbytes(p) for p in parts)
     if total <= size:
         yield [_SINGLE_HEAD, *parts]

@@ -285,10 +285,6 @@ class WorkerDaemon:
         for member in self.values.expire(time.monotonic()):
             log.info("dropped the cached values of %s (no lease for %.0f s)", member, self.values.keep)
 
-    async def follow_move(self, channel: SecureChannel, move: Move, client: str) -> None:
-        """The client moved its lease to a new stream (see :meth:`.leases.Leases.follow_move`)."""
-        await self.leases.follow_move(channel, move, client)
-
     async def _serve_lease(self, channel: SecureChannel, slots: list[TaskSlot], decisions: LeaseDecisions,
                            move: Move, client_key: bytes) -> None:
         """Run the client's tasks on our slots (a test double overrides this to misbehave)."""

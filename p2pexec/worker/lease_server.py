@@ -226,7 +226,7 @@ class LeaseServer:
                     elif op is Op.PING:
                         pass
                     elif op is Op.MOVE:
-                        await self.daemon.follow_move(self.channel, self.move, self.client)
+                        await self.daemon.leases.follow_move(self.channel, self.move, self.client)
                     elif op in (Op.WITHDRAW, Op.INTERRUPT):
                         verdict = decisions.cancel(arg, interrupt=op is Op.INTERRUPT)
                         if verdict == "cancelled":
