@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from p2pexec.errors import ProtocolError
 from p2pexec.protocol.values import (
-    DIGEST_BYTES, HOIST_MIN, MISSES_BEFORE_INLINE, LeaseValues, SentValues, ValueCache, check_blob, digest,
+    DIGEST_BYTES, HOIST_MIN, LEAF_BYTES, MISSES_BEFORE_INLINE, LeaseValues, SentValues, ValueCache, check_blob, digest,
     split_blob, split_digests, split_task, task_header,
 )
 
@@ -56,8 +58,18 @@ def test_a_tampered_value_fails_its_digest(value, data):
 
 
 def test_a_digest_covers_the_parts_in_order():
-    assert digest([b"ab", b"c"]) == digest([b"abc"]) == hashlib.sha256(b"abc").digest()
+    assert digest([b"ab", b"c"]) == digest([b"abc"])
     assert digest([b"a", b"bc"]) != digest([b"bc", b"a"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 3 * LEAF_BYTES // 2), min_size=1, max_size=4), st.data())
+def test_a_big_digest_is_the_tree_of_its_leaves_wherever_the_parts_split(sizes, data):
+    payload = random.Random(data.draw(st.integers(0, 2**32))).randbytes(sum(sizes))
+    cuts = [0, *itertools.accumulate(sizes)]
+    parts = [payload[a:b] for a, b in zip(cuts, cuts[1:])]
+    leaves = [hashlib.sha256(payload[i:i + LEAF_BYTES]).digest() for i in range(0, len(payload), LEAF_BYTES)]
+    assert digest(parts) == hashlib.sha256(b"p2pexec-values-1" + b"".join(leaves or [hashlib.sha256().digest()])).digest()
 
 
 # -- the worker's cache ----------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 An argument value of :data:`HOIST_MIN` bytes or more (bytes-like, a NumPy
 array, a function with a big closure, any object whose pickle is that
-large) is pickled on its own, as a *value*, named by the SHA-256 of its
-payload.  A task's pickle refers to it by index; the task carries the
+large) is pickled on its own, as a *value*, named by its :func:`digest`
+(SHA-256 over the SHA-256 of each 4 MiB of its payload, so that both the
+client naming it and the worker checking it hash a big value on every
+core).  A task's pickle refers to it by index; the task carries the
 digests.  The worker keeps values in a bounded cache keyed by
 ``(member, digest)``, so one member can neither use nor probe another's.
 
@@ -29,7 +31,9 @@ client sends that value with every task to that worker.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
@@ -47,12 +51,51 @@ _COUNT = struct.Struct(">H")
 T = TypeVar("T")
 
 
-def digest(parts: Sequence[Buffer]) -> bytes:
-    """The name of a value: the SHA-256 of its payload's parts, in order."""
-    h = hashlib.sha256()
+LEAF_BYTES = 4 << 20  # a digest's leaves: hashed in parallel, each on its own
+_TREE = b"p2pexec-values-1"  # (so that a tree's root never equals a leaf's hash)
+
+
+def _leaves(parts: Sequence[Buffer]) -> list[list[memoryview]]:
+    """The payload cut into LEAF_BYTES leaves (the last shorter), each as the pieces of parts it spans."""
+    leaves: list[list[memoryview]] = [[]]
+    room = LEAF_BYTES
     for part in parts:
-        h.update(part)
-    return h.digest()
+        view = memoryview(part).cast("B")
+        while view.nbytes:
+            if room == 0:
+                leaves.append([])
+                room = LEAF_BYTES
+            piece, view = view[:room], view[room:]
+            leaves[-1].append(piece)
+            room -= piece.nbytes
+    return leaves
+
+
+def _hash_leaves(leaves: list[list[memoryview]], out: list[bytes], start: int, step: int) -> None:
+    for i in range(start, len(leaves), step):
+        h = hashlib.sha256()
+        for piece in leaves[i]:
+            h.update(piece)
+        out[i] = h.digest()
+
+
+def digest(parts: Sequence[Buffer]) -> bytes:
+    """The name of a value: the SHA-256 of the SHA-256 of each LEAF_BYTES of its payload's parts, in order.
+
+    hashlib lets go of the GIL, so the leaves of a big value are hashed on every core: a 256 MiB value
+    is named (client) and checked (worker) in about half the time one SHA-256 over it takes on two.
+    """
+    leaves = _leaves(parts)
+    out = [b""] * len(leaves)
+    threads = min(len(leaves), os.cpu_count() or 1, 8)
+    helpers = [threading.Thread(target=_hash_leaves, args=(leaves, out, k, threads), daemon=True)
+               for k in range(1, threads)]
+    for helper in helpers:
+        helper.start()
+    _hash_leaves(leaves, out, 0, threads)
+    for helper in helpers:
+        helper.join()
+    return hashlib.sha256(_TREE + b"".join(out)).digest()
 
 
 def task_header(digests: Sequence[bytes]) -> bytes:
