@@ -20,6 +20,11 @@ address space the task process allows itself from then on (0: as much
 as its hard limit); and with VALUE messages, one per big value the task
 refers to, in order (:mod:`p2pexec.protocol.values`): with a memfd, the
 value lies at ``offset`` in it, else its ``size`` bytes follow inline.
+The daemon may send several tasks at once (short ones, in one write);
+a SKIP message withdraws the one numbered ``offset`` (counting from 0 in
+this process) if it has not started: it is answered with a REPORT
+``skipped`` and an empty outcome.  So the task process reads ahead what
+has come before it starts each task.
 
 The daemon trusts nothing a task process sends: a shared outcome must be
 a memfd sealed against shrinking (so the daemon's mapping can never
@@ -31,19 +36,48 @@ nor dill.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import stat
 import struct
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .. import portability
 
 HEADER = struct.Struct(">BQQ")
-INLINE, SHARED, REPORT, LIMIT, VALUE = 0, 1, 2, 3, 4
+INLINE, SHARED, REPORT, LIMIT, VALUE, SKIP = 0, 1, 2, 3, 4, 5
 MAX_REPORT = 1024  # bytes of one REPORT
 SHARED_MIN = 1 << 20  # smaller data is cheaper to copy through the socket
+
+@dataclass(frozen=True)
+class Report:
+    """What a REPORT says, read without trusting it: anything malformed is ignored."""
+
+    fn: str | None = None  # the function the task runs (only shown, as text)
+    raised: bool = False
+    missing: str | None = None  # a module the task could not be loaded without
+    over_memory: bool = False
+    skipped: int | None = None  # a notice: this task (by number) was skipped, as asked, and never runs
+
+    @classmethod
+    def parse(cls, data: bytes | bytearray) -> "Report":
+        try:
+            fields = json.loads(data)
+        except ValueError:
+            fields = None
+        if not isinstance(fields, dict):
+            return cls()
+        fn, missing, skipped = fields.get("fn"), fields.get("missing"), fields.get("skipped")
+        return cls(fn=fn if isinstance(fn, str) else None,
+                   raised=fields.get("ok") is False,
+                   missing=missing if isinstance(missing, str) and missing.isidentifier() and len(missing) <= 100
+                   else None,
+                   over_memory=fields.get("over") == "memory",
+                   skipped=skipped if type(skipped) is int else None)
+
 
 try:
     import fcntl

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,13 +39,83 @@ log = logging.getLogger("p2pexec.worker")
 Task = tuple[int, memoryview, "tuple[int, int] | None", list[Blob]]  # id, payload, (memfd, offset) if shared, values
 
 
+class _Batch:
+    """Tasks handed to one slot's task process together, in order: the head runs, the rest wait in its inbox.
+
+    A task is withdrawn, handed back or interrupted before it starts by
+    asking its task process to skip it (it says at once whether it did); an
+    interrupted task that had started is stopped by killing its process,
+    and what was left of the batch goes to a fresh one.
+    """
+
+    def __init__(self, slot: TaskSlot, tasks: list[Task]) -> None:
+        self.slot = slot
+        self.tasks = deque(tasks)
+        self.numbers: dict[int, int] = {}  # task id -> its number in the current task process (for a SKIP)
+        self.ids: dict[int, int] = {}  # and back
+        self.interrupted: set[int] = set()
+        self.withdrawn: set[int] = set()  # to skip unless started; skipped, they answer CANCELLED...
+        self.returned: set[int] = set()  # ...or, these, RETURNED: the worker stops, they run elsewhere
+        self.scope: trio.CancelScope | None = None  # the current attempt's: cancelling it kills the task process
+        self.answers: list[Buffer] = []  # not posted yet
+        self.held_since = 0.0  # when the oldest of them came
+
+    async def interrupt(self, task_id: int) -> None:
+        """Stop ``task_id``: skipped if it has not started, else its process is killed (now if it is the
+        head, or once it becomes it)."""
+        self.interrupted.add(task_id)
+        if self.tasks[0][0] == task_id and self.scope is not None:
+            self.scope.cancel()
+        else:
+            await self._skip([task_id])
+
+    async def withdraw(self, task_id: int) -> None:
+        """Withdraw ``task_id`` unless it has started: skipped (CANCELLED), else it runs (its result)."""
+        await self._skip([task_id])
+
+    async def hand_back(self) -> None:
+        """The worker stops: what has not started is skipped and handed back (RETURNED), to run elsewhere."""
+        task_ids = [task[0] for task in self.tasks]
+        self.returned.update(task_ids)
+        await self._skip(task_ids)
+
+    def skipped_answer(self, task_id: int) -> list[Buffer]:
+        """What a task that never ran answers."""
+        return op_parts(Op.RETURNED if task_id in self.returned else Op.CANCELLED, task_id)
+
+    async def _skip(self, task_ids: list[int]) -> None:
+        for task_id in task_ids:
+            if task_id not in self.withdrawn:
+                self.withdrawn.add(task_id)
+                if task_id in self.numbers:  # else it is being handed over: :meth:`submitted` skips it
+                    await self.slot.skip(self.numbers[task_id])
+
+    async def submitted(self, numbers: list[int]) -> None:
+        """The task process has the tasks, numbered ``numbers``: skip those withdrawn meanwhile."""
+        self.numbers = {task[0]: number for task, number in zip(self.tasks, numbers)}
+        self.ids = {number: task_id for task_id, number in self.numbers.items()}
+        for task_id in self.withdrawn & self.numbers.keys():
+            await self.slot.skip(self.numbers[task_id])
+
+    def answered(self, task_id: int, op: list[Buffer], now: float) -> None:
+        """``task_id`` is answered by ``op``; if it was the head, the next becomes it (and is stopped, if that
+        was asked)."""
+        if not self.answers:
+            self.held_since = now
+        self.answers += op
+        head = self.tasks[0][0] == task_id
+        self.tasks.remove(next(task for task in self.tasks if task[0] == task_id))
+        if head and self.tasks and self.tasks[0][0] in self.interrupted and self.scope is not None:
+            self.scope.cancel()
+
+
 @dataclass
 class _Ran:
     """One task as the history records it; ``outcome`` stays ``killed`` unless the task answers."""
 
     start: float  # Unix time
     clock: float  # trio.current_time() at the start
-    outcome: str = "killed"
+    outcome: str | None = "killed"  # None: it never ran (withdrawn), nothing to record
 
 
 class LeaseServer:
@@ -64,7 +135,8 @@ class LeaseServer:
         self.outbox: list[Buffer] = []  # answers (and RETURNED, CANCELLED...) for the next message
         self.mail = trio.Event()  # the outbox has news: wake the sender
         self.looking_again = False  # a look_again is pending: the lease may fall idle
-        self.stoppers: dict[int, trio.CancelScope] = {}  # running task id -> what interrupts it
+        self.stoppers: dict[int, _Batch] = {}  # id of a task given to a task process -> what interrupts it
+        self.batches: set[_Batch] = set()  # each slot's, while it runs one
         self.idle: set[trio.CancelScope] = set()  # slots waiting for a task: a poke makes them look up
         self.nursery: trio.Nursery | None = None
 
@@ -95,10 +167,14 @@ class LeaseServer:
         self.mail.set()
 
     def poke(self) -> None:
-        """Someone started waiting: check whether they are owed a slot, busy or idle."""
+        """Someone started waiting, or the worker stops: check whether they are owed a slot, busy or idle;
+        a stopping worker hands back what its task processes hold but have not started."""
         self.post()
         for scope in list(self.idle):
             scope.cancel()
+        if self.daemon.draining and self.nursery is not None:
+            for batch in self.batches:
+                self.nursery.start_soon(batch.hand_back)
 
     def _leaves(self, slot: TaskSlot) -> bool:
         """Between two tasks: does this slot go to a more deserving request?"""
@@ -118,45 +194,101 @@ class LeaseServer:
                 with trio.CancelScope() as waiting:
                     self.idle.add(waiting)
                     try:
-                        task_id, payload, shared, values = await tasks.receive()
+                        first = await tasks.receive()
                     except trio.EndOfChannel:
                         return
                     finally:
                         self.idle.discard(waiting)
                 if waiting.cancelled_caught:
                     continue  # poked: look again whether to leave
-                if not decisions.task_started(task_id):
-                    continue  # withdrawn or handed back while it waited, and answered then
-                started = trio.current_time()
-                with trio.CancelScope() as stopper, self._recording(slot) as record:
-                    self.stoppers[task_id] = stopper
-                    self.daemon.running += 1
+                batch = [first]
+                for _ in range(decisions.batch_size(tasks.statistics().current_buffer_used) - 1):
                     try:
-                        outcome = await slot.run(payload, shared, values)
+                        batch.append(tasks.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                # (those withdrawn or handed back while they waited were answered then)
+                batch = [task for task in batch if decisions.task_started(task[0])]
+                if batch:
+                    await self._run_batch(slot, _Batch(slot, batch))
+
+    async def _run_batch(self, slot: TaskSlot, batch: _Batch) -> None:
+        """Run ``batch`` in order on ``slot``'s task process (a new one after a crash or an interrupt)."""
+        for task in batch.tasks:
+            self.stoppers[task[0]] = batch
+        self.daemon.running += 1
+        self.batches.add(batch)
+        try:
+            if self.daemon.draining:  # (it began while the batch was being formed)
+                await batch.hand_back()
+            while batch.tasks:
+                await self._attempt(slot, batch)
+        finally:
+            for task in batch.tasks:  # (the lease is going down)
+                self.stoppers.pop(task[0], None)
+            self.batches.discard(batch)
+            self.daemon.running -= 1
+
+    async def _attempt(self, slot: TaskSlot, batch: _Batch) -> None:
+        """One task process's go at what is left of ``batch``: it ends with the batch, or with its head
+        (crashed, or interrupted: answered FAILED or CANCELLED) and the rest goes to a fresh process."""
+        batch.numbers, batch.ids = {}, {}
+        for task in list(batch.tasks):  # none of these ran: the process went down with one before them
+            if task[0] in batch.interrupted or task[0] in batch.withdrawn:
+                self._answer(batch, task[0], batch.skipped_answer(task[0]), None)
+        if not batch.tasks:
+            return
+        since = trio.current_time()  # when the head started, as near as the daemon knows
+
+        def skipped(number: int) -> None:
+            task_id = batch.ids[number]
+            self._answer(batch, task_id, batch.skipped_answer(task_id), None, at_once=True)
+
+        slot.on_skipped = skipped
+        with trio.CancelScope() as stopper:
+            batch.scope = stopper
+            try:
+                await batch.submitted(await slot.submit([task[1:] for task in batch.tasks]))
+                while batch.tasks:
+                    with self._recording(slot) as record:
+                        outcome = await slot.outcome()
+                        if outcome is None:  # the rest was skipped
+                            record.outcome = None
+                            break
+                        head = batch.tasks[0][0]
                         if slot.missing is not None:  # it could not even load: the client runs it elsewhere
-                            op = op_parts(Op.MISSING, task_id, slot.missing.encode())
+                            op = op_parts(Op.MISSING, head, slot.missing.encode())
                             record.outcome = "failed"
                         else:
-                            op = op_parts(Op.RESULT, task_id, outcome)
+                            op = op_parts(Op.RESULT, head, outcome)
                             record.outcome = "failed" if slot.raised else "ok"
                         del outcome
-                    except TaskProcessDied as exc:
-                        log.warning("task %d of %s: %s", task_id, self.client, exc)
-                        op = op_parts(Op.FAILED, task_id, str(exc).encode())
-                    finally:
-                        del self.stoppers[task_id]
-                        self.daemon.running -= 1
-                del payload, shared, values
-                if stopper.cancelled_caught:
-                    log.info("task %d of %s interrupted as asked", task_id, self.client)
-                    op = op_parts(Op.CANCELLED, task_id)
-                now = trio.current_time()
-                idle = decisions.task_answered(task_id, None if stopper.cancelled_caught else now - started, now)
-                self.post(*op)
-                if idle and not self.looking_again:  # idle, unless its next task is on its way
-                    self.looking_again = True
-                    assert self.nursery is not None
-                    self.nursery.start_soon(self._look_again)
+                    since = self._answer(batch, head, op, since)
+            except TaskProcessDied as exc:
+                head = batch.tasks[0][0]
+                log.warning("task %d of %s: %s", head, self.client, exc)
+                self._answer(batch, head, op_parts(Op.FAILED, head, str(exc).encode()), None)
+        if stopper.cancelled_caught:
+            head = batch.tasks[0][0]
+            log.info("task %d of %s interrupted as asked", head, self.client)
+            self._answer(batch, head, op_parts(Op.CANCELLED, head), None)
+
+    def _answer(self, batch: _Batch, task_id: int, op: list[Buffer], since: float | None,
+                at_once: bool = False) -> float:
+        """``op`` answers ``task_id``, which ran since ``since`` (None: it did not finish); answers leave
+        together once the batch is done or the oldest has waited GATHER_SECONDS.  Returns the time."""
+        now = trio.current_time()
+        batch.answered(task_id, op, now)
+        del self.stoppers[task_id]
+        idle = self.decisions.task_answered(task_id, None if since is None else now - since, now)
+        if at_once or not batch.tasks or now - batch.held_since >= GATHER_SECONDS:
+            self.post(*batch.answers)
+            batch.answers.clear()
+        if idle and not self.looking_again:  # idle, unless its next task is on its way
+            self.looking_again = True
+            assert self.nursery is not None
+            self.nursery.start_soon(self._look_again)
+        return now
 
     @contextmanager
     def _recording(self, slot: TaskSlot) -> Iterator[_Ran]:
@@ -165,9 +297,11 @@ class LeaseServer:
         try:
             yield ran
         finally:
-            self.move.ran[ran.outcome] += 1
-            self.daemon.history.add(Entry(self.client, slot.function, ran.start, trio.current_time() - ran.clock,
-                                          ran.outcome, self.daemon.config.who.cluster))
+            if ran.outcome is not None:
+                self.move.ran[ran.outcome] += 1
+                self.daemon.history.add(Entry(self.client, slot.function, ran.start,
+                                              trio.current_time() - ran.clock, ran.outcome,
+                                              self.daemon.config.who.cluster))
 
     async def _look_again(self) -> None:
         await trio.sleep(IDLE_GRACE)
@@ -232,7 +366,9 @@ class LeaseServer:
                         if verdict == "cancelled":
                             self.post(*op_parts(Op.CANCELLED, arg))
                         elif verdict == "interrupt":
-                            self.stoppers[arg].cancel()  # kills its task process; _run_slot answers
+                            await self.stoppers[arg].interrupt(arg)  # skipped, or its process killed
+                        elif op is Op.WITHDRAW and arg in self.stoppers:  # in a batch: skipped unless started
+                            await self.stoppers[arg].withdraw(arg)
                     else:
                         raise ProtocolError(f"client {self.client} sent unexpected {op.name}")
 

@@ -12,7 +12,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -20,7 +21,7 @@ import trio
 from .. import portability
 from ..protocol.frames import Buffer, nbytes
 from ..protocol.resources import format_size
-from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, VALUE, map_outcome
+from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, SKIP, VALUE, Report, map_outcome
 from .history import printable
 from .privileges import prctl
 from .sandbox import SLOT_ENV, Sandbox
@@ -66,6 +67,11 @@ class TaskSlot:
         self._applied: int | None = None  # the limit its process has been told
         self._over: str | None = None  # the limit the running task went past, as the task process reported
         self.missing: str | None = None  # the module its last task could not be loaded without (reported)
+        self.on_skipped: Callable[[int], None] = _ignore  # told the number of each task skipped (:meth:`skip`)
+        self._submitted = 0  # tasks handed to the current process: a SKIP names one by its number
+        self._outstanding = 0  # of those, not answered or skipped yet
+        self._skipping: set[int] = set()  # asked to be skipped, not yet confirmed
+        self._writing = trio.Lock()  # a SKIP must not land inside a task being written
 
     async def assign(self, member: str) -> None:
         """Serve ``member`` next, in a process no other member's task has run in.
@@ -106,73 +112,93 @@ class TaskSlot:
             if info_write is not None:
                 os.close(info_write)
         self._proc, self._sock = proc, trio.socket.from_stdlib_socket(ours)
-        self.function = "?"
+        self.function, self._submitted, self._outstanding, self._skipping = "?", 0, 1, set()  # (1: its ready)
         _LIVE.add(proc.pid)
         try:
             ready = await self._receive_outcome()
-            if nbytes(ready) != 0:
+            if ready is None or nbytes(ready) != 0:
                 raise await self._end("a new task process sent data instead of its ready signal")
             if info_read is not None:  # once the sandbox is set up, before the first task: nothing untrusted yet
-                await self._cap_processes(info_read)
-                info_read = None
+                info_fd, info_read = info_read, None  # (cap_processes closes it)
+                try:
+                    await cap_processes(self.sandbox, info_fd)
+                except (ValueError, KeyError, OSError, trio.TooSlowError) as exc:
+                    raise await self._end(f"could not cap its processes ({exc!r})") from None
         except TaskProcessDied as exc:
             raise TaskProcessDied(f"a new task process failed while starting: {exc}") from None
         finally:
             if info_read is not None:
                 os.close(info_read)
 
-    async def _cap_processes(self, info_fd: int) -> None:
-        """Cap the PIDs of the new sandbox, whose PIDs bubblewrap writes to ``info_fd``."""
-        stream = trio.lowlevel.FdStream(info_fd)
-        try:
-            info = bytearray()
-            with trio.move_on_after(10):
-                while chunk := await stream.receive_some():
-                    info += chunk
-            command = self.sandbox.cap_command(json.loads(info)["child-pid"])
-            if command is None:
-                raise ValueError("this machine cannot cap PIDs")
-            with trio.fail_after(10):
-                done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
-            if done.returncode != 0:
-                raise ValueError(done.stderr.decode(errors="replace").strip())
-        except (ValueError, KeyError, OSError, trio.TooSlowError) as exc:
-            raise await self._end(f"could not cap its processes ({exc!r})") from None
-        finally:
-            await stream.aclose()
+    async def submit(self, tasks: Sequence[tuple[Buffer, tuple[int, int] | None, Sequence[Blob]]]) -> list[int]:
+        """Hand ``tasks`` to the task process, which runs them in order, answering each (:meth:`outcome`);
+        returns their numbers, for :meth:`skip`.  ``tasks`` are (payload, shared, values): ``shared`` is
+        (memfd, offset) when the payload lies in shared memory; ``values`` are the big values it refers to
+        (each task process maps them afresh: its own copy to write into).
 
-    async def run(self, payload: Buffer, shared: tuple[int, int] | None = None, values: Sequence[Blob] = ()) -> Buffer:
-        """Run one task; ``shared`` is (memfd, offset) when the payload lies in shared memory; ``values``
-        are the big values it refers to (each task process maps them afresh: its own copy to write into).
-
-        Returns the outcome bytes or raises TaskProcessDied.
+        Small ones go in one write: the task process finds the next waiting
+        when it is done with one, with no wake-up of either side between.
         """
         if self._proc is None or self._proc.returncode is not None:
             await self.start()
-        proc = self._proc
-        assert proc is not None
-        self.raised, self._over, self.missing = False, None, None
-        try:
+        first, self._submitted = self._submitted, self._submitted + len(tasks)
+        self._outstanding += len(tasks)
+        async with self._hop(), self._writing:
             if self.limit != self._applied:
                 await self._send_all(HEADER.pack(LIMIT, 0, self.limit or 0))
                 self._applied = self.limit
-            for value in values:
-                if value.shared is not None:
-                    fd, offset = value.shared
-                    await self._send_with_fd(HEADER.pack(VALUE, offset, value.data.nbytes), fd)
+            inline = bytearray()
+            for payload, shared, values in tasks:
+                size = nbytes(payload)
+                if shared is None and not values and size <= 1 << 16:
+                    inline += HEADER.pack(INLINE, 0, size)
+                    inline += payload
+                    continue
+                if inline:
+                    await self._send_all(inline)
+                    inline = bytearray()
+                for value in values:
+                    if value.shared is not None:
+                        fd, offset = value.shared
+                        await self._send_with_fd(HEADER.pack(VALUE, offset, value.data.nbytes), fd)
+                    else:
+                        await self._send_all(HEADER.pack(VALUE, 0, value.data.nbytes))
+                        await self._send_all(value.data)
+                if shared is not None:
+                    fd, offset = shared
+                    await self._send_with_fd(HEADER.pack(SHARED, offset, size), fd)
                 else:
-                    await self._send_all(HEADER.pack(VALUE, 0, value.data.nbytes))
-                    await self._send_all(value.data)
-            size = nbytes(payload)
-            if shared is not None:
-                fd, offset = shared
-                await self._send_with_fd(HEADER.pack(SHARED, offset, size), fd)
-            elif size <= 1 << 16:  # one write, one wake-up of the task process
-                await self._send_all(HEADER.pack(INLINE, 0, size) + bytes(payload))
-            else:
-                await self._send_all(HEADER.pack(INLINE, 0, size))
-                await self._send_all(payload)
+                    await self._send_all(HEADER.pack(INLINE, 0, size))
+                    await self._send_all(payload)
+            if inline:
+                await self._send_all(inline)
+        return list(range(first, first + len(tasks)))
+
+    async def skip(self, number: int) -> None:
+        """Withdraw task ``number`` of the current process unless it has started: if it had not, the task
+        process says so at once (:attr:`on_skipped`, while an outcome is awaited), else it answers as usual."""
+        if self._sock is None:
+            return  # the process is gone: nothing of it runs
+        self._skipping.add(number)
+        async with self._writing:
+            try:
+                await self._send_all(HEADER.pack(SKIP, number, 0))
+            except OSError:
+                pass  # it died: the task waiting for its outcome hears of it
+
+    async def outcome(self) -> Buffer | None:
+        """The outcome of the next task submitted and not skipped (its reports in :attr:`raised`,
+        :attr:`missing`), None if none is left, or TaskProcessDied."""
+        self.raised, self._over, self.missing = False, None, None
+        async with self._hop():
             return await self._receive_outcome()
+
+    @asynccontextmanager
+    async def _hop(self) -> AsyncIterator[None]:
+        proc = self._proc
+        assert proc is not None
+        try:
+            yield
         except trio.Cancelled:
             # Abandoned mid-task (interrupted, or the lease ended): the process state is unknown.
             self._forget()
@@ -198,65 +224,73 @@ class TaskSlot:
         sent = await self._sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         await self._send_all(header[sent:])
 
-    async def _receive_outcome(self, reports: int = 2) -> Buffer:
-        """One message from the task process: inline bytes, or a view of its sealed shared memory.
+    async def _receive_outcome(self) -> Buffer | None:
+        """The next outcome from the task process: inline bytes, or a view of its sealed shared memory;
+        None once every task handed over is answered or skipped.
 
-        Up to ``reports`` REPORT messages may come first (the function's
-        name, a module it could not load, whether it raised); more is a
-        broken hop.
+        REPORT messages come before an outcome (the function's name, a
+        module it could not load, whether it raised: two at most) or
+        whenever a task is skipped; anything else is a broken hop.
         """
         assert self._sock is not None
-        if portability.fd_passing():
-            data, ancillary, _, _ = await self._sock.recvmsg(HEADER.size, socket.CMSG_SPACE(_MAX_FDS * 4))
-            fds = _received_fds(ancillary)
-        else:  # no SCM_RIGHTS: every outcome comes inline
-            data, fds = await self._sock.recv(HEADER.size), []
-        try:
-            if not data:
-                raise await self._end(None)
-            rest = bytearray(HEADER.size - len(data))  # a stream socket may split even a short header
-            await self._receive_into(memoryview(rest))
-            kind, offset, size = HEADER.unpack(data + rest)
-            if kind == REPORT and not fds and reports > 0 and size <= MAX_REPORT:
-                report = bytearray(size)
-                await self._receive_into(memoryview(report))
-                self._take_report(report)
-                return await self._receive_outcome(reports - 1)
-            if kind == SHARED and len(fds) == 1:
-                try:
-                    return map_outcome(fds[0], offset, size)
-                except (ValueError, OSError) as exc:
-                    raise await self._end(f"the task process sent an unusable shared outcome: {exc}") from None
-            if kind != INLINE or fds:
-                raise await self._end("the task process broke the hop protocol")
+        reports = 0
+        while self._outstanding:
+            if portability.fd_passing():
+                data, ancillary, _, _ = await self._sock.recvmsg(HEADER.size, socket.CMSG_SPACE(_MAX_FDS * 4))
+                fds = _received_fds(ancillary)
+            else:  # no SCM_RIGHTS: every outcome comes inline
+                data, fds = await self._sock.recv(HEADER.size), []
             try:
-                outcome = bytearray(size)
-            except (MemoryError, OverflowError):
-                raise await self._end(f"the task's outcome ({size} bytes) does not fit in this worker's memory") \
-                    from None
-            await self._receive_into(memoryview(outcome))
-            return outcome
-        finally:
-            for fd in fds:
-                os.close(fd)
+                if not data:
+                    raise await self._end(None)
+                rest = bytearray(HEADER.size - len(data))  # a stream socket may split even a short header
+                await self._receive_into(memoryview(rest))
+                kind, offset, size = HEADER.unpack(data + rest)
+                if kind == REPORT and not fds and reports < 2 and size <= MAX_REPORT:
+                    report = bytearray(size)
+                    await self._receive_into(memoryview(report))
+                    outstanding = self._outstanding
+                    if not self._take_report(report):
+                        raise await self._end("the task process claimed to skip a task it was not asked to")
+                    reports += self._outstanding == outstanding  # (a skipped task's notice is not one of them)
+                    continue
+                self._outstanding -= 1
+                if kind == SHARED and len(fds) == 1:
+                    try:
+                        return map_outcome(fds[0], offset, size)
+                    except (ValueError, OSError) as exc:
+                        raise await self._end(f"the task process sent an unusable shared outcome: {exc}") from None
+                if kind != INLINE or fds:
+                    raise await self._end("the task process broke the hop protocol")
+                try:
+                    outcome = bytearray(size)
+                except (MemoryError, OverflowError):
+                    raise await self._end(f"the task's outcome ({size} bytes) does not fit in this worker's "
+                                          f"memory") from None
+                await self._receive_into(memoryview(outcome))
+                return outcome
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        return None
 
-    def _take_report(self, report: bytearray) -> None:
-        """What the task process says about its task; only ever shown as text (it is the client's word)."""
-        try:
-            fields = json.loads(report)
-        except ValueError:
-            fields = None
-        if not isinstance(fields, dict):
-            return
-        if isinstance(fields.get("fn"), str):
-            self.function = printable(fields["fn"])
-        if fields.get("ok") is False:
-            self.raised = True
-        missing = fields.get("missing")
-        if isinstance(missing, str) and missing.isidentifier() and len(missing) <= 100:
-            self.missing = missing
-        if fields.get("over") == "memory":
+    def _take_report(self, data: bytearray) -> bool:
+        """What the task process says about its task; False if it claims to have skipped a task it was not
+        asked to skip."""
+        report = Report.parse(data)
+        if report.skipped is not None:  # a notice, not about the task that runs
+            if report.skipped not in self._skipping:
+                return False
+            self._skipping.discard(report.skipped)
+            self._outstanding -= 1
+            self.on_skipped(report.skipped)
+            return True
+        self.function = printable(report.fn) if report.fn is not None else self.function
+        self.raised = self.raised or report.raised
+        self.missing = report.missing or self.missing
+        if report.over_memory:
             self._over = f"the task went past its memory limit of {format_size(self._applied or 0)} and was stopped"
+        return True
 
     async def _receive_into(self, view: memoryview) -> None:
         assert self._sock is not None
@@ -305,6 +339,29 @@ class TaskSlot:
         _LIVE.discard(proc.pid)
         if self.sandbox.layer == "landlock":
             reap_orphans(self.index)
+
+
+async def cap_processes(sandbox: Sandbox, info_fd: int) -> None:
+    """Cap the PIDs of a new sandbox, whose PIDs bubblewrap writes to ``info_fd`` (closed here)."""
+    stream = trio.lowlevel.FdStream(info_fd)
+    try:
+        info = bytearray()
+        with trio.move_on_after(10):
+            while chunk := await stream.receive_some():
+                info += chunk
+        command = sandbox.cap_command(json.loads(info)["child-pid"])
+        if command is None:
+            raise ValueError("this machine cannot cap PIDs")
+        with trio.fail_after(10):
+            done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+        if done.returncode != 0:
+            raise ValueError(done.stderr.decode(errors="replace").strip())
+    finally:
+        await stream.aclose()
+
+
+def _ignore(number: int) -> None:
+    pass
 
 
 _LIVE: set[int] = set()  # task processes of every slot, which are the daemon's children by right

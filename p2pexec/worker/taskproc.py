@@ -17,12 +17,14 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
+from collections import deque
 
 from .. import portability
 from ..chunks import mapped_function
 from ..protocol.frames import nbytes
 from ..tasks import dump_outcome, load_task
-from .hop import HEADER, INLINE, LIMIT, REPORT, SHARED, SHARED_MIN, VALUE, map_payload, share_outcome, shared
+from .hop import HEADER, INLINE, LIMIT, REPORT, SHARED, SHARED_MIN, SKIP, VALUE, map_payload, share_outcome, shared
 from .sandbox import LANDLOCK_ENV
 
 
@@ -70,23 +72,71 @@ def _limit_memory(size: int) -> None:
 Data = bytearray | memoryview
 
 
-def _receive(sock: socket.socket) -> tuple[Data, list[Data]] | None:
-    """The next task payload from the daemon and its values, or None once it is gone; applies the LIMITs
-    that precede it."""
-    values: list[Data] = []
-    while True:
-        message = _receive_one(sock)
-        if message is None:
-            return None
-        kind, data = message
-        if kind == VALUE:
-            values.append(data)
-        elif kind != LIMIT:
-            return data, values
+class _Inbox:
+    """What the daemon sends, read by a thread of its own while a task runs, so that a SKIP is answered at
+    once when its task has not started: the daemon hands it back or cancels it without waiting for the task
+    that runs."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.changed = threading.Condition()
+        self.waiting: deque[tuple[int, int, Data]] = deque()  # read, not yet taken: (kind, number, data)
+        self.tasks = 0  # tasks read so far: a SKIP names one by its number among them
+        self.skipped: set[int] = set()
+        self.closed = False
+        threading.Thread(target=self._read_all, name="p2pexec-hop", daemon=True).start()
+
+    def next_task(self) -> tuple[Data, list[Data]] | None:
+        """The next task not skipped, with its values; None once the daemon is gone.  Applies the LIMITs
+        before it."""
+        values: list[Data] = []
+        with self.changed:
+            while True:
+                while not self.waiting and not self.closed:
+                    self.changed.wait()
+                if not self.waiting:
+                    return None
+                kind, number, data = self.waiting.popleft()
+                if kind == VALUE:
+                    values.append(data)
+                elif kind == LIMIT:
+                    _limit_memory(number)
+                elif number in self.skipped:
+                    values = []  # (answered when it was skipped)
+                else:
+                    return data, values
+
+    def _read_all(self) -> None:
+        try:
+            while (message := _receive_one(self.sock)) is not None:
+                kind, number, data = message
+                with self.changed:
+                    if kind != SKIP:
+                        if kind in (INLINE, SHARED):
+                            message, self.tasks = (kind, self.tasks, data), self.tasks + 1
+                        self.waiting.append(message)
+                        self.changed.notify()
+                        continue
+                    if number in self.skipped or not any(k in (INLINE, SHARED) and n == number
+                                                         for k, n, _ in self.waiting):
+                        continue  # started (or answered) already: it answers as usual
+                    self.skipped.add(number)
+                with _sending:
+                    self.sock.sendall(_report({"skipped": number}))
+        except Exception:  # noqa: BLE001 - the hop broke, or a payload did not fit: no more tasks
+            pass
+        finally:
+            with self.changed:
+                self.closed = True
+                self.changed.notify()
 
 
-def _receive_one(sock: socket.socket) -> tuple[int, Data] | None:
-    """One message: its kind and its data (a private mapping of a shared memfd, or the bytes that followed)."""
+_sending = threading.Lock()  # the hop is written by the task's thread and by the inbox's
+
+
+def _receive_one(sock: socket.socket) -> tuple[int, int, Data] | None:
+    """One message: its kind, the number a LIMIT (``size``) or a SKIP (``offset``) carries, and its data (a
+    private mapping of a shared memfd, or the bytes that followed)."""
     if portability.fd_passing():
         data, fds, _, _ = socket.recv_fds(sock, HEADER.size, 1)
     else:  # the daemon sends no memfds here: every payload comes inline
@@ -99,11 +149,10 @@ def _receive_one(sock: socket.socket) -> tuple[int, Data] | None:
         if not data:
             return None
         kind, offset, size = HEADER.unpack(header)
-        if kind == LIMIT and not fds:
-            _limit_memory(size)
-            return kind, bytearray()
+        if kind in (LIMIT, SKIP) and not fds:
+            return kind, size if kind == LIMIT else offset, bytearray()
         if kind in (SHARED, VALUE) and len(fds) == 1:
-            return kind, map_payload(fds[0], offset, size)
+            return kind, 0, map_payload(fds[0], offset, size)
         payload = bytearray(size)  # filled in place: a big task is held once, not in pieces and again joined
         view = memoryview(payload)
         while view:
@@ -111,7 +160,7 @@ def _receive_one(sock: socket.socket) -> tuple[int, Data] | None:
             if not count:
                 return None
             view = view[count:]
-        return kind, payload
+        return kind, 0, payload
     finally:
         for fd in fds:
             os.close(fd)
@@ -131,7 +180,8 @@ def _report(fields: dict) -> bytes:
 
 def _tell_name(sock: socket.socket, name: str, reported: str | None) -> str:
     if name != reported:
-        sock.sendall(_report({"fn": name}))
+        with _sending:
+            sock.sendall(_report({"fn": name}))
     return name
 
 
@@ -145,21 +195,24 @@ def _send(sock: socket.socket, parts: list, report: bytes = b"") -> None:
             pass  # no memfd here: inline it is
         else:
             try:
-                if report:
-                    sock.sendall(report)
-                socket.send_fds(sock, [HEADER.pack(SHARED, 0, size)], [fd])
+                with _sending:
+                    if report:
+                        sock.sendall(report)
+                    socket.send_fds(sock, [HEADER.pack(SHARED, 0, size)], [fd])
             finally:
                 os.close(fd)
             return
-    sock.sendall(b"".join([report, HEADER.pack(INLINE, 0, size), *parts]))
+    with _sending:
+        sock.sendall(b"".join([report, HEADER.pack(INLINE, 0, size), *parts]))
 
 
 def serve(sock: socket.socket) -> None:
     capture = _Capture()
     sock.sendall(HEADER.pack(INLINE, 0, 0))  # ready: imports done
     reported = None  # the function name the daemon has: said again only when it changes (maps cost nothing)
+    inbox = _Inbox(sock)
     while True:
-        received = _receive(sock)
+        received = inbox.next_task()
         if received is None:
             return
         payload, values = received
@@ -173,11 +226,13 @@ def serve(sock: socket.socket) -> None:
             ok, value = True, fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - a task's SystemExit is its result too
             if isinstance(exc, MemoryError) and _memory_limit:  # stopped: the daemon says which limit
-                sock.sendall(_report({"over": "memory"}))
+                with _sending:
+                    sock.sendall(_report({"over": "memory"}))
                 os._exit(OVER_MEMORY_EXIT)
             ok, value = False, exc
             if name == "?" and isinstance(exc, ModuleNotFoundError) and exc.name:  # not installed here
-                sock.sendall(_report({"fn": name, "missing": exc.name.partition(".")[0]}))
+                with _sending:
+                    sock.sendall(_report({"fn": name, "missing": exc.name.partition(".")[0]}))
                 reported = name
         reported = _tell_name(sock, name, reported)  # said already, unless loading failed
         try:

@@ -97,7 +97,7 @@ class EvilDaemon(daemon.WorkerDaemon):
 BOGUS = ["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.2/tcp/1",
          "/ip4/127.0.0.1/tcp/2/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA/p2p-circuit"]
 
-async def _never(self, payload, shared, values=()):
+async def _never(self):
     with trio.CancelScope(shield=True):  # not even INTERRUPT ends it
         await trio.sleep_forever()
 
@@ -105,7 +105,7 @@ async def _never(self, payload, shared, values=()):
 if MODE == "bogus-addrs":
     nat.NatTraversal.addrs_for = lambda self, theirs: BOGUS
 elif MODE == "silent":
-    slots.TaskSlot.run = _never
+    slots.TaskSlot.outcome = _never  # (the task process runs the task; no answer ever comes back)
 else:
     daemon.WorkerDaemon = EvilDaemon  # serve() builds its daemon from this name
 sys.exit(worker_cli.main())

@@ -1,0 +1,124 @@
+"""Several tasks handed to one task process at once (the worker's batches of short tasks), through a real
+task process: they run in order, a task not started yet is skipped at once while another runs, a crash
+ends only the task that crashed."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import trio
+
+from p2pexec.prepare import prepare_task
+from p2pexec.tasks import load_outcome
+from p2pexec.worker.slots import TaskProcessDied, TaskSlot
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def hold(port: int) -> str:
+    """Tell the test we run (a connection), then wait until released."""
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.settimeout(30)
+        return conn.recv(1).decode()
+
+
+def mark(path: str) -> int:
+    with open(path, "w") as f:
+        f.write("ran")
+    return os.getpid()
+
+
+def die() -> None:
+    os._exit(7)
+
+
+def task(fn, *args):
+    payload, values, _ = prepare_task(fn, args, {})
+    assert not values
+    return memoryview(b"".join(bytes(p) for p in payload)), None, []
+
+
+def result(outcome) -> object:
+    return load_outcome(outcome).value
+
+
+async def accept(listener: socket.socket) -> socket.socket:
+    conn, _ = await trio.to_thread.run_sync(listener.accept)
+    return conn
+
+
+def test_a_task_not_started_is_skipped_at_once_while_the_one_before_it_runs(tmp_path):
+    skipped: list[int] = []
+
+    async def main() -> None:
+        heard = trio.Event()
+        slot = TaskSlot(0)
+        slot.on_skipped = lambda number: (skipped.append(number), heard.set())
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.settimeout(30)
+            try:
+                numbers = await slot.submit([task(hold, listener.getsockname()[1]),
+                                             task(mark, str(tmp_path / "a")), task(mark, str(tmp_path / "b"))])
+                running = await accept(listener)  # the first task runs, the two others wait behind it
+                await slot.skip(numbers[2])
+                with running, trio.fail_after(30):
+                    got = []
+
+                    async def first() -> None:
+                        got.append(await slot.outcome())
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(first)  # reading outcomes is how the skip's notice is heard
+                        await heard.wait()
+                        assert not got  # heard while the first task still ran
+                        running.sendall(b"y")
+                assert result(got[0]) == "y"
+                second = result(await slot.outcome())  # the second one ran, in the task process
+                assert isinstance(second, int) and second != os.getpid()
+                assert await slot.outcome() is None  # the third was skipped: nothing more comes
+                assert (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+            finally:
+                await slot.stop()
+
+    trio.run(main)
+    assert skipped == [2]
+
+
+def test_a_task_that_started_is_not_skipped(tmp_path):
+    async def main() -> None:
+        slot = TaskSlot(0)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.settimeout(30)
+            try:
+                numbers = await slot.submit([task(hold, listener.getsockname()[1])])
+                running = await accept(listener)
+                await slot.skip(numbers[0])  # too late: it runs, and answers as usual
+                with running:
+                    running.sendall(b"z")
+                    with trio.fail_after(30):
+                        assert result(await slot.outcome()) == "z"
+            finally:
+                await slot.stop()
+
+    trio.run(main)
+
+
+def test_a_crash_ends_the_task_that_crashed_and_the_next_process_runs_the_rest(tmp_path):
+    async def main() -> None:
+        slot = TaskSlot(0)
+        try:
+            await slot.submit([task(mark, str(tmp_path / "a")), task(die), task(mark, str(tmp_path / "c"))])
+            with trio.fail_after(30):
+                first = result(await slot.outcome())
+                with pytest.raises(TaskProcessDied, match="exited with status 7"):
+                    await slot.outcome()
+                assert not (tmp_path / "c").exists()  # it was behind the crash, in the process that ended
+                await slot.submit([task(mark, str(tmp_path / "c"))])
+                assert result(await slot.outcome()) != first  # a fresh process
+            assert (tmp_path / "c").exists()
+        finally:
+            await slot.stop()
+
+    trio.run(main)
