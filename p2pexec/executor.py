@@ -28,6 +28,8 @@ from .board.client import DEFAULT_KNOWN_HOSTS
 from .client_runtime import ClientRuntime
 from .config import physical_memory, resolve
 from .logs import quiet_dependencies
+from .hoisting import Value
+from .protocol.frames import Buffer
 from .protocol.resources import ANY, Need
 from .dependencies import futures_in, resolved
 from .fitting import EnvFinder
@@ -37,7 +39,7 @@ from .seeding import Seeded
 from .scheduler import SchedulerOptions, WorkItem
 from .stats import ExecutorStats
 from .stdlib_private import before_threads_are_joined
-from .prepare import prepare_task
+from .prepare import plain_task, prepare_task
 from .waiting import Waiting
 
 log = logging.getLogger("p2pexec.client")
@@ -170,14 +172,18 @@ class P2PExecutor(Executor):
             self._allow_classes_of(fn)
             if self.seed is not None and not is_map_chunk(fn):  # (map numbers its own items)
                 fn, self._submits = Seeded(fn, self.seed, (0, self._submits)), self._submits + 1
-            waiting_for = futures_in((args, kwargs))
+            try:
+                payload = plain_task(fn, args, kwargs)  # builtin data only: no Future among them
+            except Exception:
+                payload = None  # (_enqueue says why on the future)
+            waiting_for = futures_in((args, kwargs)) if payload is None else []
             if waiting_for:
                 self._unfinished.add(future)
                 future.add_done_callback(self._unfinished.discard)
                 self._waiting.hold(future, waiting_for,
                                    lambda: self._enqueue(future, fn, resolved(args), resolved(kwargs), need))
             else:
-                self._enqueue(future, fn, args, kwargs, need)
+                self._enqueue(future, fn, args, kwargs, need, payload)
             return future
 
     submit.__doc__ = (Executor.submit.__doc__ or "") + """
@@ -187,13 +193,16 @@ class P2PExecutor(Executor):
         one's exception if one failed."""
 
     def _enqueue(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any], need: Need) -> None:
+                 kwargs: dict[str, Any], need: Need, plain_payload: list[Buffer] | None = None) -> None:
+        """Queue the task (``plain_payload``: its :func:`plain_task`, when the caller has it)."""
         runtime, scheduler = self._runtime, self._scheduler
         if not runtime.alive:
             future.set_exception(RuntimeError("the p2pexec runtime stopped before this task could be sent"))
             return
         try:
-            payload, values, plain = prepare_task(fn, args, kwargs)
+            prepared: tuple[list[Buffer], tuple[Value, ...], bool] = \
+                (plain_payload, (), True) if plain_payload is not None else prepare_task(fn, args, kwargs)
+            payload, values, plain = prepared
         except Exception as exc:
             future.set_exception(exc)
             return

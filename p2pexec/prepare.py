@@ -27,10 +27,24 @@ def prepare_task(fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> tuple[list[Buffer], tuple[Value, ...], bool]:
     """A task's payload and big values (:func:`dump_task_values`), and whether its arguments are plain data.
 
-    The common cases cost a few microseconds: a ``map`` chunk or a function
-    pickled by value (:func:`prepickled`, unchanged since it was last
-    pickled), with builtin data as arguments, go through the C pickler
-    once; everything else takes :func:`dump_task_values`' way.
+    The common cases go through :func:`plain_task`; everything else takes
+    :func:`dump_task_values`' way.
+    """
+    payload = plain_task(fn, args, kwargs)
+    if payload is not None:
+        return payload, (), True
+    plain = is_plain((args, kwargs))
+    payload, values = dump_task_values(fn, args, kwargs, plain)
+    return payload, values, plain
+
+
+def plain_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Buffer] | None:
+    """The payload of a task whose arguments are builtin data (so no Future is among them either), in a few
+    microseconds; None for any other task.
+
+    A ``map`` chunk or a function pickled by value (:func:`prepickled`,
+    unchanged since it was last pickled), with builtin data as arguments,
+    goes through the C pickler once.
     """
     carried: Any = None
     if type(fn) is PrepickledFunction:
@@ -46,10 +60,8 @@ def prepare_task(fn: Callable[..., Any], args: tuple[Any, ...],
     if carried is not None and not has_big_bytes(*args, *kwargs.values()):
         main = plain_pickle((carried, args, kwargs), carried)
         if main is not None and len(main) < wire.HOIST_MIN and (len(main) < OUT_OF_BAND or is_plain((args, kwargs))):
-            return pack_parts([main]), (), True  # (big bytes must go out of band: is_plain refuses them)
-    plain = is_plain((args, kwargs))
-    payload, values = dump_task_values(fn, args, kwargs, plain)
-    return payload, values, plain
+            return pack_parts([main])  # (big bytes must go out of band: is_plain refuses them)
+    return None
 
 
 # -- functions pickled by value, once while they stay the same ------------------------------------------------
