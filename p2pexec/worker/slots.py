@@ -12,8 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -143,7 +142,7 @@ class TaskSlot:
             await self.start()
         first, self._submitted = self._submitted, self._submitted + len(tasks)
         self._outstanding += len(tasks)
-        async with self._hop(), self._writing:
+        async with self._hop(), _Writing(self._writing):
             if self.limit != self._applied:
                 await self._send_all(HEADER.pack(LIMIT, 0, self.limit or 0))
                 self._applied = self.limit
@@ -180,7 +179,7 @@ class TaskSlot:
         if self._sock is None:
             return  # the process is gone: nothing of it runs
         self._skipping.add(number)
-        async with self._writing:
+        async with _Writing(self._writing):
             try:
                 await self._send_all(HEADER.pack(SKIP, number, 0))
             except OSError:
@@ -193,22 +192,8 @@ class TaskSlot:
         async with self._hop():
             return await self._receive_outcome()
 
-    @asynccontextmanager
-    async def _hop(self) -> AsyncIterator[None]:
-        proc = self._proc
-        assert proc is not None
-        try:
-            yield
-        except trio.Cancelled:
-            # Abandoned mid-task (interrupted, or the lease ended): the process state is unknown.
-            self._forget()
-            proc.kill()
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await proc.wait()
-            self._left_behind(proc)
-            raise
-        except OSError:  # the socket broke: the process died
-            raise await self._end(None) from None
+    def _hop(self) -> _Hop:
+        return _Hop(self)
 
     # -- the hop ------------------------------------------------------------------------
     async def _send_all(self, data: Buffer) -> None:
@@ -358,6 +343,47 @@ async def cap_processes(sandbox: Sandbox, info_fd: int) -> None:
             raise ValueError(done.stderr.decode(errors="replace").strip())
     finally:
         await stream.aclose()
+
+
+class _Hop:
+    """Around a use of the hop: a cancelled one (interrupted, or the lease ended) leaves the process in an
+    unknown state, so it is killed; a broken socket means it died."""
+
+    def __init__(self, slot: TaskSlot) -> None:
+        self.slot = slot
+        self.proc = slot._proc
+        assert self.proc is not None
+
+    async def __aenter__(self) -> None:
+        pass
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        proc = self.proc
+        assert proc is not None
+        if kind is not None and issubclass(kind, trio.Cancelled):
+            self.slot._forget()
+            proc.kill()
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await proc.wait()
+            self.slot._left_behind(proc)
+        elif kind is not None and issubclass(kind, OSError):
+            raise await self.slot._end(None) from None
+
+
+class _Writing:
+    """Holds a lock for a write to the hop without a checkpoint when it is free (one per task counts)."""
+
+    def __init__(self, lock: trio.Lock) -> None:
+        self.lock = lock
+
+    async def __aenter__(self) -> None:
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
 
 
 def _ignore(number: int) -> None:
