@@ -16,8 +16,10 @@ import os
 import signal
 import socket
 import sys
+import select
 import tempfile
 import threading
+import time
 from collections import deque
 
 from .. import portability
@@ -73,62 +75,99 @@ Data = bytearray | memoryview
 
 
 class _Inbox:
-    """What the daemon sends, read by a thread of its own while a task runs, so that a SKIP is answered at
-    once when its task has not started: the daemon hands it back or cancels it without waiting for the task
-    that runs."""
+    """What the daemon sends.  The task's thread reads it between tasks; while a task runs, a thread of the
+    inbox's own looks every :data:`WATCH_SECONDS` for what came meanwhile, so that a SKIP for a task not
+    started yet is answered at once: the daemon cancels it or hands it back without waiting for the task
+    that runs.  (Between tasks no thread hands anything to another: a lone task costs no extra wake-up.)"""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.changed = threading.Condition()
+        self.lock = threading.Lock()  # guards what follows (not the socket)
+        self.started = threading.Condition(self.lock)  # a task started: the watcher watches
+        self.reading = threading.Lock()  # held by whichever thread reads a message off the hop
         self.waiting: deque[tuple[int, int, Data]] = deque()  # read, not yet taken: (kind, number, data)
         self.tasks = 0  # tasks read so far: a SKIP names one by its number among them
         self.skipped: set[int] = set()
+        self.running = False
         self.closed = False
-        threading.Thread(target=self._read_all, name="p2pexec-hop", daemon=True).start()
+        threading.Thread(target=self._watch, name="p2pexec-inbox", daemon=True).start()
 
     def next_task(self) -> tuple[Data, list[Data]] | None:
         """The next task not skipped, with its values; None once the daemon is gone.  Applies the LIMITs
         before it."""
         values: list[Data] = []
-        with self.changed:
-            while True:
-                while not self.waiting and not self.closed:
-                    self.changed.wait()
-                if not self.waiting:
+        with self.lock:
+            self.running = False
+        while True:
+            with self.lock:
+                item = self.waiting.popleft() if self.waiting else None
+                if item is not None and item[0] in (INLINE, SHARED) and item[1] not in self.skipped:
+                    self.running = True
+                    self.started.notify()
+                    return item[2], values
+                closed = self.closed
+            if item is None:
+                if closed:
                     return None
-                kind, number, data = self.waiting.popleft()
-                if kind == VALUE:
-                    values.append(data)
-                elif kind == LIMIT:
-                    _limit_memory(number)
-                elif number in self.skipped:
-                    values = []  # (answered when it was skipped)
-                else:
-                    return data, values
+                with self.reading:
+                    with self.lock:
+                        empty = not self.waiting
+                    if empty:
+                        self._read()
+            elif item[0] == VALUE:
+                values.append(item[2])
+            elif item[0] == LIMIT:
+                _limit_memory(item[1])
+            else:
+                values = []  # a task skipped (answered when it was) and its values
 
-    def _read_all(self) -> None:
-        try:
-            while (message := _receive_one(self.sock)) is not None:
-                kind, number, data = message
-                with self.changed:
-                    if kind != SKIP:
-                        if kind in (INLINE, SHARED):
-                            message, self.tasks = (kind, self.tasks, data), self.tasks + 1
-                        self.waiting.append(message)
-                        self.changed.notify()
-                        continue
-                    if number in self.skipped or not any(k in (INLINE, SHARED) and n == number
-                                                         for k, n, _ in self.waiting):
-                        continue  # started (or answered) already: it answers as usual
-                    self.skipped.add(number)
-                with _sending:
-                    self.sock.sendall(_report({"skipped": number}))
-        except Exception:  # noqa: BLE001 - the hop broke, or a payload did not fit: no more tasks
-            pass
-        finally:
-            with self.changed:
+    def _read(self) -> None:
+        """One message off the hop (the caller holds ``reading``); a SKIP of a task still waiting is
+        answered here."""
+        message = _receive_one(self.sock)
+        with self.lock:
+            if message is None:
                 self.closed = True
-                self.changed.notify()
+                self.started.notify()
+                return
+            kind, number, data = message
+            if kind == SKIP:
+                if number in self.skipped or not any(k in (INLINE, SHARED) and n == number
+                                                     for k, n, _ in self.waiting):
+                    return  # started (or answered) already: it answers as usual
+                self.skipped.add(number)
+            elif kind in (INLINE, SHARED):
+                self.waiting.append((kind, self.tasks, data))
+                self.tasks += 1
+                return
+            else:
+                self.waiting.append(message)
+                return
+        with _sending:
+            self.sock.sendall(_report({"skipped": number}))
+
+    def _watch(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    while not self.running and not self.closed:
+                        self.started.wait()
+                    if self.closed:
+                        return
+                time.sleep(WATCH_SECONDS)
+                if not self.reading.acquire(blocking=False):
+                    continue  # the task's thread reads: the task ended
+                try:
+                    while not self.closed and select.select([self.sock], [], [], 0)[0]:
+                        self._read()
+                finally:
+                    self.reading.release()
+        except Exception:  # noqa: BLE001 - the hop broke, or a payload did not fit: no more tasks
+            with self.lock:
+                self.closed = True
+
+
+WATCH_SECONDS = 0.01
 
 
 _sending = threading.Lock()  # the hop is written by the task's thread and by the inbox's
