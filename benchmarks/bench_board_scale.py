@@ -8,9 +8,11 @@ through the real board client, with real signed lines that every receiver
 checks; no libp2p.  A simulated worker (1 slot) answers a request with an
 offer as ``p2pexec-worker`` does (holding its slot for a few seconds; a
 request that finds it busy waits for its slot until the request expires), says
-hello on joining, every 30 s and when a request finds it busy or free unlike
-its last hello said.  A simulated client repeatedly wants two leases of
-``--tasks-per-lease`` short tasks (then pauses, ``--think`` seconds on average): it posts a request (again every 2 s while
+hello on joining, every 30 s, and when it looks again (a request or a withdraw
+came, its lease ended, an offer's hold is over) and finds its slot leased or
+free unlike its last hello said, at most once a second; as for the worker, an
+offer's hold does not make its slot busy in a hello.  A simulated client
+repeatedly wants two leases of ``--tasks-per-lease`` short tasks (then pauses, ``--think`` seconds on average): it posts a request (again every 2 s while
 it wants), accepts the first offers with an ``accept`` line addressed to the
 worker (where a real client opens a libp2p stream), withdraws once it has its
 leases, and the worker is busy for the lease's tasks.  For each worker count,
@@ -19,8 +21,10 @@ set of workers) and once with it off (broadcast, as before), and the script
 reports lines delivered per task, offers per request, the board process's
 CPU seconds per task, the time from a round's first request to its first offer
 (at the client) and to its first lease (the worker has the client's accept:
-where a real client opens its libp2p stream), and the board's threads.  With ``--trace``, it also prints where each round's first offer's time
-went, hop by hop, and what state the workers a request reached were in (``_board_trace.py``).
+where a real client opens its libp2p stream), and the board's threads.
+With ``--trace``, it also prints where each round's first offer's time
+went, hop by hop, and what state the workers a request reached were in
+(``_board_trace.py``).
 
 The simulated participants share processes (125 workers, or 25 clients, to a
 process), each with its own SSH connection; their paramiko threads check for
@@ -137,11 +141,16 @@ class Participant:
 
 
 class Worker(Participant):
-    """One slot; offers it to a request when free and not held by an offer not yet taken."""
+    """One slot; offers it to a request when free and not held by an offer not yet taken.
+
+    Like ``p2pexec-worker`` (``worker/decisions.py``): its hellos count the slot free unless a lease has
+    it (an offer's hold does not count), and it looks again (the news hello, then offers) when a request
+    or a withdraw comes, when its lease ends and when an offer's hold is over."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.busy_until = 0.0
+        self.leased = False  # a lease has the slot (until busy_until), as far as it looked
         self.held: tuple[str, str, float] | None = None  # offer id, request id, until
         self.said_free = (True, -1e9)
         self.requests = 0
@@ -160,8 +169,6 @@ class Worker(Participant):
         del self.waiting[client, req]
         line = self.sign("offer", {"req": req, "to": client, "slots": 1, "py": "3.11", "peer": self.name,
                                    "addrs": [], "kx": KX}, ttl=OFFER_TTL)
-        if self.held is not None and self.held[2] <= now:
-            self.note_release("expired")
         self.held = (messages.decode(line).id, req, now + OFFER_HOLD)
         self.session.send(line)
         if self.notes is not None:
@@ -172,14 +179,25 @@ class Worker(Participant):
         if self.notes is not None:
             self.notes.append(("release", self.name, how, time.time() - self.held_at))
 
+    def look_again(self, now: float) -> None:
+        """The worker's ``look_again``: a hello if its slot turned leased or free unlike its last hello said
+        (at most once a second), then offers."""
+        self.leased = now < self.busy_until
+        if now - self.said_free[1] >= HELLO_NEWS_EVERY and (not self.leased) != self.said_free[0]:
+            self.session.send(self.hello())
+        self.offer(now)
+
     def tick(self, now: float) -> None:
         with self.lock:
-            if self.waiting:
-                self.offer(now)
+            if (self.leased and now >= self.busy_until) or (self.held is not None and self.held[2] <= now):
+                if self.held is not None and self.held[2] <= now:
+                    self.note_release("expired")
+                    self.held = None
+                self.look_again(now)  # its lease ended, or an offer's hold is over
 
     def hello(self) -> bytes:
         now = time.monotonic()
-        free = self.free(now)
+        free = now >= self.busy_until  # (what its leases hold: an offer's hold is not counted)
         self.said_free = (free, now)
         return self.sign("hello", {"role": "worker", "node": self.name, "py": "3.11", "slots": 1,
                                    "free": int(free)}, ttl=60)
@@ -190,10 +208,8 @@ class Worker(Participant):
             if msg.type == "request":
                 self.requests += 1
                 state = "busy" if now < self.busy_until else "free" if self.free(now) else "held"
-                if now - self.said_free[1] >= HELLO_NEWS_EVERY and self.free(now) != self.said_free[0]:
-                    self.session.send(self.hello())
                 self.waiting[msg.sender, msg["req"]] = now + (msg.exp - msg.ts)
-                self.offer(now)
+                self.look_again(now)
                 if self.notes is not None:
                     self.notes.append(("request", self.name, msg["req"], time.time(), state,
                                        self.held is not None and self.held[1] == msg["req"]))
@@ -202,12 +218,13 @@ class Worker(Participant):
                 if self.held is not None and self.held[1] == msg["req"]:
                     self.note_release("withdrawn")
                     self.held = None
-                    self.offer(now)
+                self.look_again(now)
             elif msg.type == "accept" and msg["worker"] == self.name and self.held is not None \
                     and self.held[0] == msg["offer"]:
                 self.note_release("accepted")
                 self.held = None
                 self.busy_until = now + msg["tasks"] * TASK_SECONDS
+                self.leased = True
                 if msg.body.get("first") is True:  # the round's first lease starts here
                     wall = time.time()
                     self.leases.append((wall, wall - msg["asked"]))
