@@ -35,7 +35,7 @@ def install_board(board: Any) -> list[tuple[Any, ...]]:
         locked = time.time()
         result = hub_relay(session_id, checked, now)
         msg = checked.route.message
-        if msg is None or msg.type not in ("request", "offer", "hello"):
+        if msg is None or msg.type not in ("request", "offer", "hello", "withdraw"):
             return result
         sessions = hub._topics.sessions
         if msg.type == "hello":
@@ -43,11 +43,14 @@ def install_board(board: Any) -> list[tuple[Any, ...]]:
             return result
         to: list[tuple[str, str]] = []
         free = busy = 0
+        if msg.type == "withdraw":
+            to = [(sessions[sid].user, "") for sid in result.to if sid in sessions]
         if msg.type == "request":
             topic = hub._topics.get(sessions[session_id].topic)
             fo = topic.fanout
             free, busy = len(fo.free), len(fo.busy)
-            to = [(sessions[sid].user, "free" if sid in fo.free else "busy" if sid in fo.busy else "?")
+            to = [(sessions[sid].user, "free" if sid in fo.free else "held" if sid in getattr(fo, "held", ())
+                   else "busy" if sid in fo.busy else "?")
                   for sid in result.to if sid in sessions]
         notes.append((msg.type, msg.sender, msg.body.get("req"), msg.ts, getattr(local, "read", locked), locked,
                       time.time(), to, free, busy))
@@ -99,6 +102,8 @@ def breakdown(board: list[tuple[Any, ...]], workers: list[tuple[Any, ...]], clie
             hellos += t0 <= note[3] < t1
             continue
         kind, sender, req = note[:3]
+        if kind == "withdraw":
+            continue
         if kind == "request":
             b_req[req].append(note)
             for worker, seen in note[7]:

@@ -177,7 +177,8 @@ class Worker(Participant):
 
     def note_release(self, how: str) -> None:
         if self.notes is not None:
-            self.notes.append(("release", self.name, how, time.time() - self.held_at))
+            self.notes.append(("release", self.name, how, time.time() - self.held_at,
+                               self.held[1] if self.held else None))
 
     def look_again(self, now: float) -> None:
         """The worker's ``look_again``: a hello if its slot turned leased or free unlike its last hello said
@@ -479,6 +480,10 @@ def measure(tmp: str, workers: int, clients: int, seconds: float, tasks: int, th
             report(workers, policy, out[policy])
             if trace:
                 print("\n".join(breakdown(board_notes, worker_notes, client_notes, t0, t1)), flush=True)
+                if os.environ.get("BENCH_TRACE_DUMP"):
+                    import pickle
+                    with open(os.environ["BENCH_TRACE_DUMP"], "wb") as f:
+                        pickle.dump((board_notes, worker_notes, client_notes, windows), f)
         return out
     finally:
         stop.set()
