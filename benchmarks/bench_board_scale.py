@@ -5,26 +5,27 @@
 
 Everyone is a real SSH session on a real ``BoardServer`` (its own process)
 through the real board client, with real signed lines that every receiver
-checks; no libp2p.  A simulated worker (1 slot) answers a request with an
-offer as ``p2pexec-worker`` does (holding its slot for a few seconds; a
-request that finds it busy waits for its slot until the request expires), says
-hello on joining, every 30 s, and when it looks again (a request or a withdraw
-came, its lease ended, an offer's hold is over) and finds its slot leased or
-free unlike its last hello said, at most once a second; as for the worker, an
-offer's hold does not make its slot busy in a hello.  A simulated client
-repeatedly wants two leases of ``--tasks-per-lease`` short tasks (then pauses, ``--think`` seconds on average): it posts a request (again every 2 s while
-it wants), accepts the first offers with an ``accept`` line addressed to the
-worker (where a real client opens a libp2p stream), withdraws once it has its
-leases, and the worker is busy for the lease's tasks.  For each worker count,
-the same sessions run once with the board's fan-out (requests to a bounded
-set of workers) and once with it off (broadcast, as before), and the script
-reports lines delivered per task, offers per request, the board process's
-CPU seconds per task, the time from a round's first request to its first offer
-(at the client) and to its first lease (the worker has the client's accept:
-where a real client opens its libp2p stream), and the board's threads.
-With ``--trace``, it also prints where each round's first offer's time
-went, hop by hop, and what state the workers a request reached were in
-(``_board_trace.py``).
+checks; no libp2p.  A simulated worker (1 slot) answers a request with an offer
+as ``p2pexec-worker`` does (holding its slot for a few seconds; a request that
+finds it busy waits for its slot until the request expires), says hello on
+joining, every 30 s, and when it looks again (a request or a withdraw came,
+its lease ended, an offer's hold is over) and finds its slot leased or free
+unlike its last hello said, at most once a second (news held back is sent once
+due); as for the worker, an offer's hold does not make its slot busy in a
+hello.  A simulated client repeatedly wants two leases of ``--tasks-per-lease``
+short tasks (then pauses, ``--think`` seconds on average, and as long before
+its first round): it posts a request (again every 2 s while it wants), accepts
+the first offers with an ``accept`` line addressed to the worker (where a real
+client opens a libp2p stream), withdraws once it has its leases, and the
+worker is busy for the lease's tasks.  For each worker count, the same sessions
+run once with the board's fan-out (requests to a bounded set of workers) and
+once with it off (broadcast, as before), and the script reports lines
+delivered per task, offers per request, the board process's CPU seconds per
+task, the time from a round's first request to its first offer (at the client)
+and to its first lease (the worker has the client's accept: where a real
+client opens its libp2p stream), and the board's threads.  With ``--trace``, it
+also prints where each round's first offer's time went, hop by hop, and what
+state the workers a request reached were in (``_board_trace.py``).
 
 The simulated participants share processes (125 workers, or 25 clients, to a
 process), each with its own SSH connection; their paramiko threads check for
@@ -153,6 +154,7 @@ class Worker(Participant):
         self.leased = False  # a lease has the slot (until busy_until), as far as it looked
         self.held: tuple[str, str, float] | None = None  # offer id, request id, until
         self.said_free = (True, -1e9)
+        self.recheck_at: float | None = None  # news held back is due then (the worker's Recheck)
         self.requests = 0
         self.waiting: dict[tuple[str, str], float] = {}  # (client, request id) -> until: offered to when free
         self.leases: list[tuple[float, float]] = []  # (when, seconds since the round's first request)
@@ -184,17 +186,22 @@ class Worker(Participant):
         """The worker's ``look_again``: a hello if its slot turned leased or free unlike its last hello said
         (at most once a second), then offers."""
         self.leased = now < self.busy_until
-        if now - self.said_free[1] >= HELLO_NEWS_EVERY and (not self.leased) != self.said_free[0]:
-            self.session.send(self.hello())
+        if (not self.leased) != self.said_free[0]:
+            if now >= self.said_free[1] + HELLO_NEWS_EVERY:
+                self.session.send(self.hello())
+            else:
+                self.recheck_at = self.said_free[1] + HELLO_NEWS_EVERY
         self.offer(now)
 
     def tick(self, now: float) -> None:
         with self.lock:
-            if (self.leased and now >= self.busy_until) or (self.held is not None and self.held[2] <= now):
+            if (self.leased and now >= self.busy_until) or (self.held is not None and self.held[2] <= now) \
+                    or (self.recheck_at is not None and now >= self.recheck_at):
+                self.recheck_at = None
                 if self.held is not None and self.held[2] <= now:
                     self.note_release("expired")
                     self.held = None
-                self.look_again(now)  # its lease ended, or an offer's hold is over
+                self.look_again(now)  # its lease ended, an offer's hold is over, or news held back is due
 
     def hello(self) -> bytes:
         now = time.monotonic()
@@ -345,6 +352,9 @@ def run_clients(tmp: str, port: int, who: list[str], tasks: int, think: float, r
         seconds = phase
         for c in clients:
             c.reset()
+            # The first rounds spread like the later ones (not all 50 in the same 10 ms: a burst the
+            # round latencies of a 15 s phase would be about).
+            c.next_round = time.monotonic() + random.uniform(0, 2 * think)
         end = time.monotonic() + seconds
         while True:
             now = time.monotonic()
