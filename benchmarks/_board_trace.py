@@ -45,7 +45,7 @@ def install_board(board: Any) -> list[tuple[Any, ...]]:
         free = busy = 0
         if msg.type == "withdraw":
             to = [(sessions[sid].user, "") for sid in result.to if sid in sessions]
-        if msg.type == "request":
+        if msg.type == "request" and session_id in sessions:
             topic = hub._topics.get(sessions[session_id].topic)
             fo = topic.fanout
             free, busy = len(fo.free), len(fo.busy)
