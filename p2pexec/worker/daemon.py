@@ -41,7 +41,7 @@ from ..protocol.values import ValueCache
 from ..transport.host import Libp2pHost
 from ..transport.nat import NatTraversal
 from ..whereami import WORKER_ENV, describe
-from .decisions import OFFER_TTL, Action, Decline, News, Offer, Poke, Recheck, WorkerCore
+from .decisions import OFFER_TTL, Action, Decline, News, Offer, Poke, WorkerCore
 from .history import History, default_path
 from .lease_decisions import LeaseDecisions
 from .lease_server import LeaseServer
@@ -255,9 +255,6 @@ class WorkerDaemon:
                 continue  # not on the board (yet, or any more): nobody to tell
             elif isinstance(action, News):
                 self.board.send(self._hello())
-            elif isinstance(action, Recheck):
-                if self.background is not None:
-                    self.background.start_soon(self._recheck, action.at)
             elif isinstance(action, Decline):
                 request = action.request
                 self.board.send(self._sign("decline", {"req": request["req"], "to": request.sender, "why": action.why,
@@ -276,11 +273,6 @@ class WorkerDaemon:
                                              "kx": messages.b64(offer.kx[0])}, ttl=OFFER_TTL, msg_id=offer.id))
         if offer.party is not None and self.background is not None:
             self.background.start_soon(self._after_hold)
-
-    async def _recheck(self, at: float) -> None:
-        """News held back (it came within HELLO_NEWS_EVERY of our last hello): look again once it is due."""
-        await trio.sleep(max(0.0, at - time.time()))
-        self.carry_out(self.core.look_again(max(at, time.time())))
 
     async def _after_hold(self) -> None:
         """An offer not taken frees its slots for the others who wait."""

@@ -8,7 +8,7 @@ The daemon (:mod:`.daemon`) reports what happens and the time, and does what the
     ──────                                    ──────────                      ───────
     a request on the board ──── request ────► admission, Sharing        ──► Decline, Offer, Poke
     a withdraw on the board ─── withdraw ───► Sharing                   ──► Offer (to whoever else waits)
-    an offer's hold is over ─── look_again ─► Sharing, Reservations     ──► Offer, News, Recheck
+    an offer's hold is over ─── look_again ─► Sharing, Reservations     ──► Offer, News
     an accept on a stream ───── admit ──────► offers, Reservations      ──► Grant, None (a race), ProtocolError
     a lease's task boundary ─── give_slot ──► Sharing.owed              ──► the slot leaves; Offer to who it is owed
     a lease ended ───────────── lease_ended ► Reservations, Sharing     ──► Offer, News
@@ -79,18 +79,8 @@ class News:
     """Send a hello now: our slots turned all busy, or some free, unlike our last hello said."""
 
 
-@dataclass(frozen=True)
-class Recheck:
-    """Call :meth:`WorkerCore.look_again` at ``at`` (wall-clock seconds): our slots turned all busy, or some
-    free, unlike our last hello said, but that hello was less than HELLO_NEWS_EVERY ago; the news is due
-    then, if it still holds.  (Else a worker that said it was busy, and whose lease ended within the
-    second, stays busy on the board until something else makes it look: the board asks it last.)"""
-
-    at: float
-
-
 POKE, NEWS = Poke(), News()
-Action = Offer | Decline | Poke | News | Recheck
+Action = Offer | Decline | Poke | News
 
 
 @dataclass(frozen=True)
@@ -133,7 +123,6 @@ class WorkerCore:
         self.draining = False  # stopping: no new offers or leases; live ones end once their running tasks are answered
         self._declines = DeclineLimiter()
         self._said_free = (True, -1e9)  # whether our last hello said we had free slots, and when
-        self._recheck_at: float | None = None  # the Recheck answered last
 
     # -- the board
     def request(self, msg: messages.Message, now: float) -> list[Action]:
@@ -176,7 +165,7 @@ class WorkerCore:
         an offer holds its slots for a few seconds.  Called whenever slots may have come free."""
         if self.draining:
             return []
-        actions = self._news(now)
+        actions: list[Action] = [NEWS] if self._news_due(now) else []
         self.sharing.expire(now)
         promised = self.sharing.offered_slots(now)
         given = [(owed, 1)] if owed is not None else []
@@ -268,16 +257,8 @@ class WorkerCore:
         """Rate-limited: a client's no-worker warning only needs to know why, not each time."""
         return [Decline(request, why, detail[:1000])] if self._declines.due(request["req"], now) else []
 
-    def _news(self, now: float) -> list[Action]:
-        """NEWS if our slots turned from all busy to some free, or back, unlike our last hello said (at most
-        once every HELLO_NEWS_EVERY); a Recheck for when it is due if it is held back (once for each hello)."""
+    def _news_due(self, now: float) -> bool:
+        """Our slots turned from all busy to some free, or back, unlike our last hello said (at most once a
+        second)."""
         free = self.resources.slots > len(self.reservations.busy)
-        if free == self._said_free[0]:
-            return []
-        due = self._said_free[1] + HELLO_NEWS_EVERY
-        if now >= due:
-            return [NEWS]
-        if self._recheck_at == due:
-            return []
-        self._recheck_at = due
-        return [Recheck(due)]
+        return now - self._said_free[1] >= HELLO_NEWS_EVERY and free != self._said_free[0]
