@@ -76,55 +76,6 @@ def test_a_withdraw_goes_to_the_workers_its_request_reached_while_it_lives():
     assert f.withdraw(100, "r", 2.0) == [] and f.asked() == 0
 
 
-def test_a_worker_holding_offers_is_asked_after_the_free_ones_until_the_withdraw():
-    f = cluster(20)
-    first = f.request(100, {"req": "r", "n": 2}, 10.0, 0.0)
-    for w in first[:5]:
-        f.offered(w, [100], {"req": "r", "slots": 1}, 0.1)
-    assert set(f.held) == set(first[:5]) and not set(first[:5]) & set(f.free)
-    nxt = f.request(101, {"req": "s", "n": 6}, 10.0, 0.2)  # 12 slots: the 15 free ones are enough
-    assert not set(nxt) & set(first[:5])
-    everyone = f.request(102, {"req": "t", "n": 100}, 10.0, 0.3)
-    assert everyone[-5:] == first[:5]  # the held ones last, in the order they offered
-    assert f.withdraw(100, "r", 0.4) == sorted(first)
-    assert not f.held and set(f.free) == set(range(1, 21))
-    f.offered(first[0], [100], {"req": "r", "slots": 1}, 0.5)  # crossed the withdraw: the worker lets go
-    assert not f.held
-
-
-def test_a_hold_ends_on_its_own_and_a_probe_or_a_stranger_holds_nothing():
-    f = cluster(10, free=2)
-    got = f.request(100, {"req": "r", "n": 1}, 10.0, 0.0)
-    f.offered(got[0], [100], {"req": "r", "slots": 1}, 0.0)
-    assert got[0] in f.free  # one of its two slots is held
-    f.offered(got[0], [100, 101], {"req": "r", "slots": 2}, 1.0)  # (the addressee's sessions; 101 asked nothing)
-    assert list(f.held) == [got[0]]
-    assert f.withdraw(100, "nothing", 1.0 + f.hold - 0.01) == [] and list(f.held) == [got[0]]
-    f.request(100, {"req": "r2", "n": 1}, 10.0, 1.0 + f.hold)  # its hold is over
-    assert not f.held and got[0] in f.free
-    f.request(100, {"req": "p", "n": 4096, "probe": True}, 10.0, 5.0)
-    for w in range(1, 11):
-        f.offered(w, [100], {"req": "p", "slots": 2}, 5.0)
-    f.offered(got[1], [100], {"req": "unasked", "slots": 2}, 5.0)
-    f.offered(100, [100], {"req": "r2", "slots": 2}, 5.0)  # not a worker
-    f.offered(got[1], [100], {"req": "r2", "slots": True}, 5.0)  # garbled
-    assert not f.held
-
-
-def test_a_worker_that_says_it_is_busy_leaves_the_held_line_and_a_free_hello_keeps_its_holds():
-    f = cluster(10)
-    got = f.request(100, {"req": "r", "n": 1}, 10.0, 0.0)
-    f.offered(got[0], [100], {"req": "r", "slots": 1}, 0.0)
-    f.hello(got[0], {"role": "worker", "free": 1})
-    assert list(f.held) == [got[0]]
-    f.hello(got[0], {"role": "worker", "free": 3})  # more free than held
-    assert got[0] in f.free and not f.held
-    f.hello(got[0], {"role": "worker", "free": 0})
-    assert got[0] in f.busy and not f.held and got[0] not in f.free
-    f.left(got[0])
-    assert f.withdraw(100, "r", 0.1) == sorted(got[1:])
-
-
 def test_requests_remembered_are_bounded_per_session():
     f = cluster(10)
     for i in range(1000):
@@ -161,9 +112,6 @@ class FanOutMachine(RuleBasedStateMachine):
         self.serial = 0
         self.now = 0.0
         self.asks: dict[tuple[int, str], set[int]] = {}
-        self.probes: set[tuple[int, str]] = set()
-        self.withdrawn: set[tuple[int, str]] = set()
-        self.holds: dict[int, dict[tuple[int, str], tuple[int, float]]] = {}  # worker -> ask -> (slots, until)
         self.unreached: dict[int, int] = {}  # free worker -> requests since the free set changed that missed it
 
     @rule()
@@ -179,7 +127,6 @@ class FanOutMachine(RuleBasedStateMachine):
         self.f.left(sid)
         del self.sessions[sid]
         self.free.pop(sid, None)
-        self.holds.pop(sid, None)
         self.asks = {k: v for k, v in self.asks.items() if k[0] != sid}
         self.track()
 
@@ -190,81 +137,35 @@ class FanOutMachine(RuleBasedStateMachine):
         self.f.hello(sid, {"role": role} if free is None else {"role": role, "free": free})
         self.sessions[sid] = role
         self.free.pop(sid, None)
-        if role != "worker":
-            self.holds.pop(sid, None)
         if role == "worker" and (free is None or free > 0):
             self.free[sid] = 1 if free is None else free
         assert self.f.role(sid) == role
         self.track()
 
-    def holding(self, worker: int) -> int:
-        return sum(slots for slots, until in self.holds.get(worker, {}).values() if until > self.now)
-
-    def available(self) -> dict[int, int]:
-        """The workers that said they have free slots and hold offers for fewer, and how many they said."""
-        return {s: n for s, n in self.free.items() if self.holding(s) < n}
-
     def track(self) -> None:
-        """The available workers changed: count the requests that miss each from now on."""
-        if set(self.unreached) != set(self.available()):
-            self.unreached = dict.fromkeys(self.available(), 0)
+        """The free workers changed: count the requests that miss each from now on."""
+        if set(self.unreached) != set(self.free):
+            self.unreached = dict.fromkeys(self.free, 0)
 
     @precondition(lambda self: self.sessions)
     @rule(data=st.data(), n=st.integers(1, 4), req=st.sampled_from(("a", "b")))
     def request(self, data, n: int, req: str) -> None:
         sender = data.draw(st.sampled_from(sorted(self.sessions)))
         self.now += 0.1
-        self.track()  # (holds may have ended meanwhile)
         got = self.f.request(sender, {"req": req, "n": n}, 10.0, self.now)
         workers = {s for s, role in self.sessions.items() if role == "worker" and s != sender}
         free = {s for s in self.free if s != sender}
-        available = {s for s in self.available() if s != sender}
         assert len(got) == len(set(got)) and set(got) <= workers and len(got) <= self.f.most
         if len(workers) <= self.f.fewest:
             assert set(got) == workers
-        if set(got) - available:  # workers holding offers only once every available one is asked,
-            assert available <= set(got)
-        if set(got) - free:  # busy ones only once every one that said it is free is asked
+        if set(got) - free:  # busy workers only once every free one is asked
             assert free <= set(got)
-        reached = sum(self.free[s] - self.holding(s) if s in available else 1 for s in got)
+        reached = sum(self.free.get(s, 1) for s in got)
         assert len(got) == len(workers) or len(got) == self.f.most or \
             (len(got) >= self.f.fewest and reached >= 2 * n)
         self.asks.setdefault((sender, req), set()).update(got)
-        self.withdrawn.discard((sender, req))
-        self.probes.discard((sender, req))
         for s in self.unreached:
             self.unreached[s] = 0 if s in got else self.unreached[s] + (s != sender)
-
-    @precondition(lambda self: self.sessions)
-    @rule(data=st.data(), req=st.sampled_from(("p", "a")))
-    def probe(self, data, req: str) -> None:
-        sender = data.draw(st.sampled_from(sorted(self.sessions)))
-        got = self.f.request(sender, {"req": req, "n": 1, "probe": True}, 10.0, self.now)
-        workers = {s for s, role in self.sessions.items() if role == "worker" and s != sender}
-        assert sorted(got) == sorted(workers)
-        self.probes.add((sender, req))
-        self.asks.setdefault((sender, req), set()).update(got)
-        self.withdrawn.discard((sender, req))
-        self.track()
-
-    @precondition(lambda self: self.asks)
-    @rule(data=st.data(), slots=st.integers(1, 3))
-    def offer(self, data, slots: int) -> None:
-        """A worker offers to a request; now and then one the board never sent it, or to a stranger."""
-        key = data.draw(st.sampled_from(sorted(self.asks)))
-        worker = data.draw(st.sampled_from(sorted(self.sessions)))
-        to = data.draw(st.sampled_from(([key[0]], [key[0], key[0] + 1000], [key[0] + 1000])))
-        self.f.offered(worker, to, {"req": key[1], "slots": slots}, self.now)
-        if self.sessions[worker] == "worker" and key[0] in to and key not in self.withdrawn \
-                and key not in self.probes:
-            self.holds.setdefault(worker, {})[key] = (slots, self.now + self.f.hold)
-            self.asks[key].add(worker)
-        self.track()
-
-    @rule(dt=st.sampled_from((0.5, 1.0, 3.0)))
-    def wait(self, dt: float) -> None:
-        if self.now + dt < 10.0:  # (requests are remembered 15 s: none is forgotten)
-            self.now += dt
 
     @precondition(lambda self: self.sessions)
     @rule(data=st.data(), req=st.sampled_from(("a", "b", "c")))
@@ -273,11 +174,6 @@ class FanOutMachine(RuleBasedStateMachine):
         workers = {s for s, role in self.sessions.items() if role == "worker"}
         expected = (self.asks.get((sender, req), set()) & workers) - {sender}
         assert set(self.f.withdraw(sender, req, self.now)) == expected
-        if (sender, req) in self.asks:
-            self.withdrawn.add((sender, req))
-            for mine in self.holds.values():
-                mine.pop((sender, req), None)
-        self.track()
 
     @invariant()
     def every_free_worker_is_reached_within_a_bound(self) -> None:
@@ -289,15 +185,7 @@ class FanOutMachine(RuleBasedStateMachine):
     @invariant()
     def roles_match(self) -> None:
         assert set(self.f.unknown) == {s for s, role in self.sessions.items() if role is None}
-        assert {**self.f.free, **self.f.held} == self.free
-        assert not set(self.f.free) & set(self.f.held)
-
-    @invariant()
-    def workers_holding_offers_for_all_their_free_slots_wait_in_the_held_line(self) -> None:
-        # (as of the last call: the fan-out has no clock of its own)
-        if self.f._now == self.now:
-            assert set(self.f.free) == set(self.available())
-            assert set(self.f.busy) == {s for s, role in self.sessions.items() if role == "worker"} - set(self.free)
+        assert dict(self.f.free) == self.free
 
 
 FanOutMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)

@@ -32,8 +32,7 @@ def hub(**kw) -> Hub:
 
 
 BODIES = {"hello": {"role": "client"}, "worker": {"role": "worker", "free": 1}, "busy": {"role": "worker", "free": 0},
-          "observer": {"role": "observer"}, "request": {"req": "r", "n": 1, "py": "3.12"}, "withdraw": {"req": "r"},
-          "offer": {"req": "r", "to": "alice", "slots": 1, "py": "3.12", "peer": "p", "addrs": [], "kx": "k"}}
+          "observer": {"role": "observer"}, "request": {"req": "r", "n": 1, "py": "3.12"}, "withdraw": {"req": "r"}}
 
 
 def line(signer: str, cluster: str, kind: str = "hello", to: str = "bob") -> bytes:
@@ -117,28 +116,6 @@ def test_requests_go_to_a_bounded_set_of_workers_and_hellos_to_who_reads_them():
     assert free < set(say(h, other, line("alice", "alice/c", "request")).to)  # the free ones first
     h.leave(workers[19].id)
     assert workers[19].id not in say(h, other, line("alice", "alice/c", "request")).to
-
-
-def test_a_worker_whose_offer_passed_is_asked_after_the_free_ones_until_the_withdraw():
-    h = logged_in(hub(sessions_per_user=100), a="alice", b="bob")
-    h.set_members("alice/c", ["bob"])
-    client, other = join(h, "a", "pipe c"), join(h, "a", "pipe c")
-    workers = [join(h, "b", "pipe alice/c") for _ in range(2 * MIN_FANOUT)]
-    by_id = {w.id: w for w in workers}
-    for s, who, kind in ((client, "alice", "hello"), (other, "alice", "hello"), *((w, "bob", "worker") for w in workers)):
-        say(h, s, line(who, "alice/c", kind))
-    asked = say(h, client, line("alice", "alice/c", "request")).to
-    offering = asked[:3]
-    for sid in offering:
-        assert say(h, by_id[sid], line("bob", "alice/c", "offer")).to == (client.id, other.id)
-    h.fan_out = False  # the broadcast baseline takes no notice of offers
-    say(h, by_id[asked[3]], line("bob", "alice/c", "offer"))
-    h.fan_out = True
-    fanout = h._topics.get("alice/c").fanout
-    assert list(fanout.held) == list(offering)
-    assert not set(offering) & set(say(h, other, line("alice", "alice/c", "request")).to)  # the free ones first
-    say(h, client, line("alice", "alice/c", "withdraw"))
-    assert not fanout.held and set(offering) <= set(fanout.free)
 
 
 def test_without_sender_checks_the_board_knows_no_roles_and_broadcasts():

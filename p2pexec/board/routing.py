@@ -12,7 +12,7 @@ addressed to one member (an offer, a decline) goes to that member's sessions
 alone: the others would drop it anyway, and sending every offer to everyone
 grows with the square of the cluster.  Requests, withdraws and hellos go to the
 sessions whose role needs them (:mod:`.fanout`): a request to a bounded number
-of workers, which learns from the offers passing which workers' slots they hold.  Pure.
+of workers.  Pure.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def receivers(topic: Topic[C], s: Session[C], verdict: Route, *, fan_out: bool, 
 
     ``live``: whether a session may still receive; ``sessions``: every session by id; ``fan_out`` off, every
     receiver gets requests, withdraws and hellos, as on a broadcast board (a baseline).  Tells the topic's
-    :class:`.FanOut` of the requests, offers and hellos that pass.
+    :class:`.FanOut` of the requests and hellos that pass.
     """
     to, msg = verdict.to, verdict.message
     if not fan_out:
@@ -74,8 +74,6 @@ def receivers(topic: Topic[C], s: Session[C], verdict: Route, *, fan_out: bool, 
         return tuple(sid for sid in ids if live(sessions[sid]))
     if to is not None:  # its addressee's sessions, found without going through the whole topic
         them = [*topic.by_user.get(to, ()), *((s,) if s.cmd.name != "pub" and s.user != to else ())]
-        if msg is not None and msg.type == "offer":  # its slots are held until the request's withdraw
-            topic.fanout.offered(s.id, (r.id for r in topic.by_user.get(to, ())), msg.body, now)
         return tuple(r.id for r in sorted(them, key=lambda r: r.id)  # ids: the join order
                      if live(r) and (r is not s or s.cmd.replay))
     skips: frozenset[str] = frozenset()
