@@ -10,9 +10,8 @@ as ``p2pexec-worker`` does (holding its slot for a few seconds; a request that
 finds it busy waits for its slot until the request expires), says hello on
 joining, every 30 s, and when it looks again (a request or a withdraw came,
 its lease ended, an offer's hold is over) and finds its slot leased or free
-unlike its last hello said, at most once a second (news held back is sent once
-due); as for the worker, an offer's hold does not make its slot busy in a
-hello.  A simulated client repeatedly wants two leases of ``--tasks-per-lease``
+unlike its last hello said, at most once a second; as for the worker, an
+offer's hold does not make its slot busy in a hello.  A simulated client repeatedly wants two leases of ``--tasks-per-lease``
 short tasks (then pauses, ``--think`` seconds on average, and as long before
 its first round): it posts a request (again every 2 s while it wants), accepts
 the first offers with an ``accept`` line addressed to the worker (where a real
@@ -154,7 +153,6 @@ class Worker(Participant):
         self.leased = False  # a lease has the slot (until busy_until), as far as it looked
         self.held: tuple[str, str, float] | None = None  # offer id, request id, until
         self.said_free = (True, -1e9)
-        self.recheck_at: float | None = None  # news held back is due then (the worker's Recheck)
         self.requests = 0
         self.waiting: dict[tuple[str, str], float] = {}  # (client, request id) -> until: offered to when free
         self.leases: list[tuple[float, float]] = []  # (when, seconds since the round's first request)
@@ -186,22 +184,17 @@ class Worker(Participant):
         """The worker's ``look_again``: a hello if its slot turned leased or free unlike its last hello said
         (at most once a second), then offers."""
         self.leased = now < self.busy_until
-        if (not self.leased) != self.said_free[0]:
-            if now >= self.said_free[1] + HELLO_NEWS_EVERY:
-                self.session.send(self.hello())
-            else:
-                self.recheck_at = self.said_free[1] + HELLO_NEWS_EVERY
+        if now - self.said_free[1] >= HELLO_NEWS_EVERY and (not self.leased) != self.said_free[0]:
+            self.session.send(self.hello())
         self.offer(now)
 
     def tick(self, now: float) -> None:
         with self.lock:
-            if (self.leased and now >= self.busy_until) or (self.held is not None and self.held[2] <= now) \
-                    or (self.recheck_at is not None and now >= self.recheck_at):
-                self.recheck_at = None
+            if (self.leased and now >= self.busy_until) or (self.held is not None and self.held[2] <= now):
                 if self.held is not None and self.held[2] <= now:
                     self.note_release("expired")
                     self.held = None
-                self.look_again(now)  # its lease ended, an offer's hold is over, or news held back is due
+                self.look_again(now)  # its lease ended, or an offer's hold is over
 
     def hello(self) -> bytes:
         now = time.monotonic()
