@@ -1,25 +1,30 @@
 """A board for thousands: one board, 50 simulated clients and 32 ... 1,000 simulated workers.
 
     python benchmarks/bench_board_scale.py [--workers 32,100,300,1000] [--clients 50] [--seconds 15]
-                                           [--json results.json]
+                                           [--trace] [--json results.json]
 
 Everyone is a real SSH session on a real ``BoardServer`` (its own process)
 through the real board client, with real signed lines that every receiver
-checks; no libp2p.  A simulated worker (1 slot) answers a request with an
-offer as ``p2pexec-worker`` does (holding its slot for a few seconds; a
-request that finds it busy waits for its slot until the request expires), says
-hello on joining, every 30 s and when a request finds it busy or free unlike
-its last hello said.  A simulated client repeatedly wants two leases of
-``--tasks-per-lease`` short tasks (then pauses, ``--think`` seconds on average): it posts a request (again every 2 s while
-it wants), accepts the first offers with an ``accept`` line addressed to the
-worker (where a real client opens a libp2p stream), withdraws once it has its
-leases, and the worker is busy for the lease's tasks.  For each worker count,
-the same sessions run once with the board's fan-out (requests to a bounded
-set of workers) and once with it off (broadcast, as before), and the script
-reports lines delivered per task, offers per request, the board process's
-CPU seconds per task, the time from a round's first request to its first offer
-(at the client) and to its first lease (the worker has the client's accept:
-where a real client opens its libp2p stream), and the board's threads.
+checks; no libp2p.  A simulated worker (1 slot) answers a request with an offer
+as ``p2pexec-worker`` does (holding its slot for a few seconds; a request that
+finds it busy waits for its slot until the request expires), says hello on
+joining, every 30 s, and when it looks again (a request or a withdraw came,
+its lease ended, an offer's hold is over) and finds its slot leased or free
+unlike its last hello said, at most once a second; as for the worker, an
+offer's hold does not make its slot busy in a hello.  A simulated client repeatedly wants two leases of ``--tasks-per-lease``
+short tasks (then pauses, ``--think`` seconds on average, and as long before
+its first round): it posts a request (again every 2 s while it wants), accepts
+the first offers with an ``accept`` line addressed to the worker (where a real
+client opens a libp2p stream), withdraws once it has its leases, and the
+worker is busy for the lease's tasks.  For each worker count, the same sessions
+run once with the board's fan-out (requests to a bounded set of workers) and
+once with it off (broadcast, as before), and the script reports lines
+delivered per task, offers per request, the board process's CPU seconds per
+task, the time from a round's first request to its first offer (at the client)
+and to its first lease (the worker has the client's accept: where a real
+client opens its libp2p stream), and the board's threads.  With ``--trace``, it
+also prints where each round's first offer's time went, hop by hop, and what
+state the workers a request reached were in (``_board_trace.py``).
 
 The simulated participants share processes (125 workers, or 25 clients, to a
 process), each with its own SSH connection; their paramiko threads check for
@@ -46,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from _board_trace import breakdown, install_board
 from _common import write_json
 
 from p2pexec.board.client import BoardAddress, BoardSession
@@ -75,7 +81,7 @@ def names(kind: str, count: int) -> list[str]:
 
 # -- the board ------------------------------------------------------------------------------
 
-def run_board(tmp: str, conn: Any) -> None:
+def run_board(tmp: str, conn: Any, trace: bool) -> None:
     import paramiko
 
     from p2pexec.board.admission import Limits
@@ -87,6 +93,7 @@ def run_board(tmp: str, conn: Any) -> None:
                         lines_per_second=1000.0,
                         limits=Limits(max_connections=4000, connections_per_source=4000, unauthenticated_per_source=256,
                                       handshakes_per_source=64, handshake_timeout=60, auth_timeout=120))
+    notes = install_board(board) if trace else []
     board.start()
     board.set_members(CLUSTER, [line.split()[0] for line in (Path(tmp) / "users.txt").read_text().splitlines()])
     conn.send(board.port)
@@ -96,6 +103,9 @@ def run_board(tmp: str, conn: Any) -> None:
             with board._cond:
                 board.hub.fan_out = cmd[1]
             conn.send(None)
+        elif cmd[0] == "trace":
+            with board._cond:
+                conn.send(list(notes))
         elif cmd[0] == "stats":
             with board._cond:
                 conn.send({"cpu": time.process_time(), "relayed": board.hub.relayed,
@@ -110,7 +120,8 @@ def run_board(tmp: str, conn: Any) -> None:
 # -- simulated participants -----------------------------------------------------------------
 
 class Participant:
-    def __init__(self, tmp: str, name: str, port: int, keyring: Keyring) -> None:
+    def __init__(self, tmp: str, name: str, port: int, keyring: Keyring, trace: bool) -> None:
+        self.notes: list[tuple[Any, ...]] | None = [] if trace else None  # see _board_trace.py
         self.identity = load_identity(name, Path(tmp) / "keys" / name)
         self.name = name
         self.lock = threading.Lock()
@@ -130,11 +141,16 @@ class Participant:
 
 
 class Worker(Participant):
-    """One slot; offers it to a request when free and not held by an offer not yet taken."""
+    """One slot; offers it to a request when free and not held by an offer not yet taken.
+
+    Like ``p2pexec-worker`` (``worker/decisions.py``): its hellos count the slot free unless a lease has
+    it (an offer's hold does not count), and it looks again (the news hello, then offers) when a request
+    or a withdraw comes, when its lease ends and when an offer's hold is over."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.busy_until = 0.0
+        self.leased = False  # a lease has the slot (until busy_until), as far as it looked
         self.held: tuple[str, str, float] | None = None  # offer id, request id, until
         self.said_free = (True, -1e9)
         self.requests = 0
@@ -155,15 +171,34 @@ class Worker(Participant):
                                    "addrs": [], "kx": KX}, ttl=OFFER_TTL)
         self.held = (messages.decode(line).id, req, now + OFFER_HOLD)
         self.session.send(line)
+        if self.notes is not None:
+            self.held_at = time.time()
+            self.notes.append(("offer", self.name, req, self.held_at))
+
+    def note_release(self, how: str) -> None:
+        if self.notes is not None:
+            self.notes.append(("release", self.name, how, time.time() - self.held_at,
+                               self.held[1] if self.held else None))
+
+    def look_again(self, now: float) -> None:
+        """The worker's ``look_again``: a hello if its slot turned leased or free unlike its last hello said
+        (at most once a second), then offers."""
+        self.leased = now < self.busy_until
+        if now - self.said_free[1] >= HELLO_NEWS_EVERY and (not self.leased) != self.said_free[0]:
+            self.session.send(self.hello())
+        self.offer(now)
 
     def tick(self, now: float) -> None:
         with self.lock:
-            if self.waiting:
-                self.offer(now)
+            if (self.leased and now >= self.busy_until) or (self.held is not None and self.held[2] <= now):
+                if self.held is not None and self.held[2] <= now:
+                    self.note_release("expired")
+                    self.held = None
+                self.look_again(now)  # its lease ended, or an offer's hold is over
 
     def hello(self) -> bytes:
         now = time.monotonic()
-        free = self.free(now)
+        free = now >= self.busy_until  # (what its leases hold: an offer's hold is not counted)
         self.said_free = (free, now)
         return self.sign("hello", {"role": "worker", "node": self.name, "py": "3.11", "slots": 1,
                                    "free": int(free)}, ttl=60)
@@ -173,19 +208,24 @@ class Worker(Participant):
         with self.lock:
             if msg.type == "request":
                 self.requests += 1
-                if now - self.said_free[1] >= HELLO_NEWS_EVERY and self.free(now) != self.said_free[0]:
-                    self.session.send(self.hello())
+                state = "busy" if now < self.busy_until else "free" if self.free(now) else "held"
                 self.waiting[msg.sender, msg["req"]] = now + (msg.exp - msg.ts)
-                self.offer(now)
+                self.look_again(now)
+                if self.notes is not None:
+                    self.notes.append(("request", self.name, msg["req"], time.time(), state,
+                                       self.held is not None and self.held[1] == msg["req"]))
             elif msg.type == "withdraw":
                 self.waiting.pop((msg.sender, msg["req"]), None)
                 if self.held is not None and self.held[1] == msg["req"]:
+                    self.note_release("withdrawn")
                     self.held = None
-                    self.offer(now)
+                self.look_again(now)
             elif msg.type == "accept" and msg["worker"] == self.name and self.held is not None \
                     and self.held[0] == msg["offer"]:
+                self.note_release("accepted")
                 self.held = None
                 self.busy_until = now + msg["tasks"] * TASK_SECONDS
+                self.leased = True
                 if msg.body.get("first") is True:  # the round's first lease starts here
                     wall = time.time()
                     self.leases.append((wall, wall - msg["asked"]))
@@ -216,6 +256,8 @@ class Client(Participant):
     def request(self, now: float) -> None:
         self.asked_at = now
         self.requests += 1
+        if self.notes is not None:
+            self.notes.append(("sent", self.req, time.time()))
         self.session.send(self.sign("request", {"req": self.req, "client": self.name, "n": self.wanted,
                                                 "py": "3.11"}, ttl=REQUEST_TTL))
 
@@ -240,6 +282,8 @@ class Client(Participant):
             if msg.type != "offer" or msg["req"] != self.req:
                 return
             self.offers += 1
+            if self.notes is not None:
+                self.notes.append(("offer", msg["req"], time.time(), msg.ts, msg.sender))
             if self.round_at is not None:
                 self.latencies.append(now - self.round_at)
                 self.round_at = None
@@ -268,10 +312,10 @@ def simulated() -> None:
     paramiko.Transport._active_check_timeout = SIM_POLL
 
 
-def run_workers(tmp: str, port: int, who: list[str], ready: Any, stop: Any, leases: Any) -> None:
+def run_workers(tmp: str, port: int, who: list[str], ready: Any, stop: Any, leases: Any, trace: bool) -> None:
     simulated()
     keyring = Keyring.parse((Path(tmp) / "users.txt").read_text())
-    workers = [Worker(tmp, name, port, keyring) for name in who]
+    workers = [Worker(tmp, name, port, keyring, trace) for name in who]
     open_all(workers)  # type: ignore[arg-type]
     ready.put(len(workers))
     start = last = time.monotonic()
@@ -282,16 +326,16 @@ def run_workers(tmp: str, port: int, who: list[str], ready: Any, stop: Any, leas
             if (now - start - i * HELLO_EVERY / len(workers)) % HELLO_EVERY < now - last:  # every HELLO_EVERY
                 w.session.send(w.hello())
         last = now
-    leases.put([x for w in workers for x in w.leases])
+    leases.put(([x for w in workers for x in w.leases], [x for w in workers for x in w.notes or ()]))
     for w in workers:
         w.session.close()
 
 
 def run_clients(tmp: str, port: int, who: list[str], tasks: int, think: float, ready: Any, phases: Any,
-                results: Any) -> None:
+                results: Any, trace: bool) -> None:
     simulated()
     keyring = Keyring.parse((Path(tmp) / "users.txt").read_text())
-    clients = [Client(tmp, name, port, keyring, tasks=tasks, think=think) for name in who]
+    clients = [Client(tmp, name, port, keyring, trace, tasks=tasks, think=think) for name in who]
     open_all(clients)  # type: ignore[arg-type]
     ready.put(len(clients))
     while True:
@@ -301,6 +345,9 @@ def run_clients(tmp: str, port: int, who: list[str], tasks: int, think: float, r
         seconds = phase
         for c in clients:
             c.reset()
+            # The first rounds spread like the later ones (not all 50 in the same 10 ms: a burst the
+            # round latencies of a 15 s phase would be about).
+            c.next_round = time.monotonic() + random.uniform(0, 2 * think)
         end = time.monotonic() + seconds
         while True:
             now = time.monotonic()
@@ -310,7 +357,10 @@ def run_clients(tmp: str, port: int, who: list[str], tasks: int, think: float, r
                 c.tick(now, True)
             time.sleep(0.01)
         results.put({"requests": sum(c.requests for c in clients), "offers": sum(c.offers for c in clients),
-                     "done": sum(c.done for c in clients), "latencies": [x for c in clients for x in c.latencies]})
+                     "done": sum(c.done for c in clients), "latencies": [x for c in clients for x in c.latencies],
+                     "notes": [x for c in clients for x in c.notes or ()]})
+        for c in clients:
+            c.notes = [] if trace else None
         settle = time.monotonic() + 2 * OFFER_HOLD  # let leases end and held offers expire between phases
         while time.monotonic() < settle:
             for c in clients:
@@ -352,10 +402,10 @@ def growth(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(tmp: str, workers: int, clients: int, seconds: float, tasks: int, think: float,
-            broadcast: bool) -> dict[str, Any]:
+            broadcast: bool, trace: bool = False) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    board = ctx.Process(target=run_board, args=(tmp, there), daemon=True)
+    board = ctx.Process(target=run_board, args=(tmp, there, trace), daemon=True)
     ready, stop, results, leases = ctx.Queue(), ctx.Event(), ctx.Queue(), ctx.Queue()
     procs: list[Any] = []
     client_phases: list[Any] = []
@@ -375,14 +425,14 @@ def measure(tmp: str, workers: int, clients: int, seconds: float, tasks: int, th
         wnames = names("w", workers)
         for i in range(0, workers, PER_PROCESS):
             procs.append(ctx.Process(target=run_workers, args=(tmp, port, wnames[i:i + PER_PROCESS], ready, stop,
-                                                               leases), daemon=True))
+                                                               leases, trace), daemon=True))
         n_workers = len(procs)
         cnames = names("c", clients)
         for i in range(0, clients, 25):
             q = ctx.Queue()
             client_phases.append(q)
             procs.append(ctx.Process(target=run_clients, args=(tmp, port, cnames[i:i + 25], tasks, think, ready, q,
-                                                               results), daemon=True))
+                                                               results, trace), daemon=True))
         for p in procs:
             p.start()
         joined = sum(ready.get(timeout=max(1.0, started + JOIN_WITHIN - time.monotonic())) for _ in procs)
@@ -391,6 +441,7 @@ def measure(tmp: str, workers: int, clients: int, seconds: float, tasks: int, th
         time.sleep(2.0)  # the hellos of the last to join
         print(f"{workers} workers and {clients} clients joined in {out['join_s']:.0f} s", flush=True)
         windows = {}
+        client_notes: list[Any] = []
         for policy, fan_out in (("fan-out", True), ("broadcast", False))[:2 if broadcast else 1]:
             ask("fan_out", fan_out)
             before = ask("stats")
@@ -399,6 +450,7 @@ def measure(tmp: str, workers: int, clients: int, seconds: float, tasks: int, th
                 q.put(seconds)
             parts = [results.get(timeout=seconds + ANSWER_WITHIN) for _ in client_phases]
             windows[policy][1] = time.time()
+            client_notes += [x for p in parts for x in p["notes"]]
             after = ask("stats")
             done = sum(p["done"] for p in parts)
             requests = sum(p["requests"] for p in parts)
@@ -416,14 +468,25 @@ def measure(tmp: str, workers: int, clients: int, seconds: float, tasks: int, th
                 "dropped": growth(before["dropped"], after["dropped"]),
                 "refused": growth(before["refused"], after["refused"]),
             }
+        board_notes = ask("trace") if trace else []
         for q in client_phases:
             q.put(None)
         stop.set()
-        got = [x for _ in range(n_workers) for x in leases.get(timeout=ANSWER_WITHIN)]
+        got, worker_notes = [], []
+        for _ in range(n_workers):
+            mine, notes = leases.get(timeout=ANSWER_WITHIN)
+            got += mine
+            worker_notes += notes
         for policy, (t0, t1) in windows.items():
             lease = quantiles([dt for when, dt in got if t0 <= when - dt < t1])
             out[policy].update(first_lease_ms_median=lease[0], first_lease_ms_p95=lease[1], first_lease_ms_max=lease[2])
             report(workers, policy, out[policy])
+            if trace:
+                print("\n".join(breakdown(board_notes, worker_notes, client_notes, t0, t1)), flush=True)
+                if os.environ.get("BENCH_TRACE_DUMP"):
+                    import pickle
+                    with open(os.environ["BENCH_TRACE_DUMP"], "wb") as f:
+                        pickle.dump((board_notes, worker_notes, client_notes, windows), f)
         return out
     finally:
         stop.set()
@@ -465,6 +528,8 @@ def main() -> int:
                         help="mean seconds a client waits between rounds (0: it always wants slots)")
     parser.add_argument("--broadcast-up-to", type=int, default=300,
                         help="measure the broadcast baseline up to this many workers (past it, it takes too long)")
+    parser.add_argument("--trace", action="store_true",
+                        help="note where each request's time goes, and print it (see _board_trace.py)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     counts = [int(x) for x in args.workers.split(",")]
@@ -473,7 +538,7 @@ def main() -> int:
         setup(Path(tmp), max(counts), args.clients)
         for workers in counts:
             r = measure(tmp, workers, args.clients, args.seconds, args.tasks_per_lease, args.think,
-                        workers <= args.broadcast_up_to)
+                        workers <= args.broadcast_up_to, args.trace)
             results.append(r)
             write_json(args.json, {"results": results})
     if len(results) > 1:

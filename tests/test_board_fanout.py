@@ -48,7 +48,7 @@ def test_free_workers_come_first_and_news_goes_to_the_front():
     for sid in range(1, 16):
         f.hello(sid, {"role": "worker", "free": 0})
     # 5 free, then the busy ones that said so last (news goes first)
-    assert f.request(99, {"req": "a", "n": 1}, 10, 0.0) == [20, 19, 18, 17, 16, 15, 14, 13]
+    assert f.request(99, {"req": "a", "n": 4}, 10, 0.0) == [20, 19, 18, 17, 16, 15, 14, 13]
     f.hello(10, {"role": "worker", "free": 2})  # freed: asked first
     assert f.request(99, {"req": "b", "n": 1}, 10, 0.0)[0] == 10
     f.hello(12, {"role": "worker"})  # says nothing of free slots (an older worker): taken as free

@@ -33,7 +33,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-MIN_FANOUT = 8  # workers a request reaches at least (when there are that many)
+# Workers a request reaches at least (when there are that many).  Every free worker reached offers and holds
+# its slots for that offer until the client takes it or withdraws: 8 (for a client wanting 2 slots) kept so
+# many workers holding offers for others that requests waited on them (benchmarks/README.md, "A board for
+# 1,000 workers").
+MIN_FANOUT = 4
 MAX_FANOUT = 128  # and at most: a client wanting more slots asks again, reaching the next ones
 SLOTS_FACTOR = 2  # reach workers with this many times the free slots asked for
 ASKS_PER_SESSION = 64  # requests remembered per sending session, for their withdraws
