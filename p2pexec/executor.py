@@ -28,8 +28,6 @@ from .board.client import DEFAULT_KNOWN_HOSTS
 from .client_runtime import ClientRuntime
 from .config import physical_memory, resolve
 from .logs import quiet_dependencies
-from .hoisting import Value
-from .protocol.frames import Buffer
 from .protocol.resources import ANY, Need
 from .dependencies import futures_in, resolved
 from .fitting import EnvFinder
@@ -39,7 +37,7 @@ from .seeding import Seeded
 from .scheduler import SchedulerOptions, WorkItem
 from .stats import ExecutorStats
 from .stdlib_private import before_threads_are_joined
-from .prepare import plain_task, prepare_task
+from .prepare import Prepared, full_task, plain_task, prepare_task
 from .waiting import Waiting
 
 log = logging.getLogger("p2pexec.client")
@@ -175,15 +173,16 @@ class P2PExecutor(Executor):
             try:
                 payload = plain_task(fn, args, kwargs)  # builtin data only: no Future among them
             except Exception:
-                payload = None  # (_enqueue says why on the future)
-            waiting_for = futures_in((args, kwargs)) if payload is None else []
-            if waiting_for:
+                payload = None  # (full_task says why, on the future)
+            if payload is not None:
+                self._enqueue(future, fn, need, lambda: (payload, (), True))
+            elif waiting_for := futures_in((args, kwargs)):
                 self._unfinished.add(future)
                 future.add_done_callback(self._unfinished.discard)
-                self._waiting.hold(future, waiting_for,
-                                   lambda: self._enqueue(future, fn, resolved(args), resolved(kwargs), need))
+                self._waiting.hold(future, waiting_for, lambda: self._enqueue(
+                    future, fn, need, lambda: prepare_task(fn, resolved(args), resolved(kwargs))))
             else:
-                self._enqueue(future, fn, args, kwargs, need, payload)
+                self._enqueue(future, fn, need, lambda: full_task(fn, args, kwargs))
             return future
 
     submit.__doc__ = (Executor.submit.__doc__ or "") + """
@@ -192,17 +191,15 @@ class P2PExecutor(Executor):
         all finished, holding no worker meanwhile, and fails with the first
         one's exception if one failed."""
 
-    def _enqueue(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any], need: Need, plain_payload: list[Buffer] | None = None) -> None:
-        """Queue the task (``plain_payload``: its :func:`plain_task`, when the caller has it)."""
+    def _enqueue(self, future: Future[Any], fn: Callable[..., Any], need: Need,
+                 prepare: Callable[[], Prepared]) -> None:
+        """Queue the task, whose payload ``prepare`` makes (its error fails the future)."""
         runtime, scheduler = self._runtime, self._scheduler
         if not runtime.alive:
             future.set_exception(RuntimeError("the p2pexec runtime stopped before this task could be sent"))
             return
         try:
-            prepared: tuple[list[Buffer], tuple[Value, ...], bool] = \
-                (plain_payload, (), True) if plain_payload is not None else prepare_task(fn, args, kwargs)
-            payload, values, plain = prepared
+            payload, values, plain = prepare()
         except Exception as exc:
             future.set_exception(exc)
             return

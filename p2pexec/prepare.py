@@ -23,16 +23,21 @@ from .protocol.frames import Buffer, pack_parts
 from .tasks import OUT_OF_BAND, PrepickledFunction, by_reference, has_big_bytes, is_plain, plain_pickle
 
 
-def prepare_task(fn: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> tuple[list[Buffer], tuple[Value, ...], bool]:
+Prepared = tuple[list[Buffer], tuple[Value, ...], bool]  # payload, big values, whether the arguments are plain
+
+
+def prepare_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
     """A task's payload and big values (:func:`dump_task_values`), and whether its arguments are plain data.
 
     The common cases go through :func:`plain_task`; everything else takes
-    :func:`dump_task_values`' way.
+    :func:`full_task`'s way.
     """
     payload = plain_task(fn, args, kwargs)
-    if payload is not None:
-        return payload, (), True
+    return (payload, (), True) if payload is not None else full_task(fn, args, kwargs)
+
+
+def full_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Prepared:
+    """:func:`prepare_task` for a task :func:`plain_task` has refused already (not tried again)."""
     plain = is_plain((args, kwargs))
     payload, values = dump_task_values(fn, args, kwargs, plain)
     return payload, values, plain

@@ -22,9 +22,9 @@ refers to, in order (:mod:`p2pexec.protocol.values`): with a memfd, the
 value lies at ``offset`` in it, else its ``size`` bytes follow inline.
 The daemon may send several tasks at once (short ones, in one write);
 a SKIP message withdraws the one numbered ``offset`` (counting from 0 in
-this process) if it has not started: it is answered with a REPORT
-``skipped`` and an empty outcome.  So the task process reads ahead what
-has come before it starts each task.
+this process) if it has not started: the task process then sends a
+REPORT ``skipped`` naming it, at once (while another task runs), and no
+outcome for it; a task that had started answers as usual.
 
 The daemon trusts nothing a task process sends: a shared outcome must be
 a memfd sealed against shrinking (so the daemon's mapping can never
@@ -51,6 +51,7 @@ HEADER = struct.Struct(">BQQ")
 INLINE, SHARED, REPORT, LIMIT, VALUE, SKIP = 0, 1, 2, 3, 4, 5
 MAX_REPORT = 1024  # bytes of one REPORT
 SHARED_MIN = 1 << 20  # smaller data is cheaper to copy through the socket
+
 
 @dataclass(frozen=True)
 class Report:

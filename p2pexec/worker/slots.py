@@ -142,7 +142,7 @@ class TaskSlot:
             await self.start()
         first, self._submitted = self._submitted, self._submitted + len(tasks)
         self._outstanding += len(tasks)
-        async with self._hop(), _Writing(self._writing):
+        async with _Hop(self), _Writing(self._writing):
             if self.limit != self._applied:
                 await self._send_all(HEADER.pack(LIMIT, 0, self.limit or 0))
                 self._applied = self.limit
@@ -189,11 +189,8 @@ class TaskSlot:
         """The outcome of the next task submitted and not skipped (its reports in :attr:`raised`,
         :attr:`missing`), None if none is left, or TaskProcessDied."""
         self.raised, self._over, self.missing = False, None, None
-        async with self._hop():
+        async with _Hop(self):
             return await self._receive_outcome()
-
-    def _hop(self) -> _Hop:
-        return _Hop(self)
 
     # -- the hop ------------------------------------------------------------------------
     async def _send_all(self, data: Buffer) -> None:

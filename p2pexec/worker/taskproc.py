@@ -13,10 +13,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import signal
 import socket
 import sys
-import select
 import tempfile
 import threading
 import time
@@ -72,6 +72,11 @@ def _limit_memory(size: int) -> None:
 
 
 Data = bytearray | memoryview
+
+
+WATCH_SECONDS = 0.01  # while a task runs, the inbox's thread looks for SKIPs this often
+IDLE_SECONDS = 0.25  # and this often whether a task runs
+_sending = threading.Lock()  # the hop is written by the task's thread and by the inbox's
 
 
 class _Inbox:
@@ -160,13 +165,6 @@ class _Inbox:
         except Exception:  # noqa: BLE001 - the hop broke, or a payload did not fit: no more tasks
             with self.lock:
                 self.closed = True
-
-
-WATCH_SECONDS = 0.01
-IDLE_SECONDS = 0.25
-
-
-_sending = threading.Lock()  # the hop is written by the task's thread and by the inbox's
 
 
 def _receive_one(sock: socket.socket) -> tuple[int, int, Data] | None:
