@@ -82,7 +82,7 @@ def forge_an_outcome(how):
     import socket
     import time
 
-    from p2pexec.worker.hop import HEADER, INLINE, SHARED
+    from p2pexec.worker.hop import HEADER, INLINE, REPORT, SHARED
 
     hop = _hop_socket()
     if how == "huge":
@@ -96,6 +96,9 @@ def forge_an_outcome(how):
         socket.send_fds(hop, [HEADER.pack(SHARED, 0, 1 << 20)], [reader])
     elif how == "fds-inline":
         socket.send_fds(hop, [HEADER.pack(INLINE, 0, 0)], [0, 1, 2])
+    elif how == "skip":  # "I skipped task 7, as asked": nobody asked
+        notice = b'{"skipped": 7}'
+        hop.sendall(HEADER.pack(REPORT, 0, len(notice)) + notice)
     time.sleep(60)
 
 
@@ -104,6 +107,7 @@ def forge_an_outcome(how):
     ("unsealed", "unusable shared outcome: the shared outcome is not sealed"),
     ("pipe", "unusable shared outcome: the shared outcome is not a memory file"),
     ("fds-inline", "broke the hop protocol"),
+    ("skip", "claimed to skip a task it was not asked to"),
 ])
 def test_a_task_process_lying_to_its_daemon_fails_that_task_alone(cluster, how, error):
     from p2pexec import TaskProcessDiedError
