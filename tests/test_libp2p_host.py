@@ -68,3 +68,29 @@ def test_a_reader_of_many_small_messages_releases_window_in_halves(monkeypatch):
     assert [int.from_bytes(m[:4], "big") for m in got] == list(range(count))  # all arrived, in order
     moved = count * (size + 4)  # FramedStream's length prefix
     assert 0 < len(updates) <= 2 * moved // (128 * 1024) + 2, f"{len(updates)} window updates for {count} messages"
+
+
+def test_every_lock_a_lease_stream_takes_per_message_is_eager():
+    """py-libp2p's per-message locks are replaced (libp2p_config.eager_locks); fails if py-libp2p renames one."""
+    from libp2p.stream_muxer.rw_lock import ReadWriteLock
+
+    from p2pexec.transport.eager_locks import EagerLock, EagerSemaphore
+    from p2pexec.transport.libp2p_config import EAGER_LOCKS
+
+    async def scenario() -> dict[str, object]:
+        async with Libp2pHost().running() as worker, Libp2pHost().running() as client:
+            worker.set_handler(lambda stream: trio.sleep_forever())
+            stream = await client.open_stream(worker.peer_id, worker.addrs)
+            yamux_stream = stream.muxed_stream
+            yamux = yamux_stream.conn
+            tcp = yamux.secured_conn.conn.read_writer.read_write_closer  # Noise reads the raw connection
+            return {"net": stream, "yamux_stream": yamux_stream, "yamux": yamux, "tcp": tcp.stream,
+                    "rw": yamux_stream.rw_lock}
+
+    found = trio.run(scenario)
+    for obj in found.values():
+        names = next(names for cls, names in EAGER_LOCKS.items() if isinstance(obj, cls))
+        for name in names:
+            assert isinstance(getattr(obj, name), EagerLock), f"{type(obj).__name__}.{name}: see libp2p_config.py"
+    rw = found["rw"]
+    assert isinstance(rw, ReadWriteLock) and isinstance(rw._writer_lock, EagerSemaphore)

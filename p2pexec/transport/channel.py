@@ -14,6 +14,7 @@ from ..protocol.frames import (
     MAX_FRAME, MAX_MESSAGE, Buffer, FrameDecoder, Opener, Op, Reassembler, Sealer, chunk_pieces, encode_frame,
     encode_op, open_chunk, Writable,
 )
+from .eager_locks import EagerLock
 
 READ_SIZE = 1 << 20
 
@@ -131,7 +132,7 @@ class SecureChannel:
         self._sealer = sealer
         self._opener = opener
         self._reassembler = Reassembler(max_message, allocate)
-        self._send_lock = trio.StrictFIFOLock()
+        self._send_lock = EagerLock()
 
     @classmethod
     async def establish(cls, framed: FramedStream, rx_key: bytes, tx_key: bytes,

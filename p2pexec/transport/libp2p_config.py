@@ -6,13 +6,16 @@ private behaviour we patch), not about how p2pexec uses a host: when
 py-libp2p changes, this is the file to read.  Plaintext and secio are never
 offered (``new_host``'s defaults would accept them); py-libp2p's own limits
 are set below (``_connection_config``, ``_resource_manager``), each with the
-reason for its value; its auto-connector never runs (``_no_auto_dials``) and
-yamux releases its receive window in halves (:mod:`.yamux_window`).
+reason for its value; its auto-connector never runs (``_no_auto_dials``),
+yamux releases its receive window in halves (:mod:`.yamux_window`) and the
+locks it takes for every message do not yield when free (``eager_locks``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 from libp2p import new_host
@@ -20,16 +23,20 @@ from libp2p.abc import IHost, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.rcmgr import ResourceLimits, ResourceManager
 from libp2p.rcmgr.connection_limits import ConnectionLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.rw_lock import ReadWriteLock
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from ..logs import after_libp2p_import
 from .admission import Limits
+from .eager_locks import EagerLock, EagerSemaphore
 from .yamux_window import release_in_halves
 
 after_libp2p_import()
@@ -119,7 +126,42 @@ def new_libp2p_host(listen: list[Any], transport: Any, per_peer: int) -> IHost:
     )
     _no_auto_dials(host.get_network())
     release_in_halves()
+    eager_locks()
     return host
+
+
+#: the locks each py-libp2p class creates in its constructor and takes for every message (checked by the tests)
+EAGER_LOCKS: dict[type, tuple[str, ...]] = {
+    TrioTCPStream: ("read_lock", "write_lock"),
+    NetStream: ("_state_lock",),
+    YamuxStream: ("window_lock", "close_lock"),
+    Yamux: ("streams_lock", "_write_lock"),
+    ReadWriteLock: ("_readers_lock",),  # and its writer's Semaphore(1)
+}
+
+
+def _with_eager_locks(init: Callable[..., None], names: tuple[str, ...]) -> Callable[..., None]:
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        for name in names:
+            setattr(self, name, EagerLock())
+        if isinstance(self, ReadWriteLock):
+            self._writer_lock = EagerSemaphore(1)  # type: ignore[assignment]
+    __init__.eager = True  # type: ignore[attr-defined]
+    return __init__
+
+
+def eager_locks() -> None:
+    """Replace the locks py-libp2p creates for each connection and stream with :mod:`.eager_locks`' (idempotent).
+
+    Each free lock taken was a turn of trio's loop; a round trip took about
+    a dozen on each end, about 10% of its time (benchmarks/README.md).
+    """
+    for cls, names in EAGER_LOCKS.items():
+        init = getattr(cls, "__init__")
+        if not getattr(init, "eager", False):
+            setattr(cls, "__init__", _with_eager_locks(init, names))
 
 
 class Notifee(INotifee):

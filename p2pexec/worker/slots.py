@@ -20,6 +20,7 @@ import trio
 from .. import portability
 from ..protocol.frames import Buffer, nbytes
 from ..protocol.resources import format_size
+from ..transport.eager_locks import EagerLock
 from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, SKIP, VALUE, Report, map_outcome
 from .history import printable
 from .privileges import prctl
@@ -70,7 +71,7 @@ class TaskSlot:
         self._submitted = 0  # tasks handed to the current process: a SKIP names one by its number
         self._outstanding = 0  # of those, not answered or skipped yet
         self._skipping: set[int] = set()  # asked to be skipped, not yet confirmed
-        self._writing = trio.Lock()  # a SKIP must not land inside a task being written
+        self._writing = EagerLock()  # a SKIP must not land inside a task being written
 
     async def assign(self, member: str) -> None:
         """Serve ``member`` next, in a process no other member's task has run in.
@@ -142,7 +143,7 @@ class TaskSlot:
             await self.start()
         first, self._submitted = self._submitted, self._submitted + len(tasks)
         self._outstanding += len(tasks)
-        async with _Hop(self), _Writing(self._writing):
+        async with _Hop(self), self._writing:
             if self.limit != self._applied:
                 await self._send_all(HEADER.pack(LIMIT, 0, self.limit or 0))
                 self._applied = self.limit
@@ -179,7 +180,7 @@ class TaskSlot:
         if self._sock is None:
             return  # the process is gone: nothing of it runs
         self._skipping.add(number)
-        async with _Writing(self._writing):
+        async with self._writing:
             try:
                 await self._send_all(HEADER.pack(SKIP, number, 0))
             except OSError:
@@ -365,22 +366,6 @@ class _Hop:
             self.slot._left_behind(proc)
         elif kind is not None and issubclass(kind, OSError):
             raise await self.slot._end(None) from None
-
-
-class _Writing:
-    """Holds a lock for a write to the hop without a checkpoint when it is free (one per task counts)."""
-
-    def __init__(self, lock: trio.Lock) -> None:
-        self.lock = lock
-
-    async def __aenter__(self) -> None:
-        try:
-            self.lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self.lock.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.lock.release()
 
 
 def _ignore(number: int) -> None:
