@@ -94,3 +94,49 @@ def test_every_lock_a_lease_stream_takes_per_message_is_eager():
             assert isinstance(getattr(obj, name), EagerLock), f"{type(obj).__name__}.{name}: see libp2p_config.py"
     rw = found["rw"]
     assert isinstance(rw, ReadWriteLock) and isinstance(rw._writer_lock, EagerSemaphore)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_reading_ahead_keeps_the_bytes_of_a_tcp_connection_in_order(seed):
+    """read_ahead.py: whatever sizes readers ask for, concurrently or not, the bytes come out as they went in."""
+    import random
+
+    from libp2p.io.trio import TrioTCPStream
+
+    from p2pexec.transport.read_ahead import READ_AHEAD, read_ahead
+
+    read_ahead()
+    rng = random.Random(seed)
+    sent = rng.randbytes(3 * READ_AHEAD + 12345)
+
+    async def scenario() -> bytes:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        received: list[bytes] = []
+
+        async def send() -> None:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            at = 0
+            while at < len(sent):
+                step = rng.choice([1, 2, 17, 1000, READ_AHEAD + 3])
+                await stream.send_all(sent[at:at + step])
+                at += step
+                await trio.sleep(0)
+            await stream.aclose()
+
+        async def read(tcp: TrioTCPStream) -> None:
+            while data := await tcp.read(rng.choice([None, 1, 2, 100, 5000, 2 * READ_AHEAD])):
+                received.append(data)  # in the order the reads returned
+                await trio.sleep(0)  # so that another reader may be waiting on the socket while bytes are kept
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                tcp = TrioTCPStream(await listeners[0].accept())
+                async with trio.open_nursery() as readers:
+                    for _ in range(3):
+                        readers.start_soon(read, tcp)
+                await listeners[0].aclose()
+        return b"".join(received)
+
+    assert trio.run(scenario) == sent

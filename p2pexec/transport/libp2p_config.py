@@ -7,8 +7,9 @@ py-libp2p changes, this is the file to read.  Plaintext and secio are never
 offered (``new_host``'s defaults would accept them); py-libp2p's own limits
 are set below (``_connection_config``, ``_resource_manager``), each with the
 reason for its value; its auto-connector never runs (``_no_auto_dials``),
-yamux releases its receive window in halves (:mod:`.yamux_window`) and the
-locks it takes for every message do not yield when free (``eager_locks``).
+yamux releases its receive window in halves (:mod:`.yamux_window`), the
+locks it takes for every message do not yield when free (``eager_locks``)
+and a TCP connection is read ahead (:mod:`.read_ahead`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from ..logs import after_libp2p_import
 from .admission import Limits
 from .eager_locks import EagerLock, EagerSemaphore
+from .read_ahead import read_ahead
 from .yamux_window import release_in_halves
 
 after_libp2p_import()
@@ -127,6 +129,7 @@ def new_libp2p_host(listen: list[Any], transport: Any, per_peer: int) -> IHost:
     _no_auto_dials(host.get_network())
     release_in_halves()
     eager_locks()
+    read_ahead()
     return host
 
 
