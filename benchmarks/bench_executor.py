@@ -18,7 +18,8 @@ keep its processes between executors).  Ray (2 CPUs) and dask.distributed
 (2 worker processes of 1 thread) are measured warm through a small
 ``Executor`` over their own futures, the same shape as the others; they
 have no chunked ``map`` and a new executor there is a new cluster, so those
-two rows are left empty for them.  ``pip install 'p2pexec[bench]'`` brings
+two rows are left empty for them.  Each column is measured in a fresh
+interpreter of its own, so that none inherits what another left behind.  ``pip install 'p2pexec[bench]'`` brings
 loky, Ray and dask; each missing one's column is skipped with a note.  The
 table ends with issue 16's small-task targets, each
 against its baseline from this run, and says pass or fall short.
@@ -27,10 +28,14 @@ against its baseline from this run, and says pass or fall short.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any, Callable
@@ -38,6 +43,9 @@ from typing import Any, Callable
 from _common import write_json
 from p2pexec import LocalCluster
 from p2pexec.worker.sandbox import detect
+
+P2P = "P2PExecutor(LocalCluster 2x1)"
+COLUMN_TIMEOUT = 600  # seconds for one column; Ray's start alone takes 10-20
 
 
 def loky_pool() -> Callable[[], Executor] | None:
@@ -90,17 +98,12 @@ class _DaskExecutor(Executor):
         self._cluster.close()
 
 
-def peer_makers() -> dict[str, Callable[[], Executor]]:
-    """Ray and dask where installed (the ``bench`` extra); a note for each one that is not."""
-    makers: dict[str, Callable[[], Executor]] = {}
-    for name, module, maker in (("Ray", "ray", _RayExecutor), ("dask", "distributed", _DaskExecutor)):
-        try:
-            __import__(module)
-        except ImportError:
-            print(f"{name} is not installed (pip install 'p2pexec[bench]'): its column is skipped")
-            continue
-        makers[name] = maker
-    return makers
+PEERS = {"Ray": ("ray", _RayExecutor), "dask": ("distributed", _DaskExecutor)}
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` could be imported, without importing it here (see :func:`measure_elsewhere`)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def noop(x: Any = None) -> Any:
@@ -148,6 +151,33 @@ def measure(make: Callable[[], Executor], roundtrips: int, items: int, pool: boo
     return out
 
 
+def measure_column(name: str, roundtrips: int, items: int) -> dict[str, float]:
+    """One column of the table, measured in this process."""
+    if name == "ProcessPoolExecutor(2)":
+        return measure(lambda: ProcessPoolExecutor(2), roundtrips, items)
+    if name == "loky(2)":
+        loky = loky_pool()
+        assert loky is not None
+        return measure(loky, roundtrips, items)
+    if name in PEERS:
+        return measure(PEERS[name][1], roundtrips, items, pool=False)
+    with LocalCluster(workers=2, slots=1, sandbox=name != P2P) as lc:
+        return measure(lc.executor, roundtrips, items)
+
+
+def measure_elsewhere(name: str, roundtrips: int, items: int) -> dict[str, float]:
+    """One column measured in a fresh interpreter: what one executor leaves behind (Ray's and dask's
+    threads and processes, a heap of their objects for the garbage collector to walk) must not slow the
+    next one.  Measured in one process, after them, p2pexec's client lost 10-25% of its throughput."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "column.json")
+        subprocess.run([sys.executable, __file__, "--column", name, "--roundtrips", str(roundtrips),
+                        "--items", str(items), "--json", out], check=True, timeout=COLUMN_TIMEOUT)
+        with open(out) as f:
+            column: dict[str, float] = json.load(f)
+    return column
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--roundtrips", type=int, default=500)
@@ -155,35 +185,42 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--no-sandboxed", action="store_true", help="skip the sandboxed P2PExecutor column")
     parser.add_argument("--only-p2p", action="store_true", help="skip the baselines (for profiling runs)")
+    parser.add_argument("--column", help=argparse.SUPPRESS)  # measure this one column here (measure_elsewhere)
     args = parser.parse_args()
+    if args.column:
+        write_json(args.json, measure_column(args.column, args.roundtrips, args.items))
+        return 0
 
     results: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
                                "roundtrips": args.roundtrips, "items": args.items}
-    loky = loky_pool()
+    names = []
     if not args.only_p2p:
-        results["ProcessPoolExecutor(2)"] = measure(lambda: ProcessPoolExecutor(2), args.roundtrips, args.items)
-        if loky is not None:
-            results["loky(2)"] = measure(loky, args.roundtrips, args.items)
+        names.append("ProcessPoolExecutor(2)")
+        if loky_pool() is not None:
+            names.append("loky(2)")
         else:
             print("loky is not installed (pip install loky, or joblib): its column is skipped")
-        for name, make in peer_makers().items():
-            results[name] = measure(make, args.roundtrips, args.items, pool=False)
-    with LocalCluster(workers=2, slots=1) as lc:
-        results["P2PExecutor(LocalCluster 2x1)"] = measure(lc.executor, args.roundtrips, args.items)
+        for name, (module, _) in PEERS.items():
+            if installed(module):
+                names.append(name)
+            else:
+                print(f"{name} is not installed (pip install 'p2pexec[bench]'): its column is skipped")
+    names.append(P2P)
     layer = detect().layer
     if layer is not None and not args.no_sandboxed:  # what p2pexec-worker does by default: sandboxed tasks
-        with LocalCluster(workers=2, slots=1, sandbox=True) as lc:
-            results[f"P2PExecutor(sandboxed: {layer})"] = measure(lc.executor, args.roundtrips, args.items)
+        names.append(f"P2PExecutor(sandboxed: {layer})")
+    for name in names:
+        results[name] = measure_elsewhere(name, args.roundtrips, args.items)
 
     columns = [(name, results[name]) for name in ("ProcessPoolExecutor(2)", "loky(2)", "Ray", "dask",
-                                                  "P2PExecutor(LocalCluster 2x1)", f"P2PExecutor(sandboxed: {layer})")
+                                                  P2P, f"P2PExecutor(sandboxed: {layer})")
                if name in results]
     rows = [("warm submit(noop).result(), median", "roundtrip_ms", "ms"),
             (f"map(noop, range({args.items})), chunksize 1", "map_tasks_per_s", "tasks/s"),
             (f"map(noop, range({20 * args.items})), chunksize 100", "map_chunked_tasks_per_s", "tasks/s"),
             ("new executor to first result, median of 5", "first_result_ms", "ms")]
     heads = {"ProcessPoolExecutor(2)": "ProcessPool(2)", "loky(2)": "loky(2)", "Ray": "Ray", "dask": "dask",
-             "P2PExecutor(LocalCluster 2x1)": "P2PExecutor"}
+             P2P: "P2PExecutor"}
     print(f"{'measure':<48}" + "".join(f" {heads.get(name, 'sandboxed'):>18}" for name, _ in columns))
     for label, key, unit in rows:
         print(f"{label:<48}" + "".join(f" {col[key]:>12.2f} {unit:<5}" if key in col else f" {'—':>18}"
@@ -202,7 +239,7 @@ def verdicts(results: dict[str, Any], layer: str | None) -> list[str]:
     """Each small-task target against its baseline from this run: pass or fall short."""
     pool, loky = results.get("ProcessPoolExecutor(2)"), results.get("loky(2)")
     out = []
-    for name in ("P2PExecutor(LocalCluster 2x1)", f"P2PExecutor(sandboxed: {layer})"):
+    for name in (P2P, f"P2PExecutor(sandboxed: {layer})"):
         ours = results.get(name)
         if ours is None:
             continue
