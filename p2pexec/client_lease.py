@@ -47,6 +47,7 @@ class Lease:
         self.channel: SecureChannel | None = None
         self.moving: Any = None  # the direct stream the lease is moving to, until the worker's MOVE
         self.nursery: trio.Nursery | None = None  # its I/O tasks, once established
+        self.woken = trio.Event()  # set by ClientScheduler.notify: the feeder has something to look at
 
     def __repr__(self) -> str:
         return repr(self.state)
@@ -172,15 +173,19 @@ class Lease:
                 break
             if verdict == WAIT:
                 idle_since = None
-                await self.client.wait_change()
+                await self._wait_change()
                 continue
             idle_since = trio.current_time() if idle_since is None else idle_since
             left = self.client.options.lease_idle - (trio.current_time() - idle_since)
             if left <= 0:
                 break
             with trio.move_on_after(left):
-                await self.client.wait_change()
+                await self._wait_change()
         await channel.send(encode_op(Op.END))
+
+    async def _wait_change(self) -> None:
+        await self.woken.wait()
+        self.woken = trio.Event()
 
     async def _send_values(self, item: WorkItem, batch: list[Buffer]) -> list[Buffer]:
         """Send the big values ``item`` uses that its worker may not hold, each in a message of its own
@@ -237,7 +242,7 @@ class Lease:
             if board is not None and not board.inbox.keyring.allows(self.worker, self.state.key):
                 raise PeerLost(f"{self.worker} is no longer a member of {self.client.cluster}")
             self.state.control.append(encode_op(Op.PING))
-            self.client.notify()
+            self.client.notify(self)
 
     async def _receive(self) -> None:
         channel = self.channel
@@ -261,7 +266,7 @@ class Lease:
                         changed = True
             finally:
                 if changed:  # one wake-up of the feeders per message, however many answers it held
-                    self.client.notify()
+                    self.client.notify(self)
 
     def _apply(self, op: Op, arg: int, data: memoryview) -> None:
         """Apply one operation from the worker (not END, PING or MOVE); the caller then notifies the feeders."""

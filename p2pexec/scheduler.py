@@ -125,8 +125,14 @@ class ClientScheduler:
         self.notify()
         self.do(self.core.maybe_request(time.monotonic()))  # demand only grows here, when a lease ends, and by the tick
 
-    def notify(self) -> None:
-        """Wake the lease feeders (runs per result: keep it cheap)."""
+    def notify(self, only: Lease | None = None) -> None:
+        """Wake the lease feeders (runs per result: keep it cheap); ``only`` that lease's while no task waits
+        to be sent, since then nothing that happened on ``only`` gives another feeder anything to do."""
+        if only is not None and not self.core.pending:
+            only.woken.set()
+            return
+        for lease in self._leases.values():
+            lease.woken.set()
         self._changed.set()
         self._changed = trio.Event()
 
