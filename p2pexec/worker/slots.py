@@ -23,13 +23,13 @@ from ..protocol.resources import format_size
 from ..transport.eager_locks import EagerLock
 from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, SKIP, VALUE, Report, map_outcome
 from .history import printable
+from .hop_reader import HopBroken, HopReader
 from .privileges import prctl
 from .sandbox import SLOT_ENV, Sandbox
 from .valuecache import Blob
 
 log = logging.getLogger("p2pexec.worker")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-_MAX_FDS = 4  # room for more file descriptors than a well-behaved task process sends, to close the extras
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -58,6 +58,7 @@ class TaskSlot:
         self._scratch_root = scratch_root
         self._proc: trio.Process | None = None
         self._sock: trio.socket.SocketType | None = None
+        self._reader: HopReader | None = None  # reads what ``_sock`` brings
         self._scratch: Path | None = None  # the process's HOME, TMPDIR and working directory
         self.member: str | None = None  # whose code the current process has run
         self.function = "?"  # the function its current task runs, as the task process reported it (untrusted)
@@ -112,6 +113,7 @@ class TaskSlot:
             if info_write is not None:
                 os.close(info_write)
         self._proc, self._sock = proc, trio.socket.from_stdlib_socket(ours)
+        self._reader = HopReader(self._sock, portability.fd_passing())
         self.function, self._submitted, self._outstanding, self._skipping = "?", 0, 1, set()  # (1: its ready)
         _LIVE.add(proc.pid)
         try:
@@ -215,20 +217,17 @@ class TaskSlot:
         module it could not load, whether it raised: two at most) or
         whenever a task is skipped; anything else is a broken hop.
         """
-        assert self._sock is not None
+        assert self._reader is not None
         reports = 0
         while self._outstanding:
-            if portability.fd_passing():
-                data, ancillary, _, _ = await self._sock.recvmsg(HEADER.size, socket.CMSG_SPACE(_MAX_FDS * 4))
-                fds = _received_fds(ancillary)
-            else:  # no SCM_RIGHTS: every outcome comes inline
-                data, fds = await self._sock.recv(HEADER.size), []
             try:
-                if not data:
-                    raise await self._end(None)
-                rest = bytearray(HEADER.size - len(data))  # a stream socket may split even a short header
-                await self._receive_into(memoryview(rest))
-                kind, offset, size = HEADER.unpack(data + rest)
+                got = await self._reader.header()
+            except HopBroken as exc:
+                raise await self._end(str(exc)) from None
+            if got is None:
+                raise await self._end(None)
+            (kind, offset, size), fds = got
+            try:
                 if kind == REPORT and not fds and reports < 2 and size <= MAX_REPORT:
                     report = bytearray(size)
                     await self._receive_into(memoryview(report))
@@ -276,12 +275,13 @@ class TaskSlot:
         return True
 
     async def _receive_into(self, view: memoryview) -> None:
-        assert self._sock is not None
-        while view:
-            count = await self._sock.recv_into(view)
-            if not count:
-                raise await self._end(None)
-            view = view[count:]
+        assert self._reader is not None
+        try:
+            if await self._reader.body(view):
+                return
+        except HopBroken as exc:
+            raise await self._end(str(exc)) from None
+        raise await self._end(None)
 
     async def _end(self, why: str | None) -> TaskProcessDied:
         """End the process; the error to raise says ``why``, or how the process ended."""
@@ -300,11 +300,13 @@ class TaskSlot:
                                f"the task process {describe_exit(proc.returncode if proc else None)}")
 
     def _forget(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         if self._sock is not None:
             self._sock.close()
         if self._scratch is not None:  # what the last process left goes with it
             shutil.rmtree(self._scratch, ignore_errors=True)
-        self._proc, self._sock, self._scratch = None, None, None
+        self._proc, self._sock, self._reader, self._scratch = None, None, None, None
 
     async def stop(self) -> None:
         proc = self._proc
@@ -415,11 +417,3 @@ def become_subreaper() -> bool:
 
 
 _PR_SET_CHILD_SUBREAPER = 36
-
-
-def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds = array.array("i")
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return list(fds)
