@@ -122,3 +122,21 @@ def test_a_crash_ends_the_task_that_crashed_and_the_next_process_runs_the_rest(t
             await slot.stop()
 
     trio.run(main)
+
+
+def test_the_answers_of_a_batch_leave_while_a_long_task_after_them_runs():
+    """A batch's answers are held a moment to leave together, never until the long task behind them ends."""
+    import time
+    from concurrent.futures import wait
+
+    from p2pexec import LocalCluster
+
+    with LocalCluster(workers=1, slots=1) as lc, lc.executor() as ex:
+        for _ in range(50):  # short tasks: the lease's tasks go to the task process in batches now
+            ex.submit(int).result()
+        short = [ex.submit(int, i) for i in range(40)]
+        long = ex.submit(time.sleep, 4)
+        done, not_done = wait(short, timeout=2)
+        assert not not_done, f"{len(not_done)} short answers waited for the long task behind them"
+        assert [f.result() for f in short] == list(range(40))
+        ex.interrupt(long)  # (it would hold the shutdown 4 s)

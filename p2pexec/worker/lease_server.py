@@ -134,6 +134,7 @@ class LeaseServer:
         self.send_tasks, self.receive_tasks = trio.open_memory_channel[Task](math.inf)
         self.outbox: list[Buffer] = []  # answers (and RETURNED, CANCELLED...) for the next message
         self.mail = trio.Event()  # the outbox has news: wake the sender
+        self.holding = trio.Event()  # a batch holds answers: post them within GATHER_SECONDS (_post_held)
         self.looking_again = False  # a look_again is pending: the lease may fall idle
         self.stoppers: dict[int, _Batch] = {}  # id of a task given to a task process -> what interrupts it
         self.batches: set[_Batch] = set()  # each slot's, while it runs one
@@ -144,6 +145,7 @@ class LeaseServer:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self._send_mail)
+            nursery.start_soon(self._post_held)
             nursery.start_soon(self._time_is_up)
             nursery.start_soon(self._heartbeat)
             self.post()  # the first message carries the initial credit
@@ -284,6 +286,8 @@ class LeaseServer:
         if at_once or not batch.tasks or now - batch.held_since >= GATHER_SECONDS:
             self.post(*batch.answers)
             batch.answers.clear()
+        elif len(batch.answers) == len(op):  # the first held: it leaves within GATHER_SECONDS, whatever runs next
+            self.holding.set()
         if idle and not self.looking_again:  # idle, unless its next task is on its way
             self.looking_again = True
             assert self.nursery is not None
@@ -302,6 +306,17 @@ class LeaseServer:
                 self.daemon.history.add(Entry(self.client, slot.function, ran.start,
                                               trio.current_time() - ran.clock, ran.outcome,
                                               self.daemon.config.who.cluster))
+
+    async def _post_held(self) -> None:
+        """Post the answers a batch held once GATHER_SECONDS passed, though the task after them runs on."""
+        while True:
+            await self.holding.wait()
+            self.holding = trio.Event()
+            await trio.sleep(GATHER_SECONDS)
+            for batch in self.batches:
+                if batch.answers:
+                    self.post(*batch.answers)
+                    batch.answers.clear()
 
     async def _look_again(self) -> None:
         await trio.sleep(IDLE_GRACE)
