@@ -25,6 +25,7 @@ from .protocol.values import split_digests, task_header
 from .stdlib_private import cancel_running
 from .transport.channel import FramedStream, PeerLost, SecureChannel
 from .transport.host import RELAY_JOIN_TIMEOUT, Unreachable
+from .transport.yamux_window import open_wide
 
 if TYPE_CHECKING:
     from .client_state import LeaseState, WorkItem
@@ -68,6 +69,7 @@ class Lease:
                 rx, tx = session_keys("client", *self.client.kx_keys, messages.unb64(offer["kx"], 32))
                 self.channel = await SecureChannel.establish(framed, rx, tx, allocate=None,
                                                               max_message=self.client.options.max_result_size)
+                await open_wide(stream)
                 framed.silence_limit = SILENCE_SECONDS
                 self.state.open = True
                 log.info("leased %d slot(s) of worker %s (%s connection)", self.state.slots, self.worker,
@@ -232,6 +234,7 @@ class Lease:
             break
         self.moving = stream
         self.state.path = f"upgraded after {trio.current_time() - started:.1f} s"  # said once the worker moved too
+        await open_wide(stream)
         await self.channel.move_tx(stream)
 
     async def _heartbeat(self) -> None:

@@ -140,3 +140,33 @@ def test_reading_ahead_keeps_the_bytes_of_a_tcp_connection_in_order(seed):
         return b"".join(received)
 
     assert trio.run(scenario) == sent
+
+
+def test_a_wide_open_lease_stream_takes_megabytes_before_its_reader_reads():
+    """yamux_window.open_wide: py-libp2p's window starts at 256 KiB and grows erratically; a lease's is 16 MiB."""
+    from p2pexec.transport.yamux_window import open_wide
+
+    size = 8 << 20
+
+    async def scenario() -> int:
+        opened, written = trio.Event(), trio.Event()
+
+        async def serve(stream):  # type: ignore[no-untyped-def]
+            await open_wide(stream)
+            opened.set()
+            await written.wait()  # read nothing until the client wrote everything
+            got = 0
+            while got < size:
+                got += len(await stream.read(1 << 20))
+
+        async with Libp2pHost().running() as worker, Libp2pHost().running() as client:
+            worker.set_handler(serve)
+            stream = await client.open_stream(worker.peer_id, worker.addrs)
+            await stream.write(b"x")  # the worker's handler runs once the stream carries something
+            await opened.wait()
+            with trio.fail_after(20):
+                await stream.write(b"y" * (size - 1))  # py-libp2p gives up after 5 s with no window
+            written.set()
+            return size
+
+    assert trio.run(scenario) == size

@@ -15,13 +15,20 @@ change, and counts the updates a real stream sends.
 Flow control is unchanged: the sender may still have up to the whole window
 in flight, and the reader releases it in halves, so a sender never waits
 for a reader that has read everything.
+
+A lease's stream also gets the largest window at once (:func:`open_wide`).
+py-libp2p grows a window from 256 KiB only when updates come within four
+round trips, as its ping measured them, and a sender that has used its
+window looks for an update every 10 ms: a 256 MiB echo on a lease whose
+window had not grown took 9-18 s instead of 2.5-3.3 s (benchmarks/README.md).
+Both ends of a lease read it all the time, and only members hold one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from libp2p.stream_muxer.yamux.yamux import YamuxStream
+from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, YamuxStream
 
 #: what this module relies on in YamuxStream (checked by the tests)
 USED = ("_auto_tune_and_send_window_update", "_grow_threshold", "_grow_to_delta", "_apply_autotune_epoch",
@@ -51,3 +58,16 @@ async def _release_in_halves(self: Any, *, bytes_read: int = 0) -> None:
 def release_in_halves() -> None:
     """Install the go-yamux rule on py-libp2p's YamuxStream (idempotent)."""
     YamuxStream._auto_tune_and_send_window_update = _release_in_halves  # type: ignore[method-assign]
+
+
+async def open_wide(stream: Any) -> None:
+    """Let the peer send up to py-libp2p's largest window (16 MiB) ahead on ``stream``, from now on."""
+    muxed = getattr(stream, "muxed_stream", None)
+    if not isinstance(muxed, YamuxStream):
+        return
+    async with muxed.window_lock:
+        buffered = len(muxed.conn.stream_buffers.get(muxed.stream_id, b""))
+        muxed.target_recv_window = MAX_WINDOW_SIZE
+        grow = muxed._grow_to_delta(buffered)
+    if grow > 0:
+        await muxed.send_window_update(grow, skip_lock=True)

@@ -28,6 +28,7 @@ from ..protocol.frames import MAX_FRAME, RESUME_MAGIC, resume_frame, session_key
 from ..protocol.lease import SILENCE_SECONDS
 from ..transport.channel import FramedStream, SecureChannel
 from ..transport.host import Libp2pHost
+from ..transport.yamux_window import open_wide
 from . import hop
 from .decisions import Grant
 from .lease_decisions import LeaseDecisions
@@ -92,6 +93,7 @@ class Leases:
                 offer, slots = grant.offer, [daemon.slots[i] for i in grant.slots]
                 rx, tx = session_keys("worker", *offer.kx, messages.unb64(accept["kx"], 32))
                 channel = await SecureChannel.establish(framed, rx, tx, allocate=hop.allocate)
+                await open_wide(stream)  # a member's lease, read all the time
                 if daemon.host is not None:
                     daemon.host.proved(stream.muxed_conn.peer_id)  # a member's client: not a stranger any more
             framed.decoder.max_frame = MAX_FRAME
@@ -179,6 +181,7 @@ class Leases:
             raise ProtocolError(f"client {client} moved its lease, but no stream resumed it")
         if channel.framed.stream is move.stream:
             raise ProtocolError(f"client {client} moved its lease twice")
+        await open_wide(move.stream)
         await channel.move_tx(move.stream)
         channel.framed.move_rx(move.stream)
         await channel.framed.close_old()
