@@ -74,7 +74,7 @@ def test_every_lock_a_lease_stream_takes_per_message_is_eager():
     """py-libp2p's per-message locks are replaced (libp2p_config.eager_locks); fails if py-libp2p renames one."""
     from libp2p.stream_muxer.rw_lock import ReadWriteLock
 
-    from p2pexec.transport.eager_locks import EagerLock, EagerSemaphore
+    from p2pexec.transport.eager_locks import Eager
     from p2pexec.transport.libp2p_config import EAGER_LOCKS
 
     async def scenario() -> dict[str, object]:
@@ -91,9 +91,9 @@ def test_every_lock_a_lease_stream_takes_per_message_is_eager():
     for obj in found.values():
         names = next(names for cls, names in EAGER_LOCKS.items() if isinstance(obj, cls))
         for name in names:
-            assert isinstance(getattr(obj, name), EagerLock), f"{type(obj).__name__}.{name}: see libp2p_config.py"
+            assert isinstance(getattr(obj, name), Eager), f"{type(obj).__name__}.{name}: see libp2p_config.py"
     rw = found["rw"]
-    assert isinstance(rw, ReadWriteLock) and isinstance(rw._writer_lock, EagerSemaphore)
+    assert isinstance(rw, ReadWriteLock) and isinstance(rw._writer_lock, Eager)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -9,7 +9,7 @@ read-write lock's two, the net stream's state lock): about a dozen turns
 of the loop per round trip on each end, none of which waits for anything
 (measured in ``benchmarks/README.md``).
 
-:class:`EagerLock` and :class:`EagerSemaphore` take a free lock at once
+:class:`Eager` locks and semaphores take a free lock at once
 and otherwise wait exactly as trio's do (trio's ``acquire_nowait`` refuses
 while anyone is queued, so the lock stays fair).  Nothing else is lost:
 every one of those paths goes on to a socket call or an event wait, which
@@ -26,70 +26,35 @@ from typing import Any
 import trio
 
 
-class EagerLock:
-    """A trio Lock (wrapped, not subclassed: trio's are final) whose uncontended acquire does not yield."""
+class Eager:
+    """A trio Lock or Semaphore (wrapped, not subclassed: trio's are final) whose acquire does not yield
+    while it is free."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_inner",)
 
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
+    def __init__(self, inner: trio.Lock | trio.Semaphore) -> None:
+        self._inner = inner
 
     async def acquire(self) -> None:
         try:
-            self._lock.acquire_nowait()
+            self._inner.acquire_nowait()
         except trio.WouldBlock:
-            await self._lock.acquire()
+            await self._inner.acquire()
 
-    def acquire_nowait(self) -> None:
-        self._lock.acquire_nowait()
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    def statistics(self) -> Any:
-        return self._lock.statistics()
+    def __getattr__(self, name: str) -> Any:  # acquire_nowait, release, locked, value, statistics
+        return getattr(self._inner, name)
 
     async def __aenter__(self) -> None:
         await self.acquire()
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        self._lock.release()
+        self._inner.release()
 
 
-class EagerSemaphore:
-    """A trio Semaphore whose acquire does not yield while a unit is free."""
+def EagerLock() -> Eager:  # noqa: N802 - it stands in for a class
+    return Eager(trio.Lock())
 
-    __slots__ = ("_semaphore",)
 
-    def __init__(self, initial_value: int) -> None:
-        self._semaphore = trio.Semaphore(initial_value)
-
-    async def acquire(self) -> None:
-        try:
-            self._semaphore.acquire_nowait()
-        except trio.WouldBlock:
-            await self._semaphore.acquire()
-
-    def acquire_nowait(self) -> None:
-        self._semaphore.acquire_nowait()
-
-    def release(self) -> None:
-        self._semaphore.release()
-
-    @property
-    def value(self) -> int:
-        return self._semaphore.value
-
-    def statistics(self) -> Any:
-        return self._semaphore.statistics()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        self._semaphore.release()
+def EagerSemaphore(initial_value: int) -> Eager:  # noqa: N802
+    return Eager(trio.Semaphore(initial_value))
