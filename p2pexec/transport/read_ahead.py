@@ -2,9 +2,9 @@
 
 py-libp2p 0.8.1 reads each Noise message with two socket reads, its 2-byte
 length then its body, and every successful socket read of trio is also a
-turn of its loop.  Messages on a lease are small and come in bursts, so
-most of those reads found the bytes already there: about a third of the
-socket calls of a round trip (``benchmarks/README.md``).  Here
+turn of its loop; the body was nearly always there already, and in a
+burst the next message too (chunksize-1 maps cost about 7% less CPU
+without those reads, ``benchmarks/README.md``).  Here
 ``TrioTCPStream.read`` asks the socket for at least :data:`READ_AHEAD`
 bytes and keeps what the caller did not ask for; the next read is served
 from it without a system call or a turn of the loop.

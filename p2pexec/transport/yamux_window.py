@@ -20,7 +20,7 @@ A lease's stream also gets the largest window at once (:func:`open_wide`).
 py-libp2p grows a window from 256 KiB only when updates come within four
 round trips, as its ping measured them, and a sender that has used its
 window looks for an update every 10 ms: a 256 MiB echo on a lease whose
-window had not grown took 9-18 s instead of 2.5-3.3 s (benchmarks/README.md).
+window had not grown took 9.5-18 s instead of 2.4-3.3 s (benchmarks/README.md).
 Both ends of a lease read it all the time, and only members hold one.
 """
 
