@@ -57,8 +57,7 @@ class _Batch:
         self.withdrawn: set[int] = set()  # to skip unless started; skipped, they answer CANCELLED...
         self.returned: set[int] = set()  # ...or, these, RETURNED: the worker stops, they run elsewhere
         self.scope: trio.CancelScope | None = None  # the current attempt's: cancelling it kills the task process
-        self.answers: list[Buffer] = []  # not posted yet
-        self.held_since = 0.0  # when the oldest of them came
+        self.answers: list[Buffer] = []  # not posted yet (LeaseServer._post_held sends them within GATHER_SECONDS)
 
     async def interrupt(self, task_id: int) -> None:
         """Stop ``task_id``: skipped if it has not started, else its process is killed (now if it is the
@@ -97,11 +96,9 @@ class _Batch:
         for task_id in self.withdrawn & self.numbers.keys():
             await self.slot.skip(self.numbers[task_id])
 
-    def answered(self, task_id: int, op: list[Buffer], now: float) -> None:
+    def answered(self, task_id: int, op: list[Buffer]) -> None:
         """``task_id`` is answered by ``op``; if it was the head, the next becomes it (and is stopped, if that
         was asked)."""
-        if not self.answers:
-            self.held_since = now
         self.answers += op
         head = self.tasks[0][0] == task_id
         self.tasks.remove(next(task for task in self.tasks if task[0] == task_id))
@@ -278,12 +275,12 @@ class LeaseServer:
     def _answer(self, batch: _Batch, task_id: int, op: list[Buffer], since: float | None,
                 at_once: bool = False) -> float:
         """``op`` answers ``task_id``, which ran since ``since`` (None: it did not finish); answers leave
-        together once the batch is done or the oldest has waited GATHER_SECONDS.  Returns the time."""
+        together once the batch is done, or within GATHER_SECONDS (:meth:`_post_held`).  Returns the time."""
         now = trio.current_time()
-        batch.answered(task_id, op, now)
+        batch.answered(task_id, op)
         del self.stoppers[task_id]
         idle = self.decisions.task_answered(task_id, None if since is None else now - since, now)
-        if at_once or not batch.tasks or now - batch.held_since >= GATHER_SECONDS:
+        if at_once or not batch.tasks:
             self.post(*batch.answers)
             batch.answers.clear()
         elif len(batch.answers) == len(op):  # the first held: it leaves within GATHER_SECONDS, whatever runs next

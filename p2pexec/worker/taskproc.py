@@ -148,8 +148,7 @@ class _Inbox:
             else:
                 self.waiting.append(message)
                 return
-        with _sending:
-            self.sock.sendall(_report({"skipped": number}))
+        _say(self.sock, _report({"skipped": number}))
 
     def _watch(self) -> None:
         try:
@@ -211,10 +210,15 @@ def _report(fields: dict) -> bytes:
     return HEADER.pack(REPORT, 0, len(data)) + data
 
 
+def _say(sock: socket.socket, data: bytes) -> None:
+    """Write one whole message to the daemon (the inbox's thread may write a notice meanwhile)."""
+    with _sending:
+        sock.sendall(data)
+
+
 def _tell_name(sock: socket.socket, name: str, reported: str | None) -> str:
     if name != reported:
-        with _sending:
-            sock.sendall(_report({"fn": name}))
+        _say(sock, _report({"fn": name}))
     return name
 
 
@@ -235,8 +239,7 @@ def _send(sock: socket.socket, parts: list, report: bytes = b"") -> None:
             finally:
                 os.close(fd)
             return
-    with _sending:
-        sock.sendall(b"".join([report, HEADER.pack(INLINE, 0, size), *parts]))
+    _say(sock, b"".join([report, HEADER.pack(INLINE, 0, size), *parts]))
 
 
 def serve(sock: socket.socket) -> None:
@@ -259,13 +262,11 @@ def serve(sock: socket.socket) -> None:
             ok, value = True, fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - a task's SystemExit is its result too
             if isinstance(exc, MemoryError) and _memory_limit:  # stopped: the daemon says which limit
-                with _sending:
-                    sock.sendall(_report({"over": "memory"}))
+                _say(sock, _report({"over": "memory"}))
                 os._exit(OVER_MEMORY_EXIT)
             ok, value = False, exc
             if name == "?" and isinstance(exc, ModuleNotFoundError) and exc.name:  # not installed here
-                with _sending:
-                    sock.sendall(_report({"fn": name, "missing": exc.name.partition(".")[0]}))
+                _say(sock, _report({"fn": name, "missing": exc.name.partition(".")[0]}))
                 reported = name
         reported = _tell_name(sock, name, reported)  # said already, unless loading failed
         try:
