@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import io
 import pickle
-import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
@@ -24,7 +23,8 @@ from typing import Any
 
 from .protocol import values as wire
 from .protocol.frames import Buffer, nbytes, pack_parts
-from .tasks import ATOMS, PROTOCOL, PrepickledFunction, TaskPickler, dump_payload, dump_task, is_plain
+from .tasks import (ATOMS, PROTOCOL, PrepickledFunction, TaskPickler, dump_payload, dump_task, is_plain,
+                    numpy_array_type)
 
 
 @dataclass(eq=False)
@@ -40,17 +40,24 @@ class Value:
         self.digest = wire.digest(self.parts)
         self.size = sum(nbytes(p) for p in self.parts)
 
+    @classmethod
+    def of(cls, obj: Any) -> "Value":
+        """``obj`` pickled as a value, laid out so that its first buffer lands aligned on the worker.
+
+        A buffer the user may still write to is copied: it is sent later
+        than it is named, and a worker drops a lease whose value does not
+        match its digest.
+        """
+        header, main, *buffers = dump_payload(obj, landing=wire.VALUE_AT, recurse=True)
+        return cls([header, main, *(b if memoryview(b).readonly else bytes(b) for b in buffers)])
+
     @property
     def pickle(self) -> Buffer:
         return self.parts[1]  # [header, pickle, out-of-band buffers...]
 
 
-_numpy_array: Any = None  # numpy.ndarray, once numpy is loaded
-
-
 def _hoistable_size(obj: Any) -> int:
     """How big ``obj`` is, for the types whose size costs nothing to know; 0 for the rest."""
-    global _numpy_array
     kind = type(obj)
     if kind is bytes or kind is bytearray or kind is str:
         return len(obj)
@@ -58,12 +65,8 @@ def _hoistable_size(obj: Any) -> int:
         return obj.nbytes if obj.c_contiguous else 0
     if kind is PrepickledFunction:
         return len(obj.data)
-    if _numpy_array is None:
-        numpy = sys.modules.get("numpy")  # (never imported here: an array's module is loaded already)
-        if numpy is None:
-            return 0
-        _numpy_array = numpy.ndarray
-    return obj.nbytes if isinstance(obj, _numpy_array) else 0
+    array = numpy_array_type()
+    return obj.nbytes if array is not None and isinstance(obj, array) else 0
 
 
 class _Hoisting:
@@ -122,7 +125,7 @@ class _HoistingPickler(TaskPickler):
                 return None
         elif _hoistable_size(obj) < wire.HOIST_MIN:
             return None
-        value = Value(dump_payload(obj, recurse=True))
+        value = Value.of(obj)
         self.memo_of_values[id(obj)] = (obj, value)
         return self.hoisting.index(value)
 
@@ -188,6 +191,6 @@ def dump_task_values(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
         probe = _Hoisting(hoisting.memo)
         for part in _components(task):
             if id(part) not in hoisting.memo and nbytes(probe.dump(part)[1]) >= wire.HOIST_MIN:
-                hoisting.memo[id(part)] = (part, Value(dump_payload(part, recurse=True)))
+                hoisting.memo[id(part)] = (part, Value.of(part))
         payload = hoisting.dump(task)
     return payload, tuple(hoisting.values)

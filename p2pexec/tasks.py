@@ -5,7 +5,7 @@ the task process (on the worker) and the client do.  This module is the
 format both ends share: the task pickler (the user's local code by value,
 big buffers out of band), :func:`dump_task` and :func:`load_task`, the C
 pickler's fast path for plain data, :class:`PrepickledFunction` and the
-task's :class:`Outcome`.  What pickles name (``_load_function``,
+task's :class:`Outcome`.  What pickles name (``_load_function``, ``_array``,
 ``Outcome``, ``RemoteError``, ``_rebuild_exception``) lives here and stays
 here: clients and workers of other versions refer to it as
 ``p2pexec.tasks``.  The client's way to a payload is in
@@ -31,7 +31,7 @@ import dill
 import dill._dill
 
 from .errors import RemoteTraceback
-from .protocol.frames import Buffer, pack_parts, unpack_parts
+from .protocol.frames import Buffer, pack_header_size, pack_parts, unpack_parts
 
 PROTOCOL = 5
 
@@ -77,27 +77,64 @@ def by_reference(obj: Any) -> bool:
 
 
 OUT_OF_BAND = 64 * 1024
+ALIGN = 64  # where a value's first out-of-band buffer lands on a worker (a cache line: any dtype's alignment)
+
+
+def numpy_array_type() -> Any:
+    """``numpy.ndarray`` if numpy is loaded, else None (never imported here: an array's module is loaded)."""
+    numpy = sys.modules.get("numpy")
+    return None if numpy is None else numpy.ndarray
 
 
 def _large_bytes_out_of_band(obj: Any) -> Any:
     # Big buffers travel as views beside the pickle (protocol 5), never copied
-    # into it; NumPy arrays and PickleBuffers do this by themselves.
+    # into it.  dill would pickle an array through tobytes(), copied on each
+    # side; _array loads it where its buffer lies.
     kind = type(obj)
-    if kind in (bytes, bytearray, memoryview) and memoryview(obj).nbytes >= OUT_OF_BAND:
-        if kind is not memoryview or obj.c_contiguous:
+    if kind in (bytes, bytearray, memoryview):
+        if memoryview(obj).nbytes >= OUT_OF_BAND and (kind is not memoryview or obj.c_contiguous):
             return kind, (pickle.PickleBuffer(obj),)
+    elif kind is numpy_array_type() and obj.nbytes >= OUT_OF_BAND and not obj.dtype.hasobject:
+        flags = obj.flags
+        if flags.c_contiguous or flags.f_contiguous:  # (else dill's way: a copy, contiguous)
+            order = "C" if flags.c_contiguous else "F"
+            return _array, (pickle.PickleBuffer(obj), obj.dtype, obj.shape, order, bool(flags.writeable))
     return NotImplemented
+
+
+def _array(buffer: Any, dtype: Any, shape: tuple[int, ...], order: str, writeable: bool) -> Any:
+    """An array made on its out-of-band buffer, in place: a task process maps a value privately, so a
+    task reads it without a copy and writes into its own.  Copied only where that memory is read-only
+    (a small message's bytes) but the array was not, or misaligned: numpy takes other loops there,
+    whose sums differ from the client's in the last bits."""
+    import numpy
+
+    array = numpy.frombuffer(buffer, dtype)
+    if not array.flags.aligned or (writeable and not array.flags.writeable):
+        array = array.copy()
+    array = array.reshape(shape, order=order)
+    if not writeable:
+        array.flags.writeable = False
+    return array
 
 
 class TaskPickler(dill.Pickler):
     reducer_override = staticmethod(_large_bytes_out_of_band)
 
 
-def dump_payload(obj: Any, **options: Any) -> list[Buffer]:
-    """``obj`` as a payload: the pickle, then its out-of-band buffers."""
+def dump_payload(obj: Any, landing: int | None = None, **options: Any) -> list[Buffer]:
+    """``obj`` as a payload: the pickle, then its out-of-band buffers.
+
+    With ``landing``, the payload will land at that offset from an
+    :data:`ALIGN`-aligned address: the pickle is padded (a pickle ends at
+    its STOP; what follows is never read) so that the first buffer lands
+    aligned, and an array there is used where it lies (:func:`_array`).
+    """
     buf = io.BytesIO()
     buffers: list[pickle.PickleBuffer] = []
     TaskPickler(buf, protocol=PROTOCOL, buffer_callback=buffers.append, **options).dump(obj)
+    if landing is not None and buffers:
+        buf.write(bytes(-(landing + pack_header_size(1 + len(buffers)) + buf.tell()) % ALIGN))
     return pack_parts([buf.getbuffer(), *(b.raw() for b in buffers)])
 
 

@@ -57,6 +57,31 @@ def test_each_task_gets_its_own_copy_of_a_big_array(cluster):
     assert (array == np.arange(2 * MIB // 8)).all()
 
 
+def lies_in(a):
+    """Where the task process found its array: the object its memory belongs to, and what that is a view of."""
+    import numpy as np
+
+    base = a
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return type(base).__name__, type(getattr(base, "obj", None)).__name__, bool(a.flags.aligned), float(a.sum())
+
+
+def test_an_array_argument_is_used_where_it_landed_and_results_are_arrays_like_local_ones(cluster):
+    np = pytest.importorskip("numpy")
+    from p2pexec.worker.hop import shared
+
+    array = np.random.default_rng(2).random(2 * MIB // 8).reshape(-1, 8)
+    with cluster.executor() as ex:
+        where = list(ex.map(lies_in, [array] * 4))
+        doubled = ex.submit(np.multiply, array, 2).result(timeout=60)
+    expected = ("memoryview", "mmap", True, float(array.sum()))  # the worker's shared memory, mapped privately
+    assert all(w[2:] == expected[2:] for w in where)  # the same bits as the sum here
+    if shared():
+        assert where == [expected] * 4
+    assert doubled.flags.writeable and doubled.flags.aligned and (doubled == array * 2).all()
+
+
 def test_a_closure_over_a_big_object_crosses_once(cluster):
     np = pytest.importorskip("numpy")
     model = np.random.default_rng(1).random(3 * MIB // 8)
@@ -94,10 +119,9 @@ def test_members_cannot_use_each_others_values():
             assert ex.submit(len, b"warm").result(timeout=60) == 4
             peer = ex.stats().workers[0].peer
             from p2pexec.hoisting import Value
-            from p2pexec.tasks import dump_payload
 
             # bob claims the worker holds the value (as if he could probe alice's): it answers UNCACHED
-            name = Value(dump_payload(data, recurse=True)).digest
+            name = Value.of(data).digest
             ex._runtime.run_sync(lambda: ex._scheduler.sent_values(peer).to_send([name]))
             assert ex.submit(digest_of, data).result(timeout=60) == digest_of(data)
             stats = ex.stats()

@@ -303,3 +303,90 @@ def test_a_closure_over_a_big_object_becomes_a_value():
     assert len(values) == 1 and values[0].size > HOIST_MIN
     fn, _, _ = _load(payload, values)
     assert fn() == 300_000
+
+
+# -- arrays: laid out to land aligned on the worker, used in place there --------------------------------------
+def _landed(value):
+    """``value``'s BLOB message rebuilt as a worker rebuilds it (from a page boundary), and the value's view."""
+    import mmap
+
+    from p2pexec.protocol.frames import Op, op_parts
+    from p2pexec.protocol.values import VALUE_AT
+
+    message = b"".join(bytes(p) for p in op_parts(Op.BLOB, 1, value.digest, *value.parts))
+    memory = mmap.mmap(-1, len(message))
+    memory[:] = message
+    return memory, memoryview(memory)[VALUE_AT:]
+
+
+arrays = st.tuples(
+    st.sampled_from(["float64", "float32", "int8", "complex128", "uint16"]),
+    st.integers(HOIST_MIN // 16, HOIST_MIN // 2),
+    st.sampled_from(["C", "F"]),
+    st.integers(0, 1000),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(arrays)
+def test_an_array_value_lands_aligned_and_is_used_in_place(spec):
+    np = pytest.importorskip("numpy")
+    from p2pexec.hoisting import Value
+    from p2pexec.tasks import ALIGN
+
+    dtype, count, order, seed = spec
+    array = np.asarray(np.random.default_rng(seed).random(count) * 100, order=order).astype(dtype)
+    array = np.asarray(array.reshape(-1, 4) if count % 4 == 0 else array, order=order)
+    value = Value.of(array)
+    memory, view = _landed(value)
+    back = _value_from(view)
+    start = np.frombuffer(memory, np.uint8).ctypes.data
+    assert back.ctypes.data % ALIGN == 0 and start <= back.ctypes.data < start + len(memory)  # in place, no copy
+    assert back.flags.writeable and back.dtype == array.dtype and back.shape == array.shape
+    assert np.array_equal(back, array) and back.sum().tobytes() == array.sum().tobytes()  # the same bits
+
+
+def _value_from(view):
+    from p2pexec.tasks import _loads
+
+    return _loads(view)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 63), st.booleans())
+def test_an_array_that_lands_misaligned_or_read_only_is_copied_once(shift, read_only):
+    np = pytest.importorskip("numpy")
+    from p2pexec.hoisting import Value
+
+    array = np.random.default_rng(shift).random(HOIST_MIN // 8)
+    memory, view = _landed(Value.of(array))
+    moved = bytearray(view.nbytes + shift)  # the same payload, somewhere else
+    moved[shift:] = view
+    payload = bytes(moved[shift:]) if read_only else memoryview(moved)[shift:]
+    back = _value_from(payload)
+    assert back.flags.aligned and back.flags.writeable
+    assert back.sum().tobytes() == array.sum().tobytes()
+
+
+def test_a_read_only_array_comes_back_read_only():
+    np = pytest.importorskip("numpy")
+    from p2pexec.hoisting import Value
+
+    array = np.ones(HOIST_MIN // 8)
+    array.flags.writeable = False
+    memory, view = _landed(Value.of(array))
+    back = _value_from(view)
+    assert not back.flags.writeable and (back == 1).all()
+
+
+def test_a_value_is_what_its_buffer_held_when_it_was_named():
+    np = pytest.importorskip("numpy")
+    from p2pexec.hoisting import Value
+
+    data, array = bytearray(HOIST_MIN), np.zeros(HOIST_MIN // 8)
+    values = [Value.of(data), Value.of(array)]
+    data[:10], array[:10] = b"x" * 10, 1.0  # the user goes on writing before the value is sent
+    for value in values:
+        check_blob(value.digest, b"".join(bytes(p) for p in value.parts))
+    assert _value_from(b"".join(bytes(p) for p in values[0].parts)) == bytes(HOIST_MIN)
+    assert not _value_from(b"".join(bytes(p) for p in values[1].parts)).any()

@@ -38,6 +38,7 @@ HEADER_BYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
 SEAL_BYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES  # a sealed chunk's size over its plaintext's
 _TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 _OP = struct.Struct(">BQQ")  # op, arg, data length: ops are self-delimiting, several fit in one message
+OP_HEADER_BYTES = _OP.size
 
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -420,6 +421,11 @@ def decode_ops(message: Buffer) -> Iterator[tuple[Op, int, memoryview, int]]:
 
 _COUNT = struct.Struct(">I")
 _SIZE = struct.Struct(">Q")
+
+
+def pack_header_size(count: int) -> int:
+    """The bytes before the first of ``count`` parts in a payload :func:`pack_parts` makes."""
+    return _COUNT.size + count * _SIZE.size
 
 
 def pack_parts(parts: Sequence[Buffer]) -> list[Buffer]:

@@ -39,10 +39,14 @@ from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
 
 from ..errors import ProtocolError
-from .frames import Buffer
+from .frames import OP_HEADER_BYTES, Buffer
 
 HOIST_MIN = 1 << 20  # a value this big (bytes, or pickled bytes) crosses once per worker
 DIGEST_BYTES = 32  # SHA-256 (hardware-accelerated on most CPUs, unlike BLAKE2)
+# Where a BLOB's value starts in its message (after the op's header and the digest).  A value is always
+# a chunked message, which a worker rebuilds from a page boundary: a client that lays a value out for this
+# offset (tasks.dump_payload's ``landing``) has its arrays used in place in the task process.
+VALUE_AT = OP_HEADER_BYTES + DIGEST_BYTES
 MAX_VALUES = 1024  # values one task may use
 MISSES_BEFORE_INLINE = 2  # UNCACHED answers for a value before the client always sends it with its tasks
 KEEP_SECONDS = 60.0  # a member's values stay this long after their last lease (the daemon looks every 30 s)
