@@ -112,7 +112,7 @@ def _array(buffer: Any, dtype: Any, shape: tuple[int, ...], order: str, writeabl
     array = numpy.frombuffer(buffer, dtype)
     if not array.flags.aligned or (writeable and not array.flags.writeable):
         array = array.copy()
-    array = array.reshape(shape, order=order)
+    array = array.reshape(shape, order="F" if order == "F" else "C")
     if not writeable:
         array.flags.writeable = False
     return array
