@@ -31,7 +31,7 @@ import dill
 import dill._dill
 
 from .errors import RemoteTraceback
-from .protocol.frames import Buffer, pack_header_size, pack_parts, unpack_parts
+from .protocol.frames import OP_HEADER_BYTES, Buffer, pack_header_size, pack_parts, unpack_parts
 
 PROTOCOL = 5
 
@@ -337,7 +337,7 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]
         if main is not None and (len(main) < OUT_OF_BAND or is_plain(value)):  # (big bytes go out of band)
             return pack_parts([main])
     try:
-        return dump_payload(outcome)
+        return dump_payload(outcome, landing=OP_HEADER_BYTES)  # a big result is the first op of its message
     except Exception as exc:
         if not ok:
             raise

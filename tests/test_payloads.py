@@ -30,6 +30,18 @@ def test_large_bytes_round_trip_with_bounded_client_memory():
         assert memory.growth / size < 2.5
 
 
+def test_a_big_array_result_is_held_once_where_it_arrived():
+    np = pytest.importorskip("numpy")
+    size = 128 * MIB
+    with LocalCluster(workers=1) as lc, lc.executor() as ex:
+        ex.submit(echo, b"warm").result()
+        with PeakMemory() as memory:
+            out = ex.submit(np.full, size // 8, 3.0).result(timeout=100)
+        assert out.shape == (size // 8,) and out.flags.writeable and (out[::4096] == 3.0).all()
+        # the message it came in, nothing else (dill's way was that, a copy as bytes, and the array)
+        assert memory.growth / size < 1.5
+
+
 def test_buffer_types_keep_their_type(cluster):
     with cluster.executor() as ex:
         big = os.urandom(3 * MIB)
