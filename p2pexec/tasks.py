@@ -80,10 +80,15 @@ OUT_OF_BAND = 64 * 1024
 ALIGN = 64  # where a value's first out-of-band buffer lands on a worker (a cache line: any dtype's alignment)
 
 
+_ndarray: Any = None  # numpy.ndarray, once numpy is loaded
+
+
 def numpy_array_type() -> Any:
     """``numpy.ndarray`` if numpy is loaded, else None (never imported here: an array's module is loaded)."""
-    numpy = sys.modules.get("numpy")
-    return None if numpy is None else numpy.ndarray
+    global _ndarray
+    if _ndarray is None and "numpy" in sys.modules:
+        _ndarray = sys.modules["numpy"].ndarray
+    return _ndarray
 
 
 def _large_bytes_out_of_band(obj: Any) -> Any:
@@ -94,7 +99,7 @@ def _large_bytes_out_of_band(obj: Any) -> Any:
     if kind in (bytes, bytearray, memoryview):
         if memoryview(obj).nbytes >= OUT_OF_BAND and (kind is not memoryview or obj.c_contiguous):
             return kind, (pickle.PickleBuffer(obj),)
-    elif kind is numpy_array_type() and obj.nbytes >= OUT_OF_BAND and not obj.dtype.hasobject:
+    elif kind is (_ndarray or numpy_array_type()) and obj.nbytes >= OUT_OF_BAND and not obj.dtype.hasobject:
         flags = obj.flags
         if flags.c_contiguous or flags.f_contiguous:  # (else dill's way: a copy, contiguous)
             order = "C" if flags.c_contiguous else "F"
