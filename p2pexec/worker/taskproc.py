@@ -10,6 +10,7 @@ writes to fd 1 or 2 is captured and sent back with its outcome.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
@@ -25,7 +26,8 @@ from collections import deque
 from .. import portability
 from ..chunks import mapped_function
 from ..protocol.frames import nbytes
-from ..tasks import dump_outcome, load_task
+from ..protocol.values import VALUE_AT
+from ..tasks import ALIGN, dump_outcome, load_task
 from .hop import HEADER, INLINE, LIMIT, REPORT, SHARED, SHARED_MIN, SKIP, VALUE, map_payload, share_outcome, shared
 from .sandbox import LANDLOCK_ENV
 
@@ -185,8 +187,9 @@ def _receive_one(sock: socket.socket) -> tuple[int, int, Data] | None:
             return kind, size if kind == LIMIT else offset, bytearray()
         if kind in (SHARED, VALUE) and len(fds) == 1:
             return kind, 0, map_payload(fds[0], offset, size)
-        payload = bytearray(size)  # filled in place: a big task is held once, not in pieces and again joined
-        view = memoryview(payload)
+        # filled in place: a big task is held once, not in pieces and again joined; a value where its arrays
+        # land aligned, as they would in shared memory
+        payload = view = _landing(size, VALUE_AT) if kind == VALUE else memoryview(bytearray(size))
         while view:
             count = sock.recv_into(view)
             if not count:
@@ -196,6 +199,13 @@ def _receive_one(sock: socket.socket) -> tuple[int, int, Data] | None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _landing(size: int, at: int) -> memoryview:
+    """``size`` writable bytes starting ``at`` bytes past an ALIGN boundary."""
+    memory = bytearray(size + ALIGN)
+    skip = (at - ctypes.addressof(ctypes.c_char.from_buffer(memory))) % ALIGN
+    return memoryview(memory)[skip : skip + size]
 
 
 def function_name(fn: object) -> str:
