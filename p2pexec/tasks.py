@@ -77,7 +77,7 @@ def by_reference(obj: Any) -> bool:
 
 
 OUT_OF_BAND = 64 * 1024
-ALIGN = 64  # where a value's first out-of-band buffer lands on a worker (a cache line: any dtype's alignment)
+ALIGN = 64  # where a payload laid out for it has its first out-of-band buffer land (a cache line: any dtype's)
 
 
 _ndarray: Any = None  # numpy.ndarray, once numpy is loaded
@@ -342,7 +342,7 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]
         if main is not None and (len(main) < OUT_OF_BAND or is_plain(value)):  # (big bytes go out of band)
             return pack_parts([main])
     try:
-        return dump_payload(outcome, landing=OP_HEADER_BYTES)  # a big result is the first op of its message
+        return dump_payload(outcome, landing=OP_HEADER_BYTES)  # a big result is its message's first op (else: copied)
     except Exception as exc:
         if not ok:
             raise
