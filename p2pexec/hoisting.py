@@ -23,7 +23,7 @@ from typing import Any
 
 from .protocol import values as wire
 from .protocol.frames import Buffer, nbytes, pack_parts
-from .tasks import (ATOMS, PROTOCOL, PrepickledFunction, TaskPickler, dump_payload, dump_task, is_plain,
+from .tasks import (ATOMS, PROTOCOL, PrepickledFunction, TaskPickler, dump_payload, dump_task, freeze, is_plain,
                     numpy_array_type)
 
 
@@ -42,14 +42,8 @@ class Value:
 
     @classmethod
     def of(cls, obj: Any) -> "Value":
-        """``obj`` pickled as a value, laid out so that its first buffer lands aligned on the worker.
-
-        A buffer the user may still write to is copied: it is sent later
-        than it is named, and a worker drops a lease whose value does not
-        match its digest.
-        """
-        header, main, *buffers = dump_payload(obj, landing=wire.VALUE_AT, recurse=True)
-        return cls([header, main, *(b if memoryview(b).readonly else bytes(b) for b in buffers)])
+        """``obj`` pickled as a value, laid out so that its first buffer lands aligned on the worker."""
+        return cls(dump_payload(obj, landing=wire.VALUE_AT, recurse=True))
 
     @property
     def pickle(self) -> Buffer:
@@ -97,7 +91,7 @@ class _Hoisting:
         pickler = _HoistingPickler(buf, protocol=PROTOCOL, buffer_callback=buffers.append, recurse=True)
         pickler.hoisting, pickler.memo_of_values = self, self.memo
         pickler.dump(obj)
-        return pack_parts([buf.getbuffer(), *(b.raw() for b in buffers)])
+        return pack_parts([buf.getbuffer(), *(freeze(b.raw()) for b in buffers)])
 
 
 _NEVER_BIG_ALONE = frozenset({int, float, bool, complex, type(None), tuple, list, dict, set, frozenset, type,

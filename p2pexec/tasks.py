@@ -31,7 +31,7 @@ import dill
 import dill._dill
 
 from .errors import RemoteTraceback
-from .protocol.frames import OP_HEADER_BYTES, Buffer, pack_header_size, pack_parts, unpack_parts
+from .protocol.frames import OP_HEADER_BYTES, Buffer, nbytes, pack_header_size, pack_parts, unpack_parts
 
 PROTOCOL = 5
 
@@ -103,44 +103,60 @@ def _large_bytes_out_of_band(obj: Any) -> Any:
         flags = obj.flags
         if flags.c_contiguous or flags.f_contiguous:  # (else dill's way: a copy, contiguous)
             order = "C" if flags.c_contiguous else "F"
-            return _array, (pickle.PickleBuffer(obj), obj.dtype, obj.shape, order, bool(flags.writeable))
+            raw = obj.ravel(order="K").view("u1")  # (bytes: a datetime64 array exports no buffer of its own)
+            return _array, (pickle.PickleBuffer(raw), obj.dtype, obj.shape, order)
     return NotImplemented
 
 
-def _array(buffer: Any, dtype: Any, shape: tuple[int, ...], order: str, writeable: bool) -> Any:
+def _array(buffer: Any, dtype: Any, shape: tuple[int, ...], order: str) -> Any:
     """An array made on its out-of-band buffer, in place: a task process maps a value privately, so a
-    task reads it without a copy and writes into its own.  Copied only where that memory is read-only
-    (a small message's bytes) but the array was not, or misaligned: numpy takes other loops there,
-    whose sums differ from the client's in the last bits."""
+    task reads it without a copy and writes into its own.  Copied where that memory is read-only (a
+    small message's bytes, or the array was: it comes back writable, as from ProcessPoolExecutor) or
+    misaligned: numpy takes other loops there, whose sums differ from the client's in the last bits."""
     import numpy
 
     array = numpy.frombuffer(buffer, dtype)
-    if not array.flags.aligned or (writeable and not array.flags.writeable):
+    if not (array.flags.aligned and array.flags.writeable):
         array = array.copy()
-    array = array.reshape(shape, order="F" if order == "F" else "C")
-    if not writeable:
-        array.flags.writeable = False
-    return array
+    return array.reshape(shape, order="F" if order == "F" else "C")
 
 
 class TaskPickler(dill.Pickler):
     reducer_override = staticmethod(_large_bytes_out_of_band)
 
 
-def dump_payload(obj: Any, landing: int | None = None, **options: Any) -> list[Buffer]:
+def dump_payload(obj: Any, landing: int | None = None, frozen: bool = True, **options: Any) -> list[Buffer]:
     """``obj`` as a payload: the pickle, then its out-of-band buffers.
 
     With ``landing``, the payload will land at that offset from an
     :data:`ALIGN`-aligned address: the pickle is padded (a pickle ends at
     its STOP; what follows is never read) so that the first buffer lands
     aligned, and an array there is used where it lies (:func:`_array`).
+    Only the first: later buffers follow it as they are.
+
+    ``frozen`` (a client's payload, sent later and maybe again): buffers
+    whose memory the user could still change are copied now (not
+    ``bytes``), so a task sees its arguments as they were when submitted,
+    and a value matches its digest.
     """
     buf = io.BytesIO()
     buffers: list[pickle.PickleBuffer] = []
     TaskPickler(buf, protocol=PROTOCOL, buffer_callback=buffers.append, **options).dump(obj)
     if landing is not None and buffers:
         buf.write(bytes(-(landing + pack_header_size(1 + len(buffers)) + buf.tell()) % ALIGN))
-    return pack_parts([buf.getbuffer(), *(b.raw() for b in buffers)])
+    return pack_parts([buf.getbuffer(), *(freeze(b.raw()) if frozen else b.raw() for b in buffers)])
+
+
+def freeze(view: memoryview) -> Buffer:
+    """``view``, copied unless the memory behind it is a ``bytes`` (a read-only view may show memory that
+    changes: a pandas column's ``to_numpy()``, a ``bytearray``'s ``toreadonly()``)."""
+    owner = view.obj
+    while isinstance(owner, memoryview):
+        owner = owner.obj
+    array = numpy_array_type()
+    while array is not None and isinstance(owner, array) and owner.base is not None:
+        owner = owner.base
+    return view if type(owner) is bytes else bytes(view)
 
 
 def _dumps_plain(obj: Any) -> list[Buffer]:
@@ -342,7 +358,7 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]
         if main is not None and (len(main) < OUT_OF_BAND or is_plain(value)):  # (big bytes go out of band)
             return pack_parts([main])
     try:
-        return dump_payload(outcome, landing=OP_HEADER_BYTES)  # a big result is its message's first op (else: copied)
+        return dump_payload(outcome, landing=OP_HEADER_BYTES, frozen=False)  # (sent before anything else runs)
     except Exception as exc:
         if not ok:
             raise
@@ -356,6 +372,9 @@ def load_outcome(payload: Buffer, trusted: bool = True, result_types: Collection
     from .results import load, load_trusted  # (it imports this module)
 
     main, *buffers = unpack_parts(payload)
+    owner = memoryview(payload).obj
+    if buffers and memoryview(owner).nbytes > 2 * nbytes(payload):  # batched: an array used in place would keep them all
+        buffers = [memoryview(bytearray(b)) for b in buffers]
     outcome = load_trusted(main, buffers) if trusted else load(main, buffers, result_types, packages)
     if not isinstance(outcome, Outcome):
         raise TypeError(f"a worker returned {type(outcome).__name__}, not a task outcome")

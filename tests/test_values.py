@@ -368,7 +368,7 @@ def test_an_array_that_lands_misaligned_or_read_only_is_copied_once(shift, read_
     assert back.sum().tobytes() == array.sum().tobytes()
 
 
-def test_a_read_only_array_comes_back_read_only():
+def test_a_read_only_array_comes_back_writable_as_from_a_process_pool():
     np = pytest.importorskip("numpy")
     from p2pexec.hoisting import Value
 
@@ -376,7 +376,25 @@ def test_a_read_only_array_comes_back_read_only():
     array.flags.writeable = False
     memory, view = _landed(Value.of(array))
     back = _value_from(view)
-    assert not back.flags.writeable and (back == 1).all()
+    assert back.flags.writeable and (back == 1).all()
+
+
+def test_arrays_of_dates_records_and_frames_cross_as_they_are():
+    np = pytest.importorskip("numpy")
+    from p2pexec.hoisting import Value
+
+    n = HOIST_MIN // 8
+    dates = np.arange(n).astype("M8[s]")
+    records = np.zeros(n // 2, dtype=[("when", "M8[ns]"), ("x", ">f4"), ("flag", "?")])
+    records["x"] = np.arange(n // 2)
+    spans = np.asfortranarray(np.arange(n).astype("m8[ms]").reshape(-1, 4))
+    for array in (dates, records, spans):
+        back = _value_from(_landed(Value.of(array))[1])
+        assert back.dtype == array.dtype and back.shape == array.shape and (back == array).all()
+        assert back.flags.f_contiguous == array.flags.f_contiguous and back.flags.writeable
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"t": pd.date_range("2020", periods=n, freq="s"), "x": np.arange(n, dtype=float)})
+    pd.testing.assert_frame_equal(_value_from(_landed(Value.of(frame))[1]), frame)
 
 
 def test_a_value_is_what_its_buffer_held_when_it_was_named():
@@ -384,9 +402,40 @@ def test_a_value_is_what_its_buffer_held_when_it_was_named():
     from p2pexec.hoisting import Value
 
     data, array = bytearray(HOIST_MIN), np.zeros(HOIST_MIN // 8)
-    values = [Value.of(data), Value.of(array)]
+    seen_read_only = [memoryview(data).toreadonly(), array[:]]
+    seen_read_only[1].flags.writeable = False  # (a read-only view of memory that still changes)
+    values = [Value.of(data), Value.of(array), *map(Value.of, seen_read_only)]
     data[:10], array[:10] = b"x" * 10, 1.0  # the user goes on writing before the value is sent
     for value in values:
         check_blob(value.digest, b"".join(bytes(p) for p in value.parts))
-    assert _value_from(b"".join(bytes(p) for p in values[0].parts)) == bytes(HOIST_MIN)
-    assert not _value_from(b"".join(bytes(p) for p in values[1].parts)).any()
+        back = _value_from(b"".join(bytes(p) for p in value.parts))
+        assert not any(back) if isinstance(back, (bytearray, memoryview)) else not back.any()
+
+
+def test_a_task_sees_its_arguments_as_they_were_when_submitted():
+    np = pytest.importorskip("numpy")
+    from p2pexec.hoisting import dump_task_values
+
+    array, data = np.zeros(HOIST_MIN // 16), bytearray(HOIST_MIN // 4)  # too small to travel apart
+    payload, values = dump_task_values(total, (array, data), {})
+    array[:], data[:] = 1.0, b"x" * len(data)  # before it is sent, or sent again after a worker is lost
+    assert values == ()
+    _, (a, d), _ = _load(payload, values)
+    assert not a.any() and not any(d)
+
+
+def test_a_result_batched_with_others_does_not_keep_their_message():
+    np = pytest.importorskip("numpy")
+    import mmap
+
+    from p2pexec.tasks import dump_outcome, load_outcome
+
+    from p2pexec.protocol.frames import OP_HEADER_BYTES
+
+    payload = b"".join(bytes(p) for p in dump_outcome(True, np.ones(HOIST_MIN // 8), "", ""))
+    at = 4096 + OP_HEADER_BYTES  # where its array lands aligned, as it would in a message of its own
+    message = mmap.mmap(-1, at + 3 * len(payload))  # (the others' answers around it)
+    message[at:at + len(payload)] = payload
+    result = load_outcome(memoryview(message)[at:at + len(payload)]).value
+    message.close()  # fails if a view of it were still held
+    assert (result == 1).all() and result.flags.writeable
