@@ -85,7 +85,25 @@ def main() -> None:
         print(part)
         for name, value in numbers.items():
             print(f"  {name}: {value}")
+    results["targets"] = verdicts(results)
+    print("\nissue 16, fair sharing:")
+    for line in results["targets"]:
+        print("  " + line)
     write_json(args.json, results)
+
+
+def verdicts(results: dict) -> list[str]:
+    """Each fair-sharing target, pass or fall short: the newcomer's start beside its start on an idle
+    cluster, each member's share beside half."""
+    idle, busy = (results["newcomer"][k] for k in ("idle cluster: B's task starts after (s)",
+                                                   "A's 60 x 1 s queue on every slot: B's task starts after (s)"))
+    shares = {k.split("'")[0]: v for k, v in results["two full queues"].items() if "share" in k}
+    fair = all(abs(share / 0.5 - 1) <= 0.10 for share in shares.values())
+    return [f"a newcomer's first task starts within 1 s behind a full queue: {busy:.2f} s "
+            f"(idle cluster: {idle:.2f} s): {'pass' if busy <= 1.0 else 'falls short'}",
+            "two full queues each get half the slot-seconds, within 10%: "
+            + ", ".join(f"{name} {share:.1%}" for name, share in shares.items())
+            + f": {'pass' if fair else 'falls short'}"]
 
 
 if __name__ == "__main__":
