@@ -372,9 +372,8 @@ def load_outcome(payload: Buffer, trusted: bool = True, result_types: Collection
     from .results import load, load_trusted  # (it imports this module)
 
     main, *buffers = unpack_parts(payload)
-    owner = memoryview(payload).obj
-    if buffers and memoryview(owner).nbytes > 2 * nbytes(payload):  # batched: an array used in place would keep them all
-        buffers = [memoryview(bytearray(b)) for b in buffers]
+    if buffers and memoryview(memoryview(payload).obj).nbytes > 2 * nbytes(payload):
+        buffers = [memoryview(bytearray(b)) for b in buffers]  # batched: used in place, it would keep them all
     outcome = load_trusted(main, buffers) if trusted else load(main, buffers, result_types, packages)
     if not isinstance(outcome, Outcome):
         raise TypeError(f"a worker returned {type(outcome).__name__}, not a task outcome")
