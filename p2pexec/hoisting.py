@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .protocol import values as wire
-from .protocol.frames import Buffer, nbytes, pack_parts
-from .tasks import (ATOMS, PROTOCOL, PrepickledFunction, TaskPickler, dump_payload, dump_task, freeze, is_plain,
-                    numpy_array_type)
+from .protocol.frames import Buffer, nbytes
+from .tasks import (ATOMS, PROTOCOL, PrepickledFunction, TaskPickler, dump_payload, dump_task, is_plain,
+                    numpy_array_type, pack_payload)
 
 
 @dataclass(eq=False)
@@ -84,14 +84,15 @@ class _Hoisting:
             self.values.append(value)
         return index
 
-    def dump(self, obj: Any) -> list[Buffer]:
+    def dump(self, obj: Any, frozen: bool = True) -> list[Buffer]:
+        """``obj``'s payload; ``frozen=False`` for one only measured, never sent (its buffers are not copied)."""
         self.used, self.values = {}, []
         buf = io.BytesIO()
         buffers: list[pickle.PickleBuffer] = []
         pickler = _HoistingPickler(buf, protocol=PROTOCOL, buffer_callback=buffers.append, recurse=True)
         pickler.hoisting, pickler.memo_of_values = self, self.memo
         pickler.dump(obj)
-        return pack_parts([buf.getbuffer(), *(freeze(b.raw()) for b in buffers)])
+        return pack_payload(buf, buffers, frozen=frozen)
 
 
 _NEVER_BIG_ALONE = frozenset({int, float, bool, complex, type(None), tuple, list, dict, set, frozenset, type,
@@ -184,7 +185,7 @@ def dump_task_values(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
     if nbytes(payload[1]) >= wire.HOIST_MIN:  # big in its own pickle: which parts make it so?
         probe = _Hoisting(hoisting.memo)
         for part in _components(task):
-            if id(part) not in hoisting.memo and nbytes(probe.dump(part)[1]) >= wire.HOIST_MIN:
+            if id(part) not in hoisting.memo and nbytes(probe.dump(part, frozen=False)[1]) >= wire.HOIST_MIN:
                 hoisting.memo[id(part)] = (part, Value.of(part))
         payload = hoisting.dump(task)
     return payload, tuple(hoisting.values)

@@ -142,6 +142,12 @@ def dump_payload(obj: Any, landing: int | None = None, frozen: bool = True, **op
     buf = io.BytesIO()
     buffers: list[pickle.PickleBuffer] = []
     TaskPickler(buf, protocol=PROTOCOL, buffer_callback=buffers.append, **options).dump(obj)
+    return pack_payload(buf, buffers, landing, frozen)
+
+
+def pack_payload(buf: io.BytesIO, buffers: list[pickle.PickleBuffer], landing: int | None = None,
+                 frozen: bool = True) -> list[Buffer]:
+    """A pickle written to ``buf`` and its out-of-band ``buffers`` as a payload (see :func:`dump_payload`)."""
     if landing is not None and buffers:
         buf.write(bytes(-(landing + pack_header_size(1 + len(buffers)) + buf.tell()) % ALIGN))
     return pack_parts([buf.getbuffer(), *(freeze(b.raw()) if frozen else b.raw() for b in buffers)])
