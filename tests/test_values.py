@@ -439,3 +439,27 @@ def test_a_result_batched_with_others_does_not_keep_their_message():
     result = load_outcome(memoryview(message)[at:at + len(payload)]).value
     message.close()  # fails if a view of it were still held
     assert (result == 1).all() and result.flags.writeable
+
+
+@pytest.mark.parametrize("args", [
+    ("object", (8192,)),  # an object array from memory: pointers a worker chose
+    ("float64", (3, 5)),  # a shape that does not match the buffer
+    ("float64", (-1, 0)),
+])
+def test_a_forged_array_in_a_result_is_a_clean_error(args):
+    np = pytest.importorskip("numpy")
+    import pickle
+
+    from p2pexec.protocol.frames import pack_parts
+    from p2pexec.tasks import Outcome, _array, load_outcome
+
+    def result(dtype, shape):
+        class Forged:
+            def __reduce__(self):
+                return _array, (bytearray(64 * 1024), np.dtype(dtype), shape, "C")
+
+        return b"".join(bytes(p) for p in pack_parts([pickle.dumps(Outcome(True, Forged()), protocol=5)]))
+
+    assert load_outcome(result("float64", (8192,)), trusted=False).value.shape == (8192,)  # allowed, well formed
+    with pytest.raises(ValueError):  # numpy's own refusal, which fails that future (scheduler.resolve)
+        load_outcome(result(*args), trusted=False)
