@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import platform
 import statistics
@@ -86,7 +87,9 @@ class _DaskExecutor(Executor):
     def __init__(self) -> None:
         from dask.distributed import Client, LocalCluster as DaskCluster  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
-        self._cluster = DaskCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        # silence_logs: at close, its scheduler warns of every finished task it "loses", thousands on one line
+        self._cluster = DaskCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                    silence_logs=logging.ERROR)
         self._client = Client(self._cluster)
         self._executor = self._client.get_executor(pure=False)
 
