@@ -31,7 +31,7 @@ import dill
 import dill._dill
 
 from .errors import RemoteTraceback
-from .protocol.frames import OP_HEADER_BYTES, Buffer, nbytes, pack_header_size, pack_parts, unpack_parts
+from .protocol.frames import ALIGN, OP_HEADER_BYTES, Buffer, nbytes, pack_parts, unpack_parts
 
 PROTOCOL = 5
 
@@ -77,7 +77,6 @@ def by_reference(obj: Any) -> bool:
 
 
 OUT_OF_BAND = 64 * 1024
-ALIGN = 64  # where a payload laid out for it has its first out-of-band buffer land (a cache line: any dtype's)
 
 
 _ndarray: Any = None  # numpy.ndarray, once numpy is loaded
@@ -129,10 +128,9 @@ def dump_payload(obj: Any, landing: int | None = None, frozen: bool = True, **op
     """``obj`` as a payload: the pickle, then its out-of-band buffers.
 
     With ``landing``, the payload will land at that offset from an
-    :data:`ALIGN`-aligned address: the pickle is padded (a pickle ends at
-    its STOP; what follows is never read) so that the first buffer lands
-    aligned, and an array there is used where it lies (:func:`_array`).
-    Only the first: later buffers follow it as they are.
+    :data:`ALIGN`-aligned address, and each buffer is laid out to start
+    aligned there (:func:`pack_parts`): an array is used where it lies
+    (:func:`_array`), every block of a pandas frame too.
 
     ``frozen`` (a client's payload, sent later and maybe again): buffers
     whose memory the user could still change are copied now (not
@@ -148,9 +146,7 @@ def dump_payload(obj: Any, landing: int | None = None, frozen: bool = True, **op
 def pack_payload(buf: io.BytesIO, buffers: list[pickle.PickleBuffer], landing: int | None = None,
                  frozen: bool = True) -> list[Buffer]:
     """A pickle written to ``buf`` and its out-of-band ``buffers`` as a payload (see :func:`dump_payload`)."""
-    if landing is not None and buffers:
-        buf.write(bytes(-(landing + pack_header_size(1 + len(buffers)) + buf.tell()) % ALIGN))
-    return pack_parts([buf.getbuffer(), *(freeze(b.raw()) if frozen else b.raw() for b in buffers)])
+    return pack_parts([buf.getbuffer(), *(freeze(b.raw()) if frozen else b.raw() for b in buffers)], landing)
 
 
 def freeze(view: memoryview) -> Buffer:

@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from p2pexec.errors import ProtocolError
 from p2pexec.protocol.frames import (
     FrameDecoder, Op, Opener, Reassembler, Sealer, chunk_pieces, decode_ops, encode_frame, encode_op,
-    pack_parts, session_keys, unpack_parts,
+    ALIGN, pack_parts, session_keys, unpack_parts,
 )
 from p2pexec.protocol.matching import credit_window, should_request, slots_to_accept, slots_to_offer, slots_wanted
 from p2pexec.protocol.lease import CreditLedger
@@ -292,6 +292,30 @@ def test_announced_size_over_the_limit_is_refused_before_allocating():
 def test_payload_parts_roundtrip(parts):
     packed = b"".join(pack_parts(parts))
     assert [bytes(p) for p in unpack_parts(packed)] == parts
+
+
+@given(st.lists(st.binary(max_size=200), min_size=1, max_size=6), st.integers(0, 4096))
+def test_payload_parts_laid_out_to_land_start_aligned_there(parts, landing):
+    packed = bytearray(b"".join(bytes(p) for p in pack_parts(parts, landing)))
+    back = unpack_parts(packed)
+    assert [bytes(p) for p in back] == parts
+    origin = _address(memoryview(packed))  # where the payload lands, ``landing`` past an aligned address
+    for part in back[1:]:
+        if part.nbytes:  # (an empty part has no address)
+            assert (landing + _address(part) - origin) % ALIGN == 0
+
+
+def _address(view):
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def test_padding_of_a_whole_alignment_or_more_is_refused():
+    packed = bytearray(b"".join(bytes(p) for p in pack_parts([b"main", b"x" * 10], landing=1)))
+    packed[12] = ALIGN  # the second part's entry: its padding byte
+    with pytest.raises(ProtocolError, match="padding"):
+        unpack_parts(packed)
 
 
 @given(st.binary(max_size=80))

@@ -332,7 +332,7 @@ arrays = st.tuples(
 def test_an_array_value_lands_aligned_and_is_used_in_place(spec):
     np = pytest.importorskip("numpy")
     from p2pexec.hoisting import Value
-    from p2pexec.tasks import ALIGN
+    from p2pexec.protocol.frames import ALIGN
 
     dtype, count, order, seed = spec
     array = np.asarray(np.random.default_rng(seed).random(count) * 100, order=order).astype(dtype)
@@ -344,6 +344,29 @@ def test_an_array_value_lands_aligned_and_is_used_in_place(spec):
     assert back.ctypes.data % ALIGN == 0 and start <= back.ctypes.data < start + len(memory)  # in place, no copy
     assert back.flags.writeable and back.dtype == array.dtype and back.shape == array.shape
     assert np.array_equal(back, array) and back.sum().tobytes() == array.sum().tobytes()  # the same bits
+
+
+def test_every_array_of_a_value_lands_aligned_and_is_used_in_place():
+    np = pytest.importorskip("numpy")
+    from p2pexec.hoisting import Value
+    from p2pexec.protocol.frames import ALIGN
+
+    n = HOIST_MIN // 8 + 3  # odd sizes: each array would end where the next could not start aligned
+    arrays = (np.arange(n, dtype="int8"), np.arange(n, dtype="float64"), np.arange(n, dtype="complex64"))
+    memory, view = _landed(Value.of(arrays))
+    start = np.frombuffer(memory, np.uint8).ctypes.data
+    for back, array in zip(_value_from(view), arrays):
+        assert back.ctypes.data % ALIGN == 0 and start <= back.ctypes.data < start + len(memory)
+        assert back.dtype == array.dtype and (back == array).all()
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"i": np.arange(n), "x": np.arange(n) / 3, "b": np.arange(n) % 2 == 0})  # three blocks
+    memory, view = _landed(Value.of(frame))
+    start = np.frombuffer(memory, np.uint8).ctypes.data
+    back = _value_from(view)
+    pd.testing.assert_frame_equal(back, frame)
+    for column in frame:
+        address = back[column].to_numpy().ctypes.data
+        assert start <= address < start + len(memory), f"column {column} was copied"
 
 
 def _value_from(view):

@@ -420,7 +420,10 @@ def decode_ops(message: Buffer) -> Iterator[tuple[Op, int, memoryview, int]]:
 
 
 _COUNT = struct.Struct(">I")
-_SIZE = struct.Struct(">Q")
+_SIZE = struct.Struct(">Q")  # a part's entry: the zero bytes before it (top byte), then its size
+_PAD_SHIFT = 56
+ALIGN = 64  # where a payload laid out to land has each part after the first start (a cache line: any dtype's)
+_ZEROS = memoryview(bytes(ALIGN))
 
 
 def pack_header_size(count: int) -> int:
@@ -428,10 +431,28 @@ def pack_header_size(count: int) -> int:
     return _COUNT.size + count * _SIZE.size
 
 
-def pack_parts(parts: Sequence[Buffer]) -> list[Buffer]:
-    """Several buffers as one payload: a count, their sizes, then the buffers themselves."""
-    sizes = b"".join(_SIZE.pack(nbytes(p)) for p in parts)
-    return [_COUNT.pack(len(parts)) + sizes, *parts]
+def pack_parts(parts: Sequence[Buffer], landing: int | None = None) -> list[Buffer]:
+    """Several buffers as one payload: a count, their sizes, then the buffers themselves.
+
+    With ``landing``, the payload will land that many bytes past an
+    :data:`ALIGN`-aligned address, and each part after the first is
+    preceded by the zero bytes that make it start aligned there (its entry
+    says how many): an array in it can be used where it lies.
+    """
+    sizes = [nbytes(p) for p in parts]
+    pads = [0] * len(parts)
+    if landing is not None:
+        at = landing + pack_header_size(len(parts)) + sizes[0]
+        for i in range(1, len(parts)):
+            pads[i] = -at % ALIGN
+            at += pads[i] + sizes[i]
+    header = _COUNT.pack(len(parts)) + b"".join(_SIZE.pack(pad << _PAD_SHIFT | size) for pad, size in zip(pads, sizes))
+    out: list[Buffer] = [header]
+    for pad, part in zip(pads, parts):
+        if pad:
+            out.append(_ZEROS[:pad])
+        out.append(part)
+    return out
 
 
 def unpack_parts(payload: Buffer) -> list[memoryview]:
@@ -444,7 +465,11 @@ def unpack_parts(payload: Buffer) -> list[memoryview]:
         raise ProtocolError("payload header is malformed")
     out = []
     for i in range(count):
-        (size,) = _SIZE.unpack_from(view, _COUNT.size + i * _SIZE.size)
+        (entry,) = _SIZE.unpack_from(view, _COUNT.size + i * _SIZE.size)
+        pad, size = entry >> _PAD_SHIFT, entry & ((1 << _PAD_SHIFT) - 1)
+        if pad >= ALIGN:
+            raise ProtocolError("payload part has too much padding")
+        offset += pad
         if offset + size > view.nbytes:
             raise ProtocolError("payload part runs past its end")
         out.append(view[offset : offset + size])

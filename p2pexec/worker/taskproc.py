@@ -25,9 +25,9 @@ from collections import deque
 
 from .. import portability
 from ..chunks import mapped_function
-from ..protocol.frames import nbytes
+from ..protocol.frames import ALIGN, nbytes
 from ..protocol.values import VALUE_AT
-from ..tasks import ALIGN, dump_outcome, load_task
+from ..tasks import dump_outcome, load_task
 from .hop import HEADER, INLINE, LIMIT, REPORT, SHARED, SHARED_MIN, SKIP, VALUE, map_payload, share_outcome, shared
 from .sandbox import LANDLOCK_ENV
 
