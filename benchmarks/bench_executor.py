@@ -75,7 +75,7 @@ class _RayExecutor(Executor):
         import ray  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         self._ray = ray
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         self._remote: dict[Callable[..., Any], Any] = {}
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
