@@ -10,6 +10,7 @@ and carries out the actions returned (:mod:`.client_state`)::
     submits, a lease ended ─ maybe_request ─────► demand per need               ──► Post (request, withdraw)
     a lease's feeder ─────── take ──────────────► queue, credits, packages      ──► the next task, or None
     a worker's answer ────── returned, missing ─► requeue or cancel             ──► Cancel
+    a slot given away ────── slots_taken ───────► the lease's slots, demand     ──► Post (request)
     a lease ended ────────── lease_ended ───────► retries, losses               ──► Fail, Cancel, Post
     every TICK ───────────── tick ──────────────► requests, Timeouts            ──► Fail, EndLease, Warn
     interrupt, shutdown ──── interrupt, ... ────► where each task is            ──► Cancel, Wake
@@ -210,6 +211,15 @@ class ClientCore(Matchmaker):
         """A stopping worker returned a task it never started: it grants no more; the task runs elsewhere."""
         lease.credits = 0
         return self._hand_back(lease.answered(task_id))
+
+    def slots_taken(self, lease: LeaseState, slots: int, now: float) -> list[Action]:
+        """The worker gave slots of ``lease`` to a more deserving request; ``slots`` are left: tasks queue there
+        only once the other leases' slots are busy, and the board is asked for the slots still wanted."""
+        if not 1 <= slots < lease.slots:
+            raise ProtocolError(f"worker {lease.worker} said its lease of {lease.slots} slot(s) has {slots} now")
+        given, lease.slots = lease.slots - slots, slots
+        log.info("worker %s gave %d of our slots to another member or client; %d left", lease.worker, given, slots)
+        return self.maybe_request(now)
 
     def missing(self, lease: LeaseState, task_id: int, module: str, now: float) -> list[Action]:
         """The worker could not import ``module`` for the task: it and its like run elsewhere."""

@@ -291,5 +291,7 @@ class Lease:
             client.do(client.core.missing(state, arg, module, time.monotonic()))
         elif op is Op.UNCACHED:  # it no longer holds a value: the task goes again, with the value
             client.do(client.core.uncached(state, arg, split_digests(data)))
+        elif op is Op.SLOTS:  # fair sharing gave a slot to someone else: fill the others first, ask for more
+            client.do(client.core.slots_taken(state, arg, time.monotonic()))
         else:
             raise ProtocolError(f"worker {self.worker} sent unexpected {op.name}")

@@ -193,6 +193,23 @@ def test_a_missing_module_sends_the_task_to_a_worker_that_has_it_and_a_lease_wit
     assert c.take(carol, 0.0) is item
 
 
+def test_a_slot_the_worker_gives_away_is_no_longer_filled_and_is_wanted_again():
+    c = core()
+    items = [submit(c) for _ in range(6)]
+    bob, carol = lease_of(c, "bob", slots=2, credits=4), lease_of(c, "carol", slots=1, credits=4)
+    assert c.take(bob, 0.0) is items[0]  # (bob's other slot would take the next one)
+    wanted = c.wanted(ANY)
+    c.slots_taken(bob, 1, 1.0)  # fair sharing gave bob's other slot to someone who waited
+    assert bob.slots == 1 and c.wanted(ANY) == wanted + 1
+    assert c.take(bob, 1.0) is None  # bob's one slot is busy and carol's idle: carol's is filled first
+    assert c.take(carol, 1.0) is items[1]
+    assert c.take(bob, 1.0) is items[2]  # every slot busy: now it queues behind one
+    for slots in (1, 2, 0):  # a lease only ever loses slots, and keeps one
+        with pytest.raises(ProtocolError, match="slot"):
+            c.slots_taken(bob, slots, 1.0)
+    assert bob.slots == 1
+
+
 def test_an_idle_lease_waits_unless_work_of_another_need_has_no_lease():
     c = core()
     item = submit(c)
@@ -372,6 +389,13 @@ class ClientMachine(RuleBasedStateMachine):
             with pytest.raises(ProtocolError):
                 lease.cancelled(task_id)
             self.end(lease, "cancelled what nobody asked", ban=True)
+
+    @precondition(lambda self: any(lease.slots > 1 for lease in self.leases()))
+    @rule(data=st.data())
+    def slot_given_away(self, data) -> None:
+        """Fair sharing on the worker gave one or more of a lease's slots to someone else."""
+        lease = data.draw(st.sampled_from([lease for lease in self.leases() if lease.slots > 1]))
+        self.do(self.core.slots_taken(lease, data.draw(st.integers(1, lease.slots - 1)), self.now))
 
     @precondition(lambda self: self.core.leases)
     @rule(data=st.data(), reason=st.sampled_from([None, "connection reset"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 import pytest
@@ -41,3 +43,33 @@ def test_a_lease_gives_a_slot_to_a_newcomer_between_two_tasks_and_keeps_the_othe
     assert "gives a slot to alice" in log or "another client is waiting" in log  # moved between two tasks
     ended = [line for line in log.splitlines() if "ended after" in line]
     assert ended and all(line.endswith(" 0 killed") for line in ended)  # no running task was stopped
+
+
+def test_a_client_whose_slot_went_to_a_newcomer_counts_one_slot_less():
+    """The worker tells the client (SLOTS): it fills its other slots first, asks for more, and joblib's
+    n_jobs=-1 (``capacity``) counts what it holds."""
+    told = threading.Event()
+
+    class Told(logging.Handler):
+        def emit(self, record):
+            if "gave 1 of our slots" in record.getMessage():
+                told.set()
+
+    handler, logger = Told(), logging.getLogger("p2pexec.client")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with LocalCluster(workers=1, slots=2) as lc:
+            with lc.executor() as hog, lc.executor() as other:
+                hog_futures = [hog.submit(stamp_after, 0.2) for _ in range(40)]
+                hog_futures[1].result(timeout=30)  # the hog holds both slots
+                assert hog.capacity(wait=0) == 2
+                newcomer = other.submit(stamp_after, 2.0)  # keeps the slot it gets a while
+                assert told.wait(timeout=30), "the hog was not told that a slot went"
+                assert hog.capacity(wait=0) == 1 and not newcomer.done()
+                newcomer.result(timeout=60)
+                assert len({f.result(timeout=60) for f in hog_futures}) == 40  # the hog lost nothing
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

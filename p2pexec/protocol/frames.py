@@ -390,6 +390,7 @@ class Op(enum.IntEnum):
     BLOB = 14  # client -> worker: data = digest + a big value's payload, for task ``arg`` (next) and later ones
     TASK_WITH_VALUES = 15  # client -> worker: run task ``arg``; data = its values' digests (values.py), payload
     UNCACHED = 16  # worker -> client: task ``arg`` was not run, these values are not here (data: digests); send again
+    SLOTS = 17  # worker -> client: the lease has ``arg`` slots now (it gave others to a more deserving request)
 
 
 def op_parts(op: Op, arg: int = 0, *data: Buffer) -> list[Buffer]:

@@ -182,6 +182,7 @@ class LeaseServer:
             return False
         member, actions = given
         self.move.status["slots"] = len(self.decisions.slots)
+        self.post(*op_parts(Op.SLOTS, len(self.decisions.slots)))  # the client no longer counts on it
         log.info("lease for %s gives a slot to %s, who waits; %d left", self.client, member, len(self.decisions.slots))
         self.daemon.carry_out(actions)
         return True
