@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import event, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -19,7 +19,7 @@ from p2pexec.protocol.resources import Need, Resources
 from p2pexec.protocol.sharing import OFFER_HOLD
 from p2pexec.protocol.unusable import DECLINE_EVERY
 from p2pexec.worker.decisions import NEWS, POKE, Decline, Offer, WorkerCore
-from p2pexec.worker.lease_decisions import IDLE_GRACE, LeaseDecisions
+from p2pexec.worker.lease_decisions import BATCH_MOST, IDLE_GRACE, LeaseDecisions
 
 GiB = 1 << 30
 PY = "3.12"
@@ -153,6 +153,39 @@ def test_a_lease_that_gives_way_hands_back_what_has_not_started_and_ends_once_an
     assert mail.returned == [3] and not mail.end and mail.credit == 0  # task 2 still runs
     lease.task_answered(2, 0.001, clock=20.1)
     assert lease.mail(clock=20.1, now=20.1).end
+
+
+def _ran(lease: LeaseDecisions, durations: list[float]) -> None:
+    """``lease`` ran tasks that measured ``durations``, one after another."""
+    for seconds in durations:
+        task = lease.ledger.received + 1
+        lease.ledger.granted = max(lease.ledger.granted, task)
+        assert lease.task_received(task) and lease.task_started(task)
+        lease.task_answered(task, seconds, clock=1.0)
+
+
+def test_a_short_task_that_waited_for_a_cpu_does_not_stop_short_tasks_going_together():
+    w = core(slots=1)
+    lease = lease_of(w, "bob", 1, now=0.0)
+    _ran(lease, [0.0001] * 15)
+    assert lease.batch_size(waiting=20) == BATCH_MOST
+    _ran(lease, [0.02])  # its process was descheduled: it measured 20 ms (an average would say 1.3 ms now)
+    assert lease.batch_size(waiting=20) == BATCH_MOST and lease.ledger.mean_seconds < 0.001
+    _ran(lease, [0.0001, 0.02, 0.0001, 0.02])  # but tasks that are often long are long
+    assert lease.batch_size(waiting=20) == 1
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 10), min_size=1, max_size=40))
+def test_a_tasks_typical_duration_is_a_mean_of_recent_ones_that_leaves_out_only_the_longest(durations):
+    w = core(slots=1)
+    lease = lease_of(w, "bob", 1, now=0.0)
+    _ran(lease, durations)
+    recent = sorted(durations[-16:])
+    mean = lease.ledger.mean_seconds
+    assert recent[0] <= mean * (1 + 1e-9) and mean <= recent[len(recent) - len(recent) // 8 - 1] * (1 + 1e-9)
+    if len(recent) < 8:  # too few to tell an outlier: the plain mean
+        assert mean == pytest.approx(sum(recent) / len(recent))
 
 
 def test_withdraw_cancels_a_queued_task_interrupt_stops_a_running_one_and_neither_answers_twice():

@@ -9,6 +9,8 @@ started or interrupted it.
 
 from __future__ import annotations
 
+from collections import deque
+
 from ..errors import ProtocolError
 from .matching import credit_window
 
@@ -16,6 +18,10 @@ from .matching import credit_window
 # down, process frozen); each side sends a PING at least every HEARTBEAT_SECONDS.
 HEARTBEAT_SECONDS = 2.0
 SILENCE_SECONDS = 10.0
+# A task's typical duration is the mean of the last RECENT ones, their longest eighth left out: on a busy
+# machine a short task now and then measures milliseconds (its process waited for a CPU), and a mean that
+# took it in turned batching off for the next ten tasks or more; tasks that are often long still count.
+RECENT = 16
 
 
 class CreditLedger:
@@ -24,7 +30,8 @@ class CreditLedger:
         self.granted = 0
         self.received = 0
         self.answered = 0
-        self.mean_seconds: float | None = None
+        self.mean_seconds: float | None = None  # a task's typical duration (RECENT), None before the first
+        self._recent: deque[float] = deque(maxlen=RECENT)
         self.queued: set[int] = set()  # received, not yet started
         self.running: set[int] = set()
 
@@ -64,7 +71,9 @@ class CreditLedger:
         self.running.remove(task_id)
         self.answered += 1
         if seconds is not None:
-            self.mean_seconds = seconds if self.mean_seconds is None else 0.8 * self.mean_seconds + 0.2 * seconds
+            self._recent.append(seconds)
+            kept = sorted(self._recent)[:len(self._recent) - len(self._recent) // 8]
+            self.mean_seconds = sum(kept) / len(kept)
 
     def shrink(self) -> None:
         """One slot left the lease: the window it grants shrinks with it."""
