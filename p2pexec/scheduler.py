@@ -123,7 +123,7 @@ class ClientScheduler:
         """Called on the loop after submits; clears the flag first so no submit goes unnoticed."""
         self.wakeup_pending = False
         self.notify()
-        self.do(self.core.maybe_request(time.monotonic()))  # demand only grows here, when a lease ends or loses slots, and by the tick
+        self.do(self.core.maybe_request(time.monotonic()))  # demand grows here, by the tick, and as leases end or shrink
 
     def notify(self, only: Lease | None = None) -> None:
         """Wake the lease feeders (runs per result: keep it cheap); ``only`` that lease's while no task waits

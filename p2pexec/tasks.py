@@ -31,7 +31,7 @@ import dill
 import dill._dill
 
 from .errors import RemoteTraceback
-from .protocol.frames import ALIGN, OP_HEADER_BYTES, Buffer, nbytes, pack_parts, unpack_parts
+from .protocol.frames import OP_HEADER_BYTES, Buffer, nbytes, pack_parts, unpack_parts
 
 PROTOCOL = 5
 
@@ -128,7 +128,7 @@ def dump_payload(obj: Any, landing: int | None = None, frozen: bool = True, **op
     """``obj`` as a payload: the pickle, then its out-of-band buffers.
 
     With ``landing``, the payload will land at that offset from an
-    :data:`ALIGN`-aligned address, and each buffer is laid out to start
+    :data:`~p2pexec.protocol.frames.ALIGN`-aligned address, and each buffer is laid out to start
     aligned there (:func:`pack_parts`): an array is used where it lies
     (:func:`_array`), every block of a pandas frame too.
 

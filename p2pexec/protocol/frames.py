@@ -441,19 +441,16 @@ def pack_parts(parts: Sequence[Buffer], landing: int | None = None) -> list[Buff
     says how many): an array in it can be used where it lies.
     """
     sizes = [nbytes(p) for p in parts]
-    pads = [0] * len(parts)
-    if landing is not None:
-        at = landing + pack_header_size(len(parts)) + sizes[0]
-        for i in range(1, len(parts)):
-            pads[i] = -at % ALIGN
-            at += pads[i] + sizes[i]
-    header = _COUNT.pack(len(parts)) + b"".join(_SIZE.pack(pad << _PAD_SHIFT | size) for pad, size in zip(pads, sizes))
-    out: list[Buffer] = [header]
-    for pad, part in zip(pads, parts):
-        if pad:
-            out.append(_ZEROS[:pad])
-        out.append(part)
-    return out
+    if landing is None or len(parts) < 2:  # nothing to place (every small task and result: few calls)
+        return [_COUNT.pack(len(parts)) + b"".join(map(_SIZE.pack, sizes)), *parts]
+    entries, out = [_SIZE.pack(sizes[0])], [parts[0]]
+    at = landing + pack_header_size(len(parts)) + sizes[0]
+    for part, size in zip(parts[1:], sizes[1:]):
+        pad = -at % ALIGN
+        entries.append(_SIZE.pack(pad << _PAD_SHIFT | size))
+        out += [_ZEROS[:pad], part] if pad else [part]
+        at += pad + size
+    return [_COUNT.pack(len(parts)) + b"".join(entries), *out]
 
 
 def unpack_parts(payload: Buffer) -> list[memoryview]:
