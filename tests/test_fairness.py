@@ -48,25 +48,26 @@ def test_a_lease_gives_a_slot_to_a_newcomer_between_two_tasks_and_keeps_the_othe
 def test_a_client_whose_slot_went_to_a_newcomer_counts_one_slot_less():
     """The worker tells the client (SLOTS): it fills its other slots first, asks for more, and joblib's
     n_jobs=-1 (``capacity``) counts what it holds."""
-    told = threading.Event()
+    said: dict[str, threading.Event] = {"leased 2 slot(s)": threading.Event(), "gave 1 of our slots": threading.Event()}
 
-    class Told(logging.Handler):
+    class Listen(logging.Handler):
         def emit(self, record):
-            if "gave 1 of our slots" in record.getMessage():
-                told.set()
+            for words, event in said.items():
+                if words in record.getMessage():
+                    event.set()
 
-    handler, logger = Told(), logging.getLogger("p2pexec.client")
+    handler, logger = Listen(), logging.getLogger("p2pexec.client")
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        with LocalCluster(workers=1, slots=2) as lc:
+        with LocalCluster(workers=0, slots=2) as lc:
             with lc.executor() as hog, lc.executor() as other:
-                hog_futures = [hog.submit(stamp_after, 0.2) for _ in range(40)]
-                hog_futures[1].result(timeout=30)  # the hog holds both slots
-                assert hog.capacity(wait=0) == 2
+                hog_futures = [hog.submit(stamp_after, 0.2) for _ in range(40)]  # ~4 s of work on 2 slots
+                lc.add_worker()  # it finds the hog asking for 40: both slots go in one lease, which can shrink
+                assert said["leased 2 slot(s)"].wait(timeout=30) and hog.capacity(wait=0) == 2
                 newcomer = other.submit(stamp_after, 4.0)  # holds the slot it gets: the hog cannot lease it back yet
-                assert told.wait(timeout=30), "the hog was not told that a slot went"
+                assert said["gave 1 of our slots"].wait(timeout=30), "the hog was not told that a slot went"
                 assert hog.capacity(wait=0) == 1
                 newcomer.result(timeout=60)
                 assert len({f.result(timeout=60) for f in hog_futures}) == 40  # the hog lost nothing
