@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from _board_trace import breakdown, install_board
-from _common import write_json
+from _common import verdict, write_json
 
 from p2pexec.board.client import BoardAddress, BoardSession
 from p2pexec.board.fanout import MIN_FANOUT
@@ -560,7 +560,7 @@ def main() -> int:
               and fo["offers_per_request"] <= max(MIN_FANOUT, 2 * LEASES_WANTED) and linear)
         print(f"target (with {last['workers']} workers: bounded offers per request, request->first offer and ->first "
               f"lease <= 1 s at p95; per-task lines and board CPU growing no faster than the workers): "
-              f"{'pass' if ok else 'falls short'}")
+              f"{verdict(ok)}")
     write_json(args.json, {"results": results})
     return 0
 

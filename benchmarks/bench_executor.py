@@ -48,7 +48,7 @@ import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any, Callable
 
-from _common import write_json
+from _common import verdict, write_json
 from p2pexec import LocalCluster
 from p2pexec.worker.sandbox import detect
 
@@ -281,7 +281,7 @@ def verdicts(results: dict[str, Any], layer: str | None, rounds: list[dict[str, 
         for i, (what, value, bound, unit, ok) in enumerate(checks(results, name)):
             steady = f" (pass in {passed[i]} of {len(rounds)} rounds)" if rounds else ""
             out.append(f"{name}: {what}: {value:.2f} {unit} vs {bound:.2f} {unit}: "
-                       f"{'pass' if ok else 'falls short'}{steady}")
+                       f"{verdict(ok)}{steady}")
     return out
 
 

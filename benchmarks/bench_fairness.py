@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 from concurrent.futures import wait
 
-from _common import write_json
+from _common import verdict, write_json
 from p2pexec import LocalCluster
 
 
@@ -80,19 +81,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--json")
     args = parser.parse_args()
-    results = {"newcomer": newcomer(), "two full queues": two_queues(args.seconds)}
-    for part, numbers in results.items():
+    measured = {"newcomer": newcomer(), "two full queues": two_queues(args.seconds)}
+    for part, numbers in measured.items():
         print(part)
         for name, value in numbers.items():
             print(f"  {name}: {value}")
-    results["targets"] = verdicts(results)
+    results: dict[str, Any] = {**measured, "targets": verdicts(measured)}
     print("\nissue 16, fair sharing:")
     for line in results["targets"]:
         print("  " + line)
     write_json(args.json, results)
 
 
-def verdicts(results: dict) -> list[str]:
+def verdicts(results: dict[str, dict[str, float]]) -> list[str]:
     """Each fair-sharing target, pass or fall short: the newcomer's start beside its start on an idle
     cluster, each member's share beside half."""
     idle, busy = (results["newcomer"][k] for k in ("idle cluster: B's task starts after (s)",
@@ -100,10 +101,10 @@ def verdicts(results: dict) -> list[str]:
     shares = {k.split("'")[0]: v for k, v in results["two full queues"].items() if "share" in k}
     fair = all(abs(share / 0.5 - 1) <= 0.10 for share in shares.values())
     return [f"a newcomer's first task starts within 1 s behind a full queue: {busy:.2f} s "
-            f"(idle cluster: {idle:.2f} s): {'pass' if busy <= 1.0 else 'falls short'}",
+            f"(idle cluster: {idle:.2f} s): {verdict(busy <= 1.0)}",
             "two full queues each get half the slot-seconds, within 10%: "
             + ", ".join(f"{name} {share:.1%}" for name, share in shares.items())
-            + f": {'pass' if fair else 'falls short'}"]
+            + f": {verdict(fair)}"]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
+from _common import verdict, write_json  # noqa: E402
 
 
 def tiny(x: int) -> int:
@@ -61,9 +61,9 @@ def main() -> int:
     results = {"calls": args.calls, "loky_calls_s": loky_calls, "p2pexec_calls_s": p2p_calls,
                "calls_ratio": p2p_calls / loky_calls, "loky_grid_s": loky_grid, "p2pexec_grid_s": p2p_grid,
                "grid_ratio": p2p_grid / loky_grid}
-    verdict = "pass" if results["calls_ratio"] <= 2 else "falls short"
+    judged = verdict(results["calls_ratio"] <= 2)
     print(f"{args.calls} tiny calls: loky {loky_calls * 1000:.1f} ms, p2pexec {p2p_calls * 1000:.1f} ms "
-          f"({results['calls_ratio']:.2f}x loky; target <= 2x: {verdict})")
+          f"({results['calls_ratio']:.2f}x loky; target <= 2x: {judged})")
     print(f"GridSearchCV (digits, 12 fits): loky {loky_grid * 1000:.0f} ms, p2pexec {p2p_grid * 1000:.0f} ms "
           f"({results['grid_ratio']:.2f}x)")
     write_json(args.json, results)

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from _common import write_json
+from _common import verdict, write_json
 from p2pexec import LocalCluster, P2PExecutor
 from p2pexec.protocol import values as wire
 
@@ -111,7 +111,7 @@ def main() -> int:
     results["target"] = (f"map over {args.tasks} within 4x of one task: {ours['ratio']:.1f}x "
                          f"(each task carrying the array: {before['ratio']:.1f}x; sent for the map "
                          f"{ours['map_mib_sent']:.0f} MiB against {before['map_mib_sent']:.0f}): "
-                         f"{'pass' if ours['ratio'] <= 4 else 'falls short'}")
+                         f"{verdict(ours['ratio'] <= 4)}")
     print(f"\nissue 16, big values cross once: {results['target']}")
     write_json(args.json, results)
     return 0

@@ -42,7 +42,7 @@ class Value:
 
     @classmethod
     def of(cls, obj: Any) -> "Value":
-        """``obj`` pickled as a value, laid out so that its first buffer lands aligned on the worker."""
+        """``obj`` pickled as a value, laid out so that each of its buffers lands aligned on the worker."""
         return cls(dump_payload(obj, landing=wire.VALUE_AT, recurse=True))
 
     @property

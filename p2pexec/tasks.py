@@ -98,7 +98,7 @@ def _large_bytes_out_of_band(obj: Any) -> Any:
     if kind in (bytes, bytearray, memoryview):
         if memoryview(obj).nbytes >= OUT_OF_BAND and (kind is not memoryview or obj.c_contiguous):
             return kind, (pickle.PickleBuffer(obj),)
-    elif kind is (_ndarray or numpy_array_type()) and obj.nbytes >= OUT_OF_BAND and not obj.dtype.hasobject:
+    elif kind is numpy_array_type() and obj.nbytes >= OUT_OF_BAND and not obj.dtype.hasobject:
         flags = obj.flags
         if flags.c_contiguous or flags.f_contiguous:  # (else dill's way: a copy, contiguous)
             order = "C" if flags.c_contiguous else "F"
