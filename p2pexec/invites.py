@@ -24,7 +24,7 @@ from nacl.signing import SigningKey
 
 from .board.client import (DEFAULT_KNOWN_HOSTS, BoardAddress, connect, exec_command, fingerprint,
                            known_hosts_name)
-from .config import (cluster_state_path, config_dir, load_cluster_state, membership_of, resolve,
+from .config import (Participant, cluster_state_path, config_dir, load_cluster_state, membership_of, resolve,
                      save_cluster_state, validate_cluster)
 from .errors import ConfigurationError, P2PExecError
 from .keys import Identity, generate_identity_file, load_identity, valid_username
@@ -136,6 +136,19 @@ def _set_list(client: paramiko.SSHClient, owner: Identity, membership: Membershi
         raise P2PExecError("internal error: the new member list did not verify")
 
 
+def _owner_only(who: Participant, friend: str, doing: str) -> str:
+    """The cluster's owner, who must be the one ``doing`` this, to someone else (the owner is no member
+    of their own list: an invitation in their name would let whoever redeems it log in as them)."""
+    owner = who.cluster.partition("/")[0]
+    if who.identity.user != owner:
+        raise P2PExecError(f"only {owner} can {doing} {who.cluster}; you are {who.identity.user!r} "
+                           f"(pass --user {owner} with {owner}'s key)")
+    if friend == owner:
+        raise P2PExecError(f"{owner} owns {who.cluster}: the owner is always in it, and cannot be "
+                           "invited or removed")
+    return owner
+
+
 def invite(cluster: str, friend: str, *, board: str | None = None, identity: str | None = None,
            user: str | None = None, known_hosts: Path = DEFAULT_KNOWN_HOSTS,
            accept_new_host_key: bool = False) -> str:
@@ -143,10 +156,7 @@ def invite(cluster: str, friend: str, *, board: str | None = None, identity: str
     if not valid_username(friend):
         raise ConfigurationError(f"invalid user name {friend!r}: letters, digits, '_', '.', '-'")
     who = resolve(cluster, board=board, user=user, identity=identity, members_required=False)
-    owner = who.cluster.partition("/")[0]
-    if who.identity.user != owner:
-        raise P2PExecError(f"only {owner} can invite to {who.cluster}; you are {who.identity.user!r} "
-                           f"(pass --user {owner} with {owner}'s key)")
+    owner = _owner_only(who, friend, "invite to")
     membership, state = _owner_membership(who.cluster, who.identity, who.board)
     seed = os.urandom(32)
     invitation_key = bytes(SigningKey(seed).verify_key)
@@ -175,9 +185,7 @@ def remove(cluster: str, friend: str, *, board: str | None = None, identity: str
            accept_new_host_key: bool = False) -> None:
     """Take ``friend`` off the list: the board and every member online drop them within moments."""
     who = resolve(cluster, board=board, user=user, identity=identity, members_required=False)
-    owner = who.cluster.partition("/")[0]
-    if who.identity.user != owner:
-        raise P2PExecError(f"only {owner} can remove members of {who.cluster}")
+    _owner_only(who, friend, "remove members of")
     membership, state = _owner_membership(who.cluster, who.identity, who.board)
     client = connect(who.board, who.identity, known_hosts, accept_new_host_key)
     try:

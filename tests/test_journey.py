@@ -109,11 +109,12 @@ class People:
         (home / "tmp").mkdir(parents=True, exist_ok=True)  # what killed workers leave goes with tmp_path
         return {**self.base, "HOME": str(home), "USER": who, "LOGNAME": who, "TMPDIR": str(home / "tmp"), **extra}
 
-    def run(self, who: str, *argv: str) -> str:
+    def run(self, who: str, *argv: str, fails: bool = False) -> str:
+        """``argv``'s output; it must succeed, or with ``fails``, fail (its error output then)."""
         done = subprocess.run([*self.prefix, *argv], env=self.env(who), capture_output=True, text=True,
                               timeout=60)
-        assert done.returncode == 0, f"{argv} failed:\n{done.stdout}\n{done.stderr}"
-        return done.stdout
+        assert (done.returncode != 0) == fails, f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        return done.stderr if fails else done.stdout
 
     def start(self, who: str, *argv: str, log: str | None = None, **extra: str) -> subprocess.Popen:
         out = open(self.root / log, "w") if log else subprocess.PIPE
@@ -155,6 +156,10 @@ def _journey(people: People, tmp_path: Path) -> None:
                          "--board", "ssh://alice@127.0.0.1:2222", "--accept-new-host-key")
         codes[friend] = out.strip().splitlines()[-1]
         assert codes[friend].startswith("p2pexec1:")
+
+    for argv in (("invite", "alice/friends", "alice"), ("remove", "alice/friends", "alice")):
+        said = people.run("alice", p2pexec, *argv, fails=True)  # an invitation in her name: a login as her
+        assert "alice owns alice/friends" in said, said
 
     for friend in ("bob", "carol"):  # one command each, no key of their own yet
         out = people.run(friend, p2pexec, "join", codes[friend])
