@@ -30,6 +30,7 @@ from .config import physical_memory, resolve
 from .logs import quiet_dependencies
 from .protocol.resources import ANY, Need
 from .dependencies import futures_in, resolved
+from .errors import RemoteTraceback
 from .fitting import EnvFinder
 from .mapping import is_map_chunk, map_in_chunks
 from .results import task_package
@@ -51,7 +52,7 @@ def _shutdown_all() -> None:
     The interpreter keeps an uncaught exception in ``sys.last_value`` before it runs this hook.  An
     interactive session keeps it after any statement, so there an old Ctrl-C says nothing about now.
     """
-    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt) and not hasattr(sys, "ps1")
+    interrupted = _is_ctrl_c(getattr(sys, "last_value", None)) and not hasattr(sys, "ps1")
     for executor in list(_live_executors):
         if interrupted:
             executor._leave_now()
@@ -60,6 +61,11 @@ def _shutdown_all() -> None:
 
 
 before_threads_are_joined(_shutdown_all)
+
+
+def _is_ctrl_c(exc: BaseException | None) -> bool:
+    """A KeyboardInterrupt of this process: not one that a task raised on its worker and ``result()`` re-raised."""
+    return isinstance(exc, KeyboardInterrupt) and not isinstance(exc.__cause__, RemoteTraceback)
 
 
 class P2PExecutor(Executor):
@@ -296,7 +302,7 @@ class P2PExecutor(Executor):
 
     def __exit__(self, exc_type: type[BaseException] | None, exc_val: BaseException | None, exc_tb: Any) -> None:
         """Wait for the work as the stdlib does, except after Ctrl-C: then cancel it and leave at once."""
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+        if _is_ctrl_c(exc_val):
             self._leave_now()
         else:
             self.shutdown(wait=True)

@@ -354,3 +354,19 @@ def test_a_second_signal_stops_a_draining_worker_at_once(one_worker):
         with again:
             again.sendall(b"y")
             assert running.result(timeout=60) == "y"
+
+
+def _raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def test_a_keyboard_interrupt_raised_by_a_task_is_its_exception_not_a_ctrl_c(one_worker):
+    """Leaving ``with`` on it waits for the rest, as ProcessPoolExecutor does; only a Ctrl-C here cancels."""
+    lc, _ = one_worker
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with lc.executor() as ex:
+            failing = ex.submit(_raise_keyboard_interrupt)
+            behind = [ex.submit(time.sleep, 0.2) for _ in range(3)]  # queued behind it: the only slot is busy
+            failing.result()
+    assert type(raised.value.__cause__).__name__ == "RemoteTraceback"
+    assert [future.result(timeout=0) for future in behind] == [None] * 3
