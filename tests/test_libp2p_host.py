@@ -1,6 +1,10 @@
-"""Our libp2p host makes only the connections it decides on (issue 16: py-libp2p's auto-connector)."""
+"""Our libp2p host makes only the connections it decides on (issue 16: py-libp2p's auto-connector), and the
+behaviours of py-libp2p we patch stay patched."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -170,3 +174,18 @@ def test_a_wide_open_lease_stream_takes_megabytes_before_its_reader_reads():
             return size
 
     assert trio.run(scenario) == size
+
+
+def test_connecting_leaves_the_applications_root_logger_alone():
+    """py-libp2p 0.8.1 logs each connection through the root logger, which gave it a handler on the first
+    one: the application's own ``logging.basicConfig`` then did nothing."""
+    script = """
+import logging
+from p2pexec import LocalCluster
+with LocalCluster(workers=1) as lc, lc.executor() as ex:
+    assert ex.submit(abs, -1).result(timeout=60) == 1
+print(logging.getLogger().handlers)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

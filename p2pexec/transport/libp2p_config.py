@@ -8,14 +8,18 @@ offered (``new_host``'s defaults would accept them); py-libp2p's own limits
 are set below (``_connection_config``, ``_resource_manager``), each with the
 reason for its value; its auto-connector never runs (``_no_auto_dials``),
 yamux releases its receive window in halves (:mod:`.yamux_window`), the
-locks it takes for every message do not yield when free (``eager_locks``)
-and a TCP connection is read ahead (:mod:`.read_ahead`).
+locks it takes for every message do not yield when free (``eager_locks``),
+a TCP connection is read ahead (:mod:`.read_ahead`) and its connections
+log through a logger of their own, not the application's root logger
+(``_log_through_own_logger``).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +30,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection import swarm_connection
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.rcmgr import ResourceLimits, ResourceManager
 from libp2p.rcmgr.connection_limits import ConnectionLimits
@@ -48,6 +53,25 @@ after_libp2p_import()
 # saves a frame, a write and a wake-up per message.  A user's setting wins.
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 DIAL_TIMEOUT = 5.0  # one dial (TCP, Noise, yamux); Libp2pHost gives each address of a peer as long
+
+
+
+def _log_through_own_logger(module: types.ModuleType) -> None:
+    """Point ``module``'s ``logging.debug(...)`` calls at its own logger (quiet under "libp2p").
+
+    Through the root logger, the first of them (one per connection) ran
+    ``logging.basicConfig()``: the application's own later call then did
+    nothing, and p2pexec's warnings took the root's format.
+    """
+    logger = logging.getLogger(module.__name__)
+    named = types.ModuleType("logging")
+    named.__dict__.update(vars(logging))
+    for level in ("debug", "info", "warning", "error", "exception", "critical", "log"):
+        setattr(named, level, getattr(logger, level))
+    setattr(module, "logging", named)
+
+
+_log_through_own_logger(swarm_connection)  # (the only module of our stack that logs through the root logger)
 
 # py-libp2p's own connection limits.  Its defaults are go-libp2p's for a DHT
 # node (keep 50-100 peers connected, dial more, prune above 300); a worker or
