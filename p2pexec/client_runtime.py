@@ -70,8 +70,11 @@ class ClientRuntime:
     def capacity(self, wait: float) -> int:
         """Slots leased or offered right now; with none known yet, asks the cluster and waits up to ``wait`` s."""
         thread, scheduler = self.thread, self.scheduler
-        slots = thread.run_sync(scheduler.capacity)
-        if slots == 0:
+        try:
+            slots = thread.run_sync(scheduler.capacity)
+        except trio.RunFinishedError:  # shut down: it holds none
+            return 0
+        if slots == 0 and not thread.here:  # (a done callback asks without waiting: it would block the loop)
             deadline = time.monotonic() + wait
             scheduler.capacity_known.clear()
             thread.call_soon(scheduler.probe)
@@ -87,7 +90,7 @@ class ClientRuntime:
     def stats(self) -> ExecutorStats:
         try:
             return self.thread.run_sync(self.scheduler.stats)
-        except RuntimeError:  # called on the loop itself (a done callback), or the loop has ended: no race
+        except trio.RunFinishedError:  # the loop has ended: no race
             return self.scheduler.stats()
 
     def leave_now(self) -> None:

@@ -269,7 +269,8 @@ class P2PExecutor(Executor):
         return self._runtime.run_sync(self._scheduler.interrupt, future)
 
     def capacity(self, wait: float = 2.0) -> int:
-        """Slots leased or offered right now; with none known yet, asks the cluster and waits up to ``wait`` s.
+        """Slots leased or offered right now; with none known yet, asks the cluster and waits up to ``wait`` s
+        (not in a done callback, which runs on the executor's own thread); 0 once shut down.
 
         This is what ``n_jobs=-1`` means for joblib's p2pexec backend.
         """

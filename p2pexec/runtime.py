@@ -56,8 +56,16 @@ class TrioThread:
         return trio.from_thread.run(afn, *args, trio_token=self.token)
 
     def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a plain function on the loop and wait for its result."""
+        """Run a plain function on the loop and wait for its result (at once when called on the loop: a done
+        callback runs there)."""
+        if self.here:
+            return fn(*args)
         return trio.from_thread.run_sync(fn, *args, trio_token=self.token)
+
+    @property
+    def here(self) -> bool:
+        """Whether the caller runs on the loop itself, which must not wait for the loop."""
+        return threading.current_thread() is self._thread
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)

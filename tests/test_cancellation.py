@@ -125,3 +125,23 @@ def test_shutdown_cancel_futures_withdraws_work_queued_at_the_worker(one_slot, t
         ex.shutdown(wait=True)
     assert "withdrawing" in caplog.text  # some had reached the worker's queue, and were withdrawn there
     assert os.listdir(tmp_path) == []  # none of them ran
+
+
+def test_a_done_callback_can_interrupt_the_rest_and_ask_for_stats_and_capacity(one_slot):
+    """"Once the first is done, stop the others": callbacks run on the executor's loop, which must not wait
+    for itself (interrupt() raised there, and the stdlib only logged it)."""
+    lc, listener = one_slot
+    with lc.executor() as ex:
+        first = ex.submit(hold, listener.getsockname()[1])
+        task, _ = listener.accept()
+        behind = ex.submit(hold, listener.getsockname()[1])  # queued behind it: the only slot is busy
+        seen: list[object] = []
+        first.add_done_callback(lambda _: seen.extend([ex.interrupt(behind), ex.stats().workers, ex.capacity()]))
+        with task:
+            task.sendall(b"x")
+        assert first.result(timeout=30) == "x"
+        with pytest.raises(concurrent.futures.CancelledError):
+            behind.result(timeout=30)
+        assert seen[0] is True and len(seen[1]) == 1 and seen[2] == 1, seen
+        assert ex.submit(abs, -3).result(timeout=30) == 3  # its slot is free again
+    assert ex.capacity() == 0  # shut down: no slot, and no error from the loop that ended
