@@ -249,6 +249,22 @@ def test_task_killing_its_process_fails_that_task_and_worker_survives(executor):
     assert list(executor.map(mul, range(6), range(6))) == [i * i for i in range(6)]
 
 
+def _cut_the_hop_and_stay() -> None:
+    import os
+    import threading
+    import time
+
+    threading.Thread(target=time.sleep, args=(3600,)).start()  # a thread the interpreter would wait for
+    os.closerange(0, 4096)  # the hop with it: the worker hears EOF
+
+
+def test_a_task_process_that_cuts_its_link_and_stays_is_killed_and_says_so(executor):
+    """The error says the worker killed it (not "killed by SIGKILL", which reads as the OOM killer)."""
+    with pytest.raises(TaskProcessDiedError, match="closed its link to the worker but did not exit"):
+        executor.submit(_cut_the_hop_and_stay).result(timeout=60)
+    assert executor.submit(mul, 6, 7).result(timeout=30) == 42
+
+
 def test_system_exit_in_task_is_its_exception(executor):
     with pytest.raises(SystemExit):
         executor.submit(sys.exit, 4).result()

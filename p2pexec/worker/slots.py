@@ -30,6 +30,7 @@ from .valuecache import Blob
 
 log = logging.getLogger("p2pexec.worker")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+EXIT_SECONDS = 5.0  # a task process whose hop closed has this long to exit on its own
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -290,9 +291,11 @@ class TaskSlot:
         if proc is not None:
             if why is not None:
                 proc.kill()
-            with trio.move_on_after(5):
+            with trio.move_on_after(EXIT_SECONDS):
                 await proc.wait()
-            if proc.returncode is None:
+            if proc.returncode is None:  # (not an outside SIGKILL, as its exit status would then say)
+                why = why or (f"the task process closed its link to the worker but did not exit within "
+                              f"{EXIT_SECONDS:g} s, so the worker killed it")
                 proc.kill()
                 await proc.wait()
             self._left_behind(proc)
@@ -315,7 +318,7 @@ class TaskSlot:
             return
         if proc.returncode is None:
             proc.kill()
-        with trio.move_on_after(5):
+        with trio.move_on_after(EXIT_SECONDS):
             await proc.wait()
         self._left_behind(proc)
 
