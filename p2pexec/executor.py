@@ -103,9 +103,10 @@ class P2PExecutor(Executor):
     and the command to run there.
 
     ``shutdown(wait=True)`` (and leaving ``with``) waits for the work while
-    workers run it; once no worker has taken any of it for
-    ``shutdown_timeout`` seconds (default 60; None waits forever), the
-    remaining futures fail with ``NoWorkersError`` naming the command a
+    workers run it; once it has waited ``shutdown_timeout`` seconds
+    (default 60; None waits forever) with no worker taking any of it
+    (counted from the call, or from when the last worker went, whichever
+    is later), the remaining futures fail with ``NoWorkersError`` naming the command a
     member must run.  Ctrl-C (KeyboardInterrupt) in ``result()``, a ``map``
     loop, ``with`` or the interpreter's exit cancels what is queued and
     stops what runs on workers, and the program ends within about a second.
