@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def validate_cluster(cluster: str) -> str:
+    if not isinstance(cluster, str):  # P2PExecutor(4), as one writes ProcessPoolExecutor(4)
+        raise TypeError(f"the cluster is a name like 'alice/friends', not {cluster!r} (to cap the slots used, "
+                        f"as ProcessPoolExecutor({cluster!r}) would: max_workers={cluster!r})")
     owner, sep, name = cluster.partition("/")
     if not sep or not owner or not name or "/" in name or any(c.isspace() for c in cluster):
         raise ConfigurationError(f"cluster {cluster!r} must be written 'owner/name', e.g. 'alice/friends'")

@@ -125,8 +125,14 @@ class P2PExecutor(Executor):
                  strict_versions: bool = True, verbose: bool = False) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
-        if task_timeout is not None and not task_timeout > 0:
-            raise ValueError("task_timeout must be greater than 0 seconds")
+        if max_retries < 0:
+            raise ValueError("max_retries must be 0 or more")
+        for name, seconds in (("task_timeout", task_timeout), ("worker_timeout", worker_timeout)):
+            if seconds is not None and not seconds > 0:
+                raise ValueError(f"{name} must be greater than 0 seconds, or None for no limit")
+        for name, seconds in (("warn_after", warn_after), ("lease_idle", lease_idle)):
+            if not seconds > 0:
+                raise ValueError(f"{name} must be greater than 0 seconds")
         if shutdown_timeout is not None and not shutdown_timeout >= 0:
             raise ValueError("shutdown_timeout must be 0 or more seconds, or None to wait for workers forever")
         if max_result_size is not None and max_result_size <= 0:

@@ -104,6 +104,17 @@ def test_identity_missing_or_not_listed(cluster, tmp_path):
 def test_bad_cluster_name():
     with pytest.raises(ConfigurationError, match="owner/name"):
         P2PExecutor("friends")
+    with pytest.raises(TypeError, match=r"not 4 .*max_workers=4"):  # ProcessPoolExecutor(4), swapped in
+        P2PExecutor(4)
+
+
+@pytest.mark.parametrize("option", [{"worker_timeout": 0}, {"worker_timeout": -1}, {"task_timeout": 0},
+                                    {"warn_after": -5}, {"lease_idle": 0}, {"max_retries": -1},
+                                    {"shutdown_timeout": -1}, {"max_workers": 0}])
+def test_nonsense_option_values_are_refused_by_name(option):
+    (name,) = option
+    with pytest.raises(ValueError, match=name):
+        P2PExecutor("alice/friends", **option)
 
 
 def test_no_worker_warns_with_the_command_and_times_out(caplog):
