@@ -33,6 +33,8 @@ class TrioThread:
         try:
             trio.run(self._serve)
         except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]  # trio's nursery wraps it: the caller catches OSError, say
             self._error = exc
         finally:
             self._ready.set()

@@ -189,3 +189,20 @@ print(logging.getLogger().handlers)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_fixed_port_in_use_is_refused_though_py_libp2p_listens_with_reuseport():
+    """A second relay on a relay's port started silently and took half of its connections."""
+    import errno
+    import socket
+
+    with socket.socket() as first:  # as py-libp2p's own listener binds
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        port = first.getsockname()[1]
+        with pytest.raises(OSError) as refused:
+            Libp2pHost([f"/ip4/127.0.0.1/tcp/{port}"])
+        assert refused.value.errno == errno.EADDRINUSE
+    Libp2pHost([f"/ip4/127.0.0.1/tcp/{port}"])  # free again (its closed listener does not count)

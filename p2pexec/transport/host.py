@@ -15,6 +15,7 @@ connections, and upgrade them to direct ones by DCUtR hole punching.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -89,6 +90,25 @@ def _short(exc: BaseException) -> str:
     return text if len(text) < 240 else text[:237] + "..."
 
 
+def _refuse_ports_in_use(listen: Sequence[multiaddr.Multiaddr]) -> None:
+    """OSError (EADDRINUSE) for a fixed TCP port that something listens on already.
+
+    py-libp2p listens with SO_REUSEPORT (hole punching dials from the
+    listening port), so a second relay on a port in use started without a
+    word and the kernel split the connections between the two: half of its
+    members reached another process's peer id.  A plain bind finds out
+    (SO_REUSEADDR only lets it past connections of an earlier run that wait
+    to close).
+    """
+    for addr in listen:
+        tcp = split_tcp(str(addr))
+        if tcp is None:  # port 0, or not TCP
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in tcp[0] else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(tcp)
+
+
 class Libp2pHost:
     """One host per process; runs inside a trio loop via :meth:`running`."""
 
@@ -97,6 +117,7 @@ class Libp2pHost:
         """``members_only``: close a TCP connection accepted from a peer that has not proved membership
         (:meth:`proved`) within ``limits.prove_seconds`` (default :data:`PROVE_SECONDS`) of its handshake."""
         self._listen = [multiaddr.Multiaddr(a) for a in listen]
+        _refuse_ports_in_use(self._listen)
         if limits is None:
             limits = Limits(prove_seconds=PROVE_SECONDS if members_only else None)
         self._gate = Gate(Admission(limits))

@@ -31,6 +31,7 @@ from packaging.utils import canonicalize_name
 from .. import environment, portability
 from ..board.client import BoardSession
 from ..config import Participant, physical_memory
+from ..errors import P2PExecError
 from ..protocol import messages
 from ..protocol.resources import Gpu, Need, Resources
 from ..protocol.sharing import OFFER_HOLD
@@ -115,7 +116,12 @@ class WorkerDaemon:
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled (SIGINT/SIGTERM in :func:`main`)."""
-        async with Libp2pHost(self.config.listen, nat_traversal=True, members_only=True).running() as host:
+        try:
+            libp2p = Libp2pHost(self.config.listen, nat_traversal=True, members_only=True)
+        except OSError as exc:
+            raise P2PExecError(f"cannot listen on {', '.join(self.config.listen)}: {exc.strerror}; pick another "
+                               "port with --listen (or port 0: any free one)") from None
+        async with libp2p.running() as host:
             self.host = host
             self.nat = NatTraversal(host, self.config.who.identity, serve=True)
             self.nat.add_candidates(self.config.relays)

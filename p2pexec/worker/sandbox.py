@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import portability
+from ..protocol.resources import format_size
 from .privileges import pid_cap_command
 
 NOBODY = 65534
@@ -179,7 +180,7 @@ class Sandbox:
                      "tasks have no network" if not self.network else "tasks may use the network (--network)"]
         lines.append("memory: not capped (--memory)" if not self.memory else
                      f"memory: each task within what it asked for (or a slot's share of --memory), "
-                     f"{self.memory} bytes of address space at most" if portability.rlimits() else
+                     f"{format_size(self.memory)} of address space at most" if portability.rlimits() else
                      "memory: not capped: not enforced on this platform")
         if self.processes is not None:
             lines.append(f"processes: {self.processes} (up to {self.processes + 300}) processes and threads per "
