@@ -159,9 +159,9 @@ class Lease:
             size = 0
             while size < BATCH_BYTES and (item := core.take(state, time.monotonic())) is not None:
                 if item.values:
-                    batch = await self._send_values(item, batch)
+                    batch, arriving = await self._send_values(item, batch)
                     batch.extend(op_parts(Op.TASK_WITH_VALUES, item.id,
-                                          task_header([v.digest for v in item.values]), *item.payload))
+                                          task_header([v.digest for v in item.values], arriving), *item.payload))
                 else:
                     batch.extend(op_parts(Op.TASK, item.id, *item.payload))
                 size += item.size
@@ -189,25 +189,42 @@ class Lease:
         await self.woken.wait()
         self.woken = trio.Event()
 
-    async def _send_values(self, item: WorkItem, batch: list[Buffer]) -> list[Buffer]:
+    async def _send_values(self, item: WorkItem, batch: list[Buffer]) -> tuple[list[Buffer], bool]:
         """Send the big values ``item`` uses that its worker may not hold, each in a message of its own
-        (after ``batch``, which goes first); returns the batch to go on with."""
+        (after ``batch``, which goes first); returns the batch to go on with, and whether the task must
+        say that a value may still be arriving on another lease (:meth:`SentValues.arriving`)."""
         assert self.channel is not None
-        sending = self.client.core.sent_values(self.peer).to_send([v.digest for v in item.values], every=item.uncached)
+        sent, names = self.client.core.sent_values(self.peer), [v.digest for v in item.values]
+        while not item.uncached and sent.sending_elsewhere(names, self.state):  # one crossing is enough
+            if batch:
+                await self.channel.send(batch)
+                batch = []
+            await self._wait_change()
+        sending = sent.to_send(names, self.state, every=item.uncached)
         item.sent_with = tuple(sending)
-        if not sending:
-            return batch
-        if batch:
-            await self.channel.send(batch)
-        tally = self.client.core.tally
+        if sending:
+            if batch:
+                await self.channel.send(batch)
+                batch = []
+            ok = False
+            try:
+                await self._send_blobs(item, sending)
+                ok = True
+            finally:
+                sent.sent(sending, self.state, ok)
+                self.client.notify()  # the tasks of other leases that waited for these
+        return batch, sent.arriving(names, self.state)
+
+    async def _send_blobs(self, item: WorkItem, sending: list[bytes]) -> None:
+        assert self.channel is not None
+        tally, left = self.client.core.tally, set(sending)
         for value in item.values:
-            if value.digest in sending:
-                sending.remove(value.digest)
+            if value.digest in left:  # (once, though the task uses it twice)
+                left.remove(value.digest)
                 await self.channel.send(op_parts(Op.BLOB, item.id, value.digest, *value.parts))
                 tally.values_sent += 1
                 tally.value_bytes_sent += value.size
                 tally.bytes_sent += value.size
-        return []
 
     async def _upgrade(self, resume: bytes) -> None:
         """Move a relayed lease onto a direct connection once hole punching made one.
@@ -271,15 +288,21 @@ class Lease:
                 if changed:  # one wake-up of the feeders per message, however many answers it held
                     self.client.notify(self)
 
+    def _answered(self, task_id: int) -> WorkItem:
+        item = self.state.answered(task_id)
+        if item.values:  # the worker held them: tasks of other leases need not say they may be arriving
+            self.client.core.sent_values(self.peer).answered([v.digest for v in item.values])
+        return item
+
     def _apply(self, op: Op, arg: int, data: memoryview) -> None:
         """Apply one operation from the worker (not END, PING or MOVE); the caller then notifies the feeders."""
         state, client = self.state, self.client
         if op is Op.RESULT:
-            client.resolve(state.answered(arg), data)
+            client.resolve(self._answered(arg), data)
         elif op is Op.CREDIT:
             state.credits += arg
         elif op is Op.FAILED:
-            client.set_exception(state.answered(arg), TaskProcessDiedError(
+            client.set_exception(self._answered(arg), TaskProcessDiedError(
                 f"{bytes(data).decode(errors='replace')} while running this task on worker "
                 f"{self.worker}; the task was not retried"))
         elif op is Op.CANCELLED:

@@ -9,6 +9,8 @@ import pytest
 
 from p2pexec import LocalCluster
 
+from .conftest import wait_until
+
 pytestmark = pytest.mark.timeout(120)
 
 MIB = 1 << 20
@@ -36,6 +38,20 @@ def test_a_big_argument_crosses_once_per_worker(cluster):
     assert 1 <= stats.values_sent <= workers <= 2
     assert stats.value_bytes_sent < workers * 2.01 * MIB
     assert stats.bytes_sent < stats.value_bytes_sent + 20 * 64 * 1024  # the tasks themselves are small
+
+
+def test_a_big_argument_crosses_once_to_a_worker_whose_slots_went_to_two_leases():
+    """The second lease's task waits for the value the first is sending, then tells the worker it may still
+    be arriving: it went twice, one run in two, before (and every time in this order)."""
+    data = os.urandom(48 * MIB)
+    with LocalCluster(workers=1, slots=2) as lc, lc.executor() as ex:
+        first = ex.submit(digest_of, data)  # a lease of one slot: the demand was one task
+        wait_until(first.running, what="the first task to be sent")
+        rest = list(ex.map(digest_of, [data] * 5))  # the demand grows: a second lease, on the other slot
+        stats = ex.stats()
+        assert [first.result(timeout=60), *rest] == [digest_of(data)] * 6
+    assert (stats.values_sent, stats.values_missed) == (1, 0)
+    assert stats.value_bytes_sent < 49 * MIB
 
 
 def test_each_task_gets_its_own_copy_of_a_big_array(cluster):
@@ -122,7 +138,12 @@ def test_members_cannot_use_each_others_values():
 
             # bob claims the worker holds the value (as if he could probe alice's): it answers UNCACHED
             name = Value.of(data).digest
-            ex._runtime.run_sync(lambda: ex._scheduler.sent_values(peer).to_send([name]))
+            def claim() -> None:  # sent earlier on a lease of bob's, and a task that used it was answered
+                sent = ex._scheduler.sent_values(peer)
+                sent.sent(sent.to_send([name]), None, True)
+                sent.answered([name])
+
+            ex._runtime.run_sync(claim)
             assert ex.submit(digest_of, data).result(timeout=60) == digest_of(data)
             stats = ex.stats()
         assert stats.values_missed == 1 and stats.values_sent == 1  # then he sent it himself

@@ -26,11 +26,11 @@ def name(i: int) -> bytes:
 
 
 # -- wire layout ---------------------------------------------------------------------------------------------
-@given(st.lists(names, min_size=1, max_size=20), st.binary(max_size=200))
-def test_a_task_header_round_trips(digests, payload):
-    data = memoryview(task_header(digests) + payload)
-    got, rest, start = split_task(data)
-    assert got == digests and bytes(rest) == payload and bytes(data[start:]) == payload
+@given(st.lists(names, min_size=1, max_size=20), st.binary(max_size=200), st.booleans())
+def test_a_task_header_round_trips(digests, payload, arriving):
+    data = memoryview(task_header(digests, arriving) + payload)
+    got, rest, start, flagged = split_task(data)
+    assert got == digests and bytes(rest) == payload and bytes(data[start:]) == payload and flagged == arriving
 
 
 @given(st.binary(max_size=200))
@@ -237,6 +237,30 @@ def test_a_value_the_worker_keeps_losing_goes_with_every_task():
         sent.uncached(d, d, [])
         assert sent.to_send(d) == d
     assert sent.to_send(d) == d  # no more asking in vain
+
+
+def test_a_value_crosses_to_a_worker_on_one_of_its_leases_only():
+    """Two leases on one worker (one per slot): the second waits for the first's sending, then its tasks say
+    the value may still be arriving, until a task that used it was answered."""
+    sent, d = SentValues(), [name(1)]
+    a, b = object(), object()
+    assert sent.to_send(d, a) == d
+    assert sent.sending_elsewhere(d, b) and not sent.sending_elsewhere(d, a)
+    sent.sent(d, a, ok=True)
+    assert not sent.sending_elsewhere(d, b)
+    assert sent.to_send(d, b) == []  # not again
+    assert sent.arriving(d, b) and not sent.arriving(d, a)  # a's own tasks follow it on its channel
+    sent.answered(d)
+    assert not sent.arriving(d, b)
+
+
+def test_a_value_whose_lease_ended_while_sending_it_goes_on_another():
+    sent, d = SentValues(), [name(1)]
+    a, b = object(), object()
+    assert sent.to_send(d, a) == d
+    sent.sent(d, a, ok=False)
+    assert not sent.sending_elsewhere(d, b)
+    assert sent.to_send(d, b) == d and not sent.arriving(d, b)
 
 
 def test_values_must_come_before_their_own_task():

@@ -26,6 +26,11 @@ all its values, so that second sending runs.  A worker that says UNCACHED of a v
 that the task does not use, breaks the protocol: it cannot make a task
 loop.  After :data:`MISSES_BEFORE_INLINE` such answers for one value, the
 client sends that value with every task to that worker.
+
+A task may go on one lease while its value crosses on another lease to
+the same worker (:class:`SentValues`); the client marks it *arriving*
+(the top bit of its count), and the worker holds it until the value is
+stored, for :data:`ARRIVING_SECONDS` at most, before saying UNCACHED.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ MAX_VALUES = 1024  # values one task may use
 MISSES_BEFORE_INLINE = 2  # UNCACHED answers for a value before the client always sends it with its tasks
 KEEP_SECONDS = 60.0  # a member's values stay this long after their last lease (the daemon looks every 30 s)
 _COUNT = struct.Struct(">H")
+_ARRIVING = 0x8000  # in a TASK_WITH_VALUES count: a value may still be arriving on another lease
+ARRIVING_SECONDS = 60.0  # how long a worker waits for such a value before answering UNCACHED
 
 T = TypeVar("T")
 
@@ -102,23 +109,26 @@ def digest(parts: Sequence[Buffer]) -> bytes:
     return hashlib.sha256(_TREE + b"".join(out)).digest()
 
 
-def task_header(digests: Sequence[bytes]) -> bytes:
-    """What precedes a task's payload in TASK_WITH_VALUES: the digests of the values it uses, in order."""
+def task_header(digests: Sequence[bytes], arriving: bool = False) -> bytes:
+    """What precedes a task's payload in TASK_WITH_VALUES: the digests of the values it uses, in order, and
+    whether one may still be arriving on another lease (:meth:`SentValues.arriving`)."""
     if not 0 < len(digests) <= MAX_VALUES:
         raise ValueError(f"a task uses 1 to {MAX_VALUES} values, not {len(digests)}")
-    return _COUNT.pack(len(digests)) + b"".join(digests)
+    return _COUNT.pack(len(digests) | (_ARRIVING if arriving else 0)) + b"".join(digests)
 
 
-def split_task(data: memoryview) -> tuple[list[bytes], memoryview, int]:
-    """TASK_WITH_VALUES data: the digests, the task's payload, and where the payload starts in ``data``."""
+def split_task(data: memoryview) -> tuple[list[bytes], memoryview, int, bool]:
+    """TASK_WITH_VALUES data: the digests, the task's payload, where the payload starts in ``data``, and
+    whether a value may still be arriving on another lease."""
     if data.nbytes < _COUNT.size:
         raise ProtocolError("task with values too short")
-    (count,) = _COUNT.unpack_from(data)
+    (word,) = _COUNT.unpack_from(data)
+    count, arriving = word & ~_ARRIVING, bool(word & _ARRIVING)
     end = _COUNT.size + count * DIGEST_BYTES
     if not 0 < count <= MAX_VALUES or data.nbytes < end:
         raise ProtocolError(f"task with a malformed list of {count} values")
     digests = [bytes(data[i : i + DIGEST_BYTES]) for i in range(_COUNT.size, end, DIGEST_BYTES)]
-    return digests, data[end:], end
+    return digests, data[end:], end, arriving
 
 
 def split_digests(data: memoryview) -> list[bytes]:
@@ -235,14 +245,27 @@ class LeaseValues(Generic[T]):
         self.arrived: dict[bytes, T] = {}
         self.received = 0  # BLOBs, for the log
 
-    def blob(self, task_id: int, name: bytes, item: T, size: int) -> None:
-        """A checked value that came for task ``task_id``."""
+    def blob(self, task_id: int, name: bytes, item: T, size: int) -> bool:
+        """A checked value that came for task ``task_id``; whether the cache could keep it (for other tasks)."""
         if self.for_task not in (None, task_id):
             raise ProtocolError(f"the client sent values for task {task_id} before task {self.for_task}")
         self.for_task = task_id
         self.arrived[name] = item
         self.received += 1
-        self.cache.put(self.member, name, item, size)
+        return self.cache.put(self.member, name, item, size)
+
+    def cached(self, names: Iterable[bytes]) -> tuple[list[T], list[bytes]]:
+        """The values of a task that waited for them (:data:`ARRIVING_SECONDS`), from the cache alone, and
+        the digests it still lacks."""
+        found: list[T] = []
+        missing: list[bytes] = []
+        for name in names:
+            item = self.cache.get(self.member, name)
+            if item is None:
+                missing.append(name)
+            else:
+                found.append(item)
+        return found, missing
 
     def task(self, task_id: int, names: Iterable[bytes]) -> tuple[list[T], list[bytes]]:
         """Task ``task_id``'s values in order, and the digests not held (then the task cannot run here)."""
@@ -269,16 +292,32 @@ class SentValues:
     Kept per worker peer for the executor's life, so a new lease with the
     same worker does not send them again (the worker keeps a member's
     values a while after a lease ends; if it lost them, it says so).
+
+    Several leases may run on one worker (one per slot, say).  A value
+    crosses on one of them: a task of another lease that uses it waits
+    until that lease has sent it (:meth:`sending_elsewhere`), then goes
+    marked :meth:`arriving`, until a task using the value was answered.
+    The worker then waits for the value to be stored (it may still be
+    checking it, or reading it from another connection) before saying
+    UNCACHED; before this, two slots of one worker each received a big
+    value about one time in two.
     """
 
     REMEMBER = 4096  # digests remembered per worker; older ones are sent again if needed
 
     def __init__(self) -> None:
-        self._held: OrderedDict[bytes, None] = OrderedDict()
+        # digest -> the lease (any key) that sent it, until a task using it is answered: then _ANSWERED
+        self._held: OrderedDict[bytes, object] = OrderedDict()
+        self._sending: set[bytes] = set()  # being written by that lease now
         self._misses: Counter[bytes] = Counter()
 
-    def to_send(self, names: Iterable[bytes], every: bool = False) -> list[bytes]:
-        """The values to send before a task that uses ``names``; from now on the worker is taken to hold them.
+    def sending_elsewhere(self, names: Iterable[bytes], by: object) -> bool:
+        """Whether a lease other than ``by`` is still writing one of ``names``: wait for it, do not send it twice."""
+        return any(name in self._sending and self._held.get(name) is not by for name in names)
+
+    def to_send(self, names: Iterable[bytes], by: object = None, every: bool = False) -> list[bytes]:
+        """The values lease ``by`` sends before a task that uses ``names``; the worker is taken to hold them
+        from now on (:meth:`sent` says whether they left).
 
         ``every``: all of them, for a task the worker sent back as UNCACHED
         (a value sent with it before may not have stayed either), so that
@@ -292,10 +331,30 @@ class SentValues:
                 self._held.move_to_end(name)
                 continue
             out.append(name)
-            self._held[name] = None
+            self._held[name] = by
+            self._held.move_to_end(name)
+            self._sending.add(name)
             if len(self._held) > self.REMEMBER:
-                self._held.popitem(last=False)
+                self._sending.discard(self._held.popitem(last=False)[0])
         return out
+
+    def sent(self, names: Iterable[bytes], by: object, ok: bool) -> None:
+        """Lease ``by`` wrote ``names`` (``ok``), or ended before it had: then another lease sends them."""
+        for name in names:
+            self._sending.discard(name)
+            if not ok and name in self._held and self._held[name] is by:
+                del self._held[name]
+
+    def arriving(self, names: Iterable[bytes], by: object) -> bool:
+        """Whether a task of lease ``by`` that uses ``names`` relies on a value another lease sent, which no
+        answer has shown the worker to hold yet."""
+        return any(self._held.get(name, _ANSWERED) not in (_ANSWERED, by) for name in names)
+
+    def answered(self, names: Iterable[bytes]) -> None:
+        """A task that used ``names`` was answered: the worker held them."""
+        for name in names:
+            if name in self._held:
+                self._held[name] = _ANSWERED
 
     def uncached(self, said: Iterable[bytes], used: Iterable[bytes], sent_with: Iterable[bytes]) -> None:
         """The worker did not hold ``said`` for a task that uses ``used`` and was sent with ``sent_with``."""
@@ -307,3 +366,6 @@ class SentValues:
                 raise ProtocolError("the worker lacks a value that was sent with the task")
             self._held.pop(name, None)
             self._misses[name] += 1
+
+
+_ANSWERED = object()  # in SentValues._held: a task that used the value was answered

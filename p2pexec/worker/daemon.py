@@ -50,7 +50,7 @@ from .leases import Leases, Move
 from .lifecycle import end_with_parent, leave_on_signals, protect_memory, say_how_we_sign
 from .sandbox import Sandbox
 from .slots import TaskSlot, become_subreaper
-from .valuecache import Blob
+from .valuecache import Arrivals, Blob
 
 log = logging.getLogger("p2pexec.worker")
 
@@ -112,6 +112,7 @@ class WorkerDaemon:
         self.drained = trio.Event()  # set once draining and every slot is back
         self.running = 0  # tasks running in task processes, over all leases
         self.values = ValueCache[Blob](config.cache_size)  # members' big values (protocol/values.py)
+        self.arrivals = Arrivals()  # which values were stored, for tasks of other leases waiting for them
 
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -127,7 +127,7 @@ class LeaseServer:
         self.client = decisions.client
         self.move = move  # for status, and to follow the lease onto a direct connection
         self.client_key = client_key  # it must stay a member's key
-        self.blobs = LeaseBlobs(daemon.values, self.client)
+        self.blobs = LeaseBlobs(daemon.values, self.client, daemon.arrivals)
         self.send_tasks, self.receive_tasks = trio.open_memory_channel[Task](math.inf)
         self.outbox: list[Buffer] = []  # answers (and RETURNED, CANCELLED...) for the next message
         self.mail = trio.Event()  # the outbox has news: wake the sender
@@ -360,14 +360,19 @@ class LeaseServer:
                             self.post(*op_parts(Op.RETURNED, arg))
                             continue
                         values: list[Blob] = []
+                        arriving: list[bytes] | None = None
+                        missing: list[bytes] = []
                         if op is Op.TASK_WITH_VALUES:
-                            values, missing, data, offset = blobs.task(arg, data, offset)
-                            if missing:  # evicted, or held before a restart: the client sends it again
-                                decisions.uncached(arg)
-                                self.post(*op_parts(Op.UNCACHED, arg, *missing))
-                                continue
+                            values, missing, data, offset, arriving = blobs.task(arg, data, offset)
                         shared = (memfd, offset) if memfd is not None and data.nbytes >= hop.SHARED_MIN else None
-                        self.send_tasks.send_nowait((arg, data, shared, values))
+                        if missing and arriving is not None:  # on its way on another lease of the client's
+                            assert self.nursery is not None
+                            self.nursery.start_soon(self._once_arrived, arg, (arriving, values, missing),
+                                                    data, shared)
+                        elif missing:
+                            self._uncached(arg, missing)
+                        else:
+                            self.send_tasks.send_nowait((arg, data, shared, values))
                     elif op is Op.BLOB:
                         await blobs.blob(arg, data, memfd, offset)
                     elif op is Op.PING:
@@ -384,6 +389,22 @@ class LeaseServer:
                             await self.stoppers[arg].withdraw(arg)
                     else:
                         raise ProtocolError(f"client {self.client} sent unexpected {op.name}")
+
+    def _uncached(self, task_id: int, missing: list[bytes]) -> None:
+        """Evicted, held before a restart, or never arrived: the client sends the task again with them."""
+        self.decisions.uncached(task_id)
+        self.post(*op_parts(Op.UNCACHED, task_id, *missing))
+
+    async def _once_arrived(self, task_id: int, wanted: tuple[list[bytes], list[Blob], list[bytes]],
+                            data: memoryview, shared: tuple[int, int] | None) -> None:
+        values, missing = await self.blobs.awaited(*wanted)
+        if missing:
+            self._uncached(task_id, missing)
+            return
+        try:
+            self.send_tasks.send_nowait((task_id, data, shared, values))
+        except trio.ClosedResourceError:  # the client ended the lease meanwhile: it requeues what it sent
+            pass
 
     async def _time_is_up(self) -> None:
         await trio.sleep(self.decisions.lease_seconds)
