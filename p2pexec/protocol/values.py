@@ -364,7 +364,8 @@ class SentValues:
                 raise ProtocolError("the worker lacks a value the task does not use")
             if name in sent_with:
                 raise ProtocolError("the worker lacks a value that was sent with the task")
-            self._held.pop(name, None)
+            if name not in self._sending:  # (one being written now is on its way)
+                self._held.pop(name, None)
             self._misses[name] += 1
 
 
