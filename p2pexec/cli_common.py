@@ -26,7 +26,7 @@ def participant_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--board", default=None, metavar="URL",
                         help="ssh://user@host:port, a ~/.ssh/config Host, or host (default: $P2PEXEC_BOARD, "
-                             "else pipe.pico.sh)")
+                             "else the board 'p2pexec join' saved for the cluster, else pipe.pico.sh)")
     common.add_argument("--identity", default=None, metavar="KEY",
                         help="SSH Ed25519 private key (default: $P2PEXEC_IDENTITY, ssh-agent, ~/.ssh/id_ed25519)")
     common.add_argument("--user", default=None, help="user name on the board (default: from --board, "

@@ -47,6 +47,7 @@ class ClientRuntime:
             on_message=partial(self.thread.call_soon, scheduler.on_message),
             make_hello=scheduler.hello,
             on_connect=partial(self.thread.call_soon, scheduler.reannounce),
+            on_refused=partial(self.thread.call_soon, scheduler.refused),  # the owner removed us
             known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
         )
         try:

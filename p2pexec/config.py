@@ -120,10 +120,11 @@ def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
             relay: str | Sequence[str] | None = None) -> Participant:
     """Apply the defaults and load keys.
 
-    Board: ``board``, ``$P2PEXEC_BOARD``, else pico.sh; a Host alias of
-    ``~/.ssh/config`` supplies host name, port, user and identity file.
-    Key: ``identity``, ``$P2PEXEC_IDENTITY``, the ssh-agent's key listed for
-    the user in the members file, else ``~/.ssh/id_ed25519``.
+    Board: ``board``, ``$P2PEXEC_BOARD``, the one ``p2pexec join`` saved for
+    the cluster, else pico.sh; a Host alias of ``~/.ssh/config`` supplies
+    host name, port, user and identity file.
+    Key: ``identity``, ``$P2PEXEC_IDENTITY``, the Host alias's, the one ``p2pexec join`` saved, the
+    ssh-agent's key listed for the user in the members file, else ``~/.ssh/id_ed25519``.
     Relays: ``relay`` (one multiaddr or several), else ``$P2PEXEC_RELAY``
     (comma-separated); the board may name its own besides.
     """

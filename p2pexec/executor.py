@@ -71,8 +71,10 @@ def _is_ctrl_c(exc: BaseException | None) -> bool:
 class P2PExecutor(Executor):
     """Runs calls on the workers of a cluster, like ProcessPoolExecutor runs them on processes.
 
-    ``board`` defaults to ``$P2PEXEC_BOARD``, else pico.sh's pipe host;
-    ``identity`` to ``$P2PEXEC_IDENTITY``, else ``~/.ssh/id_ed25519``;
+    ``board`` defaults to ``$P2PEXEC_BOARD``, else the board ``p2pexec
+    join`` saved for the cluster, else pico.sh's pipe host; ``identity``
+    to ``$P2PEXEC_IDENTITY``, else the key ``p2pexec join`` saved, else
+    ``~/.ssh/id_ed25519``;
     ``members`` (who may take part, authorized_keys style with names) to
     ``~/.config/p2pexec/clusters/OWNER/NAME.members``.
 
@@ -179,6 +181,8 @@ class P2PExecutor(Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if not self._runtime.alive:
                 raise RuntimeError("cannot schedule new futures: the p2pexec runtime has stopped")
+            if (refusal := self._scheduler.refusal) is not None:
+                raise type(refusal)(str(refusal))
             future: Future[Any] = Future()
             self._allow_classes_of(fn)
             if self.seed is not None and not is_map_chunk(fn):  # (map numbers its own items)

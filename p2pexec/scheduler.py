@@ -36,6 +36,7 @@ from .client_lease import Lease
 from .client_state import (
     OFFERED, SAY_HELLO, WAKE, Action, Cancel, Dial, EndLease, Fail, Post, SchedulerOptions, Warn, WorkItem,
 )
+from .errors import P2PExecError
 from .fitting import Fitting
 from .keys import Identity
 from .protocol import messages
@@ -75,6 +76,7 @@ class ClientScheduler:
         self.wakeup_pending = False  # set by submitters, cleared by wake() on the loop
         self.capacity_known = threading.Event()  # set by each usable offer
         self.board: BoardSession | None = None
+        self.refusal: P2PExecError | None = None  # the board refuses us: see refused()
         self.host: Libp2pHost | None = None
         self.nat: NatTraversal | None = None
         self.kx_keys = sodium.crypto_kx_keypair()  # ours for every lease: (public, secret)
@@ -224,6 +226,12 @@ class ClientScheduler:
     def fail_all(self, exc: BaseException) -> None:
         """Fail every task not finished (the executor is done, or its loop died)."""
         self.do(self.core.fail_all(exc))
+
+    def refused(self, exc: P2PExecError) -> None:
+        """The board, which took us before, refuses our key (the owner removed us): this executor is done,
+        as a broken ProcessPoolExecutor is; ``submit`` raises ``exc`` from now on."""
+        self.refusal = exc
+        self.fail_all(exc)
 
     def lease_ended(self, lease: Lease, reason: str | None, dialed: bool) -> None:
         """``lease`` is over (``reason``: why its worker was lost; None: in good order)."""

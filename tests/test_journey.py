@@ -165,7 +165,8 @@ def _journey(people: People, tmp_path: Path) -> None:
         out = people.run(friend, p2pexec, "join", codes[friend])
         assert "created a key for p2pexec" in out and f"joined alice/friends as {friend}" in out, out
 
-    people.start("bob", worker, "--cluster", "alice/friends", log="bob-worker.log", JOURNEY_MARK="bob")
+    bobs_worker = people.start("bob", worker, "--cluster", "alice/friends", log="bob-worker.log",
+                               JOURNEY_MARK="bob")
     client = Lines(people.start("carol", sys.executable, "-c", CLIENT))
     first = client.until(lambda line: line.startswith("ready"), 120, "carol's first result")
     assert first == "ready bob"
@@ -193,6 +194,15 @@ def _journey(people: People, tmp_path: Path) -> None:
     client.until(settled, 90, "a task sent 10 s after the removal to run on alice's worker")
     later = [client.until(lambda line: line[:1].isdigit(), 60, "more results") for _ in range(5)]
     assert not ran_on_bob_after and all(line.endswith(" alice") for line in later), (ran_on_bob_after, later)
+
+    # bob's worker, which the board now refuses, says why in one line and stops (it retried forever)
+    assert bobs_worker.wait(timeout=60) == 1
+    log = (tmp_path / "bob-worker.log").read_text()
+    assert "alice removed you from alice/friends" in log and "p2pexec invite alice/friends bob" in log, log[-2000:]
+
+    # and carol's executor, once she is removed, fails her tasks with the board's refusal (they waited on)
+    people.run("alice", p2pexec, "remove", "alice/friends", "carol")
+    client.until(lambda line: line.endswith(" error:AuthenticationError"), 60, "carol's executor to refuse her tasks")
 
 
 def _parent(_: object = None) -> int:

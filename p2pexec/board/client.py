@@ -131,8 +131,10 @@ def _shed(exc: paramiko.AuthenticationException) -> bool:
 
 
 def connect(address: BoardAddress, identity: Identity, known_hosts: Path = DEFAULT_KNOWN_HOSTS,
-            accept_new_host_key: bool = False, timeout: float = 10.0) -> paramiko.SSHClient:
-    """An authenticated SSH connection to the board, or a BoardError that says what to do."""
+            accept_new_host_key: bool = False, timeout: float = 10.0,
+            cluster: str = "OWNER/NAME") -> paramiko.SSHClient:
+    """An authenticated SSH connection to the board, or a BoardError that says what to do (about
+    ``cluster``, where the caller knows it)."""
     known_hosts = Path(known_hosts).expanduser()
     client = paramiko.SSHClient()
     if known_hosts.exists():
@@ -166,7 +168,7 @@ def connect(address: BoardAddress, identity: Identity, known_hosts: Path = DEFAU
                                  f"flooded") from None
         raise AuthenticationError(
             f"the board {where} rejected user {identity.user!r} with key {identity.where}. "
-            f"Ask the cluster's owner for an invitation (p2pexec invite OWNER/NAME {identity.user}) and "
+            f"Ask the cluster's owner for an invitation (p2pexec invite {cluster} {identity.user}) and "
             f"run p2pexec join CODE, or ask the board's owner to add your public key to its users file "
             f"({identity.user} {identity.openssh_public})"
         ) from None
@@ -177,8 +179,8 @@ def connect(address: BoardAddress, identity: Identity, known_hosts: Path = DEFAU
         # connection closed before login) is what a busy or flooded board does to connections it sheds.
         final = isinstance(exc, (ConnectionRefusedError, socket.gaierror))
         raise (BoardConnectionError if final else BoardBusyError)(
-            f"cannot reach the board at {where}: {reason}. Check the address (board=... or "
-            f"P2PEXEC_BOARD) and that the board is running (start your own with: p2pexec board)"
+            f"cannot reach the board at {where}: {reason}. Check the address (board=..., P2PEXEC_BOARD, or "
+            f"the one p2pexec join saved) and that the board is running (to run one: p2pexec board)"
         ) from None
     return client
 
@@ -218,6 +220,7 @@ class BoardSession:
     def __init__(self, address: BoardAddress, identity: Identity, topic: str, *,
                  inbox: Inbox, on_message: Callable[[Message], None], make_hello: Callable[[], bytes],
                  on_connect: Callable[[], None] = lambda: None,
+                 on_refused: Callable[[AuthenticationError], None] = lambda exc: None,
                  known_hosts: Path = DEFAULT_KNOWN_HOSTS, accept_new_host_key: bool = False,
                  pipe_flags: str = "", timeout: float = 10.0) -> None:
         self.address = address
@@ -229,6 +232,7 @@ class BoardSession:
         self._on_message = on_message
         self._make_hello = make_hello
         self._on_connect = on_connect
+        self._on_refused = on_refused
         self._known_hosts = Path(known_hosts).expanduser()
         self._accept_new = accept_new_host_key
         self._timeout = timeout
@@ -338,7 +342,8 @@ class BoardSession:
     # -- connection -----------------------------------------------------------
     def _connect(self) -> bytes:
         """Connect, exec the pipe, and wait for our hello's echo; returns leftover bytes."""
-        client = connect(self.address, self.identity, self._known_hosts, self._accept_new, self._timeout)
+        client = connect(self.address, self.identity, self._known_hosts, self._accept_new, self._timeout,
+                         self.topic)
         where = f"{self.address.host}:{self.address.port}"
         transport = client.get_transport()
         assert transport is not None
@@ -445,10 +450,15 @@ class BoardSession:
             buf += chunk
 
     def _reconnect(self) -> bytes:
+        """Connect again, backing off, until it works, we close, or the board refuses us (:meth:`_refused`)."""
         delay = 0.1
         while not self._closed.wait(delay):
             try:
                 pending = self._connect()
+            except AuthenticationError as exc:  # it took us before: our key is gone from it
+                self._closed.set()
+                self._on_refused(exc)
+                break
             except BoardError as exc:
                 log.info("reconnecting to the board failed (%s); next try in %.1f s", exc, delay)
                 delay = min(delay * 2, 5.0)

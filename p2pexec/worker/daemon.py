@@ -109,6 +109,7 @@ class WorkerDaemon:
         self.leases = Leases(self)  # the lease handshake, and the live leases that may move
         self.background: trio.Nursery | None = None  # for what a lease or a board line starts (while serving)
         self.serving = False  # joined the board and offering
+        self.refused: P2PExecError | None = None  # the board refuses us now: the owner removed us
         self.drained = trio.Event()  # set once draining and every slot is back
         self.running = 0  # tasks running in task processes, over all leases
         self.values = ValueCache[Blob](config.cache_size)  # members' big values (protocol/values.py)
@@ -142,6 +143,7 @@ class WorkerDaemon:
                 inbox=messages.Inbox(self.config.who.cluster, self.config.who.keyring,
                                      me=self.config.who.identity.user),
                 on_message=lambda msg: token.run_sync_soon(self._on_message, msg),
+                on_refused=lambda exc: token.run_sync_soon(self._refused, exc),
                 make_hello=self._hello,
                 known_hosts=self.config.known_hosts, accept_new_host_key=self.config.accept_new_host_key,
             )
@@ -157,12 +159,13 @@ class WorkerDaemon:
                 async with trio.open_nursery() as background:
                     self.background = background
                     background.start_soon(self.nat.keep)
-                    while True:
+                    while self.refused is None:
                         await trio.sleep(HELLO_EVERY)
                         if self.board is not None:
                             self.board.send(self._hello())
                         self.core.tick(time.time())
                         self.expire_values()
+                raise self.refused
             finally:
                 with trio.CancelScope(shield=True):
                     await self._leave_board()
@@ -171,6 +174,18 @@ class WorkerDaemon:
                         if slot.index not in busy:  # (a lease stops its own)
                             await slot.stop()
                     shutil.rmtree(self._scratch, ignore_errors=True)  # and what busy slots' processes left
+
+    def _refused(self, exc: BaseException) -> None:
+        """The board, which took us before, refuses our key: the owner removed us.  Serving is over."""
+        who = self.config.who
+        owner = who.cluster.partition("/")[0]
+        self.refused = P2PExecError(
+            f"the board no longer lets {who.identity.user} in: {owner} removed you from {who.cluster}, or your "
+            f"key from the board, so this worker stops. To lend it again, ask {owner} for an invitation "
+            f"(p2pexec invite {who.cluster} {who.identity.user}) and run p2pexec join CODE")
+        log.debug("the board's answer: %s", exc)
+        assert self.background is not None
+        self.background.cancel_scope.cancel()
 
     @property
     def draining(self) -> bool:
