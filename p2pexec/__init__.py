@@ -34,6 +34,10 @@ def __getattr__(name: str) -> type:  # task processes import p2pexec too: keep S
         from .results import UntrustedResultError
 
         return UntrustedResultError
+    if name == "RemoteError":
+        from .tasks import RemoteError
+
+        return RemoteError
     if name == "P2PExecutor":
         from .executor import P2PExecutor
 
@@ -48,6 +52,6 @@ def __getattr__(name: str) -> type:  # task processes import p2pexec too: keep S
 __all__ = [
     "P2PExecutor", "LocalCluster", "RemoteTraceback", "P2PExecError", "ConfigurationError", "BoardError",
     "BoardConnectionError", "BoardBusyError", "HostKeyError", "AuthenticationError", "AccessDeniedError", "ProtocolError",
-    "TaskProcessDiedError", "WorkerLostError", "NoWorkersError", "ResultTooLargeError", "UntrustedResultError",
+    "TaskProcessDiedError", "WorkerLostError", "NoWorkersError", "ResultTooLargeError", "UntrustedResultError", "RemoteError",
     "MissingPackageError", "ExecutorStats", "WorkerStats", "task_rng", "task_seed", "current_worker", "WorkerInfo",
 ]

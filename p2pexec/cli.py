@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                           description="Register your SSH key with the cluster's board, record the board's host "
                                       "key, and save the cluster: then 'p2pexec-worker --cluster OWNER/NAME' and "
                                       "P2PExecutor('OWNER/NAME') work with no other option. Uses --identity, else "
-                                      "~/.ssh/id_ed25519, else creates a key for p2pexec and says where.")
+                                      "p2pexec's own key (created the first time, and said where), not your "
+                                      "everyday ~/.ssh/id_ed25519.")
     join.add_argument("code", metavar="CODE")
     join.add_argument("--identity", default=None, metavar="KEY", help="the SSH Ed25519 key to join with")
     join.add_argument("--known-hosts", type=Path, default=Path("~/.ssh/known_hosts"), metavar="FILE",

@@ -200,12 +200,10 @@ def remove(cluster: str, friend: str, *, board: str | None = None, identity: str
 
 
 def _friend_identity(user: str, identity: str | None) -> tuple[Identity, str]:
-    """The key to join with: the one given, else ~/.ssh/id_ed25519, else a new dedicated one."""
+    """The key to join with: the one given, else p2pexec's own (created the first time): not the everyday
+    ~/.ssh/id_ed25519, which a worker would then keep in memory and sign with (it warns of that)."""
     if identity:
         return load_identity(user, identity), ""
-    default = Path("~/.ssh/id_ed25519").expanduser()
-    if default.exists():
-        return load_identity(user, default), ""
     dedicated = config_dir() / "keys" / "id_ed25519"
     if not dedicated.exists():
         generate_identity_file(dedicated, comment=f"{user} (p2pexec)")

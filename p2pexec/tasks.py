@@ -331,7 +331,8 @@ def _rebuild_exception(exc: BaseException, tb: str) -> BaseException:
 
 
 class RemoteError(Exception):
-    """Stands in for a task exception that could not be pickled."""
+    """Stands in for a task's exception that could not be pickled on the worker or rebuilt here; its
+    message names the original type and says what it said (``p2pexec.RemoteError``)."""
 
 
 @dataclass

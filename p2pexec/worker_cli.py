@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                     "with Ctrl-C.",
         epilog="example: p2pexec-worker --cluster alice/friends --slots 4",
     )
-    parser.add_argument("--cluster", metavar="OWNER/NAME", help="the cluster to serve (required)")
+    parser.add_argument("--cluster", metavar="OWNER/NAME", help="the cluster to serve (required, but with --history)")
     parser.add_argument("--slots", type=int, default=1, help="tasks to run at once (default: 1)")
     parser.add_argument("--allow", default=None, metavar="USER,...",
                         help="run tasks only from these members (default: every member)")

@@ -40,8 +40,9 @@ def say_how_we_sign(who: Identity, memory_protected: bool) -> None:
              "its memory could not be closed to other processes of this user")
     if who.path is not None and who.path.expanduser().resolve() == DEFAULT_KEY.expanduser().resolve():
         log.warning("this worker signs with your general-purpose SSH key %s: anyone who gets it can log in where "
-                    "it does. Prefer a key of its own: ssh-keygen -t ed25519 -f ~/.ssh/p2pexec_worker, added to "
-                    "the members file, then --identity ~/.ssh/p2pexec_worker", who.path)
+                    "it does. Prefer a key of its own: in a cluster you joined, ask for a new invitation and "
+                    "join without --identity (p2pexec makes its own key); with a members file, ssh-keygen -t "
+                    "ed25519 -f ~/.ssh/p2pexec_worker, add it there, then --identity ~/.ssh/p2pexec_worker", who.path)
 
 
 def protect_memory() -> bool:
