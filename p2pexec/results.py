@@ -38,6 +38,7 @@ _ALLOWED: dict[str, frozenset[str]] = {k: frozenset(v.split()) for k, v in {
     "collections": "OrderedDict defaultdict deque Counter",
     "datetime": "datetime date time timedelta timezone",
     "decimal": "Decimal",
+    "_io": "StringIO BytesIO",  # in-memory buffers (their state is their contents)
     "fractions": "Fraction",
     "uuid": "UUID",
     "pathlib": "Path PosixPath WindowsPath PurePath PurePosixPath PureWindowsPath",
@@ -201,6 +202,11 @@ class _Loader(pickle.Unpickler):
             own = _class_in(module, name)  # a class a package the client's tasks come from defines itself
         if own is not None:
             return own
+        if module.startswith("dill."):  # how dill rebuilds a lock, a file, a frame...: a resource, not data
+            raise UntrustedResultError(
+                f"a result holds something dill rebuilds with {module}.{name} (a lock, an open file, a thread, "
+                f"a module...): a resource of the worker's, which means nothing here; return its data instead "
+                f"(a file's contents, say)")
         raise UntrustedResultError(
             f"a result refers to {module}.{name}, which the client does not unpickle from workers by default; "
             f"pass result_types=[{f'{module}.{name}'!r}] (or trusted_results=True) to P2PExecutor to accept it")

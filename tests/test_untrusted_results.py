@@ -78,6 +78,27 @@ def test_a_type_off_the_list_is_named_with_the_option_that_allows_it(cluster):
         assert ex.submit(chain).result(timeout=60) == collections.ChainMap({"a": 1})
 
 
+def a_lock():
+    import threading
+
+    return threading.Lock()
+
+
+def buffers():
+    import io
+
+    return io.StringIO("text"), io.BytesIO(b"bytes")
+
+
+def test_a_resource_of_the_worker_is_refused_with_advice_and_in_memory_buffers_pass(cluster):
+    with cluster.executor() as ex:
+        with pytest.raises(UntrustedResultError, match="a resource of the worker's") as refused:
+            ex.submit(a_lock).result(timeout=60)
+        assert "result_types" not in str(refused.value)  # (allowing dill's rebuilders would open files here)
+        text, data = ex.submit(buffers).result(timeout=60)
+    assert (text.getvalue(), data.getvalue()) == ("text", b"bytes")
+
+
 def pandas_values() -> list:
     """What a data-science task returns: frames with several dtypes, indexes, scalars, offsets, time zones."""
     import numpy as np

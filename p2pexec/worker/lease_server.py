@@ -15,7 +15,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -400,11 +400,9 @@ class LeaseServer:
         values, missing = await self.blobs.awaited(*wanted)
         if missing:
             self._uncached(task_id, missing)
-            return
-        try:
-            self.send_tasks.send_nowait((task_id, data, shared, values))
-        except trio.ClosedResourceError:  # the client ended the lease meanwhile: it requeues what it sent
-            pass
+        else:
+            with suppress(trio.ClosedResourceError):  # the client ended the lease meanwhile: it requeues it
+                self.send_tasks.send_nowait((task_id, data, shared, values))
 
     async def _time_is_up(self) -> None:
         await trio.sleep(self.decisions.lease_seconds)
