@@ -148,10 +148,12 @@ def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
             f"cluster {cluster} has no members yet: invite one with 'p2pexec invite {cluster} FRIEND' "
             f"(which creates it), or pass members=PATH (--members) for a hand-kept members file")
     else:
+        joined = sorted(f"{path.parent.name}/{path.stem}" for path in (config_dir() / "clusters").glob("*/*.json"))
         raise ConfigurationError(
-            f"you have not joined cluster {cluster}: run 'p2pexec join CODE' with the code its owner "
-            f"({cluster.partition('/')[0]}) gets from 'p2pexec invite {cluster} YOURNAME', or pass "
-            f"members=PATH (--members) for a hand-kept members file")
+            f"you have not joined cluster {cluster}"
+            + (f" (you joined: {', '.join(joined)})" if joined else "")
+            + f": run 'p2pexec join CODE' with the code its owner ({cluster.partition('/')[0]}) gets from "
+            f"'p2pexec invite {cluster} YOURNAME', or pass members=PATH (--members) for a hand-kept members file")
     key_file = identity or os.environ.get("P2PEXEC_IDENTITY") or config_identity or (state or {}).get("identity")
     ident = None if key_file or keyring is None else agent_identity(username, keyring)
     if ident is None:

@@ -91,6 +91,10 @@ def test_not_joined_says_what_to_do(cluster, tmp_path, monkeypatch):
         P2PExecutor(cluster.cluster, board=cluster.board, identity=cluster.worker_identity, user=cluster.worker_user)
     with pytest.raises(ConfigurationError, match=r"has no members yet: invite one with 'p2pexec invite"):
         P2PExecutor(cluster.cluster, board=cluster.board, identity=cluster.identity)  # the owner herself
+    (tmp_path / "clusters" / "alice").mkdir(parents=True)
+    (tmp_path / "clusters" / "alice" / "friends.json").write_text("{}")  # joined, under another name
+    with pytest.raises(ConfigurationError, match=r"not joined cluster alice/friend \(you joined: alice/friends\)"):
+        P2PExecutor("alice/friend", board=cluster.board, identity=cluster.worker_identity, user=cluster.worker_user)
 
 
 def test_identity_missing_or_not_listed(cluster, tmp_path):
