@@ -196,16 +196,12 @@ class Lease:
         assert self.channel is not None
         sent, names = self.client.core.sent_values(self.peer), [v.digest for v in item.values]
         while not item.uncached and sent.sending_elsewhere(names, self.state):  # one crossing is enough
-            if batch:
-                await self.channel.send(batch)
-                batch = []
+            batch = await self._flushed(batch)
             await self._wait_change()
         sending = sent.to_send(names, self.state, every=item.uncached)
         item.sent_with = tuple(sending)
         if sending:
-            if batch:
-                await self.channel.send(batch)
-                batch = []
+            batch = await self._flushed(batch)
             ok = False
             try:
                 await self._send_blobs(item, sending)
@@ -214,6 +210,16 @@ class Lease:
                 sent.sent(sending, self.state, ok)
                 self.client.notify()  # the tasks of other leases that waited for these
         return batch, sent.arriving(names, self.state)
+
+    async def _flushed(self, batch: list[Buffer]) -> list[Buffer]:
+        """Send ``batch`` and the control ops queued since (heartbeats: a lease waiting in :meth:`_send_values`
+        while another sends a value must not look frozen to its worker); returns an empty batch."""
+        assert self.channel is not None
+        batch += self.state.control
+        self.state.control.clear()
+        if batch:
+            await self.channel.send(batch)
+        return []
 
     async def _send_blobs(self, item: WorkItem, sending: list[bytes]) -> None:
         assert self.channel is not None

@@ -450,7 +450,7 @@ class BoardSession:
             buf += chunk
 
     def _reconnect(self) -> bytes:
-        """Connect again, backing off, until it works, we close, or the board refuses us (:meth:`_refused`)."""
+        """Connect again, backing off, until it works, we close, or the board refuses us (``on_refused``)."""
         delay = 0.1
         while not self._closed.wait(delay):
             try:

@@ -348,7 +348,7 @@ class SentValues:
     def arriving(self, names: Iterable[bytes], by: object) -> bool:
         """Whether a task of lease ``by`` that uses ``names`` relies on a value another lease sent, which no
         answer has shown the worker to hold yet."""
-        return any(self._held.get(name, _ANSWERED) not in (_ANSWERED, by) for name in names)
+        return any((owner := self._held.get(name, _ANSWERED)) is not _ANSWERED and owner is not by for name in names)
 
     def answered(self, names: Iterable[bytes]) -> None:
         """A task that used ``names`` was answered: the worker held them."""

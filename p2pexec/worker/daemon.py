@@ -184,8 +184,8 @@ class WorkerDaemon:
             f"key from the board, so this worker stops. To lend it again, ask {owner} for an invitation "
             f"(p2pexec invite {who.cluster} {who.identity.user}) and run p2pexec join CODE")
         log.debug("the board's answer: %s", exc)
-        assert self.background is not None
-        self.background.cancel_scope.cancel()
+        if self.background is not None:  # (else the serving loop has not begun, and will not)
+            self.background.cancel_scope.cancel()
 
     @property
     def draining(self) -> bool:
