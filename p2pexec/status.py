@@ -189,7 +189,7 @@ def _resources(worker: dict[str, Any], lent: Resources | None) -> str:
 
 
 REACH = {
-    "public": "directly (public address)",
+    "public": "directly, at the addresses it listens on",
     "nat": "behind a NAT: through the relay, then hole-punched where the routers allow",
     "relay-only": "behind a NAT that defeats hole punching: through the relay only",
     "unreachable": "NO: behind a NAT and no relay took it",
