@@ -8,6 +8,8 @@ from typing import Any
 
 import trio
 
+from .errors import first_leaf
+
 
 class TrioThread:
     """Runs ``main(task_status)`` under trio in a daemon thread.
@@ -33,8 +35,8 @@ class TrioThread:
         try:
             trio.run(self._serve)
         except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
-            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                exc = exc.exceptions[0]  # trio's nursery wraps it: the caller catches OSError, say
+            if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = first_leaf(exc)  # trio's nursery wraps it: the caller catches OSError, say
             self._error = exc
         finally:
             self._ready.set()

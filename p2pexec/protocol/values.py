@@ -40,7 +40,7 @@ import os
 import struct
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 from ..errors import ProtocolError
@@ -254,15 +254,18 @@ class LeaseValues(Generic[T]):
         self.received += 1
         return self.cache.put(self.member, name, item, size)
 
-    def cached(self, names: Iterable[bytes]) -> tuple[list[T], list[bytes]]:
-        """The values of a task that waited for them (:data:`ARRIVING_SECONDS`), from the cache alone, and
-        the digests it still lacks."""
+    def cached(self, names: Iterable[bytes], arrived: Mapping[bytes, T] | None = None) -> tuple[list[T], list[bytes]]:
+        """``names``' values in order, each from ``arrived`` (what came with the task) else the cache, and the
+        digests not held (a task that waited for them, :data:`ARRIVING_SECONDS`, has only the cache)."""
         found: list[T] = []
         missing: list[bytes] = []
         for name in names:
-            item = self.cache.get(self.member, name)
+            item = arrived.get(name) if arrived else None
             if item is None:
-                missing.append(name)
+                item = self.cache.get(self.member, name)
+            if item is None:
+                if name not in missing:
+                    missing.append(name)
             else:
                 found.append(item)
         return found, missing
@@ -271,19 +274,9 @@ class LeaseValues(Generic[T]):
         """Task ``task_id``'s values in order, and the digests not held (then the task cannot run here)."""
         if self.for_task not in (None, task_id):
             raise ProtocolError(f"the client sent values for task {self.for_task}, then task {task_id}")
-        found: list[T] = []
-        missing: list[bytes] = []
-        for name in names:
-            item = self.arrived.get(name)
-            if item is None:
-                item = self.cache.get(self.member, name)
-            if item is None:
-                if name not in missing:
-                    missing.append(name)
-            else:
-                found.append(item)
+        found_missing = self.cached(names, self.arrived)
         self.for_task, self.arrived = None, {}
-        return found, missing
+        return found_missing
 
 
 class SentValues:
