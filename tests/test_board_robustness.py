@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from p2pexec import LocalCluster
+from p2pexec.errors import P2PExecError
 from p2pexec.keys import Identity, load_identity
 from p2pexec.protocol.messages import SCHEMAS, encode
 
@@ -159,3 +161,33 @@ def test_board_down_longer_than_the_backoff_then_back():
             assert not pending.done()
             lc.restart_board()
             assert pending.result(timeout=60) == 10
+
+
+def test_a_worker_started_while_the_board_is_down_waits_for_it():
+    with LocalCluster(workers=0) as lc:
+        lc.stop_board()
+        started: list[object] = []
+        starting = threading.Thread(target=lambda: started.append(lc.add_worker()), daemon=True)
+        starting.start()
+        wait_until(lambda: lc.workers and "cannot reach the board" in lc.workers[0].log_path.read_text(),
+                   timeout=30, what="the worker to say the board is unreachable")
+        assert lc.workers[0].popen.poll() is None, "the worker gave up instead of waiting for its board"
+        lc.restart_board()
+        starting.join(60)
+        assert started, "the worker did not start serving once the board was back"
+        log = lc.workers[0].log_path.read_text()
+        assert "trying again" in log and "reached the board" in log
+        with lc.executor() as ex:
+            assert ex.submit(double, 21).result(timeout=60) == 42
+
+
+def test_ctrl_c_stops_a_worker_still_waiting_for_its_board():
+    with LocalCluster(workers=0) as lc:
+        lc.stop_board()
+        starting = threading.Thread(target=lambda: pytest.raises(P2PExecError, lc.add_worker), daemon=True)
+        starting.start()
+        wait_until(lambda: lc.workers and "cannot reach the board" in lc.workers[0].log_path.read_text(),
+                   timeout=30, what="the worker to say the board is unreachable")
+        lc.workers[0].popen.send_signal(signal.SIGINT)
+        assert lc.workers[0].popen.wait(timeout=20) == 0
+        starting.join(20)

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import queue
 import random
 import socket
@@ -43,6 +44,8 @@ DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
 _MAX_BUFFERED = 1 << 20
 # How long joining keeps trying a board that is busy (see BoardBusyError) before it gives up.
 JOIN_WITHIN = 60.0
+# The longest wait between tries of a worker that started while its board could not be reached.
+MAX_START_DELAY = 10.0
 
 
 @dataclass(frozen=True)
@@ -247,25 +250,42 @@ class BoardSession:
         self.connected = threading.Event()
 
     # -- public -----------------------------------------------------------------
-    def open(self, within: float = JOIN_WITHIN) -> None:
+    def open(self, within: float | None = JOIN_WITHIN) -> None:
         """Connect and join, raising a precise BoardError if that is impossible.
 
         A busy board (:class:`BoardBusyError`) gets more tries, with jittered
-        backoff, for up to ``within`` seconds.
+        backoff, for up to ``within`` seconds.  With ``within=None`` (a
+        worker, which may start before its board or its network) a board
+        that cannot be reached at all gets them too, until it answers or
+        :meth:`close`; a wrong host key or a refused key still fail at once.
         """
-        deadline = time.monotonic() + within
-        delay = 0.25
+        deadline = math.inf if within is None else time.monotonic() + within
+        delay, failed_since = 0.25, None
         while True:
             try:
                 pending = self._connect()
                 break
-            except BoardBusyError as exc:
+            except BoardConnectionError as exc:
+                busy = isinstance(exc, BoardBusyError)
                 wait = delay * random.uniform(0.5, 1.5)  # members shed together must not return together
-                if time.monotonic() + wait > deadline:
+                if (not busy and within is not None) or time.monotonic() + wait > deadline:
                     raise
-                log.info("the board %s is busy (%s); trying again in %.1f s", self.address, exc, wait)
-                time.sleep(wait)
-                delay = min(2 * delay, 4.0)
+                if busy:
+                    log.info("the board %s is busy (%s); trying again in %.1f s", self.address, exc, wait)
+                elif failed_since is None:
+                    log.warning("%s; trying again every few seconds until it answers (Ctrl-C to stop)", exc)
+                else:
+                    log.debug("the board is still unreachable (%s); next try in %.1f s", exc, wait)
+                if not busy and failed_since is None:
+                    failed_since = time.monotonic()
+                if self._closed.wait(wait):
+                    raise BoardConnectionError("closed before the board could be reached") from None
+                delay = min(2 * delay, 4.0 if busy else MAX_START_DELAY)
+        if self._closed.is_set():  # (closed while connecting: nobody wants this session any more)
+            self._disconnect()
+            raise BoardConnectionError("closed before the board could be reached")
+        if failed_since is not None:
+            log.warning("reached the board %s after %.0f s", self.address, time.monotonic() - failed_since)
         self._sync_members()
         self._reader = threading.Thread(target=self._read_forever, args=(pending,),
                                         name=f"p2pexec-board-{self.topic}", daemon=True)

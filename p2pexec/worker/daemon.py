@@ -148,7 +148,8 @@ class WorkerDaemon:
                 known_hosts=self.config.known_hosts, accept_new_host_key=self.config.accept_new_host_key,
             )
             try:
-                await trio.to_thread.run_sync(self.board.open)
+                # (a board not up yet is waited for; Ctrl-C then closes it in _leave_board)
+                await trio.to_thread.run_sync(self.board.open, None, abandon_on_cancel=True)
                 await self._find_relay()
                 log.info("worker %s serving cluster %s with %d slot(s) on %s; peer %s listening on %s "
                          "(reachability: %s)", self.config.who.identity.user, self.config.who.cluster,
