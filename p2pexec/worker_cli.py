@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="p2pexec-worker", parents=[participant_options()],
         description="Contribute this machine's compute to a cluster. Tasks from the cluster's members run in "
-                    "separate task processes, sandboxed where this machine allows (see --check-sandbox); stop "
-                    "with Ctrl-C.",
+                    "separate task processes, sandboxed where this machine allows (see --check-sandbox). A board "
+                    "that cannot be reached yet (not up, or no network) is waited for; stop with Ctrl-C.",
         epilog="example: p2pexec-worker --cluster alice/friends --slots 4",
     )
     parser.add_argument("--cluster", metavar="OWNER/NAME", help="the cluster to serve (required, but with --history)")
