@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from .errors import first_leaf
+
+T = TypeVar("T")
+
+
+async def in_thread_until_cancelled(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a thread, left to finish alone if we are cancelled meanwhile (it must be harmless so)."""
+    # (trio_typing's stubs, which libp2p installs, predate abandon_on_cancel and shadow trio's own types)
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)  # type: ignore[call-arg]
 
 
 class TrioThread:

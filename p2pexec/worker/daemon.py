@@ -38,6 +38,7 @@ from ..protocol.sharing import OFFER_HOLD
 from ..protocol.observers import AnswerObservers
 from ..transport.channel import SecureChannel
 from ..protocol.reach import NetView, announced_relays
+from ..runtime import in_thread_until_cancelled
 from ..protocol.values import ValueCache
 from ..transport.host import Libp2pHost
 from ..transport.nat import NatTraversal
@@ -149,7 +150,7 @@ class WorkerDaemon:
             )
             try:
                 # (a board not up yet is waited for; Ctrl-C then closes it in _leave_board)
-                await trio.to_thread.run_sync(self.board.open, None, abandon_on_cancel=True)
+                await in_thread_until_cancelled(self.board.open, None)
                 await self._find_relay()
                 log.info("worker %s serving cluster %s with %d slot(s) on %s; peer %s listening on %s "
                          "(reachability: %s)", self.config.who.identity.user, self.config.who.cluster,

@@ -26,6 +26,7 @@ from .history import printable
 from .hop_reader import HopBroken, HopReader
 from .privileges import prctl
 from .sandbox import SLOT_ENV, Sandbox
+from .spawn import Child, start_child
 from .valuecache import Blob
 
 log = logging.getLogger("p2pexec.worker")
@@ -57,7 +58,7 @@ class TaskSlot:
         self.index = index
         self.sandbox = sandbox
         self._scratch_root = scratch_root
-        self._proc: trio.Process | None = None
+        self._proc: Child | None = None
         self._sock: trio.socket.SocketType | None = None
         self._reader: HopReader | None = None  # reads what ``_sock`` brings
         self._scratch: Path | None = None  # the process's HOME, TMPDIR and working directory
@@ -98,7 +99,7 @@ class TaskSlot:
         argv = self.sandbox.command([sys.executable, "-m", "p2pexec.worker.taskproc", str(theirs.fileno())],
                                     self._scratch, _PACKAGE_ROOT, info_fd=info_write)
         try:
-            proc = await trio.lowlevel.open_process(
+            proc = start_child(  # (from this thread: see spawn.py)
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env, cwd=self._scratch,
                 pass_fds=[fd for fd in (theirs.fileno(), info_write) if fd is not None],
                 preexec_fn=self.sandbox.limits(),
@@ -322,7 +323,7 @@ class TaskSlot:
             await proc.wait()
         self._left_behind(proc)
 
-    def _left_behind(self, proc: trio.Process) -> None:
+    def _left_behind(self, proc: Child) -> None:
         """Kill what the ended task process started (it was reparented to us, a child subreaper)."""
         _LIVE.discard(proc.pid)
         if self.sandbox.layer == "landlock":
