@@ -191,6 +191,19 @@ print(logging.getLogger().handlers)
     assert done.stdout.strip() == "[]"
 
 
+def test_a_verbose_worker_log_has_libp2p_in_it_but_not_every_address_parsed():
+    """``-v`` promises libp2p's debug logs; the multiaddr parser's (two hundred lines a connection) drowned them."""
+    from p2pexec import LocalCluster
+
+    with LocalCluster(workers=1, verbose=True) as lc:
+        with lc.executor() as ex:
+            assert ex.submit(abs, -3).result(timeout=60) == 3
+        loggers = [line.split()[1] for line in lc.workers[0].log_path.read_text().splitlines()
+                   if line[:2].isdigit() and len(line.split()) > 2]
+    assert any(name.startswith("libp2p.") for name in loggers) and any(name.startswith("p2pexec.") for name in loggers)
+    assert not [name for name in loggers if name.startswith("multiaddr")]
+
+
 def test_a_fixed_port_in_use_is_refused_though_py_libp2p_listens_with_reuseport():
     """A second relay on a relay's port started silently and took half of its connections."""
     import errno
