@@ -26,7 +26,8 @@ from .board.client import (DEFAULT_KNOWN_HOSTS, BoardAddress, connect, exec_comm
                            known_hosts_name)
 from .config import (Participant, cluster_state_path, config_dir, load_cluster_state, membership_of, resolve,
                      save_cluster_state, validate_cluster)
-from .errors import ConfigurationError, P2PExecError
+from .board.registry import INVITE_DAYS
+from .errors import AuthenticationError, ConfigurationError, P2PExecError
 from .keys import Identity, generate_identity_file, load_identity, valid_username
 from .membership import INVITE, Entry, MemberList, Membership, endorse
 from .protocol import messages
@@ -235,14 +236,33 @@ def join(code: str, *, identity: str | None = None, known_hosts: Path = DEFAULT_
     """Join with an invitation code; returns lines that tell the friend what happened and what next."""
     invitation = Invitation.parse(code)
     cluster, user = invitation.cluster, invitation.user
+    joined_as = (load_cluster_state(cluster) or {}).get("user")
+    if joined_as not in (None, user):
+        raise P2PExecError(f"this machine joined {cluster} as {joined_as} already, and this code invites {user}: "
+                           f"each friend joins with their own code, on their own machine. To be {user} here "
+                           f"instead, remove {cluster_state_path(cluster)} and join again")
     board = BoardAddress.parse(invitation.board)
     me, created = _friend_identity(user, identity)
     known_hosts = Path(known_hosts).expanduser()
     _pin_host_key(board, invitation.host_key, known_hosts)
     endorsement = endorse(invitation.seed, cluster, user, me.public_key)
-    client = connect(board, me, known_hosts)
+    spent = (f"this invitation code was used already, or has expired (a code works once, within "
+             f"{INVITE_DAYS} days): ask {cluster.partition('/')[0]} for a new one (p2pexec invite {cluster} {user})")
+    if joined_as == user:
+        spent = (f"you joined {cluster} as {user} before (saved in {cluster_state_path(cluster)}), so there may be "
+                 f"nothing to do: p2pexec status {cluster} tells. Otherwise {spent}")
     try:
-        answer = _command(client, f"join {cluster} {base64.b64encode(endorsement).decode()}", "accept invitations")
+        client = connect(board, me, known_hosts, cluster=cluster)
+    except AuthenticationError:  # only a friend with an open invitation, or one who joined, may log in
+        raise P2PExecError(f"the board did not let {user} in: {spent}") from None
+    try:
+        try:
+            answer = _command(client, f"join {cluster} {base64.b64encode(endorsement).decode()}",
+                              "accept invitations")
+        except P2PExecError as exc:
+            if "no open invitation" in str(exc):
+                raise P2PExecError(f"the board has no open invitation for {user} to {cluster}: {spent}") from None
+            raise
         view = json.loads(answer)
         state: dict[str, Any] = {"board": invitation.board, "user": user, "identity": str(me.path),
                                  "owner_key": invitation.owner_key}

@@ -165,6 +165,17 @@ def _journey(people: People, tmp_path: Path) -> None:
         out = people.run(friend, p2pexec, "join", codes[friend])
         assert "created a key for p2pexec" in out and f"joined alice/friends as {friend}" in out, out
 
+    # Codes used again: by their friend (nothing to do), on another's machine (it was someone's identity
+    # switched silently), on a new machine (the board lets nobody in with it: "ask for an invitation (p2pexec
+    # invite OWNER/NAME ...)" said nothing of a spent code)
+    said = people.run("bob", p2pexec, "join", codes["bob"], fails=True)
+    assert "you joined alice/friends as bob before" in said and "p2pexec status alice/friends" in said, said
+    said = people.run("bob", p2pexec, "join", codes["carol"], fails=True)
+    assert "this machine joined alice/friends as bob already, and this code invites carol" in said, said
+    said = people.run("dave", p2pexec, "join", codes["carol"], fails=True)
+    assert "the board did not let carol in: this invitation code was used already, or has expired" in said, said
+    assert "p2pexec invite alice/friends carol" in said and "OWNER/NAME" not in said, said
+
     bobs_worker = people.start("bob", worker, "--cluster", "alice/friends", log="bob-worker.log",
                                JOURNEY_MARK="bob")
     client = Lines(people.start("carol", sys.executable, "-c", CLIENT))
