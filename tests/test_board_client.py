@@ -30,7 +30,8 @@ def test_board_urls(url, expected):
     assert BoardAddress.parse(str(expected)) == expected
 
 
-@pytest.mark.parametrize("url", ["http://x", "ssh://", "host:99999", "host:abc"])
+@pytest.mark.parametrize("url", ["http://x", "ssh://", "host:99999", "host:abc", "ssh//bob@127.0.0.1:2222",
+                                 "ssh://bob@board/x:22", "bo ard", "ssh://-oProxyCommand=x"])
 def test_bad_board_urls(url):
     with pytest.raises(BoardError):
         BoardAddress.parse(url)

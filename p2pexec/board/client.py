@@ -25,7 +25,7 @@ from pathlib import Path
 
 import paramiko
 
-from ..keys import Identity
+from ..keys import Identity, valid_username
 from ..membership import Membership
 from ..protocol.messages import Inbox, Message
 from ..errors import (
@@ -79,11 +79,19 @@ class BoardAddress:
             host = rest
         if not host:
             raise BoardError(f"board URL {url!r} names no host")
+        if user is not None and not valid_username(user):
+            hint = " (did you mean ssh://...?)" if "/" in user else ""
+            raise BoardError(f"board URL {url!r}: {user!r} is not a user name{hint}")
+        if not set(host) <= _HOST_CHARS or host.startswith(("-", ".")):
+            raise BoardError(f"board URL {url!r}: {host!r} is not a host name, an IP address or a ~/.ssh/config Host")
         return cls(host=host, port=port, user=user or None)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"ssh://{self.user + '@' if self.user else ''}{host}:{self.port}"
+
+
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:%")  # (: and % in IPv6)
 
 
 def _port(text: str, url: str) -> int:
