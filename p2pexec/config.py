@@ -56,6 +56,11 @@ def cluster_state_path(cluster: str) -> Path:
     return config_dir() / "clusters" / owner / f"{name}.json"
 
 
+def saved_clusters() -> list[str]:
+    """The clusters joined or created on this machine (``join`` and ``invite`` save them)."""
+    return sorted(f"{path.parent.name}/{path.stem}" for path in (config_dir() / "clusters").glob("*/*.json"))
+
+
 def load_cluster_state(cluster: str) -> dict[str, Any] | None:
     path = cluster_state_path(cluster)
     try:
@@ -148,7 +153,7 @@ def resolve(cluster: str, *, board: str | None = None, user: str | None = None,
             f"cluster {cluster} has no members yet: invite one with 'p2pexec invite {cluster} FRIEND' "
             f"(which creates it), or pass members=PATH (--members) for a hand-kept members file")
     else:
-        joined = sorted(f"{path.parent.name}/{path.stem}" for path in (config_dir() / "clusters").glob("*/*.json"))
+        joined = saved_clusters()
         raise ConfigurationError(
             f"you have not joined cluster {cluster}"
             + (f" (you joined: {', '.join(joined)})" if joined else "")

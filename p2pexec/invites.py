@@ -24,9 +24,9 @@ from nacl.signing import SigningKey
 
 from .board.client import (DEFAULT_KNOWN_HOSTS, BoardAddress, connect, exec_command, fingerprint,
                            known_hosts_name)
-from .config import (Participant, cluster_state_path, config_dir, load_cluster_state, membership_of, resolve,
-                     save_cluster_state, validate_cluster)
 from .board.registry import INVITE_DAYS
+from .config import (Participant, cluster_state_path, config_dir, load_cluster_state, membership_of, resolve,
+                     save_cluster_state, saved_clusters, validate_cluster)
 from .errors import AuthenticationError, ConfigurationError, P2PExecError
 from .keys import Identity, generate_identity_file, load_identity, valid_username
 from .membership import INVITE, Entry, MemberList, Membership, endorse
@@ -142,8 +142,12 @@ def _owner_only(who: Participant, friend: str, doing: str) -> str:
     of their own list: an invitation in their name would let whoever redeems it log in as them)."""
     owner = who.cluster.partition("/")[0]
     if who.identity.user != owner:
+        saved = saved_clusters()
+        unknown = "" if who.cluster in saved else (
+            f". No cluster {who.cluster} is saved on this machine (saved here: {', '.join(saved) or 'none'}): "
+            f"check its name. The first invitation creates a cluster")
         raise P2PExecError(f"only {owner} can {doing} {who.cluster}; you are {who.identity.user!r} "
-                           f"(pass --user {owner} with {owner}'s key)")
+                           f"(pass --user {owner} with {owner}'s key){unknown}")
     if friend == owner:
         raise P2PExecError(f"{owner} owns {who.cluster}: the owner is always in it, and cannot be "
                            "invited or removed")

@@ -15,7 +15,7 @@ import pytest
 
 from p2pexec import (
     AccessDeniedError, AuthenticationError, BoardConnectionError, ConfigurationError, HostKeyError,
-    LocalCluster, NoWorkersError, P2PExecutor,
+    LocalCluster, NoWorkersError, P2PExecError, P2PExecutor,
 )
 from p2pexec.board.server import BoardServer
 from p2pexec.keys import Keyring, generate_identity_file, load_identity
@@ -95,6 +95,17 @@ def test_not_joined_says_what_to_do(cluster, tmp_path, monkeypatch):
     (tmp_path / "clusters" / "alice" / "friends.json").write_text("{}")  # joined, under another name
     with pytest.raises(ConfigurationError, match=r"not joined cluster alice/friend \(you joined: alice/friends\)"):
         P2PExecutor("alice/friend", board=cluster.board, identity=cluster.worker_identity, user=cluster.worker_user)
+
+
+def test_inviting_to_a_misspelt_cluster_names_those_saved_here(cluster, tmp_path, monkeypatch):
+    from p2pexec.invites import invite
+
+    monkeypatch.setenv("P2PEXEC_CONFIG", str(tmp_path))
+    (tmp_path / "clusters" / "alice").mkdir(parents=True)
+    (tmp_path / "clusters" / "alice" / "friends.json").write_text("{}")
+    with pytest.raises(P2PExecError, match=r"only alice can invite to alice/frends; you are 'friend'.*No cluster "
+                                           r"alice/frends is saved on this machine \(saved here: alice/friends\)"):
+        invite("alice/frends", "dave", board=cluster.board, identity=cluster.worker_identity, user=cluster.worker_user)
 
 
 def test_identity_missing_or_not_listed(cluster, tmp_path):

@@ -156,6 +156,7 @@ def _journey(people: People, tmp_path: Path) -> None:
                          "--board", "ssh://alice@127.0.0.1:2222", "--accept-new-host-key")
         codes[friend] = out.strip().splitlines()[-1]
         assert codes[friend].startswith("p2pexec1:")
+        assert ("created the cluster alice/friends" in out) == (friend == "bob"), out
 
     for argv in (("invite", "alice/friends", "alice"), ("remove", "alice/friends", "alice")):
         said = people.run("alice", p2pexec, *argv, fails=True)  # an invitation in her name: a login as her
