@@ -93,7 +93,7 @@ class Lease:
         except* MessageTooLarge as group:
             reason = self._too_large(first_leaf(group))
         except* (ProtocolError, messages.InvalidMessage) as group:  # raised in the lease's nursery too
-            exc = group.exceptions[0]
+            exc = first_leaf(group)
             reason = str(exc)
             if self.channel is None:  # e.g. its slots went to another accept first
                 log.debug("could not lease worker %s: %s", self.worker, exc)
@@ -105,9 +105,9 @@ class Lease:
                             "and this executor will use no worker of %s again", self.worker, self.peer, exc,
                             self.worker)
         except* Exception as group:  # a bug of ours must cost one lease, not every future of the executor
-            reason = f"unexpected error: {group.exceptions[0]!r}"
+            reason = f"unexpected error: {first_leaf(group)!r}"
             log.error("lease with worker %s failed; its tasks are retried. Please report this:", self.worker,
-                      exc_info=group.exceptions[0])
+                      exc_info=first_leaf(group))
         finally:
             self.client.lease_ended(self, reason, dialed)
 

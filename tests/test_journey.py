@@ -42,7 +42,7 @@ with P2PExecutor("alice/friends") as ex:
         try:
             where = ex.submit(mark).result(timeout=60)
         except Exception as exc:
-            where = "error:" + type(exc).__name__
+            where = "error:" + type(exc).__name__ + ": " + str(exc)
         print(f"{sent:.3f} {where}", flush=True)
         time.sleep(0.1)  # a steady trickle of tasks, not a wait for anything
 """
@@ -214,7 +214,8 @@ def _journey(people: People, tmp_path: Path) -> None:
 
     # and carol's executor, once she is removed, fails her tasks with the board's refusal (they waited on)
     people.run("alice", p2pexec, "remove", "alice/friends", "carol")
-    client.until(lambda line: line.endswith(" error:AuthenticationError"), 60, "carol's executor to refuse her tasks")
+    refused = client.until(lambda line: " error:AuthenticationError" in line, 60, "carol's executor to refuse her tasks")
+    assert "alice removed you from alice/friends" in refused and "p2pexec invite alice/friends carol" in refused, refused
 
 
 def _parent(_: object = None) -> int:

@@ -485,7 +485,12 @@ class BoardSession:
                 pending = self._connect()
             except AuthenticationError as exc:  # it took us before: our key is gone from it
                 self._closed.set()
-                self._on_refused(exc)
+                log.debug("the board's answer: %s", exc)
+                owner = self.topic.partition("/")[0]
+                self._on_refused(AuthenticationError(
+                    f"the board no longer lets {self.username} in: {owner} removed you from {self.topic}, or "
+                    f"your key from the board. To take part again, ask {owner} for an invitation (p2pexec "
+                    f"invite {self.topic} {self.username}) and run p2pexec join CODE"))
                 break
             except BoardError as exc:
                 log.info("reconnecting to the board failed (%s); next try in %.1f s", exc, delay)

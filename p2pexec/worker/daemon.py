@@ -179,13 +179,7 @@ class WorkerDaemon:
 
     def _refused(self, exc: BaseException) -> None:
         """The board, which took us before, refuses our key: the owner removed us.  Serving is over."""
-        who = self.config.who
-        owner = who.cluster.partition("/")[0]
-        self.refused = P2PExecError(
-            f"the board no longer lets {who.identity.user} in: {owner} removed you from {who.cluster}, or your "
-            f"key from the board, so this worker stops. To lend it again, ask {owner} for an invitation "
-            f"(p2pexec invite {who.cluster} {who.identity.user}) and run p2pexec join CODE")
-        log.debug("the board's answer: %s", exc)
+        self.refused = P2PExecError(f"this worker stops: {exc}")
         if self.background is not None:  # (else the serving loop has not begun, and will not)
             self.background.cancel_scope.cancel()
 

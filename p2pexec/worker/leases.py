@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .. import portability
-from ..errors import ProtocolError
+from ..errors import ProtocolError, first_leaf
 from ..protocol import messages
 from ..protocol.frames import MAX_FRAME, RESUME_MAGIC, resume_frame, session_keys
 from ..protocol.lease import SILENCE_SECONDS
@@ -121,13 +121,13 @@ class Leases:
                 with trio.CancelScope(shield=True):
                     await channel.close()
         except* (ProtocolError, messages.InvalidMessage, trio.TooSlowError) as group:  # nurseries group them
-            exc = group.exceptions[0]
+            exc = first_leaf(group)
             # an accept that reaches a stopping worker is expected, not worth a warning
             (log.debug if daemon.draining else log.warning)("dropped a lease stream: %s", exc or type(exc).__name__)
             await framed.reset()
         except* Exception as group:  # a bug of ours must cost one lease, not the worker
             log.error("dropped a lease stream after an unexpected error; please report it",
-                      exc_info=group.exceptions[0])
+                      exc_info=first_leaf(group))
             await framed.reset()
         finally:
             if move is not None:
