@@ -163,8 +163,9 @@ class Sandbox:
         if self.layer == "landlock":
             lines = [f"Landlock ABI {self.landlock}: tasks read only the system and Python directories, write only "
                      f"a private scratch directory (their HOME and TMPDIR), and signal nothing outside",
-                     "tasks run as this user, without capabilities (no bubblewrap: apt-get install bubblewrap for an unprivileged user "
-                     "and a PID namespace); whatever they start is killed when their task process ends",
+                     "tasks run as this user, without capabilities (the bubblewrap layer would add an unprivileged "
+                     "user and a PID namespace: --sandbox-layer auto, with bubblewrap installed); whatever they "
+                     "start is killed when their task process ends",
                      "tasks have no TCP (UDP is not covered)" if not self.network else
                      "tasks may use the network (--network)"]
         elif self.bwrap is None:
