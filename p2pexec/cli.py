@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     board.add_argument("--users", type=Path, required=True, metavar="FILE",
                        help="users file: 'NAME ssh-ed25519 KEY [comment]' per line")
     board.add_argument("--state", type=Path, default=None, metavar="DIR",
-                       help="state directory: host key and cluster member lists "
+                       help="state directory: host key, relay key and cluster member lists "
                             "(default: $XDG_DATA_HOME/p2pexec/board, i.e. ~/.local/share/p2pexec/board)")
     board.add_argument("--max-line", type=int, default=65536, metavar="BYTES",
                        help="longest line a session may send (default: 65536)")
@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="announce the relay on this cluster's board (you must be its owner)")
     relay.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_RELAY_PORT}", metavar="HOST:PORT",
                        help=f"where the relay listens (default: 0.0.0.0:{DEFAULT_RELAY_PORT})")
+    relay.add_argument("--key", type=Path, default=None, metavar="FILE",
+                       help="the relay's key (made on first use): its address stays the same across restarts "
+                            "(default: $XDG_DATA_HOME/p2pexec/relay_ed25519, i.e. ~/.local/share/p2pexec/...)")
     _relay_options(relay)
 
     args = parser.parse_args(argv)
@@ -245,6 +248,10 @@ class _Progress:
         self.stream.flush()
 
 
+def _data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share").expanduser()
+
+
 def _board(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -257,8 +264,7 @@ def _board(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise P2PExecError(f"--listen {args.listen!r}: expected HOST:PORT")
-    data_home = Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share").expanduser()
-    state = (args.state or data_home / "p2pexec" / "board").expanduser()
+    state = (args.state or _data_home() / "p2pexec" / "board").expanduser()
     state.mkdir(parents=True, exist_ok=True)
     host_key = load_or_create_host_key((args.host_key or state / "host_ed25519").expanduser())
     users_path = args.users.expanduser()
@@ -277,11 +283,11 @@ def _board(args: argparse.Namespace) -> int:
     relay = None
     if not args.no_relay:
         from .board.server import RelayAddress
-        from .transport.relay import RelayService
+        from .transport.relay import RelayService, relay_seed
 
         listen = _tcp_multiaddr(args.relay_listen or f"{host}:{DEFAULT_RELAY_PORT}", "--relay-listen")
         try:
-            relay = RelayService(listen, _relay_policy(args), server.knows)
+            relay = RelayService(listen, _relay_policy(args), server.knows, relay_seed(state / "relay_ed25519"))
         except OSError as exc:
             raise P2PExecError(f"the relay cannot listen on {listen}: {exc.strerror}; pick another port with "
                                f"--relay-listen, or run none with --no-relay") from None
@@ -327,7 +333,7 @@ def _relay(args: argparse.Namespace) -> int:
     from .config import default_members_path, resolve
     from .keys import WatchedKeyring
     from .protocol.reach import scope, split_tcp
-    from .transport.relay import RelayService
+    from .transport.relay import RelayService, relay_seed
 
     who = None
     if args.cluster:
@@ -344,7 +350,8 @@ def _relay(args: argparse.Namespace) -> int:
     members = WatchedKeyring(args.members or default_members_path(args.cluster))
     listen = _tcp_multiaddr(args.listen, "--listen")
     try:
-        relay = RelayService(listen, _relay_policy(args), members.allows)
+        relay = RelayService(listen, _relay_policy(args), members.allows,
+                             relay_seed((args.key or _data_home() / "p2pexec" / "relay_ed25519").expanduser()))
     except OSError as exc:
         raise P2PExecError(f"the relay cannot listen on {args.listen}: {exc.strerror}") from None
     public = [f"{a}/p2p/{relay.peer_id}" for a in relay.addrs

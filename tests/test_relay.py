@@ -159,7 +159,7 @@ def test_p2pexec_relay_needs_to_know_who_may_use_it(capsys):
     assert "say who may use the relay: --members FILE" in capsys.readouterr().err
 
 
-def test_p2pexec_relay_alone_prints_its_address_and_stops_on_sigterm(tmp_path):
+def test_p2pexec_relay_alone_prints_its_address_and_stops_on_sigterm_and_keeps_its_id(tmp_path):
     import signal
     import sys
 
@@ -167,22 +167,27 @@ def test_p2pexec_relay_alone_prints_its_address_and_stops_on_sigterm(tmp_path):
 
     members = tmp_path / "members"
     members.write_text(f"alice {openssh_public_line(ALICE.public_key)}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "p2pexec.cli", "relay", "--members", str(members),
-                             "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines = [proc.stdout.readline() for _ in range(3)]
-        assert lines[0].startswith("p2pexec relay listening on port"), lines
-        address = lines[1].strip()
-        assert address.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3KooW" in address, lines
-        assert "--relay ADDRESS" in lines[2], lines
+    ids = []
+    for run in range(2):  # members given the address by hand must not lose the relay when it restarts
+        proc = subprocess.Popen([sys.executable, "-m", "p2pexec.cli", "relay", "--members", str(members),
+                                 "--listen", "127.0.0.1:0", "--key", str(tmp_path / "relay_key")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            lines = [proc.stdout.readline() for _ in range(3)]
+            assert lines[0].startswith("p2pexec relay listening on port"), lines
+            address = lines[1].strip()
+            assert address.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3KooW" in address, lines
+            assert "--relay ADDRESS" in lines[2], lines
+            ids.append(address.rpartition("/p2p/")[2])
 
-        async def join() -> object:
-            async with Libp2pHost(nat_traversal=True).running() as host:
-                return await host.join_relay(address, ALICE, reserve=lambda j: True)
+            async def join() -> object:
+                async with Libp2pHost(nat_traversal=True).running() as host:
+                    return await host.join_relay(address, ALICE, reserve=lambda j: True)
 
-        assert trio.run(join).circuit  # a member is served by the process just started
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-    finally:
-        proc.kill()
-        proc.wait()
+            assert trio.run(join).circuit  # a member is served by the process just started
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        finally:
+            proc.kill()
+            proc.wait()
+    assert ids[0] == ids[1]

@@ -113,15 +113,17 @@ class Libp2pHost:
     """One host per process; runs inside a trio loop via :meth:`running`."""
 
     def __init__(self, listen: Sequence[str] = (LOOPBACK,), *, nat_traversal: bool = False,
-                 members_only: bool = False, limits: Limits | None = None) -> None:
+                 members_only: bool = False, limits: Limits | None = None, seed: bytes | None = None) -> None:
         """``members_only``: close a TCP connection accepted from a peer that has not proved membership
-        (:meth:`proved`) within ``limits.prove_seconds`` (default :data:`PROVE_SECONDS`) of its handshake."""
+        (:meth:`proved`) within ``limits.prove_seconds`` (default :data:`PROVE_SECONDS`) of its handshake.
+        ``seed``: the host's key, where its peer id must outlive the process (a relay)."""
         self._listen = [multiaddr.Multiaddr(a) for a in listen]
         _refuse_ports_in_use(self._listen)
         if limits is None:
             limits = Limits(prove_seconds=PROVE_SECONDS if members_only else None)
         self._gate = Gate(Admission(limits))
-        self._host = new_libp2p_host(self._listen, GatedTCP(self._gate), per_peer=4 if nat_traversal else 1)
+        self._host = new_libp2p_host(self._listen, GatedTCP(self._gate), per_peer=4 if nat_traversal else 1,
+                                     seed=seed)
         self.peer_id: str = self._host.get_id().to_base58()
         self.nat_traversal = nat_traversal
         self._circuits: CircuitV2Transport | None = None

@@ -134,13 +134,15 @@ def _no_auto_dials(swarm: Any) -> None:
     swarm.auto_connector.start = stay_stopped
 
 
-def new_libp2p_host(listen: list[Any], transport: Any, per_peer: int) -> IHost:
-    """A py-libp2p host with a fresh key, listening on ``listen`` over ``transport`` (TCP), Noise and yamux only.
+def new_libp2p_host(listen: list[Any], transport: Any, per_peer: int, seed: bytes | None = None) -> IHost:
+    """A py-libp2p host listening on ``listen`` over ``transport`` (TCP), Noise and yamux only.
 
-    ``per_peer``: connections per peer (1 avoids py-libp2p's 250 ms dial
-    delay; 4 lets a relayed and a direct connection live side by side).
+    Its key is fresh, or made from ``seed`` (32 bytes: a relay whose peer
+    id members were given keeps it).  ``per_peer``: connections per peer
+    (1 avoids py-libp2p's 250 ms dial delay; 4 lets a relayed and a direct
+    connection live side by side).
     """
-    key_pair = create_new_key_pair()
+    key_pair = create_new_key_pair(seed)
     host = new_host(
         key_pair=key_pair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(key_pair, create_x25519_key_pair().private_key)},

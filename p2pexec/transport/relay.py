@@ -22,8 +22,9 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import trio
@@ -33,6 +34,7 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 
+from ..keys import generate_identity_file, load_identity
 from ..protocol.reach import InvalidTicket, check_ticket
 from .channel import FramedStream, PeerLost
 from .host import TICKET_PROTOCOL, Libp2pHost, Notifee
@@ -186,13 +188,24 @@ class _Forget(Notifee):
 
 
 
+def relay_seed(path: Path) -> bytes:
+    """The relay's key, from an OpenSSH Ed25519 key file made on first use: its peer id, which members may
+    have been given by hand (``--relay``), stays the same when the relay restarts."""
+    if not path.exists():
+        generate_identity_file(path, comment="p2pexec relay key")
+    key = load_identity("relay", path).signing_key
+    assert key is not None  # (a key file)
+    return bytes(key)
+
+
 @asynccontextmanager
-async def running_relay(listen: str, policy: RelayPolicy,
-                        allows: Callable[[str, bytes], bool]) -> AsyncIterator[tuple[Libp2pHost, MemberRelay]]:
-    """A relay host on ``listen`` (a multiaddr) serving members only, while the block runs."""
+async def running_relay(listen: str, policy: RelayPolicy, allows: Callable[[str, bytes], bool],
+                        seed: bytes | None = None) -> AsyncIterator[tuple[Libp2pHost, MemberRelay]]:
+    """A relay host on ``listen`` (a multiaddr) serving members only, while the block runs; its key is made
+    from ``seed`` (:func:`relay_seed`), else fresh."""
     from libp2p.tools.anyio_service import background_trio_service
 
-    host = Libp2pHost([listen], members_only=True)  # a peer has PROVE_SECONDS to present its ticket
+    host = Libp2pHost([listen], members_only=True, seed=seed)  # a peer has PROVE_SECONDS to present its ticket
     async with host.running():
         relay = MemberRelay(host.host, policy, allows, on_member=host.proved)
         host.host.get_network().register_notifee(_Forget(relay))
@@ -203,10 +216,11 @@ async def running_relay(listen: str, policy: RelayPolicy,
 class RelayService:
     """A member relay on its own trio thread, beside the threaded board or alone (``p2pexec relay``)."""
 
-    def __init__(self, listen: str, policy: RelayPolicy, allows: Callable[[str, bytes], bool]) -> None:
+    def __init__(self, listen: str, policy: RelayPolicy, allows: Callable[[str, bytes], bool],
+                 seed: bytes | None = None) -> None:
         from ..runtime import TrioThread
 
-        self._args = (listen, policy, allows)
+        self._args = (listen, policy, allows, seed)
         self._stop: trio.Event | None = None
         self.peer_id = ""
         self.addrs: list[str] = []
