@@ -31,6 +31,7 @@ from .errors import AuthenticationError, ConfigurationError, P2PExecError
 from .keys import Identity, generate_identity_file, load_identity, valid_username
 from .membership import INVITE, Entry, MemberList, Membership, endorse
 from .protocol import messages
+from .protocol.reach import scope
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,16 @@ def _owner_only(who: Participant, friend: str, doing: str) -> str:
     return owner
 
 
+def _only_here(host: str) -> bool:
+    """Does ``host`` name this machine alone (loopback), which no friend elsewhere reaches?"""
+    if host == "localhost":
+        return True
+    try:
+        return scope(host) == "loopback"
+    except ValueError:  # a name
+        return False
+
+
 def invite(cluster: str, friend: str, *, board: str | None = None, identity: str | None = None,
            user: str | None = None, known_hosts: Path = DEFAULT_KNOWN_HOSTS,
            accept_new_host_key: bool = False) -> str:
@@ -180,6 +191,10 @@ def invite(cluster: str, friend: str, *, board: str | None = None, identity: str
         client.close()
     save_cluster_state(who.cluster, state)
     log.info("invited %s to %s; the code is valid once, for 7 days", friend, who.cluster)
+    if _only_here(who.board.host):
+        log.warning("the code names the board as %s, which only this machine reaches: for friends elsewhere, "
+                    "invite with --board ssh://%s@HOST:%d, HOST being a name or address they reach it at",
+                    who.board.host, owner, who.board.port)
     return Invitation(str(BoardAddress(who.board.host, who.board.port, friend)),
                       f"{host_key.get_name()} {host_key.get_base64()}", who.cluster, who.identity.openssh_public,
                       friend, seed).code()

@@ -108,6 +108,18 @@ def test_inviting_to_a_misspelt_cluster_names_those_saved_here(cluster, tmp_path
         invite("alice/frends", "dave", board=cluster.board, identity=cluster.worker_identity, user=cluster.worker_user)
 
 
+def test_an_invitation_naming_a_loopback_board_warns_that_friends_elsewhere_cannot_use_it(tmp_path, monkeypatch,
+                                                                                          caplog):
+    from p2pexec.invites import invite
+
+    monkeypatch.setenv("P2PEXEC_CONFIG", str(tmp_path))
+    with LocalCluster(workers=0) as lc, caplog.at_level(logging.WARNING, logger="p2pexec"):
+        code = invite(lc.cluster, "dave", board=lc.board, identity=lc.identity, known_hosts=lc.known_hosts)
+    assert code.startswith("p2pexec1:")
+    assert any("which only this machine reaches" in r.getMessage() and "--board ssh://alice@HOST:" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
 def test_identity_missing_or_not_listed(cluster, tmp_path):
     with pytest.raises(ConfigurationError, match="cannot read identity key.*ssh-keygen"):
         cluster.executor(identity=tmp_path / "nope")

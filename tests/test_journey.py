@@ -109,9 +109,9 @@ class People:
         (home / "tmp").mkdir(parents=True, exist_ok=True)  # what killed workers leave goes with tmp_path
         return {**self.base, "HOME": str(home), "USER": who, "LOGNAME": who, "TMPDIR": str(home / "tmp"), **extra}
 
-    def run(self, who: str, *argv: str, fails: bool = False) -> str:
+    def run(self, who: str, *argv: str, fails: bool = False, **extra: str) -> str:
         """``argv``'s output; it must succeed, or with ``fails``, fail (its error output then)."""
-        done = subprocess.run([*self.prefix, *argv], env=self.env(who), capture_output=True, text=True,
+        done = subprocess.run([*self.prefix, *argv], env=self.env(who, **extra), capture_output=True, text=True,
                               timeout=60)
         assert (done.returncode != 0) == fails, f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
         return done.stderr if fails else done.stdout
@@ -189,7 +189,12 @@ def _journey(people: People, tmp_path: Path) -> None:
     client.until(lambda line: line[:1].isdigit() and float(line.split()[0]) >= again + 5 and line.endswith(" bob"),
                  60, "bob's worker to keep serving after a second invitation")
 
-    people.start("alice", worker, "--cluster", "alice/friends", log="alice-worker.log", JOURNEY_MARK="alice")
+    # alice lends her machine as the worker's warning advises: as a member of its own, not with the owner's key
+    box = str(tmp_path / "alice" / ".config" / "p2pexec-worker")
+    out = people.run("alice", p2pexec, "invite", "alice/friends", "alice-box")
+    people.run("alice", p2pexec, "join", out.strip().splitlines()[-1], P2PEXEC_CONFIG=box)
+    people.start("alice", worker, "--cluster", "alice/friends", log="alice-worker.log", JOURNEY_MARK="alice",
+                 P2PEXEC_CONFIG=box)
     people.run("alice", p2pexec, "remove", "alice/friends", "bob")
     removed = time.time()
 
@@ -211,6 +216,8 @@ def _journey(people: People, tmp_path: Path) -> None:
     assert bobs_worker.wait(timeout=60) == 1
     log = (tmp_path / "bob-worker.log").read_text()
     assert "alice removed you from alice/friends" in log and "p2pexec invite alice/friends bob" in log, log[-2000:]
+    log = (tmp_path / "alice-worker.log").read_text()
+    assert "worker signs as alice-box" in log and "who owns" not in log, log[-2000:]
 
     # and carol's executor, once she is removed, fails her tasks with the board's refusal (they waited on)
     people.run("alice", p2pexec, "remove", "alice/friends", "carol")

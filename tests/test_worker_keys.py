@@ -66,8 +66,21 @@ def test_a_worker_on_the_everyday_ssh_key_says_so(tmp_path, monkeypatch, caplog)
     generate_identity_file(tmp_path / ".ssh" / "id_ed25519", "friend")
     generate_identity_file(tmp_path / "p2pexec_worker", "friend")
     with caplog.at_level(logging.INFO, logger="p2pexec.worker"):
-        say_how_we_sign(load_identity("friend", Path("~/.ssh/id_ed25519")), True)
+        say_how_we_sign(load_identity("friend", Path("~/.ssh/id_ed25519")), "alice/friends", True)
         assert "general-purpose SSH key" in caplog.text and "--identity ~/.ssh/p2pexec_worker" in caplog.text
         caplog.clear()
-        say_how_we_sign(load_identity("friend", tmp_path / "p2pexec_worker"), True)
+        say_how_we_sign(load_identity("friend", tmp_path / "p2pexec_worker"), "alice/friends", True)
         assert "general-purpose" not in caplog.text and "worker signs as friend" in caplog.text
+
+
+def test_an_owners_worker_is_told_to_lend_as_a_member_of_its_own(tmp_path, caplog):
+    import logging
+
+    from p2pexec.keys import generate_identity_file
+    from p2pexec.worker.lifecycle import say_how_we_sign
+
+    generate_identity_file(tmp_path / "key", "alice")
+    with caplog.at_level(logging.INFO, logger="p2pexec.worker"):
+        say_how_we_sign(load_identity("alice", tmp_path / "key"), "alice/friends", True)
+    assert "who owns alice/friends" in caplog.text and "p2pexec invite alice/friends alice-box" in caplog.text
+    assert "ask for a new invitation" not in caplog.text

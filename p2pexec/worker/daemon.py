@@ -332,7 +332,7 @@ def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None, *, 
     process (a LocalCluster's) ends, and removes ``leftovers`` (its directory).
     """
 
-    say_how_we_sign(config.who.identity, protect_memory())
+    say_how_we_sign(config.who.identity, config.who.cluster, protect_memory())
     for line in config.sandbox.describe():
         (log.info if config.sandbox.enforced else log.warning)("sandbox: %s", line)
     if config.sandbox.layer == "landlock" and not become_subreaper():

@@ -33,12 +33,20 @@ _PR_SET_DUMPABLE = 4
 PARENT_CHECK_SECONDS = 0.2
 
 
-def say_how_we_sign(who: Identity, memory_protected: bool) -> None:
-    """The friend should know which key their worker signs with, and not lend it their everyday key."""
+def say_how_we_sign(who: Identity, cluster: str, memory_protected: bool) -> None:
+    """The friend should know which key their worker signs with, and not lend it their everyday key (nor the
+    owner the key that signs the member list)."""
     log.info("worker signs as %s with %s; %s", who.user, who.where,
              "its memory is closed to other processes of this user (non-dumpable)" if memory_protected else
              "its memory could not be closed to other processes of this user")
-    if who.path is not None and who.path.expanduser().resolve() == DEFAULT_KEY.expanduser().resolve():
+    if who.user == cluster.partition("/")[0]:
+        own = "~/.config/p2pexec-worker"
+        log.warning("this worker signs with the key of %s, who owns %s: the key that signs its member list, kept "
+                    "in a process that runs members' code. Safer: lend this machine as a member of its own: "
+                    "p2pexec invite %s %s-box, then P2PEXEC_CONFIG=%s p2pexec join CODE, then "
+                    "P2PEXEC_CONFIG=%s p2pexec-worker --cluster %s", who.user, cluster, cluster, who.user, own,
+                    own, cluster)
+    elif who.path is not None and who.path.expanduser().resolve() == DEFAULT_KEY.expanduser().resolve():
         log.warning("this worker signs with your general-purpose SSH key %s: anyone who gets it can log in where "
                     "it does. Prefer a key of its own: in a cluster you joined, ask for a new invitation and "
                     "join without --identity (p2pexec makes its own key); with a members file, ssh-keygen -t "
