@@ -36,6 +36,65 @@ def test_sigkilled_worker_loses_no_task(tmp_path):
     assert len(survivor_runs) == len(set(survivor_runs))
 
 
+def _spin(seconds: float) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:  # (holding the GIL, as a task in C code may)
+        pass
+
+
+def _task_processes(daemon: int) -> dict[int, float]:
+    """The task processes a worker daemon started, with the CPU seconds each used."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read()
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+            continue
+        if int(fields[1]) == daemon and b"p2pexec.worker.taskproc" in command:
+            found[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("layer", [None, "landlock"])
+def test_a_task_process_ends_with_its_sigkilled_worker(layer):
+    """Left running, it did its task twice over (the client runs it elsewhere) on a machine whose restarted
+    worker handed out its slot again."""
+    from p2pexec.worker.sandbox import detect
+
+    from .conftest import wait_until
+
+    if layer is not None and detect(layer=layer).layer != layer:
+        pytest.skip(f"no {layer} here")
+    options = () if layer is None else ("--sandbox-layer", layer)
+    with LocalCluster(workers=1, sandbox=layer is not None, worker_options=options) as lc:
+        ex = lc.executor()
+        busy: list[int] = []
+        try:
+            ex.submit(_spin, 60)
+            wait_until(lambda: busy.extend(pid for pid, cpu in _task_processes(lc.workers[0].pid).items()
+                                           if cpu > 0.5) or busy, timeout=60, what="the task to run")
+            lc.workers[0].kill()
+            wait_until(lambda: not _alive(busy[0]), timeout=10, what="the task process to end with its worker")
+        finally:
+            ex.shutdown(wait=False, cancel_futures=True)  # (its task has no worker left to run on)
+            for pid in busy:
+                if _alive(pid):
+                    os.kill(pid, 9)
+
+
 CLIENT = """
 import sys
 from p2pexec import P2PExecutor

@@ -29,6 +29,7 @@ from ..protocol.frames import ALIGN, nbytes
 from ..protocol.values import VALUE_AT
 from ..tasks import dump_outcome, load_task
 from .hop import HEADER, INLINE, LIMIT, REPORT, SHARED, SHARED_MIN, SKIP, VALUE, map_payload, share_outcome, shared
+from .privileges import prctl
 from .sandbox import LANDLOCK_ENV
 
 
@@ -60,6 +61,8 @@ class _Capture:
 
 _memory_limit = 0  # the address space this process allows itself now (0: its hard limit)
 OVER_MEMORY_EXIT = 3
+DAEMON_GONE_EXIT = 4  # (nobody sees it: the daemon is gone)
+_PR_SET_PDEATHSIG = 1
 
 
 def _limit_memory(size: int) -> None:
@@ -166,6 +169,8 @@ class _Inbox:
         except Exception:  # noqa: BLE001 - the hop broke, or a payload did not fit: no more tasks
             with self.lock:
                 self.closed = True
+        if self.running:  # the daemon is gone (killed): nobody waits for this task, which runs elsewhere now
+            os._exit(DAEMON_GONE_EXIT)
 
 
 def _receive_one(sock: socket.socket) -> tuple[int, int, Data] | None:
@@ -294,6 +299,10 @@ def serve(sock: socket.socket) -> None:
 def main() -> None:
     # Ctrl-C in the worker's terminal is for the daemon, which ends us itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A killed daemon takes us with it, even in the middle of a task that holds the GIL (the inbox's thread
+    # notices its end otherwise).  It started us from the thread that runs it (spawn.py), which the signal
+    # is tied to.
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     sys.stdin = open(os.devnull)
     confine = os.environ.pop(LANDLOCK_ENV, None)
     if confine is not None:  # before the first task is read: nothing untrusted has run yet
