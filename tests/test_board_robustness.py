@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 import time
@@ -150,17 +151,24 @@ def test_board_restart_in_the_middle_of_a_map():
             assert list(ex.map(double, range(10))) == [2 * i for i in range(10)]
 
 
-def test_board_down_longer_than_the_backoff_then_back():
-    with LocalCluster(workers=1) as lc:
+def test_board_down_longer_than_the_backoff_then_back(caplog):
+    with LocalCluster(workers=1) as lc, caplog.at_level(logging.DEBUG, logger="p2pexec.board"):
         with lc.executor(lease_idle=0.1) as ex:
             assert ex.submit(double, 1).result(timeout=30) == 2
             wait_until(lambda: not ex._scheduler.core.leases, what="the idle lease to end")
             lc.stop_board()
             pending = ex.submit(double, 5)  # cannot be matched while the board is away
             wait_until(lambda: not ex._board.connected.is_set(), what="the client to notice")
+            tries = lambda: [r for r in caplog.records if "reconnecting to the board failed" in r.getMessage()]
+            wait_until(lambda: len(tries()) >= 5, what="five tries to reconnect")
             assert not pending.done()
             lc.restart_board()
             assert pending.result(timeout=60) == 10
+    # one line when the board went, one when it came back; the tries in between (a worker's board may be down
+    # all night, every 5 s) at DEBUG only
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.module == "client"]  # (not the board)
+    assert len(said) == 2 and "lost the connection" in said[0] and "reconnected" in said[1], said
+    assert all(r.levelno == logging.DEBUG for r in tries())
 
 
 def test_a_worker_started_while_the_board_is_down_waits_for_it():

@@ -46,6 +46,22 @@ _MAX_BUFFERED = 1 << 20
 JOIN_WITHIN = 60.0
 # The longest wait between tries of a worker that started while its board could not be reached.
 MAX_START_DELAY = 10.0
+# The longest wait between tries to reconnect, and how often a board still away is mentioned (at INFO).
+MAX_RECONNECT_DELAY = 5.0
+REMIND_SECONDS = 600.0
+
+
+class _Backoff:
+    """Delays between tries: doubling up to a cap, jittered (members cut off together, by a board restart or a
+    flood, must not all come back at the same instant)."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.delay, self.cap = first, cap
+
+    def next(self, cap: float | None = None) -> float:
+        wait = self.delay * random.uniform(0.5, 1.5)
+        self.delay = min(2 * self.delay, self.cap if cap is None else cap)
+        return wait
 
 
 @dataclass(frozen=True)
@@ -268,14 +284,14 @@ class BoardSession:
         :meth:`close`; a wrong host key or a refused key still fail at once.
         """
         deadline = math.inf if within is None else time.monotonic() + within
-        delay, failed_since = 0.25, None
+        backoff, failed_since = _Backoff(0.25, MAX_START_DELAY), None
         while True:
             try:
                 pending = self._connect()
                 break
             except BoardConnectionError as exc:
                 busy = isinstance(exc, BoardBusyError)
-                wait = delay * random.uniform(0.5, 1.5)  # members shed together must not return together
+                wait = backoff.next(4.0 if busy else None)
                 if (not busy and within is not None) or time.monotonic() + wait > deadline:
                     raise
                 if busy:
@@ -288,7 +304,6 @@ class BoardSession:
                     failed_since = time.monotonic()
                 if self._closed.wait(wait):
                     raise BoardConnectionError("closed before the board could be reached") from None
-                delay = min(2 * delay, 4.0 if busy else MAX_START_DELAY)
         if self._closed.is_set():  # (closed while connecting: nobody wants this session any more)
             self._disconnect()
             raise BoardConnectionError("closed before the board could be reached")
@@ -478,9 +493,13 @@ class BoardSession:
             buf += chunk
 
     def _reconnect(self) -> bytes:
-        """Connect again, backing off, until it works, we close, or the board refuses us (``on_refused``)."""
-        delay = 0.1
-        while not self._closed.wait(delay):
+        """Connect again, backing off, until it works, we close, or the board refuses us (``on_refused``).
+
+        A board away for long (a week-long worker's board down for the night) is mentioned once, then every
+        :data:`REMIND_SECONDS`, not at every try."""
+        backoff, since = _Backoff(0.1, MAX_RECONNECT_DELAY), time.monotonic()
+        told = since
+        while not self._closed.wait(backoff.next()):
             try:
                 pending = self._connect()
             except AuthenticationError as exc:  # it took us before: our key is gone from it
@@ -493,10 +512,15 @@ class BoardSession:
                     f"invite {self.topic} {self.username}) and run p2pexec join CODE"))
                 break
             except BoardError as exc:
-                log.info("reconnecting to the board failed (%s); next try in %.1f s", exc, delay)
-                delay = min(delay * 2, 5.0)
+                now = time.monotonic()
+                if now - told >= REMIND_SECONDS:
+                    log.info("the board is still away after %.0f min (%s); still trying every few seconds",
+                             (now - since) / 60, exc)
+                    told = now
+                else:
+                    log.debug("reconnecting to the board failed (%s)", exc)
                 continue
-            log.warning("reconnected to the board %s", self.address)
+            log.warning("reconnected to the board %s after %.0f s", self.address, time.monotonic() - since)
             self._sync_members()
             try:
                 self._on_connect()
