@@ -74,6 +74,29 @@ def test_a_task_past_its_memory_request_is_stopped_and_the_worker_carries_on(ex)
     assert big.submit(allocate, 64 << 20).result(timeout=60) == 64 << 20
 
 
+def chatter(megabytes: int) -> int:
+    import subprocess
+    import sys
+
+    line = "x" * ((1 << 20) - 1)
+    for i in range(megabytes):
+        print(f"{i:06d}{line[6:]}")  # a progress log, 1 MiB a line
+    subprocess.run([sys.executable, "-c", f"import os\nfor _ in range({megabytes}): os.write(1, b'y' * (1 << 20))"],
+                   check=True)  # and as much from a subprocess, at the fd
+    return megabytes
+
+
+def test_what_a_task_prints_does_not_count_against_its_memory_and_comes_back_trimmed(ex, capsys):
+    """600 MiB printed by a task limited to 512 MiB: it was killed (status 1) after doing all its work."""
+    capsys.readouterr()
+    assert ex.options(memory="512MiB", tags={"big"}).submit(chatter, 300).result(timeout=120) == 300
+    out = capsys.readouterr().out
+    assert len(out) < 6 << 20 and out.count("dropped here") == 2  # a start and an end of each
+    fd_level, _, python_level = out.partition("000000x")  # (what reached the fd comes first)
+    assert fd_level.startswith("y" * 1000) and fd_level.rstrip().endswith("y" * 1000)
+    assert "000299x" in python_level
+
+
 def test_a_task_that_asked_for_nothing_is_held_to_its_slots_share(ex):
     with pytest.raises(TaskProcessDiedError, match="past its memory limit of 1 GiB"):
         ex.options(tags={"big"}).submit(allocate, 3 << 29).result(timeout=60)

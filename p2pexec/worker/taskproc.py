@@ -33,6 +33,50 @@ from .privileges import prctl
 from .sandbox import LANDLOCK_ENV
 
 
+OUTPUT_KEPT = 1 << 20  # characters (bytes, of a subprocess's output) kept of each stream's start, and as many of its end
+
+
+class _Kept(io.TextIOBase):
+    """What a task prints to ``sys.stdout`` or ``sys.stderr``: its start and its end, whatever it prints in
+    between.  Held whole, a task logging its progress went over its memory limit (its output counts) and was
+    killed after doing all its work; and the client would have held it all too."""
+
+    def __init__(self) -> None:
+        self._head, self._tail = io.StringIO(), io.StringIO()
+        self._room = OUTPUT_KEPT  # characters the head still takes
+        self._tail_size = 0
+        self.dropped = 0  # characters between the head and the tail, gone
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        rest = text
+        if self._room:
+            head, rest = rest[:self._room], rest[self._room:]
+            self._room -= self._head.write(head)
+        if rest:
+            self._tail_size += self._tail.write(rest)
+            if self._tail_size > 2 * OUTPUT_KEPT:  # keep the last OUTPUT_KEPT (cut seldom: each cut is a copy)
+                kept = self._tail.getvalue()[-OUTPUT_KEPT:]
+                self.dropped += self._tail_size - OUTPUT_KEPT
+                self._tail, self._tail_size = io.StringIO(), 0
+                self._tail_size = self._tail.write(kept)
+        return len(text)
+
+    def getvalue(self) -> str:
+        tail = self._tail.getvalue()
+        over = max(0, len(tail) - OUTPUT_KEPT)
+        dropped = self.dropped + over
+        return self._head.getvalue() + (_dropped(dropped) if dropped else "") + tail[over:]
+
+
+def _dropped(count: int) -> str:
+    return f"\n[p2pexec: {count} characters of this task's output were dropped here; it printed more than it keeps]\n"
+
+
 class _Capture:
     """Captures Python-level and fd-level output of one task at a time."""
 
@@ -41,20 +85,24 @@ class _Capture:
             with tempfile.TemporaryFile() as f:
                 os.dup2(f.fileno(), fd)
 
-    def start(self) -> tuple[io.StringIO, io.StringIO]:
-        sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
+    def start(self) -> tuple[_Kept, _Kept]:
+        sys.stdout, sys.stderr = _Kept(), _Kept()
         return sys.stdout, sys.stderr
 
-    def collect(self, out: io.StringIO, err: io.StringIO) -> tuple[str, str]:
+    def collect(self, out: _Kept, err: _Kept) -> tuple[str, str]:
         texts = []
         for fd, buf in ((1, out), (2, err)):
             size = os.lseek(fd, 0, os.SEEK_CUR)
-            raw = b""
+            text = ""
             if size:
-                raw = os.pread(fd, size, 0)
+                if size <= 2 * OUTPUT_KEPT:
+                    text = os.pread(fd, size, 0).decode(errors="replace")
+                else:  # (what subprocesses wrote, in a file: its start and its end)
+                    text = (os.pread(fd, OUTPUT_KEPT, 0).decode(errors="replace") + _dropped(size - 2 * OUTPUT_KEPT)
+                            + os.pread(fd, OUTPUT_KEPT, size - OUTPUT_KEPT).decode(errors="replace"))
                 os.ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)
-            texts.append(raw.decode(errors="replace") + buf.getvalue())
+            texts.append(text + buf.getvalue())
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         return texts[0], texts[1]
 
@@ -102,6 +150,7 @@ class _Inbox:
         self.skipped: set[int] = set()
         self.running = False
         self.closed = False
+        self.ended = False  # the daemon ended the hop (not: the task broke it here)
         threading.Thread(target=self._watch, name="p2pexec-inbox", daemon=True).start()
 
     def next_task(self) -> tuple[Data, list[Data]] | None:
@@ -138,7 +187,7 @@ class _Inbox:
         message = _receive_one(self.sock)
         with self.lock:
             if message is None:
-                self.closed = True
+                self.closed = self.ended = True
                 return
             kind, number, data = message
             if kind == SKIP:
@@ -169,8 +218,8 @@ class _Inbox:
         except Exception:  # noqa: BLE001 - the hop broke, or a payload did not fit: no more tasks
             with self.lock:
                 self.closed = True
-        if self.running:  # the daemon is gone (killed): nobody waits for this task, which runs elsewhere now
-            os._exit(DAEMON_GONE_EXIT)
+        if self.running and self.ended:  # the daemon is gone (killed): nobody waits for this task, which runs
+            os._exit(DAEMON_GONE_EXIT)  # elsewhere now
 
 
 def _receive_one(sock: socket.socket) -> tuple[int, int, Data] | None:
