@@ -95,6 +95,26 @@ def test_a_task_process_ends_with_its_sigkilled_worker(layer):
                     os.kill(pid, 9)
 
 
+def _start_and_leave(_: object = None) -> int:
+    import subprocess
+
+    return subprocess.Popen(["sleep", "120"], start_new_session=True).pid  # not waited for, in a session of its own
+
+
+def test_what_an_unsandboxed_task_starts_ends_with_its_task_process():
+    """LocalCluster (unsandboxed) left them running, reparented to init, after it closed."""
+    from .conftest import wait_until
+
+    with LocalCluster(workers=1) as lc, lc.executor() as ex:
+        pid = ex.submit(_start_and_leave).result(timeout=60)
+        assert _alive(pid)
+    try:
+        wait_until(lambda: not _alive(pid), timeout=10, what="what the task started to end with the cluster")
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)
+
+
 CLIENT = """
 import sys
 from p2pexec import P2PExecutor

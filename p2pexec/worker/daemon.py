@@ -335,7 +335,7 @@ def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None, *, 
     say_how_we_sign(config.who.identity, config.who.cluster, protect_memory())
     for line in config.sandbox.describe():
         (log.info if config.sandbox.enforced else log.warning)("sandbox: %s", line)
-    if config.sandbox.layer == "landlock" and not become_subreaper():
+    if config.sandbox.layer != "bubblewrap" and not become_subreaper() and config.sandbox.enforced:
         log.warning("sandbox: could not become a child subreaper; processes tasks start may outlive them")
 
     async def main() -> None:

@@ -169,8 +169,10 @@ class Sandbox:
                      "tasks have no TCP (UDP is not covered)" if not self.network else
                      "tasks may use the network (--network)"]
         elif self.bwrap is None:
+            after = ("; whatever they start is killed when their task process ends" if portability.procfs() else
+                     " and leave processes behind")
             lines = [f"NOT SANDBOXED ({self.why_not}): tasks run as this user and can read its files (~/.ssh "
-                     f"included), use the network and leave processes behind"]
+                     f"included), use the network{after}"]
         else:
             lines = [f"bubblewrap ({self.bwrap}): tasks see the system and Python read-only, a private scratch "
                      f"directory as HOME and TMPDIR, and none of this user's files",

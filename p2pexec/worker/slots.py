@@ -326,7 +326,7 @@ class TaskSlot:
     def _left_behind(self, proc: Child) -> None:
         """Kill what the ended task process started (it was reparented to us, a child subreaper)."""
         _LIVE.discard(proc.pid)
-        if self.sandbox.layer == "landlock":
+        if self.sandbox.layer != "bubblewrap":  # (whose PID namespace ends them itself)
             reap_orphans(self.index)
 
 
@@ -389,7 +389,7 @@ def reap_orphans(slot: int) -> int:
     double fork lands here, not with init.  Returns how many were killed.
     """
     if not portability.procfs():
-        return 0  # nothing to search; only the Landlock layer (Linux) sweeps
+        return 0  # nothing to search (not Linux)
     me, mine, killed = os.getpid(), f"{SLOT_ENV}={slot}".encode(), 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in _LIVE:
