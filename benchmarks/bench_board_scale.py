@@ -54,7 +54,8 @@ from typing import Any
 from _board_trace import breakdown, install_board
 from _common import verdict, write_json
 
-from p2pexec.board.client import BoardAddress, BoardSession
+from p2pexec.board.address import BoardAddress
+from p2pexec.board.client import BoardSession
 from p2pexec.board.fanout import MIN_FANOUT
 from p2pexec.keys import Keyring, generate_identity_file, load_identity
 from p2pexec.protocol import messages

@@ -386,12 +386,11 @@ def _invite(args: argparse.Namespace) -> int:
     from .config import saved_clusters
     from .invites import invite
 
-    others = [cluster for cluster in saved_clusters() if cluster != args.cluster]
-    new = args.cluster not in saved_clusters()
+    saved = saved_clusters()
     code = invite(args.cluster, args.friend, board=args.board, identity=args.identity, user=args.user,
                   known_hosts=args.known_hosts, accept_new_host_key=args.accept_new_host_key)
-    if new:  # (a typo in the name makes a cluster too)
-        print(f"created the cluster {args.cluster}" + (f" (besides {', '.join(others)})" if others else ""),
+    if args.cluster not in saved:  # (a typo in the name makes a cluster too)
+        print(f"created the cluster {args.cluster}" + (f" (besides {', '.join(saved)})" if saved else ""),
               flush=True)
     print(f"{args.friend} may join {args.cluster} once, within 7 days. Send them this code privately; "
           f"they run: p2pexec join CODE", flush=True)

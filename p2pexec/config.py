@@ -13,7 +13,8 @@ from typing import Any
 
 import paramiko
 
-from .board.client import DEFAULT_BOARD, BoardAddress
+from .board.address import BoardAddress
+from .board.client import DEFAULT_BOARD
 from .errors import ConfigurationError
 from .files import write_json_atomically
 from .keys import Identity, Keyring, Members, WatchedKeyring, agent_identity, load_identity, parse_openssh_public

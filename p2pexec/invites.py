@@ -22,8 +22,8 @@ from typing import Any
 import paramiko
 from nacl.signing import SigningKey
 
-from .board.client import (DEFAULT_KNOWN_HOSTS, BoardAddress, connect, exec_command, fingerprint,
-                           known_hosts_name)
+from .board.address import BoardAddress, known_hosts_name
+from .board.client import DEFAULT_KNOWN_HOSTS, connect, exec_command, fingerprint
 from .board.registry import INVITE_DAYS
 from .config import (Participant, cluster_state_path, config_dir, load_cluster_state, membership_of, resolve,
                      save_cluster_state, saved_clusters, validate_cluster)
@@ -246,7 +246,7 @@ def _pin_host_key(board: BoardAddress, host_key: str, known_hosts: Path) -> None
                                f"({fingerprint(key)}): someone may be intercepting, or the board changed its "
                                f"key; remove the old line if you trust the invitation")
         return
-    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (~/.ssh, as ssh makes it)
     with open(known_hosts, "a") as f:
         f.write(f"{name} {kind} {blob}\n")
 

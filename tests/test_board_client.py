@@ -11,7 +11,8 @@ import threading
 import paramiko
 import pytest
 
-from p2pexec.board.client import BoardAddress, connect
+from p2pexec.board.address import BoardAddress
+from p2pexec.board.client import connect
 from p2pexec.errors import AuthenticationError, BoardBusyError, BoardError, ConfigurationError
 from p2pexec.keys import generate_identity_file, load_identity
 

@@ -19,7 +19,8 @@ import paramiko
 import pytest
 
 from p2pexec.board.admission import Limits
-from p2pexec.board.client import BoardAddress, BoardSession
+from p2pexec.board.address import BoardAddress
+from p2pexec.board.client import BoardSession
 from p2pexec.board.server import BoardServer
 from p2pexec.errors import BoardBusyError, BoardConnectionError
 from p2pexec.keys import Keyring, load_identity

@@ -850,7 +850,8 @@ def test_an_invitation_to_ones_own_cluster_cannot_borrow_a_name_elsewhere(board,
 
     from nacl.signing import SigningKey
 
-    from p2pexec.board.client import BoardAddress, connect, exec_command
+    from p2pexec.board.address import BoardAddress
+    from p2pexec.board.client import connect, exec_command
     from p2pexec.membership import INVITE, Entry, MemberList, endorse
 
     known = tmp_path / "known_hosts"

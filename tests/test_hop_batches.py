@@ -140,3 +140,29 @@ def test_the_answers_of_a_batch_leave_while_a_long_task_after_them_runs():
         assert not not_done, f"{len(not_done)} short answers waited for the long task behind them"
         assert [f.result() for f in short] == list(range(40))
         ex.interrupt(long)  # (it would hold the shutdown 4 s)
+
+
+def test_a_slot_ending_outside_a_worker_leaves_the_processes_other_code_started_alone():
+    """A slot's leftovers are swept only in a worker daemon (a child subreaper): a test driving a slot
+    in-process swept this pytest process's other children, the session's LocalCluster workers among them."""
+    import subprocess
+
+    bystander = subprocess.Popen(["sleep", "60"])
+
+    async def main() -> None:
+        slot = TaskSlot(0)
+        assert result(await _one(slot, mark, os.devnull)) > 0
+        await slot.stop()
+
+    try:
+        trio.run(main)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+async def _one(slot: TaskSlot, fn, *args):
+    await slot.submit([task(fn, *args)])
+    with trio.fail_after(30):
+        return await slot.outcome()

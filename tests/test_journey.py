@@ -165,6 +165,7 @@ def _journey(people: People, tmp_path: Path) -> None:
     for friend in ("bob", "carol"):  # one command each, no key of their own yet
         out = people.run(friend, p2pexec, "join", codes[friend])
         assert "created a key for p2pexec" in out and f"joined alice/friends as {friend}" in out, out
+        assert (tmp_path / friend / ".ssh").stat().st_mode & 0o777 == 0o700  # (its known_hosts: as ssh makes it)
 
     # Codes used again: by their friend (nothing to do), on another's machine (it was someone's identity
     # switched silently), on a new machine (the board lets nobody in with it: "ask for an invitation (p2pexec

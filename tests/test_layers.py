@@ -19,7 +19,7 @@ PURE = ["p2pexec.protocol.frames", "p2pexec.protocol.messages", "p2pexec.protoco
         "p2pexec.worker.lease_decisions",
         "p2pexec.board.admission", "p2pexec.board.hub", "p2pexec.board.registry", "p2pexec.transport.admission",
         "p2pexec.board.actions", "p2pexec.board.logins", "p2pexec.board.access", "p2pexec.board.caps",
-        "p2pexec.board.topics", "p2pexec.board.routing", "p2pexec.board.relay_address",
+        "p2pexec.board.topics", "p2pexec.board.routing", "p2pexec.board.relay_address", "p2pexec.board.address",
         "p2pexec.membership", "p2pexec.pending", "p2pexec.chunks", "p2pexec.task_env", "p2pexec.client_state",
         "p2pexec.client_board", "p2pexec.client_timeouts", "p2pexec.client_core"]
 IO = ["paramiko", "trio", "libp2p", "socket", "multiaddr"]

@@ -19,7 +19,8 @@ from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from nacl.signing import SigningKey
 
-from p2pexec.board.client import BoardAddress, BoardSession
+from p2pexec.board.address import BoardAddress
+from p2pexec.board.client import BoardSession
 from p2pexec.board.server import BoardServer, RelayAddress, load_or_create_host_key
 from p2pexec.keys import Identity, Keyring, generate_identity_file, load_identity
 from p2pexec.protocol import messages

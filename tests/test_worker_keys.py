@@ -8,7 +8,8 @@ import time
 import pytest
 
 from p2pexec import LocalCluster
-from p2pexec.board.client import BoardAddress, BoardSession
+from p2pexec.board.address import BoardAddress
+from p2pexec.board.client import BoardSession
 from p2pexec.keys import Keyring, load_identity
 from p2pexec.protocol import messages
 

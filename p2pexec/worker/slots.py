@@ -326,7 +326,7 @@ class TaskSlot:
     def _left_behind(self, proc: Child) -> None:
         """Kill what the ended task process started (it was reparented to us, a child subreaper)."""
         _LIVE.discard(proc.pid)
-        if self.sandbox.layer != "bubblewrap":  # (whose PID namespace ends them itself)
+        if self.sandbox.layer != "bubblewrap" and _subreaper:  # (bubblewrap's PID namespace ends them itself)
             reap_orphans(self.index)
 
 
@@ -417,7 +417,13 @@ def reap_orphans(slot: int) -> int:
 
 def become_subreaper() -> bool:
     """Orphans of our task processes become our children, so :func:`reap_orphans` can end them."""
-    return prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    global _subreaper
+    _subreaper = prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    return _subreaper
+
+
+_subreaper = False  # only a worker daemon's process is one: elsewhere (a test driving a slot) our children are
+#                     not task processes' leftovers, but whatever else that process started
 
 
 _PR_SET_CHILD_SUBREAPER = 36
