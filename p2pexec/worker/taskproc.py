@@ -44,7 +44,6 @@ class _Kept(io.TextIOBase):
     def __init__(self) -> None:
         self._head, self._tail = io.StringIO(), io.StringIO()
         self._room = OUTPUT_KEPT  # characters the head still takes
-        self._tail_size = 0
         self.dropped = 0  # characters between the head and the tail, gone
 
     def writable(self) -> bool:
@@ -57,13 +56,10 @@ class _Kept(io.TextIOBase):
         if self._room:
             head, rest = rest[:self._room], rest[self._room:]
             self._room -= self._head.write(head)
-        if rest:
-            self._tail_size += self._tail.write(rest)
-            if self._tail_size > 2 * OUTPUT_KEPT:  # keep the last OUTPUT_KEPT (cut seldom: each cut is a copy)
-                kept = self._tail.getvalue()[-OUTPUT_KEPT:]
-                self.dropped += self._tail_size - OUTPUT_KEPT
-                self._tail, self._tail_size = io.StringIO(), 0
-                self._tail_size = self._tail.write(kept)
+        if rest and self._tail.write(rest) and self._tail.tell() > 2 * OUTPUT_KEPT:  # keep the last OUTPUT_KEPT
+            self.dropped += self._tail.tell() - OUTPUT_KEPT  # (cut seldom: each cut is a copy)
+            self._tail = io.StringIO(self._tail.getvalue()[-OUTPUT_KEPT:])
+            self._tail.seek(0, io.SEEK_END)
         return len(text)
 
     def getvalue(self) -> str:
