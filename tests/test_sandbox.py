@@ -3,6 +3,7 @@ processes, nothing it starts outlives it, and ordinary tasks do not notice."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from p2pexec import LocalCluster, TaskProcessDiedError
+from p2pexec.protocol.lease import SILENCE_SECONDS
 from p2pexec.worker_cli import main as worker_main
 from p2pexec.worker.sandbox import detect
 
@@ -176,14 +178,20 @@ def _nap(seconds: float) -> float:
     return seconds
 
 
-def test_a_task_outlives_the_thread_its_sandbox_was_started_from(sandboxed):
+def test_a_task_outlives_the_thread_its_sandbox_was_started_from(sandboxed, caplog):
     """bubblewrap's --die-with-parent fires when the *thread* that started it ends: trio retires its helper
-    threads after 10 s idle, which killed every sandboxed task process 10 s after it started."""
+    threads after 10 s idle, which killed every sandboxed task process 10 s after it started.
+
+    The task also outlasts SILENCE_SECONDS: only the heartbeats, both ways, keep its lease."""
     if sandboxed.layer != "bubblewrap":
         pytest.skip("only bubblewrap ties its sandbox to a thread (12 s saved)")
+    caplog.set_level(logging.INFO, logger="p2pexec")
     with sandboxed.executor() as ex:
-        assert ex.submit(_nap, 12.5).result(timeout=60) == 12.5
+        assert ex.submit(_nap, SILENCE_SECONDS + 2.5).result(timeout=60) == SILENCE_SECONDS + 2.5
         assert ex.submit(_nap, 0).result(timeout=60) == 0  # the same task process, still there
+    leased = [r.getMessage() for r in caplog.records if r.getMessage().startswith("leased ")]
+    lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(leased) == 1 and not lost, (leased, lost)
 
 
 def _allocate(n: int) -> int:
