@@ -52,7 +52,7 @@ class Matchmaker:
         self.offered: dict[str, tuple[int, float]] = {}  # peer -> slots it offered us last, and when
         self.banned: dict[str, str] = {}  # member -> how a worker of theirs broke the protocol
         self.backoff = DialBackoff()  # workers that could not be reached, by peer id
-        self.unreachable: dict[str, str] = {}  # worker user -> why it could not be reached (for errors)
+        self.unreachable: dict[str, str] = {}  # worker (member/machine) -> why it could not be reached (for errors)
         self._asks: dict[Need, _Ask] = {ANY: _Ask(self.request_id)}  # one request id per need
         self._workers: dict[str, tuple[str, float]] = {}  # peer -> member, when last heard: who is online
         self._unusable = Unusable(python)  # workers online that we cannot use, and why
@@ -186,14 +186,15 @@ class Matchmaker:
         """A worker of ``member`` broke the protocol: use none of theirs again."""
         self.banned[member] = why
 
-    def dial_failed(self, member: str, peer: str, why: str, now: float) -> tuple[float, bool]:
-        """That worker could not be reached: (seconds until its offers count again, the first failure?)."""
-        self.unreachable[member] = why
+    def dial_failed(self, label: str, peer: str, why: str, now: float) -> tuple[float, bool]:
+        """That worker (``member/machine``) could not be reached: (seconds until its offers count again, the
+        first failure?)."""
+        self.unreachable[label] = why
         return self.backoff.failed(peer, now)
 
-    def dial_reached(self, member: str, peer: str) -> bool:
+    def dial_reached(self, label: str, peer: str) -> bool:
         """That worker was reached; True if it had failed before."""
-        self.unreachable.pop(member, None)
+        self.unreachable.pop(label, None)
         return self.backoff.succeeded(peer)
 
     def sightings(self, now: float) -> list[Sighting]:

@@ -76,7 +76,7 @@ class ClientCore(Matchmaker):
         """What our hello tells observers (``p2pexec status``)."""
         return {"role": "client", "node": self.request_id, "py": self.python, "queued": len(self.pending),
                 "running": self.inflight(), "done": self.tally.done, "failed": self.tally.failed,
-                "leases": [{"worker": lease.worker, "slots": lease.slots, "path": lease.path}
+                "leases": [{"worker": lease.label, "slots": lease.slots, "path": lease.path}
                            for lease in self.leases[:16]],
                 "banned": {member: why[:200] for member, why in list(self.banned.items())[:8]}}
 
@@ -103,7 +103,8 @@ class ClientCore(Matchmaker):
         slots = slots_to_accept(offer["slots"], self.wanted(need))
         done: list[Action] = [OFFERED] if need == ANY else []
         if slots > 0:
-            lease = LeaseState(offer.sender, offer["peer"], slots, offer.key, need)
+            lease = LeaseState(offer.sender, offer["peer"], slots, offer.key, need,
+                               messages.machine_name(offer.body.get("name")))
             self.leases.append(lease)
             done.append(Dial(lease, offer))
         return done
@@ -145,7 +146,7 @@ class ClientCore(Matchmaker):
         if taken is not None:
             lease.credits -= 1
             lease.inflight[taken.id] = taken
-            taken.ran_on = (lease.worker, lease.peer)
+            taken.ran_on = (lease.worker, lease.peer, lease.machine)
             if self.options.task_timeout is not None:
                 taken.deadline = now + self.options.task_timeout
         return taken
@@ -197,7 +198,7 @@ class ClientCore(Matchmaker):
             if reason is None and not self.closing:  # sent as the worker ended the lease: not a loss
                 self.pending.appendleft(item)
                 continue
-            item.losses.append(f"{lease.worker} at {stamp} ({reason or 'lease ended'})")
+            item.losses.append(f"{lease.label} at {stamp} ({reason or 'lease ended'})")
             if self.closing:
                 done.append(Fail(item, RuntimeError("the executor shut down while this task ran")))
             elif len(item.losses) > self.options.max_retries:
@@ -216,17 +217,17 @@ class ClientCore(Matchmaker):
         """The worker gave slots of ``lease`` to a more deserving request; ``slots`` are left: tasks queue there
         only once the other leases' slots are busy, and the board is asked for the slots still wanted."""
         if not 1 <= slots < lease.slots:
-            raise ProtocolError(f"worker {lease.worker} said its lease of {lease.slots} slot(s) has {slots} now")
+            raise ProtocolError(f"worker {lease.label} said its lease of {lease.slots} slot(s) has {slots} now")
         given, lease.slots = lease.slots - slots, slots
-        log.info("worker %s gave %d of our slots to another member or client; %d left", lease.worker, given, slots)
+        log.info("worker %s gave %d of our slots to another member or client; %d left", lease.label, given, slots)
         return self.maybe_request(now)
 
     def missing(self, lease: LeaseState, task_id: int, module: str, now: float) -> list[Action]:
         """The worker could not import ``module`` for the task: it and its like run elsewhere."""
         if not module.isidentifier():  # (checked first: the task stays held, and runs elsewhere once the lease ends)
-            raise ProtocolError(f"worker {lease.worker} said task {task_id} needs module {module!r}")
+            raise ProtocolError(f"worker {lease.label} said task {task_id} needs module {module!r}")
         item = lease.answered(task_id)
-        log.info("worker %s lacks module %s: its tasks that need it run elsewhere", lease.worker, module)
+        log.info("worker %s lacks module %s: its tasks that need it run elsewhere", lease.label, module)
         self.fitting.lacks(lease.peer, lease.worker, module, now)
         item.env = item.env.with_module(module)
         return self._hand_back(item)
@@ -237,7 +238,7 @@ class ClientCore(Matchmaker):
         self.sent_values(lease.peer).uncached(said, [v.digest for v in item.values], item.sent_with)
         self.tally.values_missed += len(said)
         item.uncached = True
-        log.debug("worker %s no longer holds %d value(s) of task %d: sending them again", lease.worker,
+        log.debug("worker %s no longer holds %d value(s) of task %d: sending them again", lease.label,
                   len(said), task_id)
         return self._hand_back(item)
 
@@ -256,7 +257,7 @@ class ClientCore(Matchmaker):
         for lease in self.leases:
             for item in lease.inflight.values():
                 if item.future is future:
-                    log.info("interrupting task %d on worker %s", item.id, lease.worker)
+                    log.info("interrupting task %d on worker %s", item.id, lease.label)
                     return [self.ask_cancel(lease, item, Op.INTERRUPT), Cancel(item)]
         for item in self.pending:
             if item.future is future:
@@ -283,7 +284,7 @@ class ClientCore(Matchmaker):
             asked = [item for item in lease.inflight.values() if not item.cancel_asked]
             done += [self.ask_cancel(lease, item, Op.WITHDRAW) for item in asked]
             if asked:
-                log.info("withdrawing %d task(s) from worker %s unless they started", len(asked), lease.worker)
+                log.info("withdrawing %d task(s) from worker %s unless they started", len(asked), lease.label)
         return [*done, WAKE]
 
     def _cancel_waiting(self) -> list[Action]:
@@ -334,9 +335,9 @@ class ClientCore(Matchmaker):
 
     def stats(self) -> ExecutorStats:
         """A snapshot of the counts."""
-        running: dict[tuple[str, str], int] = {}
+        running: dict[tuple[str, str, str], int] = {}
         for lease in self.leases:
-            key = (lease.worker, lease.peer)
+            key = (lease.worker, lease.peer, lease.machine)
             running[key] = running.get(key, 0) + len(lease.inflight)
         return self.tally.snapshot(len(self.pending), running)
 

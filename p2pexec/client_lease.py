@@ -43,7 +43,8 @@ class Lease:
     def __init__(self, client: ClientScheduler, state: LeaseState) -> None:
         self.client = client
         self.state = state
-        self.worker = state.worker
+        self.worker = state.worker  # the member: bans go by it
+        self.label = state.label  # the member and its machine's name: what logs say
         self.peer = state.peer
         self.channel: SecureChannel | None = None
         self.moving: Any = None  # the direct stream the lease is moving to, until the worker's MOVE
@@ -72,7 +73,7 @@ class Lease:
                 await open_wide(stream)
                 framed.silence_limit = SILENCE_SECONDS
                 self.state.open = True
-                log.info("leased %d slot(s) of worker %s (%s connection)", self.state.slots, self.worker,
+                log.info("leased %d slot(s) of worker %s (%s connection)", self.state.slots, self.label,
                          self.state.path)
                 if self.client.board is not None:  # tell the others; the worker has consumed it already
                     self.client.board.send(accept)
@@ -96,17 +97,17 @@ class Lease:
             exc = first_leaf(group)
             reason = str(exc)
             if self.channel is None:  # e.g. its slots went to another accept first
-                log.debug("could not lease worker %s: %s", self.worker, exc)
+                log.debug("could not lease worker %s: %s", self.label, exc)
             elif isinstance(exc, PeerLost):  # it died, or the network did: it may come back
-                log.warning("lost worker %s: %s", self.worker, exc)
+                log.warning("lost worker %s: %s", self.label, exc)
             else:
                 self.client.core.ban(self.worker, reason)
                 log.warning("dropped worker %s (peer %s), which broke the protocol: %s; its tasks run elsewhere "
-                            "and this executor will use no worker of %s again", self.worker, self.peer, exc,
+                            "and this executor will use no worker of %s again", self.label, self.peer, exc,
                             self.worker)
         except* Exception as group:  # a bug of ours must cost one lease, not every future of the executor
             reason = f"unexpected error: {first_leaf(group)!r}"
-            log.error("lease with worker %s failed; its tasks are retried. Please report this:", self.worker,
+            log.error("lease with worker %s failed; its tasks are retried. Please report this:", self.label,
                       exc_info=first_leaf(group))
         finally:
             self.client.lease_ended(self, reason, dialed)
@@ -118,12 +119,12 @@ class Lease:
         if item is None or culprit is None:
             self.client.core.ban(self.worker, str(exc))
             log.warning("dropped worker %s, which announced %d bytes for no task it holds; this executor will use "
-                        "no worker of %s again", self.worker, exc.total, self.worker)
+                        "no worker of %s again", self.label, exc.total, self.worker)
             return str(exc)
         self.client.set_exception(item, ResultTooLargeError(
-            f"worker {self.worker} has a {culprit[2]}-byte result for this task, over max_result_size="
+            f"worker {self.label} has a {culprit[2]}-byte result for this task, over max_result_size="
             f"{exc.limit}; pass a larger max_result_size= to accept it"))
-        log.warning("refused a %d-byte result from worker %s (max_result_size=%d)", culprit[2], self.worker, exc.limit)
+        log.warning("refused a %d-byte result from worker %s (max_result_size=%d)", culprit[2], self.label, exc.limit)
         return None
 
     async def _dial(self, addrs: list[str]) -> Any:
@@ -140,12 +141,12 @@ class Lease:
             stream = await self.client.host.open_stream(self.peer, addrs)
         except Unreachable as exc:
             exc = Unreachable(self.peer, {**exc.attempts, **relay_errors})
-            delay, first = self.client.core.dial_failed(self.worker, self.peer, str(exc), time.monotonic())
+            delay, first = self.client.core.dial_failed(self.label, self.peer, str(exc), time.monotonic())
             (log.warning if first else log.debug)(
-                "cannot reach worker %s: %s; trying it again in %.0f s", self.worker, exc, delay)
+                "cannot reach worker %s: %s; trying it again in %.0f s", self.label, exc, delay)
             raise exc from None
-        if self.client.core.dial_reached(self.worker, self.peer):
-            log.info("reached worker %s after all", self.worker)
+        if self.client.core.dial_reached(self.label, self.peer):
+            log.info("reached worker %s after all", self.label)
         self.state.path = self.client.host.stream_path(stream)
         return stream
 
@@ -251,7 +252,7 @@ class Lease:
                 await FramedStream(stream).send(resume)
             except ProtocolError as exc:
                 log.debug("moving the lease with %s to a direct connection failed, staying relayed: %s",
-                          self.worker, exc)
+                          self.label, exc)
                 await trio.sleep(UPGRADE_RETRY)
                 continue
             break
@@ -279,11 +280,11 @@ class Lease:
                 for op, arg, data, _ in decode_ops(plaintext):
                     if op is Op.MOVE:  # the worker's last message on the old stream
                         if self.moving is None:
-                            raise ProtocolError(f"worker {self.worker} moved a lease nobody asked to move")
+                            raise ProtocolError(f"worker {self.label} moved a lease nobody asked to move")
                         channel.framed.move_rx(self.moving)
                         self.moving = None
                         await channel.framed.close_old()
-                        log.info("lease with worker %s moved to a direct connection (%s)", self.worker,
+                        log.info("lease with worker %s moved to a direct connection (%s)", self.label,
                                  self.state.path)
                     elif op is Op.END:
                         return
@@ -310,7 +311,7 @@ class Lease:
         elif op is Op.FAILED:
             client.set_exception(self._answered(arg), TaskProcessDiedError(
                 f"{bytes(data).decode(errors='replace')} while running this task on worker "
-                f"{self.worker}; the task was not retried"))
+                f"{self.label}; the task was not retried"))
         elif op is Op.CANCELLED:
             cancel_running(state.cancelled(arg).future)
         elif op is Op.RETURNED:  # the worker is stopping: it grants no more, and what it held runs elsewhere
@@ -323,4 +324,4 @@ class Lease:
         elif op is Op.SLOTS:  # fair sharing gave a slot to someone else: fill the others first, ask for more
             client.do(client.core.slots_taken(state, arg, time.monotonic()))
         else:
-            raise ProtocolError(f"worker {self.worker} sent unexpected {op.name}")
+            raise ProtocolError(f"worker {self.label} sent unexpected {op.name}")

@@ -31,7 +31,7 @@ class WorkItem:
     cancel_asked: bool = False  # a WITHDRAW or INTERRUPT went to its worker
     deadline: float = math.inf  # with task_timeout: when it is interrupted, then when its worker must have
                                 # answered the interrupt (monotonic)
-    ran_on: tuple[str, str] | None = None  # (member, peer) of the worker it was last sent to, for stats
+    ran_on: tuple[str, str, str] | None = None  # (member, peer, machine) of the worker it was last sent to: stats
     need: Need = ANY  # what its slot must have (ex.options / resources=)
     env: TaskEnv = NOTHING  # the installed packages it refers to
     since: float = 0.0  # when it was queued (monotonic; the executor stamps it)
@@ -47,9 +47,12 @@ class LeaseState:
     """The client's half of one lease (the worker's is :class:`~.protocol.lease.CreditLedger`): its slots,
     the credits it may still spend, the tasks it holds, and the checks on what its worker answers."""
 
-    def __init__(self, worker: str, peer: str, slots: int, key: bytes = b"", need: Need = ANY) -> None:
-        self.worker = worker
+    def __init__(self, worker: str, peer: str, slots: int, key: bytes = b"", need: Need = ANY,
+                 machine: str = "") -> None:
+        self.worker = worker  # the member who runs it: bans and membership go by this
         self.peer = peer
+        self.machine = machine  # the worker's name for its machine (messages.machine_name)
+        self.label = f"{worker}/{machine}" if machine else worker  # what logs and status call it
         self.slots = slots
         self.key = key  # the member key its offer was signed with: still a member's?
         self.need = need  # it runs only tasks of this need
@@ -61,13 +64,13 @@ class LeaseState:
         self.stuck = False  # its need has work, none of which its worker has the packages for
 
     def __repr__(self) -> str:
-        return f"<lease {self.worker}@{self.peer[-8:]} slots={self.slots}>"
+        return f"<lease {self.label}@{self.peer[-8:]} slots={self.slots}>"
 
     def answered(self, task_id: int) -> WorkItem:
         """The task ``task_id`` its worker answers, no longer held; a task it does not hold breaks the protocol."""
         item = self.inflight.pop(task_id, None)
         if item is None:
-            raise ProtocolError(f"worker {self.worker} answered unknown task {task_id}")
+            raise ProtocolError(f"worker {self.label} answered unknown task {task_id}")
         return item
 
     def cancelled(self, task_id: int) -> WorkItem:
@@ -75,7 +78,7 @@ class LeaseState:
         (a task wrongly said cancelled stays held: it runs elsewhere once the lease ends)."""
         item = self.inflight.get(task_id)
         if item is not None and not item.cancel_asked:
-            raise ProtocolError(f"worker {self.worker} cancelled task {task_id}, which nobody asked it to")
+            raise ProtocolError(f"worker {self.label} cancelled task {task_id}, which nobody asked it to")
         return self.answered(task_id)
 
 

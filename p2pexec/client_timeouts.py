@@ -98,13 +98,13 @@ class Timeouts:
             for item in [i for i in lease.inflight.values() if i.deadline <= now]:
                 if item.future.done():  # interrupted earlier, and still not answered
                     done.append(EndLease(lease, ProtocolError(
-                        f"worker {lease.worker} did not stop task {item.id} within {SILENCE_SECONDS:g} s of "
+                        f"worker {lease.label} did not stop task {item.id} within {SILENCE_SECONDS:g} s of "
                         f"being asked")))
                     item.deadline = float("inf")
                     continue
                 done.append(Fail(item, TimeoutError(
                     f"the task ran longer than task_timeout={core.options.task_timeout:g} s on worker "
-                    f"{lease.worker}; it was interrupted there")))
+                    f"{lease.label}; it was interrupted there")))
                 item.deadline = now + SILENCE_SECONDS
                 if not item.cancel_asked:
                     done.append(core.ask_cancel(lease, item, Op.INTERRUPT))

@@ -251,8 +251,8 @@ class LocalCluster:
                "--identity", identity, "--members", self.members,
                "--known-hosts", self.known_hosts, "--slots", str(slots or self.slots),
                "--listen", "/ip4/127.0.0.1/tcp/0", "--ready-fd", str(write_fd),
-               "--exit-with-parent", str(os.getpid()), "--remove-with-parent", str(self._dir), *self.worker_options,
-               *options]
+               "--exit-with-parent", str(os.getpid()), "--remove-with-parent", str(self._dir),
+               "--name", f"local-{len(self.workers)}", *self.worker_options, *options]  # (a later --name wins)
         if self.verbose:
             cmd.append("--verbose")
         scratch = self._dir / "tmp"  # removed with the cluster, even when a test SIGKILLs the worker

@@ -268,14 +268,14 @@ class ClientScheduler:
             sys.stderr.write(outcome.stderr)
         if outcome.ok:
             item.future.set_result(outcome.value)
-            self.core.tally.settled(True, *(item.ran_on or (None, None)))
+            self.core.tally.settled(True, *(item.ran_on or (None, None, "")))
         else:
             self.set_exception(item, outcome.value)
 
     def set_exception(self, item: WorkItem, exc: BaseException) -> None:
         if not item.future.done():
             item.future.set_exception(exc)
-            self.core.tally.settled(False, *(item.ran_on or (None, None)))
+            self.core.tally.settled(False, *(item.ran_on or (None, None, "")))
 
 
 def _cancel(item: WorkItem) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class WorkerStats:
-    """One worker daemon, as this executor saw it: ``member`` runs it, ``peer`` is its libp2p id.
+    """One worker daemon, as this executor saw it: ``member`` runs it, ``peer`` is its libp2p id,
+    ``machine`` the name it gives its machine (``p2pexec-worker --name``; its host name by default).
 
     ``done`` and ``failed`` count the tasks whose futures it settled (or, for
     a task lost with its worker, the worker it ran on last); ``running``
@@ -24,6 +25,7 @@ class WorkerStats:
     done: int = 0
     failed: int = 0
     running: int = 0
+    machine: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class ExecutorStats:
 @dataclass
 class _Counts:
     member: str
+    machine: str = ""
     done: int = 0
     failed: int = 0
 
@@ -76,8 +79,9 @@ class Tally:
         self.value_bytes_sent = 0
         self.values_missed = 0  # a worker no longer held a value a task needed: both were sent again
 
-    def settled(self, ok: bool, member: str | None, peer: str | None) -> None:
-        """A future ended with a result (``ok``) or an exception, last sent to ``peer`` run by ``member``."""
+    def settled(self, ok: bool, member: str | None, peer: str | None, machine: str = "") -> None:
+        """A future ended with a result (``ok``) or an exception, last sent to ``peer`` run by ``member``
+        on ``machine``."""
         if ok:
             self.done += 1
         else:
@@ -88,19 +92,20 @@ class Tally:
         if counts is None:
             if len(self._by_peer) >= self.MAX_WORKERS:
                 del self._by_peer[next(iter(self._by_peer))]
-            counts = self._by_peer[peer] = _Counts(member)
+            counts = self._by_peer[peer] = _Counts(member, machine)
         if ok:
             counts.done += 1
         else:
             counts.failed += 1
 
-    def snapshot(self, queued: int, running: dict[tuple[str, str], int]) -> ExecutorStats:
-        """Freeze the counts; ``running`` maps (member, peer) to the tasks that worker holds now."""
-        peers = {peer: member for member, peer in running} | {p: c.member for p, c in self._by_peer.items()}
+    def snapshot(self, queued: int, running: dict[tuple[str, str, str], int]) -> ExecutorStats:
+        """Freeze the counts; ``running`` maps (member, peer, machine) to the tasks that worker holds now."""
+        held = {peer: count for (_, peer, _), count in running.items()}
+        peers = {peer: _Counts(member, machine) for member, peer, machine in running} | self._by_peer
         workers = []
-        for peer, member in sorted(peers.items(), key=lambda kv: (kv[1], kv[0])):
-            counts = self._by_peer.get(peer, _Counts(member))
-            workers.append(WorkerStats(member, peer, counts.done, counts.failed, running.get((member, peer), 0)))
+        for peer, counts in sorted(peers.items(), key=lambda kv: (kv[1].member, kv[0])):
+            workers.append(WorkerStats(counts.member, peer, counts.done, counts.failed, held.get(peer, 0),
+                                       counts.machine))
         return ExecutorStats(queued=queued, running=sum(running.values()), done=self.done, failed=self.failed,
                              workers=tuple(workers), bytes_sent=self.bytes_sent, values_sent=self.values_sent,
                              value_bytes_sent=self.value_bytes_sent, values_missed=self.values_missed)

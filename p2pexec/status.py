@@ -126,7 +126,7 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("workers:")
         for w in workers:
             lent = _lent(w)
-            lines.append(f"  {_text(w['user']):<16} {_busy(w)}  {_resources(w, lent)}  python {_text(w.get('py')):<5} "
+            lines.append(f"  {_worker(w):<24} {_busy(w)}  {_resources(w, lent)}  python {_text(w.get('py')):<5} "
                          f"{_platform(w, lent):<14} loadavg {_text(w.get('load')):<5} "
                          f"reachable: {REACH.get(str(w.get('reach')), _text(w.get('reach')))}")
             lines.extend(f"    lease for {_text(lease.get('client'))}: {_text(lease.get('path'))}"
@@ -151,6 +151,12 @@ def _text(value: Any) -> str:
     if value is None:
         return "?"
     return "".join(ch if ch.isprintable() else "?" for ch in str(value))[:200]
+
+
+def _worker(worker: dict[str, Any]) -> str:
+    """``member/machine``: a member's machines told apart (just the member, from a worker that names none)."""
+    machine = messages.machine_name(worker.get("name"))
+    return f"{_text(worker['user'])}/{machine}" if machine else _text(worker["user"])
 
 
 def _busy(worker: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=1, help="tasks to run at once (default: 1)")
     parser.add_argument("--allow", default=None, metavar="USER,...",
                         help="run tasks only from these members (default: every member)")
+    parser.add_argument("--name", type=_machine_name, default=None, metavar="NAME",
+                        help="what members see for this machine in status and their logs, to tell your machines "
+                             "apart (default: its host name)")
     parser.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
                         help="after S seconds a lease yields its slots to another waiting client "
                              "(default: 30)")
@@ -122,6 +126,14 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _machine_name(text: str) -> str:
+    from .protocol.messages import MACHINE_NAME_RULE, machine_name
+
+    if not machine_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a machine name is {MACHINE_NAME_RULE}")
+    return text
+
+
 def _size_or_zero(text: str) -> int:
     return 0 if text.strip() == "0" else _size(text)
 
@@ -174,6 +186,7 @@ def _history(count: int, as_json: bool) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from .config import resolve
+    from .protocol.messages import host_machine_name
     from .worker.daemon import WorkerConfig, serve
 
     who = resolve(args.cluster, board=args.board, user=args.user, identity=args.identity, members=args.members,
@@ -183,7 +196,8 @@ def _worker(args: argparse.Namespace) -> int:
                           listen=tuple(args.listen or ["/ip4/0.0.0.0/tcp/0"]), allow=allow,
                           known_hosts=args.known_hosts.expanduser(), accept_new_host_key=args.accept_new_host_key,
                           relays=who.relays, sandbox=_sandbox(args), memory=args.memory, gpus=args.gpus_shared,
-                          tags=args.tags, cache_size=_cache_size(args.cache_size, args.memory))
+                          tags=args.tags, cache_size=_cache_size(args.cache_size, args.memory),
+                          name=args.name or host_machine_name(socket.gethostname()))
 
     def ready() -> None:
         if args.ready_fd is not None:

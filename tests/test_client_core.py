@@ -139,7 +139,7 @@ def test_credits_bound_what_a_lease_holds_and_idle_slots_fill_before_any_queues(
     assert c.take(two, 0.0) is items[1]
     assert [c.take(one, 0.0), c.take(one, 0.0), c.take(one, 0.0)] == [items[2], items[3], None]  # credits out
     assert list(one.inflight.values()) == items[0:1] + items[2:4] and one.credits == 0
-    assert items[0].ran_on == ("bob", "peer-bob") and items[0].future.running()
+    assert items[0].ran_on == ("bob", "peer-bob", "") and items[0].future.running()
 
 
 def test_lost_tasks_run_again_until_max_retries_then_fail():

@@ -270,3 +270,28 @@ class InboxReplay(RuleBasedStateMachine):
 
 TestInboxReplay = InboxReplay.TestCase
 TestInboxReplay.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+@given(st.one_of(st.text(max_size=60), st.integers(), st.none(), st.lists(st.text(max_size=3), max_size=2)))
+def test_a_peers_machine_name_is_kept_only_if_short_and_plain(value):
+    kept = messages.machine_name(value)
+    assert kept in ("", value)
+    assert len(kept) <= 32 and all(ch.isascii() and (ch.isalnum() or ch in "._-") for ch in kept)
+    assert not kept.startswith(("-", ".", "_"))
+
+
+@pytest.mark.parametrize("hostname, name", [
+    ("bobs-laptop.fritz.box", "bobs-laptop"), ("Bob's MacBook Pro.local", "BobsMacBookPro"),
+    ("x" * 40, "x" * 32), ("-dash", ""), ("", ""), ("été", "t"),
+])
+def test_a_host_name_becomes_a_machine_name(hostname, name):
+    assert messages.host_machine_name(hostname) == name
+
+
+def test_a_machine_name_peers_would_not_keep_is_refused_at_the_command_line(capsys):
+    from p2pexec.worker_cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--cluster", "alice/friends", "--name", "bob's laptop"])
+    assert exited.value.code == 2
+    assert "a machine name is 1 to 32 letters, digits" in capsys.readouterr().err

@@ -44,7 +44,8 @@ def _settle(futures):
     return [f.exception(timeout=60) for f in futures]
 
 
-def test_stats_count_exactly_overall_and_per_worker(cluster):
+def test_stats_count_exactly_overall_and_per_worker(cluster, caplog):
+    caplog.set_level(logging.INFO, logger="p2pexec")
     with cluster.executor() as ex:
         assert ex.stats() == ExecutorStats()
         outcomes = _settle([ex.submit(maybe_fail, x) for x in range(20)])
@@ -59,6 +60,10 @@ def test_stats_count_exactly_overall_and_per_worker(cluster):
     assert (stats.queued, stats.running, stats.done, stats.failed) == (0, 0, 14, 7)
     assert sum(w.done for w in stats.workers) == 14 and sum(w.failed for w in stats.workers) == 7
     assert {w.member for w in stats.workers} == {"friend"} and len({w.peer for w in stats.workers}) == len(stats.workers)
+    assert {w.machine for w in stats.workers} <= {"local-0", "local-1"}  # one member's two machines, told apart
+    leased = {r.getMessage().split(" of worker ")[1].split()[0] for r in caplog.records
+              if r.getMessage().startswith("leased ")}
+    assert {f"friend/{w.machine}" for w in stats.workers} <= leased <= {"friend/local-0", "friend/local-1"}, leased
     failed_per_daemon = sorted(n for (pid, failed), n in daemons.items() if failed)
     assert sorted(w.failed for w in stats.workers if w.failed) == failed_per_daemon
     assert len(seen_in_callback) == 1 and isinstance(seen_in_callback[0], ExecutorStats)
@@ -89,7 +94,7 @@ def test_status_watch_shows_workers_and_counts_refreshes_and_stops(cluster):
     assert len(blocks) >= 2, plain.stdout
     for block in blocks[-1:]:
         assert "2 worker(s)" in block, block
-        assert sum(line.startswith("  friend ") for line in block.splitlines()) == 2, block
+        assert sum(line.startswith(("  friend/local-0 ", "  friend/local-1 ")) for line in block.splitlines()) == 2, block
         assert "slots busy" in block and "cores" in block and "GiB" in block
         assert "done 6 " in block and "failed 4 " in block, block
     assert "cluster alice/friends" in first and "Traceback" not in interrupted.stderr.read()

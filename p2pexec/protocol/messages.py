@@ -19,6 +19,7 @@ import heapq
 import json
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,22 @@ class Message:
 
     def __getitem__(self, name: str) -> Any:
         return self.body[name]
+
+
+_MACHINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+MACHINE_NAME_RULE = "1 to 32 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def machine_name(value: Any) -> str:
+    """A worker's name for its machine (``--name``), as a peer sent it: kept only if short and plain, so that
+    a member's two machines can be told apart in logs and ``status`` without letting escape codes in."""
+    return value if isinstance(value, str) and _MACHINE_NAME.fullmatch(value) else ""
+
+
+def host_machine_name(hostname: str) -> str:
+    """This machine's default name: its host name's first label, cut to what :func:`machine_name` keeps."""
+    plain = re.sub(r"[^A-Za-z0-9._-]", "", hostname.split(".")[0])[:32]
+    return machine_name(plain)
 
 
 def b64(data: bytes) -> str:

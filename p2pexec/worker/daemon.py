@@ -76,6 +76,7 @@ class WorkerConfig:
     gpus: tuple[Gpu, ...] = ()  # the GPUs it shares (--gpus), dealt between the slots
     tags: frozenset[str] = frozenset()  # --tag: what tasks may ask for by name
     cache_size: int = DEFAULT_CACHE_SIZE  # --cache-size: bytes of big values kept for members' next tasks
+    name: str = ""  # --name: how members tell this machine from its member's others (messages.machine_name)
 
     def resources(self) -> Resources:
         """What this worker lends, as it advertises it."""
@@ -237,6 +238,7 @@ class WorkerDaemon:
     def _hello(self) -> bytes:
         free = self.core.hello_free(time.time())
         return self._sign("hello", {"role": "worker", "node": self.host.peer_id if self.host else "",
+                                    "name": self.config.name,
                                     "addrs": self.nat.addrs_for(None) if self.host else [],
                                     "reach": self._reach(),
                                     "leases": self.leases.status(),
@@ -285,7 +287,8 @@ class WorkerDaemon:
         assert self.host is not None and self.board is not None
         request = offer.request
         self.board.send(self._sign("offer", {"req": offer.req, "to": offer.client, "slots": offer.slots, "py": PYTHON,
-                                             "peer": self.host.peer_id, "res": self.resources.to_json(),
+                                             "peer": self.host.peer_id, "name": self.config.name,
+                                             "res": self.resources.to_json(),
                                              "dists": _answer(request),
                                              "addrs": self.nat.addrs_for(NetView.from_json(request.body)),
                                              "kx": messages.b64(offer.kx[0])}, ttl=OFFER_TTL, msg_id=offer.id))
