@@ -11,14 +11,27 @@ the worker's bytes; functions a worker sends are inert stand-ins.
 Anything else fails that result with :class:`UntrustedResultError`, which
 names the type and the option that allows it.  With ``trusted_results=True``
 anything is unpickled, and by-value classes still come home as the client's.
+
+Two passes.  Most results hold only the vetted types above: the C
+unpickler reads them, and whatever class or function it handed out is
+checked afterwards to be as it was (a pickle can ``setattr`` on any object
+it holds, a class included).  A result that holds a class of the client's
+code or of a task's package goes to :class:`_Careful`, the Python
+unpickler with guarded opcodes: such a class is never called with the
+worker's arguments (``numpy.memmap(path, "w+")`` would write a file here,
+``h5py.File`` too); its instances are made with a plain ``__new__`` and
+given their state, and nothing may change a class or a function.
 """
 
 from __future__ import annotations
 
 import builtins
+import copyreg
+import enum
 import io
 import pickle
 import sys
+import types
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -27,7 +40,7 @@ import dill._dill
 
 from .errors import P2PExecError
 from .chunks import mapped_function
-from .tasks import is_local_module
+from .tasks import Sealed, is_local_module
 
 # module -> names that only build values (constructors of data types, reconstructors that call nothing else)
 _ALLOWED: dict[str, frozenset[str]] = {k: frozenset(v.split()) for k, v in {
@@ -163,23 +176,27 @@ def task_package(fn: Any) -> str | None:
     return top
 
 
-class _Loader(pickle.Unpickler):
-    """The C unpickler with the allow-list: every name a result refers to comes through :meth:`find_class`.
+class _NeedsCare(Exception):
+    """The C pass met a class it must not hand out: :class:`_Careful` reads the result instead."""
 
-    Not dill's Unpickler: the names dill's pickles use are mapped here
-    (its ``find_class`` adds only ``dill.dill`` and ``__builtin__`` aliases,
-    which the allow-list never reached), and it costs a third of a small
-    result's unpickling.
-    """
 
-    def __init__(self, file: Any, buffers: Iterable[Any], extra: Collection[str], packages: Collection[str]) -> None:
-        super().__init__(file, buffers=buffers)
-        self._extra = extra
-        self._packages = packages
+class _Rules:
+    """The allow-list, for both passes: what each name a result refers to stands for."""
+
+    _extra: Collection[str]
+    _packages: Collection[str]
+
+    def _guarded(self, found: type) -> type:
+        """A class of the client's code or of a task's package: the C pass hands out none of them."""
+        raise _NeedsCare()
+
+    def _own(self, found: type) -> type:
+        """Guarded, unless the user named it in ``result_types`` (their word that calling it is harmless)."""
+        return found if f"{found.__module__}.{found.__qualname__}" in self._extra else self._guarded(found)
 
     def find_class(self, module: str, name: str) -> Any:
         if name in _ALLOWED.get(module, ()) or f"{module}.{name}" in self._extra:
-            return super().find_class("dill._dill" if module == "dill.dill" else module, name)
+            return super().find_class("dill._dill" if module == "dill.dill" else module, name)  # type: ignore[misc]
         if module == "builtins":
             found = getattr(builtins, name, None)
             if isinstance(found, type) and (found in _BUILTIN_TYPES or issubclass(found, BaseException)):
@@ -188,9 +205,14 @@ class _Loader(pickle.Unpickler):
                 return _safe_setattr
             if name == "getattr":
                 return _safe_getattr
+            if isinstance(found, types.BuiltinFunctionType):  # (what a method of a class sent by value names)
+                return WorkerFunction(name)
         if module == "dill._dill":
-            special = {"_create_type": _own_class, "_create_function": _inert_function,
-                       "_create_code": _inert_code, "_load_type": _allowed_type,
+            if name == "_create_type":
+                return lambda *args: self._own(_own_class(*args))
+            special = {"_create_function": _inert_function,
+                       "_create_code": _inert_code, "_create_cell": _inert_code,
+                       "_import_module": _inert_code, "_load_type": _allowed_type,
                        "_create_namedtuple": dill._dill._create_namedtuple,
                        "_create_array": dill._dill._create_array}.get(name)
             if special is not None:
@@ -201,7 +223,7 @@ class _Loader(pickle.Unpickler):
         if own is None and module.split(".")[0] in self._packages:
             own = _class_in(module, name)  # a class a package the client's tasks come from defines itself
         if own is not None:
-            return own
+            return self._own(own)
         if module.startswith("dill."):  # how dill rebuilds a lock, a file, a frame...: a resource, not data
             raise UntrustedResultError(
                 f"a result holds something dill rebuilds with {module}.{name} (a lock, an open file, a thread, "
@@ -210,6 +232,171 @@ class _Loader(pickle.Unpickler):
         raise UntrustedResultError(
             f"a result refers to {module}.{name}, which the client does not unpickle from workers by default; "
             f"pass result_types=[{f'{module}.{name}'!r}] (or trusted_results=True) to P2PExecutor to accept it")
+
+
+class _Loader(_Rules, pickle.Unpickler):
+    """The C pass: the C unpickler with the allow-list; each class and function it hands out must be as it was
+    once the result is read.
+
+    Not dill's Unpickler: the names dill's pickles use are mapped here
+    (its ``find_class`` adds only ``dill.dill`` and ``__builtin__`` aliases,
+    which the allow-list never reached), and it costs a third of a small
+    result's unpickling.
+    """
+
+    def __init__(self, file: Any, buffers: list[Any], extra: Collection[str], packages: Collection[str]) -> None:
+        super().__init__(file, buffers=buffers)
+        self._extra = extra
+        self._packages = packages
+        self._handed: dict[int, tuple[Any, tuple[Any, ...]]] = {}  # id -> (class or function, how it was)
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if id(found) not in self._handed and _changeable(found):
+            self._handed[id(found)] = (found, _state_of(found))
+        return found
+
+    def load(self) -> Any:
+        try:
+            return super().load()
+        finally:
+            for found, was in self._handed.values():
+                if _state_of(found) != was:
+                    _restore(found, was)
+                    raise UntrustedResultError(f"a result changed {getattr(found, '__qualname__', found)!r} here, "
+                                               f"which a result may not do; the worker that sent it is broken or "
+                                               f"hostile")
+
+
+_PyUnpickler: Any = pickle._Unpickler  # (the Python one: its opcodes can be guarded)
+
+
+class _Careful(_Rules, _PyUnpickler):
+    """The careful pass, for a result that holds a class of the client's code or of a task's package: the
+    Python unpickler, where such a class is never called with the worker's arguments and no class or
+    function may be changed."""
+
+    dispatch = dict(_PyUnpickler.dispatch)
+
+    def __init__(self, file: Any, buffers: list[Any], extra: Collection[str], packages: Collection[str]) -> None:
+        super().__init__(file, buffers=buffers)
+        self._extra = extra
+        self._packages = packages
+        self._classes: set[type] = set()  # the guarded classes handed out
+
+    def _guarded(self, found: type) -> type:
+        self._classes.add(found)
+        return found
+
+    def _check_call(self, func: Any, args: tuple[Any, ...]) -> None:
+        """May ``func(*args)`` run?  A guarded class only where calling it builds a value and nothing else;
+        copyreg's constructors only with a plain ``__new__``."""
+        if func in self._classes:
+            if issubclass(func, BaseException) or isinstance(func, enum.EnumMeta) and len(args) == 1 \
+                    or _is_namedtuple(func):
+                return
+            raise UntrustedResultError(
+                f"a result rebuilds {func.__module__}.{func.__qualname__} by calling it with arguments the worker "
+                f"chose, which could act here (open or write a file); pass "
+                f"result_types=[{f'{func.__module__}.{func.__qualname__}'!r}] to P2PExecutor if calling it is "
+                f"harmless (or trusted_results=True)")
+        if func in (copyreg.__newobj__, copyreg.__newobj_ex__) and args:  # type: ignore[attr-defined]
+            self._check_new(args[0])
+        elif func is copyreg._reconstructor and len(args) == 3:  # type: ignore[attr-defined]
+            self._check_new(args[0])
+            if args[1] in self._classes:
+                raise UntrustedResultError(f"a result rebuilds an object with {args[1].__qualname__}'s own "
+                                           f"constructor; pass trusted_results=True to accept it")
+
+    def _check_new(self, cls: Any) -> None:
+        if cls in self._classes and not _plain_new(cls):
+            raise UntrustedResultError(
+                f"a result makes a {cls.__module__}.{cls.__qualname__}, whose __new__ runs its own code with "
+                f"arguments the worker chose; pass result_types=[{f'{cls.__module__}.{cls.__qualname__}'!r}] to "
+                f"P2PExecutor if that is harmless (or trusted_results=True)")
+
+    def load_reduce(self) -> None:
+        stack = self.stack
+        args = stack.pop()
+        self._check_call(stack[-1], args)
+        stack[-1] = stack[-1](*args)
+
+    def load_newobj(self) -> None:
+        args = self.stack.pop()
+        self._check_new(self.stack[-1])
+        self.stack[-1] = self.stack[-1].__new__(self.stack[-1], *args)
+
+    def load_newobj_ex(self) -> None:
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        self._check_new(self.stack[-1])
+        self.stack[-1] = self.stack[-1].__new__(self.stack[-1], *args, **kwargs)
+
+    def _instantiate(self, klass: Any, args: tuple[Any, ...]) -> None:  # INST and OBJ (protocols 0 and 1)
+        self._check_call(klass, args) if args or hasattr(klass, "__getinitargs__") else self._check_new(klass)
+        super()._instantiate(klass, args)
+
+    def load_build(self) -> None:
+        if _changeable(self.stack[-2]) or isinstance(self.stack[-2], types.ModuleType):
+            raise UntrustedResultError(f"a result changes {getattr(self.stack[-2], '__qualname__', '?')!r} here, "
+                                       f"which a result may not do; the worker that sent it is broken or hostile")
+        super().load_build()
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _changeable(obj: Any) -> bool:
+    """A class or function whose attributes a pickle could set (not a builtin or other immutable type, nor
+    a :class:`~p2pexec.tasks.Sealed` one)."""
+    if isinstance(obj, type):
+        return not obj.__flags__ & _IMMUTABLE_TYPE and not isinstance(obj, Sealed)
+    return isinstance(obj, types.FunctionType)
+
+
+_IMMUTABLE_TYPE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: builtin and most extension types
+_ABSENT = object()
+
+
+def _state_of(obj: Any) -> tuple[Any, ...]:
+    """What a pickle could change of a class or function (its attributes, a function's defaults); two states
+    compare equal while they hold the very same objects (tuples compare by identity first)."""
+    attrs = vars(obj)
+    return tuple(attrs), tuple(attrs.values()), getattr(obj, "__defaults__", None), \
+        getattr(obj, "__kwdefaults__", None)
+
+
+def _restore(obj: Any, was: tuple[Any, ...]) -> None:
+    names, values, defaults, kwdefaults = was
+    attrs = dict(zip(names, values))
+    for name in set(vars(obj)) - set(attrs):
+        delattr(obj, name)
+    for name, value in attrs.items():
+        if vars(obj).get(name, _ABSENT) is not value:
+            setattr(obj, name, value)
+    if isinstance(obj, types.FunctionType):
+        obj.__defaults__, obj.__kwdefaults__ = defaults, kwdefaults
+
+
+def _plain_new(cls: type) -> bool:
+    """Does ``cls.__new__`` only make an object, running none of the class's code (nor an unvetted type's)?"""
+    for klass in cls.__mro__:
+        if klass in _BUILTIN_TYPES or klass is object or issubclass(klass, BaseException) \
+                or klass.__name__ in _ALLOWED.get(klass.__module__, ()):
+            return True  # a builtin or vetted type's __new__ (ndarray's, dict's...)
+        new = vars(klass).get("__new__")
+        if new is not None:
+            return _is_namedtuple(klass)
+    return True
+
+
+def _is_namedtuple(cls: type) -> bool:
+    """A namedtuple: its ``__new__``, which ``collections`` writes, only makes the tuple."""
+    new = vars(cls).get("__new__")
+    new = getattr(new, "__func__", new)
+    return issubclass(cls, tuple) and getattr(new, "__globals__", {}).get("__name__", "").startswith("namedtuple_")
 
 
 def _own_object(module: str, qualname: str) -> type | None:
@@ -259,7 +446,12 @@ def _inert_code(*args: Any) -> None:
 def load(main: Any, buffers: Iterable[Any], extra: Collection[str] = (), packages: Collection[str] = ()) -> Any:
     """Unpickle a result payload with the allow-list, plus ``extra`` "module.name" entries and the classes of
     ``packages`` (those the client's task functions come from)."""
-    return _Loader(io.BytesIO(main), buffers, extra, packages).load()
+    buffers = list(buffers)  # (read twice when the careful pass takes over)
+    try:
+        return _Loader(io.BytesIO(main), buffers, extra, packages).load()
+    except _NeedsCare:
+        pass  # (out of the except block: the careful pass's errors are not "during handling of" this)
+    return _Careful(io.BytesIO(main), buffers, extra, packages).load()
 
 
 class _TrustedLoader(dill.Unpickler):

@@ -335,14 +335,27 @@ class RemoteError(Exception):
     message names the original type and says what it said (``p2pexec.RemoteError``)."""
 
 
+class Sealed(type):
+    """A class no one sets attributes on once it is made, a pickle's BUILD included: the client unpickles
+    every result into an :class:`Outcome`, and need not check it is as it was after each (results.py)."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        if cls.__dict__.get("_sealed_"):
+            raise TypeError(f"{cls.__qualname__} is sealed")
+        super().__setattr__(name, value)
+
+
 @dataclass
-class Outcome:
+class Outcome(metaclass=Sealed):
     """A task's result or exception, plus what it printed."""
 
     ok: bool
     value: Any
     stdout: str = ""
     stderr: str = ""
+
+
+Outcome._sealed_ = True  # (after @dataclass, which sets its methods)
 
 
 def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]:

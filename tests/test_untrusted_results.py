@@ -4,7 +4,10 @@ as themselves, and trusted_results=True is the explicit way out."""
 from __future__ import annotations
 
 import collections
+import dataclasses
+import enum
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -51,6 +54,58 @@ def test_a_crafted_pickle_from_a_worker_runs_nothing_here(tmp_path, call):
     assert not marker.exists()  # (and this process is still alive to say so)
 
 
+def test_a_class_of_a_tasks_package_is_never_called_with_a_workers_arguments(tmp_path):
+    """numpy.memmap(path, "w+") from a hostile worker wrote any file of the client's (numpy's classes are
+    allowed once a task is a numpy function)."""
+    np = pytest.importorskip("numpy")
+    marker = tmp_path / "bashrc"
+    marker.write_text("mine\n")
+    with LocalCluster(workers=0) as lc:
+        lc.add_worker(program=[sys.executable, EVIL_WORKER, "crafted-pickle"], user=lc.owner,
+                      env={"EVIL_CALL": "memmap", "EVIL_MARKER": str(marker)})
+        with lc.executor() as ex:
+            with pytest.raises(UntrustedResultError, match=r"numpy\.memmap by calling it.*result_types"):
+                ex.submit(np.sum, [1, 2]).result(timeout=60)
+    assert marker.read_text() == "mine\n"
+
+
+def test_the_careful_pass_rebuilds_what_python_pickles_of_the_clients_own_classes():
+    import pickle
+
+    from p2pexec.results import load
+
+    values = [Colour.RED, Pair(1, "b"), Point(1.0, 2.0), Registry(a=Mine(1)), MyError("x")]
+    for protocol in range(3, pickle.HIGHEST_PROTOCOL + 1):  # (workers use 5; 0-2 name Python 2's modules)
+        colour, pair, point, registry, error = load(pickle.dumps(values, protocol=protocol), [])
+        assert (colour, pair, point, registry["a"].x) == (Colour.RED, Pair(1, "b"), Point(1.0, 2.0), 1), protocol
+        assert type(registry) is Registry and type(error) is MyError and error.args == ("x",)
+
+
+def test_a_result_cannot_change_a_class_here():
+    import pathlib
+
+    from p2pexec.results import load
+
+    fspath = pathlib.PurePath.__fspath__
+    with pytest.raises(UntrustedResultError, match="changed 'PurePath'"):  # (the C pass: restored after)
+        load(b"\x80\x04cpathlib\nPurePath\nN}\x8c\x0a__fspath__\x8c\x04evils\x86b.", [])
+    assert pathlib.PurePath.__fspath__ is fspath
+    crafted = b"\x80\x04c" + __name__.encode() + b"\nMine\nN}\x8c\x01x\x8c\x04evils\x86b."
+    with pytest.raises(UntrustedResultError, match="changes 'Mine'"):  # (the careful pass: refused before)
+        load(crafted, [])
+    assert not hasattr(Mine, "x")
+
+
+def test_a_class_that_a_worker_changes_during_a_lease_is_restored_and_the_task_fails():
+    with LocalCluster(workers=0) as lc:
+        lc.add_worker(program=[sys.executable, EVIL_WORKER, "crafted-pickle"], user=lc.owner,
+                      env={"EVIL_CALL": "mutate", "EVIL_MARKER": ""})
+        with lc.executor() as ex:
+            with pytest.raises(UntrustedResultError, match="changed 'PurePath'"):
+                ex.submit(abs, -1).result(timeout=60)
+    assert open(Path(__file__)).readline()  # open() still takes a Path here
+
+
 def test_trusted_results_accepts_what_workers_send(tmp_path):
     marker = tmp_path / "pwned"
     with LocalCluster(workers=0) as lc:
@@ -62,12 +117,55 @@ def test_trusted_results_accepts_what_workers_send(tmp_path):
     assert marker.exists()  # it ran here
 
 
+class Pair(typing.NamedTuple):
+    a: int
+    b: str
+
+
+class Colour(enum.Enum):
+    RED = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: float
+    y: float
+
+
+class Registry(dict):
+    pass
+
+
+class Reduced:
+    """Pickled by calling the class (its own ``__reduce__``): only with the client's word that this is harmless."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __reduce__(self):
+        return Reduced, (self.x,)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Reduced) and other.x == self.x
+
+
+def own_values() -> list:
+    return [Mine(7), Pair(1, "b"), Registry(a=Mine(1))]
+
+
 def test_classes_of_the_clients_own_code_come_home_as_themselves(cluster):
     with cluster.executor() as ex:
         result = ex.submit(make_mine, 7).result(timeout=60)
         assert type(result) is Mine and result.x == 7
         with pytest.raises(MyError, match="caught as itself"):
             ex.submit(fail, "caught as itself").result(timeout=60)
+        mine, pair, registry = ex.submit(own_values).result(timeout=60)
+        assert (type(mine), mine.x, pair) == (Mine, 7, Pair(1, "b"))
+        assert type(registry) is Registry and registry["a"].x == 1
+        with pytest.raises(UntrustedResultError, match=r"Reduced by calling it.*result_types=\['tests\."):
+            ex.submit(Reduced, 3).result(timeout=60)
+    with cluster.executor(result_types=[f"{__name__}.Reduced"]) as ex:
+        assert ex.submit(Reduced, 3).result(timeout=60) == Reduced(3)
 
 
 def test_a_type_off_the_list_is_named_with_the_option_that_allows_it(cluster):

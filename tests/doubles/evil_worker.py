@@ -11,8 +11,10 @@ ports that refuse, and a circuit through a relay that does not exist).
 ``silent`` takes tasks and heartbeats but never answers one, interrupted
 or not.  ``huge-claim`` answers a task with the first chunk of a result it
 claims is ``$EVIL_CLAIM`` bytes, then sends nothing more.  ``crafted-pickle``
-answers with a pickle that calls ``$EVIL_CALL`` (``system``: touch
-``$EVIL_MARKER``; ``exit``: ``os._exit(13)``) when unpickled.
+answers with a pickle that, when unpickled, calls ``$EVIL_CALL`` (``system``:
+touch ``$EVIL_MARKER``; ``exit``: ``os._exit(13)``; ``memmap``: write
+``$EVIL_MARKER`` through ``numpy.memmap``, once the client has sent a NumPy
+function) or changes a class (``mutate``: ``pathlib.PurePath.__fspath__``).
 """
 
 from __future__ import annotations
@@ -33,9 +35,21 @@ MODE = sys.argv.pop(1)
 
 class _Crafted:
     def __reduce__(self):
-        if os.environ["EVIL_CALL"] == "exit":
+        call = os.environ["EVIL_CALL"]
+        if call == "exit":
             return os._exit, (13,)
+        if call == "memmap":  # numpy.memmap(path, "uint8", "w+", 0, (5,)), then [:] = b"pwned" through SETITEMS
+            import numpy
+
+            return (numpy.memmap, (os.environ["EVIL_MARKER"], "uint8", "w+", 0, (5,)), None, None,
+                    iter([(slice(None), list(b"pwned"))]))
         return os.system, (f"touch {os.environ['EVIL_MARKER']}",)
+
+
+def _crafted() -> bytes:
+    if os.environ["EVIL_CALL"] == "mutate":  # BUILD on a class: setattr(pathlib.PurePath, "__fspath__", "evil")
+        return b"\x80\x04cpathlib\nPurePath\nN}\x8c\x0a__fspath__\x8c\x04evils\x86b."
+    return pickle.dumps(_Crafted(), protocol=5)
 
 
 def _misbehave(channel) -> None:
@@ -47,7 +61,7 @@ def _misbehave(channel) -> None:
             if not isinstance(parts, (bytes, bytearray, memoryview)) and len(parts[0]) == _OP.size \
                     and parts[0][0] == Op.RESULT:
                 task_id = _OP.unpack(parts[0])[1]
-                crafted = b"".join(bytes(p) for p in pack_parts([pickle.dumps(_Crafted(), protocol=5)]))
+                crafted = b"".join(bytes(p) for p in pack_parts([_crafted()]))
                 parts = op_parts(Op.RESULT, task_id, crafted)
             await channel_send(parts, final)
 
