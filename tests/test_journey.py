@@ -31,8 +31,8 @@ import sys, time
 from p2pexec import P2PExecutor
 
 def mark():
-    import os
-    return os.environ.get("JOURNEY_MARK", "?")
+    import p2pexec
+    return p2pexec.current_worker().member
 
 with P2PExecutor("alice/friends") as ex:
     print("ready", ex.submit(mark).result(timeout=120), flush=True)
@@ -178,8 +178,7 @@ def _journey(people: People, tmp_path: Path) -> None:
     assert "the board did not let carol in: this invitation code was used already, or has expired" in said, said
     assert "p2pexec invite alice/friends carol" in said and "OWNER/NAME" not in said, said
 
-    bobs_worker = people.start("bob", worker, "--cluster", "alice/friends", log="bob-worker.log",
-                               JOURNEY_MARK="bob")
+    bobs_worker = people.start("bob", worker, "--cluster", "alice/friends", log="bob-worker.log")
     client = Lines(people.start("carol", sys.executable, "-c", CLIENT))
     first = client.until(lambda line: line.startswith("ready"), 120, "carol's first result")
     assert first == "ready bob"
@@ -194,7 +193,7 @@ def _journey(people: People, tmp_path: Path) -> None:
     box = str(tmp_path / "alice" / ".config" / "p2pexec-worker")
     out = people.run("alice", p2pexec, "invite", "alice/friends", "alice-box")
     people.run("alice", p2pexec, "join", out.strip().splitlines()[-1], P2PEXEC_CONFIG=box)
-    people.start("alice", worker, "--cluster", "alice/friends", log="alice-worker.log", JOURNEY_MARK="alice",
+    people.start("alice", worker, "--cluster", "alice/friends", log="alice-worker.log",
                  P2PEXEC_CONFIG=box)
     people.run("alice", p2pexec, "remove", "alice/friends", "bob")
     removed = time.time()
@@ -207,11 +206,11 @@ def _journey(people: People, tmp_path: Path) -> None:
             return False  # the client's log, e.g. the warning that it dropped bob's worker
         if float(sent) >= removed + 10 and where == "bob":
             ran_on_bob_after.append(line)
-        return float(sent) >= removed + 10 and where == "alice"
+        return float(sent) >= removed + 10 and where == "alice-box"
 
     client.until(settled, 90, "a task sent 10 s after the removal to run on alice's worker")
     later = [client.until(lambda line: line[:1].isdigit(), 60, "more results") for _ in range(5)]
-    assert not ran_on_bob_after and all(line.endswith(" alice") for line in later), (ran_on_bob_after, later)
+    assert not ran_on_bob_after and all(line.endswith(" alice-box") for line in later), (ran_on_bob_after, later)
 
     # bob's worker, which the board now refuses, says why in one line and stops (it retried forever)
     assert bobs_worker.wait(timeout=60) == 1

@@ -56,11 +56,31 @@ def probe(paths: list[str], port: int, write_to: str = "") -> dict:
     return out
 
 
+# What a friend's shell may hold when they start their worker: none of it is any member's business.
+FRIENDS_ENVIRONMENT = {"GITHUB_TOKEN": "ghp_the_friends_own", "AWS_SECRET_ACCESS_KEY": "the-friends-cloud",
+                       "SSH_AUTH_SOCK": "/tmp/ssh-agent.sock", "https_proxy": "http://friend:pw@proxy:3128",
+                       "LC_ALL": "C.UTF-8"}
+
+
 @pytest.fixture(scope="module", params=LAYERS)
 def sandboxed(request):
-    with LocalCluster(workers=1, sandbox=True, worker_options=("--sandbox-layer", request.param)) as lc:
+    with LocalCluster(workers=0, sandbox=True, worker_options=("--sandbox-layer", request.param)) as lc:
+        lc.add_worker(env=FRIENDS_ENVIRONMENT)
         lc.layer = request.param
         yield lc
+
+
+def _environment() -> dict:
+    import os
+
+    return dict(os.environ)
+
+
+def test_a_task_gets_none_of_the_workers_environment_but_what_python_needs(sandboxed):
+    with sandboxed.executor() as ex:
+        env = ex.submit(_environment).result(timeout=60)
+    assert not set(env) & (set(FRIENDS_ENVIRONMENT) - {"LC_ALL"}), env
+    assert env["LC_ALL"] == "C.UTF-8" and env["PATH"] and env["HOME"] == env["TMPDIR"] != os.path.expanduser("~")
 
 
 @pytest.fixture
@@ -205,6 +225,41 @@ def test_memory_over_the_cap_fails_that_task_and_the_worker_carries_on(sandboxed
         with pytest.raises(MemoryError):
             ex.submit(_allocate, 2 << 30).result(timeout=60)
         assert ex.submit(_allocate, 16 << 20).result(timeout=60) == 16 << 20
+
+
+def _connect_unix(path: str) -> str:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(path)
+            return sock.recv(16).decode()
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def test_a_task_cannot_reach_a_unix_socket_of_the_machine_by_its_path(sandboxed, tmp_path):
+    """An ssh-agent's socket, /var/run/docker.sock: Landlock has no rule for them (seccomp stops them there)."""
+    path = str(tmp_path / "agent.sock")
+    with socket.socket(socket.AF_UNIX) as server, sandboxed.executor() as ex:
+        server.bind(path)
+        server.listen()
+        server.settimeout(0.1)
+        result = ex.submit(_connect_unix, path).result(timeout=60)
+        with pytest.raises(TimeoutError):
+            server.accept()  # nobody came
+    assert result == {"bubblewrap": "FileNotFoundError", "landlock": "PermissionError"}[sandboxed.layer], result
+    with sandboxed.executor() as ex:  # what multiprocessing and asyncio use still works
+        assert ex.submit(_socketpair_works).result(timeout=60)
+
+
+def _socketpair_works() -> bool:
+    import socket
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.send(b"x")
+        return b.recv(1) == b"x"
 
 
 def _listen() -> object:

@@ -230,6 +230,6 @@ def test_a_task_lost_more_than_max_retries_times_fails_naming_its_lost_workers()
             with conn:
                 lc.workers[-1].kill()
                 lc.add_worker()
-        with pytest.raises(WorkerLostError, match=r"lost with its worker 2 times: friend at \d\d:\d\d:\d\d"):
+        with pytest.raises(WorkerLostError, match=r"lost with its worker 2 times: friend/local-\d at \d\d:\d\d:\d\d"):
             future.result(timeout=60)
         assert ex.submit(abs, -9).result(timeout=60) == 9  # the executor carries on

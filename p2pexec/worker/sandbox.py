@@ -46,19 +46,21 @@ from __future__ import annotations
 import glob
 import json
 import os
+import platform
 import select
 import shutil
 import site
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import portability
 from ..protocol.resources import format_size
 from .privileges import pid_cap_command
+from .seccomp import unix_sockets_denied
 
 NOBODY = 65534
 LANDLOCK_ENV = "P2PEXEC_LANDLOCK"  # the rules a task process applies to itself (JSON)
@@ -68,8 +70,12 @@ _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _ETC = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
         "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/resolv.conf", "/etc/ssl/certs",
         "/etc/ssl/openssl.cnf", "/etc/ca-certificates", "/etc/mime.types", "/etc/os-release", "/etc/timezone")
-# Ways into the friend's accounts that a task has no business with.
-_UNSET = ("SSH_AUTH_SOCK", "SSH_AGENT_PID", "P2PEXEC_IDENTITY", "DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR")
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/shm")  # what a Landlocked task may open
+# The only variables of the worker's that a sandboxed task gets: what running Python and its libraries needs.
+# Not the rest: the friend's shell may hold tokens, cloud keys, proxies with passwords, an ssh-agent's socket.
+_KEPT = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
+                   "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONWARNINGS", "PYTHONFAULTHANDLER", "PYTHONHASHSEED",
+                   "P2PEXEC_PORTABLE", "CUDA_HOME", "CUDA_PATH"})
 
 
 def python_paths(package_root: str) -> list[str]:
@@ -102,13 +108,20 @@ class Sandbox:
     def enforced(self) -> bool:
         return self.layer is not None
 
-    def environment(self, scratch: Path, package_root: str, slot: int) -> dict[str, str]:
-        """Variables the task process gets on top of the daemon's (Landlock rules, scratch as HOME)."""
-        env = {SLOT_ENV: str(slot)}
-        if self.bwrap is None and self.landlock:
-            env.update(HOME=str(scratch), TMPDIR=str(scratch), **{LANDLOCK_ENV: json.dumps({
-                "read": [*_SYSTEM, *_ETC, *python_paths(package_root), "/dev"],  # no /proc: other processes
-                "write": [str(scratch), "/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/shm"],
+    def environment(self, inherited: Mapping[str, str], scratch: Path, package_root: str,
+                    slot: int) -> dict[str, str]:
+        """A task process's variables: the daemon's (``inherited``) where there is no sandbox; else only
+        those in ``_KEPT`` and the locale's, with the scratch directory as HOME (and Landlock's rules)."""
+        if not self.enforced:
+            return {**inherited, SLOT_ENV: str(slot)}
+        env = {k: v for k, v in inherited.items() if k in _KEPT or k.startswith("LC_")}
+        env.update({SLOT_ENV: str(slot), "HOME": str(scratch), "TMPDIR": str(scratch)})
+        if self.bwrap is None:
+            env.update({LANDLOCK_ENV: json.dumps({
+                # no /proc (other processes), no other /dev (a root worker's task would read its disks)
+                "read": [*_SYSTEM, *_ETC, *python_paths(package_root), *_DEVICES,
+                         *(sorted(glob.glob("/dev/nvidia*")) if self.gpus else [])],
+                "write": [str(scratch), *_DEVICES],
                 "network": self.network})})
         return env
 
@@ -135,10 +148,7 @@ class Sandbox:
         if self.gpus:
             for device in sorted(glob.glob("/dev/nvidia*")):
                 wrapped += ["--dev-bind-try", device, device]
-        wrapped += ["--bind", str(scratch), str(scratch), "--chdir", str(scratch),
-                    "--setenv", "HOME", str(scratch), "--setenv", "TMPDIR", str(scratch)]
-        for name in _UNSET:
-            wrapped += ["--unsetenv", name]
+        wrapped += ["--bind", str(scratch), str(scratch), "--chdir", str(scratch)]
         return [*wrapped, "--", *argv]
 
     def cap_command(self, sandbox_pid: int) -> list[str] | None:
@@ -167,7 +177,13 @@ class Sandbox:
                      "user and a PID namespace: --sandbox-layer auto, with bubblewrap installed); whatever they "
                      "start is killed when their task process ends",
                      "tasks have no TCP (UDP is not covered)" if not self.network else
-                     "tasks may use the network (--network)"]
+                     "tasks may use the network (--network)",
+                     "tasks open no Unix socket (seccomp): not an ssh-agent's, /var/run/docker.sock or the "
+                     "session bus" if unix_sockets_denied() else
+                     f"NOT covered on {platform.machine()}: a Unix socket a task knows the path of (an "
+                     f"ssh-agent's, /var/run/docker.sock, the session bus); bubblewrap covers it",
+                     "NOT covered by Landlock: /dev/shm, which tasks share with your programs and other members' "
+                     "tasks; bubblewrap covers it"]
         elif self.bwrap is None:
             after = ("; whatever they start is killed when their task process ends" if portability.procfs() else
                      " and leave processes behind")

@@ -88,10 +88,9 @@ class TaskSlot:
         self.member = member
 
     async def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         self._scratch = Path(tempfile.mkdtemp(prefix=f"slot{self.index}-", dir=self._scratch_root))
-        env.update(self.sandbox.environment(self._scratch, _PACKAGE_ROOT, self.index))
+        env = self.sandbox.environment(os.environ, self._scratch, _PACKAGE_ROOT, self.index)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
         env.update(self.env)
         self._applied = None
         ours, theirs = socket.socketpair()  # AF_UNIX where there is one

@@ -353,10 +353,12 @@ def main() -> None:
     if confine is not None:  # before the first task is read: nothing untrusted has run yet
         from .landlock import restrict
         from .privileges import drop_capabilities
+        from .seccomp import deny_unix_sockets
 
         drop_capabilities()
         rules = json.loads(confine)
         restrict(rules["read"], rules["write"], rules["network"])
+        deny_unix_sockets()  # (Landlock does not cover connecting to one by its path)
     serve(socket.socket(fileno=int(sys.argv[1])))
 
 
