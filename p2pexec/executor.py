@@ -33,7 +33,7 @@ from .dependencies import futures_in, resolved
 from .errors import RemoteTraceback
 from .fitting import EnvFinder
 from .mapping import is_map_chunk, map_in_chunks
-from .results import task_package
+from .result_allowlist import task_package
 from .seeding import Seeded
 from .scheduler import SchedulerOptions, WorkItem
 from .stats import ExecutorStats

@@ -28,95 +28,28 @@ from __future__ import annotations
 import builtins
 import copyreg
 import enum
+import gc
 import io
 import pickle
+import re
 import sys
 import types
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import dill
 import dill._dill
 
 from .errors import P2PExecError
-from .chunks import mapped_function
+from .result_allowlist import ALLOWED, BUILTIN_TYPES
 from .tasks import Sealed, is_local_module
-
-# module -> names that only build values (constructors of data types, reconstructors that call nothing else)
-_ALLOWED: dict[str, frozenset[str]] = {k: frozenset(v.split()) for k, v in {
-    "p2pexec.tasks": "Outcome _rebuild_exception RemoteError _array",
-    "p2pexec.errors": "RemoteTraceback",
-    "p2pexec.whereami": "WorkerInfo",  # current_worker(), returned as it is
-    "p2pexec.protocol.resources": "Resources Gpu",
-    "collections": "OrderedDict defaultdict deque Counter",
-    "datetime": "datetime date time timedelta timezone",
-    "decimal": "Decimal",
-    "_io": "StringIO BytesIO",  # in-memory buffers (their state is their contents)
-    "fractions": "Fraction",
-    "uuid": "UUID",
-    "pathlib": "Path PosixPath WindowsPath PurePath PurePosixPath PureWindowsPath",
-    "ipaddress": "IPv4Address IPv6Address IPv4Network IPv6Network IPv4Interface IPv6Interface",
-    "copyreg": "_reconstructor __newobj__ __newobj_ex__",
-    "array": "array _array_reconstructor",
-    "re": "_compile",
-    "enum": "EnumMeta",
-    "numpy": "ndarray dtype",
-    "numpy._core.multiarray": "_reconstruct scalar",
-    "numpy.core.multiarray": "_reconstruct scalar",
-    "numpy._core.numeric": "_frombuffer",
-    "numpy.core.numeric": "_frombuffer",
-    # pandas 2 and 3 (3 names its public classes from "pandas"): data structures, dtypes, scalars, reconstructors
-    "pandas": "DataFrame Series Index RangeIndex MultiIndex DatetimeIndex TimedeltaIndex PeriodIndex IntervalIndex "
-              "CategoricalIndex Categorical CategoricalDtype DatetimeTZDtype IntervalDtype PeriodDtype SparseDtype "
-              "StringDtype BooleanDtype Int8Dtype Int16Dtype Int32Dtype Int64Dtype UInt8Dtype UInt16Dtype UInt32Dtype "
-              "UInt64Dtype Float32Dtype Float64Dtype Timestamp Timedelta Period Interval NaT NA",
-    "pandas.arrays": "BooleanArray DatetimeArray IntegerArray FloatingArray PeriodArray SparseArray StringArray "
-                     "TimedeltaArray IntervalArray NumpyExtensionArray Categorical",
-    "pandas.core.frame": "DataFrame",
-    "pandas.core.series": "Series",
-    "pandas.core.indexes.base": "Index _new_Index",
-    "pandas.core.indexes.range": "RangeIndex",
-    "pandas.core.indexes.multi": "MultiIndex",
-    "pandas.core.indexes.datetimes": "DatetimeIndex _new_DatetimeIndex",
-    "pandas.core.indexes.timedeltas": "TimedeltaIndex _new_TimedeltaIndex",
-    "pandas.core.indexes.period": "PeriodIndex _new_PeriodIndex",
-    "pandas.core.indexes.interval": "IntervalIndex _new_IntervalIndex",
-    "pandas.core.indexes.category": "CategoricalIndex",
-    "pandas.core.internals.managers": "BlockManager SingleBlockManager",
-    "pandas.core.arrays.categorical": "Categorical",
-    "pandas.core.arrays.boolean": "BooleanArray BooleanDtype",
-    "pandas.core.arrays.integer": "IntegerArray Int8Dtype Int16Dtype Int32Dtype Int64Dtype UInt8Dtype UInt16Dtype "
-                                  "UInt32Dtype UInt64Dtype",
-    "pandas.core.arrays.floating": "FloatingArray Float32Dtype Float64Dtype",
-    "pandas.core.arrays.string_": "StringArray StringDtype",
-    "pandas.core.arrays.datetimes": "DatetimeArray",
-    "pandas.core.arrays.timedeltas": "TimedeltaArray",
-    "pandas.core.arrays.period": "PeriodArray",
-    "pandas.core.arrays.interval": "IntervalArray",
-    "pandas.core.arrays.sparse.array": "SparseArray",
-    "pandas.core.arrays.numpy_": "NumpyExtensionArray",
-    "pandas.core.dtypes.dtypes": "CategoricalDtype DatetimeTZDtype IntervalDtype PeriodDtype SparseDtype",
-    "pandas._libs.arrays": "__pyx_unpickle_NDArrayBacked",
-    "pandas._libs.internals": "_unpickle_block BlockPlacement",
-    "pandas._libs.sparse": "IntIndex BlockIndex",
-    "pandas._libs.missing": "NA",
-    "pandas._libs.interval": "Interval",
-    "pandas._libs.tslibs.nattype": "_nat_unpickle",
-    "pandas._libs.tslibs.timedeltas": "Timedelta _timedelta_unpickle",
-    "pandas._libs.tslibs.timestamps": "Timestamp _unpickle_timestamp",
-    "pandas._libs.tslibs.period": "Period",
-    "pandas._libs.tslibs.offsets": "Day Hour Minute Second Milli Micro Nano Week MonthEnd MonthBegin QuarterEnd "
-                                   "QuarterBegin YearEnd YearBegin BusinessDay BusinessMonthEnd BusinessMonthBegin "
-                                   "BusinessHour DateOffset",
-    "zoneinfo": "ZoneInfo",
-    "zoneinfo._zoneinfo": "ZoneInfo",
-}.items()}
-_BUILTIN_TYPES = frozenset({int, float, complex, str, bytes, bytearray, memoryview, bool, list, tuple, dict, set,
-                            frozenset, slice, range, object, type(None), type(Ellipsis), type(NotImplemented)})
-
 
 class UntrustedResultError(P2PExecError, TypeError):
     """A result names something the client does not unpickle from workers by default."""
+
+
+class HostileResultError(UntrustedResultError):
+    """A result tried to change a class or function here: no honest worker sends that (its worker is dropped)."""
 
 
 class WorkerFunction:
@@ -140,7 +73,7 @@ def _allowed_type(name: str) -> Any:
     loaded = dill._dill._load_type(name)
     if loaded is type:
         return _METATYPE
-    if loaded in _BUILTIN_TYPES or (isinstance(loaded, type) and issubclass(loaded, BaseException)):
+    if loaded in BUILTIN_TYPES or (isinstance(loaded, type) and issubclass(loaded, BaseException)):
         return loaded
     raise UntrustedResultError(f"a result refers to the type {name!r}; pass trusted_results=True to accept it")
 
@@ -158,22 +91,6 @@ def _safe_setattr(obj: Any, name: str, value: Any) -> None:
     if isinstance(obj, type):
         return
     setattr(obj, name, value)
-
-
-def task_package(fn: Any) -> str | None:
-    """The installed package a task function comes from, whose classes its results may hold.
-
-    None for the standard library, p2pexec and the user's own code (whose
-    classes are allowed anyway).
-    """
-    fn = mapped_function(fn)
-    module = getattr(fn, "__module__", None) or ""
-    top = module.split(".")[0]
-    # joblib is the machinery of our own backend (BatchedCalls): trust the functions it carries, not joblib.
-    if not top or top in sys.stdlib_module_names or top in ("p2pexec", "dill", "joblib", "__main__") \
-            or is_local_module(module):
-        return None
-    return top
 
 
 class _NeedsCare(Exception):
@@ -194,25 +111,45 @@ class _Rules:
         """Guarded, unless the user named it in ``result_types`` (their word that calling it is harmless)."""
         return found if f"{found.__module__}.{found.__qualname__}" in self._extra else self._guarded(found)
 
+    def _refuse(self, error: UntrustedResultError) -> Any:
+        """Something the allow-list refuses: the C pass lets the careful one decide (it may be part of a class
+        sent by value, which is never used), which refuses it once the result is read, if it is in it."""
+        raise _NeedsCare()
+
+    def _lenient(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        def called(*args: Any) -> Any:
+            try:
+                return call(*args)
+            except UntrustedResultError as error:
+                return self._refuse(error)
+        return called
+
     def find_class(self, module: str, name: str) -> Any:
-        if name in _ALLOWED.get(module, ()) or f"{module}.{name}" in self._extra:
+        try:
+            return self._find(module, name)
+        except UntrustedResultError as error:
+            return self._refuse(error)
+
+    def _find(self, module: str, name: str) -> Any:
+        if name in ALLOWED.get(module, ()) or f"{module}.{name}" in self._extra:
             return super().find_class("dill._dill" if module == "dill.dill" else module, name)  # type: ignore[misc]
         if module == "builtins":
             found = getattr(builtins, name, None)
-            if isinstance(found, type) and (found in _BUILTIN_TYPES or issubclass(found, BaseException)):
+            if isinstance(found, type) and (found in BUILTIN_TYPES or issubclass(found, BaseException)):
                 return found
             if name == "setattr":
                 return _safe_setattr
             if name == "getattr":
-                return _safe_getattr
+                return self._lenient(_safe_getattr)
             if isinstance(found, types.BuiltinFunctionType):  # (what a method of a class sent by value names)
                 return WorkerFunction(name)
         if module == "dill._dill":
             if name == "_create_type":
-                return lambda *args: self._own(_own_class(*args))
+                return self._lenient(lambda *args: self._own(_own_class(*args)))
             special = {"_create_function": _inert_function,
                        "_create_code": _inert_code, "_create_cell": _inert_code,
-                       "_import_module": _inert_code, "_load_type": _allowed_type,
+                       "_import_module": _inert_code, "_load_type": self._lenient(_allowed_type),
+                       "_eval_repr": self._lenient(_range_from_repr),
                        "_create_namedtuple": dill._dill._create_namedtuple,
                        "_create_array": dill._dill._create_array}.get(name)
             if special is not None:
@@ -263,7 +200,7 @@ class _Loader(_Rules, pickle.Unpickler):
             for found, was in self._handed.values():
                 if _state_of(found) != was:
                     _restore(found, was)
-                    raise UntrustedResultError(f"a result changed {getattr(found, '__qualname__', found)!r} here, "
+                    raise HostileResultError(f"a result changed {getattr(found, '__qualname__', found)!r} here, "
                                                f"which a result may not do; the worker that sent it is broken or "
                                                f"hostile")
 
@@ -287,6 +224,16 @@ class _Careful(_Rules, _PyUnpickler):
     def _guarded(self, found: type) -> type:
         self._classes.add(found)
         return found
+
+    def _refuse(self, error: UntrustedResultError) -> Any:
+        return _Refused(error)
+
+    def load(self) -> Any:
+        result = super().load()
+        refused = _first_refused(result)
+        if refused is not None:
+            raise refused.error
+        return result
 
     def _check_call(self, func: Any, args: tuple[Any, ...]) -> None:
         """May ``func(*args)`` run?  A guarded class only where calling it builds a value and nothing else;
@@ -318,27 +265,44 @@ class _Careful(_Rules, _PyUnpickler):
     def load_reduce(self) -> None:
         stack = self.stack
         args = stack.pop()
-        self._check_call(stack[-1], args)
-        stack[-1] = stack[-1](*args)
+        refused = next((a for a in (stack[-1], *args) if type(a) is _Refused), None)  # stands for what it makes
+        if refused is None:
+            try:
+                self._check_call(stack[-1], args)
+            except UntrustedResultError as error:
+                refused = _Refused(error)  # (refused if the result holds it: see load)
+        stack[-1] = refused if refused is not None else stack[-1](*args)
 
     def load_newobj(self) -> None:
         args = self.stack.pop()
-        self._check_new(self.stack[-1])
-        self.stack[-1] = self.stack[-1].__new__(self.stack[-1], *args)
+        self._new(args, {})
 
     def load_newobj_ex(self) -> None:
         kwargs = self.stack.pop()
         args = self.stack.pop()
-        self._check_new(self.stack[-1])
-        self.stack[-1] = self.stack[-1].__new__(self.stack[-1], *args, **kwargs)
+        self._new(args, kwargs)
+
+    def _new(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cls = self.stack[-1]
+        if type(cls) is _Refused:
+            return
+        try:
+            self._check_new(cls)
+        except UntrustedResultError as error:
+            self.stack[-1] = _Refused(error)
+            return
+        self.stack[-1] = cls.__new__(cls, *args, **kwargs)
 
     def _instantiate(self, klass: Any, args: tuple[Any, ...]) -> None:  # INST and OBJ (protocols 0 and 1)
         self._check_call(klass, args) if args or hasattr(klass, "__getinitargs__") else self._check_new(klass)
         super()._instantiate(klass, args)
 
     def load_build(self) -> None:
+        if type(self.stack[-2]) is _Refused:
+            self.stack.pop()
+            return
         if _changeable(self.stack[-2]) or isinstance(self.stack[-2], types.ModuleType):
-            raise UntrustedResultError(f"a result changes {getattr(self.stack[-2], '__qualname__', '?')!r} here, "
+            raise HostileResultError(f"a result changes {getattr(self.stack[-2], '__qualname__', '?')!r} here, "
                                        f"which a result may not do; the worker that sent it is broken or hostile")
         super().load_build()
 
@@ -346,6 +310,53 @@ class _Careful(_Rules, _PyUnpickler):
     dispatch[pickle.NEWOBJ[0]] = load_newobj
     dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
     dispatch[pickle.BUILD[0]] = load_build
+
+
+class _Refused:
+    """What the careful pass makes of something the allow-list refuses: a stand-in that takes whatever the
+    pickle does to it.  If it is anywhere in the result, the result fails with ``error``; inside a class sent
+    by value (which comes home as the client's own class) it is dropped with the class's namespace."""
+
+    def __init__(self, error: UntrustedResultError) -> None:
+        self.error = error
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Refused:
+        return self
+
+    def append(self, item: Any) -> None:
+        pass
+
+    extend = add = update = append
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
+def _first_refused(result: Any) -> _Refused | None:
+    """A :class:`_Refused` the result holds, if any (classes, modules and functions are not looked into)."""
+    seen: set[int] = set()
+    todo = [result]
+    while todo:
+        obj = todo.pop()
+        if type(obj) is _Refused:
+            return obj
+        if id(obj) in seen or not gc.is_tracked(obj) or isinstance(obj, _OPAQUE):
+            continue
+        seen.add(id(obj))
+        todo.extend(gc.get_referents(obj))
+    return None
+
+
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType, WorkerFunction)
+
+
+def _range_from_repr(text: str) -> range:
+    """dill pickles a ``range`` as its repr, to be evaluated: nothing is, but a range's is read."""
+    numbers = re.fullmatch(r"range\((-?\d+), (-?\d+)(?:, (-?\d+))?\)", text) if isinstance(text, str) else None
+    if numbers is None:
+        raise UntrustedResultError(f"a result asks to evaluate {str(text)[:80]!r}; pass trusted_results=True to "
+                                   f"accept it")
+    return range(*(int(n) for n in numbers.groups() if n is not None))
 
 
 def _changeable(obj: Any) -> bool:
@@ -383,8 +394,8 @@ def _restore(obj: Any, was: tuple[Any, ...]) -> None:
 def _plain_new(cls: type) -> bool:
     """Does ``cls.__new__`` only make an object, running none of the class's code (nor an unvetted type's)?"""
     for klass in cls.__mro__:
-        if klass in _BUILTIN_TYPES or klass is object or issubclass(klass, BaseException) \
-                or klass.__name__ in _ALLOWED.get(klass.__module__, ()):
+        if klass in BUILTIN_TYPES or klass is object or issubclass(klass, BaseException) \
+                or klass.__name__ in ALLOWED.get(klass.__module__, ()):
             return True  # a builtin or vetted type's __new__ (ndarray's, dict's...)
         new = vars(klass).get("__new__")
         if new is not None:

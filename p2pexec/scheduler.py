@@ -36,13 +36,13 @@ from .client_lease import Lease
 from .client_state import (
     OFFERED, SAY_HELLO, WAKE, Action, Cancel, Dial, EndLease, Fail, Post, SchedulerOptions, Warn, WorkItem,
 )
-from .errors import P2PExecError
+from .errors import P2PExecError, ProtocolError
 from .fitting import Fitting
 from .keys import Identity
 from .protocol import messages
 from .protocol.reach import announced_relays
 from .protocol.values import SentValues
-from .results import UntrustedResultError
+from .results import HostileResultError, UntrustedResultError
 from .stats import ExecutorStats
 from .stdlib_private import cancel_running
 from .tasks import load_outcome
@@ -252,6 +252,9 @@ class ClientScheduler:
             return
         try:
             outcome = load_outcome(data, self.options.trusted_results, self.options.result_types, self.task_packages)
+        except HostileResultError as exc:
+            self.set_exception(item, exc)
+            raise ProtocolError(f"its result for task {item.id}: {exc}") from None  # (the lease bans its member)
         except UntrustedResultError as exc:
             self.set_exception(item, exc)
             return

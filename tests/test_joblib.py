@@ -84,6 +84,19 @@ def _square_when_let(port: int, x: int) -> int:
     return x * x
 
 
+def test_a_forest_fits_on_the_cluster_as_it_does_here(executor):
+    """Its trees come back as results: sklearn's Tree, rebuilt by calling it, is on the allow-list."""
+    from sklearn.datasets import load_iris
+    from sklearn.ensemble import RandomForestClassifier
+
+    X, y = load_iris(return_X_y=True)
+    local = RandomForestClassifier(n_estimators=8, random_state=0, n_jobs=1).fit(X, y)
+    with joblib.parallel_config(backend="p2pexec", executor=executor):
+        remote = RandomForestClassifier(n_estimators=8, random_state=0, n_jobs=2).fit(X, y)
+    assert executor.stats().done >= 2  # (it ran there)
+    assert (remote.predict_proba(X) == local.predict_proba(X)).all()
+
+
 def test_cluster_arguments_open_and_close_an_executor(cluster):
     """Open while a call has results to come (joblib closes a backend once every task is done, even if
     results are still to be read), closed after it."""

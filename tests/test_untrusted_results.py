@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import logging
 import sys
 import typing
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from p2pexec import LocalCluster, UntrustedResultError
+
+from .conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -96,13 +99,15 @@ def test_a_result_cannot_change_a_class_here():
     assert not hasattr(Mine, "x")
 
 
-def test_a_class_that_a_worker_changes_during_a_lease_is_restored_and_the_task_fails():
+def test_a_worker_whose_result_changes_a_class_here_is_dropped_the_class_restored_and_the_task_fails(caplog):
+    caplog.set_level(logging.WARNING, logger="p2pexec")
     with LocalCluster(workers=0) as lc:
         lc.add_worker(program=[sys.executable, EVIL_WORKER, "crafted-pickle"], user=lc.owner,
                       env={"EVIL_CALL": "mutate", "EVIL_MARKER": ""})
         with lc.executor() as ex:
             with pytest.raises(UntrustedResultError, match="changed 'PurePath'"):
                 ex.submit(abs, -1).result(timeout=60)
+            wait_until(lambda: any("broke the protocol" in r.getMessage() for r in caplog.records), 30)
     assert open(Path(__file__)).readline()  # open() still takes a Path here
 
 
@@ -149,8 +154,29 @@ class Reduced:
         return isinstance(other, Reduced) and other.x == self.x
 
 
+class Child(Mine):
+    """Methods that use ``super()`` and a property: dill sends their cells and builtins with the class."""
+
+    def __init__(self, x: int) -> None:
+        super().__init__(x)
+
+    @property
+    def double(self) -> int:
+        return 2 * len(str(self.x))
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
 def own_values() -> list:
-    return [Mine(7), Pair(1, "b"), Registry(a=Mine(1))]
+    return [Mine(7), Pair(1, "b"), Registry(a=Mine(1)), Child(5), Point(1.0, 2.0), range(3)]
+
+
+def http_fail() -> None:
+    raise HTTPError(404)
 
 
 def test_classes_of_the_clients_own_code_come_home_as_themselves(cluster):
@@ -159,9 +185,13 @@ def test_classes_of_the_clients_own_code_come_home_as_themselves(cluster):
         assert type(result) is Mine and result.x == 7
         with pytest.raises(MyError, match="caught as itself"):
             ex.submit(fail, "caught as itself").result(timeout=60)
-        mine, pair, registry = ex.submit(own_values).result(timeout=60)
+        mine, pair, registry, child, point, numbers = ex.submit(own_values).result(timeout=60)
         assert (type(mine), mine.x, pair) == (Mine, 7, Pair(1, "b"))
         assert type(registry) is Registry and registry["a"].x == 1
+        assert (type(child), child.double, point, numbers) == (Child, 2, Point(1.0, 2.0), range(3))
+        with pytest.raises(HTTPError, match="HTTP 404") as caught:
+            ex.submit(http_fail).result(timeout=60)
+        assert caught.value.status == 404 and "http_fail" in str(caught.value.__cause__)
         with pytest.raises(UntrustedResultError, match=r"Reduced by calling it.*result_types=\['tests\."):
             ex.submit(Reduced, 3).result(timeout=60)
     with cluster.executor(result_types=[f"{__name__}.Reduced"]) as ex:
