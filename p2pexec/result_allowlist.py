@@ -102,3 +102,22 @@ def task_package(fn: Any) -> str | None:
             or is_local_module(module):
         return None
     return top
+
+
+def plain_new(cls: type) -> bool:
+    """Does ``cls.__new__`` only make an object, running none of the class's code (nor an unvetted type's)?"""
+    for klass in cls.__mro__:
+        if klass in BUILTIN_TYPES or klass is object or issubclass(klass, BaseException) \
+                or klass.__name__ in ALLOWED.get(klass.__module__, ()):
+            return True  # a builtin or vetted type's __new__ (ndarray's, dict's...)
+        new = vars(klass).get("__new__")
+        if new is not None:
+            return is_namedtuple(klass)
+    return True
+
+
+def is_namedtuple(cls: type) -> bool:
+    """A namedtuple: its ``__new__``, which ``collections`` writes, only makes the tuple."""
+    new = vars(cls).get("__new__")
+    new = getattr(new, "__func__", new)
+    return issubclass(cls, tuple) and getattr(new, "__globals__", {}).get("__name__", "").startswith("namedtuple_")

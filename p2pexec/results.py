@@ -34,6 +34,7 @@ import pickle
 import re
 import sys
 import types
+import weakref
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
@@ -41,7 +42,7 @@ import dill
 import dill._dill
 
 from .errors import P2PExecError
-from .result_allowlist import ALLOWED, BUILTIN_TYPES
+from .result_allowlist import ALLOWED, BUILTIN_TYPES, is_namedtuple, plain_new
 from .tasks import Sealed, is_local_module
 
 class UntrustedResultError(P2PExecError, TypeError):
@@ -220,17 +221,26 @@ class _Careful(_Rules, _PyUnpickler):
         self._extra = extra
         self._packages = packages
         self._classes: set[type] = set()  # the guarded classes handed out
+        self._made: list[weakref.ref[_Refused]] = []  # stand-ins for what the allow-list refused
 
     def _guarded(self, found: type) -> type:
         self._classes.add(found)
         return found
 
     def _refuse(self, error: UntrustedResultError) -> Any:
-        return _Refused(error)
+        refused = _Refused(error)
+        self._made.append(weakref.ref(refused))
+        return refused
 
     def load(self) -> Any:
+        """The result, unless a stand-in for something refused is in it, or still alive anywhere once the
+        pickle's memo is let go (an object array's items, say, which the search cannot see)."""
         result = super().load()
+        self.memo.clear()
         refused = _first_refused(result)
+        if refused is None and any(made() is not None for made in self._made):
+            gc.collect()  # (a cycle among what a class sent by value brought: garbage, not the result)
+            refused = next((r for r in (made() for made in self._made) if r is not None), None)
         if refused is not None:
             raise refused.error
         return result
@@ -240,7 +250,7 @@ class _Careful(_Rules, _PyUnpickler):
         copyreg's constructors only with a plain ``__new__``."""
         if func in self._classes:
             if issubclass(func, BaseException) or isinstance(func, enum.EnumMeta) and len(args) == 1 \
-                    or _is_namedtuple(func):
+                    or is_namedtuple(func):
                 return
             raise UntrustedResultError(
                 f"a result rebuilds {func.__module__}.{func.__qualname__} by calling it with arguments the worker "
@@ -256,7 +266,7 @@ class _Careful(_Rules, _PyUnpickler):
                                            f"constructor; pass trusted_results=True to accept it")
 
     def _check_new(self, cls: Any) -> None:
-        if cls in self._classes and not _plain_new(cls):
+        if cls in self._classes and not plain_new(cls):
             raise UntrustedResultError(
                 f"a result makes a {cls.__module__}.{cls.__qualname__}, whose __new__ runs its own code with "
                 f"arguments the worker chose; pass result_types=[{f'{cls.__module__}.{cls.__qualname__}'!r}] to "
@@ -318,7 +328,8 @@ class _Refused:
     by value (which comes home as the client's own class) it is dropped with the class's namespace."""
 
     def __init__(self, error: UntrustedResultError) -> None:
-        self.error = error
+        error.__context__ = None
+        self.error = error.with_traceback(None)  # (its frames would keep this alive, in a cycle)
 
     def __call__(self, *args: Any, **kwargs: Any) -> _Refused:
         return self
@@ -389,25 +400,6 @@ def _restore(obj: Any, was: tuple[Any, ...]) -> None:
             setattr(obj, name, value)
     if isinstance(obj, types.FunctionType):
         obj.__defaults__, obj.__kwdefaults__ = defaults, kwdefaults
-
-
-def _plain_new(cls: type) -> bool:
-    """Does ``cls.__new__`` only make an object, running none of the class's code (nor an unvetted type's)?"""
-    for klass in cls.__mro__:
-        if klass in BUILTIN_TYPES or klass is object or issubclass(klass, BaseException) \
-                or klass.__name__ in ALLOWED.get(klass.__module__, ()):
-            return True  # a builtin or vetted type's __new__ (ndarray's, dict's...)
-        new = vars(klass).get("__new__")
-        if new is not None:
-            return _is_namedtuple(klass)
-    return True
-
-
-def _is_namedtuple(cls: type) -> bool:
-    """A namedtuple: its ``__new__``, which ``collections`` writes, only makes the tuple."""
-    new = vars(cls).get("__new__")
-    new = getattr(new, "__func__", new)
-    return issubclass(cls, tuple) and getattr(new, "__globals__", {}).get("__name__", "").startswith("namedtuple_")
 
 
 def _own_object(module: str, qualname: str) -> type | None:

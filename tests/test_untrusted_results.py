@@ -84,6 +84,19 @@ def test_the_careful_pass_rebuilds_what_python_pickles_of_the_clients_own_classe
         assert type(registry) is Registry and type(error) is MyError and error.args == ("x",)
 
 
+def test_what_is_refused_is_refused_wherever_it_hides_and_dropped_only_with_a_class_sent_by_value():
+    import pickle
+
+    np = pytest.importorskip("numpy")
+    from p2pexec.results import load
+
+    hidden = np.empty(1, dtype=object)
+    hidden[0] = collections.ChainMap({"a": 1})  # off the list; an object array's items are not gc referents
+    for value in (hidden, [Mine(1), collections.ChainMap()], {"k": Registry(a=collections.ChainMap())}):
+        with pytest.raises(UntrustedResultError, match="collections.ChainMap"):
+            load(pickle.dumps(value, protocol=5), [], packages={"numpy"})
+
+
 def test_a_result_cannot_change_a_class_here():
     import pathlib
 
