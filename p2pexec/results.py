@@ -88,8 +88,8 @@ def _safe_getattr(obj: Any, name: str) -> Any:
 
 
 def _safe_setattr(obj: Any, name: str, value: Any) -> None:
-    """dill sets attributes on classes it rebuilds; ours stay as they are."""
-    if isinstance(obj, type):
+    """dill sets attributes on classes it rebuilds; ours, and any function or module here, stay as they are."""
+    if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)):
         return
     setattr(obj, name, value)
 
@@ -280,7 +280,7 @@ class _Careful(_Rules, _PyUnpickler):
             try:
                 self._check_call(stack[-1], args)
             except UntrustedResultError as error:
-                refused = _Refused(error)  # (refused if the result holds it: see load)
+                refused = self._refuse(error)  # (refused if the result holds it: see load)
         stack[-1] = refused if refused is not None else stack[-1](*args)
 
     def load_newobj(self) -> None:
@@ -299,7 +299,7 @@ class _Careful(_Rules, _PyUnpickler):
         try:
             self._check_new(cls)
         except UntrustedResultError as error:
-            self.stack[-1] = _Refused(error)
+            self.stack[-1] = self._refuse(error)
             return
         self.stack[-1] = cls.__new__(cls, *args, **kwargs)
 

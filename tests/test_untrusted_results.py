@@ -110,6 +110,17 @@ def test_a_result_cannot_change_a_class_here():
     with pytest.raises(UntrustedResultError, match="changes 'Mine'"):  # (the careful pass: refused before)
         load(crafted, [])
     assert not hasattr(Mine, "x")
+    import copyreg
+    import pickle
+
+    class SetDefaults:
+        def __reduce__(self):
+            return setattr, (copyreg._reconstructor, "__defaults__", (1,))
+
+    defaults = copyreg._reconstructor.__defaults__
+    for value in ([Mine(1), SetDefaults()], [SetDefaults()]):  # the careful pass, then the C pass
+        load(pickle.dumps(value, protocol=5), [])
+        assert copyreg._reconstructor.__defaults__ is defaults
 
 
 def test_a_worker_whose_result_changes_a_class_here_is_dropped_the_class_restored_and_the_task_fails(caplog):
