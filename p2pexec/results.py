@@ -87,11 +87,14 @@ def _safe_getattr(obj: Any, name: str) -> Any:
                                f"pass trusted_results=True to accept it")
 
 
+# This process's own objects, which no result changes (nor looks into, for what was refused).
+_SHARED = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
+
+
 def _safe_setattr(obj: Any, name: str, value: Any) -> None:
     """dill sets attributes on classes it rebuilds; ours, and any function or module here, stay as they are."""
-    if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)):
-        return
-    setattr(obj, name, value)
+    if not isinstance(obj, _SHARED):
+        setattr(obj, name, value)
 
 
 class _NeedsCare(Exception):
@@ -311,7 +314,7 @@ class _Careful(_Rules, _PyUnpickler):
         if type(self.stack[-2]) is _Refused:
             self.stack.pop()
             return
-        if _changeable(self.stack[-2]) or isinstance(self.stack[-2], types.ModuleType):
+        if isinstance(self.stack[-2], _SHARED):
             raise HostileResultError(f"a result changes {getattr(self.stack[-2], '__qualname__', '?')!r} here, "
                                        f"which a result may not do; the worker that sent it is broken or hostile")
         super().load_build()
@@ -358,7 +361,7 @@ def _first_refused(result: Any) -> _Refused | None:
     return None
 
 
-_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType, WorkerFunction)
+_OPAQUE = (*_SHARED, types.CodeType, WorkerFunction)  # (not looked into for what was refused)
 
 
 def _range_from_repr(text: str) -> range:

@@ -232,6 +232,7 @@ def _connect_unix(path: str) -> str:
 
     try:
         with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)  # (the test's server never answers: a connection fails the test, not hangs it)
             sock.connect(path)
             return sock.recv(16).decode()
     except OSError as exc:
