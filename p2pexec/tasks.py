@@ -15,6 +15,7 @@ here: clients and workers of other versions refer to it as
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import io
@@ -30,6 +31,7 @@ from typing import Any, Callable
 import dill
 import dill._dill
 
+from . import enum_classes
 from .errors import RemoteTraceback
 from .protocol.frames import OP_HEADER_BYTES, Buffer, nbytes, pack_parts, unpack_parts
 
@@ -120,8 +122,24 @@ def _array(buffer: Any, dtype: Any, shape: tuple[int, ...], order: str) -> Any:
     return array.reshape(shape, order="F" if order == "F" else "C")
 
 
+def _save_enum(pickler: Any, cls: enum.EnumMeta) -> None:
+    if cls in enum_classes.rebuilt or not by_reference(cls):
+        enum_classes.save_enum_class(pickler, cls)
+    else:
+        dill._dill.save_type(pickler, cls)
+
+
+class _Dispatch(dict):  # type: ignore[type-arg]
+    """The task pickler's own entries, then dill's table (to which dill keeps adding)."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        found = dict.get(self, key)
+        return found if found is not None else dill.Pickler.dispatch.get(key, default)
+
+
 class TaskPickler(dill.Pickler):
     reducer_override = staticmethod(_large_bytes_out_of_band)
+    dispatch = _Dispatch({enum.EnumMeta: _save_enum})
 
 
 def dump_payload(obj: Any, landing: int | None = None, frozen: bool = True, **options: Any) -> list[Buffer]:

@@ -1,0 +1,69 @@
+"""The user's own ``Enum`` classes, carried by value to task processes and named on the way back.
+
+dill cannot pickle an enum class by value (its members refer to the class:
+"recursive self-references"), so it fell back to naming it, and a worker
+has no ``__main__.Color`` or ``mytypes.Color``.  Here the class is rebuilt
+the way cloudpickle does it: a skeleton made by the enum's metaclass from
+its bases and member values, then its methods and each member's own
+attributes set once the class exists (so a method that refers to the
+class finds it in the pickle's memo).  A result naming a rebuilt class
+goes back by name: the client has the original.
+"""
+
+from __future__ import annotations
+
+import enum
+import pickle
+import types
+import weakref
+from typing import Any
+
+#: the enum machinery's own entries in a class's namespace, rebuilt by the metaclass
+_MADE_BY_ENUM = frozenset({
+    "__module__", "__qualname__", "__doc__", "__new__", "_new_member_", "_use_args_", "_member_names_",
+    "_member_map_", "_value2member_map_", "_unhashable_values_", "_member_type_", "_value_repr_",
+    "_generate_next_value_", "_boundary_", "_flag_mask_", "_singles_mask_", "_all_bits_", "_inverted_",
+    "__dict__", "__weakref__"})
+_MEMBER_OWN = frozenset({"_value_", "_name_", "__objclass__", "_sort_order_"})
+_DESCRIPTORS = (types.FunctionType, classmethod, staticmethod, property, types.DynamicClassAttribute)
+
+rebuilt: "weakref.WeakSet[type]" = weakref.WeakSet()  # classes this process rebuilt from a pickle
+
+
+def save_enum_class(pickler: Any, cls: enum.EnumMeta) -> None:
+    """Pickle ``cls``, an enum class of the user's code: by value, or by name if it was rebuilt here."""
+    if cls in rebuilt:
+        pickler.save(cls.__module__)
+        pickler.save(cls.__qualname__)
+        pickler.write(pickle.STACK_GLOBAL)
+        pickler.memoize(cls)
+        return
+    members = {name: member._value_ for name, member in cls.__members__.items()}
+    extras = {name: value for name, value in vars(cls).items()
+              if name not in _MADE_BY_ENUM and name not in members and isinstance(value, _DESCRIPTORS)
+              and getattr(getattr(value, "__func__", value), "__module__", None) != "enum"}
+    own = {name: state for name, member in cls.__members__.items()
+           if (state := {k: v for k, v in vars(member).items() if k not in _MEMBER_OWN})}
+    pickler.save_reduce(_make_enum, (type(cls), cls.__name__, cls.__qualname__, cls.__module__, cls.__bases__,
+                                     members, getattr(cls, "_boundary_", None)),
+                        state=(cls.__doc__, extras, own), state_setter=_set_enum_state, obj=cls)
+
+
+def _make_enum(metaclass: type, name: str, qualname: str, module: str, bases: tuple[type, ...],
+               members: dict[str, Any], boundary: Any) -> type:
+    namespace = metaclass.__prepare__(name, bases)
+    for member, value in members.items():
+        namespace[member] = value
+    cls = metaclass(name, bases, namespace, **({"boundary": boundary} if boundary is not None else {}))
+    cls.__module__, cls.__qualname__ = module, qualname
+    rebuilt.add(cls)
+    return cls
+
+
+def _set_enum_state(cls: type, state: tuple[str | None, dict[str, Any], dict[str, dict[str, Any]]]) -> None:
+    doc, extras, own = state
+    cls.__doc__ = doc
+    for name, value in extras.items():
+        setattr(cls, name, value)
+    for name, attributes in own.items():
+        vars(cls.__members__[name]).update(attributes)
