@@ -22,6 +22,7 @@ import io
 import pickle
 import sys
 import sysconfig
+import threading
 import traceback
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -129,6 +130,22 @@ def _save_enum(pickler: Any, cls: enum.EnumMeta) -> None:
         dill._dill.save_type(pickler, cls)
 
 
+def _refuse_resource(pickler: Any, obj: Any) -> None:
+    # dill would send a new lock, or reopen a file by its path on the friend's machine, and the task would
+    # run with it; ProcessPoolExecutor refuses both.  The standard streams keep dill's way (a default
+    # argument ``file=sys.stdout`` of a function sent by value).
+    if obj in (sys.__stdout__, sys.__stderr__, sys.__stdin__):
+        dill.Pickler.dispatch[type(obj)](pickler, obj)
+        return
+    kind = type(obj)
+    raise TypeError(f"cannot pickle {f'{kind.__module__}.{kind.__qualname__}'!r} object: a lock or an open file "
+                    "belongs to this process; pass the data itself (or a file's name and open it in the task)")
+
+
+_RESOURCES = (type(threading.Lock()), type(threading.RLock()), io.FileIO, io.BufferedReader, io.BufferedWriter,
+              io.BufferedRandom, io.TextIOWrapper)
+
+
 class _Dispatch(dict):  # type: ignore[type-arg]
     """The task pickler's own entries, then dill's table (to which dill keeps adding)."""
 
@@ -139,7 +156,7 @@ class _Dispatch(dict):  # type: ignore[type-arg]
 
 class TaskPickler(dill.Pickler):
     reducer_override = staticmethod(_large_bytes_out_of_band)
-    dispatch = _Dispatch({enum.EnumMeta: _save_enum})
+    dispatch = _Dispatch({enum.EnumMeta: _save_enum, **dict.fromkeys(_RESOURCES, _refuse_resource)})
 
 
 def dump_payload(obj: Any, landing: int | None = None, frozen: bool = True, **options: Any) -> list[Buffer]:

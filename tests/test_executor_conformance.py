@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 from concurrent import futures
 
@@ -100,6 +101,34 @@ def test_unpicklable_argument_fails_its_future_only(executor):
     future = executor.submit(list, (i for i in range(3)))  # generators cannot be pickled
     assert isinstance(future.exception(), TypeError)
     assert executor.submit(int, "5").result() == 5
+
+
+def _touch(path, resource):
+    with open(path, "w") as out:
+        out.write(repr(resource))
+
+
+@pytest.mark.parametrize("resource", ["lock", "rlock", "file"])
+def test_locks_and_open_files_are_refused_before_the_task_runs(executor, tmp_path, resource):
+    """As ProcessPoolExecutor does: dill would send a fresh lock, or reopen the file by its path on the
+    friend's machine, and run the task with it."""
+    with open(tmp_path / "data.txt", "w") as opened:
+        value = {"lock": threading.Lock(), "rlock": threading.RLock(), "file": opened}[resource]
+        marker = tmp_path / "ran"
+        error = executor.submit(_touch, marker, [value]).exception(timeout=60)
+        assert isinstance(error, TypeError) and "cannot pickle" in str(error) and "open it in the task" in str(error)
+        with pytest.raises(TypeError, match="cannot pickle"):
+            list(executor.map(_touch, [marker], [value]))
+        with pytest.raises(TypeError, match="could not be pickled.*cannot pickle"):
+            executor.submit(threading.Lock).result(timeout=60)
+    assert not marker.exists()
+
+
+def test_a_default_argument_naming_a_standard_stream_still_travels(executor):
+    def say(text, file=sys.__stderr__):  # (sys.stderr is pytest's capture here)
+        return file is sys.__stderr__
+
+    assert executor.submit(say, "hello").result(timeout=60) is True
 
 
 def test_lambdas_closures_and_nested_functions(executor):
