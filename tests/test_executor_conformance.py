@@ -55,6 +55,26 @@ def test_map_chunksize_keeps_order(executor, chunksize):
     assert list(executor.map(mul, range(23), range(23), chunksize=chunksize)) == [i * i for i in range(23)]
 
 
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def add(self, x: int) -> list[int]:
+        self.seen.append(x)
+        return list(self.seen)
+
+
+def test_map_of_a_stateful_callable_starts_each_chunk_from_the_clients_state(executor):
+    """As ProcessPoolExecutor pickles the callable with each chunk: no chunk sees another's changes, and a
+    second map does not inherit the first's (a task process used to keep one copy for all of them)."""
+    recorder = Recorder()
+    for _ in range(2):
+        assert list(executor.map(recorder.add, range(6))) == [[i] for i in range(6)]
+        assert list(executor.map(recorder.add, range(6), chunksize=3)) == [[0], [0, 1], [0, 1, 2],
+                                                                            [3], [3, 4], [3, 4, 5]]
+    assert recorder.seen == []
+
+
 def test_map_rejects_bad_chunksize(executor):
     with pytest.raises(ValueError):
         executor.map(int, [], chunksize=0)
