@@ -20,7 +20,8 @@ from typing import Any
 from .hoisting import Value, dump_task_values
 from .protocol import values as wire
 from .protocol.frames import Buffer, pack_parts
-from .tasks import OUT_OF_BAND, PrepickledFunction, by_reference, has_big_bytes, is_plain, plain_pickle
+from .tasks import (OUT_OF_BAND, PrepickledFunction, by_reference, has_big_bytes, is_local_module, is_plain,
+                    plain_pickle)
 
 
 Prepared = tuple[list[Buffer], tuple[Value, ...], bool]  # payload, big values, whether the arguments are plain
@@ -126,7 +127,7 @@ def _stable(obj: Any, snapshot: list[tuple[Any, ...]], seen: set[int]) -> bool:
     if kind is tuple:
         return all(_stable(item, snapshot, seen) for item in obj)
     if kind is types.ModuleType:
-        return obj.__name__ != "__main__"  # (any other module is pickled by name)
+        return obj.__name__ != "__main__" and not is_local_module(obj.__name__)  # (others are named)
     if kind is types.BuiltinFunctionType:  # len, math.sqrt: by name; not a method of some object ([].append)
         return getattr(obj, "__self__", None) is None or type(obj.__self__) is types.ModuleType
     if kind is types.FunctionType:

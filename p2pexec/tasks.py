@@ -24,6 +24,7 @@ import sys
 import sysconfig
 import threading
 import traceback
+import types
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,10 +132,11 @@ def _save_enum(pickler: Any, cls: enum.EnumMeta) -> None:
 
 
 def _refuse_resource(pickler: Any, obj: Any) -> None:
-    # dill would send a new lock, or reopen a file by its path on the friend's machine, and the task would
-    # run with it; ProcessPoolExecutor refuses both.  The standard streams keep dill's way (a default
-    # argument ``file=sys.stdout`` of a function sent by value).
-    if obj in (sys.__stdout__, sys.__stderr__, sys.__stdin__):
+    # In data, dill would send a new lock, or reopen a file by its path on the friend's machine, and the
+    # task would run with it; ProcessPoolExecutor refuses both.  Reached through code sent by value (a
+    # function's globals, a class's or a module's namespace), dill's way is what importing that code on
+    # the worker would do (a module-level lock or log file of its own); so it is for the standard streams.
+    if pickler.in_code or obj in (sys.__stdout__, sys.__stderr__, sys.__stdin__):
         dill.Pickler.dispatch[type(obj)](pickler, obj)
         return
     kind = type(obj)
@@ -142,8 +144,38 @@ def _refuse_resource(pickler: Any, obj: Any) -> None:
                     "belongs to this process; pass the data itself (or a file's name and open it in the task)")
 
 
+def _save_module(pickler: Any, module: types.ModuleType) -> None:
+    # dill names a module and sends its namespace (its whole ``__dict__``) to update the one the worker
+    # imports; but a worker has no module of the user's own (``from mypkg import consts``), so one is made.
+    name = module.__name__
+    if name == "__main__" or not is_local_module(name):
+        dill._dill.save_module(pickler, module)
+        return
+    state = {k: v for k, v in vars(module).items() if k not in ("__builtins__", "__loader__", "__spec__")}
+    pickler.save_reduce(_local_module, (name,), state=state, obj=module)
+
+
+def _local_module(name: str) -> types.ModuleType:
+    """A module of the client's own code, in a task process: a namespace of its own, never imported."""
+    return types.ModuleType(name)
+
+
 _RESOURCES = (type(threading.Lock()), type(threading.RLock()), io.FileIO, io.BufferedReader, io.BufferedWriter,
               io.BufferedRandom, io.TextIOWrapper)
+
+
+def _in_code(save: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """``save``, counting that what it pickles is reached through code (see :func:`_refuse_resource`)."""
+    def saving(pickler: Any, obj: Any) -> None:
+        pickler.in_code += 1
+        try:
+            save(pickler, obj)
+        finally:
+            pickler.in_code -= 1
+    return saving
+
+
+_save_type = _in_code(dill._dill.save_type)
 
 
 class _Dispatch(dict):  # type: ignore[type-arg]
@@ -151,12 +183,18 @@ class _Dispatch(dict):  # type: ignore[type-arg]
 
     def get(self, key: Any, default: Any = None) -> Any:
         found = dict.get(self, key)
-        return found if found is not None else dill.Pickler.dispatch.get(key, default)
+        if found is None:
+            found = dill.Pickler.dispatch.get(key, default)
+            return _save_type if found is dill._dill.save_type else found
+        return found
 
 
 class TaskPickler(dill.Pickler):
     reducer_override = staticmethod(_large_bytes_out_of_band)
-    dispatch = _Dispatch({enum.EnumMeta: _save_enum, **dict.fromkeys(_RESOURCES, _refuse_resource)})
+    dispatch = _Dispatch({enum.EnumMeta: _in_code(_save_enum), types.ModuleType: _in_code(_save_module),
+                          types.FunctionType: _in_code(dill._dill.save_function),
+                          **dict.fromkeys(_RESOURCES, _refuse_resource)})
+    in_code = 0  # how deep in code sent by value (a function, a class, a module) the pickle is
 
 
 def dump_payload(obj: Any, landing: int | None = None, frozen: bool = True, **options: Any) -> list[Buffer]:

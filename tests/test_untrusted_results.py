@@ -236,6 +236,15 @@ def a_lock():
     return threading.Lock()
 
 
+class ReducesToALock:
+    """What a worker's lock looked like to the client before workers refused to pickle one: dill's rebuilder."""
+
+    def __reduce__(self):
+        import dill._dill
+
+        return dill._dill._create_lock, (False,)
+
+
 def buffers():
     import io
 
@@ -245,8 +254,10 @@ def buffers():
 def test_a_resource_of_the_worker_is_refused_with_advice_and_in_memory_buffers_pass(cluster):
     with cluster.executor() as ex:
         with pytest.raises(UntrustedResultError, match="a resource of the worker's") as refused:
-            ex.submit(a_lock).result(timeout=60)
+            ex.submit(ReducesToALock).result(timeout=60)
         assert "result_types" not in str(refused.value)  # (allowing dill's rebuilders would open files here)
+        with pytest.raises(TypeError, match="could not be pickled.*cannot pickle '_thread.lock'"):
+            ex.submit(a_lock).result(timeout=60)  # as from ProcessPoolExecutor
         text, data = ex.submit(buffers).result(timeout=60)
     assert (text.getvalue(), data.getvalue()) == ("text", b"bytes")
 
