@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from concurrent.futures import Executor, Future, wait
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,14 @@ from .dependencies import futures_in, resolved
 from .errors import RemoteTraceback
 from .fitting import EnvFinder
 from .mapping import is_map_chunk, map_in_chunks
+from .namespaces import Initialized, sending_for
 from .result_allowlist import task_package
 from .seeding import Seeded
 from .scheduler import SchedulerOptions, WorkItem
 from .stats import ExecutorStats
 from .stdlib_private import before_threads_are_joined
 from .prepare import Prepared, full_task, plain_task, prepare_task
+from .tasks import PrepickledFunction
 from .waiting import Waiting
 
 log = logging.getLogger("p2pexec.client")
@@ -68,6 +71,17 @@ def _is_ctrl_c(exc: BaseException | None) -> bool:
     return isinstance(exc, KeyboardInterrupt) and not isinstance(exc.__cause__, RemoteTraceback)
 
 
+def _pickled_initializer(executor: str, initializer: Callable[..., Any] | None,
+                         initargs: tuple[Any, ...]) -> PrepickledFunction | None:
+    """``initializer(*initargs)``, pickled once into the executor's namespaces; a task process loads it once."""
+    if initializer is None:
+        return None
+    if not callable(initializer):
+        raise TypeError("initializer must be a callable")
+    with sending_for(executor):
+        return PrepickledFunction(partial(initializer, *initargs))
+
+
 class P2PExecutor(Executor):
     """Runs calls on the workers of a cluster, like ProcessPoolExecutor runs them on processes.
 
@@ -91,6 +105,13 @@ class P2PExecutor(Executor):
     ``ex.seed``) makes random numbers reproducible: each task's ``random``, NumPy global and
     ``p2pexec.task_rng()`` streams derive from ``S`` and the task's place in
     submission order only (see :mod:`p2pexec.seeding`), whatever runs it.
+
+    ``initializer(*initargs)`` runs in each task process before the first
+    of this executor's tasks there, as in ProcessPoolExecutor: the globals
+    it sets in your script or your own modules are there for every later
+    task of this executor in that process (see :mod:`p2pexec.namespaces`).
+    If it raises, the task fails with its exception and the next one tries
+    it again.
 
     ``resources={"memory": "2GiB", "cores": 4, "gpus": 1, "tags": {"big"}}``
     sends every task only to worker slots that have that much (see
@@ -124,7 +145,8 @@ class P2PExecutor(Executor):
                  max_result_size: int | None = None, trusted_results: bool = False,
                  result_types: Iterable[str] = (), seed: int | bool | None = None,
                  resources: Mapping[str, Any] | None = None, requires: Iterable[str] = (),
-                 strict_versions: bool = True, verbose: bool = False) -> None:
+                 strict_versions: bool = True, initializer: Callable[..., Any] | None = None,
+                 initargs: tuple[Any, ...] = (), verbose: bool = False) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if max_retries < 0:
@@ -145,6 +167,8 @@ class P2PExecutor(Executor):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError("seed must be a non-negative int, True (a random one, logged) or None")
         self.seed: int | None = seed
+        self._id = secrets.token_hex(8)  # names this executor's module namespaces in task processes
+        self._initializer = _pickled_initializer(self._id, initializer, initargs)
         self._submits = self._maps = 0  # submission order: what a seeded task's random stream derives from
         self._need = _need(ANY, {**(resources or {}), **({"requires": requires} if requires else {})})
         self._envs = EnvFinder()
@@ -187,8 +211,11 @@ class P2PExecutor(Executor):
             self._allow_classes_of(fn)
             if self.seed is not None and not is_map_chunk(fn):  # (map numbers its own items)
                 fn, self._submits = Seeded(fn, self.seed, (0, self._submits)), self._submits + 1
+            if self._initializer is not None:
+                fn = Initialized(fn, self._initializer, self._id)
             try:
-                payload = plain_task(fn, args, kwargs)  # builtin data only: no Future among them
+                with sending_for(self._id):
+                    payload = plain_task(fn, args, kwargs)  # builtin data only: no Future among them
             except Exception:
                 payload = None  # (full_task says why, on the future)
             if payload is not None:
@@ -216,7 +243,8 @@ class P2PExecutor(Executor):
             future.set_exception(RuntimeError("the p2pexec runtime stopped before this task could be sent"))
             return
         try:
-            payload, values, plain = prepare()
+            with sending_for(self._id):
+                payload, values, plain = prepare()
         except Exception as exc:
             future.set_exception(exc)
             return
@@ -263,7 +291,8 @@ class P2PExecutor(Executor):
         if self.seed is not None:
             with self._shutdown_lock:
                 seeded, self._maps = (self.seed, self._maps), self._maps + 1
-        return map_in_chunks(submitter, fn, iterables, timeout, chunksize, seeded)
+        with sending_for(self._id):
+            return map_in_chunks(submitter, fn, iterables, timeout, chunksize, seeded)
 
     def interrupt(self, future: Future[Any]) -> bool:
         """Cancel ``future`` even if its task is running: the worker stops it by killing its task process.

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from . import environment
 from .environment import MAX_ASKED, Misfit
 from .errors import MissingPackageError
+from .namespaces import Initialized
 from .protocol.frames import Buffer
 from .seeding import Seeded
 from .task_env import NOTHING, TaskEnv
@@ -56,7 +57,7 @@ class EnvFinder:
         ``values``: the big values it refers to, whose modules count too (each read once)."""
         if values:
             return self._with_values(self.of(fn, plain, payload), values)
-        if isinstance(fn, Seeded):  # a new wrapper per submit: the function inside names the packages
+        while isinstance(fn, (Seeded, Initialized)):  # a new wrapper per submit: the function inside counts
             fn = fn.fn
         if plain:
             with self._lock:

@@ -17,11 +17,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from . import namespaces
 from .hoisting import Value, dump_task_values
+from .own_code import by_reference, is_local_module
 from .protocol import values as wire
 from .protocol.frames import Buffer, pack_parts
-from .tasks import (OUT_OF_BAND, PrepickledFunction, by_reference, has_big_bytes, is_local_module, is_plain,
-                    plain_pickle)
+from .tasks import OUT_OF_BAND, PrepickledFunction, has_big_bytes, is_plain, plain_pickle
 
 
 Prepared = tuple[list[Buffer], tuple[Value, ...], bool]  # payload, big values, whether the arguments are plain
@@ -72,8 +73,8 @@ def plain_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
 
 # -- functions pickled by value, once while they stay the same ------------------------------------------------
 _ABSENT = object()
-_by_value: "weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], PrepickledFunction]]" = \
-    weakref.WeakKeyDictionary()
+_by_value: "weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], PrepickledFunction, str | None]]" \
+    = weakref.WeakKeyDictionary()
 _by_value_lock = threading.Lock()
 
 
@@ -94,9 +95,10 @@ def prepickled(fn: types.FunctionType) -> PrepickledFunction | None:
     every time, as before.  None when ``fn`` is pickled by reference, or
     not cacheable.  Each task still unpickles its own copy (``fresh``).
     """
+    executor = namespaces.current()  # (its globals are this executor's namespace: part of the pickle)
     with _by_value_lock:
         hit = _by_value.get(fn)
-    if hit is not None and _unchanged(hit[0]):
+    if hit is not None and hit[2] == executor and _unchanged(hit[0]):
         return hit[1]
     if by_reference(fn):
         return None
@@ -108,7 +110,7 @@ def prepickled(fn: types.FunctionType) -> PrepickledFunction | None:
     except Exception:
         return None  # dump_task reports it
     with _by_value_lock:
-        _by_value[fn] = (tuple(snapshot), made)
+        _by_value[fn] = (tuple(snapshot), made, executor)
     return made
 
 

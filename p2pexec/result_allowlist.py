@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from .chunks import mapped_function
-from .tasks import is_local_module
+from .own_code import is_local_module
 
 # module -> names that only build values (constructors of data types, reconstructors that call nothing else)
 ALLOWED: dict[str, frozenset[str]] = {k: frozenset(v.split()) for k, v in {

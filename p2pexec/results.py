@@ -42,8 +42,10 @@ import dill
 import dill._dill
 
 from .errors import P2PExecError
+from .own_code import is_local_module
 from .result_allowlist import ALLOWED, BUILTIN_TYPES, is_namedtuple, plain_new
-from .tasks import Sealed, is_local_module
+from .tasks import Sealed
+
 
 class UntrustedResultError(P2PExecError, TypeError):
     """A result names something the client does not unpickle from workers by default."""

@@ -8,78 +8,32 @@ pickler's fast path for plain data, :class:`PrepickledFunction` and the
 task's :class:`Outcome`.  What pickles name (``_load_function``, ``_array``,
 ``Outcome``, ``RemoteError``, ``_rebuild_exception``) lives here and stays
 here: clients and workers of other versions refer to it as
-``p2pexec.tasks``.  The client's way to a payload is in
+``p2pexec.tasks`` (the names of :mod:`p2pexec.task_dispatch`,
+:mod:`p2pexec.enum_classes` and :mod:`p2pexec.namespaces` stay there).  The client's way to a payload is in
 :mod:`p2pexec.prepare` (functions pickled once) and
 :mod:`p2pexec.hoisting` (big values sent once).
 """
 
 from __future__ import annotations
 
-import enum
-import functools
 import hashlib
 import io
 import pickle
 import sys
-import sysconfig
-import threading
 import traceback
-import types
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import dill
 import dill._dill
 
-from . import enum_classes
+from . import namespaces
 from .errors import RemoteTraceback
 from .protocol.frames import OP_HEADER_BYTES, Buffer, nbytes, pack_parts, unpack_parts
+from .task_dispatch import DISPATCH
 
 PROTOCOL = 5
-
-
-@functools.lru_cache(maxsize=1024)
-def is_local_module(name: str | None) -> bool:
-    """True for a module a worker cannot be expected to have: the user's own code.
-
-    Installed code (stdlib, site-packages, p2pexec itself) is pickled by
-    reference, as usual; a script's helper module, a test module or a
-    notebook's code is pickled by value, like ``__main__``.
-    """
-    module = sys.modules.get(name or "")
-    path = getattr(module, "__file__", None)
-    if not path or (name or "").split(".")[0] == "p2pexec":
-        return False
-    installed = {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    installed.update(p for p in sys.path if "site-packages" in p or "dist-packages" in p)
-    resolved = Path(path).resolve()
-    return not any(resolved.is_relative_to(Path(p).resolve()) for p in installed if p)
-
-
-_dill_locate = dill._dill._locate_function
-
-
-def _locate(obj: Any, pickler: Any = None) -> bool:
-    # dill pickles a function or class by value when it cannot "locate" it;
-    # our task pickler also declines to locate the user's local code.
-    if isinstance(pickler, TaskPickler) and is_local_module(getattr(obj, "__module__", None)):
-        return False
-    return _dill_locate(obj, pickler)
-
-
-dill._dill._locate_function = _locate
-
-
-def by_reference(obj: Any) -> bool:
-    """Does a task pickle ``obj`` (a function or class) by reference, i.e. by its module and name?"""
-    try:
-        return not is_local_module(getattr(obj, "__module__", None)) and bool(_dill_locate(obj, None))
-    except Exception:
-        return False
-
-
 OUT_OF_BAND = 64 * 1024
 
 
@@ -124,77 +78,24 @@ def _array(buffer: Any, dtype: Any, shape: tuple[int, ...], order: str) -> Any:
     return array.reshape(shape, order="F" if order == "F" else "C")
 
 
-def _save_enum(pickler: Any, cls: enum.EnumMeta) -> None:
-    if cls in enum_classes.rebuilt or not by_reference(cls):
-        enum_classes.save_enum_class(pickler, cls)
-    else:
-        dill._dill.save_type(pickler, cls)
-
-
-def _refuse_resource(pickler: Any, obj: Any) -> None:
-    # In data, dill would send a new lock, or reopen a file by its path on the friend's machine, and the
-    # task would run with it; ProcessPoolExecutor refuses both.  Reached through code sent by value (a
-    # function's globals, a class's or a module's namespace), dill's way is what importing that code on
-    # the worker would do (a module-level lock or log file of its own); so it is for the standard streams.
-    if pickler.in_code or obj in (sys.__stdout__, sys.__stderr__, sys.__stdin__):
-        dill.Pickler.dispatch[type(obj)](pickler, obj)
-        return
-    kind = type(obj)
-    raise TypeError(f"cannot pickle {f'{kind.__module__}.{kind.__qualname__}'!r} object: a lock or an open file "
-                    "belongs to this process; pass the data itself (or a file's name and open it in the task)")
-
-
-def _save_module(pickler: Any, module: types.ModuleType) -> None:
-    # dill names a module and sends its namespace (its whole ``__dict__``) to update the one the worker
-    # imports; but a worker has no module of the user's own (``from mypkg import consts``), so one is made.
-    name = module.__name__
-    if name == "__main__" or not is_local_module(name):
-        dill._dill.save_module(pickler, module)
-        return
-    state = {k: v for k, v in vars(module).items() if k not in ("__builtins__", "__loader__", "__spec__")}
-    pickler.save_reduce(_local_module, (name,), state=state, obj=module)
-
-
-def _local_module(name: str) -> types.ModuleType:
-    """A module of the client's own code, in a task process: a namespace of its own, never imported."""
-    return types.ModuleType(name)
-
-
-_RESOURCES = (type(threading.Lock()), type(threading.RLock()), io.FileIO, io.BufferedReader, io.BufferedWriter,
-              io.BufferedRandom, io.TextIOWrapper)
-
-
-def _in_code(save: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
-    """``save``, counting that what it pickles is reached through code (see :func:`_refuse_resource`)."""
-    def saving(pickler: Any, obj: Any) -> None:
-        pickler.in_code += 1
-        try:
-            save(pickler, obj)
-        finally:
-            pickler.in_code -= 1
-    return saving
-
-
-_save_type = _in_code(dill._dill.save_type)
-
-
-class _Dispatch(dict):  # type: ignore[type-arg]
-    """The task pickler's own entries, then dill's table (to which dill keeps adding)."""
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        found = dict.get(self, key)
-        if found is None:
-            found = dill.Pickler.dispatch.get(key, default)
-            return _save_type if found is dill._dill.save_type else found
-        return found
-
-
 class TaskPickler(dill.Pickler):
+    """dill's pickler, with the user's own code by value (:mod:`p2pexec.own_code`), big buffers out of band,
+    and what :mod:`p2pexec.task_dispatch` adds."""
+
     reducer_override = staticmethod(_large_bytes_out_of_band)
-    dispatch = _Dispatch({enum.EnumMeta: _in_code(_save_enum), types.ModuleType: _in_code(_save_module),
-                          types.FunctionType: _in_code(dill._dill.save_function),
-                          **dict.fromkeys(_RESOURCES, _refuse_resource)})
+    dispatch = DISPATCH
+    sends_own_code = True  # (dill's _locate_function, patched by own_code)
     in_code = 0  # how deep in code sent by value (a function, a class, a module) the pickle is
+    globals_of: dict[int, str] = {}  # id of a function's new globals dict -> the executor whose namespace it is
+
+    def save_reduce(self, func: Any, args: Any, *rest: Any, **options: Any) -> None:
+        if func is dill._dill._create_function and type(args[1]) is dict and len(args[1]) == 1:
+            executor = namespaces.current()  # (dill made this dict for the function: {"__name__": its module})
+            if executor is not None:
+                if not self.globals_of:
+                    self.globals_of = {}
+                self.globals_of[id(args[1])] = executor  # (alive till the pickle is done: memoized)
+        super().save_reduce(func, args, *rest, **options)
 
 
 def dump_payload(obj: Any, landing: int | None = None, frozen: bool = True, **options: Any) -> list[Buffer]:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import p2pexec
-from p2pexec import environment, tasks
+from p2pexec import environment, own_code
 
 #: The directory holding the p2pexec the tests import: a venv must import the same code.
 REPO_ROOT = Path(p2pexec.__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def _forget() -> None:
     """Drop what p2pexec cached about installed code and the modules' places."""
     importlib.invalidate_caches()
     environment.refresh()
-    tasks.is_local_module.cache_clear()
+    own_code.is_local_module.cache_clear()
 
 
 def _under(module: object, directory: Path) -> bool:

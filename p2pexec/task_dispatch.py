@@ -1,0 +1,106 @@
+"""What the task pickler does differently from dill, type by type (:data:`DISPATCH`).
+
+- the user's ``Enum`` classes go by value (:mod:`p2pexec.enum_classes`);
+- a module of the user's own code goes by value (no worker can import it);
+- a lock or an open file in data is refused, as ProcessPoolExecutor does;
+  reached through code sent by value, it is made anew, as importing that
+  code would;
+- a by-value function's globals become its executor's namespace
+  (:mod:`p2pexec.namespaces`).
+
+``_local_module`` is named in pickles: it stays here.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
+
+import dill
+import dill._dill
+
+from . import enum_classes, namespaces
+from .own_code import by_reference, is_local_module
+
+
+def _save_enum(pickler: Any, cls: enum.EnumMeta) -> None:
+    if cls in enum_classes.rebuilt or not by_reference(cls):
+        enum_classes.save_enum_class(pickler, cls)
+    else:
+        dill._dill.save_type(pickler, cls)
+
+
+def _refuse_resource(pickler: Any, obj: Any) -> None:
+    # In data, dill would send a new lock, or reopen a file by its path on the friend's machine, and the
+    # task would run with it; ProcessPoolExecutor refuses both.  Reached through code sent by value (a
+    # function's globals, a class's or a module's namespace), dill's way is what importing that code on
+    # the worker would do (a module-level lock or log file of its own); so it is for the standard streams.
+    if pickler.in_code or obj in (sys.__stdout__, sys.__stderr__, sys.__stdin__):
+        dill.Pickler.dispatch[type(obj)](pickler, obj)
+        return
+    kind = type(obj)
+    raise TypeError(f"cannot pickle {f'{kind.__module__}.{kind.__qualname__}'!r} object: a lock or an open file "
+                    "belongs to this process; pass the data itself (or a file's name and open it in the task)")
+
+
+def _save_module(pickler: Any, module: types.ModuleType) -> None:
+    # dill names a module and sends its namespace (its whole ``__dict__``) to update the one the worker
+    # imports; but a worker has no module of the user's own (``from mypkg import consts``), so one is made.
+    name = module.__name__
+    if name == "__main__" or not is_local_module(name):
+        dill._dill.save_module(pickler, module)
+        return
+    state = {k: v for k, v in vars(module).items() if k not in ("__builtins__", "__loader__", "__spec__")}
+    pickler.save_reduce(_local_module, (name,), state=state, obj=module)
+
+
+def _local_module(name: str) -> types.ModuleType:
+    """A module of the client's own code, in a task process: a namespace of its own, never imported."""
+    return types.ModuleType(name)
+
+
+_RESOURCES = (type(threading.Lock()), type(threading.RLock()), io.FileIO, io.BufferedReader, io.BufferedWriter,
+              io.BufferedRandom, io.TextIOWrapper)
+
+
+def _in_code(save: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """``save``, counting that what it pickles is reached through code (see :func:`_refuse_resource`)."""
+    def saving(pickler: Any, obj: Any) -> None:
+        pickler.in_code += 1
+        try:
+            save(pickler, obj)
+        finally:
+            pickler.in_code -= 1
+    return saving
+
+
+_save_type = _in_code(dill._dill.save_type)
+
+
+class _Dispatch(dict):  # type: ignore[type-arg]
+    """The task pickler's own entries, then dill's table (to which dill keeps adding)."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        found = dict.get(self, key)
+        if found is None:
+            found = dill.Pickler.dispatch.get(key, default)
+            return _save_type if found is dill._dill.save_type else found
+        return found
+
+
+def _save_dict(pickler: Any, obj: dict[str, Any]) -> None:
+    executor = pickler.globals_of.get(id(obj))
+    if executor is not None:  # a function's globals: its executor's namespace (p2pexec.namespaces)
+        pickler.save_reduce(namespaces._namespace, (executor, obj["__name__"]), obj=obj)
+    else:
+        dill._dill.save_module_dict(pickler, obj)
+
+
+DISPATCH = _Dispatch({enum.EnumMeta: _in_code(_save_enum), types.ModuleType: _in_code(_save_module),
+                      types.FunctionType: _in_code(dill._dill.save_function), dict: _save_dict,
+                      **dict.fromkeys(_RESOURCES, _refuse_resource)})

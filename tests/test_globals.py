@@ -1,0 +1,102 @@
+"""Module globals of the user's code last, per executor, in a task process, as in a ProcessPoolExecutor's
+worker: ``initializer``/``initargs``, and the "load the model once per process" pattern."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pexec.namespaces import Namespace
+
+pytestmark = pytest.mark.timeout(120)
+
+STATE = None
+INITS = 0
+MODEL = None
+LIMIT = 10
+MARK = None
+
+
+def init(value):
+    global STATE, INITS
+    STATE = value
+    INITS += 1
+
+
+def get_state(_=None):
+    return STATE, INITS, os.getpid()
+
+
+def predict(x, run):
+    global MODEL
+    if MODEL is None:
+        MODEL = {"w": 2}
+        counted = f"P2PEXEC_TEST_LOADS_{run}"  # counted outside the module's globals, in the process
+        os.environ[counted] = str(int(os.environ.get(counted, "0")) + 1)
+    return x * MODEL["w"], os.environ[f"P2PEXEC_TEST_LOADS_{run}"], os.getpid()
+
+
+def failing_init():
+    raise OSError("no model file")
+
+
+def mark(value):
+    global MARK
+    MARK = value
+    return MARK
+
+
+def read_mark():
+    return MARK, LIMIT
+
+
+def test_initializer_runs_once_per_task_process_and_its_globals_stay(cluster):
+    with cluster.executor(initializer=init, initargs=(42,)) as ex:
+        seen = [ex.submit(get_state).result(timeout=60) for _ in range(6)] + list(ex.map(get_state, range(20)))
+    assert {(state, inits) for state, inits, _ in seen} == {(42, 1)}  # once in each process, not per task
+
+
+def test_the_load_once_pattern_loads_once_per_task_process(executor):
+    run = os.urandom(4).hex()
+    results = [executor.submit(predict, i, run).result(timeout=60) for i in range(6)]
+    results += executor.map(predict, range(6), [run] * 6)
+    assert [r[0] for r in results] == [2 * i for i in range(6)] * 2
+    assert {loads for _, loads, _ in results} == {"1"}  # each submit used to load it again
+
+
+def test_a_failing_initializer_fails_each_task_with_its_error_and_others_run(cluster):
+    with cluster.executor(initializer=failing_init) as ex:
+        for _ in range(2):  # tried again by the next task
+            with pytest.raises(OSError, match="no model file"):
+                ex.submit(abs, -1).result(timeout=60)
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        cluster.executor(initializer=42)
+
+
+def test_executors_do_not_share_globals_and_the_clients_changes_arrive(cluster, monkeypatch):
+    with cluster.executor(max_workers=1) as first, cluster.executor(max_workers=1) as second:
+        assert first.submit(mark, "first").result(timeout=60) == "first"
+        assert first.submit(read_mark).result(timeout=60) == ("first", 10)  # kept for its later tasks
+        assert second.submit(read_mark).result(timeout=60) == (None, 10)  # not another executor's
+        monkeypatch.setattr(f"{__name__}.LIMIT", 11)
+        assert first.submit(read_mark).result(timeout=60) == ("first", 11)  # the client's new value arrives
+
+
+# -- the policy, on its own -----------------------------------------------------------------------------
+@given(st.lists(st.tuples(st.sampled_from(["client", "worker"]), st.sampled_from("ab")), max_size=30))
+def test_a_value_the_worker_rebound_survives_the_clients_later_sends(steps):
+    space, model, rebound = Namespace("__main__"), {}, set()
+    for who, key in steps:
+        value = object()
+        if who == "client":  # the unpickler filling it with a function's globals
+            space[key] = value
+            if key not in rebound:
+                model[key] = value
+        else:  # code on the worker: STORE_GLOBAL
+            dict.__setitem__(space, key, value)
+            model[key] = value
+            rebound.add(key)
+    assert {k: v for k, v in space.items() if k != "__name__"} == model
