@@ -19,6 +19,7 @@ from typing import Any
 
 from . import namespaces
 from .hoisting import Value, dump_task_values
+from .namespaces import Initialized
 from .own_code import by_reference, is_local_module
 from .protocol import values as wire
 from .protocol.frames import Buffer, pack_parts
@@ -53,21 +54,30 @@ def plain_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
     unchanged since it was last pickled), with builtin data as arguments,
     goes through the C pickler once.
     """
-    carried: Any = None
-    if type(fn) is PrepickledFunction:
-        carried = fn if len(fn.data) < OUT_OF_BAND else None
-    elif type(fn) is types.BuiltinFunctionType:
-        carried = fn if _stable(fn, [], set()) else None  # len, math.sqrt: by name
-    elif type(fn) is types.FunctionType:
-        carried = prepickled(fn)
-        if carried is None and by_reference(fn):
-            carried = fn  # the C pickler names it as dill would
-        elif carried is not None and len(carried.data) >= OUT_OF_BAND:
-            carried = None
-    if carried is not None and not has_big_bytes(*args, *kwargs.values()):
-        main = plain_pickle((carried, args, kwargs), carried)
+    initialized = type(fn) is Initialized
+    carried = _carried(fn.fn if initialized else fn)
+    if initialized and carried is not None and len(fn.initializer.data) < OUT_OF_BAND:
+        task: Any = Initialized(carried, fn.initializer, fn.executor)  # (the C pickler takes both)
+    else:
+        task = None if initialized else carried
+    if task is not None and not has_big_bytes(*args, *kwargs.values()):
+        main = plain_pickle((task, args, kwargs), carried)
         if main is not None and len(main) < wire.HOIST_MIN and (len(main) < OUT_OF_BAND or is_plain((args, kwargs))):
             return pack_parts([main])  # (big bytes must go out of band: is_plain refuses them)
+    return None
+
+
+def _carried(fn: Callable[..., Any]) -> Any:
+    """``fn`` in a form the C pickler carries as dill would, or None."""
+    if type(fn) is PrepickledFunction:
+        return fn if len(fn.data) < OUT_OF_BAND else None
+    if type(fn) is types.BuiltinFunctionType:
+        return fn if _stable(fn, [], set()) else None  # len, math.sqrt: by name
+    if type(fn) is types.FunctionType:
+        carried = prepickled(fn)
+        if carried is None and by_reference(fn):
+            return fn  # the C pickler names it as dill would
+        return carried if carried is not None and len(carried.data) < OUT_OF_BAND else None
     return None
 
 

@@ -241,8 +241,8 @@ class _NotPlain(Exception):
 
 
 class _PlainPickler(pickle.Pickler):
-    """The C pickler, refusing all but builtin data and one :class:`PrepickledFunction`: whether data is
-    plain is found out while pickling it, at C speed.
+    """The C pickler, refusing all but builtin data, one function (``allowed``) and what wraps it to run an
+    initializer first: whether data is plain is found out while pickling it, at C speed.
 
     The C pickler asks ``reducer_override`` about every object except None,
     bools and exact ints, floats, bytes, str, dicts, sets, frozensets,
@@ -254,7 +254,9 @@ class _PlainPickler(pickle.Pickler):
     allowed: Any = None
 
     def reducer_override(self, obj: Any) -> Any:
-        if obj is self.allowed or obj is _load_function or obj is Outcome or type(obj) is Outcome:
+        if obj is self.allowed or obj is _load_function or obj is Outcome or type(obj) is Outcome \
+                or type(obj) is namespaces.Initialized or obj is namespaces.Initialized \
+                or type(obj) is PrepickledFunction:  # (an initializer: plain_task)
             return NotImplemented  # its own reduction, or its name
         raise _NotPlain
 
