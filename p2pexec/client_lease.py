@@ -18,7 +18,8 @@ import trio
 from .client_core import END, WAIT
 from .errors import ProtocolError, ResultTooLargeError, TaskProcessDiedError, first_leaf
 from .protocol import messages
-from .protocol.frames import Buffer, MessageTooLarge, Op, decode_ops, encode_op, op_parts, resume_frame, session_keys
+from .protocol.frames import (Buffer, MessageTooLarge, Op, decode_ops, encode_op, op_parts, read_failed, resume_frame,
+                              session_keys)
 from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.reach import CIRCUIT
 from .protocol.values import split_digests, task_header
@@ -309,9 +310,10 @@ class Lease:
         elif op is Op.CREDIT:
             state.credits += arg
         elif op is Op.FAILED:
+            reason, stdout, stderr = read_failed(data)
+            client.replay(stdout, stderr)  # what it printed before it died
             client.set_exception(self._answered(arg), TaskProcessDiedError(
-                f"{bytes(data).decode(errors='replace')} while running this task on worker "
-                f"{self.label}; the task was not retried"))
+                f"{reason} while running this task on worker {self.label}; the task was not retried"))
         elif op is Op.CANCELLED:
             cancel_running(state.cancelled(arg).future)
         elif op is Op.RETURNED:  # the worker is stopping: it grants no more, and what it held runs elsewhere

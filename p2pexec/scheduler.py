@@ -265,15 +265,20 @@ class ClientScheduler:
             error.__cause__ = exc
             self.set_exception(item, error)
             return
-        if outcome.stdout:
-            sys.stdout.write(outcome.stdout)
-        if outcome.stderr:
-            sys.stderr.write(outcome.stderr)
+        self.replay(outcome.stdout, outcome.stderr)
         if outcome.ok:
             item.future.set_result(outcome.value)
             self.core.tally.settled(True, *(item.ran_on or (None, None, "")))
         else:
             self.set_exception(item, outcome.value)
+
+    @staticmethod
+    def replay(stdout: str, stderr: str) -> None:
+        """Print here what a task printed there."""
+        if stdout:
+            sys.stdout.write(stdout)
+        if stderr:
+            sys.stderr.write(stderr)
 
     def set_exception(self, item: WorkItem, exc: BaseException) -> None:
         if not item.future.done():

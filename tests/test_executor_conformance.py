@@ -298,6 +298,28 @@ def test_task_killing_its_process_fails_that_task_and_worker_survives(executor):
     assert list(executor.map(mul, range(6), range(6))) == [i * i for i in range(6)]
 
 
+def _print_and_crash() -> None:
+    import ctypes
+
+    print("loading the model")  # a line: it reaches the worker at once, as a terminal shows it
+    print("partial", end="", flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    os.write(1, b" and from C\n")
+    ctypes.string_at(0)  # a segfault in native code
+
+
+def test_what_a_task_printed_before_its_process_died_is_shown_here(executor, capsys):
+    """Output is lost exactly when it is needed most (a crash, an out-of-memory kill) if it comes only with
+    the outcome."""
+    capsys.readouterr()
+    with pytest.raises(TaskProcessDiedError, match="SIGSEGV"):
+        executor.submit(_print_and_crash).result(timeout=60)
+    out, err = capsys.readouterr()
+    assert out == "loading the model\npartial and from C\n" and err == "to stderr\n"
+    assert executor.submit(mul, 2, 3).result(timeout=60) == 6  # and a later task prints nothing of it
+    assert capsys.readouterr() == ("", "")
+
+
 def _cut_the_hop_and_stay() -> None:
     import os
     import threading

@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from p2pexec.errors import ProtocolError
 from p2pexec.protocol.frames import (
     FrameDecoder, Op, Opener, Reassembler, Sealer, chunk_pieces, decode_ops, encode_frame, encode_op,
-    ALIGN, pack_parts, session_keys, unpack_parts,
+    ALIGN, failed_data, pack_parts, read_failed, session_keys, unpack_parts,
 )
 from p2pexec.protocol.matching import credit_window, should_request, slots_to_accept, slots_to_offer, slots_wanted
 from p2pexec.protocol.lease import CreditLedger
@@ -324,3 +324,15 @@ def test_malformed_payloads_raise_protocol_error_only(data):
         unpack_parts(data)
     except ProtocolError:
         pass
+
+
+@given(st.text(), st.text(), st.text())
+def test_a_failed_tasks_reason_and_output_come_apart_as_they_went(reason, stdout, stderr):
+    got = read_failed(failed_data(reason, stdout, stderr))
+    clean = reason.replace("\0", " ")
+    assert got == tuple(t.encode(errors="backslashreplace").decode(errors="replace") for t in (clean, stdout, stderr))
+
+
+@given(st.binary())
+def test_whatever_a_worker_sends_as_a_failure_reads_as_three_texts(data):
+    assert all(isinstance(t, str) for t in read_failed(data))

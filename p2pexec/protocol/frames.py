@@ -398,6 +398,24 @@ def op_parts(op: Op, arg: int = 0, *data: Buffer) -> list[Buffer]:
     return [_OP.pack(op, arg, sum(nbytes(d) for d in data)), *data]
 
 
+def failed_data(reason: str, stdout: str = "", stderr: str = "") -> bytes:
+    """FAILED's data: why the task process died, then (after a NUL) what the task had printed: the length of
+    its stdout, its stdout, its stderr (clients before this read it all as the reason)."""
+    data = reason.replace("\0", " ").encode()
+    if stdout or stderr:
+        out = stdout.encode(errors="backslashreplace")
+        data += b"\0" + LENGTH.pack(len(out)) + out + stderr.encode(errors="backslashreplace")
+    return data
+
+
+def read_failed(data: Buffer) -> tuple[str, str, str]:
+    """:func:`failed_data`'s reason, stdout and stderr, whatever a worker sent."""
+    reason, _, rest = bytes(data).partition(b"\0")
+    size = LENGTH.unpack_from(rest)[0] if len(rest) >= LENGTH.size else 0
+    return tuple(part.decode(errors="replace")  # type: ignore[return-value]
+                 for part in (reason, rest[LENGTH.size:LENGTH.size + size], rest[LENGTH.size + size:]))
+
+
 def encode_op(op: Op, arg: int = 0, data: Buffer = b"") -> bytes:
     return b"".join(op_parts(op, arg, data))
 

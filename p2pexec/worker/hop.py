@@ -26,6 +26,11 @@ this process) if it has not started: the task process then sends a
 REPORT ``skipped`` naming it, at once (while another task runs), and no
 outcome for it; a task that had started answers as usual.
 
+A task process's fd 1 and 2 are files the daemon made and keeps open:
+what the task prints goes there (its start, and all a subprocess
+writes), so the daemon can send it with the error when the process dies
+mid-task (:func:`kept_output`).
+
 The daemon trusts nothing a task process sends: a shared outcome must be
 a memfd sealed against shrinking (so the daemon's mapping can never
 fault) and large enough for what the header claims.
@@ -48,6 +53,20 @@ from dataclasses import dataclass
 from .. import portability
 
 HEADER = struct.Struct(">BQQ")
+OUTPUT_KEPT = 1 << 20  # characters (bytes, in the output files) kept of each stream's start, and as many of its end
+
+
+def kept_output(fd: int) -> str:
+    """What was written to the file ``fd``: its start and its end, if that is more than it keeps."""
+    size = os.fstat(fd).st_size
+    if size <= 2 * OUTPUT_KEPT:
+        return os.pread(fd, size, 0).decode(errors="replace")
+    return (os.pread(fd, OUTPUT_KEPT, 0).decode(errors="replace") + dropped_note(size - 2 * OUTPUT_KEPT)
+            + os.pread(fd, OUTPUT_KEPT, size - OUTPUT_KEPT).decode(errors="replace"))
+
+
+def dropped_note(count: int) -> str:
+    return f"\n[p2pexec: {count} characters of this task's output were dropped here; it printed more than it keeps]\n"
 INLINE, SHARED, REPORT, LIMIT, VALUE, SKIP = 0, 1, 2, 3, 4, 5
 MAX_REPORT = 1024  # bytes of one REPORT
 SHARED_MIN = 1 << 20  # smaller data is cheaper to copy through the socket

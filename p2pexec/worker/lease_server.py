@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..errors import ProtocolError
-from ..protocol.frames import Buffer, Op, decode_ops, encode_op, op_parts
+from ..protocol.frames import Buffer, Op, decode_ops, encode_op, failed_data, op_parts
 from ..protocol.lease import HEARTBEAT_SECONDS
 from ..transport.channel import SecureChannel
 from . import hop
@@ -267,7 +267,7 @@ class LeaseServer:
             except TaskProcessDied as exc:
                 head = batch.tasks[0][0]
                 log.warning("task %d of %s: %s", head, self.client, exc)
-                self._answer(batch, head, op_parts(Op.FAILED, head, str(exc).encode()), None)
+                self._answer(batch, head, op_parts(Op.FAILED, head, failed_data(str(exc), *exc.output)), None)
         if stopper.cancelled_caught:
             head = batch.tasks[0][0]
             log.info("task %d of %s interrupted as asked", head, self.client)

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import trio
 
@@ -21,7 +22,7 @@ from .. import portability
 from ..protocol.frames import Buffer, nbytes
 from ..protocol.resources import format_size
 from ..transport.eager_locks import EagerLock
-from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, SKIP, VALUE, Report, map_outcome
+from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, SKIP, VALUE, Report, kept_output, map_outcome
 from .history import printable
 from .hop_reader import HopBroken, HopReader
 from .privileges import prctl
@@ -47,7 +48,12 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class TaskProcessDied(Exception):
-    """The task process ended while running a task, or broke the hop; its message says how."""
+    """The task process ended while running a task, or broke the hop; its message says how, ``output`` what
+    the task had printed to stdout and stderr."""
+
+    def __init__(self, message: str, output: tuple[str, str] = ("", "")) -> None:
+        super().__init__(message)
+        self.output = output
 
 
 class TaskSlot:
@@ -62,6 +68,7 @@ class TaskSlot:
         self._sock: trio.socket.SocketType | None = None
         self._reader: HopReader | None = None  # reads what ``_sock`` brings
         self._scratch: Path | None = None  # the process's HOME, TMPDIR and working directory
+        self._output: list[IO[bytes]] = []  # its fd 1 and 2: files only this daemon can still name
         self.member: str | None = None  # whose code the current process has run
         self.function = "?"  # the function its current task runs, as the task process reported it (untrusted)
         self.raised = False  # the task process reported that its last task raised
@@ -93,13 +100,15 @@ class TaskSlot:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
         env.update(self.env)
         self._applied = None
+        self._output = [tempfile.TemporaryFile(dir=self._scratch) for _ in range(2)]  # its fd 1 and 2
         ours, theirs = socket.socketpair()  # AF_UNIX where there is one
         info_read, info_write = os.pipe() if self.sandbox.processes is not None else (None, None)
         argv = self.sandbox.command([sys.executable, "-m", "p2pexec.worker.taskproc", str(theirs.fileno())],
                                     self._scratch, _PACKAGE_ROOT, info_fd=info_write)
         try:
             proc = start_child(  # (from this thread: see spawn.py)
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env, cwd=self._scratch,
+                argv, stdin=subprocess.DEVNULL, stdout=self._output[0], stderr=self._output[1], env=env,
+                cwd=self._scratch,
                 pass_fds=[fd for fd in (theirs.fileno(), info_write) if fd is not None],
                 preexec_fn=self.sandbox.limits(),
             )
@@ -128,7 +137,7 @@ class TaskSlot:
                 except (ValueError, KeyError, OSError, trio.TooSlowError) as exc:
                     raise await self._end(f"could not cap its processes ({exc!r})") from None
         except TaskProcessDied as exc:
-            raise TaskProcessDied(f"a new task process failed while starting: {exc}") from None
+            raise TaskProcessDied(f"a new task process failed while starting: {exc}", exc.output) from None
         finally:
             if info_read is not None:
                 os.close(info_read)
@@ -285,8 +294,8 @@ class TaskSlot:
         raise await self._end(None)
 
     async def _end(self, why: str | None) -> TaskProcessDied:
-        """End the process; the error to raise says ``why``, or how the process ended."""
-        proc = self._proc
+        """End the process; the error to raise says ``why``, or how the process ended, and what it printed."""
+        proc, files, self._output = self._proc, self._output, []
         self._forget()
         if proc is not None:
             if why is not None:
@@ -299,8 +308,13 @@ class TaskSlot:
                 proc.kill()
                 await proc.wait()
             self._left_behind(proc)
+        output = ("", "")
+        if files:
+            output = (kept_output(files[0].fileno()), kept_output(files[1].fileno()))
+            for file in files:
+                file.close()
         return TaskProcessDied(why or self._over or
-                               f"the task process {describe_exit(proc.returncode if proc else None)}")
+                               f"the task process {describe_exit(proc.returncode if proc else None)}", output)
 
     def _forget(self) -> None:
         if self._reader is not None:
@@ -309,6 +323,9 @@ class TaskSlot:
             self._sock.close()
         if self._scratch is not None:  # what the last process left goes with it
             shutil.rmtree(self._scratch, ignore_errors=True)
+        for file in self._output:
+            file.close()
+        self._output = []
         self._proc, self._sock, self._reader, self._scratch = None, None, None, None
 
     async def stop(self) -> None:

@@ -18,7 +18,6 @@ import select
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -28,23 +27,24 @@ from ..chunks import mapped_function
 from ..protocol.frames import ALIGN, nbytes
 from ..protocol.values import VALUE_AT
 from ..tasks import dump_outcome, load_task
-from .hop import HEADER, INLINE, LIMIT, REPORT, SHARED, SHARED_MIN, SKIP, VALUE, map_payload, share_outcome, shared
+from .hop import (HEADER, INLINE, LIMIT, OUTPUT_KEPT, REPORT, SHARED, SHARED_MIN, SKIP, VALUE, dropped_note, kept_output,
+                  map_payload, share_outcome, shared)
 from .privileges import prctl
 from .sandbox import LANDLOCK_ENV
 
 
-OUTPUT_KEPT = 1 << 20  # characters (bytes, of a subprocess's output) kept of each stream's start, and as many of its end
-
-
 class _Kept(io.TextIOBase):
-    """What a task prints to ``sys.stdout`` or ``sys.stderr``: its start and its end, whatever it prints in
-    between.  Held whole, a task logging its progress went over its memory limit (its output counts) and was
-    killed after doing all its work; and the client would have held it all too."""
+    """What a task prints to ``sys.stdout`` or ``sys.stderr``: its start goes to the file at ``fd`` (line by
+    line, so the daemon has it if the process dies), then only its end is kept, in memory.  Held whole, a
+    task logging its progress went over its memory limit (its output counts) and was killed after doing all
+    its work; and the client would have held it all too."""
 
-    def __init__(self) -> None:
-        self._head, self._tail = io.StringIO(), io.StringIO()
-        self._room = OUTPUT_KEPT  # characters the head still takes
-        self.dropped = 0  # characters between the head and the tail, gone
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending: list[str] = []  # of the start, not written yet (no end of line since)
+        self._tail = io.StringIO()
+        self._room = OUTPUT_KEPT  # characters the start still takes
+        self.dropped = 0  # characters between the start and the end, gone
 
     def writable(self) -> bool:
         return True
@@ -55,50 +55,46 @@ class _Kept(io.TextIOBase):
         rest = text
         if self._room:
             head, rest = rest[:self._room], rest[self._room:]
-            self._room -= self._head.write(head)
+            self._room -= len(head)
+            self._pending.append(head)
+            if "\n" in head or not self._room:
+                self.flush()
         if rest and self._tail.write(rest) and self._tail.tell() > 2 * OUTPUT_KEPT:  # keep the last OUTPUT_KEPT
             self.dropped += self._tail.tell() - OUTPUT_KEPT  # (cut seldom: each cut is a copy)
             self._tail = io.StringIO(self._tail.getvalue()[-OUTPUT_KEPT:])
             self._tail.seek(0, io.SEEK_END)
         return len(text)
 
-    def getvalue(self) -> str:
+    def flush(self) -> None:
+        if self._pending:
+            data = memoryview("".join(self._pending).encode(errors="backslashreplace"))
+            self._pending.clear()
+            while data:
+                data = data[os.write(self._fd, data):]
+
+    def end(self) -> str:
+        """What did not go to the file: the end, after a note of what was dropped before it."""
         tail = self._tail.getvalue()
         over = max(0, len(tail) - OUTPUT_KEPT)
         dropped = self.dropped + over
-        return self._head.getvalue() + (_dropped(dropped) if dropped else "") + tail[over:]
-
-
-def _dropped(count: int) -> str:
-    return f"\n[p2pexec: {count} characters of this task's output were dropped here; it printed more than it keeps]\n"
+        return (dropped_note(dropped) if dropped else "") + tail[over:]
 
 
 class _Capture:
-    """Captures Python-level and fd-level output of one task at a time."""
-
-    def __init__(self) -> None:
-        for fd in (1, 2):  # each an unnamed temporary file, which lives on as fd 1 or 2
-            with tempfile.TemporaryFile() as f:
-                os.dup2(f.fileno(), fd)
+    """Captures Python-level and fd-level output of one task at a time, in the files the daemon gave as fd 1
+    and 2."""
 
     def start(self) -> tuple[_Kept, _Kept]:
-        sys.stdout, sys.stderr = _Kept(), _Kept()
+        sys.stdout, sys.stderr = _Kept(1), _Kept(2)
         return sys.stdout, sys.stderr
 
     def collect(self, out: _Kept, err: _Kept) -> tuple[str, str]:
         texts = []
         for fd, buf in ((1, out), (2, err)):
-            size = os.lseek(fd, 0, os.SEEK_CUR)
-            text = ""
-            if size:
-                if size <= 2 * OUTPUT_KEPT:
-                    text = os.pread(fd, size, 0).decode(errors="replace")
-                else:  # (what subprocesses wrote, in a file: its start and its end)
-                    text = (os.pread(fd, OUTPUT_KEPT, 0).decode(errors="replace") + _dropped(size - 2 * OUTPUT_KEPT)
-                            + os.pread(fd, OUTPUT_KEPT, size - OUTPUT_KEPT).decode(errors="replace"))
-                os.ftruncate(fd, 0)
-                os.lseek(fd, 0, os.SEEK_SET)
-            texts.append(text + buf.getvalue())
+            buf.flush()
+            texts.append(kept_output(fd) + buf.end())
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         return texts[0], texts[1]
 
