@@ -30,6 +30,7 @@ from typing import Any
 import nacl.bindings as sodium
 import trio
 
+from . import task_logs
 from .board.client import BoardSession
 from .client_core import ClientCore
 from .client_lease import Lease
@@ -266,6 +267,9 @@ class ClientScheduler:
             self.set_exception(item, error)
             return
         self.replay(outcome.stdout, outcome.stderr)
+        if outcome.records:
+            member, _, machine = item.ran_on or ("?", "", "?")
+            task_logs.replay(outcome.records, f"{member}/{machine}")
         if outcome.ok:
             item.future.set_result(outcome.value)
             self.core.tally.settled(True, *(item.ran_on or (None, None, "")))

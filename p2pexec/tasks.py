@@ -323,18 +323,19 @@ class Sealed(type):
 
 @dataclass
 class Outcome(metaclass=Sealed):
-    """A task's result or exception, plus what it printed."""
+    """A task's result or exception, plus what it printed and logged (:mod:`p2pexec.task_logs`)."""
 
     ok: bool
     value: Any
     stdout: str = ""
     stderr: str = ""
+    records: tuple[Any, ...] = ()
 
 
 Outcome._sealed_ = True  # (after @dataclass, which sets its methods)
 
 
-def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]:
+def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str, records: tuple[Any, ...] = ()) -> list[Buffer]:
     """Pickle a task's outcome; an exception keeps its formatted traceback."""
     if not ok:
         tb = "".join(traceback.format_exception(type(value), value, value.__traceback__))
@@ -344,7 +345,7 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]
         except Exception:
             value = RemoteError(f"{type(value).__qualname__}: {value}")
         value = _ExceptionWithTraceback(value, tb)
-    outcome = Outcome(ok, value, stdout, stderr)
+    outcome = Outcome(ok, value, stdout, stderr, records)
     if ok and not has_big_bytes(value):
         main = plain_pickle(outcome)  # builtin data: the C pickler, and nothing else to check
         if main is not None and (len(main) < OUT_OF_BAND or is_plain(value)):  # (big bytes go out of band)
@@ -355,7 +356,7 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str) -> list[Buffer]
         if not ok:
             raise
         error = TypeError(f"the task's return value could not be pickled: {exc!r}")
-        return dump_outcome(False, error, stdout, stderr)
+        return dump_outcome(False, error, stdout, stderr, records)
 
 
 def load_outcome(payload: Buffer, trusted: bool = True, result_types: Collection[str] = (),

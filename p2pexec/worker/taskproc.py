@@ -26,6 +26,7 @@ from .. import portability
 from ..chunks import mapped_function
 from ..protocol.frames import ALIGN, nbytes
 from ..protocol.values import VALUE_AT
+from ..task_logs import record_here
 from ..tasks import dump_outcome, load_task
 from .hop import (HEADER, INLINE, LIMIT, OUTPUT_KEPT, REPORT, SHARED, SHARED_MIN, SKIP, VALUE, dropped_note, kept_output,
                   map_payload, share_outcome, shared)
@@ -299,7 +300,7 @@ def _send(sock: socket.socket, parts: list, report: bytes = b"") -> None:
 
 
 def serve(sock: socket.socket) -> None:
-    capture = _Capture()
+    capture, recorder = _Capture(), record_here()
     sock.sendall(HEADER.pack(INLINE, 0, 0))  # ready: imports done
     reported = None  # the function name the daemon has: said again only when it changes (maps cost nothing)
     inbox = _Inbox(sock)
@@ -331,7 +332,7 @@ def serve(sock: socket.socket) -> None:
         except Exception:
             pass
         stdout, stderr = capture.collect(out, err)
-        parts = dump_outcome(ok, value, stdout, stderr)
+        parts = dump_outcome(ok, value, stdout, stderr, recorder.take())
         del value
         _send(sock, parts, b"" if ok else _report({"ok": False}))
         del parts
