@@ -310,9 +310,9 @@ class Lease:
         elif op is Op.CREDIT:
             state.credits += arg
         elif op is Op.FAILED:
-            reason, stdout, stderr = read_failed(data)
+            item, (reason, stdout, stderr) = self._answered(arg), read_failed(data)
             client.replay(stdout, stderr)  # what it printed before it died
-            client.set_exception(self._answered(arg), TaskProcessDiedError(
+            client.set_exception(item, TaskProcessDiedError(
                 f"{reason} while running this task on worker {self.label}; the task was not retried"))
         elif op is Op.CANCELLED:
             cancel_running(state.cancelled(arg).future)

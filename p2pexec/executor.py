@@ -12,6 +12,7 @@ wait in :mod:`p2pexec.waiting`; a task's payload is made by
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import sys
@@ -40,8 +41,9 @@ from .seeding import Seeded
 from .scheduler import SchedulerOptions, WorkItem
 from .stats import ExecutorStats
 from .stdlib_private import before_threads_are_joined
+from .hoisting import Value, shared_values
 from .prepare import Prepared, full_task, plain_task, prepare_task
-from .tasks import PrepickledFunction
+from .tasks import OUT_OF_BAND, PrepickledFunction
 from .waiting import Waiting
 
 log = logging.getLogger("p2pexec.client")
@@ -71,15 +73,23 @@ def _is_ctrl_c(exc: BaseException | None) -> bool:
     return isinstance(exc, KeyboardInterrupt) and not isinstance(exc.__cause__, RemoteTraceback)
 
 
-def _pickled_initializer(executor: str, initializer: Callable[..., Any] | None,
-                         initargs: tuple[Any, ...]) -> PrepickledFunction | None:
-    """``initializer(*initargs)``, pickled once into the executor's namespaces; a task process loads it once."""
+_NO_BLOCK = contextlib.nullcontext()
+
+
+def _pickled_initializer(executor: str, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]
+                         ) -> tuple[Callable[[], Any] | None, dict[int, tuple[Any, Value]]]:
+    """``initializer(*initargs)``, pickled once into the executor's namespaces (a task process loads it once);
+    if that is big, a value that crosses once to each worker (hoisting.py), and the tasks name it."""
     if initializer is None:
-        return None
+        return None, {}
     if not callable(initializer):
         raise TypeError("initializer must be a callable")
+    call = partial(initializer, *initargs)
     with sending_for(executor):
-        return PrepickledFunction(partial(initializer, *initargs))
+        pickled = PrepickledFunction(call)
+        if len(pickled.data) < OUT_OF_BAND:
+            return pickled, {}
+        return call, {id(call): (call, Value.of(call))}
 
 
 class P2PExecutor(Executor):
@@ -168,7 +178,7 @@ class P2PExecutor(Executor):
             raise ValueError("seed must be a non-negative int, True (a random one, logged) or None")
         self.seed: int | None = seed
         self._id = secrets.token_hex(8)  # names this executor's module namespaces in task processes
-        self._initializer = _pickled_initializer(self._id, initializer, initargs)
+        self._initializer, self._big_initializer = _pickled_initializer(self._id, initializer, initargs)
         self._submits = self._maps = 0  # submission order: what a seeded task's random stream derives from
         self._need = _need(ANY, {**(resources or {}), **({"requires": requires} if requires else {})})
         self._envs = EnvFinder()
@@ -243,7 +253,7 @@ class P2PExecutor(Executor):
             future.set_exception(RuntimeError("the p2pexec runtime stopped before this task could be sent"))
             return
         try:
-            with sending_for(self._id):
+            with sending_for(self._id), shared_values(self._big_initializer) if self._big_initializer else _NO_BLOCK:
                 payload, values, plain = prepare()
         except Exception as exc:
             future.set_exception(exc)

@@ -129,13 +129,18 @@ _shared = threading.local()
 
 
 @contextmanager
-def shared_values() -> Iterator[None]:
+def shared_values(known: dict[int, tuple[Any, Value]] | None = None) -> Iterator[None]:
     """Within this block (one ``map`` call) the same big object, met again, is the same value: pickled once.
 
-    Nothing else runs in this thread meanwhile, so what it holds cannot change in between.
+    Nothing else runs in this thread meanwhile, so what it holds cannot change in between.  ``known``: big
+    objects whose values are made already (an executor's initializer), added to an enclosing block's.
     """
     outer = getattr(_shared, "memo", None)
-    _shared.memo = {}
+    if outer is not None:
+        outer.update(known or {})
+        yield
+        return
+    _shared.memo = dict(known or {})
     try:
         yield
     finally:
@@ -174,11 +179,11 @@ def dump_task_values(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
     """
     if plain is None:
         plain = is_plain((args, kwargs))
-    if plain and (not isinstance(fn, PrepickledFunction) or len(fn.data) < wire.HOIST_MIN):
+    memo = getattr(_shared, "memo", None)
+    if plain and not memo and (not isinstance(fn, PrepickledFunction) or len(fn.data) < wire.HOIST_MIN):
         payload = dump_task(fn, args, kwargs, plain)
         if nbytes(payload[1]) < wire.HOIST_MIN:
             return payload, ()
-    memo = getattr(_shared, "memo", None)
     hoisting = _Hoisting({} if memo is None else memo)
     task = (fn, args, kwargs)
     payload = hoisting.dump(task)

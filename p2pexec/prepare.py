@@ -56,7 +56,7 @@ def plain_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
     """
     initialized = type(fn) is Initialized
     carried = _carried(fn.fn if initialized else fn)
-    if initialized and carried is not None and len(fn.initializer.data) < OUT_OF_BAND:
+    if initialized and carried is not None and type(fn.initializer) is PrepickledFunction:  # (a small one)
         task: Any = Initialized(carried, fn.initializer, fn.executor)  # (the C pickler takes both)
     else:
         task = None if initialized else carried

@@ -15,6 +15,7 @@ from typing import Any
 
 KEPT_RECORDS = 1000  # of one task; more are counted, and the count is logged
 KEPT_CHARACTERS = 100_000  # of one record's message, and of its traceback
+KEPT_TOTAL = 10_000_000  # characters of all of one task's records that the client handles
 
 #: (logger name, level, message, time created, path, line, function, traceback, stack)
 Data = tuple[str, int, str, float, str, int, str, str, str]
@@ -43,14 +44,17 @@ class Recorder(logging.Handler):
     def take(self) -> tuple[Data, ...]:
         records, self._records = self._records, []
         if self._dropped:
-            records.append(("p2pexec", logging.WARNING, f"{self._dropped} more log records of this task were "
+            records.append((records[-1][0], logging.WARNING, f"{self._dropped} more log records of this task were "
                             f"dropped: it logged more than {KEPT_RECORDS}", records[-1][3], "", 0, "", "", ""))
             self._dropped = 0
         return tuple(records)
 
 
 def _cut(text: str) -> str:
-    return text if len(text) <= KEPT_CHARACTERS else text[:KEPT_CHARACTERS] + " [p2pexec: cut here]"
+    return text if len(text) <= KEPT_CHARACTERS else text[:KEPT_CHARACTERS] + _CUT_NOTE
+
+
+_CUT_NOTE = " [p2pexec: cut here]"
 
 
 def record_here(root: logging.Logger = logging.root) -> Recorder:
@@ -62,13 +66,18 @@ def record_here(root: logging.Logger = logging.root) -> Recorder:
 
 
 def replay(records: Any, worker: str) -> None:
-    """Hand a task's ``records`` (from a worker: checked here) to this process's loggers."""
+    """Hand a task's ``records`` (from a worker: checked here, and held to the worker's limits) to this
+    process's loggers; never p2pexec's own (a worker cannot speak for this client)."""
     if type(records) is not tuple:
         return
-    for data in records:
-        if not _well_formed(data):
+    budget = KEPT_TOTAL
+    for data in records[:KEPT_RECORDS + 1]:  # (a pickle may name one record a million times)
+        if not _well_formed(data) or data[0].partition(".")[0] == "p2pexec":
             continue
         name, level, message, created, path, line, function, trace, stack = data
+        budget -= len(message) + len(trace) + len(stack)
+        if budget < 0:
+            break
         logger = _nearest(name)
         if not logger.isEnabledFor(level):
             continue
@@ -84,7 +93,11 @@ _TYPES = (str, int, str, float, str, int, str, str, str)
 
 def _well_formed(data: Any) -> bool:
     return (type(data) is tuple and len(data) == len(_TYPES) and all(type(x) is t for x, t in zip(data, _TYPES))
-            and 0 <= data[1] <= 100 and len(data[0]) <= 200)
+            and 0 <= data[1] <= 100 and len(data[0]) <= 200 and 0 <= data[3] < 1e11  # (a time: not inf or nan)
+            and all(len(x) <= _CUT_LENGTH for x in data if type(x) is str))
+
+
+_CUT_LENGTH = KEPT_CHARACTERS + 30  # a message or traceback cut by the worker, with its note
 
 
 def _nearest(name: str) -> logging.Logger:

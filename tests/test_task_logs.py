@@ -86,7 +86,7 @@ junk = st.recursive(st.none() | st.integers() | st.floats() | st.text(max_size=3
                     lambda inner: st.lists(inner, max_size=10).map(tuple), max_leaves=40)
 
 
-well_formed = st.tuples(st.text(max_size=250), st.integers(-5, 120), st.text(), st.floats(allow_nan=False),
+well_formed = st.tuples(st.text(max_size=250), st.integers(-5, 120), st.text(), st.floats(),
                         st.text(), st.integers(), st.text(), st.text(), st.text())
 
 
@@ -95,3 +95,37 @@ def test_whatever_a_worker_sends_as_records_makes_no_logger_and_never_fails(reco
     before = set(logging.Logger.manager.loggerDict)
     task_logs.replay(records, "mallory/box")
     assert set(logging.Logger.manager.loggerDict) == before
+
+
+def test_the_client_holds_a_worker_to_the_limits_and_keeps_p2pexecs_loggers_its_own(kept):
+    """One record named a million times in a pickle costs the worker nothing to send: the client counts."""
+    record = ("p2pexec_test_app", logging.ERROR, "x" * 1000, 1.0, "", 0, "", "", "")
+    task_logs.replay((record,) * 200_000, "mallory/box")
+    assert len(kept.records) == task_logs.KEPT_RECORDS + 1
+    kept.records.clear()
+    task_logs.replay((("p2pexec_test_app", 40, "y" * 100_000, 1.0, "", 0, "", "", ""),) * 1000, "mallory/box")
+    assert sum(len(r.getMessage()) for r in kept.records) <= task_logs.KEPT_TOTAL
+    kept.records.clear()
+    forged = logging.getLogger("p2pexec.client")
+    spy = Kept()
+    forged.addHandler(spy)
+    try:
+        task_logs.replay((("p2pexec.client", logging.ERROR, "forged", 1.0, "", 0, "", "", ""),
+                          ("p2pexec_test_app", logging.ERROR, "when", float("inf"), "", 0, "", "", "")), "mallory/box")
+    finally:
+        forged.removeHandler(spy)
+    assert spy.records == [] and kept.records == []
+
+
+def failing_filter(record: logging.LogRecord) -> bool:
+    raise AttributeError("request_id")  # a filter of the client's that expects its own extra= field
+
+
+def test_a_client_handler_that_fails_on_a_tasks_record_leaves_no_future_pending(executor, kept):
+    logger = logging.getLogger("p2pexec_test_app")
+    logger.addFilter(failing_filter)
+    try:
+        assert executor.submit(chatty, 4).result(timeout=60) == 4
+        assert executor.submit(chatty, 5).result(timeout=60) == 5  # and the lease carries on
+    finally:
+        logger.removeFilter(failing_filter)
