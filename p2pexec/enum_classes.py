@@ -40,13 +40,25 @@ def save_enum_class(pickler: Any, cls: enum.EnumMeta) -> None:
         return
     members = {name: member._value_ for name, member in cls.__members__.items()}
     extras = {name: value for name, value in vars(cls).items()
-              if name not in _MADE_BY_ENUM and name not in members and isinstance(value, _DESCRIPTORS)
-              and getattr(getattr(value, "__func__", value), "__module__", None) != "enum"}
+              if name not in _MADE_BY_ENUM and name not in members and _own(name, value)}
     own = {name: state for name, member in cls.__members__.items()
            if (state := {k: v for k, v in vars(member).items() if k not in _MEMBER_OWN})}
     pickler.save_reduce(_make_enum, (type(cls), cls.__name__, cls.__qualname__, cls.__module__, cls.__bases__,
                                      members, getattr(cls, "_boundary_", None)),
                         state=(cls.__doc__, extras, own), state_setter=_set_enum_state, obj=cls)
+
+
+def named(module: str, qualname: str) -> type | None:
+    """A class rebuilt here that goes by that name, if any (they all stand for the client's one)."""
+    return next((c for c in rebuilt if c.__module__ == module and c.__qualname__ == qualname), None)
+
+
+def _own(name: str, value: Any) -> bool:
+    """Is ``value`` something the class's author put there: a method or property not of the enum module, or
+    any other value under a name the enum machinery does not use (``_sunder_`` and ``__dunder__``)?"""
+    if isinstance(value, _DESCRIPTORS):
+        return getattr(getattr(value, "__func__", value), "__module__", None) != "enum"
+    return not (name.startswith("_") and name.endswith("_"))
 
 
 def _make_enum(metaclass: type, name: str, qualname: str, module: str, bases: tuple[type, ...],

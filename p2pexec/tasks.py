@@ -28,7 +28,7 @@ from typing import Any, Callable
 import dill
 import dill._dill
 
-from . import namespaces
+from . import enum_classes, namespaces
 from .errors import RemoteTraceback
 from .protocol.frames import OP_HEADER_BYTES, Buffer, nbytes, pack_parts, unpack_parts
 from .task_dispatch import DISPATCH
@@ -142,18 +142,26 @@ def _dumps_plain(obj: Any) -> list[Buffer]:
 
 def _loads(payload: Buffer, values: Sequence[Buffer] = ()) -> Any:
     main, *buffers = unpack_parts(payload)
-    if not values:
-        return dill.loads(main, buffers=buffers)
-    return _ValueUnpickler(io.BytesIO(main), values, buffers=buffers).load()
+    return _TaskUnpickler(io.BytesIO(main), values, buffers=buffers).load()
 
 
-class _ValueUnpickler(dill.Unpickler):
-    """Loads a task whose big values (:class:`~p2pexec.hoisting.Value`) came beside it: each one fresh, once a task."""
+class _TaskUnpickler(dill.Unpickler):
+    """Loads a task whose big values (:class:`~p2pexec.hoisting.Value`) came beside it (each one fresh, once a
+    task), and names the Enum classes rebuilt here (an outcome is checked with it)."""
 
     def __init__(self, file: io.BytesIO, values: Sequence[Buffer], **options: Any) -> None:
         super().__init__(file, **options)
         self._values = values
         self._loaded: dict[int, Any] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):  # an Enum rebuilt here goes by its name on the client's side
+            rebuilt = enum_classes.named(module, name)
+            if rebuilt is None:
+                raise
+            return rebuilt
 
     def persistent_load(self, pid: Any) -> Any:
         if type(pid) is not int or not 0 <= pid < len(self._values):
@@ -341,7 +349,7 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str, records: tuple[
         tb = "".join(traceback.format_exception(type(value), value, value.__traceback__))
         tb = f'\n"""\n{tb}"""'
         try:  # the client must be able to rebuild it, not merely we to pickle it
-            dill.loads(dill.dumps(value, protocol=PROTOCOL))
+            _loads(b"".join(dump_payload(value)))  # (as the outcome will be pickled: an Enum of the client's too)
         except Exception:
             value = RemoteError(f"{type(value).__qualname__}: {value}")
         value = _ExceptionWithTraceback(value, tb)

@@ -34,6 +34,18 @@ class Colour(enum.Enum):
         return cls.GREEN if value == "g" else None
 
 
+class Unit(enum.Enum):
+    GRAM = "g"
+    KILO = "kg"
+    __names = {"g": "gram"}  # a private class attribute: not a member, not a method
+
+    def long_name(self) -> str:
+        return self.__names.get(self.value, "?")
+
+
+Unit.FACTORS = {"g": 1, "kg": 1000}  # set on the class after it was made
+
+
 class Planet(enum.Enum):
     EARTH = (5.97e24, 6.37e6)
 
@@ -112,3 +124,18 @@ def test_enums_of_user_code_work_on_workers_and_come_home_as_the_clients_members
     assert described == "red (1)" and level is Level.HIGH and perm == Perm.R | Perm.W
     assert list(executor.map(Colour, [1, 2, "g"])) == [Colour.RED, Colour.GREEN, Colour.GREEN]
     assert executor.submit(lambda: Planet.EARTH.radius).result(timeout=60) == 6.37e6
+
+
+def test_class_attributes_that_are_not_methods_travel_too():
+    unit = _sent(Unit)
+    assert unit.GRAM.long_name() == "gram" and unit.FACTORS["kg"] == 1000 and [m.name for m in unit] == ["GRAM", "KILO"]
+
+
+def raise_with(colour: Colour) -> None:
+    raise KeyError(colour)
+
+
+def test_an_exception_carrying_a_member_comes_back_as_itself(executor):
+    with pytest.raises(KeyError) as raised:
+        executor.submit(raise_with, Colour.GREEN).result(timeout=60)
+    assert raised.value.args == (Colour.GREEN,) and raised.value.args[0] is Colour.GREEN
