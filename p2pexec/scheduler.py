@@ -267,17 +267,17 @@ class ClientScheduler:
             self.set_exception(item, error)
             return
         self.replay(outcome.stdout, outcome.stderr)
-        if outcome.ok:
-            item.future.set_result(outcome.value)
-            self.core.tally.settled(True, *(item.ran_on or (None, None, "")))
-        else:
-            self.set_exception(item, outcome.value)
-        if outcome.records:  # (after the future: a handler of this process's that fails cannot leave it pending)
+        if outcome.records:  # (before the result, as its output; a handler here that fails cannot hold it up)
             member, _, machine = item.ran_on or ("?", "", "?")
             try:
                 task_logs.replay(outcome.records, f"{member}/{machine}")
             except Exception:
                 log.exception("handling the log records of task %d failed", item.id)
+        if outcome.ok:
+            item.future.set_result(outcome.value)
+            self.core.tally.settled(True, *(item.ran_on or (None, None, "")))
+        else:
+            self.set_exception(item, outcome.value)
 
     @staticmethod
     def replay(stdout: str, stderr: str) -> None:
