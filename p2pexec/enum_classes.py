@@ -43,7 +43,7 @@ def save_enum_class(pickler: Any, cls: enum.EnumMeta) -> None:
               if name not in _MADE_BY_ENUM and name not in members and _own(name, value)}
     own = {name: state for name, member in cls.__members__.items()
            if (state := {k: v for k, v in vars(member).items() if k not in _MEMBER_OWN})}
-    pickler.save_reduce(_make_enum, (type(cls), cls.__name__, cls.__qualname__, cls.__module__, cls.__bases__,
+    pickler.save_reduce(make_enum, (type(cls), cls.__name__, cls.__qualname__, cls.__module__, cls.__bases__,
                                      members, getattr(cls, "_boundary_", None)),
                         state=(cls.__doc__, extras, own), state_setter=_set_enum_state, obj=cls)
 
@@ -61,7 +61,7 @@ def _own(name: str, value: Any) -> bool:
     return not (name.startswith("_") and name.endswith("_"))
 
 
-def _make_enum(metaclass: type, name: str, qualname: str, module: str, bases: tuple[type, ...],
+def make_enum(metaclass: type, name: str, qualname: str, module: str, bases: tuple[type, ...],
                members: dict[str, Any], boundary: Any) -> type:
     namespace = metaclass.__prepare__(name, bases)
     for member, value in members.items():

@@ -15,6 +15,8 @@ constant arrives, an initializer's model stays.
 
 from __future__ import annotations
 
+import secrets
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from contextvars import ContextVar, Token
@@ -70,6 +72,7 @@ class _Executor:
 
     def __init__(self) -> None:
         self.modules: dict[str, Namespace] = {}
+        self.classes: dict[str, type] = {}  # by the client's key for each
         self.initialized = False
 
 
@@ -93,6 +96,29 @@ def _namespace(executor: str, module: str) -> Namespace:
     found = modules.get(module)
     if found is None:
         found = modules[module] = Namespace(module)
+    return found
+
+
+_class_keys: "weakref.WeakKeyDictionary[type, str]" = weakref.WeakKeyDictionary()
+
+
+def class_key(cls: type) -> str:
+    """On the client: names ``cls`` (this very class object) for :func:`_same_class`."""
+    key = _class_keys.get(cls)
+    if key is None:
+        key = _class_keys.setdefault(cls, secrets.token_hex(8))
+    return key
+
+
+def _same_class(executor: str, key: str, make: Callable[..., type], *args: Any) -> type:
+    """(Named in pickles.)  The class the client's class ``key`` is in this task process for ``executor``: made
+    by ``make(*args)`` the first time, the same one for every later task.  So an object the initializer or a
+    task kept in a global is an instance of the class later tasks see, and an Enum member keeps its identity
+    (a dict keyed by one still finds it)."""
+    classes = _of(executor).classes
+    found = classes.get(key)
+    if found is None:
+        found = classes[key] = make(*args)
     return found
 
 

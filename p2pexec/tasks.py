@@ -95,6 +95,10 @@ class TaskPickler(dill.Pickler):
                 if not self.globals_of:
                     self.globals_of = {}
                 self.globals_of[id(args[1])] = executor  # (alive till the pickle is done: memoized)
+        elif func is dill._dill._create_type or func is enum_classes.make_enum:
+            executor = namespaces.current()  # a class by value: one class in a task process, however often sent
+            if executor is not None:
+                func, args = namespaces._same_class, (executor, namespaces.class_key(options["obj"]), func, *args)
         super().save_reduce(func, args, *rest, **options)
 
 

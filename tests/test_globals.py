@@ -3,6 +3,7 @@ worker: ``initializer``/``initargs``, and the "load the model once per process" 
 
 from __future__ import annotations
 
+import enum
 import os
 from functools import partial
 
@@ -79,10 +80,44 @@ def test_big_initargs_cross_once_to_each_worker_not_with_every_task(cluster):
     """50 MB of initargs went with each of 20 tasks: 12 s, and a 200-item map 110 s (ProcessPool: 0.1 s)."""
     big = os.urandom(4 << 20)
     with cluster.executor(initializer=init_big, initargs=(big,)) as ex:
-        seen = [ex.submit(get_state).result(timeout=60)[0] for _ in range(10)] + [r[0] for r in ex.map(get_state, range(20))]
+        seen = [ex.submit(get_state).result(timeout=60)[0] for _ in range(10)]
+        seen += [r[0] for r in ex.map(get_state, range(20))]
         stats = ex.stats()
     assert set(seen) == {len(big)}
     assert 1 <= stats.values_sent <= 2 and stats.bytes_sent < 2.5 * len(big)  # (2 workers at most)
+
+
+class Colour(enum.Enum):
+    RED = 1
+    GREEN = 2
+
+
+class Model:
+    def predict(self, x: int) -> int:
+        return 2 * x
+
+
+TABLE: dict = {}
+MADE = None
+
+
+def init_table() -> None:
+    global TABLE, MADE
+    TABLE = {Colour.RED: "r", Colour.GREEN: "g"}
+    MADE = Model()
+
+
+def look_up(colour: Colour) -> tuple[str, bool, str]:
+    return TABLE[colour], isinstance(MADE, Model), TABLE[Colour.GREEN]
+
+
+def test_classes_of_the_users_code_stay_the_same_class_in_a_task_process(cluster):
+    """Rebuilt for each task, an Enum member the initializer used as a key was not the next task's member,
+    and an object it made was not an instance of the next task's class."""
+    with cluster.executor(initializer=init_table) as ex:
+        got = [ex.submit(look_up, Colour.RED).result(timeout=60) for _ in range(3)]
+        got += ex.map(look_up, [Colour.GREEN])
+    assert got == [("r", True, "g")] * 3 + [("g", True, "g")]
 
 
 def test_a_failing_initializer_fails_each_task_with_its_error_and_others_run(cluster):
