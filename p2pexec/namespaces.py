@@ -15,7 +15,9 @@ constant arrives, an initializer's model stays.
 
 from __future__ import annotations
 
+import pickle
 import secrets
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -53,18 +55,46 @@ class Namespace(dict):  # type: ignore[type-arg]
     The unpickler fills it through ``__setitem__`` (dill's ``_setitems``)
     with the globals a function brought; code running here stores with
     ``STORE_GLOBAL``, which bypasses it.  A value is replaced only while
-    it is still the one the client sent last.
+    it is still the one the client sent last, and only if the client's
+    has changed since (by its :func:`fingerprint`), so what code here
+    changed in place in it (a cache filled, a list an initializer
+    extended) stays.
     """
 
     def __init__(self, name: str) -> None:
         super().__init__(__name__=name)
         self.sent: dict[str, Any] = {}
+        self.prints: dict[str, bytes | None] = {}  # of what the client sent last, as it arrived
 
     def __setitem__(self, key: str, value: Any) -> None:
-        here = self.get(key, _ABSENT)
-        if here is _ABSENT or here is self.sent.get(key, _ABSENT):
-            dict.__setitem__(self, key, value)
-        self.sent[key] = value
+        here, print_ = self.get(key, _ABSENT), fingerprint(value)
+        if here is not _ABSENT and (here is not self.sent.get(key, _ABSENT)  # rebound here: kept
+                                    or print_ is not None and print_ == self.prints.get(key)):  # same as before
+            return
+        dict.__setitem__(self, key, value)
+        self.sent[key], self.prints[key] = value, print_
+
+
+_PRINTED_MAX = 1 << 16  # bytes of a pickle: a bigger value is taken anew each time
+
+
+def fingerprint(value: Any) -> bytes | None:
+    """What ``value`` is, as data (its pickle, by the C pickler), or None: too big, not data (a function, a
+    class, a module), or holding buffers apart (a NumPy array)."""
+    if type(value) in _CODE:
+        return None
+    try:
+        data = pickle.dumps(value, protocol=5, buffer_callback=_refuse)
+    except Exception:
+        return None
+    return data if len(data) <= _PRINTED_MAX else None
+
+
+_CODE = frozenset({types.FunctionType, types.BuiltinFunctionType, types.ModuleType, type})
+
+
+def _refuse(_: Any) -> bool:
+    raise pickle.PicklingError("a buffer apart")
 
 
 class _Executor:

@@ -8,7 +8,7 @@ import os
 from functools import partial
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from p2pexec.namespaces import Initialized, Namespace, sending_for
@@ -87,6 +87,27 @@ def test_big_initargs_cross_once_to_each_worker_not_with_every_task(cluster):
     assert 1 <= stats.values_sent <= 2 and stats.bytes_sent < 2.5 * len(big)  # (2 workers at most)
 
 
+CACHE: dict = {}
+FILLED: list = []
+
+
+def fill() -> None:
+    FILLED.extend([1, 2, 3])  # in place, no rebinding
+
+
+def cached(x: int) -> tuple[bool, list]:
+    hit = x in CACHE
+    CACHE[x] = True
+    return hit, list(FILLED)
+
+
+def test_globals_changed_in_place_stay_while_the_client_sends_them_unchanged(cluster):
+    """A cache the tasks fill, a list the initializer extends: the next task's copy replaced them."""
+    with cluster.executor(initializer=fill, max_workers=1) as ex:
+        got = [ex.submit(cached, 7).result(timeout=60) for _ in range(3)] + list(ex.map(cached, [7]))
+    assert got == [(False, [1, 2, 3])] + [(True, [1, 2, 3])] * 3
+
+
 class Colour(enum.Enum):
     RED = 1
     GREEN = 2
@@ -150,17 +171,23 @@ def test_a_task_with_an_initializer_keeps_the_fast_path_and_runs_it_once_per_exe
 
 
 # -- the policy, on its own -----------------------------------------------------------------------------
-@given(st.lists(st.tuples(st.sampled_from(["client", "worker"]), st.sampled_from("ab")), max_size=30))
-def test_a_value_the_worker_rebound_survives_the_clients_later_sends(steps):
-    space, model, rebound = Namespace("__main__"), {}, set()
-    for who, key in steps:
-        value = object()
-        if who == "client":  # the unpickler filling it with a function's globals
-            space[key] = value
-            if key not in rebound:
-                model[key] = value
-        else:  # code on the worker: STORE_GLOBAL
-            dict.__setitem__(space, key, value)
-            model[key] = value
+@given(st.lists(st.tuples(st.sampled_from(["client", "rebind", "mutate"]), st.sampled_from("ab"), st.integers(0, 2)),
+                max_size=30))
+@example([("client", "a", 0), ("mutate", "a", 0), ("client", "a", 0), ("client", "a", 1)])
+def test_the_workers_changes_survive_until_the_client_changes_that_global(steps):
+    """A name code here rebound stays; a value changed in place stays while the client sends what it sent
+    before; otherwise the client's value arrives."""
+    space, model, rebound, sent = Namespace("__main__"), {}, set(), {}
+    for who, key, number in steps:
+        if who == "client":  # the unpickler filling it with a function's globals: a new copy each time
+            space[key] = [number]
+            if key not in model or (key not in rebound and sent[key] != number):
+                model[key], sent[key] = [number], number
+        elif who == "rebind":  # code here: STORE_GLOBAL
+            dict.__setitem__(space, key, ("rebound", number))
+            model[key] = ("rebound", number)
             rebound.add(key)
+        elif key in model and key not in rebound:  # code here: CACHE[k] = v, DATA.append(v)
+            dict.get(space, key).append("x")
+            model[key].append("x")
     assert {k: v for k, v in space.items() if k != "__name__"} == model
