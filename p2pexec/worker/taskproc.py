@@ -93,9 +93,12 @@ class _Capture:
         texts = []
         for fd, buf in ((1, out), (2, err)):
             buf.flush()
-            texts.append(kept_output(fd) + buf.end())
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
+            text = ""
+            if os.lseek(fd, 0, os.SEEK_CUR):  # (one system call when nothing was written: most tasks)
+                text = kept_output(fd)
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+            texts.append(text + buf.end())
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         return texts[0], texts[1]
 
