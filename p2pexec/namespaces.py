@@ -98,7 +98,8 @@ def _refuse(_: Any) -> bool:
 
 
 class _Executor:
-    """What a task process keeps of one executor: its modules' namespaces, and whether it was initialized."""
+    """What a task process keeps of one executor: its modules' namespaces, the classes its tasks brought, and
+    whether its initializer ran."""
 
     def __init__(self) -> None:
         self.modules: dict[str, Namespace] = {}
