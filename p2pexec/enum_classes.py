@@ -38,11 +38,13 @@ def save_enum_class(pickler: Any, cls: enum.EnumMeta) -> None:
         pickler.write(pickle.STACK_GLOBAL)
         pickler.memoize(cls)
         return
-    members = {name: member._value_ for name, member in cls.__members__.items()}
+    declared: dict[str, Any] = dict(cls.__members__)
+    members = {name: member._value_ for name, member in declared.items()}
     extras = {name: value for name, value in vars(cls).items()
               if name not in _MADE_BY_ENUM and name not in members and _own(name, value)}
-    own = {name: state for name, member in cls.__members__.items()
-           if (state := {k: v for k, v in vars(member).items() if k not in _MEMBER_OWN})}
+    own: dict[str, dict[str, Any]] = {
+        name: state for name, member in declared.items()
+        if (state := {k: v for k, v in vars(member).items() if k not in _MEMBER_OWN})}
     pickler.save_reduce(make_enum, (type(cls), cls.__name__, cls.__qualname__, cls.__module__, cls.__bases__,
                                      members, getattr(cls, "_boundary_", None)),
                         state=(cls.__doc__, extras, own), state_setter=_set_enum_state, obj=cls)
@@ -72,10 +74,10 @@ def make_enum(metaclass: type, name: str, qualname: str, module: str, bases: tup
     return cls
 
 
-def _set_enum_state(cls: type, state: tuple[str | None, dict[str, Any], dict[str, dict[str, Any]]]) -> None:
+def _set_enum_state(cls: Any, state: tuple[str | None, dict[str, Any], dict[str, dict[str, Any]]]) -> None:
     doc, extras, own = state
     cls.__doc__ = doc
     for name, value in extras.items():
         setattr(cls, name, value)
     for name, attributes in own.items():
-        vars(cls.__members__[name]).update(attributes)
+        cls.__members__[name].__dict__.update(attributes)

@@ -49,7 +49,7 @@ def current() -> str | None:
     return _sending_for.get()
 
 
-class Namespace(dict):  # type: ignore[type-arg]
+class Namespace(dict[str, Any]):
     """A module's globals in a task process, for one executor.
 
     The unpickler fills it through ``__setitem__`` (dill's ``_setitems``)

@@ -54,12 +54,12 @@ def plain_task(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
     unchanged since it was last pickled), with builtin data as arguments,
     goes through the C pickler once.
     """
-    initialized = type(fn) is Initialized
-    carried = _carried(fn.fn if initialized else fn)
-    if initialized and carried is not None and type(fn.initializer) is PrepickledFunction:  # (a small one)
-        task: Any = Initialized(carried, fn.initializer, fn.executor)  # (the C pickler takes both)
+    if isinstance(fn, Initialized):
+        carried = _carried(fn.fn)
+        small = carried is not None and type(fn.initializer) is PrepickledFunction
+        task: Any = Initialized(carried, fn.initializer, fn.executor) if small else None  # (the C pickler takes both)
     else:
-        task = None if initialized else carried
+        carried = task = _carried(fn)
     if task is not None and not has_big_bytes(*args, *kwargs.values()):
         main = plain_pickle((task, args, kwargs), carried)
         if main is not None and len(main) < wire.HOIST_MIN and (len(main) < OUT_OF_BAND or is_plain((args, kwargs))):

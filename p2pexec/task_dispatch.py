@@ -82,7 +82,7 @@ def _in_code(save: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
 _save_type = _in_code(dill._dill.save_type)
 
 
-class _Dispatch(dict):  # type: ignore[type-arg]
+class _Dispatch(dict[Any, Any]):
     """The task pickler's own entries, then dill's table (to which dill keeps adding)."""
 
     def get(self, key: Any, default: Any = None) -> Any:
