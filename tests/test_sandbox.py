@@ -210,7 +210,8 @@ def test_a_task_outlives_the_thread_its_sandbox_was_started_from(sandboxed, capl
         assert ex.submit(_nap, SILENCE_SECONDS + 2.5).result(timeout=60) == SILENCE_SECONDS + 2.5
         assert ex.submit(_nap, 0).result(timeout=60) == 0  # the same task process, still there
     leased = [r.getMessage() for r in caplog.records if r.getMessage().startswith("leased ")]
-    lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # (p2pexec's own warnings: the embedded board's paramiko may log a reset of an earlier test's connection)
+    lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("p2pexec")]
     assert len(leased) == 1 and not lost, (leased, lost)
 
 
