@@ -76,6 +76,7 @@ def test_public_worker_public_client(lab_cluster):
 EVIL_WORKER = str(Path(__file__).parent / "doubles" / "evil_worker.py")
 LEASED = re.compile(r"leased \d+ slot\(s\) of worker (\S+) \((\w+) connection\)")
 UPGRADED = re.compile(r"lease with worker (\S+) moved to a direct connection \(upgraded after ([0-9.]+) s\)")
+UPGRADE_WITHIN = 30  # seconds: three hole punches that each stall 5 s, 2 s apart, and room for a loaded machine
 MOST_BOARD_LINES = 40  # a short job: hellos, requests every 2 s, offers, accepts
 
 
@@ -100,11 +101,12 @@ def test_every_pair_of_public_and_natted_hosts_gets_results(lab_cluster, worker_
     """No flag beyond today's: the board's relay, its address learned from the board, DCUtR to go direct."""
     lab_cluster.start_worker(worker_ns, name="friend")
     watcher = lab_cluster.watch_board()
-    # To be upgraded, 12.8 s of work: room for a first punch that stalls until the 5 s handshake deadline (seen
-    # under CI load) and DCUtR's own retry 2 s later; the upgrade must come while tasks run, however long it took
-    client = lab_cluster.spawn_client(client_ns, tasks=8, sleep=1.6 if path == "upgraded" else 0.8, timeout=90)
+    # To be upgraded, the lease is kept busy until it is: a first punch may stall until the 5 s handshake deadline
+    # under CI load, and DCUtR tries again 2 s later, up to three times
+    client = lab_cluster.spawn_client(client_ns, tasks=8, sleep=0.8, timeout=90,
+                                      until_upgraded=UPGRADE_WITHIN if path == "upgraded" else 0)
     if path == "upgraded":  # while the lease runs, status tells how the worker is reached and by which path
-        lab_cluster.lab.wait_for_output(client, UPGRADED.pattern, timeout=30)
+        lab_cluster.lab.wait_for_output(client, UPGRADED.pattern, timeout=UPGRADE_WITHIN + 10)
         status = lab_cluster.status("k")
         assert "reachable: behind a NAT" in status and "lease for alice: upgraded after" in status, status
     out = lab_cluster.client_result(client)
@@ -156,8 +158,8 @@ def test_killing_the_relay_after_the_upgrade_leaves_the_lease_working(lab):
     with LabCluster(lab, board_args=("--no-relay",)) as lc:
         relay = lc.start_relay("k")
         lc.start_worker("b", name="friend")
-        client = lc.spawn_client("c", tasks=12, sleep=0.5, timeout=60)
-        lab.wait_for_output(client, UPGRADED.pattern, timeout=30)
+        client = lc.spawn_client("c", tasks=12, sleep=0.5, timeout=90, until_upgraded=UPGRADE_WITHIN)
+        lab.wait_for_output(client, UPGRADED.pattern, timeout=UPGRADE_WITHIN + 10)
         os.killpg(relay.pid, signal.SIGKILL)
         relay.wait(10)
         out = lc.client_result(client)
@@ -173,8 +175,8 @@ def test_a_moved_lease_outlives_the_handshake_deadline(lab_cluster):
 
     lab_cluster.start_worker("b", name="friend")
     tasks = int((HANDSHAKE_TIMEOUT + 8) / 0.5)  # work on the moved lease well past the deadline
-    client = lab_cluster.spawn_client("c", tasks=tasks, sleep=0.5, timeout=120)
-    lab_cluster.lab.wait_for_output(client, UPGRADED.pattern, timeout=30)
+    client = lab_cluster.spawn_client("c", tasks=tasks, sleep=0.5, timeout=120, until_upgraded=UPGRADE_WITHIN)
+    lab_cluster.lab.wait_for_output(client, UPGRADED.pattern, timeout=UPGRADE_WITHIN + 10)
     out = lab_cluster.client_result(client)
     _check(lab_cluster, out, tasks, {"friend"})
     assert "lost worker" not in out["log"], out["log"]

@@ -2,7 +2,7 @@
 
 Usage: python client_job.py '{"cluster": ..., "board": ..., "identity": ..., "members": ...,
                               "known_hosts": ..., "tasks": 8, "timeout": 60, "kwargs": {...},
-                              "log_level": null | "INFO" | "DEBUG", "sleep": 0.0}'
+                              "log_level": null | "INFO" | "DEBUG", "sleep": 0.0, "until_upgraded": 0}'
 
 Prints exactly ONE JSON line on stdout and exits 0:
     {"results": [[x*x, worker], ...], "first": [1, worker], "first_result_s": s, "map_s": s,
@@ -11,6 +11,11 @@ Prints exactly ONE JSON line on stdout and exits 0:
 result, map_s for the map after it; total_s includes the shutdown.)
 or, on any failure, {"error": repr(exc), ...} and exits 1 (3 when its own deadline passes).
 
+With ``until_upgraded`` (seconds), short tasks keep the relayed lease busy
+until it moved to a direct connection (or that long), before the map: hole
+punching takes 1-3 s, or 15 s and more when a punch stalls on a busy machine,
+and an upgrade cut short by the end of the work is never seen.
+
 It runs as ``__main__`` on purpose: ``square`` then travels to the worker by
 value (dill), as a user's script function would.
 """
@@ -18,6 +23,7 @@ value (dill), as a user's script function would.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -36,11 +42,26 @@ def square(x: int, sleep: float = 0.0) -> list[Any]:
     import time
 
     time.sleep(sleep)  # long enough tasks keep a lease alive while it is upgraded to a direct connection
-    if os.environ.get("LAB_RUNLOG"):  # one line per run, so a test can tell a rerun from a single run
+    if os.environ.get("LAB_RUNLOG") and x >= 0:  # (not the tasks that keep a lease busy: KEEP_BUSY)  # one line per run, so a test can tell a rerun from a single run
         with open(os.environ["LAB_RUNLOG"], "a") as runs:
             runs.write(f"{x}\n")
 
     return [x * x, os.environ.get("LAB_WORKER") or f"{socket.gethostname()}:{os.getpid()}"]
+
+
+KEEP_BUSY = -1  # the argument of the tasks that keep a lease busy until it is upgraded
+
+
+class _Moved(logging.Handler):
+    """Sets ``event`` once the client logs that a lease moved to a direct connection."""
+
+    def __init__(self, event: threading.Event) -> None:
+        super().__init__(logging.INFO)
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "moved to a direct connection" in record.getMessage():
+            self.event.set()
 
 
 def emit(payload: dict[str, Any]) -> None:
@@ -65,8 +86,6 @@ def main(argv: list[str]) -> int:
     watchdog.daemon = True
     watchdog.start()
     if config.get("log_level"):  # P2PExecutor logs through `logging`; a script must configure it
-        import logging
-
         logging.basicConfig(level=config["log_level"], stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     from p2pexec import P2PExecutor  # import time (libp2p: ~0.5 s) is reported apart
@@ -77,6 +96,11 @@ def main(argv: list[str]) -> int:
     def remaining() -> float:
         return max(0.1, timeout - (time.monotonic() - start))
 
+    moved = threading.Event()
+    keep_busy = float(config.get("until_upgraded", 0))
+    if keep_busy:
+        logging.getLogger("p2pexec").setLevel(logging.INFO)
+        logging.getLogger("p2pexec").addHandler(_Moved(moved))
     try:
         with P2PExecutor(config["cluster"], board=config["board"], identity=config["identity"],
                          members=config["members"], known_hosts=config["known_hosts"],
@@ -84,6 +108,9 @@ def main(argv: list[str]) -> int:
             created = time.monotonic()
             first = ex.submit(square, 1).result(timeout=remaining())
             got_first = time.monotonic()
+            busy_until = got_first + keep_busy
+            while keep_busy and not moved.is_set() and time.monotonic() < busy_until:
+                ex.submit(square, KEEP_BUSY, 0.3).result(timeout=remaining())
             tasks = int(config.get("tasks", 8))
             results = list(ex.map(square, range(tasks), [float(config.get("sleep", 0.0))] * tasks,
                                   timeout=remaining()))

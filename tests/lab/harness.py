@@ -686,11 +686,12 @@ class LabCluster:
         return self.lab.log(self.lab.log_of(proc))
 
     def spawn_client(self, ns: str, *, user: str | None = None, tasks: int = 8, timeout: float = 60.0,
-                     sleep: float = 0.0, extra_kwargs: Mapping[str, Any] | None = None,
+                     sleep: float = 0.0, until_upgraded: float = 0.0, extra_kwargs: Mapping[str, Any] | None = None,
                      log_level: str | None = "INFO", log_name: str | None = None) -> subprocess.Popen[bytes]:
         """Start tests/lab/client_job.py in ``ns``: a P2PExecutor, one submit, then map over range(tasks).
 
-        Each task sleeps ``sleep`` seconds.  ``worker_timeout`` defaults to
+        Each task sleeps ``sleep`` seconds; with ``until_upgraded``, short tasks keep a relayed lease busy
+        until it moved to a direct connection (at most that many seconds) before the map.  ``worker_timeout`` defaults to
         ``timeout - 5`` so a missing worker is a clean error; ``log_level``
         turns on the client's logging, into its log.  Read the outcome with
         :meth:`client_result`.
@@ -699,7 +700,8 @@ class LabCluster:
         kwargs = {"worker_timeout": max(1.0, timeout - 5.0), **(extra_kwargs or {})}
         config = {"cluster": self.cluster, "board": self.board_url(user), "identity": str(self.identity(user)),
                   "members": str(self.members), "known_hosts": str(self.known_hosts), "tasks": tasks,
-                  "timeout": timeout, "kwargs": kwargs, "log_level": log_level, "sleep": sleep}
+                  "timeout": timeout, "kwargs": kwargs, "log_level": log_level, "sleep": sleep,
+                  "until_upgraded": until_upgraded}
         proc = self.lab.spawn(ns, [sys.executable, CLIENT_JOB, json.dumps(config)], env=self.env(),
                               log_name=log_name or f"client-{ns}-{next(_counter)}")
         proc.timeout = timeout  # type: ignore[attr-defined]
