@@ -11,6 +11,7 @@ objects it was pickled from).  Everything else takes
 
 from __future__ import annotations
 
+import logging
 import threading
 import types
 import weakref
@@ -138,15 +139,55 @@ def _stable(obj: Any, snapshot: list[tuple[Any, ...]], seen: set[int]) -> bool:
         return len(obj) < OUT_OF_BAND
     if kind is tuple:
         return all(_stable(item, snapshot, seen) for item in obj)
-    if kind is types.ModuleType:
-        return obj.__name__ != "__main__" and not is_local_module(obj.__name__)  # (others are named)
+    if kind is types.ModuleType:  # installed ones are named; the user's own travel by value (task_dispatch)
+        return obj.__name__ != "__main__" and (not is_local_module(obj.__name__) or
+                                               _namespace(obj, snapshot, seen, _MODULE_SKIPS))
     if kind is types.BuiltinFunctionType:  # len, math.sqrt: by name; not a method of some object ([].append)
         return getattr(obj, "__self__", None) is None or type(obj.__self__) is types.ModuleType
     if kind is types.FunctionType:
         return by_reference(obj) or _snapshot(obj, snapshot, seen)
-    if isinstance(obj, type):
-        return by_reference(obj)
+    if isinstance(obj, logging.Logger):  # reduced to getLogger(its name)
+        return kind.__reduce__ is logging.Logger.__reduce__
+    if kind in _WRAPPERS:
+        return all(_stable(getattr(obj, name), snapshot, seen) for name in _WRAPPERS[kind])
+    if isinstance(obj, type):  # a plain class of the user's code goes by value, as its namespace says
+        return by_reference(obj) or (kind is type and all(_stable(base, snapshot, seen) for base in obj.__bases__)
+                                     and _namespace(obj, snapshot, seen, _CLASS_SKIPS))
     return False
+
+
+_WRAPPERS = {staticmethod: ("__func__",), classmethod: ("__func__",), property: ("fget", "fset", "fdel", "__doc__")}
+_MODULE_SKIPS = frozenset({"__builtins__", "__loader__", "__spec__"})  # not in a module's pickle (task_dispatch)
+_CLASS_SKIPS = frozenset({"__dict__", "__weakref__"})  # (dill leaves out these descriptors)
+
+
+class _Namespace:
+    """A snapshot of a module's or class's namespace: it pickles the same while each name holds the same
+    object (each one stable)."""
+
+    __slots__ = ("owner", "items", "names")
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self.items = tuple(vars(owner).items())
+        self.names = (owner.__name__, getattr(owner, "__qualname__", None), getattr(owner, "__bases__", None))
+
+    def unchanged(self) -> bool:
+        owner, now = self.owner, vars(self.owner)
+        return (len(now) == len(self.items) and all(now.get(k, _ABSENT) is v for k, v in self.items)
+                and owner.__name__ is self.names[0] and getattr(owner, "__qualname__", None) is self.names[1]
+                and getattr(owner, "__bases__", None) is self.names[2])
+
+
+def _namespace(owner: Any, snapshot: list[Any], seen: set[int], skips: frozenset[str]) -> bool:
+    """Add a module's or class's namespace to ``snapshot``; False if something in it may change in place."""
+    if id(owner) in seen:
+        return True
+    seen.add(id(owner))
+    if not all(name in skips or _stable(value, snapshot, seen) for name, value in vars(owner).items()):
+        return False
+    snapshot.append(_Namespace(owner))
+    return True
 
 
 def _code_names(code: types.CodeType) -> set[str]:
@@ -192,9 +233,14 @@ def _snapshot(fn: types.FunctionType, snapshot: list[tuple[Any, ...]], seen: set
 
 
 def _unchanged(snapshot: tuple[tuple[Any, ...], ...]) -> bool:
-    """Is every object the snapshot's functions were pickled from still the same one?"""
-    for (fn, code, defaults, kwdefaults, kwitems, notes, noteitems, closure, cells, name, qualname, module,
-         doc, names) in snapshot:
+    """Is every object the snapshot's functions, modules and classes were pickled from still the same one?"""
+    for entry in snapshot:
+        if type(entry) is _Namespace:
+            if not entry.unchanged():
+                return False
+            continue
+        (fn, code, defaults, kwdefaults, kwitems, notes, noteitems, closure, cells, name, qualname, module,
+         doc, names) = entry
         if (fn.__code__ is not code or fn.__defaults__ is not defaults or fn.__kwdefaults__ is not kwdefaults
                 or fn.__annotations__ is not notes or fn.__closure__ is not closure or fn.__dict__
                 or fn.__name__ is not name or fn.__qualname__ is not qualname or fn.__module__ is not module

@@ -8,6 +8,7 @@ import pickle
 from p2pexec.prepare import prepare_task, prepickled
 from p2pexec.protocol.frames import unpack_parts
 from p2pexec.tasks import dump_outcome, load_outcome, load_task
+from tests.localpkg import helpers, shapes
 
 LIMIT = 5
 TABLE = [1, 2]
@@ -67,6 +68,34 @@ def test_nested_functions_by_value_are_watched_too():
         assert _run(calls_helper, 2) == -2
     finally:
         helper = original
+
+
+def uses_shapes(side):
+    return shapes.area(side), shapes.Square(side).unit(), shapes.log.name
+
+
+def uses_helpers(x):
+    return helpers.scaled(x)
+
+
+def test_a_module_of_the_users_own_reached_as_an_object_is_pickled_once_while_it_stays_the_same(monkeypatch):
+    """Its functions, class, constants and logger go by value with the task: they were pickled again (dill's
+    pure-Python pickler, milliseconds) for every submit."""
+    assert _run(uses_shapes, 3) == (18, "cm", "tests.localpkg.shapes")
+    first = prepickled(uses_shapes)
+    assert first is not None and prepickled(uses_shapes) is first
+    monkeypatch.setattr(shapes, "SCALE", 3)  # a name of the module bound again
+    assert prepickled(uses_shapes) is not first and _run(uses_shapes, 3)[0] == 27
+    second = prepickled(uses_shapes)
+    monkeypatch.setattr(shapes.Square, "area", lambda self: -1.0)  # a class's method replaced
+    assert prepickled(uses_shapes) is not second and _run(uses_shapes, 3)[0] == -1.0
+    monkeypatch.setattr(shapes.Square, "kind", ["square"])  # now something in it can change in place
+    assert prepickled(uses_shapes) is None
+
+
+def test_a_module_holding_a_lock_is_pickled_every_time():
+    assert prepickled(uses_helpers) is None
+    assert _run(uses_helpers, 2) == 6
 
 
 def test_defaults_closures_and_attributes():
