@@ -344,7 +344,7 @@ class Outcome(metaclass=Sealed):
     records: tuple[Any, ...] = ()
 
 
-Outcome.__slotnames__ = []  # type: ignore[attr-defined]  # (pickle's cache of it: sealed, it was looked for each time)
+Outcome.__slotnames__ = []  # (pickle's cache of it: sealed, it was looked for each time)
 Outcome._sealed_ = True  # (after @dataclass, which sets its methods)
 
 
