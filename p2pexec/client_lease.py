@@ -64,9 +64,11 @@ class Lease:
             dialed = True
             framed = FramedStream(stream)
             try:
-                accept = self.client.sign("accept", {"offer": offer.id, "worker": offer.sender, "req": offer["req"],
-                                                     "kx": messages.b64(self.client.kx_keys[0]),
-                                                     "slots": self.state.slots}, ttl=30)
+                terms = {"offer": offer.id, "worker": offer.sender, "req": offer["req"],
+                         "kx": messages.b64(self.client.kx_keys[0]), "slots": self.state.slots}
+                if self.client.options.max_tasks_per_child is not None:
+                    terms["recycle"] = self.client.options.max_tasks_per_child
+                accept = self.client.sign("accept", terms, ttl=30)
                 await framed.send(accept)
                 rx, tx = session_keys("client", *self.client.kx_keys, messages.unb64(offer["kx"], 32))
                 self.channel = await SecureChannel.establish(framed, rx, tx, allocate=None,

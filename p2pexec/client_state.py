@@ -98,6 +98,7 @@ class SchedulerOptions:
     result_types: frozenset[str] = frozenset()  # "module.name" entries added to the allow-list
     task_timeout: float | None = None  # interrupt a task running longer, failing it with TimeoutError
     strict_versions: bool = True  # a worker with another major version of a package a task uses is skipped
+    max_tasks_per_child: int | None = None  # a task process runs at most this many tasks, then a fresh one
 
 
 # -- actions: what the adapter does after a call to the core

@@ -92,6 +92,31 @@ def _pickled_initializer(executor: str, initializer: Callable[..., Any] | None, 
         return call, {id(call): (call, Value.of(call))}
 
 
+def _check_limits(*, max_workers: int | None, max_retries: int, task_timeout: float | None,
+                  worker_timeout: float | None, warn_after: float, lease_idle: float, shutdown_timeout: float | None,
+                  max_tasks_per_child: int | None, max_result_size: int | None) -> None:
+    """P2PExecutor's numbers, checked before anything starts (ValueError or TypeError saying which)."""
+    if max_workers is not None and max_workers <= 0:
+        raise ValueError("max_workers must be greater than 0")
+    if max_retries < 0:
+        raise ValueError("max_retries must be 0 or more")
+    for name, seconds in (("task_timeout", task_timeout), ("worker_timeout", worker_timeout)):
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"{name} must be greater than 0 seconds, or None for no limit")
+    for name, seconds in (("warn_after", warn_after), ("lease_idle", lease_idle)):
+        if not seconds > 0:
+            raise ValueError(f"{name} must be greater than 0 seconds")
+    if shutdown_timeout is not None and not shutdown_timeout >= 0:
+        raise ValueError("shutdown_timeout must be 0 or more seconds, or None to wait for workers forever")
+    if max_tasks_per_child is not None:  # (as ProcessPoolExecutor checks it)
+        if not isinstance(max_tasks_per_child, int):
+            raise TypeError("max_tasks_per_child must be an integer")
+        if max_tasks_per_child < 1:
+            raise ValueError("max_tasks_per_child must be >= 1")
+    if max_result_size is not None and max_result_size <= 0:
+        raise ValueError("max_result_size must be greater than 0 bytes")
+
+
 class P2PExecutor(Executor):
     """Runs calls on the workers of a cluster, like ProcessPoolExecutor runs them on processes.
 
@@ -121,7 +146,8 @@ class P2PExecutor(Executor):
     it sets in your script or your own modules are there for every later
     task of this executor in that process (see :mod:`p2pexec.namespaces`).
     If it raises, the task fails with its exception and the next one tries
-    it again.
+    it again.  With ``max_tasks_per_child=N`` a task process runs at most N
+    of this executor's tasks, then exits and a fresh one takes the next.
 
     ``resources={"memory": "2GiB", "cores": 4, "gpus": 1, "tags": {"big"}}``
     sends every task only to worker slots that have that much (see
@@ -156,21 +182,12 @@ class P2PExecutor(Executor):
                  result_types: Iterable[str] = (), seed: int | bool | None = None,
                  resources: Mapping[str, Any] | None = None, requires: Iterable[str] = (),
                  strict_versions: bool = True, initializer: Callable[..., Any] | None = None,
-                 initargs: tuple[Any, ...] = (), verbose: bool = False) -> None:
-        if max_workers is not None and max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
-        if max_retries < 0:
-            raise ValueError("max_retries must be 0 or more")
-        for name, seconds in (("task_timeout", task_timeout), ("worker_timeout", worker_timeout)):
-            if seconds is not None and not seconds > 0:
-                raise ValueError(f"{name} must be greater than 0 seconds, or None for no limit")
-        for name, seconds in (("warn_after", warn_after), ("lease_idle", lease_idle)):
-            if not seconds > 0:
-                raise ValueError(f"{name} must be greater than 0 seconds")
-        if shutdown_timeout is not None and not shutdown_timeout >= 0:
-            raise ValueError("shutdown_timeout must be 0 or more seconds, or None to wait for workers forever")
-        if max_result_size is not None and max_result_size <= 0:
-            raise ValueError("max_result_size must be greater than 0 bytes")
+                 initargs: tuple[Any, ...] = (), max_tasks_per_child: int | None = None,
+                 verbose: bool = False) -> None:
+        _check_limits(max_workers=max_workers, max_retries=max_retries, task_timeout=task_timeout,
+                      worker_timeout=worker_timeout, warn_after=warn_after, lease_idle=lease_idle,
+                      shutdown_timeout=shutdown_timeout, max_tasks_per_child=max_tasks_per_child,
+                      max_result_size=max_result_size)
         if seed is True:
             seed = secrets.randbits(64)
             log.info("seed=%d: pass seed=%d to P2PExecutor to draw the same random numbers again", seed, seed)
@@ -191,7 +208,8 @@ class P2PExecutor(Executor):
             warn_after=warn_after, worker_timeout=worker_timeout, board_hint=who.board_hint,
             relays=who.relays, allow=frozenset(allow) if allow is not None else None, task_timeout=task_timeout,
             max_result_size=max_result_size or (physical_memory() or 8 << 30) // 2, trusted_results=trusted_results,
-            result_types=frozenset(result_types), shutdown_timeout=shutdown_timeout, strict_versions=strict_versions)
+            result_types=frozenset(result_types), shutdown_timeout=shutdown_timeout, strict_versions=strict_versions,
+            max_tasks_per_child=max_tasks_per_child)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._unfinished: set[Future[Any]] = set()

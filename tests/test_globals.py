@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections import Counter
 from functools import partial
 
 import pytest
@@ -61,6 +62,24 @@ def test_initializer_runs_once_per_task_process_and_its_globals_stay(cluster):
     with cluster.executor(initializer=init, initargs=(42,)) as ex:
         seen = [ex.submit(get_state).result(timeout=60) for _ in range(6)] + list(ex.map(get_state, range(20)))
     assert {(state, inits) for state, inits, _ in seen} == {(42, 1)}  # once in each process, not per task
+
+
+def test_max_tasks_per_child_gives_each_task_process_that_many_tasks_then_a_fresh_one(cluster):
+    """As in ProcessPoolExecutor: what a leaky library holds goes with its process, and each new process runs
+    the initializer before its first task."""
+    with cluster.executor(initializer=init, initargs=(7,), max_tasks_per_child=2) as ex:
+        seen = [ex.submit(get_state).result(timeout=60) for _ in range(4)] + list(ex.map(get_state, range(8)))
+    tasks_per_process = Counter(pid for _, _, pid in seen)
+    assert max(tasks_per_process.values()) <= 2 and len(tasks_per_process) >= 6, tasks_per_process
+    assert {(state, inits) for state, inits, _ in seen} == {(7, 1)}
+    with cluster.executor() as ex:  # (and without it, processes last)
+        assert len({ex.submit(get_state).result(timeout=60)[2] for _ in range(4)}) == 1
+
+
+@pytest.mark.parametrize("value, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), ("2", TypeError)])
+def test_max_tasks_per_child_is_checked_as_process_pools_check_it(cluster, value, error):
+    with pytest.raises(error, match="max_tasks_per_child"):
+        cluster.executor(max_tasks_per_child=value)
 
 
 def test_the_load_once_pattern_loads_once_per_task_process(executor):

@@ -100,6 +100,27 @@ def test_an_accept_becomes_a_lease_once_and_only_for_its_offer_sender_and_worker
     assert offers(w.lease_ended(offer.id, now=2.0)) == [] and not w.reservations.busy
 
 
+def test_an_accept_may_ask_that_each_task_process_take_a_number_of_tasks_and_no_other_thing():
+    """max_tasks_per_child: a client's number, checked (an int of 1 or more), or no limit."""
+    for recycle in (0, -1, 2.5, "3", True, [1]):
+        w = core(slots=2)
+        [offer] = offers(w.request(request("bob"), now=0.0))
+        bad = message("accept", "bob", {**accept(offer).body, "recycle": recycle})
+        with pytest.raises(ProtocolError, match="max_tasks_per_child"):
+            w.admit(bad, now=1.0)
+    w = core(slots=2)
+    [offer] = offers(w.request(request("bob", req="good"), now=0.0))
+    grant = w.admit(message("accept", "bob", {**accept(offer).body, "recycle": 3}), now=1.0)
+    assert grant is not None and grant.recycle == 3
+    lease = LeaseDecisions(w, offer.id, "bob", "good", list(grant.slots), 30.0, clock=1.0, recycle=grant.recycle)
+    _ran(lease, [0.0001] * 16)
+    assert lease.batch_size(waiting=40, taken=0) == 3 and lease.batch_size(waiting=40, taken=2) == 1
+    assert not lease.retires(2) and lease.retires(3)
+    unlimited = lease_of(w, "carol", 1, now=2.0)
+    _ran(unlimited, [0.0001] * 16)
+    assert unlimited.batch_size(waiting=40, taken=1000) == BATCH_MOST and not unlimited.retires(10**9)
+
+
 def test_an_accept_whose_slots_went_to_another_accept_opens_nothing():
     w = core(slots=1)
     [first] = offers(w.request(request("bob", req="r1"), now=0.0))

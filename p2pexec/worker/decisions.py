@@ -85,11 +85,13 @@ Action = Offer | Decline | Poke | News
 
 @dataclass(frozen=True)
 class Grant:
-    """An accept became a lease of ``offer`` on these slots; each task process runs under ``limit`` bytes."""
+    """An accept became a lease of ``offer`` on these slots; each task process runs under ``limit`` bytes, and
+    at most ``recycle`` of its tasks (the client's max_tasks_per_child; None: no limit)."""
 
     offer: Offer
     slots: tuple[int, ...]
     limit: int | None
+    recycle: int | None = None
 
 
 def need_in(request: messages.Message) -> Need:
@@ -211,6 +213,9 @@ class WorkerCore:
             raise ProtocolError(f"{accept.sender} sent an accept for no offer of ours")
         if self.allow is not None and accept.sender not in self.allow:
             raise ProtocolError(f"{accept.sender} is not in --allow")
+        recycle = accept.body.get("recycle")
+        if recycle is not None and (type(recycle) is not int or recycle < 1):
+            raise ProtocolError(f"{accept.sender} sent an accept with max_tasks_per_child {recycle!r}")
         del self.offers[offer.id]
         self.sharing.ended(offer.id, now)  # its hold: the reservation below holds what it takes
         count = min(accept["slots"], offer.slots, self.reservations.available(offer.need))
@@ -218,7 +223,7 @@ class WorkerCore:
         if not held:
             return None
         self.sharing.leased(offer.id, offer.req, offer.party or Party(accept.sender, offer.req), len(held), now)
-        return Grant(offer, held, self.reservations.limit_of(offer.need))
+        return Grant(offer, held, self.reservations.limit_of(offer.need), recycle)
 
     def owed(self, lease: str, now: float) -> Want | None:
         """The waiting request that ``lease`` owes a slot at its next task boundary, if any."""

@@ -54,7 +54,7 @@ class LeaseDecisions:
     ``now`` wall-clock seconds (the worker's sharing runs on the wall clock, like the requests' expiry)."""
 
     def __init__(self, worker: WorkerCore, lease: str, client: str, req: str, slots: list[int],
-                 lease_seconds: float, clock: float) -> None:
+                 lease_seconds: float, clock: float, recycle: int | None = None) -> None:
         self.worker = worker
         self.lease = lease
         self.client = client  # (for the log)
@@ -65,6 +65,7 @@ class LeaseDecisions:
         self.started = self.answered_at = clock  # (answered_at: when a task was last answered)
         self.gave_way = False  # its last slot is owed elsewhere: no more credit, for good
         self.finished = False  # END is sent, or being sent: no more tasks start
+        self.recycle = recycle  # tasks a task process takes before a fresh one (max_tasks_per_child), or None
 
     # -- tasks
     def task_received(self, task_id: int) -> bool:
@@ -130,13 +131,19 @@ class LeaseDecisions:
                 and clock - self.answered_at >= IDLE_GRACE)
         return (done or clock - self.started > self.lease_seconds) and self.worker.contended(self.req, now)
 
-    def batch_size(self, waiting: int) -> int:
+    def batch_size(self, waiting: int, taken: int = 0) -> int:
         """How many tasks a slot hands its task process at once, ``waiting`` being queued here: the slots'
-        fair share of them when tasks are short, else one (a long task must not hold others back)."""
+        fair share of them when tasks are short, else one (a long task must not hold others back); never
+        more than the process may still take, having taken ``taken``."""
         mean = self.ledger.mean_seconds
         if self.finished or self.worker.draining or mean is None or mean >= GATHER_SECONDS:
             return 1
-        return 1 + min(BATCH_MOST - 1, max(0, waiting) // len(self.slots))
+        size = 1 + min(BATCH_MOST - 1, max(0, waiting) // len(self.slots))
+        return size if self.recycle is None else max(1, min(size, self.recycle - taken))
+
+    def retires(self, taken: int) -> bool:
+        """Does a task process that has taken ``taken`` tasks end before it takes another?"""
+        return self.recycle is not None and taken >= self.recycle
 
     # -- messages
     def gathering(self, outbox: int) -> bool:

@@ -202,7 +202,7 @@ class LeaseServer:
                 if waiting.cancelled_caught:
                     continue  # poked: look again whether to leave
                 batch = [first]
-                for _ in range(decisions.batch_size(tasks.statistics().current_buffer_used) - 1):
+                for _ in range(decisions.batch_size(tasks.statistics().current_buffer_used, slot.taken) - 1):
                     try:
                         batch.append(tasks.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
@@ -211,6 +211,8 @@ class LeaseServer:
                 batch = [task for task in batch if decisions.task_started(task[0])]
                 if batch:
                     await self._run_batch(slot, _Batch(slot, batch))
+                    if decisions.retires(slot.taken):  # as a pool's worker exits after max_tasks_per_child
+                        await slot.retire(replace=True)
 
     async def _run_batch(self, slot: TaskSlot, batch: _Batch) -> None:
         """Run ``batch`` in order on ``slot``'s task process (a new one after a crash or an interrupt)."""
@@ -375,8 +377,6 @@ class LeaseServer:
                             self.send_tasks.send_nowait((arg, data, shared, values))
                     elif op is Op.BLOB:
                         await blobs.blob(arg, data, memfd, offset)
-                    elif op is Op.PING:
-                        pass
                     elif op is Op.MOVE:
                         await self.daemon.leases.follow_move(self.channel, self.move, self.client)
                     elif op in (Op.WITHDRAW, Op.INTERRUPT):
@@ -387,7 +387,7 @@ class LeaseServer:
                             await self.stoppers[arg].interrupt(arg)  # skipped, or its process killed
                         elif op is Op.WITHDRAW and arg in self.stoppers:  # in a batch: skipped unless started
                             await self.stoppers[arg].withdraw(arg)
-                    else:
+                    elif op is not Op.PING:
                         raise ProtocolError(f"client {self.client} sent unexpected {op.name}")
 
     def _uncached(self, task_id: int, missing: list[bytes]) -> None:

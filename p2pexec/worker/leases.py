@@ -103,7 +103,7 @@ class Leases:
             move = Move(stream.muxed_conn.peer_id, resume_frame(rx, tx, accept["offer"]), status)
             self.moves[move.token] = move
             for slot in slots:
-                await slot.assign(accept.sender)
+                await slot.assign(accept.sender, grant.recycle)
                 slot.limit = grant.limit if portability.rlimits() else None
             log.info("lease for %s with %d slot(s) started (%s)", accept.sender, len(slots), status["path"])
             if status["path"] == "relayed" and daemon.background is not None:
@@ -111,7 +111,7 @@ class Leases:
             daemon.values.lease_started(accept.sender)
             try:
                 decisions = LeaseDecisions(daemon.core, offer.id, accept.sender, accept["req"], list(grant.slots),
-                                           daemon.config.lease_seconds, trio.current_time())
+                                           daemon.config.lease_seconds, trio.current_time(), grant.recycle)
                 await daemon._serve_lease(channel, slots, decisions, move, accept.key)
             finally:
                 daemon.values.lease_ended(accept.sender, time.monotonic())

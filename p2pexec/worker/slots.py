@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import IO
 
@@ -78,19 +79,19 @@ class TaskSlot:
         self._over: str | None = None  # the limit the running task went past, as the task process reported
         self.missing: str | None = None  # the module its last task could not be loaded without (reported)
         self.on_skipped: Callable[[int], None] = _ignore  # told the number of each task skipped (:meth:`skip`)
-        self._submitted = 0  # tasks handed to the current process: a SKIP names one by its number
+        self.taken = 0  # tasks handed to the current process (0: none): a SKIP names one by its number
         self._outstanding = 0  # of those, not answered or skipped yet
         self._skipping: set[int] = set()  # asked to be skipped, not yet confirmed
         self._writing = EagerLock()  # a SKIP must not land inside a task being written
 
-    async def assign(self, member: str) -> None:
-        """Serve ``member`` next, in a process no other member's task has run in.
+    async def assign(self, member: str, recycle: int | None = None) -> None:
+        """Serve ``member`` next, in a process no other member's task has run in, nor ``recycle`` tasks yet.
 
         A task can change its process for good (patch modules, start
         threads); a process is therefore never shared between members, only
         reused for the same member's next lease.
         """
-        if self.member not in (None, member):
+        if self.member not in (None, member) or (recycle is not None and self.taken >= recycle):
             await self.stop()  # the next task starts a fresh process
         self.member = member
 
@@ -124,7 +125,7 @@ class TaskSlot:
                 os.close(info_write)
         self._proc, self._sock = proc, trio.socket.from_stdlib_socket(ours)
         self._reader = HopReader(self._sock, portability.fd_passing())
-        self.function, self._submitted, self._outstanding, self._skipping = "?", 0, 1, set()  # (1: its ready)
+        self.function, self.taken, self._outstanding, self._skipping = "?", 0, 1, set()  # (1: its ready)
         _LIVE.add(proc.pid)
         try:
             ready = await self._receive_outcome()
@@ -153,7 +154,7 @@ class TaskSlot:
         """
         if self._proc is None or self._proc.returncode is not None:
             await self.start()
-        first, self._submitted = self._submitted, self._submitted + len(tasks)
+        first, self.taken = self.taken, self.taken + len(tasks)
         self._outstanding += len(tasks)
         async with _Hop(self), self._writing:
             if self.limit != self._applied:
@@ -325,8 +326,20 @@ class TaskSlot:
             shutil.rmtree(self._scratch, ignore_errors=True)
         for file in self._output:
             file.close()
-        self._output = []
+        self._output, self.taken = [], 0
         self._proc, self._sock, self._reader, self._scratch = None, None, None, None
+
+    async def retire(self, replace: bool = False) -> None:
+        """End the process as a pool's worker after ``max_tasks_per_child``: it sees its hop close and exits (its
+        ``atexit`` handlers run), or is killed after EXIT_SECONDS; with ``replace``, a fresh one starts at once."""
+        if self._proc is not None and self._sock is not None:
+            self._sock.close()
+            with trio.move_on_after(EXIT_SECONDS):
+                await self._proc.wait()
+        await self.stop()
+        if replace:
+            with suppress(TaskProcessDied):  # the next task tries again, and fails saying why
+                await self.start()
 
     async def stop(self) -> None:
         proc = self._proc
