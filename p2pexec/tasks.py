@@ -86,6 +86,7 @@ class TaskPickler(dill.Pickler):
     dispatch = DISPATCH
     sends_own_code = True  # (dill's _locate_function, patched by own_code)
     in_code = 0  # how deep in code sent by value (a function, a class, a module) the pickle is
+    flat_in_c = True  # long flat lists, tuples and dicts go in one piece by the C pickler (task_dispatch)
     globals_of: dict[int, str] = {}  # id of a function's new globals dict -> the executor whose namespace it is
 
     def save_reduce(self, func: Any, args: Any, *rest: Any, **options: Any) -> None:
@@ -102,13 +103,17 @@ class TaskPickler(dill.Pickler):
         super().save_reduce(func, args, *rest, **options)
 
 
-def dump_payload(obj: Any, landing: int | None = None, frozen: bool = True, **options: Any) -> list[Buffer]:
+def dump_payload(obj: Any, landing: int | None = None, frozen: bool = True, flat_in_c: bool = True,
+                 **options: Any) -> list[Buffer]:
     """``obj`` as a payload: the pickle, then its out-of-band buffers.
 
     With ``landing``, the payload will land at that offset from an
     :data:`~p2pexec.protocol.frames.ALIGN`-aligned address, and each buffer is laid out to start
     aligned there (:func:`pack_parts`): an array is used where it lies
     (:func:`_array`), every block of a pandas frame too.
+
+    ``flat_in_c=False`` for an outcome: the client reads it with an
+    allow-list, which a pickle inside the pickle would escape.
 
     ``frozen`` (a client's payload, sent later and maybe again): buffers
     whose memory the user could still change are copied now (not
@@ -117,7 +122,9 @@ def dump_payload(obj: Any, landing: int | None = None, frozen: bool = True, **op
     """
     buf = io.BytesIO()
     buffers: list[pickle.PickleBuffer] = []
-    TaskPickler(buf, protocol=PROTOCOL, buffer_callback=buffers.append, **options).dump(obj)
+    pickler = TaskPickler(buf, protocol=PROTOCOL, buffer_callback=buffers.append, **options)
+    pickler.flat_in_c = flat_in_c
+    pickler.dump(obj)
     return pack_payload(buf, buffers, landing, frozen)
 
 
@@ -354,7 +361,7 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str, records: tuple[
         tb = "".join(traceback.format_exception(type(value), value, value.__traceback__))
         tb = f'\n"""\n{tb}"""'
         try:  # the client must be able to rebuild it, not merely we to pickle it
-            _loads(b"".join(dump_payload(value)))  # (as the outcome will be pickled: an Enum of the client's too)
+            _loads(b"".join(dump_payload(value, flat_in_c=False)))  # (as the outcome will be: a client's Enum too)
         except Exception:
             value = RemoteError(f"{type(value).__qualname__}: {value}")
         value = _ExceptionWithTraceback(value, tb)
@@ -364,7 +371,7 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str, records: tuple[
         if main is not None and (len(main) < OUT_OF_BAND or is_plain(value)):  # (big bytes go out of band)
             return pack_parts([main])
     try:
-        return dump_payload(outcome, landing=OP_HEADER_BYTES, frozen=False)  # (sent before anything else runs)
+        return dump_payload(outcome, landing=OP_HEADER_BYTES, frozen=False, flat_in_c=False)  # (sent at once)
     except Exception as exc:
         if not ok:
             raise
