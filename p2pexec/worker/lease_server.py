@@ -212,7 +212,7 @@ class LeaseServer:
                 if batch:
                     await self._run_batch(slot, _Batch(slot, batch))
                     if decisions.retires(slot.taken):  # as a pool's worker exits after max_tasks_per_child
-                        await slot.retire(replace=True)
+                        await slot.retire(replace=not (decisions.finished or self.daemon.draining))
 
     async def _run_batch(self, slot: TaskSlot, batch: _Batch) -> None:
         """Run ``batch`` in order on ``slot``'s task process (a new one after a crash or an interrupt)."""
