@@ -109,16 +109,22 @@ FLAT_MIN = 64  # items: a shorter container goes dill's way, which costs about w
 _ATOMS = frozenset({int, float, complex, str, bool, type(None)})  # (not bytes: big ones go out of band)
 
 
-def _plain(data: bytes) -> Any:
+def _plain(*parts: bytes) -> Any:
     """(Named in pickles.)  A flat container that the C pickler pickled."""
-    return pickle.loads(data)
+    return pickle.loads(b"".join(parts))
+
+
+FLAT_PART = 32 * 1024  # bytes: in-band pieces (a big buffer would go out of band, unseen by hoisting's sizes)
 
 
 def _save_flat(pickler: Any, obj: Any) -> None:
     # A flat container of numbers and strings (a global lookup table, a long list among arguments that are not
     # all plain data) goes in one piece by the C pickler: dill's pure-Python pickler takes microseconds an item,
     # and a 20,000-item global cost every submit 98 ms.  Being flat, it shares nothing with the rest of the pickle.
-    pickler.save_reduce(_plain, (pickle.dumps(obj, protocol=pickler.proto),), obj=obj)
+    # Its pickle stays in this one, as dill's would, so a big one is found big and sent once (p2pexec.hoisting).
+    data = pickle.dumps(obj, protocol=pickler.proto)
+    parts = tuple(data[at:at + FLAT_PART] for at in range(0, len(data), FLAT_PART))
+    pickler.save_reduce(_plain, parts, obj=obj)
 
 
 def _save_sequence(save: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
