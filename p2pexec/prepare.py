@@ -121,8 +121,13 @@ def prepickled(fn: types.FunctionType) -> PrepickledFunction | None:
     except Exception:
         return None  # dump_task reports it
     with _by_value_lock:
+        if len(_by_value) >= MOST_CACHED:  # (a program making new functions all the time: lambdas in a loop)
+            _by_value.clear()
         _by_value[fn] = (tuple(snapshot), made, executor)
     return made
+
+
+MOST_CACHED = 1024  # functions pickled once and kept; a function's entry holds it only weakly
 
 
 
@@ -147,9 +152,10 @@ def _stable(obj: Any, snapshot: list[tuple[Any, ...]], seen: set[int]) -> bool:
     if kind is types.FunctionType:
         return by_reference(obj) or _snapshot(obj, snapshot, seen)
     if isinstance(obj, logging.Logger):  # reduced to getLogger(its name)
-        return kind.__reduce__ is logging.Logger.__reduce__
+        return kind.__reduce__ is logging.Logger.__reduce__ and _fixed(obj, ("name",), snapshot)
     if kind in _WRAPPERS:
-        return all(_stable(getattr(obj, name), snapshot, seen) for name in _WRAPPERS[kind])
+        names = _WRAPPERS[kind]
+        return all(_stable(getattr(obj, name), snapshot, seen) for name in names) and _fixed(obj, names, snapshot)
     if isinstance(obj, type):  # a plain class of the user's code goes by value, as its namespace says
         return by_reference(obj) or (kind is type and all(_stable(base, snapshot, seen) for base in obj.__bases__)
                                      and _namespace(obj, snapshot, seen, _CLASS_SKIPS))
@@ -161,22 +167,37 @@ _MODULE_SKIPS = frozenset({"__builtins__", "__loader__", "__spec__"})  # not in 
 _CLASS_SKIPS = frozenset({"__dict__", "__weakref__"})  # (dill leaves out these descriptors)
 
 
-class _Namespace:
-    """A snapshot of a module's or class's namespace: it pickles the same while each name holds the same
-    object (each one stable)."""
+class _Attributes:
+    """Attributes of an object that its pickle is made of: it pickles the same while each is the same object."""
 
-    __slots__ = ("owner", "items", "names")
+    __slots__ = ("owner", "names", "values")
 
-    def __init__(self, owner: Any) -> None:
-        self.owner = owner
-        self.items = tuple(vars(owner).items())
-        self.names = (owner.__name__, getattr(owner, "__qualname__", None), getattr(owner, "__bases__", None))
+    def __init__(self, owner: Any, names: tuple[str, ...]) -> None:
+        self.owner, self.names = owner, names
+        self.values = tuple(getattr(owner, name, None) for name in names)
 
     def unchanged(self) -> bool:
-        owner, now = self.owner, vars(self.owner)
+        return all(getattr(self.owner, name, None) is value for name, value in zip(self.names, self.values))
+
+
+class _Namespace(_Attributes):
+    """A module's or class's namespace too: each name must hold the same object (each one stable)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, owner: Any) -> None:
+        super().__init__(owner, ("__name__", "__qualname__", "__bases__", "__class__"))
+        self.items = tuple(vars(owner).items())
+
+    def unchanged(self) -> bool:
+        now = vars(self.owner)
         return (len(now) == len(self.items) and all(now.get(k, _ABSENT) is v for k, v in self.items)
-                and owner.__name__ is self.names[0] and getattr(owner, "__qualname__", None) is self.names[1]
-                and getattr(owner, "__bases__", None) is self.names[2])
+                and super().unchanged())
+
+
+def _fixed(owner: Any, names: tuple[str, ...], snapshot: list[Any]) -> bool:
+    snapshot.append(_Attributes(owner, names))
+    return True
 
 
 def _namespace(owner: Any, snapshot: list[Any], seen: set[int], skips: frozenset[str]) -> bool:
@@ -226,27 +247,30 @@ def _snapshot(fn: types.FunctionType, snapshot: list[tuple[Any, ...]], seen: set
             if found is not _ABSENT and not _stable(found, snapshot, seen):
                 return False
         names.append((name, value, builtin))
-    snapshot.append((fn, fn.__code__, fn.__defaults__, kwdefaults, tuple((kwdefaults or {}).items()), notes,
-                     tuple(notes.items()), fn.__closure__, tuple(cells), fn.__name__, fn.__qualname__,
+    snapshot.append((weakref.ref(fn), fn.__code__, fn.__defaults__, kwdefaults, tuple((kwdefaults or {}).items()),
+                     notes, tuple(notes.items()), fn.__closure__, tuple(cells), fn.__name__, fn.__qualname__,
                      fn.__module__, fn.__doc__, tuple(names)))
     return True
 
 
-def _unchanged(snapshot: tuple[tuple[Any, ...], ...]) -> bool:
+def _unchanged(snapshot: tuple[Any, ...]) -> bool:
     """Is every object the snapshot's functions, modules and classes were pickled from still the same one?"""
     for entry in snapshot:
-        if type(entry) is _Namespace:
+        if isinstance(entry, _Attributes):
             if not entry.unchanged():
                 return False
             continue
-        (fn, code, defaults, kwdefaults, kwitems, notes, noteitems, closure, cells, name, qualname, module,
+        (ref, code, defaults, kwdefaults, kwitems, notes, noteitems, closure, cells, name, qualname, module,
          doc, names) = entry
-        if (fn.__code__ is not code or fn.__defaults__ is not defaults or fn.__kwdefaults__ is not kwdefaults
+        fn = ref()
+        if (fn is None or fn.__code__ is not code or fn.__defaults__ is not defaults
+                or fn.__kwdefaults__ is not kwdefaults
                 or fn.__annotations__ is not notes or fn.__closure__ is not closure or fn.__dict__
                 or fn.__name__ is not name or fn.__qualname__ is not qualname or fn.__module__ is not module
                 or fn.__doc__ is not doc):
             return False
-        if kwitems and (len(kwdefaults) != len(kwitems) or any(kwdefaults.get(k, _ABSENT) is not v for k, v in kwitems)):
+        if kwitems and (len(kwdefaults) != len(kwitems)
+                        or any(kwdefaults.get(k, _ABSENT) is not v for k, v in kwitems)):
             return False
         if noteitems and (len(notes) != len(noteitems) or any(notes.get(k, _ABSENT) is not v for k, v in noteitems)):
             return False
@@ -258,6 +282,7 @@ def _unchanged(snapshot: tuple[tuple[Any, ...], ...]) -> bool:
                 return False
         globs, builtins_ = fn.__globals__, getattr(fn, "__builtins__")  # (a dict, on functions)
         for key, value, builtin in names:
-            if globs.get(key, _ABSENT) is not value or (value is _ABSENT and builtins_.get(key, _ABSENT) is not builtin):
+            if globs.get(key, _ABSENT) is not value or (value is _ABSENT
+                                                        and builtins_.get(key, _ABSENT) is not builtin):
                 return False
     return True

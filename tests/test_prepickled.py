@@ -93,6 +93,36 @@ def test_a_module_of_the_users_own_reached_as_an_object_is_pickled_once_while_it
     assert prepickled(uses_shapes) is None
 
 
+def test_what_only_the_objects_in_a_module_say_is_watched_too(monkeypatch):
+    """A static method's function, a logger's name: the same objects, other pickles."""
+    first = prepickled(uses_shapes)
+    assert first is not None
+    static = vars(shapes.Square)["unit"]
+    original = static.__func__
+    static.__init__(lambda: "mm")  # the same staticmethod object, wrapping another function
+    try:
+        assert prepickled(uses_shapes) is not first and _run(uses_shapes, 3)[1] == "mm"
+    finally:
+        static.__init__(original)
+    second = prepickled(uses_shapes)
+    assert second is not None and prepickled(uses_shapes) is second
+    monkeypatch.setattr(shapes.log, "name", "renamed")
+    assert prepickled(uses_shapes) is None  # pickled again, which fails: no logger has that name now
+
+
+def test_a_function_no_one_holds_is_not_kept_by_the_cache():
+    """Each entry held its own function: every lambda ever submitted stayed in memory, with its pickle."""
+    import gc
+    import weakref
+
+    fn = lambda x: shapes.area(x) + LIMIT  # noqa: E731
+    assert prepickled(fn) is not None
+    gone = weakref.ref(fn)
+    del fn
+    gc.collect()
+    assert gone() is None
+
+
 def test_a_module_holding_a_lock_is_pickled_every_time():
     assert prepickled(uses_helpers) is None
     assert _run(uses_helpers, 2) == 6
