@@ -152,9 +152,12 @@ class ClientCore(Matchmaker):
         return taken
 
     def may_send(self, lease: LeaseState) -> bool:
-        """Fill idle slots anywhere before queueing a task behind a busy one (prefetch)."""
+        """Fill idle slots anywhere before queueing a task behind a busy one (prefetch); with task_timeout, never
+        queue one there: its clock starts when it is sent, and it would run out while it waited."""
         if len(lease.inflight) < lease.slots:
             return True
+        if self.options.task_timeout is not None:
+            return False
         return not any(other.credits > 0 and len(other.inflight) < other.slots and other.need == lease.need
                        for other in self.leases)
 

@@ -142,6 +142,16 @@ def test_credits_bound_what_a_lease_holds_and_idle_slots_fill_before_any_queues(
     assert items[0].ran_on == ("bob", "peer-bob", "") and items[0].future.running()
 
 
+def test_with_task_timeout_no_task_waits_behind_a_busy_slot_on_its_worker():
+    """Its clock starts when it is sent: queued behind a long task, it ran out without ever running."""
+    c = core(task_timeout=5.0)
+    items = [submit(c) for _ in range(3)]
+    lease = lease_of(c, "bob", slots=1, credits=3)
+    assert c.take(lease, 0.0) is items[0] and c.take(lease, 0.0) is None  # no other lease: it waits here
+    lease.answered(items[0].id)
+    assert c.take(lease, 1.0) is items[1] and items[1].deadline == 6.0
+
+
 def test_lost_tasks_run_again_until_max_retries_then_fail():
     c = core(max_retries=1)
     item = submit(c)

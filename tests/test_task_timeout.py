@@ -31,6 +31,18 @@ def test_a_task_past_its_timeout_fails_and_frees_its_slot():
         assert ex.submit(square, 5).result(timeout=30) == 25  # the one slot was freed: the task was stopped
 
 
+def test_tasks_behind_a_slow_one_are_not_timed_out_before_they_run():
+    """A task's clock started when it was sent, and tasks queued on the worker behind a slow one failed with
+    "ran longer than task_timeout" without ever running."""
+    with LocalCluster(workers=1) as lc, lc.executor(task_timeout=1) as ex:
+        assert list(ex.map(square, range(20))) == [x * x for x in range(20)]  # short: the worker grants credit
+        slow = ex.submit(time.sleep, 60)
+        behind = [ex.submit(square, x) for x in range(2, 6)]
+        with pytest.raises(TimeoutError):
+            slow.result(timeout=30)
+        assert [f.result(timeout=30) for f in behind] == [4, 9, 16, 25]
+
+
 def test_a_worker_that_never_answers_cannot_hang_results_or_leaving(caplog):
     with LocalCluster(workers=0) as lc, caplog.at_level(logging.WARNING, logger="p2pexec.client"):
         lc.add_worker(program=[sys.executable, EVIL_WORKER, "silent"], user=lc.owner)
