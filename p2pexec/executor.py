@@ -209,7 +209,7 @@ class P2PExecutor(Executor):
             relays=who.relays, allow=frozenset(allow) if allow is not None else None, task_timeout=task_timeout,
             max_result_size=max_result_size or (physical_memory() or 8 << 30) // 2, trusted_results=trusted_results,
             result_types=frozenset(result_types), shutdown_timeout=shutdown_timeout, strict_versions=strict_versions,
-            max_tasks_per_child=max_tasks_per_child)
+            max_tasks_per_child=None if max_tasks_per_child is None else int(max_tasks_per_child))  # (True: 1)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._unfinished: set[Future[Any]] = set()

@@ -74,6 +74,8 @@ def test_max_tasks_per_child_gives_each_task_process_that_many_tasks_then_a_fres
     assert {(state, inits) for state, inits, _ in seen} == {(7, 1)}
     with cluster.executor() as ex:  # (and without it, processes last)
         assert len({ex.submit(get_state).result(timeout=60)[2] for _ in range(4)}) == 1
+    with cluster.executor(max_tasks_per_child=True) as ex:  # an int to a pool (1); a worker takes only ints
+        assert len({ex.submit(get_state).result(timeout=60)[2] for _ in range(2)}) == 2
 
 
 @pytest.mark.parametrize("value, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), ("2", TypeError)])
