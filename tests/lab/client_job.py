@@ -5,14 +5,15 @@ Usage: python client_job.py '{"cluster": ..., "board": ..., "identity": ..., "me
                               "log_level": null | "INFO" | "DEBUG", "sleep": 0.0, "until_upgraded": 0}'
 
 Prints exactly ONE JSON line on stdout and exits 0:
-    {"results": [[x*x, worker], ...], "first": [1, worker], "first_result_s": s, "map_s": s,
+    {"results": [[x*x, worker], ...], "first": [1, worker], "kept_busy": n, "first_result_s": s, "map_s": s,
      "executor_s": s, "import_s": s, "total_s": s, "workers": [...]}
 (times from after the p2pexec import: executor_s to build P2PExecutor, first_result_s to the first
 result, map_s for the map after it; total_s includes the shutdown.)
 or, on any failure, {"error": repr(exc), ...} and exits 1 (3 when its own deadline passes).
 
-With ``until_upgraded`` (seconds), short tasks keep the relayed lease busy
-until it moved to a direct connection (or that long), before the map: hole
+With ``until_upgraded`` (seconds), short tasks (``kept_busy`` of them, two at a
+time, arguments -1, -2...) keep the relayed lease busy until it moved to a
+direct connection (or that long), before the map: hole
 punching takes 1-3 s, or 15 s and more when a punch stalls on a busy machine,
 and an upgrade cut short by the end of the work is never seen.
 
@@ -42,14 +43,13 @@ def square(x: int, sleep: float = 0.0) -> list[Any]:
     import time
 
     time.sleep(sleep)  # long enough tasks keep a lease alive while it is upgraded to a direct connection
-    if os.environ.get("LAB_RUNLOG") and x >= 0:  # (not the tasks that keep a lease busy: KEEP_BUSY)  # one line per run, so a test can tell a rerun from a single run
+    if os.environ.get("LAB_RUNLOG"):  # one line per run, so a test can tell a rerun from a single run
         with open(os.environ["LAB_RUNLOG"], "a") as runs:
             runs.write(f"{x}\n")
 
     return [x * x, os.environ.get("LAB_WORKER") or f"{socket.gethostname()}:{os.getpid()}"]
 
 
-KEEP_BUSY = -1  # the argument of the tasks that keep a lease busy until it is upgraded
 
 
 class _Moved(logging.Handler):
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
     moved = threading.Event()
     keep_busy = float(config.get("until_upgraded", 0))
     if keep_busy:
-        logging.getLogger("p2pexec").setLevel(logging.INFO)
+        logging.getLogger("p2pexec").setLevel(min(logging.INFO, logging.getLogger("p2pexec").getEffectiveLevel()))
         logging.getLogger("p2pexec").addHandler(_Moved(moved))
     try:
         with P2PExecutor(config["cluster"], board=config["board"], identity=config["identity"],
@@ -108,9 +108,12 @@ def main(argv: list[str]) -> int:
             created = time.monotonic()
             first = ex.submit(square, 1).result(timeout=remaining())
             got_first = time.monotonic()
-            busy_until = got_first + keep_busy
+            busy_until, kept_busy = got_first + keep_busy, 0  # (those tasks take -1, -2...: their runs count too)
             while keep_busy and not moved.is_set() and time.monotonic() < busy_until:
-                ex.submit(square, KEEP_BUSY, 0.3).result(timeout=remaining())
+                pair = [ex.submit(square, -(kept_busy + i), 0.3) for i in (1, 2)]  # one runs, one waits: both move
+                kept_busy += 2
+                for future in pair:
+                    future.result(timeout=remaining())
             tasks = int(config.get("tasks", 8))
             results = list(ex.map(square, range(tasks), [float(config.get("sleep", 0.0))] * tasks,
                                   timeout=remaining()))
@@ -119,7 +122,7 @@ def main(argv: list[str]) -> int:
         emit({"error": repr(exc), "elapsed_s": round(time.monotonic() - start, 3)})
         return 1
     emit({"results": results, "first": first, "workers": sorted({w for _, w in [first, *results]}),
-          "import_s": round(import_s, 4), "executor_s": round(created - start, 4),
+          "kept_busy": kept_busy, "import_s": round(import_s, 4), "executor_s": round(created - start, 4),
           "first_result_s": round(got_first - start, 4), "map_s": round(mapped - got_first, 4),
           "total_s": round(time.monotonic() - start, 4)})
     return 0
