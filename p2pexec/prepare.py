@@ -113,7 +113,7 @@ def prepickled(fn: types.FunctionType) -> PrepickledFunction | None:
         return hit[1]
     if by_reference(fn):
         return None
-    snapshot: list[tuple[Any, ...]] = []
+    snapshot: list[Any] = []
     if not _snapshot(fn, snapshot, set()):
         return None
     try:
@@ -130,11 +130,10 @@ def prepickled(fn: types.FunctionType) -> PrepickledFunction | None:
 MOST_CACHED = 1024  # functions pickled once and kept; a function's entry holds it only weakly
 
 
-
 _STABLE_TYPES = frozenset({int, float, complex, str, bool, type(None)})
 
 
-def _stable(obj: Any, snapshot: list[tuple[Any, ...]], seen: set[int]) -> bool:
+def _stable(obj: Any, snapshot: list[Any], seen: set[int]) -> bool:
     """Is ``obj`` pickled the same while it is the same object?  A function pickled by value is, if
     everything it is pickled from is (its checks go into ``snapshot``)."""
     kind = type(obj)
@@ -196,6 +195,7 @@ class _Namespace(_Attributes):
 
 
 def _fixed(owner: Any, names: tuple[str, ...], snapshot: list[Any]) -> bool:
+    """Add ``owner``'s attributes ``names``, which its pickle is made of, to ``snapshot`` (True: to chain)."""
     snapshot.append(_Attributes(owner, names))
     return True
 
@@ -220,7 +220,7 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
-def _snapshot(fn: types.FunctionType, snapshot: list[tuple[Any, ...]], seen: set[int]) -> bool:
+def _snapshot(fn: types.FunctionType, snapshot: list[Any], seen: set[int]) -> bool:
     """Add what ``fn``'s pickle depends on to ``snapshot``; False if some of it may change in place."""
     if id(fn) in seen:
         return True
