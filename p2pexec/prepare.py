@@ -151,10 +151,16 @@ def _stable(obj: Any, snapshot: list[Any], seen: set[int]) -> bool:
     if kind is types.FunctionType:
         return by_reference(obj) or _snapshot(obj, snapshot, seen)
     if isinstance(obj, logging.Logger):  # reduced to getLogger(its name)
-        return kind.__reduce__ is logging.Logger.__reduce__ and _fixed(obj, ("name",), snapshot)
+        if kind.__reduce__ is not logging.Logger.__reduce__:
+            return False
+        snapshot.append(_Attributes(obj, ("name",)))
+        return True
     if kind in _WRAPPERS:
         names = _WRAPPERS[kind]
-        return all(_stable(getattr(obj, name), snapshot, seen) for name in names) and _fixed(obj, names, snapshot)
+        if not all(_stable(getattr(obj, name), snapshot, seen) for name in names):
+            return False
+        snapshot.append(_Attributes(obj, names))
+        return True
     if isinstance(obj, type):  # a plain class of the user's code goes by value, as its namespace says
         return by_reference(obj) or (kind is type and all(_stable(base, snapshot, seen) for base in obj.__bases__)
                                      and _namespace(obj, snapshot, seen, _CLASS_SKIPS))
@@ -192,12 +198,6 @@ class _Namespace(_Attributes):
         now = vars(self.owner)
         return (len(now) == len(self.items) and all(now.get(k, _ABSENT) is v for k, v in self.items)
                 and super().unchanged())
-
-
-def _fixed(owner: Any, names: tuple[str, ...], snapshot: list[Any]) -> bool:
-    """Add ``owner``'s attributes ``names``, which its pickle is made of, to ``snapshot`` (True: to chain)."""
-    snapshot.append(_Attributes(owner, names))
-    return True
 
 
 def _namespace(owner: Any, snapshot: list[Any], seen: set[int], skips: frozenset[str]) -> bool:

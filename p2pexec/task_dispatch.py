@@ -98,7 +98,7 @@ def _save_dict(pickler: Any, obj: dict[str, Any]) -> None:
     executor = pickler.globals_of.get(id(obj))
     if executor is not None:  # a function's globals: its executor's namespace (p2pexec.namespaces)
         pickler.save_reduce(namespaces._namespace, (executor, obj["__name__"]), obj=obj)
-    elif pickler.flat_in_c and len(obj) >= FLAT_MIN and all(type(k) in _ATOMS and type(v) in _ATOMS
+    elif pickler.flat_in_c and len(obj) >= FLAT_MIN and all(type(k) in FLAT_ITEMS and type(v) in FLAT_ITEMS
                                                              for k, v in obj.items()):
         _save_flat(pickler, obj)
     else:
@@ -106,7 +106,7 @@ def _save_dict(pickler: Any, obj: dict[str, Any]) -> None:
 
 
 FLAT_MIN = 64  # items: a shorter container goes dill's way, which costs about what the check would
-_ATOMS = frozenset({int, float, complex, str, bool, type(None)})  # (not bytes: big ones go out of band)
+FLAT_ITEMS = frozenset({int, float, complex, str, bool, type(None)})  # (not bytes: big ones go out of band)
 
 
 def _plain(*parts: bytes) -> Any:
@@ -130,7 +130,7 @@ def _save_flat(pickler: Any, obj: Any) -> None:
 def _save_sequence(save: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     """dill's ``save`` for a list or tuple, unless it is a long flat one (:func:`_save_flat`)."""
     def saving(pickler: Any, obj: Any) -> None:
-        if pickler.flat_in_c and len(obj) >= FLAT_MIN and all(type(item) in _ATOMS for item in obj):
+        if pickler.flat_in_c and len(obj) >= FLAT_MIN and all(type(item) in FLAT_ITEMS for item in obj):
             _save_flat(pickler, obj)
         else:
             save(pickler, obj)
@@ -139,6 +139,6 @@ def _save_sequence(save: Callable[[Any, Any], None]) -> Callable[[Any, Any], Non
 
 DISPATCH = _Dispatch({enum.EnumMeta: _in_code(_save_enum), types.ModuleType: _in_code(_save_module),
                       types.FunctionType: _in_code(dill._dill.save_function), dict: _save_dict,
-                      list: _save_sequence(pickle._Pickler.save_list),  # type: ignore[attr-defined]
-                      tuple: _save_sequence(pickle._Pickler.save_tuple),  # type: ignore[attr-defined]
+                      list: _save_sequence(dill.Pickler.dispatch[list]),
+                      tuple: _save_sequence(dill.Pickler.dispatch[tuple]),
                       **dict.fromkeys(_RESOURCES, _refuse_resource)})

@@ -31,7 +31,7 @@ import dill._dill
 from . import enum_classes, namespaces
 from .errors import RemoteTraceback
 from .protocol.frames import OP_HEADER_BYTES, Buffer, nbytes, pack_parts, unpack_parts
-from .task_dispatch import DISPATCH
+from .task_dispatch import DISPATCH, FLAT_ITEMS
 
 PROTOCOL = 5
 OUT_OF_BAND = 64 * 1024
@@ -225,7 +225,7 @@ def _load_function(data: bytes, digest: bytes, fresh: bool = False) -> Callable[
     return fn
 
 
-ATOMS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+ATOMS = FLAT_ITEMS | {bytes}
 _CONTAINERS = frozenset({tuple, list, dict, set, frozenset})
 
 
