@@ -1,4 +1,5 @@
-"""``map``'s chunks: numbered as they are cut, run on workers, and their results chained back in order.
+"""``map``'s chunks: numbered as they are cut, run on workers (several short ones in one task), and their
+results chained back in order.
 
 Our own rather than ``concurrent.futures.process``'s private helpers: a
 map's tasks name these functions in their pickles, so they must not move
@@ -7,6 +8,7 @@ with a Python release.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from itertools import islice
@@ -15,7 +17,7 @@ from typing import Any
 Chunk = tuple[int, tuple[tuple[Any, ...], ...]]  # (index of its first item, the items' argument tuples)
 
 #: The functions that run a chunk, as ``module.qualname``: a task ``partial(RUNNER, fn, ...)`` maps ``fn``.
-RUNNERS = frozenset({"p2pexec.chunks.run_chunk", "p2pexec.seeding.seeded_chunk"})
+RUNNERS = frozenset({"p2pexec.chunks.run_chunks", "p2pexec.chunks.run_chunk", "p2pexec.seeding.seeded_chunk"})
 
 
 def numbered_chunks(*iterables: Iterable[Any], chunksize: int) -> Iterator[Chunk]:
@@ -31,12 +33,47 @@ def run_chunk(fn: Callable[..., Any], numbered: Chunk) -> list[Any]:
     return [fn(*args) for args in numbered[1]]
 
 
-def chained(results: Iterable[list[Any]]) -> Iterator[Any]:
-    """The chunks' results one by one, each chunk's list let go of as it is consumed."""
-    for chunk in results:
-        chunk.reverse()
-        while chunk:
-            yield chunk.pop()
+def grouped(chunks: Iterator[Chunk], size: int) -> Iterator[list[Chunk]]:
+    """``size`` chunks at a time (one task each), lazily."""
+    while group := list(islice(chunks, size)):
+        yield group
+
+
+def run_chunks(run: Callable[[Chunk], list[Any]], chunks: list[Chunk]) -> tuple[float, list[Any]]:
+    """On the worker: one task's chunks, each ending on its own as in a pool (a list of results, or the
+    exception one raised), and the seconds they took, which size the map's next tasks (:mod:`p2pexec.mapping`).
+
+    A lone chunk's exception fails the task, as a pool's would."""
+    started = time.perf_counter()
+    parts: list[Any] = []
+    for chunk in chunks:
+        try:
+            parts.append(run(chunk))
+        except Exception as exc:
+            if len(chunks) == 1:
+                raise
+            from .tasks import remote_exception  # (loaded already in a task process; this module stays pure)
+
+            parts.append(remote_exception(exc))
+    return time.perf_counter() - started, parts
+
+
+def chained(results: Iterable[tuple[float, list[Any]]],
+            learned: Callable[[float, int], None] | None = None) -> Iterator[Any]:
+    """The chunks' results one by one, in order, each list let go of as it is consumed; a chunk that
+    raised raises here, once the chunks before it are through.  ``learned(seconds, items)`` hears how long
+    each task's items took on its worker."""
+    for seconds, parts in results:
+        if learned is not None and not any(isinstance(part, BaseException) for part in parts):
+            learned(seconds, sum(map(len, parts)))
+        parts.reverse()
+        while parts:
+            part = parts.pop()
+            if isinstance(part, BaseException):
+                raise part
+            part.reverse()
+            while part:
+                yield part.pop()
 
 
 def mapped_function(fn: Any) -> Any:

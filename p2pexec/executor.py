@@ -34,7 +34,7 @@ from .protocol.resources import ANY, Need
 from .dependencies import futures_in, resolved
 from .errors import RemoteTraceback
 from .fitting import EnvFinder
-from .mapping import is_map_chunk, map_in_chunks
+from .mapping import Paces, is_map_chunk, map_in_chunks
 from .namespaces import Initialized, sending_for
 from .result_allowlist import task_package
 from .seeding import Seeded
@@ -214,6 +214,8 @@ class P2PExecutor(Executor):
         self._shutdown = False
         self._unfinished: set[Future[Any]] = set()
         self._waiting = Waiting()  # tasks waiting for the futures among their arguments
+        # a map's short chunks share tasks, unless each must be timed (task_timeout) or counted on its own
+        self._paces = Paces() if task_timeout is None and max_tasks_per_child is None else None
 
         quiet_dependencies(verbose)
         self._client = ClientRuntime(who, cluster, self._options, Path(known_hosts), accept_new_host_key)
@@ -320,7 +322,7 @@ class P2PExecutor(Executor):
             with self._shutdown_lock:
                 seeded, self._maps = (self.seed, self._maps), self._maps + 1
         with sending_for(self._id):
-            return map_in_chunks(submitter, fn, iterables, timeout, chunksize, seeded)
+            return map_in_chunks(submitter, fn, iterables, timeout, chunksize, seeded, self._paces)
 
     def interrupt(self, future: Future[Any]) -> bool:
         """Cancel ``future`` even if its task is running: the worker stops it by killing its task process.

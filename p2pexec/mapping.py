@@ -1,9 +1,14 @@
-"""How ``map`` becomes tasks: chunks of items, their function pickled once, big shared arguments sent once.
+"""How ``map`` becomes tasks: chunks of items, short ones together, their function pickled once, big shared
+arguments sent once.
 
-Each task runs the user's function over ``chunksize`` numbered items
+Each chunk runs the user's function over ``chunksize`` numbered items
 (:mod:`p2pexec.chunks`; :func:`~p2pexec.seeding.seeded_chunk` when the
-executor has a seed, each item on its own random stream).  The chunk
-function is pickled once for the whole call
+executor has a seed, each item on its own random stream).  A task carries
+one chunk, or several when earlier maps of the same function showed them
+short (:class:`Paces`): a task costs a worker and the client a fixed
+fraction of a millisecond, as much as hundreds of tiny items, and the
+results, exceptions and random streams are those of one chunk a task.
+The chunk function is pickled once for the whole call
 (:class:`~p2pexec.tasks.PrepickledFunction`; a task process unpickles
 it once, unless it has state of its own: :func:`stateless`), and a big
 argument met in several chunks is pickled and sent once
@@ -12,22 +17,74 @@ argument met in several chunks is pickled and sent once
 
 from __future__ import annotations
 
+import itertools
+import sys
 import types
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from functools import partial
 from typing import Any
 
-from .chunks import chained, numbered_chunks, run_chunk
+from .chunks import Chunk, chained, grouped, numbered_chunks, run_chunk, run_chunks
 from .hoisting import shared_values
 from .seeding import seeded_chunk
 from .tasks import PrepickledFunction
 
 
+#: A task of several chunks is planned to run about this long at most, so that it delays neither the map's
+#: first results nor its last (when the other slots are done) by more.
+TASK_SECONDS = 0.005
+MOST_CHUNKS = 64  # in one task, whatever the estimate (a wrong one costs at most this many chunks' time)
+#: A map grouped into fewer tasks than this would leave slots idle if its items had grown slower since
+#: their pace was learned (it is learned from earlier maps: this one's chunks are all submitted at once).
+FEWEST_TASKS = 32
+TASK_BYTES = 1 << 18  # of arguments in one task, as estimated from the first chunk's
+MOST_PACES = 256  # functions whose pace an executor remembers
+
+
+class Paces:
+    """How long one item of each mapped function takes on a worker, as its tasks said (an average that
+    follows change), and so how many of a map's chunks one task carries."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[Any, float] = {}  # by function (code object: a lambda made anew in a loop is one)
+
+    def learner(self, fn: Callable[..., Any]) -> Callable[[float, int], None]:
+        key = _pace_key(fn)
+
+        def learned(seconds: float, items: int) -> None:
+            if items:
+                pace = self._seconds.pop(key, None)
+                sample = seconds / items
+                self._seconds[key] = sample if pace is None else 0.7 * pace + 0.3 * sample
+                if len(self._seconds) > MOST_PACES:
+                    del self._seconds[next(iter(self._seconds))]  # the one least recently learned from
+        return learned
+
+    def grouping(self, fn: Callable[..., Any], chunks: Iterator[Chunk]) -> tuple[int, Iterator[Chunk]]:
+        """How many of ``chunks`` one task carries, and the chunks (a few read ahead): one, unless ``fn``'s
+        items are known to be short; then as many as fit in TASK_SECONDS and TASK_BYTES (judging by the
+        first chunk's arguments), up to MOST_CHUNKS, and so that there are FEWEST_TASKS tasks or more."""
+        pace = self._seconds.get(_pace_key(fn))
+        if pace is None:
+            return 1, chunks
+        head = list(itertools.islice(chunks, MOST_CHUNKS * FEWEST_TASKS))
+        if not head:
+            return 1, chunks
+        items = head[0][1]
+        size = sum(sys.getsizeof(arg) for args in items for arg in args) or 1  # (a floor: contents not counted)
+        per_task = min(MOST_CHUNKS, int(TASK_SECONDS / max(pace * len(items), 1e-9)), TASK_BYTES // size,
+                       len(head) // FEWEST_TASKS)
+        return max(1, per_task), itertools.chain(head, chunks)
+
+
+def _pace_key(fn: Callable[..., Any]) -> Any:
+    return getattr(fn, "__code__", fn)
+
+
 def is_map_chunk(fn: Any) -> bool:
     """Is ``fn`` one of :func:`map_in_chunks`' tasks (which number their own items for seeding)?"""
-    return isinstance(fn, PrepickledFunction) or (
-        isinstance(fn, partial) and fn.func in (run_chunk, seeded_chunk))
+    return isinstance(fn, PrepickledFunction) or (isinstance(fn, partial) and fn.func is run_chunks)
 
 
 def stateless(fn: Any) -> bool:
@@ -45,18 +102,25 @@ def stateless(fn: Any) -> bool:
 
 
 def map_in_chunks(submitter: Executor, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
-                  timeout: float | None, chunksize: int, seeded: tuple[int, int] | None) -> Iterator[Any]:
-    """``Executor.map`` of ``fn`` through ``submitter``, in chunks; ``seeded`` is (seed, which map call)."""
+                  timeout: float | None, chunksize: int, seeded: tuple[int, int] | None,
+                  paces: Paces | None) -> Iterator[Any]:
+    """``Executor.map`` of ``fn`` through ``submitter``, in chunks; ``seeded`` is (seed, which map call);
+    ``paces`` None: one chunk a task (each must count, or be timed, on its own)."""
     chunks = numbered_chunks(*iterables, chunksize=chunksize)
     if seeded is None:
         chunk_task: Callable[..., Any] = partial(run_chunk, fn)
     else:
         seed, number = seeded
         chunk_task = partial(seeded_chunk, fn, seed, (1, number))
+    task: Callable[..., Any] = partial(run_chunks, chunk_task)
+    fresh = not stateless(fn)
     try:
-        task: Callable[..., Any] = PrepickledFunction(chunk_task, fresh=not stateless(fn))
+        task = PrepickledFunction(task, fresh=fresh)
     except Exception:
-        task = chunk_task  # each submit reports the pickling error on its future
+        pass  # each submit reports the pickling error on its future
+    per_task = 1
+    if paces is not None and not fresh:  # (a function with state of its own starts each chunk afresh)
+        per_task, chunks = paces.grouping(fn, chunks)
     with shared_values():  # a big argument given to every item is pickled and sent once
-        results = Executor.map(submitter, task, chunks, timeout=timeout)
-    return chained(results)
+        results = Executor.map(submitter, task, grouped(chunks, per_task), timeout=timeout)
+    return chained(results, None if paces is None or fresh else paces.learner(fn))

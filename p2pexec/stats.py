@@ -36,7 +36,8 @@ class ExecutorStats:
     a worker and not answered; ``done``: returned a value; ``failed``: ended
     with an exception (raised by the task, its process died, timed out,
     lost, refused, no worker).  Cancelled futures are in none of them.
-    A ``map`` with ``chunksize`` above 1 counts its chunks, each one task.
+    A ``map`` counts its tasks: one chunk each, or several short ones
+    (:mod:`p2pexec.mapping`), done unless the task as a whole failed.
     ``workers`` lists every worker that ran or holds a task, by peer.
 
     What went to workers: ``bytes_sent``, the payloads of tasks and big

@@ -358,13 +358,7 @@ Outcome._sealed_ = True  # (after @dataclass, which sets its methods)
 def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str, records: tuple[Any, ...] = ()) -> list[Buffer]:
     """Pickle a task's outcome; an exception keeps its formatted traceback."""
     if not ok:
-        tb = "".join(traceback.format_exception(type(value), value, value.__traceback__))
-        tb = f'\n"""\n{tb}"""'
-        try:  # the client must be able to rebuild it, not merely we to pickle it
-            _loads(b"".join(dump_payload(value, flat_in_c=False)))  # (as the outcome will be: a client's Enum too)
-        except Exception:
-            value = RemoteError(f"{type(value).__qualname__}: {value}")
-        value = _ExceptionWithTraceback(value, tb)
+        value = remote_exception(value)
     outcome = Outcome(ok, value, stdout, stderr, records)
     if ok and not has_big_bytes(value):
         main = plain_pickle(outcome)  # builtin data: the C pickler, and nothing else to check
@@ -391,6 +385,17 @@ def load_outcome(payload: Buffer, trusted: bool = True, result_types: Collection
     if not isinstance(outcome, Outcome):
         raise TypeError(f"a worker returned {type(outcome).__name__}, not a task outcome")
     return outcome
+
+
+def remote_exception(exc: BaseException) -> _ExceptionWithTraceback:
+    """``exc`` as it travels to the client: raised there with its formatted traceback as the cause, or as
+    a :class:`RemoteError` if the client could not rebuild it."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:  # the client must be able to rebuild it, not merely we to pickle it
+        _loads(b"".join(dump_payload(exc, flat_in_c=False)))  # (as the outcome will be: a client's Enum too)
+    except Exception:
+        exc = RemoteError(f"{type(exc).__qualname__}: {exc}")
+    return _ExceptionWithTraceback(exc, f'\n"""\n{tb}"""')
 
 
 class _ExceptionWithTraceback:
