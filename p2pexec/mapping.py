@@ -4,8 +4,9 @@ arguments sent once.
 Each chunk runs the user's function over ``chunksize`` numbered items
 (:mod:`p2pexec.chunks`; :func:`~p2pexec.seeding.seeded_chunk` when the
 executor has a seed, each item on its own random stream).  A task carries
-one chunk, or several when earlier maps of the same function showed them
-short (:class:`Paces`): a task costs a worker and the client a fixed
+one chunk, or several when the function's items are known to be short
+(:class:`Paces`: from its earlier maps, or from the first chunks of its
+first, :func:`_probe`): a task costs a worker and the client a fixed
 fraction of a millisecond, as much as hundreds of tiny items, and the
 results, exceptions and random streams are those of one chunk a task.
 The chunk function is pickled once for the whole call
@@ -19,9 +20,10 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 import types
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from functools import partial
 from typing import Any
 
@@ -40,6 +42,10 @@ MOST_CHUNKS = 64  # in one task, whatever the estimate (a wrong one costs at mos
 FEWEST_TASKS = 32
 TASK_BYTES = 1 << 18  # of arguments in one task, as estimated from the first chunk's
 MOST_PACES = 256  # functions whose pace an executor remembers
+#: A function's first map (long enough to group) sends this many chunks alone, then waits up to
+#: PROBE_SECONDS for one of them, whose pace groups the rest: a map of slow items loses at most that.
+PROBES = 4
+PROBE_SECONDS = 0.25
 
 
 class Paces:
@@ -60,6 +66,9 @@ class Paces:
                 if len(self._seconds) > MOST_PACES:
                     del self._seconds[next(iter(self._seconds))]  # the one least recently learned from
         return learned
+
+    def known(self, fn: Callable[..., Any]) -> bool:
+        return _pace_key(fn) in self._seconds
 
     def grouping(self, fn: Callable[..., Any], chunks: Iterator[Chunk]) -> tuple[int, Iterator[Chunk]]:
         """How many of ``chunks`` one task carries, and the chunks (a few read ahead): one, unless ``fn``'s
@@ -106,6 +115,7 @@ def map_in_chunks(submitter: Executor, fn: Callable[..., Any], iterables: tuple[
                   paces: Paces | None) -> Iterator[Any]:
     """``Executor.map`` of ``fn`` through ``submitter``, in chunks; ``seeded`` is (seed, which map call);
     ``paces`` None: one chunk a task (each must count, or be timed, on its own)."""
+    end = None if timeout is None else time.monotonic() + timeout
     chunks = numbered_chunks(*iterables, chunksize=chunksize)
     if seeded is None:
         chunk_task: Callable[..., Any] = partial(run_chunk, fn)
@@ -118,9 +128,47 @@ def map_in_chunks(submitter: Executor, fn: Callable[..., Any], iterables: tuple[
         task = PrepickledFunction(task, fresh=fresh)
     except Exception:
         pass  # each submit reports the pickling error on its future
-    per_task = 1
-    if paces is not None and not fresh:  # (a function with state of its own starts each chunk afresh)
-        per_task, chunks = paces.grouping(fn, chunks)
+    learned = None if paces is None or fresh else paces.learner(fn)  # (state of its own: each chunk afresh)
     with shared_values():  # a big argument given to every item is pickled and sent once
-        results = Executor.map(submitter, task, grouped(chunks, per_task), timeout=timeout)
-    return chained(results, None if paces is None or fresh else paces.learner(fn))
+        futures: list[Future[Any]] = []
+        per_task = 1
+        if paces is not None and learned is not None:
+            if not paces.known(fn):
+                chunks = _probe(submitter, task, chunks, futures, learned, end)
+            per_task, chunks = paces.grouping(fn, chunks)
+        futures += [submitter.submit(task, group) for group in grouped(chunks, per_task)]
+    return chained(_in_order(futures, end), learned)
+
+
+def _probe(submitter: Executor, task: Callable[..., Any], chunks: Iterator[Chunk], futures: list[Future[Any]],
+           learned: Callable[[float, int], None], end: float | None) -> Iterator[Chunk]:
+    """A function not mapped before: in a map long enough to group, its first PROBES chunks go at once, and
+    the first to come back within PROBE_SECONDS gives the pace by which the rest are grouped."""
+    head = list(itertools.islice(chunks, PROBES + 2 * FEWEST_TASKS))
+    if len(head) < PROBES + 2 * FEWEST_TASKS:
+        return iter(head)
+    futures += [submitter.submit(task, [chunk]) for chunk in head[:PROBES]]
+    patience = PROBE_SECONDS if end is None else min(PROBE_SECONDS, end - time.monotonic())
+    done, _ = wait(futures, max(0.0, patience), return_when=FIRST_COMPLETED)
+    for future in done:
+        if not future.cancelled() and future.exception() is None:
+            seconds, parts = future.result()
+            learned(seconds, sum(map(len, parts)))
+    return itertools.chain(head[PROBES:], chunks)
+
+
+def _in_order(futures: list[Future[Any]], end: float | None) -> Iterator[Any]:
+    """The futures' results in order, as ``Executor.map`` yields them: each within the map's ``timeout``
+    (else it is cancelled), the rest cancelled when the iterator is closed or dropped."""
+    try:
+        futures.reverse()
+        while futures:
+            future = futures.pop()
+            try:
+                yield future.result(None if end is None else end - time.monotonic())
+            finally:
+                future.cancel()
+                del future
+    finally:
+        for future in futures:
+            future.cancel()

@@ -1,13 +1,15 @@
 """A map's short chunks share tasks: results, exceptions and random streams as with one chunk a task.
 
-The grouping is learned from earlier maps of the same function (``mapping.Paces``); these tests check the
-pure parts (how chunks are grouped, how a task's chunks end each on its own) with hypothesis, then a real
-cluster: fewer tasks, the same results, the exception of the first failing chunk after the items before it.
+The grouping follows the pace of the function's items, learned from its earlier maps or from the first
+chunks of its first (``mapping.Paces``); these tests check the pure parts (how chunks are grouped, how a
+task's chunks end each on its own) with hypothesis, then a real cluster: fewer tasks, the same results, the
+exception of the first failing chunk after the items before it.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from functools import partial
 
 import pytest
@@ -17,7 +19,8 @@ from hypothesis import strategies as st
 from p2pexec import LocalCluster
 from p2pexec.chunks import chained, grouped, numbered_chunks, run_chunk, run_chunks
 from p2pexec.errors import RemoteTraceback
-from p2pexec.mapping import FEWEST_TASKS, MOST_CHUNKS, MOST_PACES, TASK_BYTES, TASK_SECONDS, Paces
+from p2pexec import mapping
+from p2pexec.mapping import FEWEST_TASKS, MOST_CHUNKS, MOST_PACES, PROBES, TASK_BYTES, TASK_SECONDS, Paces
 from p2pexec.tasks import dump_outcome, load_outcome
 
 pytestmark = pytest.mark.timeout(180)
@@ -134,6 +137,26 @@ def test_the_pace_follows_change():
     assert paces.grouping(step, iter(chunks_of(5000)))[0] == 1
 
 
+def test_results_come_in_order_and_what_is_left_is_cancelled_as_executor_map_does():
+    from concurrent.futures import Future, TimeoutError
+
+    from p2pexec.mapping import _in_order
+
+    futures = [Future() for _ in range(4)]
+    futures[0].set_result("a")
+    results = _in_order(list(futures), None)
+    assert next(results) == "a"
+    results.close()  # the user stops reading: what did not run is cancelled
+    assert all(f.cancelled() for f in futures[1:])
+    futures = [Future() for _ in range(3)]
+    futures[0].set_result("a")
+    results = _in_order(list(futures), time.monotonic() + 0.05)
+    assert next(results) == "a"
+    with pytest.raises(TimeoutError):
+        next(results)
+    assert futures[1].cancelled() and futures[2].cancelled()
+
+
 # -- on a real cluster ------------------------------------------------------------------------------------------
 def square(x: int) -> int:
     return x * x
@@ -168,13 +191,36 @@ def tasks_run(ex, call) -> tuple[object, int]:
     return out, ex.stats().done - before
 
 
-def test_a_second_map_of_short_items_runs_in_far_fewer_tasks(lc):
+def test_a_map_after_one_that_showed_short_items_runs_in_far_fewer_tasks(lc, monkeypatch):
+    monkeypatch.setattr(mapping, "PROBE_SECONDS", 0)  # no first chunk is back at once: a chunk a task
     with lc.executor() as ex:
         out, first = tasks_run(ex, lambda: list(ex.map(square, range(20_000), chunksize=10)))
-        assert out == [x * x for x in range(20_000)] and first == 2000  # not known yet: a chunk a task
+        assert out == [x * x for x in range(20_000)] and first == 2000
         out, second = tasks_run(ex, lambda: list(ex.map(square, range(20_000), chunksize=10)))
         assert out == [x * x for x in range(20_000)]
         assert FEWEST_TASKS <= second <= 2000 / 4
+
+
+def test_a_first_map_is_grouped_by_the_pace_of_its_first_chunks(lc, monkeypatch):
+    monkeypatch.setattr(mapping, "PROBE_SECONDS", 60)  # (however loaded the machine: this tests the grouping)
+    with lc.executor() as ex:
+        out, tasks = tasks_run(ex, lambda: list(ex.map(square, range(20_000), chunksize=10)))
+        assert out == [x * x for x in range(20_000)]
+        assert PROBES + FEWEST_TASKS <= tasks <= 2000 / 4
+
+
+def nap(x: int) -> int:
+    import time
+
+    time.sleep(0.01)
+    return x
+
+
+def test_slow_items_keep_a_chunk_a_task(lc, monkeypatch):
+    monkeypatch.setattr(mapping, "PROBE_SECONDS", 60)
+    with lc.executor() as ex:
+        assert tasks_run(ex, lambda: list(ex.map(nap, range(80))))[1] == 80  # first map: its probes tell
+        assert tasks_run(ex, lambda: list(ex.map(nap, range(80))))[1] == 80  # then its pace
 
 
 def test_a_failing_chunk_in_a_shared_task_raises_after_the_items_before_it(lc):
