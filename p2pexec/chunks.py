@@ -59,13 +59,13 @@ def run_chunks(run: Callable[[Chunk], list[Any]], chunks: list[Chunk]) -> tuple[
 
 
 def chained(results: Iterable[tuple[float, list[Any]]],
-            learned: Callable[[float, int], None] | None = None) -> Iterator[Any]:
+            learned: Callable[[float, list[list[Any]]], None] | None = None) -> Iterator[Any]:
     """The chunks' results one by one, in order, each list let go of as it is consumed; a chunk that
-    raised raises here, once the chunks before it are through.  ``learned(seconds, items)`` hears how long
-    each task's items took on its worker."""
+    raised raises here, once the chunks before it are through.  ``learned(seconds, parts)`` hears how long
+    each task's chunks took on its worker, and their results."""
     for seconds, parts in results:
         if learned is not None and not any(isinstance(part, BaseException) for part in parts):
-            learned(seconds, sum(map(len, parts)))
+            learned(seconds, parts)
         parts.reverse()
         while parts:
             part = parts.pop()

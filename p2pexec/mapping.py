@@ -40,7 +40,8 @@ MOST_CHUNKS = 64  # in one task, whatever the estimate (a wrong one costs at mos
 #: A map grouped into fewer tasks than this would leave slots idle if its items had grown slower since
 #: their pace was learned (it is learned from earlier maps: this one's chunks are all submitted at once).
 FEWEST_TASKS = 32
-TASK_BYTES = 1 << 18  # of arguments in one task, as estimated from the first chunk's
+TASK_BYTES = 1 << 18  # of arguments, or of results, in one task, as estimated from a chunk's
+SAMPLED = 16  # results of a task whose sizes are summed, to estimate a result's
 MOST_PACES = 256  # functions whose pace an executor remembers
 #: A function's first map (long enough to group) sends this many chunks alone, then waits up to
 #: PROBE_SECONDS for one of them, whose pace groups the rest: a map of slow items loses at most that.
@@ -49,41 +50,47 @@ PROBE_SECONDS = 0.25
 
 
 class Paces:
-    """How long one item of each mapped function takes on a worker, as its tasks said (an average that
-    follows change), and so how many of a map's chunks one task carries."""
+    """How long one item of each mapped function takes on a worker and how big its result is, as its tasks
+    said (averages that follow change), and so how many of a map's chunks one task carries."""
 
     def __init__(self) -> None:
-        self._seconds: dict[Any, float] = {}  # by function (code object: a lambda made anew in a loop is one)
+        # (seconds, result bytes) an item, by function (code object: a lambda made anew in a loop is one)
+        self._paces: dict[Any, tuple[float, float]] = {}
 
-    def learner(self, fn: Callable[..., Any]) -> Callable[[float, int], None]:
+    def learner(self, fn: Callable[..., Any]) -> Callable[[float, list[list[Any]]], None]:
+        """What hears each task's seconds and its chunks' results (:func:`~p2pexec.chunks.chained`)."""
         key = _pace_key(fn)
 
-        def learned(seconds: float, items: int) -> None:
-            if items:
-                pace = self._seconds.pop(key, None)
-                sample = seconds / items
-                self._seconds[key] = sample if pace is None else 0.7 * pace + 0.3 * sample
-                if len(self._seconds) > MOST_PACES:
-                    del self._seconds[next(iter(self._seconds))]  # the one least recently learned from
+        def learned(seconds: float, parts: list[list[Any]]) -> None:
+            items = sum(map(len, parts))
+            if not items:
+                return
+            sample = next(part for part in parts if part)[:SAMPLED]  # (a floor: contents not counted)
+            now = (seconds / items, sum(map(sys.getsizeof, sample)) / len(sample))
+            was = self._paces.pop(key, None)
+            self._paces[key] = now if was is None else (0.7 * was[0] + 0.3 * now[0], 0.7 * was[1] + 0.3 * now[1])
+            if len(self._paces) > MOST_PACES:
+                del self._paces[next(iter(self._paces))]  # the one least recently learned from
         return learned
 
     def known(self, fn: Callable[..., Any]) -> bool:
-        return _pace_key(fn) in self._seconds
+        return _pace_key(fn) in self._paces
 
     def grouping(self, fn: Callable[..., Any], chunks: Iterator[Chunk]) -> tuple[int, Iterator[Chunk]]:
         """How many of ``chunks`` one task carries, and the chunks (a few read ahead): one, unless ``fn``'s
-        items are known to be short; then as many as fit in TASK_SECONDS and TASK_BYTES (judging by the
-        first chunk's arguments), up to MOST_CHUNKS, and so that there are FEWEST_TASKS tasks or more."""
-        pace = self._seconds.get(_pace_key(fn))
+        items are known to be short; then as many as fit in TASK_SECONDS and in TASK_BYTES of arguments (the
+        first chunk's) or results, up to MOST_CHUNKS, and so that there are FEWEST_TASKS tasks or more."""
+        pace = self._paces.get(_pace_key(fn))
         if pace is None:
             return 1, chunks
         head = list(itertools.islice(chunks, MOST_CHUNKS * FEWEST_TASKS))
         if not head:
             return 1, chunks
+        seconds, result_bytes = pace
         items = head[0][1]
-        size = sum(sys.getsizeof(arg) for args in items for arg in args) or 1  # (a floor: contents not counted)
-        per_task = min(MOST_CHUNKS, int(TASK_SECONDS / max(pace * len(items), 1e-9)), TASK_BYTES // size,
-                       len(head) // FEWEST_TASKS)
+        argument_bytes = sum(sys.getsizeof(arg) for args in items for arg in args)  # (a floor, as results')
+        per_task = min(MOST_CHUNKS, int(TASK_SECONDS / max(seconds * len(items), 1e-9)),
+                       int(TASK_BYTES / max(argument_bytes, result_bytes * len(items), 1)), len(head) // FEWEST_TASKS)
         return max(1, per_task), itertools.chain(head, chunks)
 
 
@@ -141,7 +148,7 @@ def map_in_chunks(submitter: Executor, fn: Callable[..., Any], iterables: tuple[
 
 
 def _probe(submitter: Executor, task: Callable[..., Any], chunks: Iterator[Chunk], futures: list[Future[Any]],
-           learned: Callable[[float, int], None], end: float | None) -> Iterator[Chunk]:
+           learned: Callable[[float, list[list[Any]]], None], end: float | None) -> Iterator[Chunk]:
     """A function not mapped before: in a map long enough to group, its first PROBES chunks go at once, and
     the first to come back within PROBE_SECONDS gives the pace by which the rest are grouped."""
     head = list(itertools.islice(chunks, PROBES + 2 * FEWEST_TASKS))
@@ -152,8 +159,7 @@ def _probe(submitter: Executor, task: Callable[..., Any], chunks: Iterator[Chunk
     done, _ = wait(futures, max(0.0, patience), return_when=FIRST_COMPLETED)
     for future in done:
         if not future.cancelled() and future.exception() is None:
-            seconds, parts = future.result()
-            learned(seconds, sum(map(len, parts)))
+            learned(*future.result())
     return itertools.chain(head[PROBES:], chunks)
 
 

@@ -69,7 +69,7 @@ def test_a_task_of_several_chunks_ends_as_a_task_of_each_would(items, chunksize,
     out: list[int] = []
     error = None
     try:
-        for x in chained(results, lambda seconds, n: learned.append(n)):
+        for x in chained(results, lambda seconds, parts: learned.append(sum(map(len, parts)))):
             out.append(x)
     except Refused as exc:
         error = str(exc)
@@ -88,6 +88,11 @@ def step(x: int) -> int:
     return x
 
 
+def teach(paces: Paces, fn, seconds: float, items: int = 1000, result: object = 0) -> None:
+    """Tell ``paces`` that ``items`` of ``fn`` took ``seconds`` in all, each returning ``result``."""
+    paces.learner(fn)(seconds, [[result] * items])
+
+
 def test_an_unknown_function_gets_a_task_a_chunk_and_nothing_is_read_ahead():
     chunks = iter(chunks_of(100))
     per_task, rest = Paces().grouping(step, chunks)
@@ -98,7 +103,7 @@ def test_an_unknown_function_gets_a_task_a_chunk_and_nothing_is_read_ahead():
 @given(st.floats(1e-9, 10.0), st.integers(0, 5000), st.integers(1, 100))
 def test_tasks_stay_short_few_enough_and_many_enough(pace, n, chunksize):
     paces = Paces()
-    paces.learner(step)(pace * 1000, 1000)
+    teach(paces, step, pace * 1000)
     chunks = chunks_of(n, chunksize)
     per_task, rest = paces.grouping(step, iter(chunks))
     assert list(rest) == chunks  # the chunks read ahead come back first, in order
@@ -108,32 +113,35 @@ def test_tasks_stay_short_few_enough_and_many_enough(pace, n, chunksize):
         assert math.ceil(n / per_task) >= FEWEST_TASKS
 
 
-def test_big_arguments_keep_tasks_small():
+def test_big_arguments_or_results_keep_tasks_small():
     paces = Paces()
-    paces.learner(step)(1e-9, 1000)
+    teach(paces, step, 1e-9)
     chunk_bytes = 10 * 1033  # ten items of sys.getsizeof(b"x" * 1000)
     per_task, _ = paces.grouping(step, iter(chunks_of(3000, item=b"x" * 1000)))
     assert per_task == TASK_BYTES // chunk_bytes < MOST_CHUNKS
+    assert paces.grouping(step, iter(chunks_of(3000)))[0] == MOST_CHUNKS
+    paces = Paces()
+    teach(paces, step, 1e-9, result=b"x" * 1000)
+    assert paces.grouping(step, iter(chunks_of(3000)))[0] == TASK_BYTES // chunk_bytes
 
 
 def test_lambdas_made_anew_share_one_pace_and_the_paces_are_bounded():
     paces = Paces()
     for _ in range(3):
-        paces.learner(lambda x: x)(0.001, 10_000)
-    assert len(paces._seconds) == 1
+        teach(paces, lambda x: x, 0.001)
+    assert len(paces._paces) == 1
     for i in range(MOST_PACES + 10):
         fn = eval(f"lambda x: x + {i}")  # each its own code object
-        paces.learner(fn)(0.001, 1000)
-    assert len(paces._seconds) == MOST_PACES
+        teach(paces, fn, 0.001)
+    assert len(paces._paces) == MOST_PACES
 
 
 def test_the_pace_follows_change():
     paces = Paces()
-    learned = paces.learner(step)
-    learned(1e-6 * 100, 100)
+    teach(paces, step, 1e-6 * 100, 100)
     assert paces.grouping(step, iter(chunks_of(5000)))[0] > 1
     for _ in range(20):  # the items got slow: 10 ms each
-        learned(1.0, 100)
+        teach(paces, step, 1.0, 100)
     assert paces.grouping(step, iter(chunks_of(5000)))[0] == 1
 
 
