@@ -43,13 +43,16 @@ def run_chunks(run: Callable[[Chunk], list[Any]], chunks: list[Chunk]) -> tuple[
     """On the worker: one task's chunks, each ending on its own as in a pool (a list of results, or the
     exception one raised), and the seconds they took, which size the map's next tasks (:mod:`p2pexec.mapping`).
 
-    A lone chunk's exception fails the task, as a pool's would."""
+    A lone chunk's exception fails the task, as a pool's would; so does a KeyboardInterrupt, which means
+    to stop the process (a pool's worker reports any other BaseException, SystemExit included)."""
     started = time.perf_counter()
     parts: list[Any] = []
     for chunk in chunks:
         try:
             parts.append(run(chunk))
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
             if len(chunks) == 1:
                 raise
             from .tasks import remote_exception  # (loaded already in a task process; this module stays pure)

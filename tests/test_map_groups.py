@@ -80,6 +80,22 @@ def test_a_task_of_several_chunks_ends_as_a_task_of_each_would(items, chunksize,
         assert sum(learned) == len(items)
 
 
+def leave(x: int) -> int:
+    if x == 3:
+        raise SystemExit(3)
+    if x == 5:
+        raise KeyboardInterrupt
+    return x
+
+
+def test_a_chunk_that_exits_ends_alone_but_an_interrupt_stops_the_task():
+    seconds, parts = run_chunks(partial(run_chunk, leave), list(numbered_chunks(range(5), chunksize=2)))
+    assert parts[0] == [0, 1] and parts[2] == [4]
+    assert isinstance(parts[1].exc, SystemExit) and parts[1].exc.code == 3
+    with pytest.raises(KeyboardInterrupt):
+        run_chunks(partial(run_chunk, leave), list(numbered_chunks(range(7), chunksize=2)))
+
+
 def chunks_of(n: int, chunksize: int = 10, item: object = 0) -> list:
     return list(numbered_chunks([item] * (n * chunksize), chunksize=chunksize))
 
