@@ -43,15 +43,13 @@ def run_chunks(run: Callable[[Chunk], list[Any]], chunks: list[Chunk]) -> tuple[
     """On the worker: one task's chunks, each ending on its own as in a pool (a list of results, or the
     exception one raised), and the seconds they took, which size the map's next tasks (:mod:`p2pexec.mapping`).
 
-    A lone chunk's exception fails the task, as a pool's would; so does a KeyboardInterrupt, which means
-    to stop the process (a pool's worker reports any other BaseException, SystemExit included)."""
+    A lone chunk's exception fails the task, as a pool's would; a pool's worker reports any BaseException
+    (a task process ignores SIGINT: a KeyboardInterrupt here is one the function raised)."""
     started = time.perf_counter()
     parts: list[Any] = []
     for chunk in chunks:
         try:
             parts.append(run(chunk))
-        except KeyboardInterrupt:
-            raise
         except BaseException as exc:
             if len(chunks) == 1:
                 raise
@@ -66,17 +64,22 @@ def chained(results: Iterable[tuple[float, list[Any]]],
     """The chunks' results one by one, in order, each list let go of as it is consumed; a chunk that
     raised raises here, once the chunks before it are through.  ``learned(seconds, parts)`` hears how long
     each task's chunks took on its worker, and their results."""
-    for seconds, parts in results:
-        if learned is not None and not any(isinstance(part, BaseException) for part in parts):
-            learned(seconds, parts)
-        parts.reverse()
-        while parts:
-            part = parts.pop()
-            if isinstance(part, BaseException):
-                raise part
-            part.reverse()
-            while part:
-                yield part.pop()
+    try:
+        for seconds, parts in results:
+            if learned is not None and not any(isinstance(part, BaseException) for part in parts):
+                learned(seconds, parts)
+            parts.reverse()
+            while parts:
+                part = parts.pop()
+                if isinstance(part, BaseException):
+                    raise part
+                part.reverse()
+                while part:
+                    yield part.pop()
+    finally:  # the rest is cancelled now, not when the last reference to a kept exception goes
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
 
 
 def mapped_function(fn: Any) -> Any:

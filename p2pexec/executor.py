@@ -322,7 +322,8 @@ class P2PExecutor(Executor):
             with self._shutdown_lock:
                 seeded, self._maps = (self.seed, self._maps), self._maps + 1
         with sending_for(self._id):
-            return map_in_chunks(submitter, fn, iterables, timeout, chunksize, seeded, self._paces)
+            return map_in_chunks(submitter, fn, iterables, timeout, chunksize, seeded, self._paces,
+                                 lambda: self.capacity(0))
 
     def interrupt(self, future: Future[Any]) -> bool:
         """Cancel ``future`` even if its task is running: the worker stops it by killing its task process.

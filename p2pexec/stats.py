@@ -37,7 +37,8 @@ class ExecutorStats:
     with an exception (raised by the task, its process died, timed out,
     lost, refused, no worker).  Cancelled futures are in none of them.
     A ``map`` counts its tasks: one chunk each, or several short ones
-    (:mod:`p2pexec.mapping`), done unless the task as a whole failed.
+    (:mod:`p2pexec.mapping`), done unless the task as a whole failed (a
+    chunk that raised in a task of several is not counted as failed).
     ``workers`` lists every worker that ran or holds a task, by peer.
 
     What went to workers: ``bytes_sent``, the payloads of tasks and big

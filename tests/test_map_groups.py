@@ -9,6 +9,7 @@ exception of the first failing chunk after the items before it.
 from __future__ import annotations
 
 import math
+import os
 import time
 from functools import partial
 
@@ -16,12 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pexec import LocalCluster
+from p2pexec import LocalCluster, mapping
 from p2pexec.chunks import chained, grouped, numbered_chunks, run_chunk, run_chunks
 from p2pexec.errors import RemoteTraceback
-from p2pexec import mapping
 from p2pexec.mapping import FEWEST_TASKS, MOST_CHUNKS, MOST_PACES, PROBES, TASK_BYTES, TASK_SECONDS, Paces
 from p2pexec.tasks import dump_outcome, load_outcome
+
+from .conftest import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -84,16 +86,15 @@ def leave(x: int) -> int:
     if x == 3:
         raise SystemExit(3)
     if x == 5:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt  # (a task process ignores SIGINT: only the function raises one)
     return x
 
 
-def test_a_chunk_that_exits_ends_alone_but_an_interrupt_stops_the_task():
-    seconds, parts = run_chunks(partial(run_chunk, leave), list(numbered_chunks(range(5), chunksize=2)))
-    assert parts[0] == [0, 1] and parts[2] == [4]
+def test_a_chunk_that_exits_or_raises_keyboardinterrupt_ends_alone():
+    seconds, parts = run_chunks(partial(run_chunk, leave), list(numbered_chunks(range(7), chunksize=2)))
+    assert parts[0] == [0, 1] and parts[3] == [6]
     assert isinstance(parts[1].exc, SystemExit) and parts[1].exc.code == 3
-    with pytest.raises(KeyboardInterrupt):
-        run_chunks(partial(run_chunk, leave), list(numbered_chunks(range(7), chunksize=2)))
+    assert isinstance(parts[2].exc, KeyboardInterrupt)
 
 
 def chunks_of(n: int, chunksize: int = 10, item: object = 0) -> list:
@@ -109,36 +110,39 @@ def teach(paces: Paces, fn, seconds: float, items: int = 1000, result: object = 
     paces.learner(fn)(seconds, [[result] * items])
 
 
-def test_an_unknown_function_gets_a_task_a_chunk_and_nothing_is_read_ahead():
+def group(paces: Paces, chunks: list, probed: tuple[float, float] | None, fn=step) -> int:
+    per_task, rest = paces.grouping(fn, iter(chunks), probed, FEWEST_TASKS)
+    assert list(rest) == chunks  # the chunks read ahead come back first, in order
+    return per_task
+
+
+def test_a_map_whose_first_chunks_are_not_back_gets_a_task_a_chunk_and_nothing_is_read_ahead():
+    paces = Paces()
+    teach(paces, step, 1e-6)  # (its earlier maps were short: not enough)
     chunks = iter(chunks_of(100))
-    per_task, rest = Paces().grouping(step, chunks)
+    per_task, rest = paces.grouping(step, chunks, None, FEWEST_TASKS)
     assert per_task == 1 and rest is chunks and len(list(chunks)) == 100
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.floats(1e-9, 10.0), st.integers(0, 5000), st.integers(1, 100))
-def test_tasks_stay_short_few_enough_and_many_enough(pace, n, chunksize):
-    paces = Paces()
-    teach(paces, step, pace * 1000)
+@given(st.floats(1e-9, 10.0), st.integers(0, 5000), st.integers(1, 100), st.integers(FEWEST_TASKS, 200))
+def test_tasks_stay_short_few_enough_and_many_enough(pace, n, chunksize, fewest):
     chunks = chunks_of(n, chunksize)
-    per_task, rest = paces.grouping(step, iter(chunks))
-    assert list(rest) == chunks  # the chunks read ahead come back first, in order
+    per_task, rest = Paces().grouping(step, iter(chunks), (pace, 28), fewest)
+    assert list(rest) == chunks
     assert 1 <= per_task <= MOST_CHUNKS
     if per_task > 1:
         assert per_task * pace * chunksize <= TASK_SECONDS * 1.0001
-        assert math.ceil(n / per_task) >= FEWEST_TASKS
+        assert math.ceil(n / per_task) >= fewest
 
 
 def test_big_arguments_or_results_keep_tasks_small():
-    paces = Paces()
-    teach(paces, step, 1e-9)
     chunk_bytes = 10 * 1033  # ten items of sys.getsizeof(b"x" * 1000)
-    per_task, _ = paces.grouping(step, iter(chunks_of(3000, item=b"x" * 1000)))
-    assert per_task == TASK_BYTES // chunk_bytes < MOST_CHUNKS
-    assert paces.grouping(step, iter(chunks_of(3000)))[0] == MOST_CHUNKS
-    paces = Paces()
-    teach(paces, step, 1e-9, result=b"x" * 1000)
-    assert paces.grouping(step, iter(chunks_of(3000)))[0] == TASK_BYTES // chunk_bytes
+    assert group(Paces(), chunks_of(3000, item=b"x" * 1000), (1e-9, 28)) == TASK_BYTES // chunk_bytes < MOST_CHUNKS
+    assert group(Paces(), chunks_of(3000), (1e-9, 28)) == MOST_CHUNKS
+    assert group(Paces(), chunks_of(3000), (1e-9, 1033)) == TASK_BYTES // chunk_bytes
+    within = [b"x" * 100_000]  # a list's items count too
+    assert group(Paces(), chunks_of(3000, item=within), (1e-9, 28)) == 1
 
 
 def test_lambdas_made_anew_share_one_pace_and_the_paces_are_bounded():
@@ -152,13 +156,15 @@ def test_lambdas_made_anew_share_one_pace_and_the_paces_are_bounded():
     assert len(paces._paces) == MOST_PACES
 
 
-def test_the_pace_follows_change():
+def test_the_slower_of_this_map_and_the_earlier_ones_decides():
     paces = Paces()
-    teach(paces, step, 1e-6 * 100, 100)
-    assert paces.grouping(step, iter(chunks_of(5000)))[0] > 1
-    for _ in range(20):  # the items got slow: 10 ms each
-        teach(paces, step, 1.0, 100)
-    assert paces.grouping(step, iter(chunks_of(5000)))[0] == 1
+    fast, slow = (1e-8, 28), (1e-2, 28)
+    teach(paces, step, fast[0] * 1000)
+    assert group(paces, chunks_of(5000), fast) > 1
+    assert group(paces, chunks_of(5000), slow) == 1  # the items got slow: this map's first chunks show it
+    for _ in range(20):
+        teach(paces, step, slow[0] * 1000)
+    assert group(paces, chunks_of(5000), fast) == 1  # still slow in the last maps: not yet
 
 
 def test_results_come_in_order_and_what_is_left_is_cancelled_as_executor_map_does():
@@ -215,22 +221,72 @@ def tasks_run(ex, call) -> tuple[object, int]:
     return out, ex.stats().done - before
 
 
-def test_a_map_after_one_that_showed_short_items_runs_in_far_fewer_tasks(lc, monkeypatch):
-    monkeypatch.setattr(mapping, "PROBE_SECONDS", 0)  # no first chunk is back at once: a chunk a task
-    with lc.executor() as ex:
-        out, first = tasks_run(ex, lambda: list(ex.map(square, range(20_000), chunksize=10)))
-        assert out == [x * x for x in range(20_000)] and first == 2000
-        out, second = tasks_run(ex, lambda: list(ex.map(square, range(20_000), chunksize=10)))
-        assert out == [x * x for x in range(20_000)]
-        assert FEWEST_TASKS <= second <= 2000 / 4
+@pytest.fixture
+def patient(monkeypatch):
+    """A map waits for its first chunks however loaded the machine is: these tests are about the grouping."""
+    monkeypatch.setattr(mapping, "PROBE_SECONDS", 60)
 
 
-def test_a_first_map_is_grouped_by_the_pace_of_its_first_chunks(lc, monkeypatch):
-    monkeypatch.setattr(mapping, "PROBE_SECONDS", 60)  # (however loaded the machine: this tests the grouping)
+def test_a_map_whose_first_chunks_are_not_back_at_once_goes_a_chunk_a_task(lc, monkeypatch):
+    monkeypatch.setattr(mapping, "PROBE_SECONDS", 0)
     with lc.executor() as ex:
-        out, tasks = tasks_run(ex, lambda: list(ex.map(square, range(20_000), chunksize=10)))
-        assert out == [x * x for x in range(20_000)]
-        assert PROBES + FEWEST_TASKS <= tasks <= 2000 / 4
+        for _ in range(2):  # (its earlier map's pace is not enough)
+            out, tasks = tasks_run(ex, lambda: list(ex.map(square, range(20_000), chunksize=10)))
+            assert out == [x * x for x in range(20_000)] and tasks == 2000
+
+
+def test_a_map_is_grouped_by_the_pace_of_its_first_chunks(lc, patient):
+    with lc.executor() as ex:
+        for _ in range(2):
+            out, tasks = tasks_run(ex, lambda: list(ex.map(square, range(20_000), chunksize=10)))
+            assert out == [x * x for x in range(20_000)]
+            assert PROBES + FEWEST_TASKS <= tasks <= 2000 / 4
+
+
+def work(x: int, seconds: float) -> int:
+    if seconds:
+        import time
+
+        time.sleep(seconds)
+    return x
+
+
+def test_items_that_got_slow_are_not_grouped_by_the_old_pace(lc, patient):
+    with lc.executor() as ex:
+        assert tasks_run(ex, lambda: list(ex.map(work, range(20_000), [0] * 20_000, chunksize=10)))[1] < 500
+        assert tasks_run(ex, lambda: list(ex.map(work, range(100), [0.01] * 100)))[1] == 100
+
+
+def mark(x: int, path: str) -> int:
+    if x == 10:
+        raise Refused(f"refused {x}")
+    with open(path, "ab") as f:
+        f.write(b".")
+    return x
+
+
+@pytest.mark.parametrize("stop", ["close", "raise"])
+def test_a_grouped_map_stopped_early_stops_its_work(lc, patient, tmp_path, stop):
+    """What was sent ahead still runs (a task cannot be recalled once started), what was not is cancelled;
+    even when the user keeps the exception (as a notebook keeps the last one), which keeps the map's frame."""
+    path, n = str(tmp_path / "ran"), 20_000
+    first = 11 if stop == "close" else 0  # (item 10 raises)
+    with lc.executor() as ex:
+        results = ex.map(mark, range(first, first + n), [path] * n)
+        kept = None
+        try:
+            for x in results:
+                if x == 20:
+                    results.close()
+                    break
+        except Refused as exc:
+            kept = exc
+        assert (kept is not None) == (stop == "raise")
+        ran_before = os.path.getsize(path)
+        wait_until(lambda: ex.stats().queued == ex.stats().running == 0, what="the map's work to end")
+        ran = os.path.getsize(path)
+        assert ex.stats().done < ran / 2  # (it was grouped: tasks of several items)
+    assert ran - ran_before < (n - ran_before) / 4  # all that was left, were it not cancelled
 
 
 def nap(x: int) -> int:
@@ -240,14 +296,13 @@ def nap(x: int) -> int:
     return x
 
 
-def test_slow_items_keep_a_chunk_a_task(lc, monkeypatch):
-    monkeypatch.setattr(mapping, "PROBE_SECONDS", 60)
+def test_slow_items_keep_a_chunk_a_task(lc, patient):
     with lc.executor() as ex:
-        assert tasks_run(ex, lambda: list(ex.map(nap, range(80))))[1] == 80  # first map: its probes tell
-        assert tasks_run(ex, lambda: list(ex.map(nap, range(80))))[1] == 80  # then its pace
+        for _ in range(2):
+            assert tasks_run(ex, lambda: list(ex.map(nap, range(80))))[1] == 80
 
 
-def test_a_failing_chunk_in_a_shared_task_raises_after_the_items_before_it(lc):
+def test_a_failing_chunk_in_a_shared_task_raises_after_the_items_before_it(lc, patient):
     with lc.executor() as ex:
         assert list(ex.map(fail_at_3333, range(3000), chunksize=5)) == list(range(3000))
         got = []
@@ -259,7 +314,7 @@ def test_a_failing_chunk_in_a_shared_task_raises_after_the_items_before_it(lc):
         assert ex.stats().done < 600 + 1000 / 4  # (600 tasks for the first map: the second was grouped)
 
 
-def test_a_grouped_seeded_map_draws_what_one_chunk_a_task_draws(lc):
+def test_a_grouped_seeded_map_draws_what_one_chunk_a_task_draws(lc, patient):
     def draws(**options) -> tuple[list, int]:
         with lc.executor(seed=11, **options) as ex:
             list(ex.map(draw, range(3000), chunksize=3))  # learns draw's pace (grouped maps: after this one)
