@@ -355,8 +355,11 @@ Outcome.__slotnames__ = []  # (pickle's cache of it: sealed, it was looked for e
 Outcome._sealed_ = True  # (after @dataclass, which sets its methods)
 
 
-def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str, records: tuple[Any, ...] = ()) -> list[Buffer]:
-    """Pickle a task's outcome; an exception keeps its formatted traceback."""
+def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str, records: tuple[Any, ...] = (),
+                 by_chunk: bool = False) -> list[Buffer]:
+    """Pickle a task's outcome; an exception keeps its formatted traceback.  ``by_chunk``: ``value`` is a
+    map's chunks' results (:func:`~p2pexec.chunks.run_chunks`), of which only those that cannot be pickled
+    fail."""
     if not ok:
         value = remote_exception(value)
     outcome = Outcome(ok, value, stdout, stderr, records)
@@ -369,8 +372,23 @@ def dump_outcome(ok: bool, value: Any, stdout: str, stderr: str, records: tuple[
     except Exception as exc:
         if not ok:
             raise
-        error = TypeError(f"the task's return value could not be pickled: {exc!r}")
-        return dump_outcome(False, error, stdout, stderr, records)
+        if by_chunk:
+            seconds, parts = value
+            return dump_outcome(True, (seconds, [_picklable(part) for part in parts]), stdout, stderr, records)
+        return dump_outcome(False, _unpicklable(exc), stdout, stderr, records)
+
+
+def _unpicklable(exc: Exception) -> TypeError:
+    return TypeError(f"the task's return value could not be pickled: {exc!r}")
+
+
+def _picklable(part: Any) -> Any:
+    """A chunk's results, or the error that they could not be pickled."""
+    try:
+        dump_payload(part, flat_in_c=False)
+    except Exception as exc:
+        return remote_exception(_unpicklable(exc))
+    return part
 
 
 def load_outcome(payload: Buffer, trusted: bool = True, result_types: Collection[str] = (),

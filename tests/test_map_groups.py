@@ -97,6 +97,25 @@ def test_a_chunk_that_exits_or_raises_keyboardinterrupt_ends_alone():
     assert isinstance(parts[2].exc, KeyboardInterrupt)
 
 
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("not this one")
+
+
+def lock_at(bad: int, x: int) -> object:
+    return Unpicklable() if x == bad else x
+
+
+def test_a_chunk_whose_results_cannot_be_pickled_fails_alone():
+    value = run_chunks(partial(run_chunk, partial(lock_at, 3)), list(numbered_chunks(range(7), chunksize=2)))
+    outcome = load_outcome(b"".join(dump_outcome(True, value, "", "", by_chunk=True)))
+    seconds, parts = outcome.value
+    assert outcome.ok and parts[0] == [0, 1] and parts[2:] == [[4, 5], [6]]
+    assert isinstance(parts[1], TypeError) and "could not be pickled" in str(parts[1])
+    alone = load_outcome(b"".join(dump_outcome(True, value, "", "")))  # any other task: it fails as a whole
+    assert not alone.ok and isinstance(alone.value, TypeError)
+
+
 def chunks_of(n: int, chunksize: int = 10, item: object = 0) -> list:
     return list(numbered_chunks([item] * (n * chunksize), chunksize=chunksize))
 
@@ -260,6 +279,9 @@ def test_items_that_got_slow_are_not_grouped_by_the_old_pace(lc, patient):
 def mark(x: int, path: str) -> int:
     if x == 10:
         raise Refused(f"refused {x}")
+    if not path:
+        return x
+    time.sleep(0.0001)
     with open(path, "ab") as f:
         f.write(b".")
     return x
@@ -272,6 +294,8 @@ def test_a_grouped_map_stopped_early_stops_its_work(lc, patient, tmp_path, stop)
     path, n = str(tmp_path / "ran"), 20_000
     first = 11 if stop == "close" else 0  # (item 10 raises)
     with lc.executor() as ex:
+        list(ex.map(mark, range(11, 1011), [""] * 1000))  # both leases up: the map starts at once
+        before = ex.stats().done
         results = ex.map(mark, range(first, first + n), [path] * n)
         kept = None
         try:
@@ -285,7 +309,7 @@ def test_a_grouped_map_stopped_early_stops_its_work(lc, patient, tmp_path, stop)
         ran_before = os.path.getsize(path)
         wait_until(lambda: ex.stats().queued == ex.stats().running == 0, what="the map's work to end")
         ran = os.path.getsize(path)
-        assert ex.stats().done < ran / 2  # (it was grouped: tasks of several items)
+        assert ex.stats().done - before < ran / 2  # (it was grouped: tasks of several items)
     assert ran - ran_before < (n - ran_before) / 4  # all that was left, were it not cancelled
 
 
@@ -312,6 +336,20 @@ def test_a_failing_chunk_in_a_shared_task_raises_after_the_items_before_it(lc, p
         assert got == list(range(3330))  # the chunks before the failing one, some of which shared its task
         assert isinstance(raised.value.__cause__, RemoteTraceback)
         assert ex.stats().done < 600 + 1000 / 4  # (600 tasks for the first map: the second was grouped)
+
+
+def unpicklable_at_2513(x: int) -> object:
+    return Unpicklable() if x == 2513 else x
+
+
+def test_a_chunk_whose_results_cannot_be_pickled_fails_alone_in_a_shared_task(lc, patient):
+    with lc.executor() as ex:
+        got = []
+        with pytest.raises(TypeError, match="could not be pickled"):
+            for x in ex.map(unpicklable_at_2513, range(5000), chunksize=5):
+                got.append(x)
+        assert got == list(range(2510))  # as a pool: the chunks before the failing one
+        assert ex.stats().done < 1000 / 2  # (it was grouped)
 
 
 def test_a_grouped_seeded_map_draws_what_one_chunk_a_task_draws(lc, patient):

@@ -21,9 +21,11 @@ import sys
 import threading
 import time
 from collections import deque
+from functools import partial
 
 from .. import portability
-from ..chunks import mapped_function
+from ..chunks import mapped_function, run_chunks
+from ..namespaces import Initialized
 from ..protocol.frames import ALIGN, nbytes
 from ..protocol.values import VALUE_AT
 from ..task_logs import record_here
@@ -258,6 +260,13 @@ def _landing(size: int, at: int) -> memoryview:
     return memoryview(memory)[skip : skip + size]
 
 
+def _runs_chunks(fn: object) -> bool:
+    """Is ``fn`` (maybe behind its executor's initializer) a map's :func:`~p2pexec.chunks.run_chunks`?"""
+    if isinstance(fn, Initialized):
+        fn = fn.fn
+    return isinstance(fn, partial) and fn.func is run_chunks
+
+
 def function_name(fn: object) -> str:
     """``module.qualname`` of a task's function, for the worker's history; a map's chunk names what it maps."""
     fn = mapped_function(fn)
@@ -335,7 +344,7 @@ def serve(sock: socket.socket) -> None:
         except Exception:
             pass
         stdout, stderr = capture.collect(out, err)
-        parts = dump_outcome(ok, value, stdout, stderr, recorder.take())
+        parts = dump_outcome(ok, value, stdout, stderr, recorder.take(), by_chunk=ok and _runs_chunks(fn))
         del value
         _send(sock, parts, b"" if ok else _report({"ok": False}))
         del parts
