@@ -246,8 +246,11 @@ def patient(monkeypatch):
     monkeypatch.setattr(mapping, "PROBE_SECONDS", 60)
 
 
-def test_a_map_whose_first_chunks_are_not_back_at_once_goes_a_chunk_a_task(lc, monkeypatch):
-    monkeypatch.setattr(mapping, "PROBE_SECONDS", 0)
+def test_a_map_whose_first_chunks_are_not_back_in_time_goes_a_chunk_a_task(lc, monkeypatch):
+    def none_back(futures, timeout, return_when):  # (however fast they are: a busy machine can be slower)
+        return set(), set(futures)
+
+    monkeypatch.setattr(mapping, "wait", none_back)
     with lc.executor() as ex:
         for _ in range(2):  # (its earlier map's pace is not enough)
             out, tasks = tasks_run(ex, lambda: list(ex.map(square, range(20_000), chunksize=10)))
@@ -259,7 +262,7 @@ def test_a_map_is_grouped_by_the_pace_of_its_first_chunks(lc, patient):
         for _ in range(2):
             out, tasks = tasks_run(ex, lambda: list(ex.map(square, range(20_000), chunksize=10)))
             assert out == [x * x for x in range(20_000)]
-            assert PROBES + FEWEST_TASKS <= tasks <= 2000 / 4
+            assert PROBES + FEWEST_TASKS <= tasks <= 2000 / 2
 
 
 def work(x: int, seconds: float) -> int:
@@ -272,7 +275,7 @@ def work(x: int, seconds: float) -> int:
 
 def test_items_that_got_slow_are_not_grouped_by_the_old_pace(lc, patient):
     with lc.executor() as ex:
-        assert tasks_run(ex, lambda: list(ex.map(work, range(20_000), [0] * 20_000, chunksize=10)))[1] < 500
+        assert tasks_run(ex, lambda: list(ex.map(work, range(20_000), [0] * 20_000, chunksize=10)))[1] < 1000
         assert tasks_run(ex, lambda: list(ex.map(work, range(100), [0.01] * 100)))[1] == 100
 
 
