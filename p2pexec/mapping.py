@@ -163,8 +163,10 @@ def map_in_chunks(submitter: Executor, fn: Callable[..., Any], iterables: tuple[
     with shared_values():  # a big argument given to every item is pickled and sent once
         futures: list[Future[Any]] = []
         per_task = 1
-        if paces is not None and learn is not None:
-            fewest = max(FEWEST_TASKS, 4 * slots())
+        head = list(itertools.islice(chunks, PROBES + 2 * FEWEST_TASKS))
+        chunks = itertools.chain(head, chunks)
+        if paces is not None and learn is not None and len(head) == PROBES + 2 * FEWEST_TASKS:
+            fewest = max(FEWEST_TASKS, 4 * slots())  # (asked only of a map long enough to group)
             futures, probed, chunks = _probe(submitter, task, chunks, fewest, end)
             per_task, chunks = paces.grouping(fn, chunks, probed, fewest)
         futures += [submitter.submit(task, group) for group in grouped(chunks, per_task)]
@@ -181,8 +183,9 @@ def _probe(submitter: Executor, task: Callable[..., Any], chunks: Iterator[Chunk
     futures = [submitter.submit(task, [chunk]) for chunk in head[:PROBES]]
     patience = PROBE_SECONDS if end is None else min(PROBE_SECONDS, end - time.monotonic())
     done, _ = wait(futures, max(0.0, patience), return_when=FIRST_COMPLETED)
-    paces = [pace_of(*future.result()) for future in done if not future.cancelled() and future.exception() is None]
-    return futures, max((p for p in paces if p is not None), default=None), itertools.chain(head[PROBES:], chunks)
+    paces = [pace for future in done if not future.cancelled() and future.exception() is None
+             if (pace := pace_of(*future.result())) is not None]
+    return futures, max(paces, default=None), itertools.chain(head[PROBES:], chunks)
 
 
 def _in_order(futures: list[Future[Any]], end: float | None) -> Iterator[Any]:
