@@ -2,8 +2,8 @@
 
     python benchmarks/run_all.py [--json benchmarks/results/latest.json] [--quick]
 
-Runs bench_executor (vs ProcessPoolExecutor(2)), bench_payload (vs a raw
-py-libp2p stream), bench_scale (32 workers), bench_joblib (vs loky) and, where network namespaces
+Runs bench_executor (vs ProcessPoolExecutor(2)), bench_roundtrip_floor (vs loky and a raw py-libp2p
+ping-pong), bench_payload (vs a raw py-libp2p stream), bench_scale (32 workers), bench_joblib (vs loky) and, where network namespaces
 can be made (root), bench_nat (the NAT lab, vs raw py-libp2p over the same
 paths) in turn, each in its own subprocess so that one's processes and
 memory do not skew the next.
@@ -35,6 +35,7 @@ def main() -> int:
     quick = args.quick
     results = {
         "executor": run("bench_executor.py", *(["--roundtrips", "100", "--items", "1000"] if quick else [])),
+        "roundtrip_floor": run("bench_roundtrip_floor.py", *(["--roundtrips", "500", "--rounds", "1"] if quick else [])),
         "payload": run("bench_payload.py", "--mib", "32" if quick else "256"),
         "scale": run("bench_scale.py", *(["--workers", "4", "--tasks", "1000"] if quick else [])),
         "joblib": run("bench_joblib.py", *(["--calls", "2000", "--repeat", "1"] if quick else [])),
