@@ -29,7 +29,7 @@ import sys
 import time
 
 import trio
-from _common import verdict, write_json
+from _common import serve_on_libp2p, verdict, write_json
 
 CHUNK = 1 << 20
 
@@ -70,7 +70,6 @@ async def _read_exactly(stream, n: int) -> bytearray:
 
 def _raw_server(conn: "multiprocessing.connection.Connection", store_and_forward: bool, sealed: bool) -> None:
     from p2pexec.protocol.frames import Opener, Sealer
-    from p2pexec.transport.host import Libp2pHost
 
     async def handler(stream) -> None:
         try:
@@ -103,13 +102,7 @@ def _raw_server(conn: "multiprocessing.connection.Connection", store_and_forward
             pass
         await stream.close()
 
-    async def main() -> None:
-        async with Libp2pHost().running() as host:
-            host.set_handler(handler)
-            conn.send((host.peer_id, host.addrs))
-            await trio.to_thread.run_sync(conn.recv)  # until told to stop
-
-    trio.run(main)
+    serve_on_libp2p(conn, handler)
 
 
 def raw_libp2p_echo(size: int, store_and_forward: bool = False, sealed: bool = False) -> float:

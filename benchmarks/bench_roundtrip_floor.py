@@ -26,14 +26,11 @@ import time
 from typing import Any
 
 import trio
-from _common import verdict, write_json
+from _common import serve_on_libp2p, verdict, write_json
+from bench_executor import warm_roundtrip_ms
 
 MESSAGE = b"x" * 180
 KEYS = b"a" * 32, b"b" * 32  # fixed: the server is spawned and imports this module anew
-
-
-def noop() -> None:
-    return None
 
 
 def _cpu(pid: int, tid: int | None = None) -> float:
@@ -46,7 +43,6 @@ def _cpu(pid: int, tid: int | None = None) -> float:
 
 def _echo_server(conn: Any, sealed: bool) -> None:
     from p2pexec.transport.channel import FramedStream, SecureChannel
-    from p2pexec.transport.host import Libp2pHost
 
     async def handler(stream: Any) -> None:
         try:
@@ -60,13 +56,7 @@ def _echo_server(conn: Any, sealed: bool) -> None:
         except Exception:  # noqa: BLE001 - the client went away: this round is over
             pass
 
-    async def main() -> None:
-        async with Libp2pHost().running() as host:
-            host.set_handler(handler)
-            conn.send((host.peer_id, host.addrs))
-            await trio.to_thread.run_sync(conn.recv)  # until told to stop
-
-    trio.run(main)
+    serve_on_libp2p(conn, handler)
 
 
 def ping_pong(n: int, sealed: bool) -> dict[str, float]:
@@ -107,21 +97,12 @@ def ping_pong(n: int, sealed: bool) -> dict[str, float]:
         server.join(10)
 
 
-def _median_round_trip(ex: Any, n: int) -> float:
-    times = []
-    for _ in range(n):
-        started = time.perf_counter()
-        ex.submit(noop).result()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
-
-
 def loky_round_trip(n: int) -> float:
     from loky import get_reusable_executor
 
     ex = get_reusable_executor(2)
-    _median_round_trip(ex, 200)
-    return _median_round_trip(ex, n)
+    warm_roundtrip_ms(ex, 200)
+    return warm_roundtrip_ms(ex, n)
 
 
 def p2pexec_round_trip(n: int) -> dict[str, float]:
@@ -132,13 +113,13 @@ def p2pexec_round_trip(n: int) -> dict[str, float]:
     from p2pexec import LocalCluster
 
     with LocalCluster(workers=2, slots=1) as lc, lc.executor() as ex:
-        _median_round_trip(ex, 300)
+        warm_roundtrip_ms(ex, 300)
         loop = next(t.native_id for t in threading.enumerate() if t.name.startswith("p2pexec-client"))
         children = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(int(pid)) == os.getpid()]
         workers = {pid: _cpu(pid) for pid in children}
         tasks = {pid: _cpu(pid) for w in children for pid in _children(w)}
         me, loop_cpu = _cpu(os.getpid()), _cpu(os.getpid(), loop)
-        result = {"ms": _median_round_trip(ex, n)}
+        result = {"ms": warm_roundtrip_ms(ex, n)}
         result["client_cpu_us"] = (_cpu(os.getpid()) - me) / n * 1e6
         result["client_loop_thread_cpu_us"] = (_cpu(os.getpid(), loop) - loop_cpu) / n * 1e6
         result["daemon_cpu_us"] = max(_cpu(pid) - before for pid, before in workers.items()) / n * 1e6
