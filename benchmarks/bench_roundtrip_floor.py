@@ -18,6 +18,7 @@ thread and the loop thread, pickling, bookkeeping.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
 import os
 import statistics
@@ -33,11 +34,15 @@ MESSAGE = b"x" * 180
 KEYS = b"a" * 32, b"b" * 32  # fixed: the server is spawned and imports this module anew
 
 
+def _stat(path: str) -> list[str]:
+    """The fields of a ``/proc`` stat file after the command name (state, parent, ...)."""
+    with open(path) as f:
+        return f.read().rpartition(")")[2].split()
+
+
 def _cpu(pid: int, tid: int | None = None) -> float:
     """Seconds of CPU (user + system) of a process, or of one of its threads."""
-    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
-    with open(path) as f:
-        fields = f.read().rpartition(")")[2].split()
+    fields = _stat(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -115,7 +120,7 @@ def p2pexec_round_trip(n: int) -> dict[str, float]:
     with LocalCluster(workers=2, slots=1) as lc, lc.executor() as ex:
         warm_roundtrip_ms(ex, 300)
         loop = next(t.native_id for t in threading.enumerate() if t.name.startswith("p2pexec-client"))
-        children = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(int(pid)) == os.getpid()]
+        children = _children(os.getpid())
         workers = {pid: _cpu(pid) for pid in children}
         tasks = {pid: _cpu(pid) for w in children for pid in _children(w)}
         me, loop_cpu = _cpu(os.getpid()), _cpu(os.getpid(), loop)
@@ -129,9 +134,8 @@ def p2pexec_round_trip(n: int) -> dict[str, float]:
 
 def _parent(pid: int) -> int:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rpartition(")")[2].split()[1])
-    except OSError:
+        return int(_stat(f"/proc/{pid}/stat")[1])
+    except OSError:  # (it ended meanwhile)
         return -1
 
 
@@ -147,6 +151,9 @@ def main() -> int:
     args = parser.parse_args()
     if not os.path.exists("/proc/self/stat"):
         print("needs /proc (Linux) for CPU per process")
+        return 0
+    if importlib.util.find_spec("loky") is None:
+        print("loky, the target's baseline, is not installed: pip install 'p2pexec[bench]'")
         return 0
     rounds: list[dict[str, Any]] = []
     for _ in range(args.rounds):
