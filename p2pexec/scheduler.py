@@ -219,8 +219,9 @@ class ClientScheduler:
         with trio.move_on_after(grace):
             while self.core.leases:
                 await self.wait_change()
-        if self.core.leases and self._nursery is not None:
+        if self.core.leases:
             log.debug("hanging up on %d lease(s) that did not end within %g s", len(self.core.leases), grace)
+        if self._nursery is not None:  # run() returns now, not at its next tick
             self._nursery.cancel_scope.cancel()
         self.fail_all(RuntimeError("the executor shut down before this task ran"))
 

@@ -268,6 +268,17 @@ def test_shutdown_wait_true_completes_every_future(cluster):
     assert [f.result(timeout=0) for f in fs] == list(range(5))
 
 
+def test_shutdown_ends_the_loop_as_its_leases_end_not_at_its_next_tick(cluster, monkeypatch):
+    """The loop's tick (every 0.25 s) was what noticed a shutdown: every script waited for it at its end."""
+    from p2pexec import scheduler
+
+    monkeypatch.setattr(scheduler, "TICK", 3600)
+    ex = cluster.executor()
+    assert ex.submit(mul, 6, 7).result() == 42
+    ex.shutdown(wait=True)
+    assert not ex._runtime.alive  # (shutdown waits up to 10 s for the loop, then gives up on it)
+
+
 def test_shutdown_wait_false_returns_at_once_and_futures_finish(cluster):
     ex = cluster.executor()
     future = ex.submit(sleep_and_return, 1, "late")

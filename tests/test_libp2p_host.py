@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import trio
+import trio.testing
 
 from p2pexec.transport.host import Libp2pHost
 
@@ -174,6 +175,35 @@ def test_a_wide_open_lease_stream_takes_megabytes_before_its_reader_reads():
             return size
 
     assert trio.run(scenario) == size
+
+
+def test_a_host_that_stops_hangs_up_on_every_peer_at_once():
+    """py-libp2p 0.8.1 pauses 0.1 s twice in closing a connection, after its socket is closed: an executor's
+    shutdown waited 0.2 s for each worker it had leased, one after another.  Under trio's mock clock (which
+    moves only when every task waits, for a second of real time) the hang-up takes no virtual time, and the
+    peers see their connection end."""
+
+    async def scenario() -> float:
+        async def serve(stream):  # type: ignore[no-untyped-def]
+            await stream.read(1)
+
+        async with Libp2pHost().running() as worker_a, Libp2pHost().running() as worker_b:
+            workers = [worker_a, worker_b]
+            async with Libp2pHost().running() as client:
+                for worker in workers:
+                    worker.set_handler(serve)
+                    stream = await client.open_stream(worker.peer_id, worker.addrs)
+                    await stream.write(b"x")
+                seen = [worker._host.get_network().get_connections(client._host.get_id())[0] for worker in workers]
+                stopping = trio.current_time()
+            elapsed = trio.current_time() - stopping
+            with trio.fail_after(30):
+                for conn in seen:
+                    await conn.muxed_conn.event_closed.wait()  # each worker knows the client is gone
+            return elapsed
+
+    elapsed = trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=1.0))
+    assert elapsed < 0.1, "closing waited for py-libp2p's pauses: see _close_connection in host.py"
 
 
 def test_connecting_leaves_the_applications_root_logger_alone():
