@@ -199,8 +199,15 @@ class LocalCluster:
             host_key = paramiko.Ed25519Key.from_private_key_file(str(self._host_key_path))
             Path(self.known_hosts).write_text(
                 f"[127.0.0.1]:{self._port} {host_key.get_name()} {host_key.get_base64()}\n")
-            for _ in range(self._n_workers):
-                self.add_worker()
+            starting: list[tuple[WorkerProcess, int]] = []
+            try:
+                for _ in range(self._n_workers):  # all at once: each spends about 2 s importing libp2p
+                    starting.append(self._spawn_worker())
+                for worker, ready_fd in starting:
+                    self._await_ready(worker, ready_fd)
+            finally:
+                for _, ready_fd in starting:
+                    os.close(ready_fd)
         except BaseException:
             self.close()
             raise
@@ -242,6 +249,17 @@ class LocalCluster:
         (default) or the owner.  ``options`` are extra flags for this worker
         alone (e.g. ``("--tag", "big", "--memory", "2GiB")``).
         """
+        worker, ready_fd = self._spawn_worker(slots, env, program, user, options)
+        try:
+            self._await_ready(worker, ready_fd)
+        finally:
+            os.close(ready_fd)
+        return worker
+
+    def _spawn_worker(self, slots: int | None = None, env: dict[str, str] | None = None,
+                      program: Sequence[str] = (sys.executable, "-m", "p2pexec.worker_cli"),
+                      user: str | None = None, options: Sequence[str] = ()) -> tuple[WorkerProcess, int]:
+        """Start a worker daemon; returns it and the pipe it writes to once it has joined the board."""
         user = user or self.worker_user
         identity = {self.worker_user: self.worker_identity, self.owner: self.identity}[user]
         read_fd, write_fd = os.pipe()
@@ -266,14 +284,14 @@ class LocalCluster:
         os.close(write_fd)
         worker = WorkerProcess(popen, log_path)
         self.workers.append(worker)
-        try:
-            ready, _, _ = select.select([read_fd], [], [], READY_TIMEOUT)
-            if not ready or not os.read(read_fd, 64):
-                worker.stop()
-                raise P2PExecError(f"a local worker failed to start; its log:\n{log_path.read_text()[-3000:]}")
-        finally:
-            os.close(read_fd)
-        return worker
+        return worker, read_fd
+
+    @staticmethod
+    def _await_ready(worker: WorkerProcess, ready_fd: int) -> None:
+        ready, _, _ = select.select([ready_fd], [], [], READY_TIMEOUT)
+        if not ready or not os.read(ready_fd, 64):
+            worker.stop()
+            raise P2PExecError(f"a local worker failed to start; its log:\n{worker.log_path.read_text()[-3000:]}")
 
     def add_member(self, name: str) -> dict[str, Any]:
         """Another member with a key of their own; returns the ``executor()`` arguments that act as them.
