@@ -23,7 +23,7 @@ HOPELESS_AFTER = 3.0  # a task lacking packages everywhere fails only after this
 
 class Timeouts:
     def __init__(self) -> None:
-        self.starving_since: float | None = None  # since when some need's work has no open lease
+        self.starving: dict[Need, float] = {}  # since when each need's work has had no open lease
         self.warned: frozenset[Any] | None = None  # what the last no-worker warning said, this episode
         self.warned_at = -1e9
         self.leaving_since: float | None = None  # when shutdown() was called
@@ -35,12 +35,11 @@ class Timeouts:
             done += self._time_out(core, now)
         served = {lease.need for lease in core.leases if lease.open}
         starving = [need for need in core.pending.needs() if need not in served]
+        self.starving = {need: self.starving.get(need, now) for need in starving}  # (each need on its own clock)
         if not starving:
-            self.starving_since, self.warned = None, None
+            self.warned = None
             return done
-        if self.starving_since is None:
-            self.starving_since = now
-        waited = now - self.starving_since
+        waited = now - min(self.starving.values())
         if waited >= core.options.warn_after:
             news = frozenset(core.sightings(now))
             if self.warned is None or (news != self.warned and now - self.warned_at >= REWARN_AT_MOST_EVERY):
@@ -48,10 +47,11 @@ class Timeouts:
                 done.append(Warn(f"no worker has run tasks{_asking(starving)} for cluster {core.cluster} in "
                                  f"{waited:.0f} s; {core.starving_hint(now)}"))
         timeout = core.options.worker_timeout
-        if timeout is not None and waited >= timeout:
+        overdue = [need for need, since in self.starving.items() if timeout is not None and now - since >= timeout]
+        if overdue:  # (a task submitted just after another need's ran out of time has all its time)
             done += core.fail_pending(NoWorkersError(
                 f"no worker of cluster {core.cluster} took this task within {timeout:g} s; "
-                f"{core.starving_hint(now)}"), starving)
+                f"{core.starving_hint(now)}"), overdue)
         return done + self._give_up_leaving(core, now)
 
     def _fail_hopeless(self, core: ClientCore, now: float) -> list[Action]:
@@ -75,9 +75,9 @@ class Timeouts:
     def _give_up_leaving(self, core: ClientCore, now: float) -> list[Action]:
         """shutdown() must not wait forever for workers that never come: fail what none took in time."""
         limit = core.options.shutdown_timeout
-        if self.leaving_since is None or limit is None or self.starving_since is None or not core.pending:
+        if self.leaving_since is None or limit is None or not self.starving or not core.pending:
             return []
-        if now - max(self.starving_since, self.leaving_since) < limit:
+        if now - max(min(self.starving.values()), self.leaving_since) < limit:
             return []
         hint = core.starving_hint(now)
         return [Warn(f"shutdown: no worker of cluster {core.cluster} took the {len(core.pending)} remaining task(s) "
