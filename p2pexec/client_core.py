@@ -322,10 +322,10 @@ class ClientCore(Matchmaker):
             done += [Fail(item, error) for item in lease.inflight.values()]
         return done
 
-    def fail_pending(self, error: BaseException, needs: list[Need] | None = None) -> list[Action]:
-        """Fail the work not sent yet: all of it, or that of ``needs``."""
+    def fail_pending(self, error: BaseException) -> list[Action]:
+        """Fail the work not sent yet."""
         done: list[Action] = []
-        for need in self.pending.needs() if needs is None else needs:
+        for need in self.pending.needs():
             while (item := self.pending.take(need)) is not None:
                 if item.started or item.future.set_running_or_notify_cancel():
                     done.append(Fail(item, error))

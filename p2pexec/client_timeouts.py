@@ -46,13 +46,25 @@ class Timeouts:
                 self.warned, self.warned_at = news, now
                 done.append(Warn(f"no worker has run tasks{_asking(starving)} for cluster {core.cluster} in "
                                  f"{waited:.0f} s; {core.starving_hint(now)}"))
-        timeout = core.options.worker_timeout
-        overdue = [need for need, since in self.starving.items() if timeout is not None and now - since >= timeout]
-        if overdue:  # (a task submitted just after another need's ran out of time has all its time)
-            done += core.fail_pending(NoWorkersError(
-                f"no worker of cluster {core.cluster} took this task within {timeout:g} s; "
-                f"{core.starving_hint(now)}"), overdue)
+        if core.options.worker_timeout is not None:
+            done += self._no_worker_came(core, now, core.options.worker_timeout)
         return done + self._give_up_leaving(core, now)
+
+    def _no_worker_came(self, core: ClientCore, now: float, timeout: float) -> list[Action]:
+        """Fail each waiting task that no worker could take for ``timeout`` s: since it was queued, or since
+        its need lost its last lease, whichever came later (a task submitted just after others timed out has
+        all its time)."""
+        done: list[Action] = []
+        error: NoWorkersError | None = None
+        for need, since in self.starving.items():  # (a line is oldest first: look no further than its first young)
+            while (head := core.pending.head(need, 1)) and now - max(head[0].since, since) >= timeout:
+                item = core.pending.take(need)
+                assert item is head[0]
+                error = error or NoWorkersError(f"no worker of cluster {core.cluster} took this task within "
+                                                f"{timeout:g} s; {core.starving_hint(now)}")
+                if item.started or item.future.set_running_or_notify_cancel():
+                    done.append(Fail(item, error))
+        return done
 
     def _fail_hopeless(self, core: ClientCore, now: float) -> list[Action]:
         """Fail the waiting tasks whose packages no online worker has (every one has answered)."""

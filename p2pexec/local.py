@@ -36,6 +36,7 @@ _PREFIX = "p2pexec-local-"
 # a public board's 32 per user would cap a local cluster at about 30 workers.
 LOCAL_SESSIONS_PER_USER = 1024
 _OWNER_FILE = "owner.pid"  # the pid of the process whose cluster it is
+WORKER_PROGRAM = (sys.executable, "-m", "p2pexec.worker_cli")
 
 
 def _alive(pid: int) -> bool:
@@ -239,7 +240,7 @@ class LocalCluster:
             self._server = None
 
     def add_worker(self, slots: int | None = None, env: dict[str, str] | None = None,
-                   program: Sequence[str] = (sys.executable, "-m", "p2pexec.worker_cli"),
+                   program: Sequence[str] = WORKER_PROGRAM,
                    user: str | None = None, options: Sequence[str] = ()) -> WorkerProcess:
         """Start one more worker daemon; returns once it has joined the board.
 
@@ -257,13 +258,15 @@ class LocalCluster:
         return worker
 
     def _spawn_worker(self, slots: int | None = None, env: dict[str, str] | None = None,
-                      program: Sequence[str] = (sys.executable, "-m", "p2pexec.worker_cli"),
+                      program: Sequence[str] = WORKER_PROGRAM,
                       user: str | None = None, options: Sequence[str] = ()) -> tuple[WorkerProcess, int]:
         """Start a worker daemon; returns it and the pipe it writes to once it has joined the board."""
         user = user or self.worker_user
         identity = {self.worker_user: self.worker_identity, self.owner: self.identity}[user]
-        read_fd, write_fd = os.pipe()
         log_path = self._dir / f"worker-{len(self.workers)}.log"
+        scratch = self._dir / "tmp"  # removed with the cluster, even when a test SIGKILLs the worker
+        scratch.mkdir(exist_ok=True)
+        read_fd, write_fd = os.pipe()
         cmd = [*program, "--cluster", self.cluster,
                "--board", f"ssh://{user}@127.0.0.1:{self._port}",
                "--identity", identity, "--members", self.members,
@@ -273,15 +276,18 @@ class LocalCluster:
                "--name", f"local-{len(self.workers)}", *self.worker_options, *options]  # (a later --name wins)
         if self.verbose:
             cmd.append("--verbose")
-        scratch = self._dir / "tmp"  # removed with the cluster, even when a test SIGKILLs the worker
-        scratch.mkdir(exist_ok=True)
-        with open(log_path, "wb") as log_file:
-            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                     pass_fds=(write_fd,), start_new_session=True,
-                                     env={**os.environ, "TMPDIR": str(scratch),
-                                          "XDG_STATE_HOME": str(self._dir / "state"),  # their history goes with us
-                                          **(env or {})})
-        os.close(write_fd)
+        try:
+            with open(log_path, "wb") as log_file:
+                popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                         pass_fds=(write_fd,), start_new_session=True,
+                                         env={**os.environ, "TMPDIR": str(scratch),
+                                              "XDG_STATE_HOME": str(self._dir / "state"),  # (history goes with us)
+                                              **(env or {})})
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)  # (the worker has its own copy)
         worker = WorkerProcess(popen, log_path)
         self.workers.append(worker)
         return worker, read_fd

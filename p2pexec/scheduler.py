@@ -200,6 +200,7 @@ class ClientScheduler:
                 await trio.sleep(TICK)
                 self.do(self.core.tick(time.monotonic()))
             nursery.cancel_scope.cancel()
+        self._nursery = None  # (a board message arriving as the host stops starts nothing)
 
     def board_joined(self) -> None:
         """The board session is up: learn where its relay is and how it sees us, in the background."""

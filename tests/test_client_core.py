@@ -267,21 +267,24 @@ def test_no_worker_warns_when_news_changes_then_fails_with_the_command_to_run():
         item.future.result(0)
 
 
-def test_worker_timeout_runs_for_each_need_from_when_its_work_began_waiting():
+def test_worker_timeout_runs_for_each_task_from_when_it_began_waiting():
     """A task submitted just after another need's ran out of time failed with it, though it had waited for
-    nothing (a test's second task, under load, before its lease opened)."""
+    nothing (a test's second task, under load, before its lease opened); so did a later task of the same
+    need."""
     c = core(worker_timeout=6)
     huge = submit(c, Need(memory=1 << 46))
     settle(c.tick(0.0))
+    huge_later = submit(c, Need(memory=1 << 46), now=5.9)
     plain = submit(c, ANY, now=6.0)
     settle(c.tick(6.0))
     assert isinstance(huge.future.exception(0), NoWorkersError)
-    assert not plain.future.done()
+    assert not plain.future.done() and not huge_later.future.done()
     settle(c.tick(11.9))
     assert not plain.future.done()
     settle(c.tick(12.0))
-    with pytest.raises(NoWorkersError, match="within 6 s"):
-        plain.future.result(0)
+    for item in (huge_later, plain):
+        with pytest.raises(NoWorkersError, match="within 6 s"):
+            item.future.result(0)
 
 
 def test_task_timeout_fails_the_task_then_ends_a_worker_that_does_not_stop_it():

@@ -274,7 +274,7 @@ def test_shutdown_ends_the_loop_as_its_leases_end_not_at_its_next_tick(cluster, 
 
     monkeypatch.setattr(scheduler, "TICK", 3600)
     ex = cluster.executor()
-    assert ex.submit(mul, 6, 7).result() == 42
+    assert ex.submit(mul, 6, 7).result(timeout=30) == 42
     ex.shutdown(wait=True)
     assert not ex._runtime.alive  # (shutdown waits up to 10 s for the loop, then gives up on it)
 

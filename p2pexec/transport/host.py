@@ -387,8 +387,12 @@ def _conn_relayed(conn: Any) -> bool:
 
 
 async def _close_connection(conn: Any) -> None:
-    """Close ``conn`` until its socket is closed: py-libp2p then pauses 0.1 s twice for its own tasks, which
-    end with the host anyway (one executor's shutdown took 0.2 s a worker connection, one after another)."""
+    """Close ``conn`` until its socket is closed (the peer knows then), and forget it.
+
+    py-libp2p then pauses 0.1 s twice before its own bookkeeping, for
+    stream handlers that end with the host anyway: an executor's shutdown
+    waited 0.2 s a worker connection, one after another.
+    """
     async with trio.open_nursery() as nursery:
 
         async def close() -> None:
@@ -399,7 +403,13 @@ async def _close_connection(conn: Any) -> None:
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(close)
-        closed = getattr(conn.muxed_conn, "event_closed", None)  # (yamux sets it once the socket is closed)
+        closed = getattr(getattr(conn, "muxed_conn", None), "event_closed", None)  # (yamux: once its socket is)
         if closed is not None:
             await closed.wait()
             nursery.cancel_scope.cancel()
+    try:
+        swarm = conn.swarm
+        if conn in swarm.connections.get(conn.muxed_conn.peer_id, ()):  # (py-libp2p removes it after its pauses)
+            swarm.remove_conn(conn)
+    except Exception:  # noqa: BLE001 - not a connection of a swarm: nothing to forget
+        pass

@@ -353,7 +353,8 @@ def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None, *, 
 
     # What is imported by now (libp2p's modules alone are about 100,000 objects) lives as long as we do: the
     # collector need not walk it again, and leaving takes milliseconds where the interpreter's last
-    # collections over it took half a second.
+    # collections over it took half a second.  (Garbage first: what is frozen is never collected.)
+    gc.collect()
     gc.freeze()
     trio.run(main)
     if parent is not None and leftovers is not None and os.getppid() != parent:
