@@ -56,8 +56,7 @@ def newcomer() -> dict[str, float]:
 def two_queues(seconds: float) -> dict[str, float]:
     with LocalCluster(workers=0) as lc:
         acting = {name: lc.add_member(name) for name in ("m1", "m2")}
-        for _ in range(2):
-            lc.add_worker()
+        lc.add_workers(2)
         used: dict[str, float] = {}
         with lc.executor(**acting["m1"]) as one, lc.executor(**acting["m2"]) as two:
             futures: dict[str, list] = {"m1": [], "m2": []}

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import paramiko
 
@@ -37,6 +37,7 @@ _PREFIX = "p2pexec-local-"
 LOCAL_SESSIONS_PER_USER = 1024
 _OWNER_FILE = "owner.pid"  # the pid of the process whose cluster it is
 WORKER_PROGRAM = (sys.executable, "-m", "p2pexec.worker_cli")
+STARTING_AT_ONCE = 2 * (os.cpu_count() or 1)  # workers started together: importing is CPU work, joining waits
 
 
 def _alive(pid: int) -> bool:
@@ -147,6 +148,11 @@ class WorkerProcess:
         return f"<WorkerProcess pid={self.pid} returncode={self.popen.returncode}>"
 
 
+def _start_failed(worker: WorkerProcess) -> NoReturn:
+    worker.stop()
+    raise P2PExecError(f"a local worker failed to start; its log:\n{worker.log_path.read_text()[-3000:]}")
+
+
 class LocalCluster:
     """``with LocalCluster(workers=2) as lc: with lc.executor() as ex: ...``"""
 
@@ -200,15 +206,7 @@ class LocalCluster:
             host_key = paramiko.Ed25519Key.from_private_key_file(str(self._host_key_path))
             Path(self.known_hosts).write_text(
                 f"[127.0.0.1]:{self._port} {host_key.get_name()} {host_key.get_base64()}\n")
-            starting: list[tuple[WorkerProcess, int]] = []
-            try:
-                for _ in range(self._n_workers):  # all at once: each spends about 2 s importing libp2p
-                    starting.append(self._spawn_worker())
-                for worker, ready_fd in starting:
-                    self._await_ready(worker, ready_fd)
-            finally:
-                for _, ready_fd in starting:
-                    os.close(ready_fd)
+            self.add_workers(self._n_workers)
         except BaseException:
             self.close()
             raise
@@ -250,12 +248,34 @@ class LocalCluster:
         (default) or the owner.  ``options`` are extra flags for this worker
         alone (e.g. ``("--tag", "big", "--memory", "2GiB")``).
         """
-        worker, ready_fd = self._spawn_worker(slots, env, program, user, options)
+        return self.add_workers(1, slots, env, program, user, options)[0]
+
+    def add_workers(self, count: int, slots: int | None = None, env: dict[str, str] | None = None,
+                    program: Sequence[str] = WORKER_PROGRAM,
+                    user: str | None = None, options: Sequence[str] = ()) -> list[WorkerProcess]:
+        """Start ``count`` more worker daemons alike (as :meth:`add_worker`), several at once: each spends
+        about 2 s importing py-libp2p.  Returns once all have joined the board."""
+        spawned: list[WorkerProcess] = []
+        starting: dict[int, WorkerProcess] = {}  # the pipe each writes to once it has joined -> the worker
         try:
-            self._await_ready(worker, ready_fd)
+            while len(spawned) < count or starting:
+                while len(spawned) < count and len(starting) < STARTING_AT_ONCE:
+                    worker, ready_fd = self._spawn_worker(slots, env, program, user, options)
+                    spawned.append(worker)
+                    starting[ready_fd] = worker
+                ready, _, _ = select.select(list(starting), [], [], READY_TIMEOUT)
+                if not ready:  # none joined in READY_TIMEOUT: say why the first of them did not
+                    _start_failed(next(iter(starting.values())))
+                for ready_fd in ready:
+                    worker = starting.pop(ready_fd)
+                    said = os.read(ready_fd, 64)
+                    os.close(ready_fd)
+                    if not said:  # it exited
+                        _start_failed(worker)
         finally:
-            os.close(ready_fd)
-        return worker
+            for ready_fd in starting:
+                os.close(ready_fd)
+        return spawned
 
     def _spawn_worker(self, slots: int | None = None, env: dict[str, str] | None = None,
                       program: Sequence[str] = WORKER_PROGRAM,
@@ -291,13 +311,6 @@ class LocalCluster:
         worker = WorkerProcess(popen, log_path)
         self.workers.append(worker)
         return worker, read_fd
-
-    @staticmethod
-    def _await_ready(worker: WorkerProcess, ready_fd: int) -> None:
-        ready, _, _ = select.select([ready_fd], [], [], READY_TIMEOUT)
-        if not ready or not os.read(ready_fd, 64):
-            worker.stop()
-            raise P2PExecError(f"a local worker failed to start; its log:\n{worker.log_path.read_text()[-3000:]}")
 
     def add_member(self, name: str) -> dict[str, Any]:
         """Another member with a key of their own; returns the ``executor()`` arguments that act as them.

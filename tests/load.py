@@ -118,8 +118,7 @@ def run(clients: int = CLIENTS, workers: int = WORKERS, tasks: int = TASKS, proc
     """Start the cluster, the floods and the clients; what each client got, and what the board used."""
     with LocalCluster(workers=0) as lc:
         members = {i: lc.add_member(f"m{i:02d}") for i in range(clients)}
-        for _ in range(workers):
-            lc.add_worker()
+        lc.add_workers(workers)
         board = lc.board_server()
         assert board is not None
         common = {"members": lc.members, "known_hosts": lc.known_hosts}

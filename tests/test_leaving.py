@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pexec import LocalCluster, NoWorkersError, portability
+from p2pexec import LocalCluster, NoWorkersError, P2PExecError, portability
 
 from .conftest import wait_until
 
@@ -370,3 +370,16 @@ def test_a_keyboard_interrupt_raised_by_a_task_is_its_exception_not_a_ctrl_c(one
             failing.result()
     assert type(raised.value.__cause__).__name__ == "RemoteTraceback"
     assert [future.result(timeout=0) for future in behind] == [None] * 3
+
+
+def test_workers_started_together_all_join_and_one_that_cannot_start_is_named_with_its_log():
+    """add_workers starts several at once (each imports py-libp2p for about 2 s) and returns once all joined
+    the board; one that exits instead fails it with its log."""
+    with LocalCluster(workers=0) as lc:
+        started = lc.add_workers(3)
+        assert started == lc.workers and all(worker.popen.poll() is None for worker in started)
+        with lc.executor() as ex:
+            assert ex.submit(pow, 2, 5).result(timeout=60) == 32
+        broken = [sys.executable, "-c", "import sys; print('no libp2p here'); sys.exit(3)"]
+        with pytest.raises(P2PExecError, match="failed to start(.|\n)*no libp2p here"):
+            lc.add_workers(2, program=broken)
