@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .client_board import Matchmaker
 from .client_state import (
-    OFFERED, SKIP_AT_MOST, WAKE, Action, Cancel, Dial, Fail, LeaseState, SchedulerOptions, WorkItem,
+    OFFERED, SKIP_AT_MOST, WAKE, Action, Cancel, Dial, Fail, LeaseState, SchedulerOptions, WorkItem, fail_waiting,
 )
 from .client_timeouts import Timeouts
 from .errors import ProtocolError, WorkerLostError
@@ -327,8 +327,7 @@ class ClientCore(Matchmaker):
         done: list[Action] = []
         for need in self.pending.needs():
             while (item := self.pending.take(need)) is not None:
-                if item.started or item.future.set_running_or_notify_cancel():
-                    done.append(Fail(item, error))
+                done += fail_waiting(item, error)
         return done
 
     # -- the clock -----------------------------------------------------------------------

@@ -167,3 +167,9 @@ class Offered:
 
 Action = Post | SayHello | Dial | Fail | Cancel | EndLease | Warn | Wake | Offered
 WAKE, OFFERED, SAY_HELLO = Wake(), Offered(), SayHello()
+
+
+def fail_waiting(item: WorkItem, error: BaseException) -> list[Action]:
+    """``item``, just taken off the pending line, fails with ``error``; one cancelled meanwhile only tells its
+    waiters that it is (as a pool's queue does)."""
+    return [Fail(item, error)] if item.started or item.future.set_running_or_notify_cancel() else []

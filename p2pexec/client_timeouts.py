@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .client_state import SKIP_AT_MOST, Action, EndLease, Fail, Warn
+from .client_state import SKIP_AT_MOST, Action, EndLease, Fail, Warn, fail_waiting
 from .errors import NoWorkersError, ProtocolError
 from .protocol.frames import Op
 from .protocol.lease import SILENCE_SECONDS
@@ -58,12 +58,10 @@ class Timeouts:
         error: NoWorkersError | None = None
         for need, since in self.starving.items():  # (a line is oldest first: look no further than its first young)
             while (head := core.pending.head(need, 1)) and now - max(head[0].since, since) >= timeout:
-                item = core.pending.take(need)
-                assert item is head[0]
+                core.pending.remove(head[0])
                 error = error or NoWorkersError(f"no worker of cluster {core.cluster} took this task within "
                                                 f"{timeout:g} s; {core.starving_hint(now)}")
-                if item.started or item.future.set_running_or_notify_cancel():
-                    done.append(Fail(item, error))
+                done += fail_waiting(head[0], error)
         return done
 
     def _fail_hopeless(self, core: ClientCore, now: float) -> list[Action]:
@@ -80,8 +78,7 @@ class Timeouts:
                 error = verdicts[id(item.env)]
                 if error is not None:
                     core.pending.remove(item)
-                    if item.started or item.future.set_running_or_notify_cancel():
-                        done.append(Fail(item, error))
+                    done += fail_waiting(item, error)
         return done
 
     def _give_up_leaving(self, core: ClientCore, now: float) -> list[Action]:

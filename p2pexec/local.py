@@ -277,9 +277,8 @@ class LocalCluster:
                 os.close(ready_fd)
         return spawned
 
-    def _spawn_worker(self, slots: int | None = None, env: dict[str, str] | None = None,
-                      program: Sequence[str] = WORKER_PROGRAM,
-                      user: str | None = None, options: Sequence[str] = ()) -> tuple[WorkerProcess, int]:
+    def _spawn_worker(self, slots: int | None, env: dict[str, str] | None, program: Sequence[str],
+                      user: str | None, options: Sequence[str]) -> tuple[WorkerProcess, int]:
         """Start a worker daemon; returns it and the pipe it writes to once it has joined the board."""
         user = user or self.worker_user
         identity = {self.worker_user: self.worker_identity, self.owner: self.identity}[user]
