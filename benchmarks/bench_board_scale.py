@@ -59,6 +59,7 @@ from p2pexec.board.client import BoardSession
 from p2pexec.board.fanout import MIN_FANOUT
 from p2pexec.keys import Keyring, generate_identity_file, load_identity
 from p2pexec.protocol import messages
+from p2pexec.protocol.matching import REVISION
 
 CLUSTER = "owner/scale"
 TASK_SECONDS = 0.005
@@ -168,8 +169,8 @@ class Worker(Participant):
             return
         client, req = next(iter(self.waiting))
         del self.waiting[client, req]
-        line = self.sign("offer", {"req": req, "to": client, "slots": 1, "py": "3.11", "peer": self.name,
-                                   "addrs": [], "kx": KX}, ttl=OFFER_TTL)
+        line = self.sign("offer", {"req": req, "to": client, "slots": 1, "py": "3.11", "rev": REVISION,
+                                   "peer": self.name, "addrs": [], "kx": KX}, ttl=OFFER_TTL)
         self.held = (messages.decode(line).id, req, now + OFFER_HOLD)
         self.session.send(line)
         if self.notes is not None:
@@ -201,7 +202,7 @@ class Worker(Participant):
         now = time.monotonic()
         free = now >= self.busy_until  # (what its leases hold: an offer's hold is not counted)
         self.said_free = (free, now)
-        return self.sign("hello", {"role": "worker", "node": self.name, "py": "3.11", "slots": 1,
+        return self.sign("hello", {"role": "worker", "node": self.name, "py": "3.11", "rev": REVISION, "slots": 1,
                                    "free": int(free)}, ttl=60)
 
     def on_message(self, msg: messages.Message) -> None:
@@ -252,7 +253,7 @@ class Client(Participant):
         self.latencies: list[float] = []
 
     def hello(self) -> bytes:
-        return self.sign("hello", {"role": "client", "node": self.name, "py": "3.11"}, ttl=60)
+        return self.sign("hello", {"role": "client", "node": self.name, "py": "3.11", "rev": REVISION}, ttl=60)
 
     def request(self, now: float) -> None:
         self.asked_at = now
@@ -260,7 +261,7 @@ class Client(Participant):
         if self.notes is not None:
             self.notes.append(("sent", self.req, time.time()))
         self.session.send(self.sign("request", {"req": self.req, "client": self.name, "n": self.wanted,
-                                                "py": "3.11"}, ttl=REQUEST_TTL))
+                                                "py": "3.11", "rev": REVISION}, ttl=REQUEST_TTL))
 
     def tick(self, now: float, running: bool) -> None:
         with self.lock:

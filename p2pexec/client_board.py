@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .client_state import SAY_HELLO, Action, Post, SchedulerOptions
 from .protocol import messages
-from .protocol.matching import python_compatible, should_request
+from .protocol.matching import REVISION, python_compatible, revision_in, should_request
 from .protocol.observers import AnswerObservers
 from .protocol.reach import DialBackoff
 from .protocol.resources import ANY, Need, Resources, unmet
@@ -80,13 +80,15 @@ class Matchmaker:
         elif msg.type == "hello" and msg["role"] == "worker":
             node = msg.body.get("node")
             arrived = not (isinstance(node, str) and node in self._workers)
-            if not self._note_unusable(msg.sender, msg.body.get("py"), now) and isinstance(node, str):
+            if not self._note_unusable(msg, msg.body.get("py"), now) and isinstance(node, str):
                 self._workers[node] = (msg.sender, now)
             if arrived:  # a worker arrived: ask again right away (a known one keeps our request and offers when free)
                 done += self.reannounce(now)
         elif msg.type == "decline" and self._need_of(msg["req"]) is not None and msg["to"] == self.me:
             if msg["why"] in ("python", "worker-allow"):
                 self._unusable.note(msg.sender, msg["why"], str(msg.body.get("py", "?")), now)
+            elif msg["why"] == "version":
+                self._unusable.note(msg.sender, "version", str(revision_in(msg.body) or "?"), now)
             elif msg["why"] in ("resources", "requires"):
                 self._unusable.note(msg.sender, msg["why"], str(msg.body.get("detail", "?")), now)
         elif msg.type == "bye" and msg["role"] == "worker" and isinstance(msg.body.get("node"), str):
@@ -97,9 +99,12 @@ class Matchmaker:
         """The need whose request id is ``req``, if it is one of ours."""
         return next((need for need, ask in self._asks.items() if ask.req == req), None)
 
-    def _note_unusable(self, worker: str, python: Any, now: float) -> bool:
-        """Note why this member's worker cannot serve us, if it cannot; True then."""
-        if worker in self.banned:
+    def _note_unusable(self, msg: messages.Message, python: Any, now: float) -> bool:
+        """Note why the worker that sent ``msg`` cannot serve us, if it cannot; True then."""
+        worker, revision = msg.sender, revision_in(msg.body)
+        if revision != REVISION:
+            self._unusable.note(worker, "version", str(revision or "?"), now)
+        elif worker in self.banned:
             self._unusable.note(worker, "banned", self.banned[worker], now)
         elif self.options.allow is not None and worker not in self.options.allow:
             self._unusable.note(worker, "client-allow", "", now)
@@ -113,7 +118,11 @@ class Matchmaker:
         need = self._need_of(msg["req"])
         if need is None or msg["to"] != self.me:
             return []
-        self._note_unusable(msg.sender, msg["py"], now)
+        self._note_unusable(msg, msg["py"], now)
+        if revision_in(msg.body) != REVISION:
+            log.debug("ignoring an offer from %s: p2pexec wire revision %s, not %s", msg.sender,
+                      msg.body.get("rev", 1), REVISION)
+            return []
         if msg.sender in self.banned:  # by member: a new peer id (a restarted worker) does not evade it
             log.debug("ignoring an offer from %s: a worker of theirs broke the protocol (%s)", msg.sender,
                       self.banned[msg.sender])
@@ -166,13 +175,13 @@ class Matchmaker:
                 ask.last_request, ask.last_asked = now, wanted
                 needs = {"need": need.to_json()} if need != ANY else {}
                 done.append(Post("request", {"req": ask.req, "client": self.request_id, "n": wanted,
-                                             "py": self.python, **needs, **dists}, REQUEST_TTL))
+                                             "py": self.python, "rev": REVISION, **needs, **dists}, REQUEST_TTL))
         return done
 
     def probe(self) -> Post:
         """Ask the cluster who has slots, leasing nothing: the offers land in :attr:`offered`."""
-        return Post("request", {"req": self.request_id, "n": PROBE_SLOTS, "py": self.python, "probe": True},
-                    REQUEST_TTL)
+        return Post("request", {"req": self.request_id, "n": PROBE_SLOTS, "py": self.python, "rev": REVISION,
+                                "probe": True}, REQUEST_TTL)
 
     # -- who can serve us ----------------------------------------------------------------------
     def online(self, now: float) -> list[str]:

@@ -36,7 +36,7 @@ from .errors import ProtocolError, WorkerLostError
 from .pending import Pending
 from .protocol import messages
 from .protocol.frames import Op, encode_op
-from .protocol.matching import slots_to_accept, slots_wanted
+from .protocol.matching import REVISION, slots_to_accept, slots_wanted
 from .protocol.resources import ANY, Need
 from .protocol.values import SentValues
 from .stats import ExecutorStats, Tally
@@ -74,7 +74,7 @@ class ClientCore(Matchmaker):
 
     def hello_body(self) -> dict[str, Any]:
         """What our hello tells observers (``p2pexec status``)."""
-        return {"role": "client", "node": self.request_id, "py": self.python, "queued": len(self.pending),
+        return {"role": "client", "node": self.request_id, "py": self.python, "rev": REVISION, "queued": len(self.pending),
                 "running": self.inflight(), "done": self.tally.done, "failed": self.tally.failed,
                 "leases": [{"worker": lease.label, "slots": lease.slots, "path": lease.path}
                            for lease in self.leases[:16]],

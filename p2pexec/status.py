@@ -18,6 +18,7 @@ from typing import Any
 from .board.client import BoardSession
 from .config import Participant
 from .protocol import messages
+from .protocol.matching import REVISION, revision_in
 from .protocol.observers import ANSWER_AT_MOST_EVERY
 from .protocol.resources import Resources, format_size
 
@@ -131,6 +132,7 @@ def format_status(status: dict[str, Any]) -> str:
                          f"reachable: {REACH.get(str(w.get('reach')), _text(w.get('reach')))}")
             lines.extend(f"    lease for {_text(lease.get('client'))}: {_text(lease.get('path'))}"
                          for lease in _leases(w))
+            lines.extend(_release(w))
     if clients:
         lines.append("clients:")
         for c in clients:
@@ -139,6 +141,7 @@ def format_status(status: dict[str, Any]) -> str:
                          f"failed {_text(c.get('failed')):<4} python {_text(c.get('py'))}")
             lines.extend(f"    lease of {_text(lease.get('worker'))} ({_text(lease.get('slots'))} slots): "
                          f"{_text(lease.get('path'))}" for lease in _leases(c))
+            lines.extend(_release(c))
             banned = c.get("banned") if isinstance(c.get("banned"), dict) else {}
             lines.extend(f"    banned {_text(member)}: {_text(why)}" for member, why in banned.items())
     if not workers and not clients:
@@ -157,6 +160,15 @@ def _worker(worker: dict[str, Any]) -> str:
     """``member/machine``: a member's machines told apart (just the member, from a worker that names none)."""
     machine = messages.machine_name(worker.get("name"))
     return f"{_text(worker['user'])}/{machine}" if machine else _text(worker["user"])
+
+
+def _release(node: dict[str, Any]) -> list[str]:
+    """A line under a node of another p2pexec release than ours: it and we cannot lease with each other."""
+    revision = revision_in(node)
+    if revision == REVISION:
+        return []
+    return [f"    another p2pexec release: wire revision {_text(revision)}, this one's {REVISION} "
+            "(they cannot work together: upgrade whichever is older)"]
 
 
 def _busy(worker: dict[str, Any]) -> str:

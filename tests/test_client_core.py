@@ -20,6 +20,7 @@ from p2pexec.errors import NoWorkersError, ProtocolError, WorkerLostError
 from p2pexec.fitting import Fitting
 from p2pexec.protocol import messages
 from p2pexec.protocol.frames import Op, decode_ops
+from p2pexec.protocol.matching import REVISION
 from p2pexec.protocol.resources import ANY, Need, Resources
 from p2pexec.stdlib_private import cancel_running
 
@@ -45,8 +46,9 @@ def requests(actions: list[Action]) -> list[Post]:
 
 
 def offer(req: str, sender: str = "bob", peer: str = "peer-bob", slots: int = 2, py: str = PY,
-          to: str = "me", need: Need = ANY) -> messages.Message:
-    body = {"req": req, "to": to, "slots": slots, "py": py, "peer": peer, "addrs": [], "kx": ""}
+          to: str = "me", need: Need = ANY, **extra: object) -> messages.Message:
+    body = {"req": req, "to": to, "slots": slots, "py": py, "rev": REVISION, "peer": peer, "addrs": [], "kx": "",
+            **extra}
     if need != ANY:
         body["res"] = Resources(slots=slots, cores=4, memory=1 << 30, tags=need.tags).to_json()
     return messages.Message("offer", sender, b"key-" + sender.encode(), "me/c", messages.new_id(), 0.0, 1e9, body)
@@ -115,6 +117,26 @@ def test_offers_not_for_us_or_from_workers_we_may_not_use_are_ignored():
     assert dials(c.on_message(offer(c.request_id, "carol", "peer-carol"), 2.0)) != []
     hint = c.starving_hint(2.0)
     assert "mallory" in hint and "dave" in hint and "carol" in hint
+
+
+def test_a_worker_of_another_release_is_never_leased_and_the_hint_says_to_upgrade():
+    """Friends upgrade on different days: a worker that would misread our frames is named, not dialed."""
+    c = core()
+    submit(c)
+    assert dials(c.on_message(offer(c.request_id, rev=REVISION + 1), 0.0)) == []
+    older = offer(c.request_id, "carol", "peer-carol")
+    del older.body["rev"]  # releases before the field was sent
+    assert dials(c.on_message(older, 0.0)) == []
+    assert dials(c.on_message(offer(c.request_id, "erin", "peer-erin", rev="2"), 0.0)) == []  # garbled
+    declined = messages.Message("decline", "dave", b"key-dave", "me/c", messages.new_id(), 0.0, 1e9,
+                                {"req": c.request_id, "to": "me", "why": "version", "rev": 7})
+    c.on_message(declined, 0.0)
+    hint = c.starving_hint(1.0)
+    assert f"bob: runs p2pexec wire revision {REVISION + 1}, this client {REVISION}" in hint
+    assert f"carol: runs p2pexec wire revision 1, this client {REVISION}" in hint
+    assert "erin: runs p2pexec wire revision ?" in hint and "dave: runs p2pexec wire revision 7" in hint
+    assert "pip install -U p2pexec" in hint
+    assert dials(c.on_message(offer(c.request_id, "frank", "peer-frank"), 1.0)) != []  # our revision: leased
 
 
 def test_an_offer_for_a_need_must_meet_it_and_leases_serve_only_their_need():

@@ -165,6 +165,16 @@ def test_worker_with_another_python_is_never_used(tmp_path):
             assert ex.submit(abs, -1).result(timeout=30) == 1
 
 
+def test_a_worker_of_another_release_is_named_with_the_fix_and_never_leased():
+    with LocalCluster(workers=0) as lc:
+        lc.add_worker(env={"P2PEXEC_ADVERTISE_REVISION": "1"})
+        with lc.executor(worker_timeout=2.0) as ex:
+            with pytest.raises(NoWorkersError, match=r"friend: runs p2pexec wire revision 1, this client \d+: the "
+                                                     r"two must match; upgrade whichever is older \(pip install -U"):
+                ex.submit(abs, 1).result(timeout=30)
+        assert "lease for" not in lc.workers[0].log_path.read_text()
+
+
 def _run_script(cluster, tmp_path: Path, source: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``source`` as a user's script (its own ``__main__``) against the session cluster, configured as a
     user would be: the environment, a members file, known_hosts."""

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pexec.protocol.unusable import DECLINE_EVERY, REMEMBER_SECONDS, DeclineLimiter, Unusable, describe
+from p2pexec.protocol.matching import REVISION
 from p2pexec.status import format_status
 from p2pexec.worker.history import Entry, History, format_table, trim
 
@@ -92,6 +93,19 @@ def test_status_text_has_no_control_characters_from_peers():
                            "memory": 16 << 30, "platform": "linux", "load": 0.5, "reach": "public"}]}
     text = format_status(status)
     assert "\x1b" not in text and "3/4 slots busy" in text and "8 cores, 16.0 GiB" in text
+
+
+def test_status_points_out_nodes_of_another_release():
+    worker = {"slots": 1, "free": 1, "cores": 2, "memory": 1 << 30, "platform": "linux", "py": "3.11"}
+    status = {"cluster": "a/b", "board": "ssh://x", "clients": [{"user": "carol", "py": "3.11", "rev": "x"}],
+              "workers": [{"user": "bob", **worker, "rev": REVISION}, {"user": "dave", **worker}]}
+    lines = format_status(status).splitlines()
+    (dave,) = [i for i, line in enumerate(lines) if line.lstrip().startswith("dave")]
+    assert lines[dave + 1].strip() == (f"another p2pexec release: wire revision 1, this one's {REVISION} "
+                                       "(they cannot work together: upgrade whichever is older)")
+    (carol,) = [i for i, line in enumerate(lines) if line.lstrip().startswith("carol")]
+    assert "wire revision ?" in lines[carol + 1]
+    assert sum("another p2pexec release" in line for line in lines) == 2  # not bob, who runs ours
 
 
 def test_unusable_workers_are_remembered_while_fresh_and_described_with_advice():

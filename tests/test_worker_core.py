@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from p2pexec.errors import ProtocolError
+from p2pexec.protocol.matching import REVISION
 from p2pexec.protocol.messages import Message
 from p2pexec.protocol.resources import Need, Resources
 from p2pexec.protocol.sharing import OFFER_HOLD
@@ -32,7 +33,8 @@ def message(mtype: str, sender: str, body: dict, exp: float = 1e9) -> Message:
 
 def request(sender: str = "bob", n: int = 1, req: str = "r1", client: str | None = None, exp: float = 1e9,
             **body) -> Message:
-    return message("request", sender, {"req": req, "n": n, "py": PY, "client": client or f"c-{req}", **body}, exp)
+    return message("request", sender, {"req": req, "n": n, "py": PY, "rev": REVISION, "client": client or f"c-{req}",
+                                       **body}, exp)
 
 
 def accept(offer: Offer, slots: int | None = None, sender: str | None = None, worker: str = "w") -> Message:
@@ -46,6 +48,17 @@ def core(slots: int = 2, memory: int = 4 * GiB, cores: int = 4, **kw) -> WorkerC
 
 def offers(actions) -> list[Offer]:
     return [a for a in actions if isinstance(a, Offer)]
+
+
+def test_a_request_of_another_release_is_declined_and_one_of_ours_is_offered_to():
+    w = core()
+    older = request("bob", req="r1")
+    del older.body["rev"]  # releases before the field was sent
+    assert [a.why for a in w.request(older, 0.0)] == ["version"]
+    assert [a.why for a in w.request(request("bob", req="r2", rev=REVISION + 1), 0.0)] == ["version"]
+    assert [a.why for a in w.request(request("bob", req="r3", rev=True), 0.0)] == ["version"]
+    assert offers(w.request(request("bob", req="r4"), 0.0))
+    assert [a.why for a in core(revision=REVISION - 1).request(request("bob", req="r5"), 0.0)] == ["version"]
 
 
 def test_a_request_it_cannot_serve_is_declined_and_says_why_at_most_every_so_often():

@@ -12,6 +12,7 @@ from p2pexec.board.address import BoardAddress
 from p2pexec.board.client import BoardSession
 from p2pexec.keys import Keyring, load_identity
 from p2pexec.protocol import messages
+from p2pexec.protocol.matching import REVISION
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -37,7 +38,8 @@ def test_every_offer_has_its_own_key_exchange_key_and_the_worker_says_how_it_sig
         session.open()
         try:
             for req in ("first-request", "second-request"):
-                session.send(messages.encode(alice, lc.cluster, "request", {"req": req, "n": 1, "py": _py()},
+                session.send(messages.encode(alice, lc.cluster, "request", {"req": req, "n": 1, "py": _py(),
+                                                                               "rev": REVISION},
                                              now=time.time(), ttl=10))
             assert two.wait(30), offers
         finally:

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+# What clients and workers say to each other (board bodies, lease frames) changes between releases, and an
+# older side would misread a newer one's frames.  Both sides send the revision they speak ("rev"); sides of
+# different revisions never lease, and the client says which side to upgrade.  Bump it with any change an
+# older release would misread.  Releases before the field was sent are revision 1.
+REVISION = 2
+
 
 def slots_wanted(pending: int, inflight: int, leased: int, max_workers: int) -> int:
     """Extra slots a client should lease now: enough for its work, never past max_workers."""
@@ -31,6 +40,12 @@ def slots_to_accept(offered: int, wanted: int) -> int:
 def python_compatible(mine: str, theirs: str) -> bool:
     """Bytecode and pickles of functions only load on the same Python major.minor."""
     return mine == theirs
+
+
+def revision_in(body: Mapping[str, Any]) -> int | None:
+    """The revision a message's sender speaks: 1 when it does not say (an older release), None when garbled."""
+    value = body.get("rev", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def credit_window(slots: int, mean_task_seconds: float | None, *, queue_seconds: float = 0.01,

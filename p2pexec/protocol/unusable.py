@@ -12,13 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .matching import REVISION
+
 REMEMBER_SECONDS = 90.0  # a worker not seen again for this long has probably left
 DECLINE_EVERY = 30.0  # a worker declines one request at most this often
 MAX_ENTRIES = 256
 
 # Why a worker cannot be used: code -> what it means and what to do, given the worker's member, the
-# detail noted, our Python and our member name.
+# detail noted, our Python, our member name and our wire revision.
 _ADVICE = {
+    "version": "runs p2pexec wire revision {detail}, this client {revision}: the two must match; upgrade "
+               "whichever is older (pip install -U p2pexec) and restart it",
     "python": "runs Python {detail}, this client {python}: start that worker with Python {python} "
               "(or run this client with Python {detail})",
     "worker-allow": "its worker serves only the members in its --allow, not {me}: ask {member} to add {me} there",
@@ -74,7 +78,7 @@ class Unusable:
 def describe(sightings: list[Sighting], python: str, me: str) -> str:
     """One sentence naming each unusable worker's member, why, and what to do; ``me`` is the client's member."""
     return "; ".join(f"{s.member}: " + _ADVICE[s.reason].format(member=s.member, detail=s.detail, python=python,
-                                                                me=me)
+                                                                me=me, revision=REVISION)
                      for s in sightings)
 
 

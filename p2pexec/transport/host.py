@@ -35,13 +35,14 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import ProtocolError
 from ..keys import Identity
+from ..protocol.matching import REVISION
 from ..protocol.reach import CIRCUIT, direct_and_relayed, make_ticket, split_tcp
 from .admission import Admission, Limits
 from .channel import FramedStream
 from .gate import PROVE_SECONDS, Gate, GatedTCP
 from .libp2p_config import DIAL_TIMEOUT, Notifee, new_libp2p_host
 
-LEASE_PROTOCOL = TProtocol("/p2pexec/lease/1.0.0")
+LEASE_PROTOCOL = TProtocol(f"/p2pexec/lease/{REVISION}.0.0")  # (sides of other revisions never lease)
 TICKET_PROTOCOL = TProtocol("/p2pexec/relay-ticket/1.0.0")
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 ALL_INTERFACES = "/ip4/0.0.0.0/tcp/0"

@@ -33,7 +33,7 @@ from .. import environment, portability
 from ..board.client import BoardSession
 from ..config import Participant, physical_memory
 from ..errors import P2PExecError
-from ..protocol import messages
+from ..protocol import matching, messages
 from ..protocol.resources import Gpu, Need, Resources
 from ..protocol.sharing import OFFER_HOLD
 from ..protocol.observers import AnswerObservers
@@ -56,8 +56,9 @@ from .valuecache import Arrivals, Blob
 
 log = logging.getLogger("p2pexec.worker")
 
-# The override exists so tests can start a worker that looks like another Python.
+# The overrides exist so tests can start a worker that looks like another Python, or another release.
 PYTHON = os.environ.get("P2PEXEC_ADVERTISE_PYTHON") or f"{sys.version_info.major}.{sys.version_info.minor}"
+REVISION = int(os.environ.get("P2PEXEC_ADVERTISE_REVISION") or matching.REVISION)
 HELLO_EVERY = 30.0
 DEFAULT_CACHE_SIZE = 1 << 30
 
@@ -102,7 +103,8 @@ class WorkerDaemon:
         self.resources = config.resources()
         self.slots = [TaskSlot(i, config.sandbox, self._scratch) for i in range(config.slots)]
         self.core = WorkerCore(self.resources, me=config.who.identity.user, python=PYTHON, allow=config.allow,
-                               requires_unmet=_requires_unmet, new_keys=sodium.crypto_kx_keypair)
+                               requires_unmet=_requires_unmet, new_keys=sodium.crypto_kx_keypair,
+                               revision=REVISION)
         self.host: Libp2pHost | None = None
         self.board: BoardSession | None = None
         self._observers = AnswerObservers()
@@ -243,7 +245,7 @@ class WorkerDaemon:
                                     "addrs": self.nat.addrs_for(None) if self.host else [],
                                     "reach": self._reach(),
                                     "leases": self.leases.status(),
-                                    "py": PYTHON, "slots": self.config.slots,
+                                    "py": PYTHON, "rev": REVISION, "slots": self.config.slots,
                                     "free": free,
                                     "res": self.resources.to_json(), "platform": sys.platform,
                                     "load": round(os.getloadavg()[0], 2) if portability.loadavg() else None,
@@ -279,7 +281,7 @@ class WorkerDaemon:
             elif isinstance(action, Decline):
                 request = action.request
                 self.board.send(self._sign("decline", {"req": request["req"], "to": request.sender, "why": action.why,
-                                                       "py": PYTHON, "node": self.host.peer_id,
+                                                       "py": PYTHON, "rev": REVISION, "node": self.host.peer_id,
                                                        "detail": action.detail}, ttl=OFFER_TTL))
             else:
                 self._send_offer(action)
@@ -288,6 +290,7 @@ class WorkerDaemon:
         assert self.host is not None and self.board is not None
         request = offer.request
         self.board.send(self._sign("offer", {"req": offer.req, "to": offer.client, "slots": offer.slots, "py": PYTHON,
+                                             "rev": REVISION,
                                              "peer": self.host.peer_id, "name": self.config.name,
                                              "res": self.resources.to_json(),
                                              "dists": _answer(request),
