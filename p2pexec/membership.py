@@ -14,14 +14,13 @@ later invitation to the same friend does not lock their first key out.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, List
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from .errors import ConfigurationError
 from .keys import Identity, openssh_public_line, parse_openssh_public, valid_username
 from .protocol.messages import b64, unb64
 
@@ -95,9 +94,6 @@ class MemberList:
                 raise ValueError(f"bad member entry {user!r}")
             members[user] = tuple(Entry.parse(e) for e in entries)
         return cls(data["cluster"], data["version"], members, unb64(str(data.get("sig", "")), 64))
-
-    def with_member(self, user: str, entry: Entry, version: int) -> "MemberList":
-        return MemberList(self.cluster, version, {**self.members, user: (*self.members.get(user, ()), entry)})
 
     def without(self, user: str, version: int) -> "MemberList":
         return MemberList(self.cluster, version, {u: es for u, es in self.members.items() if u != user})
@@ -201,10 +197,3 @@ class Membership:
                         self.admit(user, unb64(key, 32), unb64(signature, 64))
                     except ValueError:
                         continue
-
-
-def parse_entries(keys: Iterable[str]) -> tuple[Entry, ...]:
-    try:
-        return tuple(Entry.parse(k) for k in keys)
-    except ValueError as exc:
-        raise ConfigurationError(f"bad key in a member list: {exc}") from None

@@ -169,9 +169,6 @@ class ValueCache(Generic[T]):
         self._entries: OrderedDict[tuple[str, bytes], tuple[T, int]] = OrderedDict()
         self._leases: Counter[str] = Counter()  # live leases per member
         self._idle_since: dict[str, float] = {}  # members with values and no live lease
-        self.hits = 0
-        self.misses = 0
-        self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -182,10 +179,8 @@ class ValueCache(Generic[T]):
     def get(self, member: str, name: bytes) -> T | None:
         entry = self._entries.get((member, name))
         if entry is None:
-            self.misses += 1
             return None
         self._entries.move_to_end((member, name))
-        self.hits += 1
         return entry[0]
 
     def put(self, member: str, name: bytes, item: T, size: int) -> bool:
@@ -199,7 +194,6 @@ class ValueCache(Generic[T]):
         while self.size + size > self.capacity:
             _, (_, freed) = self._entries.popitem(last=False)
             self.size -= freed
-            self.evicted += 1
         self._entries[key] = (item, size)
         self.size += size
         return True
