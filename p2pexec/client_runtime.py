@@ -21,7 +21,7 @@ import trio
 from .board.client import BoardSession
 from .config import Participant
 from .protocol.messages import Inbox
-from .runtime import TrioThread, freeze_at_exit
+from .runtime import TrioThread
 from .scheduler import SCHEDULER_SKIPS, ClientScheduler, SchedulerOptions
 from .stats import ExecutorStats
 
@@ -36,7 +36,6 @@ class ClientRuntime:
 
     def __init__(self, who: Participant, name: str, options: SchedulerOptions, known_hosts: Path,
                  accept_new_host_key: bool) -> None:
-        freeze_at_exit()  # libp2p is loaded: leaving would walk its objects for half a second
         self.scheduler = scheduler = ClientScheduler(who.identity, who.cluster, options)
         self.thread = TrioThread(self._serve, name=f"p2pexec-client-{name}")
         self.board: BoardSession | None = None  # once it is open

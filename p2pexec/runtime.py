@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
-import gc
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -13,25 +11,6 @@ import trio
 from .errors import first_leaf
 
 T = TypeVar("T")
-
-
-def freeze_what_lives() -> None:
-    """Collect the garbage, then leave what still lives out of every later collection.
-
-    libp2p's modules alone are about 100,000 objects, and the interpreter's
-    last collections at exit walked them for half a second.  Garbage first:
-    what is frozen is never collected (nor finalized by the collector).
-    """
-    gc.collect()
-    gc.freeze()
-
-
-def freeze_at_exit() -> None:
-    """Freeze at exit, after the atexit handlers registered later (yours, usually) ran: garbage is still
-    collected and finalized then; only what lives at exit, which Python never promises to finalize, is
-    not walked again."""
-    atexit.unregister(freeze_what_lives)  # (once, however many executors)
-    atexit.register(freeze_what_lives)
 
 
 async def in_thread_until_cancelled(fn: Callable[..., T], *args: Any) -> T:

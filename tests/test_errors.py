@@ -191,32 +191,6 @@ def _run_script(cluster, tmp_path: Path, source: str, *args: str) -> subprocess.
                           text=True, timeout=60)
 
 
-def test_a_script_leaves_without_walking_libp2p_again_but_its_garbage_is_still_finalized(cluster, tmp_path):
-    """Exit's last collections walked libp2p's objects for half a second; what they would have finalized
-    (garbage, here a cycle with a finalizer, made after the executor) still is."""
-    done = _run_script(cluster, tmp_path, """
-        import atexit, gc
-        from p2pexec import P2PExecutor
-
-        atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0))  # runs after p2pexec's
-
-        class Cycle:
-            def __del__(self):
-                print("garbage finalized")
-
-        if __name__ == "__main__":
-            with P2PExecutor("alice/friends") as ex:
-                assert ex.submit(abs, -2).result(timeout=30) == 2
-            cycle = Cycle()
-            cycle.me = cycle
-            del cycle
-            gc.disable()  # (no collection may come by chance before the exit's)
-            print("frozen before exit:", gc.get_freeze_count() > 0)
-    """)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:3] == ["frozen before exit: False", "garbage finalized", "frozen at exit: True"]
-
-
 def test_functions_from_a_script_main_run_on_workers(cluster, tmp_path):
     done = _run_script(cluster, tmp_path, """
         import collections
