@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .client_state import SAY_HELLO, Action, Post, SchedulerOptions
 from .protocol import messages
@@ -80,7 +80,7 @@ class Matchmaker:
         elif msg.type == "hello" and msg["role"] == "worker":
             node = msg.body.get("node")
             arrived = not (isinstance(node, str) and node in self._workers)
-            if not self._note_unusable(msg, msg.body.get("py"), now) and isinstance(node, str):
+            if self._note_unusable(msg, now) is None and isinstance(node, str):
                 self._workers[node] = (msg.sender, now)
             if arrived:  # a worker arrived: ask again right away (a known one keeps our request and offers when free)
                 done += self.reannounce(now)
@@ -99,39 +99,29 @@ class Matchmaker:
         """The need whose request id is ``req``, if it is one of ours."""
         return next((need for need, ask in self._asks.items() if ask.req == req), None)
 
-    def _note_unusable(self, msg: messages.Message, python: Any, now: float) -> bool:
-        """Note why the worker that sent ``msg`` cannot serve us, if it cannot; True then."""
-        worker, revision = msg.sender, revision_in(msg.body)
+    def _note_unusable(self, msg: messages.Message, now: float) -> Sighting | None:
+        """Note why the worker that sent ``msg`` (a hello, an offer) cannot serve us, if it cannot."""
+        worker, revision, python = msg.sender, revision_in(msg.body), msg.body.get("py")
         if revision != REVISION:
-            self._unusable.note(worker, "version", str(revision or "?"), now)
-        elif worker in self.banned:
-            self._unusable.note(worker, "banned", self.banned[worker], now)
+            why = Sighting(worker, "version", str(revision or "?"))
+        elif worker in self.banned:  # by member: a new peer id (a restarted worker) does not evade it
+            why = Sighting(worker, "banned", self.banned[worker])
         elif self.options.allow is not None and worker not in self.options.allow:
-            self._unusable.note(worker, "client-allow", "", now)
+            why = Sighting(worker, "client-allow")
         elif isinstance(python, str) and not python_compatible(self.python, python):
-            self._unusable.note(worker, "python", python, now)
+            why = Sighting(worker, "python", python)
         else:
-            return False
-        return True
+            return None
+        self._unusable.note(why.member, why.reason, why.detail, now)
+        return why
 
     def _on_offer(self, msg: messages.Message, now: float) -> list[Action]:
         need = self._need_of(msg["req"])
         if need is None or msg["to"] != self.me:
             return []
-        self._note_unusable(msg, msg["py"], now)
-        if revision_in(msg.body) != REVISION:
-            log.debug("ignoring an offer from %s: p2pexec wire revision %s, not %s", msg.sender,
-                      msg.body.get("rev", 1), REVISION)
-            return []
-        if msg.sender in self.banned:  # by member: a new peer id (a restarted worker) does not evade it
-            log.debug("ignoring an offer from %s: a worker of theirs broke the protocol (%s)", msg.sender,
-                      self.banned[msg.sender])
-            return []
-        if self.options.allow is not None and msg.sender not in self.options.allow:
-            log.debug("ignoring an offer from %s: not in allow=", msg.sender)
-            return []
-        if not python_compatible(self.python, msg["py"]):
-            log.debug("ignoring an offer from %s: Python %s, not %s", msg.sender, msg["py"], self.python)
+        unusable = self._note_unusable(msg, now)
+        if unusable is not None:
+            log.debug("ignoring an offer from %s", describe([unusable], self.python, self.me))
             return []
         if not self.backoff.ready(msg["peer"], now):
             log.debug("ignoring an offer from %s: it could not be reached, next try later", msg.sender)

@@ -132,10 +132,12 @@ def test_a_worker_of_another_release_is_never_leased_and_the_hint_says_to_upgrad
                                 {"req": c.request_id, "to": "me", "why": "version", "rev": 7})
     c.on_message(declined, 0.0)
     hint = c.starving_hint(1.0)
-    assert f"bob: runs p2pexec wire revision {REVISION + 1}, this client {REVISION}" in hint
-    assert f"carol: runs p2pexec wire revision 1, this client {REVISION}" in hint
-    assert "erin: runs p2pexec wire revision ?" in hint and "dave: runs p2pexec wire revision 7" in hint
-    assert "pip install -U p2pexec" in hint
+    assert (f"bob: runs p2pexec wire revision {REVISION + 1}, this client {REVISION}, and the two never work "
+            "together: upgrade p2pexec here (pip install -U p2pexec)") in hint
+    assert (f"carol: runs p2pexec wire revision 1, this client {REVISION}, and the two never work together: ask "
+            "carol to upgrade p2pexec there (pip install -U p2pexec) and restart the worker") in hint
+    assert "erin: runs p2pexec wire revision ?" in hint and "upgrade whichever is older" in hint
+    assert "dave: runs p2pexec wire revision 7" in hint
     assert dials(c.on_message(offer(c.request_id, "frank", "peer-frank"), 1.0)) != []  # our revision: leased
 
 

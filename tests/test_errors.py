@@ -165,14 +165,19 @@ def test_worker_with_another_python_is_never_used(tmp_path):
             assert ex.submit(abs, -1).result(timeout=30) == 1
 
 
-def test_a_worker_of_another_release_is_named_with_the_fix_and_never_leased():
+def test_an_older_worker_that_offers_anyway_is_never_leased_and_named_with_the_fix(caplog):
+    """Like a release before revisions, this worker reads none: it offers, and the client must refuse."""
+    caplog.set_level(logging.DEBUG, logger="p2pexec.client")
     with LocalCluster(workers=0) as lc:
         lc.add_worker(env={"P2PEXEC_ADVERTISE_REVISION": "1"})
         with lc.executor(worker_timeout=2.0) as ex:
-            with pytest.raises(NoWorkersError, match=r"friend: runs p2pexec wire revision 1, this client \d+: the "
-                                                     r"two must match; upgrade whichever is older \(pip install -U"):
+            with pytest.raises(NoWorkersError, match=r"friend: runs p2pexec wire revision 1, this client \d+, and "
+                                                     r"the two never work together: ask friend to upgrade p2pexec "
+                                                     r"there \(pip install -U p2pexec\) and restart the worker"):
                 ex.submit(abs, 1).result(timeout=30)
         assert "lease for" not in lc.workers[0].log_path.read_text()
+    assert any(r.getMessage().startswith("ignoring an offer from friend: runs p2pexec wire revision 1")
+               for r in caplog.records)
 
 
 def _run_script(cluster, tmp_path: Path, source: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pexec.protocol.unusable import DECLINE_EVERY, REMEMBER_SECONDS, DeclineLimiter, Unusable, describe
 from p2pexec.protocol.matching import REVISION
+from p2pexec.protocol.unusable import DECLINE_EVERY, REMEMBER_SECONDS, DeclineLimiter, Unusable, describe
 from p2pexec.status import format_status
 from p2pexec.worker.history import Entry, History, format_table, trim
 

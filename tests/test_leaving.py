@@ -28,7 +28,9 @@ from .conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-PROMPT = 3.0  # seconds a program may take to end after one Ctrl-C
+# Seconds a program may take to end after one Ctrl-C: it takes 1-2 s (the workers' confirmation, the
+# interpreter's exit), 4 s on a loaded machine; a hang would wait out a lease (30 s) or shutdown_timeout (60 s).
+PROMPT = 10.0
 
 PRELUDE = '''
 import logging, sys

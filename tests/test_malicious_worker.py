@@ -46,7 +46,7 @@ def test_a_ban_holds_for_the_member_whatever_peer_id_its_next_worker_has(caplog)
             wait_until(lambda: "broke the protocol" in caplog.text, what="the client to drop the evil worker")
             lc.workers[0].kill()
             lc.add_worker(user=lc.owner)  # the same member again, a new process and libp2p peer id
-            wait_until(lambda: "ignoring an offer from alice: a worker of theirs broke the protocol" in caplog.text,
+            wait_until(lambda: "ignoring an offer from alice: a worker of alice broke the protocol" in caplog.text,
                        what="the restarted worker's offer to be refused")
             lc.add_worker()  # another member's worker runs it
             assert first.result(timeout=60) == 9
@@ -62,7 +62,7 @@ def test_allow_uses_only_the_members_named(caplog):
         lc.add_worker(user=lc.owner)
         with lc.executor(allow=["friend"]) as ex:
             future = ex.submit(square, 4)
-            wait_until(lambda: "ignoring an offer from alice: not in allow=" in caplog.text,
+            wait_until(lambda: "ignoring an offer from alice: not in this executor's allow=" in caplog.text,
                        what="alice's offer to be refused")
             assert not future.done()
             lc.add_worker()  # friend's

@@ -1,4 +1,5 @@
-"""How many slots to ask for, offer and accept: pure rules shared by both sides."""
+"""How many slots to ask for, offer and accept, and which peers can work together: pure rules shared by both
+sides."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 # What clients and workers say to each other (board bodies, lease frames) changes between releases, and an
 # older side would misread a newer one's frames.  Both sides send the revision they speak ("rev"); sides of
 # different revisions never lease, and the client says which side to upgrade.  Bump it with any change an
-# older release would misread.  Releases before the field was sent are revision 1.
+# older release would misread.  Releases before the field was sent are revision 1.  (messages.VERSION is the
+# signed envelope's format: peers of another VERSION drop each other's lines unread, with no hint to anyone.)
 REVISION = 2
 
 

@@ -29,6 +29,8 @@ from nacl.signing import VerifyKey
 
 from ..keys import Identity, Members, valid_username
 
+# The signed envelope's format, not the bodies': a peer of another VERSION drops our lines unread, with no hint
+# to anyone, so a change of what bodies carry or mean bumps matching.REVISION instead, which peers explain.
 VERSION = 1
 MAX_LINE_BYTES = 4096
 MAX_LIST_BYTES = 60000  # a "members" line carries the whole signed list

@@ -19,10 +19,10 @@ DECLINE_EVERY = 30.0  # a worker declines one request at most this often
 MAX_ENTRIES = 256
 
 # Why a worker cannot be used: code -> what it means and what to do, given the worker's member, the
-# detail noted, our Python, our member name and our wire revision.
+# detail noted, our Python, our member name, our wire revision and which side to upgrade.
 _ADVICE = {
-    "version": "runs p2pexec wire revision {detail}, this client {revision}: the two must match; upgrade "
-               "whichever is older (pip install -U p2pexec) and restart it",
+    "version": "runs p2pexec wire revision {detail}, this client {revision}, and the two never work together: "
+               "{upgrade}",
     "python": "runs Python {detail}, this client {python}: start that worker with Python {python} "
               "(or run this client with Python {detail})",
     "worker-allow": "its worker serves only the members in its --allow, not {me}: ask {member} to add {me} there",
@@ -78,8 +78,18 @@ class Unusable:
 def describe(sightings: list[Sighting], python: str, me: str) -> str:
     """One sentence naming each unusable worker's member, why, and what to do; ``me`` is the client's member."""
     return "; ".join(f"{s.member}: " + _ADVICE[s.reason].format(member=s.member, detail=s.detail, python=python,
-                                                                me=me, revision=REVISION)
+                                                                me=me, revision=REVISION, upgrade=_upgrade(s))
                      for s in sightings)
+
+
+def _upgrade(s: Sighting) -> str:
+    """The side of a revision mismatch to upgrade, where the worker's revision says it."""
+    theirs = int(s.detail) if s.detail.isdigit() else None
+    if theirs is not None and theirs < REVISION:
+        return f"ask {s.member} to upgrade p2pexec there (pip install -U p2pexec) and restart the worker"
+    if theirs is not None and theirs > REVISION:
+        return "upgrade p2pexec here (pip install -U p2pexec)"
+    return "upgrade whichever is older (pip install -U p2pexec)"
 
 
 class DeclineLimiter:

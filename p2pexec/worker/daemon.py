@@ -56,9 +56,10 @@ from .valuecache import Arrivals, Blob
 
 log = logging.getLogger("p2pexec.worker")
 
-# The overrides exist so tests can start a worker that looks like another Python, or another release.
+# The overrides exist so tests can start a worker that looks like another Python, or like an older release
+# (which offers to any client: it reads no revision).
 PYTHON = os.environ.get("P2PEXEC_ADVERTISE_PYTHON") or f"{sys.version_info.major}.{sys.version_info.minor}"
-REVISION = int(os.environ.get("P2PEXEC_ADVERTISE_REVISION") or matching.REVISION)
+ADVERTISED_REVISION = int(os.environ.get("P2PEXEC_ADVERTISE_REVISION") or matching.REVISION)
 HELLO_EVERY = 30.0
 DEFAULT_CACHE_SIZE = 1 << 30
 
@@ -103,8 +104,7 @@ class WorkerDaemon:
         self.resources = config.resources()
         self.slots = [TaskSlot(i, config.sandbox, self._scratch) for i in range(config.slots)]
         self.core = WorkerCore(self.resources, me=config.who.identity.user, python=PYTHON, allow=config.allow,
-                               requires_unmet=_requires_unmet, new_keys=sodium.crypto_kx_keypair,
-                               revision=REVISION)
+                               requires_unmet=_requires_unmet, new_keys=sodium.crypto_kx_keypair)
         self.host: Libp2pHost | None = None
         self.board: BoardSession | None = None
         self._observers = AnswerObservers()
@@ -245,7 +245,7 @@ class WorkerDaemon:
                                     "addrs": self.nat.addrs_for(None) if self.host else [],
                                     "reach": self._reach(),
                                     "leases": self.leases.status(),
-                                    "py": PYTHON, "rev": REVISION, "slots": self.config.slots,
+                                    "py": PYTHON, "rev": ADVERTISED_REVISION, "slots": self.config.slots,
                                     "free": free,
                                     "res": self.resources.to_json(), "platform": sys.platform,
                                     "load": round(os.getloadavg()[0], 2) if portability.loadavg() else None,
@@ -281,8 +281,9 @@ class WorkerDaemon:
             elif isinstance(action, Decline):
                 request = action.request
                 self.board.send(self._sign("decline", {"req": request["req"], "to": request.sender, "why": action.why,
-                                                       "py": PYTHON, "rev": REVISION, "node": self.host.peer_id,
-                                                       "detail": action.detail}, ttl=OFFER_TTL))
+                                                       "py": PYTHON, "rev": ADVERTISED_REVISION,
+                                                       "node": self.host.peer_id, "detail": action.detail},
+                                            ttl=OFFER_TTL))
             else:
                 self._send_offer(action)
 
@@ -290,7 +291,7 @@ class WorkerDaemon:
         assert self.host is not None and self.board is not None
         request = offer.request
         self.board.send(self._sign("offer", {"req": offer.req, "to": offer.client, "slots": offer.slots, "py": PYTHON,
-                                             "rev": REVISION,
+                                             "rev": ADVERTISED_REVISION,
                                              "peer": self.host.peer_id, "name": self.config.name,
                                              "res": self.resources.to_json(),
                                              "dists": _answer(request),

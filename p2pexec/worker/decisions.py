@@ -111,11 +111,10 @@ class WorkerCore:
     def __init__(self, resources: Resources, *, me: str, python: str, allow: frozenset[str] | None = None,
                  requires_unmet: Callable[[Need], str | None] = lambda need: None,
                  new_keys: Callable[[], tuple[bytes, bytes]] = lambda: (b"", b""), new_id: Callable[[], str] = messages.new_id,
-                 name: str | None = None, revision: int = REVISION) -> None:
+                 name: str | None = None) -> None:
         self.resources = resources
         self.me = me  # whom an accept must name
         self.python = python  # what we advertise: requests for another Python are declined
-        self.revision = revision  # the wire revision we speak (advertised): requests of another are declined
         self.allow = allow  # --allow: the only members served (None: every member)
         self._requires_unmet = requires_unmet  # what of a need's requires= this machine lacks (it reads metadata)
         self._new_keys, self._new_id = new_keys, new_id
@@ -133,7 +132,7 @@ class WorkerCore:
         if self.allow is not None and msg.sender not in self.allow:
             log.debug("ignoring a request from %s: not in --allow", msg.sender)
             return self._decline(msg, "worker-allow", now)
-        if revision_in(msg.body) != self.revision:
+        if revision_in(msg.body) != REVISION:
             return self._decline(msg, "version", now)
         if not python_compatible(self.python, msg["py"]):
             return self._decline(msg, "python", now)
