@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TextIO
 from . import __version__
 from .errors import P2PExecError
 from .cli_common import fail, participant_options, setup_logging
+from .protocol.matching import REVISION
 
 if TYPE_CHECKING:
     from .config import Participant
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                     "machines your friends contribute. Python code uses P2PExecutor('owner/cluster'); "
                     "friends run p2pexec-worker --cluster owner/cluster.",
     )
-    parser.add_argument("--version", action="version", version=f"p2pexec {__version__}")
+    parser.add_argument("--version", action="version", version=f"p2pexec {__version__} (wire revision {REVISION})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run a map on a local cluster (embedded board + worker processes)",

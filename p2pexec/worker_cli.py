@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .cli_common import fail, participant_options, setup_logging
 from .errors import P2PExecError, first_leaf
+from .protocol.matching import REVISION
 from .protocol.resources import check_tags, gpu_list
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--exit-with-parent", type=int, default=None, metavar="PID", help=argparse.SUPPRESS)
     parser.add_argument("--remove-with-parent", type=Path, default=None, metavar="DIR", help=argparse.SUPPRESS)
-    parser.add_argument("--version", action="version", version=f"p2pexec {__version__}")
+    parser.add_argument("--version", action="version", version=f"p2pexec {__version__} (wire revision {REVISION})")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     if args.slots < 1:

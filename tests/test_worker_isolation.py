@@ -34,6 +34,15 @@ def test_cli_help_is_fast_and_does_not_load_libp2p():
     assert time.perf_counter() - started < 30  # loose: only catches a hang, not a timing target
 
 
+@pytest.mark.parametrize("command", ["p2pexec", "p2pexec-worker"])
+def test_version_says_the_wire_revision_friends_must_share(command):
+    from p2pexec import __version__
+    from p2pexec.protocol.matching import REVISION
+
+    done = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == f"p2pexec {__version__} (wire revision {REVISION})", done.stderr
+
+
 def test_demo_command_runs_the_full_path():
     done = subprocess.run(["p2pexec", "demo", "--workers", "2", "--tasks", "8"], capture_output=True,
                           text=True, timeout=120)
