@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from p2pexec.protocol.resources import (ANY, Gpu, Need, Reservations, Resources, format_size, gpu_list,
-                                        parse_size, unmet)
+                                        lent_twice, parse_size, unmet)
 from p2pexec.status import format_status
 
 GiB = 1 << 30
@@ -139,3 +139,15 @@ def test_a_machine_without_an_nvidia_driver_lends_no_gpus_and_nothing_breaks():
 
     pytest.importorskip("pynvml")
     assert detect() == ()
+
+
+def test_what_two_workers_on_one_machine_lend_twice_is_named_with_the_flag_that_splits_it():
+    a100 = [Gpu(i, "A100", 40 << 30) for i in range(2)]
+    mine, theirs = Resources(1, 8, 16 << 30, tuple(a100)), Resources(1, 8, 8 << 30, (a100[1],))
+    assert lent_twice(mine, {"the worker for bob/lab (pid 7)": theirs}, 16 << 30) == [
+        "GPU 1 is lent by the worker for bob/lab (pid 7) too: split them with --gpus",
+        "this machine has 16 GiB of memory and its workers lend 24 GiB in all (this one 16 GiB, the worker for "
+        "bob/lab (pid 7) 8 GiB): split it with --memory"]
+    assert lent_twice(Resources(1, 8, 8 << 30, (a100[0],)), {"x": theirs}, 16 << 30) == []  # split: nothing twice
+    assert lent_twice(mine, {}, 16 << 30) == []
+    assert lent_twice(mine, {"x": theirs}, 0) == ["GPU 1 is lent by x too: split them with --gpus"]  # (size unknown)

@@ -310,3 +310,21 @@ def gpu_list(text: str, detected: Sequence[Gpu]) -> tuple[Gpu, ...]:
     if len(set(indices)) != len(indices) or any(i < 0 for i in indices):
         raise ValueError(f"--gpus {text}: each index once, none negative")
     return tuple(known.get(i, Gpu(i)) for i in indices)
+
+
+def lent_twice(mine: Resources, others: Mapping[str, Resources], machine_memory: int) -> list[str]:
+    """What this worker lends that other workers on the same machine (``label`` -> what each lends) lend too:
+    tasks of both may then use it at once.  One sentence each, saying what to pass to split it."""
+    said = []
+    for label, theirs in others.items():
+        both = sorted({g.index for g in mine.gpus} & {g.index for g in theirs.gpus})
+        if both:
+            said.append(f"GPU {', '.join(map(str, both))} {'is' if len(both) == 1 else 'are'} lent by {label} too: "
+                        f"split them with --gpus")
+    total = mine.memory + sum(theirs.memory for theirs in others.values())
+    if others and machine_memory and total > machine_memory:
+        each = ", ".join(f"{label} {format_size(theirs.memory)}" for label, theirs in others.items())
+        said.append(f"this machine has {format_size(machine_memory)} of memory and its workers lend "
+                    f"{format_size(total)} in all (this one {format_size(mine.memory)}, {each}): split it with "
+                    f"--memory")
+    return said

@@ -12,6 +12,7 @@ keys, moving to a direct connection) is :mod:`.leases`'s, its I/O
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -34,7 +35,7 @@ from ..board.client import BoardSession
 from ..config import Participant, physical_memory
 from ..errors import P2PExecError
 from ..protocol import matching, messages
-from ..protocol.resources import Gpu, Need, Resources
+from ..protocol.resources import Gpu, Need, Resources, lent_twice
 from ..protocol.sharing import OFFER_HOLD
 from ..protocol.observers import AnswerObservers
 from ..transport.channel import SecureChannel
@@ -49,6 +50,7 @@ from .history import History, default_path
 from .lease_decisions import LeaseDecisions
 from .lease_server import LeaseServer
 from .leases import Leases, Move
+from .neighbours import registered
 from .lifecycle import end_with_parent, leave_on_signals, protect_memory, say_how_we_sign
 from .sandbox import Sandbox
 from .slots import TaskSlot, become_subreaper
@@ -360,7 +362,13 @@ def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None, *, 
     # collections over it took half a second.  (Garbage first: what is frozen is never collected.)
     gc.collect()
     gc.freeze()
-    trio.run(main)
+    resources = config.resources()
+    noting: contextlib.AbstractContextManager[dict[str, Resources]] = (  # (a LocalCluster's share it on purpose)
+        registered(config.who.cluster, resources) if parent is None else contextlib.nullcontext({}))
+    with noting as others:
+        for line in lent_twice(resources, others, physical_memory() or 0):
+            log.warning("this machine's other workers: %s", line)
+        trio.run(main)
     if parent is not None and leftovers is not None and os.getppid() != parent:
         # Only now: while stopping, the worker still wrote there (its history, its scratch), which would
         # bring the directory back after an earlier removal.  Each worker removes it as it ends.
