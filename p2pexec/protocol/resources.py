@@ -314,17 +314,18 @@ def gpu_list(text: str, detected: Sequence[Gpu]) -> tuple[Gpu, ...]:
 
 def lent_twice(mine: Resources, others: Mapping[str, Resources], machine_memory: int) -> list[str]:
     """What this worker lends that other workers on the same machine (``label`` -> what each lends) lend too:
-    tasks of both may then use it at once.  One sentence each, saying what to pass to split it."""
+    tasks of both may then use it at once.  One sentence each, saying how to split it."""
     said = []
     for label, theirs in others.items():
         both = sorted({g.index for g in mine.gpus} & {g.index for g in theirs.gpus})
         if both:
-            said.append(f"GPU {', '.join(map(str, both))} {'is' if len(both) == 1 else 'are'} lent by {label} too: "
-                        f"split them with --gpus")
+            said.append(f"GPU {', '.join(map(str, both))} {'is' if len(both) == 1 else 'are'} lent by {label} too "
+                        f"(it started first, and was not told): restart one of them with --gpus so that each "
+                        f"lends its own")
     total = mine.memory + sum(theirs.memory for theirs in others.values())
     if others and machine_memory and total > machine_memory:
         each = ", ".join(f"{label} {format_size(theirs.memory)}" for label, theirs in others.items())
         said.append(f"this machine has {format_size(machine_memory)} of memory and its workers lend "
-                    f"{format_size(total)} in all (this one {format_size(mine.memory)}, {each}): split it with "
-                    f"--memory")
+                    f"{format_size(total)} in all (this one {format_size(mine.memory)}, {each}): restart one of "
+                    f"them with --memory so that they lend at most that")
     return said

@@ -12,7 +12,6 @@ keys, moving to a direct connection) is :mod:`.leases`'s, its I/O
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os
@@ -50,8 +49,8 @@ from .history import History, default_path
 from .lease_decisions import LeaseDecisions
 from .lease_server import LeaseServer
 from .leases import Leases, Move
-from .neighbours import registered
 from .lifecycle import end_with_parent, leave_on_signals, protect_memory, say_how_we_sign
+from .neighbours import registered
 from .sandbox import Sandbox
 from .slots import TaskSlot, become_subreaper
 from .valuecache import Arrivals, Blob
@@ -363,11 +362,10 @@ def serve(config: WorkerConfig, on_ready: Callable[[], None] = lambda: None, *, 
     gc.collect()
     gc.freeze()
     resources = config.resources()
-    noting: contextlib.AbstractContextManager[dict[str, Resources]] = (  # (a LocalCluster's share it on purpose)
-        registered(config.who.cluster, resources) if parent is None else contextlib.nullcontext({}))
-    with noting as others:
+    # (a LocalCluster's workers, which have a parent, share the machine on purpose)
+    with registered(config.who.cluster, resources, enabled=parent is None) as others:
         for line in lent_twice(resources, others, physical_memory() or 0):
-            log.warning("this machine's other workers: %s", line)
+            log.warning("lent twice: %s", line)
         trio.run(main)
     if parent is not None and leftovers is not None and os.getppid() != parent:
         # Only now: while stopping, the worker still wrote there (its history, its scratch), which would
