@@ -145,8 +145,8 @@ def test_what_two_workers_on_one_machine_lend_twice_is_named_with_the_flag_that_
     a100 = [Gpu(i, "A100", 40 << 30) for i in range(3)]
     mine, theirs = Resources(1, 8, 16 << 30, tuple(a100[:2])), Resources(1, 8, 8 << 30, (a100[1],))
     assert lent_twice(mine, {"the worker for bob/lab (pid 7)": theirs}, 16 << 30) == [
-        "GPU 1 is lent by the worker for bob/lab (pid 7) too (it started first, and was not told): restart one of "
-        "them with --gpus so that each lends its own",
+        "GPU 1 is lent by the worker for bob/lab (pid 7) too: restart one of them with --gpus so that each lends "
+        "its own (a worker started before the other is not told)",
         "this machine has 16 GiB of memory and its workers lend 24 GiB in all (this one 16 GiB, the worker for "
         "bob/lab (pid 7) 8 GiB): restart one of them with --memory so that they lend at most that"]
     assert lent_twice(Resources(1, 8, 8 << 30, (a100[0],)), {"x": theirs}, 16 << 30) == []  # split: nothing twice

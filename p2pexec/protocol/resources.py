@@ -319,9 +319,9 @@ def lent_twice(mine: Resources, others: Mapping[str, Resources], machine_memory:
     for label, theirs in others.items():
         both = sorted({g.index for g in mine.gpus} & {g.index for g in theirs.gpus})
         if both:
-            said.append(f"GPU {', '.join(map(str, both))} {'is' if len(both) == 1 else 'are'} lent by {label} too "
-                        f"(it started first, and was not told): restart one of them with --gpus so that each "
-                        f"lends its own")
+            said.append(f"GPU {', '.join(map(str, both))} {'is' if len(both) == 1 else 'are'} lent by {label} too: "
+                        f"restart one of them with --gpus so that each lends its own (a worker started before the "
+                        f"other is not told)")
     total = mine.memory + sum(theirs.memory for theirs in others.values())
     if others and machine_memory and total > machine_memory:
         each = ", ".join(f"{label} {format_size(theirs.memory)}" for label, theirs in others.items())
