@@ -61,6 +61,27 @@ def test_a_probe_reaches_every_worker_and_the_sender_never_gets_its_own():
     assert 7 not in f.request(7, {"req": "q", "n": 300}, 10, 0.0)
 
 
+def test_a_request_reaches_workers_of_its_wire_revision_first():
+    """While friends upgrade: an older client's request goes to the older workers (they send no revision), a
+    newer one's to the newer, as long as there are enough of them; else the others too, so that the client
+    hears of them (they offer; it refuses and says whose worker to upgrade)."""
+    f = FanOut()
+    for sid in range(1, 21):
+        f.joined(sid)
+        f.hello(sid, {"role": "worker", "free": 1, **({"rev": 2} if sid <= 10 else {})})
+    for _ in range(5):  # (each repeat reaches others: the rotation)
+        assert set(f.request(100, {"req": "new", "n": 1, "rev": 2}, 10, 0.0)) <= set(range(1, 11))
+        assert set(f.request(101, {"req": "old", "n": 1}, 10, 0.0)) <= set(range(11, 21))
+    many = f.request(100, {"req": "many", "n": 6, "rev": 2}, 10, 0.0)  # twice 6 slots: its 10, then 2 others
+    assert len(many) == 12 and set(many[:10]) == set(range(1, 11))
+    assert len(f.request(100, {"req": "p", "n": 4096, "rev": 2, "probe": True}, 10, 0.0)) == 20
+    for sid in range(3, 11):
+        f.hello(sid, {"role": "client"})
+    reached = f.request(100, {"req": "few", "n": 1, "rev": 2}, 10, 0.0)
+    assert len(reached) == MIN_FANOUT and set(reached[:2]) == {1, 2}  # its own first, then the others'
+
+
+
 def test_a_withdraw_goes_to_the_workers_its_request_reached_while_it_lives():
     f = cluster(30)
     first = f.request(100, {"req": "r", "n": 1}, 10.0, 0.0)

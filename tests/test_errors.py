@@ -165,10 +165,15 @@ def test_worker_with_another_python_is_never_used(tmp_path):
             assert ex.submit(abs, -1).result(timeout=30) == 1
 
 
-def test_an_older_worker_that_offers_anyway_is_never_leased_and_named_with_the_fix(caplog):
-    """Like a release before revisions, this worker reads none: it offers, and the client must refuse."""
+@pytest.mark.parametrize("broadcast", [True, False], ids=["broadcast-board", "fan-out-board"])
+def test_an_older_worker_is_never_leased_and_named_with_the_fix(caplog, broadcast):
+    """Like a release before revisions, this worker reads none: it offers, and the client must refuse.  (On
+    ``p2pexec board`` it hears the request only because no worker of the client's revision is there.)"""
     caplog.set_level(logging.DEBUG, logger="p2pexec.client")
     with LocalCluster(workers=0) as lc:
+        board = lc.board_server()
+        assert board is not None
+        board.hub.fan_out = not broadcast
         lc.add_worker(env={"P2PEXEC_ADVERTISE_REVISION": "1"})
         with lc.executor(worker_timeout=2.0) as ex:
             with pytest.raises(NoWorkersError, match=r"friend: runs p2pexec wire revision 1, this client \d+, and "

@@ -12,8 +12,11 @@ knows each session's role from the hellos it relays, so it does better:
   ones do not reach that, the least recently asked busy ones too.  The
   workers asked move to the back of the line, so the next request (a
   client asks again every few seconds while it still wants slots) reaches
-  others.  A probe (joblib's ``n_jobs=-1``, counting every slot) reaches every
-  worker.
+  others.  Workers of the request's p2pexec wire revision come first: the
+  others cannot serve it, and reach it only when too few of its own are
+  there (then they offer, and the client tells its user whose worker is
+  of another release).  A probe (joblib's ``n_jobs=-1``, counting every
+  slot) reaches every worker.
 - A ``withdraw`` goes to the workers that got the request it withdraws.
 - A worker's hello goes to everyone but the other workers (who never read
   it), a client's only to observers (``p2pexec status``); an observer's
@@ -32,6 +35,8 @@ import collections
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from ..protocol.matching import revision_in
 
 # Workers a request reaches at least (when there are that many).  Every free worker reached offers and holds
 # its slots for that offer until the client takes it or withdraws: 8 (for a client wanting 2 slots) kept so
@@ -60,7 +65,8 @@ class FanOut:
     The hub calls :meth:`joined` and :meth:`left` as receivers come and go,
     :meth:`hello` for each hello relayed, and asks :meth:`request`,
     :meth:`withdraw` and :meth:`hello_skips` where a line goes.  Each call costs
-    time in proportion to the workers it names, not to the topic's size.
+    time in proportion to the workers it names, not to the topic's size (and to the workers of another
+    wire revision a request passes over, while friends upgrade).
     """
 
     def __init__(self, fewest: int = MIN_FANOUT, most: int = MAX_FANOUT) -> None:
@@ -72,6 +78,7 @@ class FanOut:
         # Workers in the order to ask them: least recently asked first.  A worker is in one of the two.
         self.free: collections.OrderedDict[int, int] = collections.OrderedDict()  # -> free slots (> 0)
         self.busy: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.revisions: dict[int, int | None] = {}  # worker -> the wire revision its hello said
         self._asks: dict[tuple[int, str], _Ask] = {}  # (sending session, request id) -> where it went
         self._asks_of: dict[int, collections.OrderedDict[tuple[int, str], None]] = {}  # sender -> its asks
 
@@ -87,6 +94,7 @@ class FanOut:
         self.roles.pop(sid, None)
         self.free.pop(sid, None)
         self.busy.pop(sid, None)
+        self.revisions.pop(sid, None)
         for key in self._asks_of.pop(sid, {}):
             self._asks.pop(key, None)
 
@@ -103,7 +111,9 @@ class FanOut:
         if role != WORKER:
             self.free.pop(sid, None)
             self.busy.pop(sid, None)
+            self.revisions.pop(sid, None)
             return
+        self.revisions[sid] = revision_in(body)
         free = body.get("free")
         slots = free if isinstance(free, int) and not isinstance(free, bool) else 1
         if slots > 0:
@@ -141,7 +151,7 @@ class FanOut:
         if body.get("probe") is True:  # counting every slot: every worker
             chosen = [sid for sid in (*self.free, *self.busy) if sid != sender]
         else:
-            chosen = self._choose(sender, n)
+            chosen = self._choose(sender, n, revision_in(body))
             for sid in chosen:
                 (self.free if sid in self.free else self.busy).move_to_end(sid)
         req = body.get("req")
@@ -149,17 +159,18 @@ class FanOut:
             self._remember(sender, (sender, req), chosen, now + max(0.0, lifetime) + WITHDRAW_GRACE, now)
         return chosen
 
-    def _choose(self, sender: int, n: int) -> list[int]:
+    def _choose(self, sender: int, n: int, revision: int | None) -> list[int]:
         slots = SLOTS_FACTOR * n
         chosen: list[int] = []
         reached = 0
-        for line in (self.free, self.busy):
-            for sid, free in line.items():
-                if len(chosen) >= self.most or (len(chosen) >= self.fewest and reached >= slots):
-                    return chosen
-                if sid != sender:
-                    chosen.append(sid)
-                    reached += free if free is not None else 1  # a busy worker may free a slot meanwhile
+        for same in (True, False):  # (another revision's workers only when too few of its own are there)
+            for line in (self.free, self.busy):
+                for sid, free in line.items():
+                    if len(chosen) >= self.most or (len(chosen) >= self.fewest and reached >= slots):
+                        return chosen
+                    if sid != sender and (self.revisions[sid] == revision) == same:
+                        chosen.append(sid)
+                        reached += free if free is not None else 1  # a busy worker may free a slot meanwhile
         return chosen
 
     def _remember(self, sender: int, key: tuple[int, str], workers: Iterable[int], until: float,
