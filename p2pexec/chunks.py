@@ -18,6 +18,7 @@ Chunk = tuple[int, tuple[tuple[Any, ...], ...]]  # (index of its first item, the
 
 #: The functions that run a chunk, as ``module.qualname``: a task ``partial(RUNNER, fn, ...)`` maps ``fn``.
 RUNNERS = frozenset({"p2pexec.chunks.run_chunks", "p2pexec.chunks.run_chunk", "p2pexec.seeding.seeded_chunk"})
+WRAPPERS = frozenset({"p2pexec.namespaces.Initialized", "p2pexec.seeding.Seeded"})  # each holds the task's .fn
 
 
 def numbered_chunks(*iterables: Iterable[Any], chunksize: int) -> Iterator[Chunk]:
@@ -83,8 +84,12 @@ def chained(results: Iterable[tuple[float, list[Any]]],
 
 
 def mapped_function(fn: Any) -> Any:
-    """The user's function inside a map's chunk task (and inside other partials), else ``fn``."""
+    """The user's function inside a map's chunk task, an executor's ``initializer=`` or ``seed=`` wrapper
+    (and inside other partials), else ``fn``."""
     for _ in range(8):  # bounded: partials of partials
+        if f"{type(fn).__module__}.{type(fn).__qualname__}" in WRAPPERS:
+            fn = fn.fn
+            continue
         if not isinstance(fn, partial):
             break
         runner = f"{getattr(fn.func, '__module__', '')}.{getattr(fn.func, '__qualname__', '')}"

@@ -87,6 +87,23 @@ def test_the_table_shows_what_members_sent_without_control_characters():
     assert format_table([]).startswith("nothing has run")
 
 
+def test_the_history_names_the_users_function_through_an_executors_wrappers():
+    """``initializer=`` and ``seed=`` wrap each task's function, a map wraps it in a chunk runner: the worker's
+    history and log name the function the user submitted, not p2pexec's wrapper."""
+    import json
+    from functools import partial
+
+    from p2pexec.chunks import run_chunks
+    from p2pexec.namespaces import Initialized
+    from p2pexec.seeding import Seeded
+    from p2pexec.worker.taskproc import function_name
+
+    seeded = Seeded(json.dumps, 1, (0,))
+    for fn in (json.dumps, seeded, Initialized(seeded, print, "ex"), Initialized(partial(run_chunks, json.dumps),
+                                                                                 print, "ex")):
+        assert function_name(fn) == "json.dumps"
+
+
 def test_status_text_has_no_control_characters_from_peers():
     status = {"cluster": "a/b", "board": "ssh://x", "clients": [],
               "workers": [{"user": "friend", "py": "3.11\x1b[31m", "slots": 4, "free": 1, "cores": 8,
