@@ -75,7 +75,8 @@ class ClientCore(Matchmaker):
     def hello_body(self) -> dict[str, Any]:
         """What our hello tells observers (``p2pexec status``)."""
         return {"role": "client", "node": self.request_id, "py": self.python, "rev": REVISION,
-                "queued": len(self.pending), "running": self.inflight(), "done": self.tally.done, "failed": self.tally.failed,
+                "queued": len(self.pending), "running": self.inflight(), "done": self.tally.done,
+                "failed": self.tally.failed,
                 "leases": [{"worker": lease.label, "slots": lease.slots, "path": lease.path}
                            for lease in self.leases[:16]],
                 "banned": {member: why[:200] for member, why in list(self.banned.items())[:8]}}
