@@ -120,9 +120,9 @@ def p2pexec_round_trip(n: int) -> dict[str, float]:
     with LocalCluster(workers=2, slots=1) as lc, lc.executor() as ex:
         warm_roundtrip_ms(ex, 300)
         loop = next(t.native_id for t in threading.enumerate() if t.name.startswith("p2pexec-client"))
-        children = _children(os.getpid())
-        workers = {pid: _cpu(pid) for pid in children}
-        tasks = {pid: _cpu(pid) for w in children for pid in _children(w)}
+        daemons = [w.pid for w in lc.workers]  # (not every child: loky's idle workers may end meanwhile)
+        workers = {pid: _cpu(pid) for pid in daemons}
+        tasks = {pid: _cpu(pid) for w in daemons for pid in _children(w)}
         me, loop_cpu = _cpu(os.getpid()), _cpu(os.getpid(), loop)
         result = {"ms": warm_roundtrip_ms(ex, n)}
         result["client_cpu_us"] = (_cpu(os.getpid()) - me) / n * 1e6

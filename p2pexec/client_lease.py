@@ -74,7 +74,7 @@ class Lease:
                 self.channel = await SecureChannel.establish(framed, rx, tx, allocate=None,
                                                               max_message=self.client.options.max_result_size)
                 await open_wide(stream)
-                framed.silence_limit = SILENCE_SECONDS
+                framed.watch_silence(SILENCE_SECONDS)
                 self.state.open = True
                 log.info("leased %d slot(s) of worker %s (%s connection)", self.state.slots, self.label,
                          self.state.path)
@@ -268,6 +268,8 @@ class Lease:
         """Let the worker tell a quiet lease from a frozen client; end the lease if its member left."""
         while True:
             await trio.sleep(HEARTBEAT_SECONDS)
+            assert self.channel is not None
+            self.channel.framed.check_silence()
             board = self.client.board
             if board is not None and not board.inbox.keyring.allows(self.worker, self.state.key):
                 raise PeerLost(f"{self.worker} is no longer a member of {self.client.cluster}")

@@ -57,7 +57,7 @@ def test_every_message_comes_out_whole_with_its_own_descriptor(sequence):  # typ
         theirs.close()
 
         async def scenario():  # type: ignore[no-untyped-def]
-            reader = HopReader(trio.socket.from_stdlib_socket(ours), fd_passing=True)
+            reader = HopReader(ours, fd_passing=True)
             got = await _read_all(reader, len(sequence))
             assert await reader.header() is None  # and then the hang-up
             return got
@@ -100,7 +100,7 @@ def test_a_descriptor_anywhere_but_with_its_header_breaks_the_hop_and_is_closed(
             return count
 
         async def scenario() -> None:
-            reader = HopReader(trio.socket.from_stdlib_socket(ours), fd_passing=True)
+            reader = HopReader(ours, fd_passing=True)
             with pytest.raises(HopBroken):
                 header = await reader.header()
                 assert header is not None

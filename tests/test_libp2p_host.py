@@ -3,8 +3,10 @@ behaviours of py-libp2p we patch stay patched."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -38,6 +40,8 @@ def test_a_reader_of_many_small_messages_releases_window_in_halves(monkeypatch):
     from p2pexec.transport.channel import FramedStream
 
     assert all(hasattr(YamuxStream, name) for name in yamux_window.USED), "py-libp2p changed: see yamux_window.py"
+    for window in (256 * 1024, 16 * 1024 * 1024):  # the threshold it reads once is py-libp2p's
+        assert YamuxStream._grow_threshold(SimpleNamespace(target_recv_window=window)) == (window // yamux_window.DIVISOR if yamux_window.DIVISOR else 0)
     updates: list[int] = []
     send_update = YamuxStream.send_window_update
 
@@ -250,3 +254,35 @@ def test_a_fixed_port_in_use_is_refused_though_py_libp2p_listens_with_reuseport(
             Libp2pHost([f"/ip4/127.0.0.1/tcp/{port}"])
         assert refused.value.errno == errno.EADDRINUSE
     Libp2pHost([f"/ip4/127.0.0.1/tcp/{port}"])  # free again (its closed listener does not count)
+
+
+def test_yamux_frames_are_written_as_py_libp2p_wrote_them_less_its_debug_line_and_second_checkpoint(caplog):
+    """``lean_frame_writes`` stands in for ``Yamux._write_frame``: if py-libp2p's ever does more than build a
+    debug line, write under the lock and checkpoint, this fails (see libp2p_config.py).  With yamux's debug
+    logging on, py-libp2p's own runs, line included."""
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    from p2pexec.transport import libp2p_config
+    from p2pexec.transport.channel import FramedStream
+
+    body = inspect.getsource(libp2p_config.ORIGINAL_WRITE_FRAME).split("payload_bytes=", 1)[1]
+    assert [line.strip() for line in body.splitlines()[2:]] == [
+        "async with self._write_lock:", "await self.secured_conn.write(data)", "await trio.lowlevel.checkpoint()",
+    ], "py-libp2p changed Yamux._write_frame: see lean_frame_writes in libp2p_config.py"
+
+    async def echo_once() -> bytes | None:
+        async with Libp2pHost().running() as server, Libp2pHost().running() as client:
+            async def handler(stream):  # type: ignore[no-untyped-def]
+                framed = FramedStream(stream)
+                await framed.send(await framed.recv() or b"")
+
+            server.set_handler(handler)
+            framed = FramedStream(await client.open_stream(server.peer_id, server.addrs))
+            await framed.send(b"hello")
+            return await framed.recv()
+
+    assert trio.run(echo_once) == b"hello"
+    assert Yamux._write_frame is libp2p_config._write_frame
+    with caplog.at_level("DEBUG", logger="libp2p.stream_muxer.yamux.yamux"):
+        assert trio.run(echo_once) == b"hello"
+    assert any("YAMUX TX" in r.getMessage() for r in caplog.records)

@@ -37,7 +37,8 @@ class FramedStream:
         self.decoder = FrameDecoder(max_frame)
         self._frames: deque[bytes] = deque()
         self._old: list[Any] = []  # streams moved away from, closed with this one
-        self.silence_limit = math.inf  # a peer that sends nothing for this long is lost
+        self.silence_limit = math.inf  # a peer that sends nothing for this long is lost (:meth:`check_silence`)
+        self.heard = 0.0  # trio.current_time() when the peer last sent something
 
     def move_tx(self, stream: Any) -> None:
         """Write further frames to ``stream``."""
@@ -68,16 +69,24 @@ class FramedStream:
     async def recv(self) -> bytes | None:
         """Next frame, or None on a clean end of stream."""
         while not self._frames:
-            with trio.move_on_after(self.silence_limit) as silence:
-                chunk = await self._read()
-            if silence.cancelled_caught:
-                raise PeerLost(f"the peer sent nothing for {self.silence_limit:g} s (frozen, or its network is gone)")
+            chunk = await self._read()
+            self.heard = trio.current_time()
             if not chunk:
                 if self.decoder.pending:
                     raise PeerLost("stream ended in the middle of a frame")
                 return None
             self._frames.extend(self.decoder.feed(chunk))
         return self._frames.popleft()
+
+    def watch_silence(self, limit: float) -> None:
+        """From now on, :meth:`check_silence` fails once the peer has sent nothing for ``limit`` seconds."""
+        self.silence_limit, self.heard = limit, trio.current_time()
+
+    def check_silence(self) -> None:
+        """PeerLost if the peer has been silent too long.  Called by a lease's heartbeat, every few seconds,
+        not around each read: a deadline per message was a cancel scope per message on both ends."""
+        if trio.current_time() - self.heard > self.silence_limit:
+            raise PeerLost(f"the peer sent nothing for {self.silence_limit:g} s (frozen, or its network is gone)")
 
     async def _read(self) -> bytes:
         """Some bytes, b"" at the end of the stream."""

@@ -9,7 +9,8 @@ are set below (``_connection_config``, ``_resource_manager``), each with the
 reason for its value; its auto-connector never runs (``_no_auto_dials``),
 yamux releases its receive window in halves (:mod:`.yamux_window`), the
 locks it takes for every message do not yield when free (``eager_locks``),
-a TCP connection is read ahead (:mod:`.read_ahead`) and its connections
+a yamux frame is written without a debug line built for nothing and a
+second turn of trio's loop (``lean_frame_writes``), a TCP connection is read ahead (:mod:`.read_ahead`) and its connections
 log through a logger of their own, not the application's root logger
 (``_log_through_own_logger``).
 """
@@ -38,6 +39,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.rw_lock import ReadWriteLock
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux import yamux as yamux_module
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from ..logs import after_libp2p_import
@@ -155,6 +157,7 @@ def new_libp2p_host(listen: list[Any], transport: Any, per_peer: int, seed: byte
     _no_auto_dials(host.get_network())
     release_in_halves()
     eager_locks()
+    lean_frame_writes()
     read_ahead()
     return host
 
@@ -191,6 +194,25 @@ def eager_locks() -> None:
         init = getattr(cls, "__init__")
         if not getattr(init, "eager", False):
             setattr(cls, "__init__", _with_eager_locks(init, names))
+
+
+#: py-libp2p's own ``Yamux._write_frame``, which :func:`lean_frame_writes` stands in for
+ORIGINAL_WRITE_FRAME = Yamux._write_frame
+
+
+async def _write_frame(self: Any, data: bytes) -> None:
+    if yamux_module.logger.isEnabledFor(logging.DEBUG):  # (its "YAMUX TX" line is wanted)
+        return await ORIGINAL_WRITE_FRAME(self, data)
+    async with self._write_lock:
+        await self.secured_conn.write(data)
+
+
+def lean_frame_writes() -> None:
+    """``Yamux._write_frame`` without what it did besides the write for every frame (idempotent): build its
+    debug line (unpacking the header, flag names, an f-string) whether or not debug logging is on, and a
+    checkpoint after the write, a turn of trio's loop that waits for nothing (the TCP write is a checkpoint
+    already)."""
+    Yamux._write_frame = _write_frame  # type: ignore[method-assign]
 
 
 class Notifee(INotifee):

@@ -28,11 +28,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from libp2p.stream_muxer.yamux import yamux
 from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, YamuxStream
 
 #: what this module relies on in YamuxStream (checked by the tests)
 USED = ("_auto_tune_and_send_window_update", "_grow_threshold", "_grow_to_delta", "_apply_autotune_epoch",
         "send_window_update")
+#: ``YamuxStream._grow_threshold`` is ``target_recv_window // DIVISOR`` (0 with hysteresis disabled); it
+#: read two PY_YAMUX_* variables from the environment for every message read, so they are read once here
+DIVISOR = 0 if yamux._yamux_disable_hysteresis() else yamux._yamux_batch_threshold_divisor()
 
 
 async def _release_in_halves(self: Any, *, bytes_read: int = 0) -> None:
@@ -41,7 +45,7 @@ async def _release_in_halves(self: Any, *, bytes_read: int = 0) -> None:
     async with self.window_lock:
         self._pending_recv_release += bytes_read
         buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
-        threshold = self._grow_threshold()
+        threshold = self.target_recv_window // DIVISOR if DIVISOR else 0
         delta = self.target_recv_window - (self.recv_window + buffered)
         if delta >= threshold and delta > 0:
             total = self._grow_to_delta(buffered)

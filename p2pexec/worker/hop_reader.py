@@ -13,6 +13,11 @@ right after the bytes that carried descriptors: so the descriptors of a
 read belong to the header its last byte falls in.  Descriptors that land
 anywhere else (with a body, or two reads' worth before a header took the
 first) break the hop (:class:`HopBroken`), and are closed, never used.
+
+Reads go to the socket at once, and through trio's loop only when there is
+nothing to read (:func:`at_once`): the task process usually answered while
+the daemon was still sending it the task, and a checkpoint after each read
+was a turn of the loop per task for nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +25,14 @@ from __future__ import annotations
 import array
 import os
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
 
 from .hop import HEADER
+
+T = TypeVar("T")
 
 READ_SIZE = 1 << 16  # bytes one read asks for: dozens of small outcomes
 MAX_FDS = 4  # room for more file descriptors than a well-behaved task process sends, to close the extras
@@ -32,8 +42,28 @@ class HopBroken(Exception):
     """The task process sent file descriptors where the hop has none."""
 
 
+async def at_once(sock: socket.socket, op: Callable[[], T], writing: bool = False) -> T:
+    """``op()`` on the non-blocking ``sock`` now; a wait in trio's loop only while it would block."""
+    while True:
+        try:
+            return op()
+        except BlockingIOError:
+            await (trio.lowlevel.wait_writable if writing else trio.lowlevel.wait_readable)(sock)
+
+
+async def send_all(sock: socket.socket, data: Any) -> None:
+    """Write all of ``data`` (a buffer) to the non-blocking ``sock``, through trio's loop only while it is full."""
+    with memoryview(data) as view:
+        view = view.cast("B")
+        while view:
+            view = view[await at_once(sock, lambda: sock.send(view), writing=True) :]
+
+
 class HopReader:
-    def __init__(self, sock: Any, fd_passing: bool) -> None:
+    """Reads a task process's answers from ``sock``, a non-blocking stdlib socket that trio also knows."""
+
+    def __init__(self, sock: socket.socket, fd_passing: bool) -> None:
+        sock.setblocking(False)
         self._sock = sock
         self._fd_passing = fd_passing
         self._buf = bytearray()
@@ -59,7 +89,8 @@ class HopReader:
         self._consume(held)
         out = out[held:]
         while out:  # a big outcome: straight into its buffer (any descriptor the kernel drops and closes)
-            count = await self._sock.recv_into(out)
+            await trio.lowlevel.checkpoint()  # (one big read is many: other leases go on meanwhile)
+            count = await at_once(self._sock, lambda: self._sock.recv_into(out))
             if not count:
                 return False
             out = out[count:]
@@ -72,10 +103,11 @@ class HopReader:
             os.close(fd)
 
     async def _fill(self) -> bool:
+        sock = self._sock
         if not self._fd_passing:  # no SCM_RIGHTS: every outcome comes inline
-            data, fds = await self._sock.recv(READ_SIZE), []
+            data, fds = await at_once(sock, lambda: sock.recv(READ_SIZE)), []
         else:
-            data, ancillary, _, _ = await self._sock.recvmsg(READ_SIZE, socket.CMSG_SPACE(MAX_FDS * 4))
+            data, ancillary, _, _ = await at_once(sock, lambda: sock.recvmsg(READ_SIZE, socket.CMSG_SPACE(MAX_FDS * 4)))
             fds = received_fds(ancillary)
         if fds:
             if self._fds:  # the first ones were never claimed by a header

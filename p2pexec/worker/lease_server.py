@@ -122,8 +122,7 @@ class LeaseServer:
                  decisions: LeaseDecisions, move: Move, client_key: bytes) -> None:
         self.daemon = daemon  # the worker: its config, history, leases to poke, and the board for offers
         self.channel = channel
-        self.slots = slots
-        self.decisions = decisions
+        self.slots, self.decisions = slots, decisions
         self.client = decisions.client
         self.move = move  # for status, and to follow the lease onto a direct connection
         self.client_key = client_key  # it must stay a member's key
@@ -412,6 +411,7 @@ class LeaseServer:
         who = self.daemon.config.who
         while True:
             await trio.sleep(HEARTBEAT_SECONDS)
+            self.channel.framed.check_silence()
             if not who.keyring.allows(self.client, self.client_key):  # the owner took them out
                 raise ProtocolError(f"{self.client} is no longer a member of {who.cluster}")
             self.post(encode_op(Op.PING))

@@ -25,7 +25,7 @@ from ..protocol.resources import format_size
 from ..transport.eager_locks import EagerLock
 from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, SKIP, VALUE, Report, kept_output, map_outcome
 from .history import printable
-from .hop_reader import HopBroken, HopReader
+from .hop_reader import HopBroken, HopReader, send_all
 from .privileges import prctl
 from .sandbox import SLOT_ENV, Sandbox
 from .spawn import Child, start_child
@@ -67,6 +67,7 @@ class TaskSlot:
         self._scratch_root = scratch_root
         self._proc: Child | None = None
         self._sock: trio.socket.SocketType | None = None
+        self._raw: socket.socket | None = None  # the same socket, for calls that need no turn of trio's loop
         self._reader: HopReader | None = None  # reads what ``_sock`` brings
         self._scratch: Path | None = None  # the process's HOME, TMPDIR and working directory
         self._output: list[IO[bytes]] = []  # its fd 1 and 2: files only this daemon can still name
@@ -123,8 +124,8 @@ class TaskSlot:
             theirs.close()
             if info_write is not None:
                 os.close(info_write)
-        self._proc, self._sock = proc, trio.socket.from_stdlib_socket(ours)
-        self._reader = HopReader(self._sock, portability.fd_passing())
+        self._proc, self._sock, self._raw = proc, trio.socket.from_stdlib_socket(ours), ours  # (non-blocking now)
+        self._reader = HopReader(ours, portability.fd_passing())
         self.function, self.taken, self._outstanding, self._skipping = "?", 0, 1, set()  # (1: its ready)
         _LIVE.add(proc.pid)
         try:
@@ -208,11 +209,8 @@ class TaskSlot:
 
     # -- the hop ------------------------------------------------------------------------
     async def _send_all(self, data: Buffer) -> None:
-        assert self._sock is not None
-        with memoryview(data) as view:
-            view = view.cast("B")
-            while view:
-                view = view[await self._sock.send(view) :]
+        assert self._raw is not None
+        await send_all(self._raw, data)
 
     async def _send_with_fd(self, header: bytes, fd: int) -> None:
         assert self._sock is not None
@@ -327,7 +325,7 @@ class TaskSlot:
         for file in self._output:
             file.close()
         self._output, self.taken = [], 0
-        self._proc, self._sock, self._reader, self._scratch = None, None, None, None
+        self._proc, self._sock, self._raw, self._reader, self._scratch = None, None, None, None, None
 
     async def retire(self, replace: bool = False) -> None:
         """End the process as a pool's worker after ``max_tasks_per_child``: it sees its hop close and exits (its
