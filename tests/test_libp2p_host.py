@@ -256,11 +256,15 @@ def test_a_fixed_port_in_use_is_refused_though_py_libp2p_listens_with_reuseport(
     Libp2pHost([f"/ip4/127.0.0.1/tcp/{port}"])  # free again (its closed listener does not count)
 
 
-def test_yamux_frames_are_written_as_py_libp2p_wrote_them_less_its_debug_line_and_second_checkpoint(caplog):
-    """``lean_frame_writes`` stands in for ``Yamux._write_frame``: if py-libp2p's ever does more than build a
-    debug line, write under the lock and checkpoint, this fails (see libp2p_config.py).  With yamux's debug
-    logging on, py-libp2p's own runs, line included."""
-    from libp2p.stream_muxer.yamux.yamux import Yamux
+def test_yamux_frames_are_read_and_written_as_py_libp2p_did_less_what_they_did_for_nothing(caplog):
+    """``lean_frames`` stands in for ``Yamux._write_frame`` and shortcuts ``_read_data_body`` and
+    ``YamuxStream.write``: if py-libp2p's frame write ever does more than build a debug line, write under
+    the lock and checkpoint, its stream write stops spending the send window as it did, or its secure
+    session keeps its decrypted bytes differently, this fails (see libp2p_config.py).  Messages of one yamux frame
+    and of many (whose bodies span Noise messages: the long way) come through whole; with yamux's debug
+    logging on, py-libp2p's own write runs, line included."""
+    from libp2p.security.secure_session import SecureSession
+    from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
     from p2pexec.transport import libp2p_config
     from p2pexec.transport.channel import FramedStream
@@ -268,21 +272,30 @@ def test_yamux_frames_are_written_as_py_libp2p_wrote_them_less_its_debug_line_an
     body = inspect.getsource(libp2p_config.ORIGINAL_WRITE_FRAME).split("payload_bytes=", 1)[1]
     assert [line.strip() for line in body.splitlines()[2:]] == [
         "async with self._write_lock:", "await self.secured_conn.write(data)", "await trio.lowlevel.checkpoint()",
-    ], "py-libp2p changed Yamux._write_frame: see lean_frame_writes in libp2p_config.py"
+    ], "py-libp2p changed Yamux._write_frame: see lean_frames in libp2p_config.py"
+    assert "high_watermark" in inspect.getsource(SecureSession._drain), "see lean_frames in libp2p_config.py"
+    assert "self.send_window -= to_send" in inspect.getsource(libp2p_config.ORIGINAL_STREAM_WRITE)
+    messages = [b"hello", bytes(range(256)) * 1200]  # (300 KiB: five yamux frames)
 
-    async def echo_once() -> bytes | None:
+    async def echo() -> list[bytes | None]:
         async with Libp2pHost().running() as server, Libp2pHost().running() as client:
             async def handler(stream):  # type: ignore[no-untyped-def]
                 framed = FramedStream(stream)
-                await framed.send(await framed.recv() or b"")
+                while (message := await framed.recv()) is not None:
+                    await framed.send(message)
 
             server.set_handler(handler)
             framed = FramedStream(await client.open_stream(server.peer_id, server.addrs))
-            await framed.send(b"hello")
-            return await framed.recv()
+            got = []
+            for message in messages:
+                await framed.send(message)
+                got.append(await framed.recv())
+            return got
 
-    assert trio.run(echo_once) == b"hello"
+    assert trio.run(echo) == messages
     assert Yamux._write_frame is libp2p_config._write_frame
+    assert Yamux._read_data_body is libp2p_config._read_data_body
+    assert YamuxStream.write is libp2p_config._stream_write
     with caplog.at_level("DEBUG", logger="libp2p.stream_muxer.yamux.yamux"):
-        assert trio.run(echo_once) == b"hello"
+        assert trio.run(echo) == messages
     assert any("YAMUX TX" in r.getMessage() for r in caplog.records)
