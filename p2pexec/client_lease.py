@@ -74,7 +74,7 @@ class Lease:
                 self.channel = await SecureChannel.establish(framed, rx, tx, allocate=None,
                                                               max_message=self.client.options.max_result_size)
                 await open_wide(stream)
-                framed.watch_silence(SILENCE_SECONDS)
+                framed.silence_limit = SILENCE_SECONDS
                 self.state.open = True
                 log.info("leased %d slot(s) of worker %s (%s connection)", self.state.slots, self.label,
                          self.state.path)

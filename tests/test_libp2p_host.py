@@ -4,6 +4,7 @@ behaviours of py-libp2p we patch stay patched."""
 from __future__ import annotations
 
 import inspect
+import logging
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -41,7 +42,8 @@ def test_a_reader_of_many_small_messages_releases_window_in_halves(monkeypatch):
 
     assert all(hasattr(YamuxStream, name) for name in yamux_window.USED), "py-libp2p changed: see yamux_window.py"
     for window in (256 * 1024, 16 * 1024 * 1024):  # the threshold it reads once is py-libp2p's
-        assert YamuxStream._grow_threshold(SimpleNamespace(target_recv_window=window)) == (window // yamux_window.DIVISOR if yamux_window.DIVISOR else 0)
+        ours = window // yamux_window.DIVISOR if yamux_window.DIVISOR else 0
+        assert YamuxStream._grow_threshold(SimpleNamespace(target_recv_window=window)) == ours
     updates: list[int] = []
     send_update = YamuxStream.send_window_update
 
@@ -256,7 +258,7 @@ def test_a_fixed_port_in_use_is_refused_though_py_libp2p_listens_with_reuseport(
     Libp2pHost([f"/ip4/127.0.0.1/tcp/{port}"])  # free again (its closed listener does not count)
 
 
-def test_yamux_frames_are_read_and_written_as_py_libp2p_did_less_what_they_did_for_nothing(caplog):
+def test_yamux_frames_are_read_and_written_as_py_libp2p_did_less_what_they_did_for_nothing(monkeypatch):
     """``lean_frames`` stands in for ``Yamux._write_frame`` and shortcuts ``_read_data_body`` and
     ``YamuxStream.write``: if py-libp2p's frame write ever does more than build a debug line, write under
     the lock and checkpoint, its stream write stops spending the send window as it did, or its secure
@@ -292,10 +294,81 @@ def test_yamux_frames_are_read_and_written_as_py_libp2p_did_less_what_they_did_f
                 got.append(await framed.recv())
             return got
 
-    assert trio.run(echo) == messages
+    long_way = {"read": 0, "write": 0}
+    read_body, write = libp2p_config.ORIGINAL_READ_DATA_BODY, libp2p_config.ORIGINAL_STREAM_WRITE
+
+    async def counted_read(self, length):  # type: ignore[no-untyped-def]
+        long_way["read"] += 1
+        return await read_body(self, length)
+
+    async def counted_write(self, data):  # type: ignore[no-untyped-def]
+        long_way["write"] += 1
+        await write(self, data)
+
+    monkeypatch.setattr(libp2p_config, "ORIGINAL_READ_DATA_BODY", counted_read)
+    monkeypatch.setattr(libp2p_config, "ORIGINAL_STREAM_WRITE", counted_write)
+    yamux_log = logging.getLogger("libp2p.stream_muxer.yamux.yamux")
+    level = yamux_log.level
+    yamux_log.setLevel(logging.WARNING)  # (another test may have turned debug logging on)
+    try:
+        assert trio.run(echo) == messages
+    finally:
+        yamux_log.setLevel(level)
+    # each way: the stream's first frame, and the big message's (5 frames, 5 bodies spanning Noise messages)
+    assert 0 < long_way["write"] <= 4 and 0 < long_way["read"] <= 14, long_way
     assert Yamux._write_frame is libp2p_config._write_frame
     assert Yamux._read_data_body is libp2p_config._read_data_body
     assert YamuxStream.write is libp2p_config._stream_write
-    with caplog.at_level("DEBUG", logger="libp2p.stream_muxer.yamux.yamux"):
+    records: list[logging.LogRecord] = []  # (p2pexec keeps py-libp2p's records from the root logger: caplog)
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    yamux_log.addHandler(handler)
+    yamux_log.setLevel(logging.DEBUG)
+    try:
         assert trio.run(echo) == messages
-    assert any("YAMUX TX" in r.getMessage() for r in caplog.records)
+    finally:
+        yamux_log.removeHandler(handler)
+        yamux_log.setLevel(level)
+    assert any("YAMUX TX" in r.getMessage() for r in records)
+
+
+def test_a_peer_is_lost_when_a_read_waits_past_the_silence_limit_not_when_nobody_reads():
+    """``check_silence`` (a lease's heartbeat calls it) counts only the time a read waits for the peer."""
+    from p2pexec.protocol.frames import encode_frame
+    from p2pexec.transport.channel import FramedStream, PeerLost
+
+    class Stream:  # a libp2p stream's read and write, fed by hand
+        def __init__(self) -> None:
+            self.send, self.receive = trio.open_memory_channel[bytes](10)
+
+        async def read(self, n: int) -> bytes:
+            return await self.receive.receive()
+
+    async def scenario(clock: trio.testing.MockClock) -> None:
+        stream = Stream()
+        framed = FramedStream(stream)
+        framed.silence_limit = 10
+        async with trio.open_nursery() as nursery:
+            got: list[bytes | None] = []
+
+            async def read() -> None:
+                got.append(await framed.recv())
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            clock.jump(9)
+            framed.check_silence()  # waited 9 s: not yet
+            stream.send.send_nowait(encode_frame(b"hi"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [b"hi"]
+            clock.jump(60)
+            framed.check_silence()  # a minute without reading: nobody waited for the peer
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            clock.jump(11)
+            with pytest.raises(PeerLost, match="sent nothing for 10 s"):
+                framed.check_silence()
+            nursery.cancel_scope.cancel()
+
+    clock = trio.testing.MockClock()
+    trio.run(scenario, clock, clock=clock)

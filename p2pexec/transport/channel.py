@@ -38,7 +38,7 @@ class FramedStream:
         self._frames: deque[bytes] = deque()
         self._old: list[Any] = []  # streams moved away from, closed with this one
         self.silence_limit = math.inf  # a peer that sends nothing for this long is lost (:meth:`check_silence`)
-        self.heard = 0.0  # trio.current_time() when the peer last sent something
+        self._reading_since: float | None = None  # trio.current_time() when the read waiting now began
 
     def move_tx(self, stream: Any) -> None:
         """Write further frames to ``stream``."""
@@ -69,8 +69,11 @@ class FramedStream:
     async def recv(self) -> bytes | None:
         """Next frame, or None on a clean end of stream."""
         while not self._frames:
-            chunk = await self._read()
-            self.heard = trio.current_time()
+            self._reading_since = trio.current_time()
+            try:
+                chunk = await self._read()
+            finally:
+                self._reading_since = None
             if not chunk:
                 if self.decoder.pending:
                     raise PeerLost("stream ended in the middle of a frame")
@@ -78,14 +81,12 @@ class FramedStream:
             self._frames.extend(self.decoder.feed(chunk))
         return self._frames.popleft()
 
-    def watch_silence(self, limit: float) -> None:
-        """From now on, :meth:`check_silence` fails once the peer has sent nothing for ``limit`` seconds."""
-        self.silence_limit, self.heard = limit, trio.current_time()
-
     def check_silence(self) -> None:
-        """PeerLost if the peer has been silent too long.  Called by a lease's heartbeat, every few seconds,
-        not around each read: a deadline per message was a cancel scope per message on both ends."""
-        if trio.current_time() - self.heard > self.silence_limit:
+        """PeerLost if a read has waited longer than :attr:`silence_limit` for the peer to send anything
+        (time spent on what was read does not count).  A lease's heartbeat calls it every few seconds: a
+        deadline around each read was a cancel scope per message on both ends."""
+        since = self._reading_since
+        if since is not None and trio.current_time() - since > self.silence_limit:
             raise PeerLost(f"the peer sent nothing for {self.silence_limit:g} s (frozen, or its network is gone)")
 
     async def _read(self) -> bytes:

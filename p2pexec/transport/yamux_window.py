@@ -32,10 +32,10 @@ from libp2p.stream_muxer.yamux import yamux
 from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, YamuxStream
 
 #: what this module relies on in YamuxStream (checked by the tests)
-USED = ("_auto_tune_and_send_window_update", "_grow_threshold", "_grow_to_delta", "_apply_autotune_epoch",
-        "send_window_update")
-#: ``YamuxStream._grow_threshold`` is ``target_recv_window // DIVISOR`` (0 with hysteresis disabled); it
-#: read two PY_YAMUX_* variables from the environment for every message read, so they are read once here
+USED = ("_auto_tune_and_send_window_update", "_grow_to_delta", "_apply_autotune_epoch", "send_window_update")
+#: py-libp2p's ``YamuxStream._grow_threshold`` is ``target_recv_window // DIVISOR`` (0 with hysteresis
+#: disabled); it read two PY_YAMUX_* variables from the environment for every message read, so they are
+#: read here once, when p2pexec's transport is imported (a later change to them is not seen)
 DIVISOR = 0 if yamux._yamux_disable_hysteresis() else yamux._yamux_batch_threshold_divisor()
 
 

@@ -15,7 +15,7 @@ anywhere else (with a body, or two reads' worth before a header took the
 first) break the hop (:class:`HopBroken`), and are closed, never used.
 
 Reads go to the socket at once, and through trio's loop only when there is
-nothing to read (:func:`at_once`): the task process usually answered while
+nothing to read (:func:`nonblocking_call`): the task process usually answered while
 the daemon was still sending it the task, and a checkpoint after each read
 was a turn of the loop per task for nothing.
 """
@@ -42,21 +42,29 @@ class HopBroken(Exception):
     """The task process sent file descriptors where the hop has none."""
 
 
-async def at_once(sock: socket.socket, op: Callable[[], T], writing: bool = False) -> T:
-    """``op()`` on the non-blocking ``sock`` now; a wait in trio's loop only while it would block."""
+async def nonblocking_call(sock: socket.socket, op: Callable[[], T], writing: bool = False) -> T:
+    """``op()`` on the non-blocking ``sock`` now, a wait in trio's loop only while it would block; raises
+    Cancelled first if the task was cancelled, as trio's socket methods do."""
+    await trio.lowlevel.checkpoint_if_cancelled()  # (yields only when cancelled)
     while True:
         try:
             return op()
         except BlockingIOError:
-            await (trio.lowlevel.wait_writable if writing else trio.lowlevel.wait_readable)(sock)
+            if writing:
+                await trio.lowlevel.wait_writable(sock.fileno())
+            else:
+                await trio.lowlevel.wait_readable(sock.fileno())
 
 
 async def send_all(sock: socket.socket, data: Any) -> None:
-    """Write all of ``data`` (a buffer) to the non-blocking ``sock``, through trio's loop only while it is full."""
+    """Write all of ``data`` (a buffer) to the non-blocking ``sock``; the loop turns between the writes of a
+    big one, as it does between the reads of a big outcome."""
     with memoryview(data) as view:
         view = view.cast("B")
         while view:
-            view = view[await at_once(sock, lambda: sock.send(view), writing=True) :]
+            view = view[await nonblocking_call(sock, lambda: sock.send(view), writing=True) :]
+            if view:
+                await trio.lowlevel.checkpoint()
 
 
 class HopReader:
@@ -89,8 +97,8 @@ class HopReader:
         self._consume(held)
         out = out[held:]
         while out:  # a big outcome: straight into its buffer (any descriptor the kernel drops and closes)
-            await trio.lowlevel.checkpoint()  # (one big read is many: other leases go on meanwhile)
-            count = await at_once(self._sock, lambda: self._sock.recv_into(out))
+            await trio.lowlevel.checkpoint()  # (one big read is many: the loop turns between them)
+            count = await nonblocking_call(self._sock, lambda: self._sock.recv_into(out))
             if not count:
                 return False
             out = out[count:]
@@ -105,9 +113,9 @@ class HopReader:
     async def _fill(self) -> bool:
         sock = self._sock
         if not self._fd_passing:  # no SCM_RIGHTS: every outcome comes inline
-            data, fds = await at_once(sock, lambda: sock.recv(READ_SIZE)), []
+            data, fds = await nonblocking_call(sock, lambda: sock.recv(READ_SIZE)), []
         else:
-            data, ancillary, _, _ = await at_once(sock, lambda: sock.recvmsg(READ_SIZE, socket.CMSG_SPACE(MAX_FDS * 4)))
+            data, ancillary, _, _ = await nonblocking_call(sock, lambda: sock.recvmsg(READ_SIZE, socket.CMSG_SPACE(MAX_FDS * 4)))
             fds = received_fds(ancillary)
         if fds:
             if self._fds:  # the first ones were never claimed by a header

@@ -78,6 +78,15 @@ class _Batch:
         self.returned.update(task_ids)
         await self._skip(task_ids)
 
+    def stopped(self) -> int | None:
+        """Its attempt was stopped: the head, which answers CANCELLED, if it was the one interrupted; None if
+        the stop was meant for a task that answered meanwhile (the head then runs again, in a fresh process)."""
+        if not self.tasks or self.tasks[0][0] not in self.interrupted:
+            if self.tasks:
+                log.info("task %d was stopped by mistake; it runs again", self.tasks[0][0])
+            return None
+        return self.tasks[0][0]
+
     def skipped_answer(self, task_id: int) -> list[Buffer]:
         """What a task that never ran answers."""
         return op_parts(Op.RETURNED if task_id in self.returned else Op.CANCELLED, task_id)
@@ -269,10 +278,9 @@ class LeaseServer:
                 head = batch.tasks[0][0]
                 log.warning("task %d of %s: %s", head, self.client, exc)
                 self._answer(batch, head, op_parts(Op.FAILED, head, failed_data(str(exc), *exc.output)), None)
-        if stopper.cancelled_caught:
-            head = batch.tasks[0][0]
-            log.info("task %d of %s interrupted as asked", head, self.client)
-            self._answer(batch, head, op_parts(Op.CANCELLED, head), None)
+        if stopper.cancelled_caught and (stopped := batch.stopped()) is not None:
+            log.info("task %d of %s interrupted as asked", stopped, self.client)
+            self._answer(batch, stopped, op_parts(Op.CANCELLED, stopped), None)
 
     def _answer(self, batch: _Batch, task_id: int, op: list[Buffer], since: float | None,
                 at_once: bool = False) -> float:

@@ -97,7 +97,7 @@ class Leases:
                 if daemon.host is not None:
                     daemon.host.proved(stream.muxed_conn.peer_id)  # a member's client: not a stranger any more
             framed.decoder.max_frame = MAX_FRAME
-            framed.watch_silence(SILENCE_SECONDS)
+            framed.silence_limit = SILENCE_SECONDS
             status = {"client": accept.sender, "path": Libp2pHost.stream_path(stream), "slots": len(slots),
                       "started": time.time()}
             move = Move(stream.muxed_conn.peer_id, resume_frame(rx, tx, accept["offer"]), status)

@@ -68,7 +68,8 @@ class TaskSlot:
         self._proc: Child | None = None
         self._sock: trio.socket.SocketType | None = None
         self._raw: socket.socket | None = None  # the same socket, for calls that need no turn of trio's loop
-        self._reader: HopReader | None = None  # reads what ``_sock`` brings
+        # (closed through ``_sock`` only: trio's close wakes the tasks waiting on it)
+        self._reader: HopReader | None = None  # reads what the socket brings
         self._scratch: Path | None = None  # the process's HOME, TMPDIR and working directory
         self._output: list[IO[bytes]] = []  # its fd 1 and 2: files only this daemon can still name
         self.member: str | None = None  # whose code the current process has run
