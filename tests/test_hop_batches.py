@@ -166,3 +166,18 @@ async def _one(slot: TaskSlot, fn, *args):
     await slot.submit([task(fn, *args)])
     with trio.fail_after(30):
         return await slot.outcome()
+
+
+def test_a_stop_meant_for_a_task_that_answered_meanwhile_does_not_cancel_the_next():
+    """An interrupt of a queued task stops the attempt once it is the head; if it was answered (skipped)
+    before the stop took effect, the next head was never asked to stop: it runs again, not CANCELLED."""
+    from p2pexec.worker.lease_server import _Batch
+
+    batch = _Batch(None, [(task_id, memoryview(b""), None, []) for task_id in (1, 2, 3)])  # type: ignore[arg-type]
+    batch.interrupted.add(2)
+    batch.answered(1, [])
+    assert batch.stopped() == 2  # the interrupted task is the head: it answers CANCELLED
+    batch.answered(2, [])  # its skip's notice came first
+    assert batch.stopped() is None  # 3 runs again
+    batch.answered(3, [])
+    assert batch.stopped() is None

@@ -14,10 +14,10 @@ read belong to the header its last byte falls in.  Descriptors that land
 anywhere else (with a body, or two reads' worth before a header took the
 first) break the hop (:class:`HopBroken`), and are closed, never used.
 
-Reads go to the socket at once, and through trio's loop only when there is
-nothing to read (:func:`nonblocking_call`): the task process usually answered while
-the daemon was still sending it the task, and a checkpoint after each read
-was a turn of the loop per task for nothing.
+Reads and writes go to the socket at once, and through trio's loop only
+when it would block (:func:`nonblocking_call`): the task process usually
+answered while the daemon was still sending it the task, and a checkpoint
+after each call was a turn of the loop per task for nothing.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ class HopReader:
         if not self._fd_passing:  # no SCM_RIGHTS: every outcome comes inline
             data, fds = await nonblocking_call(sock, lambda: sock.recv(READ_SIZE)), []
         else:
-            data, ancillary, _, _ = await nonblocking_call(sock, lambda: sock.recvmsg(READ_SIZE, socket.CMSG_SPACE(MAX_FDS * 4)))
+            room = socket.CMSG_SPACE(MAX_FDS * 4)
+            data, ancillary, _, _ = await nonblocking_call(sock, lambda: sock.recvmsg(READ_SIZE, room))
             fds = received_fds(ancillary)
         if fds:
             if self._fds:  # the first ones were never claimed by a header
