@@ -12,9 +12,9 @@ locks it takes for every message do not yield when free (``eager_locks``),
 a yamux frame is written without a debug line built for nothing and a
 second turn of trio's loop, a one-frame message without context-managed
 locks, and a body that came decrypted with its header is taken without a
-deadline (``lean_frames``), a TCP connection is read ahead (:mod:`.read_ahead`) and its connections
-log through a logger of their own, not the application's root logger
-(``_log_through_own_logger``).
+deadline (``lean_frames``), a TCP connection is read ahead
+(:mod:`.read_ahead`) and its connections log through a logger of their
+own, not the application's root logger (``_log_through_own_logger``).
 """
 
 from __future__ import annotations

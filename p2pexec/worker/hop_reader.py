@@ -67,6 +67,12 @@ async def send_all(sock: socket.socket, data: Any) -> None:
                 await trio.lowlevel.checkpoint()
 
 
+def close(sock: socket.socket) -> None:
+    """Close ``sock``, waking the tasks that wait on it (with ClosedResourceError, as trio's sockets do)."""
+    trio.lowlevel.notify_closing(sock.fileno())
+    sock.close()
+
+
 class HopReader:
     """Reads a task process's answers from ``sock``, a non-blocking stdlib socket that trio also knows."""
 

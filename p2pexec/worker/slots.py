@@ -25,7 +25,7 @@ from ..protocol.resources import format_size
 from ..transport.eager_locks import EagerLock
 from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, SKIP, VALUE, Report, kept_output, map_outcome
 from .history import printable
-from .hop_reader import HopBroken, HopReader, send_all
+from .hop_reader import HopBroken, HopReader, close, nonblocking_call, send_all
 from .privileges import prctl
 from .sandbox import SLOT_ENV, Sandbox
 from .spawn import Child, start_child
@@ -66,9 +66,7 @@ class TaskSlot:
         self.sandbox = sandbox
         self._scratch_root = scratch_root
         self._proc: Child | None = None
-        self._sock: trio.socket.SocketType | None = None
-        self._raw: socket.socket | None = None  # the same socket, for calls that need no turn of trio's loop
-        # (closed through ``_sock`` only: trio's close wakes the tasks waiting on it)
+        self._sock: socket.socket | None = None  # the hop (non-blocking: hop_reader.nonblocking_call)
         self._reader: HopReader | None = None  # reads what the socket brings
         self._scratch: Path | None = None  # the process's HOME, TMPDIR and working directory
         self._output: list[IO[bytes]] = []  # its fd 1 and 2: files only this daemon can still name
@@ -125,7 +123,7 @@ class TaskSlot:
             theirs.close()
             if info_write is not None:
                 os.close(info_write)
-        self._proc, self._sock, self._raw = proc, trio.socket.from_stdlib_socket(ours), ours  # (non-blocking now)
+        self._proc, self._sock = proc, ours
         self._reader = HopReader(ours, portability.fd_passing())
         self.function, self.taken, self._outstanding, self._skipping = "?", 0, 1, set()  # (1: its ready)
         _LIVE.add(proc.pid)
@@ -210,13 +208,14 @@ class TaskSlot:
 
     # -- the hop ------------------------------------------------------------------------
     async def _send_all(self, data: Buffer) -> None:
-        assert self._raw is not None
-        await send_all(self._raw, data)
+        assert self._sock is not None
+        await send_all(self._sock, data)
 
     async def _send_with_fd(self, header: bytes, fd: int) -> None:
-        assert self._sock is not None
-        fds = array.array("i", [fd]).tobytes()
-        sent = await self._sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        sock = self._sock
+        assert sock is not None
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+        sent = await nonblocking_call(sock, lambda: sock.sendmsg([header], rights), writing=True)
         await self._send_all(header[sent:])
 
     async def _receive_outcome(self) -> Buffer | None:
@@ -320,19 +319,19 @@ class TaskSlot:
         if self._reader is not None:
             self._reader.close()
         if self._sock is not None:
-            self._sock.close()
+            close(self._sock)
         if self._scratch is not None:  # what the last process left goes with it
             shutil.rmtree(self._scratch, ignore_errors=True)
         for file in self._output:
             file.close()
         self._output, self.taken = [], 0
-        self._proc, self._sock, self._raw, self._reader, self._scratch = None, None, None, None, None
+        self._proc, self._sock, self._reader, self._scratch = None, None, None, None
 
     async def retire(self, replace: bool = False) -> None:
         """End the process as a pool's worker after ``max_tasks_per_child``: it sees its hop close and exits (its
         ``atexit`` handlers run), or is killed after EXIT_SECONDS; with ``replace``, a fresh one starts at once."""
         if self._proc is not None and self._sock is not None:
-            self._sock.close()
+            close(self._sock)
             with trio.move_on_after(EXIT_SECONDS):
                 await self._proc.wait()
         await self.stop()
