@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
@@ -109,14 +110,14 @@ def test_every_lock_a_lease_stream_takes_per_message_is_eager():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_reading_ahead_keeps_the_bytes_of_a_tcp_connection_in_order(seed):
-    """read_ahead.py: whatever sizes readers ask for, concurrently or not, the bytes come out as they went in."""
+    """tcp_stream.py: whatever sizes readers ask for, concurrently or not, the bytes come out as they went in."""
     import random
 
     from libp2p.io.trio import TrioTCPStream
 
-    from p2pexec.transport.read_ahead import READ_AHEAD, read_ahead
+    from p2pexec.transport.tcp_stream import READ_AHEAD, install
 
-    read_ahead()
+    install()
     rng = random.Random(seed)
     sent = rng.randbytes(3 * READ_AHEAD + 12345)
 
@@ -151,6 +152,83 @@ def test_reading_ahead_keeps_the_bytes_of_a_tcp_connection_in_order(seed):
         return b"".join(received)
 
     assert trio.run(scenario) == sent
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_writes_sent_at_once_leave_a_tcp_connection_whole_and_in_order(seed, monkeypatch):
+    """tcp_stream.py: small writes skip trio's send_all, yet concurrent writers, partial sends (a reader that
+    lags) and big writes interleave only whole messages; a closed or reset connection answers as py-libp2p's."""
+    import random
+    import socket
+    import struct
+
+    from libp2p.io.exceptions import ConnectionClosedError
+    from libp2p.io.trio import TrioTCPStream
+
+    from p2pexec.transport.tcp_stream import AT_ONCE, install
+
+    install()
+    rng = random.Random(seed)
+    through_trio: list[int] = []
+    send_all = trio.SocketStream.send_all
+
+    async def counted(self: trio.SocketStream, data: Any) -> None:
+        through_trio.append(len(data))
+        await send_all(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", counted)
+    messages = {w: [rng.randbytes(rng.choice([1, 100, AT_ONCE - 8, AT_ONCE + 1, 300_000])) for _ in range(40)]
+                for w in range(3)}
+
+    async def scenario() -> dict[int, list[bytes]]:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        tcp = TrioTCPStream(await trio.open_tcp_stream("127.0.0.1", port))
+        server = await listeners[0].accept()
+        await tcp.write(b"x" * 100)  # the socket's buffer is empty: no send_all
+        assert not through_trio and await server.receive_some(100) == b"x" * 100
+        received: dict[int, list[bytes]] = {w: [] for w in messages}
+
+        async def write(w: int) -> None:
+            for m in messages[w]:
+                await tcp.write(struct.pack(">BI", w, len(m)) + m)
+                await trio.sleep(0)
+
+        async def read() -> None:
+            buffer = bytearray()
+            while True:
+                data = await server.receive_some(rng.choice([100, 70_000]))
+                if not data:
+                    return
+                buffer += data
+                while len(buffer) >= 5 and len(buffer) >= 5 + (n := struct.unpack(">I", buffer[1:5])[0]):
+                    received[buffer[0]].append(bytes(buffer[5:5 + n]))
+                    del buffer[:5 + n]
+                if rng.random() < 0.1:
+                    await trio.sleep(0.005)  # lagging: the socket's buffer fills, direct sends go in part
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                async with trio.open_nursery() as writers:
+                    for w in messages:
+                        writers.start_soon(write, w)
+                await tcp.close()
+            assert await tcp.write(b"after close") is None  # py-libp2p's write returns quietly here too
+            other = TrioTCPStream(await trio.open_tcp_stream("127.0.0.1", port))
+            peer = await listeners[0].accept()
+            peer.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await peer.aclose()  # a reset
+            with pytest.raises(ConnectionClosedError):
+                for _ in range(100):
+                    await other.write(b"y" * 1000)
+                    await trio.sleep(0.01)
+            await other.close()
+            await listeners[0].aclose()
+        return received
+
+    assert trio.run(scenario) == messages
+    assert any(n > AT_ONCE for n in through_trio)  # big writes went through trio's path
 
 
 def test_a_wide_open_lease_stream_takes_megabytes_before_its_reader_reads():

@@ -13,7 +13,7 @@ a yamux frame is written without a debug line built for nothing and a
 second turn of trio's loop, a one-frame message without context-managed
 locks, and a body that came decrypted with its header is taken without a
 deadline (``lean_frames``), a TCP connection is read ahead
-(:mod:`.read_ahead`) and its connections log through a logger of their
+(:mod:`.tcp_stream`) and its connections log through a logger of their
 own, not the application's root logger (``_log_through_own_logger``).
 """
 
@@ -49,7 +49,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from ..logs import after_libp2p_import
 from .admission import Limits
 from .eager_locks import EagerLock, EagerSemaphore
-from .read_ahead import read_ahead
+from . import tcp_stream
 from .yamux_window import release_in_halves
 
 after_libp2p_import()
@@ -162,7 +162,7 @@ def new_libp2p_host(listen: list[Any], transport: Any, per_peer: int, seed: byte
     release_in_halves()
     eager_locks()
     lean_frames()
-    read_ahead()
+    tcp_stream.install()
     return host
 
 
