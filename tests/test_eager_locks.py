@@ -73,3 +73,39 @@ def test_waiting_for_a_held_lock_can_be_cancelled():
         return scope.cancelled_caught
 
     assert trio.run(scenario)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_never_more_holders_than_the_lock_allows_though_waiters_are_cancelled(seed):
+    """A release hands over to the first waiter still waiting; a cancelled waiter holds nothing."""
+    import random
+
+    rng = random.Random(seed)
+
+    async def scenario(make, most: int) -> int:
+        lock, holders, served = make(), [0], [0]
+
+        async def user(patience: float | None) -> None:
+            with trio.move_on_after(patience if patience is not None else 60):
+                async with lock:
+                    holders[0] += 1
+                    try:
+                        assert holders[0] <= most
+                        served[0] += 1
+                        for _ in range(rng.randrange(3)):
+                            await trio.sleep(0)
+                    finally:
+                        holders[0] -= 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(200):
+                nursery.start_soon(user, rng.choice([None, None, 0, 1e-4]))
+                if rng.random() < 0.3:
+                    await trio.sleep(0)
+        assert lock.value == most and not lock.statistics().tasks_waiting  # all returned, nobody left queued
+        return served[0]
+
+    assert trio.run(scenario, EagerLock, 1) > 0
+    assert trio.run(scenario, lambda: EagerSemaphore(3), 3) > 0
+    with pytest.raises(RuntimeError):
+        EagerLock().release()
