@@ -50,7 +50,8 @@ class Lease:
         self.channel: SecureChannel | None = None
         self.moving: Any = None  # the direct stream the lease is moving to, until the worker's MOVE
         self.nursery: trio.Nursery | None = None  # its I/O tasks, once established
-        self.woken = trio.Event()  # set by ClientScheduler.notify: the feeder has something to look at
+        self.woken = trio.Event()  # set by ClientScheduler: the feeder has something to look at
+        self.idle = False  # the feeder counts down lease_idle
 
     def __repr__(self) -> str:
         return repr(self.state)
@@ -177,7 +178,8 @@ class Lease:
             verdict = core.feeding(state)
             if verdict == END:
                 break
-            if verdict == WAIT:
+            self.idle = verdict != WAIT
+            if not self.idle:
                 idle_since = None
                 await self._wait_change()
                 continue
@@ -274,7 +276,7 @@ class Lease:
             if board is not None and not board.inbox.keyring.allows(self.worker, self.state.key):
                 raise PeerLost(f"{self.worker} is no longer a member of {self.client.cluster}")
             self.state.control.append(encode_op(Op.PING))
-            self.client.notify(self)
+            self.woken.set()
 
     async def _receive(self) -> None:
         channel = self.channel
@@ -298,7 +300,7 @@ class Lease:
                         changed = True
             finally:
                 if changed:  # one wake-up of the feeders per message, however many answers it held
-                    self.client.notify(self)
+                    self.client.answered(self)
 
     def _answered(self, task_id: int) -> WorkItem:
         item = self.state.answered(task_id)

@@ -128,16 +128,27 @@ class ClientScheduler:
         self.notify()
         self.do(self.core.maybe_request(time.monotonic()))  # demand grows here, by the tick, and as leases end or shrink
 
-    def notify(self, only: Lease | None = None) -> None:
-        """Wake the lease feeders (runs per result: keep it cheap); ``only`` that lease's while no task waits
-        to be sent, since then nothing that happened on ``only`` gives another feeder anything to do."""
-        if only is not None and not self.core.pending:
-            only.woken.set()
-            return
+    def notify(self) -> None:
+        """Wake the lease feeders: tasks wait to be sent, or something changed for every lease."""
         for lease in self._leases.values():
             lease.woken.set()
         self._changed.set()
         self._changed = trio.Event()
+
+    def answered(self, lease: Lease) -> None:
+        """``lease`` applied a message of answers (runs per result: keep it cheap).  With tasks waiting, every
+        feeder looks; otherwise only an END is news to its own (closing, or what is left needs packages its
+        worker lacks): a lease falling idle is noticed by the tick (:meth:`_notice_idle`), not per answer."""
+        if self.core.pending:
+            self.notify()
+        elif self.core.closing or lease.state.stuck:
+            lease.woken.set()
+
+    def _notice_idle(self) -> None:
+        """Wake the feeders of leases that have nothing in flight, to start their idle countdown."""
+        for lease in self._leases.values():
+            if not lease.state.inflight and not lease.idle:
+                lease.woken.set()
 
     async def wait_change(self) -> None:
         await self._changed.wait()
@@ -199,6 +210,7 @@ class ClientScheduler:
             while not (self.core.closing and not self.core.leases):
                 await trio.sleep(TICK)
                 self.do(self.core.tick(time.monotonic()))
+                self._notice_idle()
             nursery.cancel_scope.cancel()
         self._nursery = None  # (a board message arriving as the host stops starts nothing)
 
