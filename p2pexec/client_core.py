@@ -89,10 +89,14 @@ class ClientCore(Matchmaker):
         """Slots to lease for ``need``: its work, within what max_workers leaves after the other needs' leases."""
         if self.closing:
             return 0
-        mine = [lease for lease in self.leases if lease.need == need]
-        others = sum(lease.slots for lease in self.leases if lease.need != need)
-        return slots_wanted(self.pending.count(need), sum(len(lease.inflight) for lease in mine),
-                            sum(lease.slots for lease in mine), max(0, self.options.max_workers - others))
+        slots = inflight = others = 0
+        for lease in self.leases:  # (once per submit: one pass)
+            if lease.need == need:
+                slots += lease.slots
+                inflight += len(lease.inflight)
+            else:
+                others += lease.slots
+        return slots_wanted(self.pending.count(need), inflight, slots, max(0, self.options.max_workers - others))
 
     def needs_waiting(self) -> list[Need]:
         return self.pending.needs()

@@ -130,6 +130,14 @@ class Need:
         return ", ".join(p for p in parts if p) or "no resources"
 
 
+_fields_equal = Need.__eq__
+
+
+def _same_need(self: Need, other: object) -> bool:
+    return self is other or _fields_equal(self, other)
+
+
+Need.__eq__ = _same_need  # type: ignore[method-assign,assignment]  # (a lease's need is the task's, mostly: per task)
 ANY = Need()
 
 

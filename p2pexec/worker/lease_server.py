@@ -136,14 +136,14 @@ class LeaseServer:
         self.move = move  # for status, and to follow the lease onto a direct connection
         self.client_key = client_key  # it must stay a member's key
         self.blobs = LeaseBlobs(daemon.values, self.client, daemon.arrivals)
-        self.send_tasks, self.receive_tasks = trio.open_memory_channel[Task](math.inf)
+        self.send_tasks, self.receive_tasks = trio.open_memory_channel[Task | None](math.inf)  # None: look again
         self.outbox: list[Buffer] = []  # answers (and RETURNED, CANCELLED...) for the next message
         self.mail = trio.Event()  # the outbox has news: wake the sender
         self.holding = trio.Event()  # a batch holds answers: post them within GATHER_SECONDS (_post_held)
         self.looking_again = False  # a look_again is pending: the lease may fall idle
         self.stoppers: dict[int, _Batch] = {}  # id of a task given to a task process -> what interrupts it
         self.batches: set[_Batch] = set()  # each slot's, while it runs one
-        self.idle: set[trio.CancelScope] = set()  # slots waiting for a task: a poke makes them look up
+        self.waiting = 0  # slots waiting for a task: a poke sends each a None to look up
         self.nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
@@ -177,8 +177,9 @@ class LeaseServer:
         """Someone started waiting, or the worker stops: check whether they are owed a slot, busy or idle;
         a stopping worker hands back what its task processes hold but have not started."""
         self.post()
-        for scope in list(self.idle):
-            scope.cancel()
+        with suppress(trio.ClosedResourceError):  # (the client ended the lease: the slots are finishing)
+            for _ in range(self.waiting):
+                self.send_tasks.send_nowait(None)
         if self.daemon.draining and self.nursery is not None:
             for batch in self.batches:
                 self.nursery.start_soon(batch.hand_back)
@@ -195,26 +196,27 @@ class LeaseServer:
         self.daemon.carry_out(actions)
         return True
 
-    async def _run_slot(self, slot: TaskSlot, tasks: trio.MemoryReceiveChannel[Task]) -> None:
+    async def _run_slot(self, slot: TaskSlot, tasks: trio.MemoryReceiveChannel[Task | None]) -> None:
         decisions = self.decisions
         async with tasks:
             while not self._leaves(slot):
-                with trio.CancelScope() as waiting:
-                    self.idle.add(waiting)
-                    try:
-                        first = await tasks.receive()
-                    except trio.EndOfChannel:
-                        return
-                    finally:
-                        self.idle.discard(waiting)
-                if waiting.cancelled_caught:
+                self.waiting += 1
+                try:
+                    first = await tasks.receive()
+                except trio.EndOfChannel:
+                    return
+                finally:
+                    self.waiting -= 1
+                if first is None:
                     continue  # poked: look again whether to leave
                 batch = [first]
                 for _ in range(decisions.batch_size(tasks.statistics().current_buffer_used, slot.taken) - 1):
                     try:
-                        batch.append(tasks.receive_nowait())
+                        more = tasks.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                    if more is not None:  # (a look-again meant for a slot that had just got a task)
+                        batch.append(more)
                 # (those withdrawn or handed back while they waited were answered then)
                 batch = [task for task in batch if decisions.task_started(task[0])]
                 if batch:
