@@ -124,6 +124,19 @@ class _Ran:
     outcome: str | None = "killed"  # None: it never ran (withdrawn), nothing to record
 
 
+@contextmanager
+def _recording(server: LeaseServer, slot: TaskSlot) -> Iterator[_Ran]:
+    """Count the task in its lease and record it in the worker's history, however it ends."""
+    ran = _Ran(time.time(), trio.current_time())
+    try:
+        yield ran
+    finally:
+        if ran.outcome is not None:
+            server.move.ran[ran.outcome] += 1
+            server.daemon.history.add(Entry(server.client, slot.function, ran.start, trio.current_time() - ran.clock,
+                                            ran.outcome, server.daemon.config.who.cluster))
+
+
 class LeaseServer:
     """Serves one lease until it ends; the client may only send what we credited."""
 
@@ -262,7 +275,7 @@ class LeaseServer:
             try:
                 await batch.submitted(await slot.submit([task[1:] for task in batch.tasks]))
                 while batch.tasks:
-                    with self._recording(slot) as record:
+                    with _recording(self, slot) as record:
                         outcome = await slot.outcome()
                         if outcome is None:  # the rest was skipped
                             record.outcome = None
@@ -302,19 +315,6 @@ class LeaseServer:
             assert self.nursery is not None
             self.nursery.start_soon(self._look_again)
         return now
-
-    @contextmanager
-    def _recording(self, slot: TaskSlot) -> Iterator[_Ran]:
-        """Count the task in its lease and record it in the history, however it ends."""
-        ran = _Ran(time.time(), trio.current_time())
-        try:
-            yield ran
-        finally:
-            if ran.outcome is not None:
-                self.move.ran[ran.outcome] += 1
-                self.daemon.history.add(Entry(self.client, slot.function, ran.start,
-                                              trio.current_time() - ran.clock, ran.outcome,
-                                              self.daemon.config.who.cluster))
 
     async def _post_held(self) -> None:
         """Post the answers a batch held once GATHER_SECONDS passed, though the task after them runs on."""
