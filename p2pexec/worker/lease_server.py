@@ -2,10 +2,9 @@
 answers with credit.  Every decision (which task runs, what goes back, credit, when a slot leaves and
 when the lease ends) is :class:`~.lease_decisions.LeaseDecisions`'s; this carries them out.
 
-Tasks go through a memory channel to one runner per slot.  Answers go to an outbox that one sender
-drains: whatever finished while the previous message was being written leaves in the next one, with
-the credit that refills the client's window.  That sender also writes the final END, so no write is
-ever cancelled halfway.
+Tasks go through a memory channel to one runner per slot.  Answers go to the lease's
+:class:`~.outbox.Outbox`, whose sender gathers them into messages with the credit that refills the
+client's window, and writes the final END.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from ..transport.channel import SecureChannel
 from . import hop
 from .history import Entry
 from .lease_decisions import GATHER_SECONDS, IDLE_GRACE, LeaseDecisions
+from .outbox import Outbox
 from .slots import TaskProcessDied, TaskSlot
 from .valuecache import Blob, LeaseBlobs
 
@@ -150,8 +150,8 @@ class LeaseServer:
         self.client_key = client_key  # it must stay a member's key
         self.blobs = LeaseBlobs(daemon.values, self.client, daemon.arrivals)
         self.send_tasks, self.receive_tasks = trio.open_memory_channel[Task | None](math.inf)  # None: look again
-        self.outbox: list[Buffer] = []  # answers (and RETURNED, CANCELLED...) for the next message
-        self.mail = trio.Event()  # the outbox has news: wake the sender
+        self.outbox = Outbox(channel, decisions)
+        self.post = self.outbox.post
         self.holding = trio.Event()  # a batch holds answers: post them within GATHER_SECONDS (_post_held)
         self.looking_again = False  # a look_again is pending: the lease may fall idle
         self.stoppers: dict[int, _Batch] = {}  # id of a task given to a task process -> what interrupts it
@@ -181,10 +181,6 @@ class LeaseServer:
                 self.daemon.pokes.discard(self.poke)
             self.decisions.finished = True
             self.post()
-
-    def post(self, *op: Buffer) -> None:
-        self.outbox.extend(op)
-        self.mail.set()
 
     def poke(self) -> None:
         """Someone started waiting, or the worker stops: check whether they are owed a slot, busy or idle;
@@ -248,7 +244,11 @@ class LeaseServer:
                 await batch.hand_back()
             while batch.tasks:
                 await self._attempt(slot, batch)
+            if self.outbox.carried and await self.outbox.send():  # (a turn of the loop sooner than the sender)
+                self._ended()
         finally:
+            if self.outbox.carried:  # (the lease is going down: the sender may still say them)
+                self.post()
             for task in batch.tasks:  # (the lease is going down)
                 self.stoppers.pop(task[0], None)
             self.batches.discard(batch)
@@ -306,7 +306,8 @@ class LeaseServer:
         del self.stoppers[task_id]
         idle = self.decisions.task_answered(task_id, None if since is None else now - since, now)
         if at_once or not batch.tasks:
-            self.post(*batch.answers)
+            if at_once or len(self.batches) > 1 or not self.outbox.carry(batch.answers):  # (else: _run_batch)
+                self.post(*batch.answers)
             batch.answers.clear()
         elif len(batch.answers) == len(op):  # the first held: it leaves within GATHER_SECONDS, whatever runs next
             self.holding.set()
@@ -333,30 +334,13 @@ class LeaseServer:
         self.post()
 
     async def _send_mail(self) -> None:
-        decisions = self.decisions
-        while True:
-            await self.mail.wait()
-            self.mail = trio.Event()
-            if decisions.gathering(len(self.outbox)):
-                with trio.move_on_after(GATHER_SECONDS):
-                    while decisions.gathering(len(self.outbox)):
-                        await self.mail.wait()
-                        self.mail = trio.Event()
-            mail = decisions.mail(trio.current_time(), time.time())
-            for task_id in mail.returned:
-                self.outbox.extend(op_parts(Op.RETURNED, task_id))
-            batch, self.outbox[:] = self.outbox[:], []
-            if mail.end:
-                batch.append(encode_op(Op.END))
-            elif mail.credit:
-                batch.append(encode_op(Op.CREDIT, mail.credit))
-            if batch:
-                await self.channel.send(batch)
-            del batch
-            if mail.end:
-                assert self.nursery is not None
-                self.nursery.cancel_scope.cancel()  # stop receiving; late tasks are the client's to requeue
-                return
+        await self.outbox.run()
+        self._ended()
+
+    def _ended(self) -> None:
+        """END is sent: stop receiving; tasks sent after it are the client's to requeue."""
+        assert self.nursery is not None
+        self.nursery.cancel_scope.cancel()
 
     async def _receive(self) -> None:
         decisions, blobs = self.decisions, self.blobs
