@@ -12,8 +12,10 @@ of the loop per round trip on each end, none of which waits for anything
 An :class:`Eager` lock or semaphore takes a free one at once and
 otherwise waits in line, first come first served, as trio's do: a release
 hands it straight to the first waiter, so nobody overtakes a waiter.
-Nothing else is lost: every one of those paths goes on to a socket call or
-an event wait, which checkpoints, so no task can hold the loop.  They are
+Nothing else is lost: every one of those paths goes on to a read or an
+event wait, which yields, or to a write, which yields once the kernel's
+buffer is full (:mod:`.tcp_stream`), and each writer of a lease stream
+soon waits for credit or an event, so no task holds the loop.  They are
 also lean: no owner check and no parking-lot breaker (trio's, for a task
 that ends holding a lock), since each is taken in an ``async with`` or a
 pair py-libp2p keeps; about 12 Python calls fewer per lock taken, a dozen

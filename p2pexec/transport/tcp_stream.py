@@ -21,11 +21,15 @@ check; only what the kernel did not take goes through trio's ``send_all``
 and waits there.  Bigger messages take trio's path unchanged, so a bulk
 writer still yields between its pieces.
 
-``tests/test_libp2p_host.py`` checks what both rely on.
+A small write therefore does not yield to the loop unless the kernel's
+buffer is full; every writer of a lease stream waits for credit, an event
+or its next read soon after.  ``tests/test_libp2p_host.py`` checks what
+both rely on.
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import trio
@@ -71,8 +75,12 @@ async def _write_at_once(self: Any, data: bytes) -> None:
         stream: trio.SocketStream = self.stream
         try:
             sent = stream.socket._sock.send(data)  # type: ignore[attr-defined]  # the stdlib socket in trio's
-        except OSError:  # would block, closed, reset...: trio's send_all waits, or says which as py-libp2p does
+        except (BlockingIOError, InterruptedError):  # (the rest waits in trio's send_all)
             sent = 0
+        except OSError as error:  # as trio's send_all and py-libp2p's write would say it, without a second try
+            if error.errno in (errno.EBADF, errno.ENOTSOCK):  # closed here: py-libp2p's write returns quietly
+                return None
+            raise ConnectionClosedError(f"TCP connection reset by remote peer: {error}", transport="tcp") from error
         if sent == len(data):
             return None
         try:  # the rest, still under the lock: no other write may come between
