@@ -218,8 +218,8 @@ class LeaseServer:
                     self.waiting -= 1
                 if first is None:
                     continue  # poked: look again whether to leave
-                batch = [first]
-                for _ in range(decisions.batch_size(tasks.statistics().current_buffer_used, slot.taken) - 1):
+                batch, size = [first], decisions.batch_size(tasks.statistics().current_buffer_used, slot.taken)
+                while len(batch) < size:
                     try:
                         more = tasks.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
