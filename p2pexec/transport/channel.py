@@ -15,6 +15,7 @@ from ..protocol.frames import (
     encode_op, open_chunk, Writable,
 )
 from .eager_locks import EagerLock
+from .tcp_stream import AT_ONCE_WRITER
 
 READ_SIZE = 1 << 20
 
@@ -58,13 +59,17 @@ class FramedStream:
         await self.send_frame(encode_frame(data))
 
     async def send_frame(self, frame: Buffer) -> None:
-        """Write ``frame``, length prefix included (:meth:`Sealer.seal_frame`), as it is."""
+        """Write ``frame``, length prefix included (:meth:`Sealer.seal_frame`), as it is; a small one without
+        a turn of the loop after it (every writer of frames waits for something else next)."""
+        at_once = AT_ONCE_WRITER.set(True)
         try:
             await self.tx_stream.write(memoryview(frame))  # slices of a view cost no copy in the muxer
         except trio.Cancelled:
             raise
         except Exception as exc:
             raise PeerLost(f"sending failed: {exc!r}") from None
+        finally:
+            AT_ONCE_WRITER.reset(at_once)
 
     async def recv(self) -> bytes | None:
         """Next frame, or None on a clean end of stream."""
