@@ -361,8 +361,8 @@ def test_yamux_frames_are_read_and_written_as_py_libp2p_did_less_what_they_did_f
     ``YamuxStream.write``: if py-libp2p's frame write ever does more than build a debug line, write under
     the lock and checkpoint, its stream write stops spending the send window as it did, or its secure
     session keeps its decrypted bytes differently, this fails (see libp2p_config.py).  Messages of one yamux frame
-    and of many (whose bodies span Noise messages: the long way) come through whole; with yamux's debug
-    logging on, py-libp2p's own write runs, line included."""
+    and of many come through whole, each frame in one Noise message; with yamux's debug logging on,
+    py-libp2p's own write runs, line included."""
     from libp2p.security.secure_session import SecureSession
     from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
@@ -392,8 +392,17 @@ def test_yamux_frames_are_read_and_written_as_py_libp2p_did_less_what_they_did_f
                 got.append(await framed.recv())
             return got
 
-    long_way = {"read": 0, "write": 0}
+    long_way = {"read": 0, "write": 0, "noise messages split": 0}
     read_body, write = libp2p_config.ORIGINAL_READ_DATA_BODY, libp2p_config.ORIGINAL_STREAM_WRITE
+    from libp2p.security.noise import io as noise_io
+
+    write_msg = noise_io.BaseNoiseMsgReadWriter.write_msg
+
+    async def counted_write_msg(self, msg, prefix_encoded=False):  # type: ignore[no-untyped-def]
+        long_way["noise messages split"] += len(msg) > noise_io.MAX_PLAINTEXT_LENGTH
+        await write_msg(self, msg, prefix_encoded)
+
+    monkeypatch.setattr(noise_io.BaseNoiseMsgReadWriter, "write_msg", counted_write_msg)
 
     async def counted_read(self, length):  # type: ignore[no-untyped-def]
         long_way["read"] += 1
@@ -412,8 +421,9 @@ def test_yamux_frames_are_read_and_written_as_py_libp2p_did_less_what_they_did_f
         assert trio.run(echo) == messages
     finally:
         yamux_log.setLevel(level)
-    # each way: the stream's first frame, and the big message's (5 frames, 5 bodies spanning Noise messages)
-    assert 0 < long_way["write"] <= 4 and 0 < long_way["read"] <= 14, long_way
+    # each way: the stream's first frame and the big message's (5 frames); every frame one Noise message, so
+    # every body is taken at once
+    assert 0 < long_way["write"] <= 4 and long_way["read"] == long_way["noise messages split"] == 0, long_way
     assert Yamux._write_frame is libp2p_config._write_frame
     assert Yamux._read_data_body is libp2p_config._read_data_body
     assert YamuxStream.write is libp2p_config._stream_write

@@ -36,6 +36,7 @@ from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection import swarm_connection
 from libp2p.network.stream.net_stream import NetStream
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
 from libp2p.rcmgr import ResourceLimits, ResourceManager
 from libp2p.rcmgr.connection_limits import ConnectionLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -213,7 +214,9 @@ async def _write_frame(self: Any, data: bytes) -> None:
 
 #: py-libp2p's own ``YamuxStream.write``, which :func:`lean_frames` puts behind a shortcut
 ORIGINAL_STREAM_WRITE = YamuxStream.write
-_ONE_FRAME = yamux_module.MAX_MESSAGE_SIZE - yamux_module.HEADER_SIZE
+#: a yamux frame, header included, that fits one Noise message (py-libp2p's 64 KiB frames took two)
+FRAME_BYTES = MAX_PLAINTEXT_LENGTH
+_ONE_FRAME = FRAME_BYTES - yamux_module.HEADER_SIZE
 
 
 async def _stream_write(self: Any, data: bytes) -> None:
@@ -253,7 +256,14 @@ def lean_frames() -> None:
     window lock through context managers around a frame built with no
     await in between: such a message goes as one frame at once.
     Together 5-10% of a small task's round trip (benchmarks/README.md).
+
+    And a frame, header included, is at most one Noise message's plaintext
+    (:data:`FRAME_BYTES`): py-libp2p's 64 KiB frames plus their header went
+    out as a full Noise message and one of 17 bytes, each with its own
+    encryption, length, tag and socket write, and a body split so could not
+    be taken at once.
     """
+    yamux_module.MAX_MESSAGE_SIZE = FRAME_BYTES  # (YamuxStream.write reads it for every frame)
     YamuxStream.write = _stream_write  # type: ignore[method-assign]
     Yamux._write_frame = _write_frame  # type: ignore[method-assign]
     Yamux._read_data_body = _read_data_body  # type: ignore[method-assign]
