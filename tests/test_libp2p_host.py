@@ -480,3 +480,33 @@ def test_a_peer_is_lost_when_a_read_waits_past_the_silence_limit_not_when_nobody
 
     clock = trio.testing.MockClock()
     trio.run(scenario, clock, clock=clock)
+
+
+@pytest.mark.parametrize("size", [100, 100_000], ids=["small, written at once", "big, through trio"])
+def test_a_write_cancelled_before_it_starts_sends_nothing_and_the_connection_goes_on(size):
+    """libp2p_config._write_frame: Eager locks do not check for cancellation, so the frame write does, before
+    Noise encrypts: a frame encrypted and then cancelled at the socket would leave the connection's Noise nonce
+    ahead of its peer's (every later message undecryptable); one written anyway would arrive unasked."""
+    from p2pexec.transport.channel import FramedStream
+
+    async def scenario() -> list[bytes | None]:
+        async with Libp2pHost().running() as server, Libp2pHost().running() as client:
+            async def handler(stream):  # type: ignore[no-untyped-def]
+                framed = FramedStream(stream)
+                while (message := await framed.recv()) is not None:
+                    await framed.send(message)
+
+            server.set_handler(handler)
+            framed = FramedStream(await client.open_stream(server.peer_id, server.addrs))
+            await framed.send(b"first")
+            got = [await framed.recv()]
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await framed.send(b"x" * size)
+            assert scope.cancelled_caught
+            await framed.send(b"after")
+            with trio.fail_after(10):
+                got.append(await framed.recv())
+            return got
+
+    assert trio.run(scenario) == [b"first", b"after"]

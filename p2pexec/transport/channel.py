@@ -168,9 +168,6 @@ class SecureChannel:
     async def send(self, message: Buffer | Sequence[Buffer], final: bool = False) -> None:
         parts = [message] if isinstance(message, (bytes, bytearray, memoryview)) else message
         async with self._send_lock:
-            # (a free Eager lock does not check: sealed and encrypted, a message cancelled at its write would
-            # leave the connection's Noise nonce ahead of its peer's)
-            await trio.lowlevel.checkpoint_if_cancelled()
             chunks = chunk_pieces(parts)
             chunk = next(chunks)
             for following in chunks:
@@ -198,7 +195,6 @@ class SecureChannel:
         from the new stream after it (:meth:`FramedStream.move_rx`).
         """
         async with self._send_lock:
-            await trio.lowlevel.checkpoint_if_cancelled()  # (as in send)
             for chunk in chunk_pieces([encode_op(Op.MOVE)]):
                 await self.framed.send_frame(self._sealer.seal_frame(chunk))
             self.framed.move_tx(stream)

@@ -71,11 +71,7 @@ class Eager:
         """``tasks_waiting``, as trio's locks say."""
         return self._lot.statistics()
 
-    async def __aenter__(self) -> None:
-        if self._free:
-            self._free -= 1
-        else:
-            await self._lot.park()
+    __aenter__ = acquire
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:

@@ -210,8 +210,9 @@ async def _write_frame(self: Any, data: bytes) -> None:
     if yamux_module.logger.isEnabledFor(logging.DEBUG):  # (its "YAMUX TX" line is wanted)
         return await ORIGINAL_WRITE_FRAME(self, data)
     async with self._write_lock:
-        # a free Eager lock does not check: a frame encrypted and then cancelled at its socket write would leave
-        # the connection's Noise nonce ahead of its peer's, and every stream on it broken
+        # the one place a cancelled writer stops, before its frame is encrypted (a free Eager lock does not
+        # check): encrypted and then cancelled at its socket write, it would leave the connection's Noise nonce
+        # ahead of its peer's, and every stream on it broken
         await trio.lowlevel.checkpoint_if_cancelled()
         await self.secured_conn.write(data)
 

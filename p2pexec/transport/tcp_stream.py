@@ -75,8 +75,7 @@ async def _read_ahead(self: Any, n: int | None = None) -> bytes:
 async def _write_at_once(self: Any, data: bytes) -> None:
     if len(data) > AT_ONCE or not AT_ONCE_WRITER.get():
         return await ORIGINAL_WRITE(self, data)
-    async with self.write_lock:
-        await trio.lowlevel.checkpoint_if_cancelled()
+    async with self.write_lock:  # (a cancelled writer stopped before its frame was encrypted: _write_frame)
         stream: trio.SocketStream = self.stream
         try:
             sent = stream.socket._sock.send(data)  # type: ignore[attr-defined]  # the stdlib socket in trio's
