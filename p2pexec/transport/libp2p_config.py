@@ -208,6 +208,7 @@ ORIGINAL_WRITE_FRAME = Yamux._write_frame
 
 async def _write_frame(self: Any, data: bytes) -> None:
     if yamux_module.logger.isEnabledFor(logging.DEBUG):  # (its "YAMUX TX" line is wanted)
+        await trio.lowlevel.checkpoint_if_cancelled()  # (as below: py-libp2p's does not check before it encrypts)
         return await ORIGINAL_WRITE_FRAME(self, data)
     async with self._write_lock:
         # the one place a cancelled writer stops, before its frame is encrypted (a free Eager lock does not
