@@ -203,7 +203,9 @@ class _Loader(_Rules, pickle.Unpickler):
         try:
             return super().load()
         finally:
-            for found, was in self._handed.values():
+            handed, self._handed = self._handed, {}
+            self.memo.clear()  # (with ``handed``, it holds the closures of _lenient: cycles back to this loader)
+            for found, was in handed.values():
                 if _state_of(found) != was:
                     _restore(found, was)
                     raise HostileResultError(f"a result changed {getattr(found, '__qualname__', found)!r} here, "
@@ -240,8 +242,10 @@ class _Careful(_Rules, _PyUnpickler):
     def load(self) -> Any:
         """The result, unless a stand-in for something refused is in it, or still alive anywhere once the
         pickle's memo is let go (an object array's items, say, which the search cannot see)."""
-        result = super().load()
-        self.memo.clear()
+        try:
+            result = super().load()
+        finally:
+            self.memo.clear()  # (it holds the closures of _lenient: cycles back to this loader)
         refused = _first_refused(result)
         if refused is None and any(made() is not None for made in self._made):
             gc.collect()  # (a cycle among what a class sent by value brought: garbage, not the result)

@@ -331,3 +331,28 @@ def test_a_class_reached_through_an_import_is_not_the_clients_own():
     finally:
         if not had:
             del main.subprocess
+
+
+@pytest.mark.parametrize("value", [
+    b"x" * (2 << 20),  # big bytes: dill names their type (the C pass, through a closure of the loader's)
+    [Mine(1), b"x" * (2 << 20)],  # a class of the client's own code: the careful pass
+], ids=["big bytes", "own class"])
+def test_a_result_lets_go_of_its_message_as_it_is_read_not_at_the_next_cyclic_collection(value):
+    import gc
+    import mmap
+
+    from p2pexec.tasks import dump_outcome, load_outcome
+
+    payload = b"".join(bytes(p) for p in dump_outcome(True, value, "", ""))
+    message = mmap.mmap(-1, len(payload))  # (a client's big message: its memory goes when its last view does)
+    message[:] = payload
+    gc.disable()  # a loader in a reference cycle would hold the message until Python's next full collection
+    try:
+        got = load_outcome(memoryview(message), trusted=False).value
+        message.close()  # BufferError if anything still held a view of it
+    finally:
+        gc.enable()
+    if isinstance(value, bytes):
+        assert got == value
+    else:
+        assert (type(got[0]), got[0].x, got[1]) == (Mine, 1, value[1])
