@@ -72,8 +72,8 @@ class Lease:
                 accept = self.client.sign("accept", terms, ttl=30)
                 await framed.send(accept)
                 rx, tx = session_keys("client", *self.client.kx_keys, messages.unb64(offer["kx"], 32))
-                self.channel = await SecureChannel.establish(framed, rx, tx, allocate=None,
-                                                              max_message=self.client.options.max_result_size)
+                channel = self.channel = await SecureChannel.establish(
+                    framed, rx, tx, allocate=None, max_message=self.client.options.max_result_size)
                 await open_wide(stream)
                 framed.silence_limit = SILENCE_SECONDS
                 self.state.open = True
@@ -87,7 +87,8 @@ class Lease:
                     nursery.start_soon(self._heartbeat)
                     if self.state.path == "relayed":
                         nursery.start_soon(self._upgrade, resume_frame(rx, tx, offer.id))
-                    await self._receive()
+                    while await self._take(await channel.recv()):
+                        pass  # (a message is held by _take alone: a big one is let go before the next is awaited)
                     nursery.cancel_scope.cancel()
             finally:
                 if self.channel is not None:
@@ -278,29 +279,32 @@ class Lease:
             self.state.control.append(encode_op(Op.PING))
             self.woken.set()
 
-    async def _receive(self) -> None:
+    async def _take(self, message: memoryview | None) -> bool:
+        """Apply one message from the worker; False once the lease is over (END, or its final frame)."""
+        if message is None:
+            return False
         channel = self.channel
         assert channel is not None
-        while (plaintext := await channel.recv()) is not None:
-            changed = False
-            try:
-                for op, arg, data, _ in decode_ops(plaintext):
-                    if op is Op.MOVE:  # the worker's last message on the old stream
-                        if self.moving is None:
-                            raise ProtocolError(f"worker {self.label} moved a lease nobody asked to move")
-                        channel.framed.move_rx(self.moving)
-                        self.moving = None
-                        await channel.framed.close_old()
-                        log.info("lease with worker %s moved to a direct connection (%s)", self.label,
-                                 self.state.path)
-                    elif op is Op.END:
-                        return
-                    elif op is not Op.PING:
-                        self._apply(op, arg, data)
-                        changed = True
-            finally:
-                if changed:  # one wake-up of the feeders per message, however many answers it held
-                    self.client.answered(self)
+        changed = False
+        try:
+            for op, arg, data, _ in decode_ops(message):
+                if op is Op.MOVE:  # the worker's last message on the old stream
+                    if self.moving is None:
+                        raise ProtocolError(f"worker {self.label} moved a lease nobody asked to move")
+                    channel.framed.move_rx(self.moving)
+                    self.moving = None
+                    await channel.framed.close_old()
+                    log.info("lease with worker %s moved to a direct connection (%s)", self.label,
+                             self.state.path)
+                elif op is Op.END:
+                    return False
+                elif op is not Op.PING:
+                    self._apply(op, arg, data)
+                    changed = True
+        finally:
+            if changed:  # one wake-up of the feeders per message, however many answers it held
+                self.client.answered(self)
+        return True
 
     def _answered(self, task_id: int) -> WorkItem:
         item = self.state.answered(task_id)

@@ -66,3 +66,46 @@ def test_tasks_may_write_into_big_buffer_arguments(cluster):
         results = [f.result(timeout=60) for f in [ex.submit(scribble, data) for _ in range(4)]]
     zeros = hashlib.sha256(bytes(2 * MIB)).hexdigest()
     assert results == [(hashlib.sha256(data).hexdigest(), zeros)] * 4
+
+
+def test_a_big_results_message_is_let_go_once_read(cluster):
+    """Not kept until the worker's next message, nor until Python's next full collection (gc is off here)."""
+    import gc
+    import mmap
+
+    from p2pexec.protocol.lease import HEARTBEAT_SECONDS
+
+    from .conftest import wait_until
+
+    size = 8 * MIB
+    with cluster.executor() as ex:
+        ex.submit(echo, b"warm").result(timeout=60)
+        gc.disable()
+        try:
+            assert len(ex.submit(echo, os.urandom(size)).result(timeout=60)) == size
+            wait_until(lambda: not [m for m in gc.get_objects() if isinstance(m, mmap.mmap) and len(m) >= size],
+                       timeout=HEARTBEAT_SECONDS / 2, what="the result's message to be freed")
+        finally:
+            gc.enable()
+
+
+def own_pid(data):
+    return os.getpid(), len(data)
+
+
+def _anonymous_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads a process's memory from /proc")
+def test_a_task_process_lets_go_of_a_tasks_arguments_before_awaiting_the_next():
+    from .conftest import wait_until
+
+    size = 64 * MIB
+    with LocalCluster(workers=1, slots=1) as lc, lc.executor() as ex:
+        pid, _ = ex.submit(own_pid, b"warm").result(timeout=60)
+        idle = _anonymous_kib(pid)
+        assert ex.submit(own_pid, os.urandom(size)).result(timeout=60) == (pid, size)
+        wait_until(lambda: _anonymous_kib(pid) < idle + size // 2048, timeout=10,
+                   what="the task process to free its last task's 64 MiB argument")

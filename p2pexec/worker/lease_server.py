@@ -343,45 +343,52 @@ class LeaseServer:
         self.nursery.cancel_scope.cancel()
 
     async def _receive(self) -> None:
-        decisions, blobs = self.decisions, self.blobs
         async with self.send_tasks:
-            while (plaintext := await self.channel.recv()) is not None:
-                memfd = hop.shared_fd(plaintext.obj)  # a big message lands in shared memory
-                for op, arg, data, offset in decode_ops(plaintext):
-                    if op is Op.END:
-                        return
-                    if op is Op.TASK or op is Op.TASK_WITH_VALUES:
-                        if not decisions.task_received(arg):
-                            self.post(*op_parts(Op.RETURNED, arg))
-                            continue
-                        values: list[Blob] = []
-                        arriving: list[bytes] | None = None
-                        missing: list[bytes] = []
-                        if op is Op.TASK_WITH_VALUES:
-                            values, missing, data, offset, arriving = blobs.task(arg, data, offset)
-                        shared = (memfd, offset) if memfd is not None and data.nbytes >= hop.SHARED_MIN else None
-                        if missing and arriving is not None:  # on its way on another lease of the client's
-                            assert self.nursery is not None
-                            self.nursery.start_soon(self._once_arrived, arg, (arriving, values, missing),
-                                                    data, shared)
-                        elif missing:
-                            self._uncached(arg, missing)
-                        else:
-                            self.send_tasks.send_nowait((arg, data, shared, values))
-                    elif op is Op.BLOB:
-                        await blobs.blob(arg, data, memfd, offset)
-                    elif op is Op.MOVE:
-                        await self.daemon.leases.follow_move(self.channel, self.move, self.client)
-                    elif op in (Op.WITHDRAW, Op.INTERRUPT):
-                        verdict = decisions.cancel(arg, interrupt=op is Op.INTERRUPT)
-                        if verdict == "cancelled":
-                            self.post(*op_parts(Op.CANCELLED, arg))
-                        elif verdict == "interrupt":
-                            await self.stoppers[arg].interrupt(arg)  # skipped, or its process killed
-                        elif op is Op.WITHDRAW and arg in self.stoppers:  # in a batch: skipped unless started
-                            await self.stoppers[arg].withdraw(arg)
-                    elif op is not Op.PING:
-                        raise ProtocolError(f"client {self.client} sent unexpected {op.name}")
+            while await self._take(await self.channel.recv()):
+                pass  # (a message is held by _take alone: a big one's memory goes before the next is awaited)
+
+    async def _take(self, message: memoryview | None) -> bool:
+        """Act on one message from the client; False once the lease is over (END, or its final frame)."""
+        if message is None:
+            return False
+        decisions, blobs = self.decisions, self.blobs
+        memfd = hop.shared_fd(message.obj)  # a big message lands in shared memory
+        for op, arg, data, offset in decode_ops(message):
+            if op is Op.END:
+                return False
+            if op is Op.TASK or op is Op.TASK_WITH_VALUES:
+                if not decisions.task_received(arg):
+                    self.post(*op_parts(Op.RETURNED, arg))
+                    continue
+                values: list[Blob] = []
+                arriving: list[bytes] | None = None
+                missing: list[bytes] = []
+                if op is Op.TASK_WITH_VALUES:
+                    values, missing, data, offset, arriving = blobs.task(arg, data, offset)
+                shared = (memfd, offset) if memfd is not None and data.nbytes >= hop.SHARED_MIN else None
+                if missing and arriving is not None:  # on its way on another lease of the client's
+                    assert self.nursery is not None
+                    self.nursery.start_soon(self._once_arrived, arg, (arriving, values, missing),
+                                            data, shared)
+                elif missing:
+                    self._uncached(arg, missing)
+                else:
+                    self.send_tasks.send_nowait((arg, data, shared, values))
+            elif op is Op.BLOB:
+                await blobs.blob(arg, data, memfd, offset)
+            elif op is Op.MOVE:
+                await self.daemon.leases.follow_move(self.channel, self.move, self.client)
+            elif op in (Op.WITHDRAW, Op.INTERRUPT):
+                verdict = decisions.cancel(arg, interrupt=op is Op.INTERRUPT)
+                if verdict == "cancelled":
+                    self.post(*op_parts(Op.CANCELLED, arg))
+                elif verdict == "interrupt":
+                    await self.stoppers[arg].interrupt(arg)  # skipped, or its process killed
+                elif op is Op.WITHDRAW and arg in self.stoppers:  # in a batch: skipped unless started
+                    await self.stoppers[arg].withdraw(arg)
+            elif op is not Op.PING:
+                raise ProtocolError(f"client {self.client} sent unexpected {op.name}")
+        return True
 
     def _uncached(self, task_id: int, missing: list[bytes]) -> None:
         """Evicted, held before a restart, or never arrived: the client sends the task again with them."""

@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from functools import partial
+from typing import Any
 
 from .. import portability
 from ..chunks import mapped_function, run_chunks
@@ -323,6 +324,9 @@ def serve(sock: socket.socket) -> None:
         payload, values = received
         out, err = capture.start()
         name = "?"  # what the history says of a task that cannot even be loaded
+        fn: Any = None
+        args: Any = ()
+        kwargs: Any = {}
         try:
             fn, args, kwargs = load_task(payload, values)
             del payload, values
@@ -345,7 +349,7 @@ def serve(sock: socket.socket) -> None:
             pass
         stdout, stderr = capture.collect(out, err)
         parts = dump_outcome(ok, value, stdout, stderr, recorder.take(), by_chunk=ok and _runs_chunks(fn))
-        del value
+        del value, fn, args, kwargs  # (as in a ProcessPoolExecutor's worker: not held while the next is awaited)
         _send(sock, parts, b"" if ok else _report({"ok": False}))
         del parts
 
