@@ -459,11 +459,17 @@ def load(main: Any, buffers: Iterable[Any], extra: Collection[str] = (), package
     """Unpickle a result payload with the allow-list, plus ``extra`` "module.name" entries and the classes of
     ``packages`` (those the client's task functions come from)."""
     buffers = list(buffers)  # (read twice when the careful pass takes over)
+    file = io.BytesIO(main)
     try:
-        return _Loader(io.BytesIO(main), buffers, extra, packages).load()
-    except _NeedsCare:
-        pass  # (out of the except block: the careful pass's errors are not "during handling of" this)
-    return _Careful(io.BytesIO(main), buffers, extra, packages).load()
+        try:
+            return _Loader(file, buffers, extra, packages).load()
+        except _NeedsCare:
+            pass  # (out of the except block: the careful pass's errors are not "during handling of" this)
+        file.seek(0)
+        return _Careful(file, buffers, extra, packages).load()
+    finally:  # a pass that failed midway may leave a loader in a cycle (its closures on the C unpickler's
+        buffers.clear()  # stack): it must not keep the message, of which these are views
+        file.close()
 
 
 class _TrustedLoader(dill.Unpickler):

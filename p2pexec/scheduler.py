@@ -24,6 +24,7 @@ import logging
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import Future
 from typing import Any
 
@@ -268,16 +269,16 @@ class ClientScheduler:
         try:
             outcome = load_outcome(data, self.options.trusted_results, self.options.result_types, self.task_packages)
         except HostileResultError as exc:
-            self.set_exception(item, exc)
+            self.set_exception(item, _frameless(exc))
             raise ProtocolError(f"its result for task {item.id}: {exc}") from None  # (the lease bans its member)
         except UntrustedResultError as exc:
-            self.set_exception(item, exc)
+            self.set_exception(item, _frameless(exc))
             return
         except BaseException as exc:  # SystemExit included: a result must not end the client
             if isinstance(exc, KeyboardInterrupt):
                 raise
             error = RuntimeError(f"the task's outcome could not be unpickled here: {exc!r}")
-            error.__cause__ = exc
+            error.__cause__ = _frameless(exc, keep_text=True)
             self.set_exception(item, error)
             return
         self.replay(outcome.stdout, outcome.stderr)
@@ -313,3 +314,13 @@ def _cancel(item: WorkItem) -> None:
         cancel_running(item.future)
     elif item.future.cancel():
         item.future.set_running_or_notify_cancel()  # wait() and as_completed see it now
+
+
+def _frameless(exc: BaseException, keep_text: bool = False) -> BaseException:
+    """``exc`` as a future keeps it: without its traceback, whose frames (and their callers', through
+    ``f_back``) hold the result's message, hundreds of MiB maybe, for as long as the future lives.
+    ``keep_text``: the traceback stays, as a note (unpickling may have run code of the user's)."""
+    if keep_text and exc.__traceback__ is not None:
+        exc.add_note("Traceback (unpickling the result here):\n"
+                     + "".join(traceback.format_tb(exc.__traceback__.tb_next)).rstrip())
+    return exc.with_traceback(None)

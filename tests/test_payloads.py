@@ -68,44 +68,69 @@ def test_tasks_may_write_into_big_buffer_arguments(cluster):
     assert results == [(hashlib.sha256(data).hexdigest(), zeros)] * 4
 
 
-def test_a_big_results_message_is_let_go_once_read(cluster):
-    """Not kept until the worker's next message, nor until Python's next full collection (gc is off here)."""
+def refused_beside_big_bytes():
+    import collections
+
+    return [collections.ChainMap(), b"x" * (8 * MIB)]  # ChainMap: off the allow-list
+
+
+@pytest.mark.parametrize("task", [echo, refused_beside_big_bytes], ids=["result", "refused result"])
+def test_a_big_results_message_is_let_go_once_read(cluster, task):
+    """Not kept until the worker's next message, nor until Python's next full collection (gc is off here),
+    nor, for a result refused, by the error its future holds."""
     import gc
     import mmap
 
+    from p2pexec import UntrustedResultError
     from p2pexec.protocol.lease import HEARTBEAT_SECONDS
 
     from .conftest import wait_until
 
-    size = 8 * MIB
+    def messages() -> set[int]:
+        return {id(m) for m in gc.get_objects() if isinstance(m, mmap.mmap) and len(m) >= 8 * MIB}
+
     with cluster.executor() as ex:
         ex.submit(echo, b"warm").result(timeout=60)
+        was = gc.isenabled()
+        gc.collect()
+        before = messages()  # (another test's, on this pytest worker)
         gc.disable()
         try:
-            assert len(ex.submit(echo, os.urandom(size)).result(timeout=60)) == size
-            wait_until(lambda: not [m for m in gc.get_objects() if isinstance(m, mmap.mmap) and len(m) >= size],
-                       timeout=HEARTBEAT_SECONDS / 2, what="the result's message to be freed")
+            future = ex.submit(task, os.urandom(8 * MIB)) if task is echo else ex.submit(task)
+            if task is echo:
+                assert len(future.result(timeout=60)) == 8 * MIB
+            else:
+                assert isinstance(future.exception(timeout=60), UntrustedResultError)
+            wait_until(lambda: not messages() - before, timeout=HEARTBEAT_SECONDS / 2,
+                       what="the result's message to be freed")
+            assert future.done()  # (held to here: its result or error must not hold the message)
         finally:
-            gc.enable()
+            if was:
+                gc.enable()
 
 
 def own_pid(data):
-    return os.getpid(), len(data)
+    return os.getpid()
 
 
-def _anonymous_kib(pid: int) -> int:
+def _held_kib(pid: int) -> int:
+    """A process's own memory and the shared memory it maps, in KiB."""
     with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+        return sum(int(line.split()[1]) for line in status if line.startswith(("RssAnon:", "RssShmem:")))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads a process's memory from /proc")
-def test_a_task_process_lets_go_of_a_tasks_arguments_before_awaiting_the_next():
+def test_neither_worker_nor_task_process_holds_a_finished_tasks_payload_while_waiting():
     from .conftest import wait_until
 
-    size = 64 * MIB
     with LocalCluster(workers=1, slots=1) as lc, lc.executor() as ex:
-        pid, _ = ex.submit(own_pid, b"warm").result(timeout=60)
-        idle = _anonymous_kib(pid)
-        assert ex.submit(own_pid, os.urandom(size)).result(timeout=60) == (pid, size)
-        wait_until(lambda: _anonymous_kib(pid) < idle + size // 2048, timeout=10,
-                   what="the task process to free its last task's 64 MiB argument")
+        task_process, worker = ex.submit(own_pid, b"warm").result(timeout=60), lc.workers[0].pid
+        idle = _held_kib(task_process)
+        assert ex.submit(own_pid, os.urandom(64 * MIB)).result(timeout=60) == task_process  # a value: cached
+        wait_until(lambda: _held_kib(task_process) < idle + 24 * 1024, timeout=10,
+                   what="the task process to let go of its last task's 64 MiB argument")
+        cached = _held_kib(worker)
+        parts = tuple(os.urandom(512 << 10) for _ in range(96))  # 48 MiB in small parts: one task message
+        assert ex.submit(own_pid, parts).result(timeout=60) == task_process
+        wait_until(lambda: _held_kib(worker) < cached + 24 * 1024 and _held_kib(task_process) < idle + 24 * 1024,
+                   timeout=10, what="the worker and its task process to let go of a 48 MiB task message")

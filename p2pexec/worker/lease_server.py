@@ -228,8 +228,10 @@ class LeaseServer:
                         batch.append(more)
                 # (those withdrawn or handed back while they waited were answered then)
                 batch = [task for task in batch if decisions.task_started(task[0])]
-                if batch:
+                first = more = None  # (tasks' payloads are views of the lease's messages: the batch alone holds
+                if batch:            # them, and not once it ran, while the slot retires or waits)
                     await self._run_batch(slot, _Batch(slot, batch))
+                    batch = []
                     if decisions.retires(slot.taken):  # as a pool's worker exits after max_tasks_per_child
                         await slot.retire(replace=not (decisions.finished or self.daemon.draining))
 

@@ -322,14 +322,17 @@ def serve(sock: socket.socket) -> None:
         if received is None:
             return
         payload, values = received
+        del received
         out, err = capture.start()
         name = "?"  # what the history says of a task that cannot even be loaded
         fn: Any = None
         args: Any = ()
         kwargs: Any = {}
         try:
-            fn, args, kwargs = load_task(payload, values)
-            del payload, values
+            try:
+                fn, args, kwargs = load_task(payload, values)
+            finally:
+                del payload, values  # (loaded or not, the task's payload goes: not held while it runs)
             name = function_name(fn)
             reported = _tell_name(sock, name, reported)  # before it runs: a task that kills its process is named
             ok, value = True, fn(*args, **kwargs)
