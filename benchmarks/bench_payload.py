@@ -4,7 +4,8 @@
 
 The baseline is the best py-libp2p can do here: the same host setup as
 p2pexec (TCP, Noise, yamux, and p2pexec's patches to py-libp2p, which
-speed the baseline up as much as p2pexec), a server in another process
+speed the baseline up as much as p2pexec; its streams' windows opened
+wide as a lease's are), a server in another process
 echoing the stream in 1 MiB writes, no encryption or pickling of ours.  A second
 baseline adds only what the issue mandates on top: each 1 MiB chunk sealed
 and opened with libsodium secretstream on both sides (store-and-forward,
@@ -72,7 +73,10 @@ def _raw_server(conn: "multiprocessing.connection.Connection", store_and_forward
     from p2pexec.protocol.frames import Opener, Sealer
 
     async def handler(stream) -> None:
+        from p2pexec.transport.yamux_window import open_wide
+
         try:
+            await open_wide(stream)  # as a lease does: py-libp2p's own window growth stalls now and then
             await stream.write(await stream.read(4))  # the warm-up
             if sealed:  # receive and open every chunk, then seal and send each back
                 size = int.from_bytes(await _read_exactly(stream, 8), "big")
@@ -109,6 +113,7 @@ def raw_libp2p_echo(size: int, store_and_forward: bool = False, sealed: bool = F
     """Seconds to send ``size`` bytes to an echo server and read them back."""
     from p2pexec.protocol.frames import Opener, Sealer
     from p2pexec.transport.host import Libp2pHost
+    from p2pexec.transport.yamux_window import open_wide
 
     parent, child = multiprocessing.Pipe()
     server = multiprocessing.get_context("spawn").Process(target=_raw_server,
@@ -120,6 +125,7 @@ def raw_libp2p_echo(size: int, store_and_forward: bool = False, sealed: bool = F
     async def main() -> float:
         async with Libp2pHost().running() as host:
             stream = await host.open_stream(peer, addrs)
+            await open_wide(stream)
             await stream.write(b"warm")
             await stream.read(4)
             started = time.perf_counter()
