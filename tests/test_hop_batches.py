@@ -181,3 +181,21 @@ def test_a_stop_meant_for_a_task_that_answered_meanwhile_does_not_cancel_the_nex
     assert batch.stopped() is None  # 3 runs again
     batch.answered(3, [])
     assert batch.stopped() is None
+
+
+def test_a_retirement_its_lease_cuts_short_still_sees_the_process_end(tmp_path):
+    async def main() -> None:
+        slot = TaskSlot(0)
+        try:
+            await slot.submit([task(mark, str(tmp_path / "a"))])
+            with trio.fail_after(30):
+                pid = result(await slot.outcome())
+            with trio.CancelScope() as lease:
+                lease.cancel()  # the lease ended as its last batch retired the process (max_tasks_per_child)
+                await slot.retire()
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)  # ended and reaped, not left running or a zombie
+        finally:
+            await slot.stop()
+
+    trio.run(main)

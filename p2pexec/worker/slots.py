@@ -329,12 +329,14 @@ class TaskSlot:
 
     async def retire(self, replace: bool = False) -> None:
         """End the process as a pool's worker after ``max_tasks_per_child``: it sees its hop close and exits (its
-        ``atexit`` handlers run), or is killed after EXIT_SECONDS; with ``replace``, a fresh one starts at once."""
-        if self._proc is not None and self._sock is not None:
-            close(self._sock)
-            with trio.move_on_after(EXIT_SECONDS):
-                await self._proc.wait()
-        await self.stop()
+        ``atexit`` handlers run), or is killed after EXIT_SECONDS; with ``replace``, a fresh one starts at once.
+        Once begun, the process's end is seen through even if its lease ends meanwhile (it is bounded)."""
+        with trio.CancelScope(shield=True):
+            if self._proc is not None and self._sock is not None:
+                close(self._sock)
+                with trio.move_on_after(EXIT_SECONDS):
+                    await self._proc.wait()
+            await self.stop()
         if replace:
             with suppress(TaskProcessDied):  # the next task tries again, and fails saying why
                 await self.start()
