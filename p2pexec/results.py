@@ -202,6 +202,9 @@ class _Loader(_Rules, pickle.Unpickler):
     def load(self) -> Any:
         try:
             return super().load()
+        except BaseException:  # its stack may hold closures of ours, which hold it: out of the cyclic GC's sight
+            pickle.Unpickler.__init__(self, io.BytesIO(b""))  # (a new start empties it)
+            raise
         finally:
             handed, self._handed = self._handed, {}
             self.memo.clear()  # (with ``handed``, it holds the closures of _lenient: cycles back to this loader)
@@ -467,8 +470,8 @@ def load(main: Any, buffers: Iterable[Any], extra: Collection[str] = (), package
             pass  # (out of the except block: the careful pass's errors are not "during handling of" this)
         file.seek(0)
         return _Careful(file, buffers, extra, packages).load()
-    finally:  # a pass that failed midway may leave a loader in a cycle (its closures on the C unpickler's
-        buffers.clear()  # stack): it must not keep the message, of which these are views
+    finally:  # whatever keeps a loader (a cycle through its closures), it must not keep the message
+        buffers.clear()  # (of which these are views)
         file.close()
 
 

@@ -278,7 +278,9 @@ class ClientScheduler:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             error = RuntimeError(f"the task's outcome could not be unpickled here: {exc!r}")
-            error.__cause__ = _frameless(exc, keep_text=True)
+            error.add_note(f"Where the {type(exc).__name__} was raised, unpickling the result here:\n"
+                           + "".join(traceback.format_tb(exc.__traceback__)[1:]).rstrip())  # (code of the user's)
+            error.__cause__ = _frameless(exc)
             self.set_exception(item, error)
             return
         self.replay(outcome.stdout, outcome.stderr)
@@ -316,11 +318,15 @@ def _cancel(item: WorkItem) -> None:
         item.future.set_running_or_notify_cancel()  # wait() and as_completed see it now
 
 
-def _frameless(exc: BaseException, keep_text: bool = False) -> BaseException:
-    """``exc`` as a future keeps it: without its traceback, whose frames (and their callers', through
-    ``f_back``) hold the result's message, hundreds of MiB maybe, for as long as the future lives.
-    ``keep_text``: the traceback stays, as a note (unpickling may have run code of the user's)."""
-    if keep_text and exc.__traceback__ is not None:
-        exc.add_note("Traceback (unpickling the result here):\n"
-                     + "".join(traceback.format_tb(exc.__traceback__.tb_next)).rstrip())
-    return exc.with_traceback(None)
+def _frameless(exc: BaseException) -> BaseException:
+    """``exc`` and what is chained to it, without their tracebacks, as a future keeps them: their frames (and
+    their callers', through ``f_back``) hold the result's message, hundreds of MiB maybe."""
+    chained: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while chained:
+        each = chained.pop()
+        if each is not None and id(each) not in seen:
+            seen.add(id(each))
+            each.with_traceback(None)  # (not an assignment: a frozen dataclass refuses those)
+            chained += [each.__cause__, each.__context__]
+    return exc

@@ -34,6 +34,26 @@ class MyError(Exception):
     pass
 
 
+class MineToo(Mine):
+    """A class of the client's own code built on another: its pickle rebuilds the one inside the other."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Invalid(Exception):  # (frozen: nothing may be set on it, a traceback by assignment included)
+    field: str
+
+
+class Picky(Mine):
+    def __setstate__(self, state: dict) -> None:
+        if state["x"] < 0:
+            raise Invalid("x")
+        self.__dict__.update(state)
+
+
+def make_picky(x: int) -> Picky:
+    return Picky(x)
+
+
 def make_mine(x: int) -> Mine:
     return Mine(x)
 
@@ -339,6 +359,26 @@ def test_a_class_reached_through_an_import_is_not_the_clients_own():
     [Mine(1), b"x" * (2 << 20)],  # a class of the client's own code: the careful pass
 ], ids=["big bytes", "own class"])
 def test_a_result_lets_go_of_its_message_as_it_is_read_not_at_the_next_cyclic_collection(value):
+    def check(got):
+        if isinstance(value, bytes):
+            assert got == value
+        else:
+            assert (type(got[0]), got[0].x, got[1]) == (Mine, 1, value[1])
+
+    _read_and_let_go(value, check)
+
+
+def test_a_result_the_c_pass_gives_up_on_midway_lets_go_of_its_message():
+    np = pytest.importorskip("numpy")
+    value = [np.arange(2 << 20, dtype=np.uint8), MineToo(1)]  # the array (over the message) and a closure of
+
+    def check(got):  # the loader's are on the C pass's own stack as it gives up: out of the cyclic GC's sight
+        assert (got[0] == value[0]).all() and (type(got[1]), got[1].x) == (MineToo, 1)
+
+    _read_and_let_go(value, check)
+
+
+def _read_and_let_go(value, check) -> None:
     import mmap
 
     from p2pexec.tasks import dump_outcome, load_outcome
@@ -347,12 +387,8 @@ def test_a_result_lets_go_of_its_message_as_it_is_read_not_at_the_next_cyclic_co
     message = mmap.mmap(-1, len(payload))  # (a client's big message: its memory goes when its last view does)
     message[:] = payload
     with _no_cyclic_gc():  # a loader in a reference cycle would hold the message until the next full collection
-        got = load_outcome(memoryview(message), trusted=False).value
-        message.close()  # BufferError if anything still held a view of it
-    if isinstance(value, bytes):
-        assert got == value
-    else:
-        assert (type(got[0]), got[0].x, got[1]) == (Mine, 1, value[1])
+        check(load_outcome(memoryview(message), trusted=False).value)  # (an array stays where it arrived)
+        message.close()  # BufferError if anything else still held a view of it
 
 
 @pytest.mark.parametrize("pickled, error", [
@@ -384,3 +420,11 @@ def _no_cyclic_gc():
     finally:
         if was:
             gc.enable()
+
+
+def test_a_result_that_fails_to_unpickle_here_fails_its_future_saying_where(cluster):
+    with cluster.executor() as ex:
+        error = ex.submit(make_picky, -1).exception(timeout=30)  # (the error is frozen: a traceback set on it
+    assert isinstance(error, RuntimeError) and "could not be unpickled here" in str(error)  # would fail)
+    assert isinstance(error.__cause__, Invalid) and error.__cause__.__traceback__ is None  # (it held the message)
+    assert "__setstate__" in "".join(error.__notes__)  # where, as text

@@ -324,19 +324,19 @@ class TaskSlot:
             shutil.rmtree(self._scratch, ignore_errors=True)
         for file in self._output:
             file.close()
-        self._output, self.taken = [], 0
-        self._proc, self._sock, self._reader, self._scratch = None, None, None, None
+        self._output, self.taken, self._proc, self._sock, self._reader, self._scratch = [], 0, None, None, None, None
 
     async def retire(self, replace: bool = False) -> None:
-        """End the process as a pool's worker after ``max_tasks_per_child``: it sees its hop close and exits (its
-        ``atexit`` handlers run), or is killed after EXIT_SECONDS; with ``replace``, a fresh one starts at once.
-        Once begun, the process's end is seen through even if its lease ends meanwhile (it is bounded)."""
-        with trio.CancelScope(shield=True):
+        """End the process as a pool's worker after ``max_tasks_per_child``: its hop closes, it exits (``atexit``
+        handlers run), killed after EXIT_SECONDS or as its lease ends; with ``replace``, a fresh one starts."""
+        try:
             if self._proc is not None and self._sock is not None:
                 close(self._sock)
                 with trio.move_on_after(EXIT_SECONDS):
                     await self._proc.wait()
-            await self.stop()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stop()
         if replace:
             with suppress(TaskProcessDied):  # the next task tries again, and fails saying why
                 await self.start()
