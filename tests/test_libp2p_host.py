@@ -3,10 +3,12 @@ behaviours of py-libp2p we patch stay patched."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -367,7 +369,6 @@ def test_yamux_frames_are_read_and_written_as_py_libp2p_did_less_what_they_did_f
     from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
     from p2pexec.transport import libp2p_config
-    from p2pexec.transport.channel import FramedStream
 
     body = inspect.getsource(libp2p_config.ORIGINAL_WRITE_FRAME).split("payload_bytes=", 1)[1]
     assert [line.strip() for line in body.splitlines()[2:]] == [
@@ -378,14 +379,7 @@ def test_yamux_frames_are_read_and_written_as_py_libp2p_did_less_what_they_did_f
     messages = [b"hello", bytes(range(256)) * 1200]  # (300 KiB: five yamux frames)
 
     async def echo() -> list[bytes | None]:
-        async with Libp2pHost().running() as server, Libp2pHost().running() as client:
-            async def handler(stream):  # type: ignore[no-untyped-def]
-                framed = FramedStream(stream)
-                while (message := await framed.recv()) is not None:
-                    await framed.send(message)
-
-            server.set_handler(handler)
-            framed = FramedStream(await client.open_stream(server.peer_id, server.addrs))
+        async with _framed_echo() as framed:
             got = []
             for message in messages:
                 await framed.send(message)
@@ -488,17 +482,9 @@ def test_a_write_cancelled_before_it_starts_sends_nothing_and_the_connection_goe
     """libp2p_config._write_frame: Eager locks do not check for cancellation, so the frame write does, before
     Noise encrypts: a frame encrypted and then cancelled at the socket would leave the connection's Noise nonce
     ahead of its peer's (every later message undecryptable); one written anyway would arrive unasked."""
-    from p2pexec.transport.channel import FramedStream
 
     async def scenario() -> list[bytes | None]:
-        async with Libp2pHost().running() as server, Libp2pHost().running() as client:
-            async def handler(stream):  # type: ignore[no-untyped-def]
-                framed = FramedStream(stream)
-                while (message := await framed.recv()) is not None:
-                    await framed.send(message)
-
-            server.set_handler(handler)
-            framed = FramedStream(await client.open_stream(server.peer_id, server.addrs))
+        async with _framed_echo() as framed:
             await framed.send(b"first")
             got = [await framed.recv()]
             with trio.CancelScope() as scope:
@@ -517,3 +503,18 @@ def test_a_write_cancelled_before_it_starts_sends_nothing_and_the_connection_goe
         assert trio.run(scenario) == [b"first", b"after"]
     finally:
         yamux_log.setLevel(level)
+
+
+@contextlib.asynccontextmanager
+async def _framed_echo() -> AsyncIterator[Any]:
+    """A FramedStream to a second host that sends back every message it gets."""
+    from p2pexec.transport.channel import FramedStream
+
+    async with Libp2pHost().running() as server, Libp2pHost().running() as client:
+        async def handler(stream):  # type: ignore[no-untyped-def]
+            framed = FramedStream(stream)
+            while (message := await framed.recv()) is not None:
+                await framed.send(message)
+
+        server.set_handler(handler)
+        yield FramedStream(await client.open_stream(server.peer_id, server.addrs))
