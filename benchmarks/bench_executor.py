@@ -11,7 +11,7 @@ chunks in tasks once an earlier map showed them short: those two rows show a fir
 constructing a new executor to its first result; and again with the workers' task processes
 sandboxed, as ``p2pexec-worker`` runs them by default.  The
 P2PExecutor path is the real one: SSH board, worker daemons, libp2p
-(Noise, yamux), secretstream, task processes; only the network is loopback.
+(Noise, yamux), sealed channels, task processes; only the network is loopback.
 
 loky (``pip install loky``, or the copy joblib ships as
 ``joblib.externals.loky``) is measured as a new ``loky.ProcessPoolExecutor(2)``

@@ -122,18 +122,18 @@ def main() -> int:
     results["throughput_MBps"] = {
         "relayed": path(relayed["MBps"], pipelined=raw_relayed["relayed_MBps"],
                         store_and_forward=raw_relayed.get("relayed_stored_MBps"),
-                        secretstream=raw_relayed.get("relayed_sealed_MBps")),
+                        sealed=raw_relayed.get("relayed_sealed_MBps")),
         "upgraded": path(upgraded["MBps"], pipelined=raw["direct_MBps"], store_and_forward=raw["direct_stored_MBps"],
-                         secretstream=raw["direct_sealed_MBps"]),
+                         sealed=raw["direct_sealed_MBps"]),
     }
     print(f"{args.mib} MiB echo, NATed worker (b) and client (c), both directions counted; raw py-libp2p "
           f"over the same path: echoing as it reads (pipelined), storing first (as a task must), and storing "
-          f"first with secretstream sealing and opening on both sides (what p2pexec must add):")
+          f"first with sealing and opening on both sides as a lease does (what p2pexec must add):")
     for name, t in results["throughput_MBps"].items():
         print(f"  {name:<9} p2pexec {t['p2pexec']:6.1f} MB/s; raw: pipelined {t['raw_pipelined']} "
               f"({t['ratio_pipelined']}x), store-and-forward {t['raw_store_and_forward']} "
-              f"({t['ratio_store_and_forward']}x), + secretstream {t['raw_secretstream']} "
-              f"({t['ratio_secretstream']}x)")
+              f"({t['ratio_store_and_forward']}x), + sealing {t['raw_sealed']} "
+              f"({t['ratio_sealed']}x)")
     write_json(args.json, results)
     return 0
 

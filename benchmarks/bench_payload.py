@@ -8,9 +8,10 @@ speed the baseline up as much as p2pexec; its streams' windows opened
 wide as a lease's are), a server in another process
 echoing the stream in 1 MiB writes, no encryption or pickling of ours.  A second
 baseline adds only what the issue mandates on top: each 1 MiB chunk sealed
-and opened with libsodium secretstream on both sides (store-and-forward,
-as a task must).  P2PExecutor runs on a LocalCluster with one worker; its
-figure includes the lease path, secretstream, pickling and the task process.
+and opened on both sides as a lease does (libsodium's AEGIS-256 where both
+ends do AES in hardware, else XChaCha20-Poly1305; store-and-forward, as a
+task must).  P2PExecutor runs on a LocalCluster with one worker; its
+figure includes the lease path, sealing, pickling and the task process.
 
 Each round also times the first write to 64 MiB of new memory: an echo of
 ours writes about five payload-sized buffers nobody wrote before (the
@@ -56,7 +57,6 @@ def fresh_memory_ms_per_mib(mib: int = 64) -> float:
 
 
 KEY = bytes(range(32))
-SEALED = CHUNK + 17  # a secretstream ciphertext of one chunk
 
 
 async def _read_exactly(stream, n: int) -> bytearray:
@@ -69,9 +69,38 @@ async def _read_exactly(stream, n: int) -> bytearray:
     return buf
 
 
-def _raw_server(conn: "multiprocessing.connection.Connection", store_and_forward: bool, sealed: bool) -> None:
-    from p2pexec.protocol.frames import Opener, Sealer
+async def sealed_answer(stream, size: int) -> None:
+    """The sealed store-and-forward echo's server side, after its size: swap channel headers, open every chunk,
+    then seal each back (what a lease's sealing adds to a raw stream, in a task's order: all in, then all out)."""
+    from p2pexec.portability import hardware_aes
+    from p2pexec.protocol.sealing import HEADER_BYTES, Opener, Sealer, channel_header
 
+    mine, theirs = channel_header(hardware_aes()), bytes(await _read_exactly(stream, HEADER_BYTES))
+    await stream.write(mine)
+    sealer, opener = Sealer(KEY, mine, theirs), Opener(KEY, theirs, mine)
+    sealed = CHUNK + opener.cipher.overhead
+    received = [opener.open(bytes(await _read_exactly(stream, sealed))) for _ in range(size // CHUNK)]
+    for plaintext in received:
+        await stream.write(sealer.seal(plaintext))
+
+
+async def sealed_ask(stream, size: int, block: bytes, mode: bytes = b"") -> None:
+    """Its client side: ``size`` bytes of ``block`` sealed and sent, then all of them read back and opened."""
+    from p2pexec.portability import hardware_aes
+    from p2pexec.protocol.sealing import HEADER_BYTES, Opener, Sealer, channel_header
+
+    mine = channel_header(hardware_aes())
+    await stream.write(mode + size.to_bytes(8, "big") + mine)
+    theirs = bytes(await _read_exactly(stream, HEADER_BYTES))
+    sealer, opener = Sealer(KEY, mine, theirs), Opener(KEY, theirs, mine)
+    for _ in range(size // CHUNK):
+        await stream.write(sealer.seal(block))
+    sealed = CHUNK + opener.cipher.overhead
+    for _ in range(size // CHUNK):
+        opener.open(bytes(await _read_exactly(stream, sealed)))
+
+
+def _raw_server(conn: "multiprocessing.connection.Connection", store_and_forward: bool, sealed: bool) -> None:
     async def handler(stream) -> None:
         from p2pexec.transport.yamux_window import open_wide
 
@@ -79,13 +108,7 @@ def _raw_server(conn: "multiprocessing.connection.Connection", store_and_forward
             await open_wide(stream)  # as a lease does: py-libp2p's own window growth stalls now and then
             await stream.write(await stream.read(4))  # the warm-up
             if sealed:  # receive and open every chunk, then seal and send each back
-                size = int.from_bytes(await _read_exactly(stream, 8), "big")
-                sealer = Sealer(KEY)
-                opener = Opener(KEY, bytes(await _read_exactly(stream, 24)))
-                received = [opener.open(bytes(await _read_exactly(stream, SEALED))) for _ in range(size // CHUNK)]
-                await stream.write(sealer.header)
-                for plaintext in received:
-                    await stream.write(sealer.seal(plaintext))
+                await sealed_answer(stream, int.from_bytes(await _read_exactly(stream, 8), "big"))
             elif store_and_forward:  # as a task must: receive everything, then answer
                 header = b""
                 while len(header) < 8:
@@ -111,7 +134,6 @@ def _raw_server(conn: "multiprocessing.connection.Connection", store_and_forward
 
 def raw_libp2p_echo(size: int, store_and_forward: bool = False, sealed: bool = False) -> float:
     """Seconds to send ``size`` bytes to an echo server and read them back."""
-    from p2pexec.protocol.frames import Opener, Sealer
     from p2pexec.transport.host import Libp2pHost
     from p2pexec.transport.yamux_window import open_wide
 
@@ -130,13 +152,7 @@ def raw_libp2p_echo(size: int, store_and_forward: bool = False, sealed: bool = F
             await stream.read(4)
             started = time.perf_counter()
             if sealed:
-                sealer = Sealer(KEY)
-                await stream.write(size.to_bytes(8, "big") + sealer.header)
-                for _ in range(size // CHUNK):
-                    await stream.write(sealer.seal(block))
-                opener = Opener(KEY, bytes(await _read_exactly(stream, 24)))
-                for _ in range(size // CHUNK):
-                    opener.open(bytes(await _read_exactly(stream, SEALED)))
+                await sealed_ask(stream, size, block)
                 elapsed = time.perf_counter() - started
                 await stream.close()
                 return elapsed
@@ -172,6 +188,8 @@ def main() -> int:
     size = args.mib * CHUNK
     from p2pexec import LocalCluster
     from p2pexec.local import PeakMemory
+    from p2pexec.portability import hardware_aes
+    from p2pexec.protocol.sealing import AEGIS256, XCHACHA20
 
     runs: dict[str, list[float]] = {"raw": [], "saf": [], "sealed": [], "ours": []}
     fresh: list[float] = []
@@ -192,15 +210,16 @@ def main() -> int:
             growth = max(growth, memory.growth / size)
             del data, out
     rate = {name: [2 * size / t / 1e6 for t in times] for name, times in runs.items()}
+    cipher = (AEGIS256 if hardware_aes() else XCHACHA20).name  # (both ends are this machine)
     mid = {name: statistics.median(rates) for name, rates in rate.items()}
     results = {"mib": args.mib, "repeat": args.repeat, "raw_libp2p_MBps": mid["raw"],
                "raw_libp2p_store_and_forward_MBps": mid["saf"],
-               "raw_libp2p_secretstream_store_and_forward_MBps": mid["sealed"],
+               "raw_libp2p_sealed_store_and_forward_MBps": mid["sealed"], "cipher": cipher,
                "p2pexec_MBps": mid["ours"], "p2pexec_client_rss_growth_x_payload": growth,
                "rounds_MBps": rate, "fresh_memory_ms_per_MiB": fresh}
     results["ratio"] = mid["ours"] / mid["raw"]
     results["ratio_store_and_forward"] = mid["ours"] / mid["saf"]
-    results["ratio_secretstream"] = mid["ours"] / mid["sealed"]
+    results["ratio_sealed"] = mid["ours"] / mid["sealed"]
     results["ratio_per_round"] = [o / r for o, r in zip(rate["ours"], rate["raw"])]
 
     def spread(name: str) -> str:
@@ -209,12 +228,12 @@ def main() -> int:
     print(f"{args.mib} MiB echoed (both directions counted), median of {args.repeat} interleaved rounds")
     print(f"  raw py-libp2p stream (Noise+yamux), pipelined echo:      {spread('raw')}")
     print(f"  raw py-libp2p stream, store-and-forward echo:            {spread('saf')}")
-    print(f"  raw stream + secretstream both ways, store-and-forward:  {spread('sealed')}")
+    print(f"  raw stream + sealing both ways, store-and-forward:       {spread('sealed')}  ({cipher})")
     print(f"  P2PExecutor submit(echo, data):                          {spread('ours')}")
     print(f"  ratio {results['ratio']:.2f}x pipelined (per round: "
           f"{', '.join(f'{r:.2f}' for r in results['ratio_per_round'])}), "
           f"{results['ratio_store_and_forward']:.2f}x store-and-forward, "
-          f"{results['ratio_secretstream']:.2f}x secretstream store-and-forward; client peak RSS growth "
+          f"{results['ratio_sealed']:.2f}x sealed store-and-forward; client peak RSS growth "
           f"{growth:.2f}x payload")
     print(f"  first write to new memory: {statistics.median(fresh):.2f} ms per MiB (rounds: "
           f"{', '.join(f'{f:.2f}' for f in fresh)}); ours writes ~5 x {args.mib} MiB of it per echo")

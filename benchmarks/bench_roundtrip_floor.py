@@ -6,7 +6,7 @@ trip of:
 - ``loky`` (2 workers), the target's baseline;
 - a raw py-libp2p ping-pong of a 180-byte message over one stream (our
   ``Libp2pHost``: Noise, yamux), its echo server in another process;
-- the same through ``SecureChannel`` (framing and secretstream both ways);
+- the same through ``SecureChannel`` (framing and sealing both ways);
 - ``P2PExecutor.submit(noop).result()`` on 2 local workers of 1 slot;
 
 with the CPU each process (and the client's loop thread) spends per round

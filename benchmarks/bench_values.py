@@ -15,7 +15,7 @@ the array, as before values crossed once); with the workers' value cache
 off (``--cache-size 0``: values are still sent apart, but again with
 every task); as it runs by default; and on one worker with two slots
 (which may go to two leases: the value must still cross once).  The path is the real one: SSH
-board, worker daemons, libp2p, secretstream, task processes; only the
+board, worker daemons, libp2p, sealed channels, task processes; only the
 network is loopback, so a home uplink would make the byte counts matter
 far more than these times show.
 """

@@ -18,7 +18,7 @@ import time
 
 import trio
 
-from bench_payload import CHUNK, KEY, SEALED, _read_exactly, echo  # the loopback benchmark's pieces
+from bench_payload import CHUNK, _read_exactly, echo, sealed_answer, sealed_ask  # the loopback benchmark's pieces
 
 
 def _identity():
@@ -39,19 +39,11 @@ async def _raw_relay(port: str) -> None:
 
 async def _echo(stream) -> None:
     """b"P": echo as it reads (pipelined); b"S" + 8-byte size: read it all, then send it back (a task's way);
-    b"E" + size + header: the same, each chunk opened and sealed again with secretstream (what p2pexec adds)."""
-    from p2pexec.protocol.frames import Opener, Sealer
-
+    b"E" + size + header: the same, each chunk opened and sealed again as a lease does (what p2pexec adds)."""
     try:
         mode = await _read_exactly(stream, 1)
         if mode == b"E":
-            size = int.from_bytes(await _read_exactly(stream, 8), "big")
-            opener = Opener(KEY, bytes(await _read_exactly(stream, 24)))
-            received = [opener.open(bytes(await _read_exactly(stream, SEALED))) for _ in range(size // CHUNK)]
-            sealer = Sealer(KEY)
-            await stream.write(sealer.header)
-            for plaintext in received:
-                await stream.write(sealer.seal(plaintext))
+            await sealed_answer(stream, int.from_bytes(await _read_exactly(stream, 8), "big"))
             return
         if mode == b"S":
             data = await _read_exactly(stream, int.from_bytes(await _read_exactly(stream, 8), "big"))
@@ -86,18 +78,9 @@ async def _stored_echo(stream, mib: int) -> float:
 
 
 async def _sealed_echo(stream, mib: int) -> float:
-    """:func:`_stored_echo` with every chunk sealed and opened with secretstream on both sides."""
-    from p2pexec.protocol.frames import Opener, Sealer
-
-    block = b"x" * CHUNK
+    """:func:`_stored_echo` with every chunk sealed and opened as a lease does, on both sides."""
     started = time.perf_counter()
-    sealer = Sealer(KEY)
-    await stream.write(b"E" + (mib * CHUNK).to_bytes(8, "big") + sealer.header)
-    for _ in range(mib):
-        await stream.write(sealer.seal(block))
-    opener = Opener(KEY, bytes(await _read_exactly(stream, 24)))
-    for _ in range(mib):
-        opener.open(bytes(await _read_exactly(stream, SEALED)))
+    await sealed_ask(stream, mib * CHUNK, b"x" * CHUNK, mode=b"E")
     return 2 * mib * CHUNK / 1e6 / (time.perf_counter() - started)
 
 

@@ -18,8 +18,8 @@ import trio
 from .client_core import END, WAIT
 from .errors import ProtocolError, ResultTooLargeError, TaskProcessDiedError, first_leaf
 from .protocol import messages
-from .protocol.frames import (Buffer, MessageTooLarge, Op, decode_ops, encode_op, op_parts, read_failed, resume_frame,
-                              session_keys)
+from .protocol.frames import Buffer, MessageTooLarge, Op, decode_ops, encode_op, op_parts, read_failed
+from .protocol.sealing import resume_frame, session_keys
 from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.reach import CIRCUIT
 from .protocol.values import split_digests, task_header
@@ -77,8 +77,8 @@ class Lease:
                 await open_wide(stream)
                 framed.silence_limit = SILENCE_SECONDS
                 self.state.open = True
-                log.info("leased %d slot(s) of worker %s (%s connection)", self.state.slots, self.label,
-                         self.state.path)
+                log.info("leased %d slot(s) of worker %s (%s connection, %s)", self.state.slots, self.label,
+                         self.state.path, channel.cipher)
                 if self.client.board is not None:  # tell the others; the worker has consumed it already
                     self.client.board.send(accept)
                 async with trio.open_nursery() as nursery:
@@ -246,7 +246,7 @@ class Lease:
         a minute after an upgrade, streams or not; so the lease moves at a
         message boundary: a new stream on the direct connection presents the
         resume frame, and MOVE ends the old stream in each direction.
-        Nothing in flight is lost or repeated: secretstream carries on.
+        Nothing in flight is lost or repeated: the channel's sealing carries on.
         """
         assert self.client.host is not None and self.channel is not None
         started = trio.current_time()

@@ -53,6 +53,14 @@ def prctl() -> bool:
     return _allowed(_LINUX)
 
 
+def hardware_aes() -> bool:
+    """AES in the CPU (AES-NI, ARMv8's crypto extensions): where both ends have it, a lease's channel seals
+    with AEGIS-256, several times faster than XChaCha20-Poly1305 there and constant-time."""
+    from nacl._sodium import lib
+
+    return _allowed(bool(lib.crypto_aead_aes256gcm_is_available()))
+
+
 def sandbox() -> bool:
     """The sandbox layers (bubblewrap, Landlock), both Linux-only."""
     return _allowed(_LINUX)

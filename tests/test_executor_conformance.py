@@ -1,7 +1,7 @@
 """P2PExecutor behaves like the stdlib executors (after CPython's test_concurrent_futures).
 
 Everything runs through the real path: SSH board, two worker daemons,
-libp2p (Noise, yamux), secretstream, task processes.
+libp2p (Noise, yamux), sealed channels, task processes.
 """
 
 from __future__ import annotations

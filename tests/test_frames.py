@@ -1,4 +1,4 @@
-"""Data-plane framing and secretstream: tampering and truncation always detected."""
+"""Data-plane framing and sealing: tampering and truncation always detected."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from p2pexec.errors import ProtocolError
 from p2pexec.protocol.frames import (
-    FrameDecoder, Op, Opener, Reassembler, Sealer, chunk_pieces, decode_ops, encode_frame, encode_op,
-    ALIGN, failed_data, pack_parts, read_failed, session_keys, unpack_parts,
+    FrameDecoder, Op, Reassembler, chunk_pieces, decode_ops, encode_frame, encode_op,
+    ALIGN, failed_data, pack_parts, read_failed, unpack_parts,
 )
+from p2pexec.protocol.sealing import Opener, Sealer, channel_header, session_keys
 from p2pexec.protocol.matching import credit_window, should_request, slots_to_accept, slots_to_offer, slots_wanted
 from p2pexec.protocol.lease import CreditLedger
 
@@ -41,12 +42,18 @@ def test_oversize_frame_announcement_refused_before_buffering():
         list(FrameDecoder(max_frame=100).feed(encode_frame(b"x" * 101)[:8]))
 
 
+def channel(tx, rx, aes=(True, True)):
+    """A sealer and the opener of its peer; ``aes``: does each end do AES in hardware?"""
+    mine, theirs = channel_header(aes[0]), channel_header(aes[1])
+    return Sealer(tx, mine, theirs), Opener(rx, mine, theirs)
+
+
 @settings(max_examples=200)
 @given(st.lists(st.binary(max_size=64), min_size=1, max_size=8), st.data())
 def test_any_tampering_reordering_or_truncation_is_detected(messages, data):
     (c_rx, c_tx), (w_rx, w_tx) = keys()
     assert c_tx == w_rx and c_rx == w_tx
-    sealer = Sealer(c_tx)
+    sealer, opener = channel(c_tx, w_rx, data.draw(st.tuples(st.booleans(), st.booleans())))
     frames = [sealer.seal(m) for m in messages] + [sealer.seal(b"bye", final=True)]
     attack = data.draw(st.sampled_from(["flip", "swap", "drop", "truncate-final"]))
     frames = list(frames)
@@ -63,7 +70,6 @@ def test_any_tampering_reordering_or_truncation_is_detected(messages, data):
         del frames[data.draw(st.integers(0, len(frames) - 2))]
     else:
         frames.pop()
-    opener = Opener(w_rx, sealer.header)
     received = []
     with pytest.raises(ProtocolError):
         for frame in frames:
@@ -120,8 +126,7 @@ class ChannelMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         (_, tx), (rx, _) = keys()
-        self.sealer = Sealer(tx)
-        self.opener = Opener(rx, self.sealer.header)
+        self.sealer, self.opener = channel(tx, rx)
         self.decoder = FrameDecoder()
         self.sent: list[bytes] = []
         self.got: list[bytes] = []

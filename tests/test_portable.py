@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from p2pexec.worker import hop
 pytestmark = pytest.mark.timeout(120)
 
 MIB = 1 << 20
-CHECKS = ("memfd", "fd_passing", "procfs", "prctl", "sandbox", "loadavg", "file_locks", "rlimits")
+CHECKS = ("memfd", "fd_passing", "procfs", "prctl", "sandbox", "loadavg", "file_locks", "rlimits", "hardware_aes")
 
 
 def _python(code: str, **env: str) -> str:
@@ -118,6 +119,19 @@ def test_big_payloads_and_outcomes_go_inline_on_a_portable_worker(portable):
     with portable.executor() as ex:
         assert ex.submit(inline_round_trip, memoryview(data)).result(timeout=60) == (False, False, data[::-1])
         assert ex.submit(bytes, data).result(timeout=60) == data
+
+
+@pytest.mark.parametrize("which", ["cluster", "portable"])
+def test_a_lease_seals_with_aegis_only_where_both_ends_do_aes_in_hardware(which, request, caplog):
+    """A portable worker says it has no hardware AES, so its leases (and all of the portable pass's) exercise
+    XChaCha20-Poly1305 end to end, while CPUs that both have AES seal with AEGIS-256."""
+    caplog.set_level(logging.INFO, logger="p2pexec.client")
+    data = os.urandom(3 * MIB)
+    with request.getfixturevalue(which).executor() as ex:
+        assert ex.submit(bytes, data).result(timeout=60) == data
+    leased = [r.getMessage() for r in caplog.records if r.getMessage().startswith("leased")]
+    expected = "AEGIS-256" if portability.hardware_aes() and which == "cluster" else "XChaCha20-Poly1305"
+    assert leased and all(expected in line for line in leased)
 
 
 def _is_socket(fd):

@@ -1,5 +1,6 @@
 """Chunks sealed in place and opened into their message's buffer: the same bytes on the wire as the
-binding's own calls, and every chunk still authenticated, in order, with the final tag checked."""
+binding's own calls, and every chunk still authenticated, in order, with the final flag checked, under
+either cipher a channel may agree on."""
 
 from __future__ import annotations
 
@@ -9,28 +10,33 @@ import nacl.bindings as sodium
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nacl._sodium import ffi
 
 from p2pexec.errors import ProtocolError
-from p2pexec.protocol.frames import (
-    CHUNK, LENGTH, FrameDecoder, Opener, Reassembler, Sealer, chunk_pieces, open_chunk,
-)
+from p2pexec.protocol.frames import CHUNK, LENGTH, FrameDecoder, Reassembler, chunk_pieces
+from p2pexec.protocol.sealing import AEGIS256, XCHACHA20, Opener, Sealer, channel_header, open_chunk
 
 KEY = bytes(range(32))
+CIPHERS = pytest.mark.parametrize("aes", [True, False], ids=["AEGIS-256", "XChaCha20-Poly1305"])
 
 
-def seal_all(parts, size=CHUNK, final=True):
+def headers(aes=True):
+    """The sender's and the receiver's channel headers: both do AES in hardware, or neither."""
+    return channel_header(aes), channel_header(aes)
+
+
+def seal_all(parts, size=CHUNK, final=True, aes=True):
     """The wire bytes of one message made of ``parts``, then (with ``final``) a final frame."""
-    sealer = Sealer(KEY)
+    both = headers(aes)
+    sealer = Sealer(KEY, *both)
     frames = [bytes(sealer.seal_frame(chunk)) for chunk in chunk_pieces(parts, size)]
     if final:
         frames.append(bytes(sealer.seal_frame([b"\x00bye"], final=True)))
-    return sealer.header, frames
+    return both, frames
 
 
-def receive(header, frames, allocate=bytearray):
+def receive(both, frames, allocate=bytearray):
     """What a SecureChannel would hand on: complete messages, and whether the final frame came."""
-    opener, reassembler, decoder = Opener(KEY, header), Reassembler(allocate=allocate), FrameDecoder()
+    opener, reassembler, decoder = Opener(KEY, *both), Reassembler(allocate=allocate), FrameDecoder()
     messages = []
     for frame in decoder.feed(b"".join(frames)):
         message = open_chunk(opener, reassembler, frame)
@@ -39,26 +45,53 @@ def receive(header, frames, allocate=bytearray):
     return messages, opener.finished
 
 
-def clone(sealer: Sealer) -> sodium.crypto_secretstream_xchacha20poly1305_state:
-    state = sodium.crypto_secretstream_xchacha20poly1305_state()
-    ffi.memmove(state.statebuf, sealer._state.statebuf, len(state.statebuf))
-    return state
-
-
-@given(st.lists(st.binary(max_size=40), max_size=4), st.booleans())
-def test_sealing_in_place_gives_the_bindings_ciphertext(parts, final):
-    sealer = Sealer(KEY)
-    sealer.seal_frame([b"earlier"])  # not the first message: the state has moved on
-    reference = clone(sealer)
+@given(st.lists(st.binary(max_size=40), max_size=4), st.booleans(), st.booleans(), st.integers(0, 3))
+def test_sealing_in_place_gives_the_bindings_ciphertext(parts, final, aes, earlier):
+    both = headers(aes)
+    sealer = Sealer(KEY, *both)
+    for _ in range(earlier):  # the nonce counts the chunks sealed before
+        sealer.seal_frame([b"earlier"])
     frame = sealer.seal_frame(parts, final)
-    expected = sodium.crypto_secretstream_xchacha20poly1305_push(
-        reference, b"".join(parts), None, sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL if final else 0)
+    cipher, encrypt = ((AEGIS256, sodium.crypto_aead_aegis256_encrypt) if aes
+                       else (XCHACHA20, sodium.crypto_aead_xchacha20poly1305_ietf_encrypt))
+    assert sealer.cipher is cipher
+    nonce = both[0][1 : 1 + cipher.nonce_bytes - 8] + earlier.to_bytes(8, "big")
+    flag = bytes([final])
+    expected = flag + encrypt(b"".join(parts), flag, nonce, KEY)
     assert bytes(frame) == LENGTH.pack(len(expected)) + expected
 
 
-@given(st.lists(st.binary(max_size=300), max_size=5), st.integers(1, 64), st.sampled_from([bytearray, None]))
-def test_messages_survive_any_chunk_size(parts, size, allocate):
-    header, frames = seal_all(parts, size)
+@pytest.mark.parametrize("sender, receiver, cipher", [
+    (True, True, AEGIS256), (True, False, XCHACHA20), (False, True, XCHACHA20), (False, False, XCHACHA20)])
+def test_aegis_only_where_both_ends_do_aes_in_hardware(sender, receiver, cipher):
+    mine, theirs = channel_header(sender), channel_header(receiver)
+    assert Sealer(KEY, mine, theirs).cipher is Opener(KEY, mine, theirs).cipher is cipher
+    assert Sealer(KEY, theirs, mine).cipher is cipher  # (the other direction)
+
+
+@pytest.mark.parametrize("header", [b"", bytes(24), bytes(26), b"\x02" + bytes(24), b"\xff" + bytes(24)])
+def test_a_bad_channel_header_is_refused(header):
+    with pytest.raises(ProtocolError, match="channel header"):
+        Opener(KEY, header, channel_header(True))
+    with pytest.raises(ProtocolError, match="channel header"):
+        Sealer(KEY, channel_header(True), header)
+
+
+@CIPHERS
+def test_each_channel_has_its_own_nonces(aes):
+    """Two channels under one key (a client session's and a worker offer's, leased twice) never share a
+    nonce: the same plaintext seals differently, and one channel's chunk does not open on the other."""
+    one, other = headers(aes), headers(aes)
+    first = Sealer(KEY, *one).seal(b"same")
+    assert first != Sealer(KEY, *other).seal(b"same")
+    with pytest.raises(ProtocolError, match="authentication"):
+        Opener(KEY, *other).open(first)
+
+
+@given(st.lists(st.binary(max_size=300), max_size=5), st.integers(1, 64), st.sampled_from([bytearray, None]),
+       st.booleans())
+def test_messages_survive_any_chunk_size(parts, size, allocate, aes):
+    header, frames = seal_all(parts, size, aes=aes)
     assert receive(header, frames, allocate) == ([b"".join(parts)], True)
 
 
@@ -79,7 +112,7 @@ def test_the_buffer_given_is_the_one_filled():
         return made[-1]
 
     header, frames = seal_all([bytes(3 * CHUNK)])
-    opener, reassembler = Opener(KEY, header), Reassembler(allocate=allocate)
+    opener, reassembler = Opener(KEY, *header), Reassembler(allocate=allocate)
     outputs = [open_chunk(opener, reassembler, frame[LENGTH.size :]) for frame in frames[:-1]]
     assert outputs[-1] is not None and outputs[-1].obj is made[0]
 
@@ -87,7 +120,7 @@ def test_the_buffer_given_is_the_one_filled():
 @settings(max_examples=100)
 @given(st.integers(2 * 16 + 1, 6 * 16), st.data())
 def test_a_tampered_chunk_is_rejected_and_nothing_of_its_message_comes_out(total, data):
-    header, frames = seal_all([bytes(i % 251 for i in range(total))], size=16)
+    header, frames = seal_all([bytes(i % 251 for i in range(total))], size=16, aes=data.draw(st.booleans()))
     i = data.draw(st.integers(0, len(frames) - 1))
     j = data.draw(st.integers(LENGTH.size, len(frames[i]) - 1))
     frames[i] = frames[i][:j] + bytes([frames[i][j] ^ 1]) + frames[i][j + 1 :]
@@ -97,7 +130,7 @@ def test_a_tampered_chunk_is_rejected_and_nothing_of_its_message_comes_out(total
 
 @given(st.integers(17, 200), st.data())
 def test_a_dropped_repeated_or_swapped_chunk_is_rejected(total, data):
-    header, frames = seal_all([bytes(total)], size=16)
+    header, frames = seal_all([bytes(total)], size=16, aes=data.draw(st.booleans()))
     i = data.draw(st.integers(0, len(frames) - 2))
     attack = data.draw(st.sampled_from(["drop", "repeat", "swap"]))
     if attack == "drop":
@@ -112,7 +145,7 @@ def test_a_dropped_repeated_or_swapped_chunk_is_rejected(total, data):
 
 @given(st.integers(0, 200), st.data())
 def test_a_truncated_stream_yields_no_final_and_no_partial_message(total, data):
-    header, frames = seal_all([bytes(total)], size=16)
+    header, frames = seal_all([bytes(total)], size=16, aes=data.draw(st.booleans()))
     kept = data.draw(st.integers(0, len(frames) - 1))
     messages, finished = receive(header, frames[:kept])
     assert not finished
@@ -121,15 +154,16 @@ def test_a_truncated_stream_yields_no_final_and_no_partial_message(total, data):
 
 def sealed_chunks(plaintexts):
     """Chunks with arbitrary (authentic) contents, as a peer that breaks the chunking rules would seal them."""
-    sealer = Sealer(KEY)
-    return sealer.header, [sealer.seal(p) for p in plaintexts]
+    both = headers()
+    sealer = Sealer(KEY, *both)
+    return both, [sealer.seal(p) for p in plaintexts]
 
 
 @pytest.mark.parametrize("kind", [0, 1, 4, 255])
 def test_an_authentic_chunk_of_the_wrong_kind_mid_message_is_rejected(kind):
     first = b"\x01" + (40).to_bytes(8, "big") + bytes(16)
     header, frames = sealed_chunks([first, bytes([kind]) + bytes(16)])
-    opener, reassembler = Opener(KEY, header), Reassembler()
+    opener, reassembler = Opener(KEY, *header), Reassembler()
     assert open_chunk(opener, reassembler, frames[0]) is None
     with pytest.raises(ProtocolError, match="unexpected chunk kind"):
         open_chunk(opener, reassembler, frames[1])
@@ -138,33 +172,37 @@ def test_an_authentic_chunk_of_the_wrong_kind_mid_message_is_rejected(kind):
 def test_chunks_longer_or_shorter_than_announced_are_rejected():
     first = b"\x01" + (40).to_bytes(8, "big") + bytes(16)
     header, frames = sealed_chunks([first, b"\x02" + bytes(25)])
-    opener, reassembler = Opener(KEY, header), Reassembler()
+    opener, reassembler = Opener(KEY, *header), Reassembler()
     open_chunk(opener, reassembler, frames[0])
     with pytest.raises(ProtocolError, match="longer than announced"):
         open_chunk(opener, reassembler, frames[1])
     header, frames = sealed_chunks([first, b"\x03" + bytes(8)])
-    opener, reassembler = Opener(KEY, header), Reassembler()
+    opener, reassembler = Opener(KEY, *header), Reassembler()
     open_chunk(opener, reassembler, frames[0])
     with pytest.raises(ProtocolError, match="shorter than announced"):
         open_chunk(opener, reassembler, frames[1])
 
 
-def test_a_forged_chunk_leaves_the_buffer_untouched():
-    sealer = Sealer(KEY)
-    frame = bytearray(sealer.seal(b"secret"))
-    frame[-1] ^= 1
+@CIPHERS
+@pytest.mark.parametrize("flip", [0, 1, -1])  # the final flag, the ciphertext, the MAC
+def test_a_forged_chunk_leaves_nothing_of_its_plaintext(aes, flip):
+    both = headers(aes)
+    frame = bytearray(Sealer(KEY, *both).seal(b"secret"))
+    frame[flip] ^= 1
     out = bytearray(b"abcdef")
     with pytest.raises(ProtocolError, match="authentication"):
-        Opener(KEY, sealer.header).open_into(frame, out)
-    assert out == b"abcdef"
+        Opener(KEY, *both).open_into(frame, out)
+    assert out in (b"abcdef", bytes(6))  # (XChaCha's MAC is checked first, AEGIS's as it decrypts: then wiped)
 
 
-def test_nothing_is_sealed_or_opened_after_the_final_frame():
-    sealer = Sealer(KEY)
+@CIPHERS
+def test_nothing_is_sealed_or_opened_after_the_final_frame(aes):
+    both = headers(aes)
+    sealer = Sealer(KEY, *both)
     final = sealer.seal_frame([b"bye"], final=True)
     with pytest.raises(ProtocolError, match="closed"):
         sealer.seal_frame([b"more"])
-    opener = Opener(KEY, sealer.header)
+    opener = Opener(KEY, *both)
     opener.open_into(final[LENGTH.size :], bytearray(3))
     assert opener.finished
     with pytest.raises(ProtocolError, match="after the final"):

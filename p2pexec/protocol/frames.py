@@ -1,42 +1,31 @@
-"""Data-plane framing, encryption and lease operations, without I/O.
+"""Data-plane framing and lease operations, without I/O (their encryption: :mod:`.sealing`).
 
 Wire layout of a lease stream (client dials the worker it accepted)::
 
     client -> worker   frame: the signed ``accept`` board line (plaintext inside Noise)
-    both directions    frame: 24-byte secretstream header
-    both directions    frames: secretstream ciphertexts of lease operations
-    each direction     last frame carries TAG_FINAL; EOF before it is truncation
+    both directions    frame: 25-byte channel header (hardware AES or not, a random nonce prefix)
+    both directions    frames: sealed chunks of lease operations (final flag, ciphertext, MAC)
+    each direction     last frame has its final flag set; EOF before it is truncation
 
 A frame is a 4-byte big-endian length and that many bytes.  A logical
 message (a batch of lease operations) larger than :data:`CHUNK` is split
-over several secretstream messages, the first announcing the total, so the
+over several sealed chunks, the first announcing the total, so the
 receiver fills one buffer of the right size and memory stays bounded by
-the chunk size on the sending side.  Secretstream
-(XChaCha20-Poly1305) makes altered, reordered, replayed or dropped frames
-fail to decrypt, and the final tag makes truncation detectable, whatever
-the stream underneath does on a reset.
+the chunk size on the sending side.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import mmap
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Union
 
-import nacl.bindings as sodium
-from nacl._sodium import ffi, lib
-from nacl.exceptions import CryptoError
-
 from ..errors import ProtocolError
 
 LENGTH = struct.Struct(">I")
-HEADER_BYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
-SEAL_BYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES  # a sealed chunk's size over its plaintext's
-_TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 _OP = struct.Struct(">BQQ")  # op, arg, data length: ops are self-delimiting, several fit in one message
 OP_HEADER_BYTES = _OP.size
 
@@ -180,18 +169,6 @@ class Reassembler:
         return out
 
 
-def open_chunk(opener: "Opener", reassembler: Reassembler, frame: Buffer) -> memoryview | None:
-    """Decrypt a sealed chunk into its message: straight into the message's buffer where it has a place
-    there (:meth:`Reassembler.place`), else through a buffer of its own.  The message, once complete."""
-    size = nbytes(frame) - SEAL_BYTES
-    place = reassembler.place(size)
-    if place is None:
-        return reassembler.feed(opener.open(bytes(frame)))
-    with place:
-        opener.open_into(frame, place)
-    return reassembler.placed(size)
-
-
 def _untouched(size: int) -> mmap.mmap:
     """Anonymous memory: its pages cost nothing until written."""
     return mmap.mmap(-1, size)
@@ -256,119 +233,6 @@ class FrameDecoder:
     @property
     def pending(self) -> int:
         return self._have + (0 if self._size is None else LENGTH.size)
-
-
-def session_keys(role: str, my_pk: bytes, my_sk: bytes, peer_pk: bytes) -> tuple[bytes, bytes]:
-    """(rx, tx) keys from X25519 session keys; ``role`` is 'client' or 'worker'."""
-    try:
-        if role == "client":
-            return sodium.crypto_kx_client_session_keys(my_pk, my_sk, peer_pk)
-        return sodium.crypto_kx_server_session_keys(my_pk, my_sk, peer_pk)
-    except (CryptoError, ValueError, TypeError) as exc:
-        raise ProtocolError(f"key exchange failed: {exc}") from None
-
-
-RESUME_MAGIC = b"p2pexec-resume/1\n"
-
-
-def resume_frame(rx_key: bytes, tx_key: bytes, lease: str) -> bytes:
-    """The first frame of a stream that takes over lease ``lease`` (the client's, after a hole punch).
-
-    Only the two ends of the lease know its session keys, and ``lease`` (the
-    accepted offer's id) makes it differ between leases of the same pair.
-    """
-    low, high = sorted((rx_key, tx_key))
-    token = hashlib.blake2b(lease.encode(), key=low + high, person=b"p2pexec-resume", digest_size=32).digest()
-    return RESUME_MAGIC + token
-
-
-class Sealer:
-    """Encrypts one direction of a channel."""
-
-    def __init__(self, key: bytes) -> None:
-        self._state = sodium.crypto_secretstream_xchacha20poly1305_state()
-        self.header = sodium.crypto_secretstream_xchacha20poly1305_init_push(self._state, key)
-        self.closed = False
-
-    def seal(self, plaintext: bytes, final: bool = False) -> bytes:
-        if self.closed:
-            raise ProtocolError("channel already closed for sending")
-        self.closed = final
-        return sodium.crypto_secretstream_xchacha20poly1305_push(
-            self._state, plaintext, None, _TAG_FINAL if final else 0
-        )
-
-    def seal_frame(self, pieces: Sequence[Buffer], final: bool = False) -> memoryview:
-        """The frame for ``pieces`` sealed as one chunk: length prefix and ciphertext, built in one buffer.
-
-        The plaintext is copied once, to where its ciphertext goes, and
-        encrypted there: libsodium encrypts in place, writing the tag
-        byte just before it and the MAC just after.  The buffer is not
-        zeroed first: every byte of it is written here.
-        """
-        size = sum(nbytes(p) for p in pieces)
-        if size + SEAL_BYTES > MAX_FRAME:
-            raise ProtocolError(f"a {size}-byte chunk does not fit in a {MAX_FRAME}-byte frame")
-        if self.closed:
-            raise ProtocolError("channel already closed for sending")
-        memory = _uncleared("unsigned char[]", LENGTH.size + SEAL_BYTES + size)
-        frame = memoryview(ffi.buffer(memory))
-        LENGTH.pack_into(frame, 0, SEAL_BYTES + size)
-        at = LENGTH.size + 1
-        for piece in pieces:
-            end = at + nbytes(piece)
-            frame[at:end] = piece if type(piece) is bytes else memoryview(piece).cast("B")
-            at = end
-        sealed = memory + LENGTH.size
-        lib.crypto_secretstream_xchacha20poly1305_push(self._state.statebuf, sealed, ffi.NULL, sealed + 1, size,
-                                                       ffi.NULL, 0, _TAG_FINAL if final else 0)
-        self.closed = final
-        return frame
-
-
-_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
-
-
-class Opener:
-    """Decrypts and authenticates the other direction of a channel."""
-
-    def __init__(self, key: bytes, header: bytes) -> None:
-        if len(header) != HEADER_BYTES:
-            raise ProtocolError("bad secretstream header")
-        self._state = sodium.crypto_secretstream_xchacha20poly1305_state()
-        sodium.crypto_secretstream_xchacha20poly1305_init_pull(self._state, header, key)
-        self._tag = ffi.new("unsigned char *")
-        self.finished = False
-
-    def open(self, ciphertext: bytes) -> bytes:
-        if self.finished:
-            raise ProtocolError("data after the final frame")
-        try:
-            plaintext, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(self._state, ciphertext)
-        except (CryptoError, ValueError, TypeError):
-            raise ProtocolError("payload failed authentication (tampered, reordered or wrong key)") from None
-        self.finished = tag == _TAG_FINAL
-        return plaintext
-
-    def open_into(self, ciphertext: Buffer, out: Writable) -> None:
-        """Decrypt ``ciphertext`` into ``out``, which is exactly its plaintext's size.
-
-        libsodium checks the MAC before it writes a byte, so a chunk that
-        fails leaves ``out`` as it was.
-        """
-        if self.finished:
-            raise ProtocolError("data after the final frame")
-        size = nbytes(ciphertext) - SEAL_BYTES
-        if size < 0:
-            raise ProtocolError("payload failed authentication (shorter than a sealed chunk)")
-        if memoryview(out).nbytes != size:
-            raise ValueError(f"a {size}-byte plaintext does not fill a {memoryview(out).nbytes}-byte buffer")
-        with ffi.from_buffer(ciphertext) as sealed, ffi.from_buffer(out, require_writable=True) as plain:
-            failed = lib.crypto_secretstream_xchacha20poly1305_pull(self._state.statebuf, plain, ffi.NULL, self._tag,
-                                                                    sealed, size + SEAL_BYTES, ffi.NULL, 0)
-        if failed:
-            raise ProtocolError("payload failed authentication (tampered, reordered or wrong key)")
-        self.finished = self._tag[0] == _TAG_FINAL
 
 
 class Op(enum.IntEnum):

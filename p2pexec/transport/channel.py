@@ -9,11 +9,12 @@ from typing import Any
 
 import trio
 
+from .. import portability
 from ..errors import ProtocolError
 from ..protocol.frames import (
-    MAX_FRAME, MAX_MESSAGE, Buffer, FrameDecoder, Opener, Op, Reassembler, Sealer, chunk_pieces, encode_frame,
-    encode_op, open_chunk, Writable,
+    MAX_FRAME, MAX_MESSAGE, Buffer, FrameDecoder, Op, Reassembler, chunk_pieces, encode_frame, encode_op, Writable,
 )
+from ..protocol.sealing import Opener, Sealer, channel_header, open_chunk
 from .eager_locks import EagerLock
 from .tcp_stream import AT_ONCE_WRITER
 
@@ -153,12 +154,17 @@ class SecureChannel:
     async def establish(cls, framed: FramedStream, rx_key: bytes, tx_key: bytes,
                         allocate: Callable[[int], Writable] | None = bytearray,
                         max_message: int = MAX_MESSAGE) -> "SecureChannel":
-        sealer = Sealer(tx_key)
-        await framed.send(sealer.header)
-        header = await framed.recv()
-        if header is None:
+        mine = channel_header(portability.hardware_aes())
+        await framed.send(mine)
+        theirs = await framed.recv()
+        if theirs is None:
             raise PeerLost("peer closed the stream during the key exchange")
-        return cls(framed, sealer, Opener(rx_key, header), allocate, max_message)
+        return cls(framed, Sealer(tx_key, mine, theirs), Opener(rx_key, theirs, mine), allocate, max_message)
+
+    @property
+    def cipher(self) -> str:
+        """The AEAD both directions seal with (AEGIS-256 where both ends do AES in hardware)."""
+        return self._sealer.cipher.name
 
     @property
     def sending(self) -> bool:

@@ -24,7 +24,8 @@ import trio
 from .. import portability
 from ..errors import ProtocolError, first_leaf
 from ..protocol import messages
-from ..protocol.frames import MAX_FRAME, RESUME_MAGIC, resume_frame, session_keys
+from ..protocol.frames import MAX_FRAME
+from ..protocol.sealing import RESUME_MAGIC, resume_frame, session_keys
 from ..protocol.lease import SILENCE_SECONDS
 from ..transport.channel import FramedStream, SecureChannel
 from ..transport.host import Libp2pHost
