@@ -56,6 +56,7 @@ def prctl() -> bool:
 def hardware_aes() -> bool:
     """AES in the CPU (AES-NI, ARMv8's crypto extensions): where both ends have it, a lease's channel seals
     with AEGIS-256, several times faster than XChaCha20-Poly1305 there and constant-time."""
+    import nacl.bindings  # noqa: F401  (sodium_init: until then libsodium reports no CPU features)
     from nacl._sodium import lib
 
     return _allowed(bool(lib.crypto_aead_aes256gcm_is_available()))

@@ -6,7 +6,7 @@ import nacl.bindings as sodium
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from p2pexec.errors import ProtocolError
 from p2pexec.protocol.frames import (
@@ -52,7 +52,7 @@ def channel(tx, rx, aes=(True, True)):
 @given(st.lists(st.binary(max_size=64), min_size=1, max_size=8), st.data())
 def test_any_tampering_reordering_or_truncation_is_detected(messages, data):
     (c_rx, c_tx), (w_rx, w_tx) = keys()
-    assert c_tx == w_rx and c_rx == w_tx
+    assert c_tx == w_rx and c_rx == w_tx and c_rx != c_tx
     sealer, opener = channel(c_tx, w_rx, data.draw(st.tuples(st.booleans(), st.booleans())))
     frames = [sealer.seal(m) for m in messages] + [sealer.seal(b"bye", final=True)]
     attack = data.draw(st.sampled_from(["flip", "swap", "drop", "truncate-final"]))
@@ -123,10 +123,10 @@ def test_offer_and_accept_bounded(a, b):
 class ChannelMachine(RuleBasedStateMachine):
     """A sealed stream opened frame by frame stays in sync, whatever is sent."""
 
-    def __init__(self):
-        super().__init__()
+    @initialize(aes=st.tuples(st.booleans(), st.booleans()))
+    def open_channel(self, aes):
         (_, tx), (rx, _) = keys()
-        self.sealer, self.opener = channel(tx, rx)
+        self.sealer, self.opener = channel(tx, rx, aes)
         self.decoder = FrameDecoder()
         self.sent: list[bytes] = []
         self.got: list[bytes] = []
@@ -154,6 +154,19 @@ class ChannelMachine(RuleBasedStateMachine):
 
 
 TestChannelMachine = ChannelMachine.TestCase
+
+
+@pytest.mark.parametrize("aes", [True, False])
+def test_a_chunk_reflected_to_its_sender_does_not_open(aes):
+    """Each direction has its own key (and nonce prefix): a relay that sends a client's chunk back to it, as
+    if the worker had sealed it, is caught."""
+    (c_rx, c_tx), (w_rx, w_tx) = keys()
+    client_header, worker_header = channel_header(aes), channel_header(aes)
+    chunk = Sealer(c_tx, client_header, worker_header).seal(b"task")
+    for key, header in ((c_rx, client_header), (c_rx, worker_header), (c_tx, worker_header)):
+        with pytest.raises(ProtocolError, match="authentication"):
+            Opener(key, header, client_header).open(chunk)
+    assert Opener(w_rx, client_header, worker_header).open(chunk) == b"task"
 
 
 @given(st.integers(1, 100_000))

@@ -19,7 +19,8 @@ from p2pexec.worker import hop
 pytestmark = pytest.mark.timeout(120)
 
 MIB = 1 << 20
-CHECKS = ("memfd", "fd_passing", "procfs", "prctl", "sandbox", "loadavg", "file_locks", "rlimits", "hardware_aes")
+LINUX_CHECKS = ("memfd", "fd_passing", "procfs", "prctl", "sandbox", "loadavg", "file_locks", "rlimits")
+CHECKS = (*LINUX_CHECKS, "hardware_aes")  # (not every CPU does AES: a Raspberry Pi 4 does not)
 
 
 def _python(code: str, **env: str) -> str:
@@ -48,7 +49,7 @@ def test_every_check_is_false_in_portable_mode():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or portability.FORCED, reason="the Linux fast paths")
 def test_linux_keeps_every_fast_path_by_default():
-    assert all(getattr(portability, name)() for name in CHECKS)
+    assert all(getattr(portability, name)() for name in LINUX_CHECKS)
 
 
 def test_p2pexec_imports_and_falls_back_without_fcntl_and_resource():

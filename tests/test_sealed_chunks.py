@@ -97,21 +97,23 @@ def test_messages_survive_any_chunk_size(parts, size, allocate, aes):
 
 @pytest.mark.parametrize("total", [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK - 9, 2 * CHUNK, 2 * CHUNK + 1, 3 * CHUNK + 7])
 @pytest.mark.parametrize("allocate", [bytearray, None])
-def test_sizes_at_chunk_boundaries(total, allocate):
+@CIPHERS
+def test_sizes_at_chunk_boundaries(total, allocate, aes):
     data = bytes(range(251)) * (total // 251) + bytes(total % 251)
     parts = [data[:CHUNK // 3], memoryview(data)[CHUNK // 3 :]]  # a part boundary inside a chunk too
-    header, frames = seal_all(parts)
+    header, frames = seal_all(parts, aes=aes)
     assert receive(header, frames, allocate) == ([data], True)
 
 
-def test_the_buffer_given_is_the_one_filled():
+@CIPHERS
+def test_the_buffer_given_is_the_one_filled(aes):
     made = []
 
     def allocate(size: int) -> mmap.mmap:
         made.append(mmap.mmap(-1, size))
         return made[-1]
 
-    header, frames = seal_all([bytes(3 * CHUNK)])
+    header, frames = seal_all([bytes(3 * CHUNK)], aes=aes)
     opener, reassembler = Opener(KEY, *header), Reassembler(allocate=allocate)
     outputs = [open_chunk(opener, reassembler, frame[LENGTH.size :]) for frame in frames[:-1]]
     assert outputs[-1] is not None and outputs[-1].obj is made[0]
@@ -152,31 +154,33 @@ def test_a_truncated_stream_yields_no_final_and_no_partial_message(total, data):
     assert messages == ([bytes(total)] if kept == len(frames) - 1 else [])
 
 
-def sealed_chunks(plaintexts):
+def sealed_chunks(plaintexts, aes):
     """Chunks with arbitrary (authentic) contents, as a peer that breaks the chunking rules would seal them."""
-    both = headers()
+    both = headers(aes)
     sealer = Sealer(KEY, *both)
     return both, [sealer.seal(p) for p in plaintexts]
 
 
 @pytest.mark.parametrize("kind", [0, 1, 4, 255])
-def test_an_authentic_chunk_of_the_wrong_kind_mid_message_is_rejected(kind):
+@CIPHERS
+def test_an_authentic_chunk_of_the_wrong_kind_mid_message_is_rejected(kind, aes):
     first = b"\x01" + (40).to_bytes(8, "big") + bytes(16)
-    header, frames = sealed_chunks([first, bytes([kind]) + bytes(16)])
+    header, frames = sealed_chunks([first, bytes([kind]) + bytes(16)], aes)
     opener, reassembler = Opener(KEY, *header), Reassembler()
     assert open_chunk(opener, reassembler, frames[0]) is None
     with pytest.raises(ProtocolError, match="unexpected chunk kind"):
         open_chunk(opener, reassembler, frames[1])
 
 
-def test_chunks_longer_or_shorter_than_announced_are_rejected():
+@CIPHERS
+def test_chunks_longer_or_shorter_than_announced_are_rejected(aes):
     first = b"\x01" + (40).to_bytes(8, "big") + bytes(16)
-    header, frames = sealed_chunks([first, b"\x02" + bytes(25)])
+    header, frames = sealed_chunks([first, b"\x02" + bytes(25)], aes)
     opener, reassembler = Opener(KEY, *header), Reassembler()
     open_chunk(opener, reassembler, frames[0])
     with pytest.raises(ProtocolError, match="longer than announced"):
         open_chunk(opener, reassembler, frames[1])
-    header, frames = sealed_chunks([first, b"\x03" + bytes(8)])
+    header, frames = sealed_chunks([first, b"\x03" + bytes(8)], aes)
     opener, reassembler = Opener(KEY, *header), Reassembler()
     open_chunk(opener, reassembler, frames[0])
     with pytest.raises(ProtocolError, match="shorter than announced"):
@@ -192,7 +196,44 @@ def test_a_forged_chunk_leaves_nothing_of_its_plaintext(aes, flip):
     out = bytearray(b"abcdef")
     with pytest.raises(ProtocolError, match="authentication"):
         Opener(KEY, *both).open_into(frame, out)
-    assert out in (b"abcdef", bytes(6))  # (XChaCha's MAC is checked first, AEGIS's as it decrypts: then wiped)
+    assert out in (b"abcdef", bytes(6))  # (libsodium wipes a failed decryption's output)
+
+
+@CIPHERS
+@pytest.mark.parametrize("forgery", ["ciphertext", "flag 2", "flag 255"])
+def test_after_a_forged_chunk_nothing_opens_not_even_the_genuine_one(aes, forgery):
+    """A tampered chunk must not pass for a dropped one: the opener refuses everything after it."""
+    both = headers(aes)
+    sealer = Sealer(KEY, *both)
+    genuine = [sealer.seal(b"one"), sealer.seal(b"two", final=True)]
+    forged = bytearray(genuine[0])
+    if forgery == "ciphertext":
+        forged[1] ^= 1
+    else:
+        forged[0] = int(forgery.split()[1])
+    opener = Opener(KEY, *both)
+    with pytest.raises(ProtocolError, match="authentication"):
+        opener.open(bytes(forged))
+    for frame in genuine:
+        with pytest.raises(ProtocolError, match="failed authentication"):
+            opener.open(frame)
+    assert not opener.finished
+
+
+@CIPHERS
+def test_a_chunk_that_fails_in_its_place_leaves_the_message_so_far_as_it_was(aes):
+    """Decrypting in place covers the last byte of the chunk before (its kind header lands there); libsodium
+    wipes a failed output, and that byte is put back."""
+    total = 3 * 16
+    header, frames = seal_all([bytes(range(1, total + 1))], size=16, aes=aes)
+    opener, reassembler = Opener(KEY, *header), Reassembler()
+    assert open_chunk(opener, reassembler, frames[0][LENGTH.size :]) is None
+    so_far = bytes(reassembler._buf[: reassembler._filled])
+    forged = bytearray(frames[1][LENGTH.size :])
+    forged[-1] ^= 1
+    with pytest.raises(ProtocolError, match="authentication"):
+        open_chunk(opener, reassembler, bytes(forged))
+    assert bytes(reassembler._buf[: reassembler._filled]) == so_far and so_far[-1] != 0
 
 
 @CIPHERS
@@ -209,8 +250,9 @@ def test_nothing_is_sealed_or_opened_after_the_final_frame(aes):
         opener.open_into(final[LENGTH.size :], bytearray(3))
 
 
-def test_frames_come_out_whole_however_the_reads_split_them():
-    header, frames = seal_all([bytes(5 * 1000)], size=1000)
+@CIPHERS
+def test_frames_come_out_whole_however_the_reads_split_them(aes):
+    header, frames = seal_all([bytes(5 * 1000)], size=1000, aes=aes)
     wire = b"".join(frames)
     decoder = FrameDecoder()
     out = []

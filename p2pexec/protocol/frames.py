@@ -96,7 +96,8 @@ class Reassembler:
     costs no more memory than it sent.
 
     A chunk after the first may be decrypted straight into the buffer
-    (:meth:`place`, then :meth:`placed`) instead of handed to :meth:`feed`.
+    (:meth:`place`, then :meth:`placed`, or :meth:`unplace` if it failed) instead of handed to
+    :meth:`feed`.
     """
 
     def __init__(self, max_message: int = MAX_MESSAGE, allocate: Callable[[int], Writable] | None = bytearray) -> None:
@@ -152,6 +153,11 @@ class Reassembler:
             raise ProtocolError(f"unexpected chunk kind {kind}")
         self._filled = at + size
         return self._done() if kind == _LAST else None
+
+    def unplace(self) -> None:
+        """The chunk meant for :meth:`place`'s place did not open: put back the byte its kind header covered."""
+        assert self._buf is not None
+        self._buf[self._filled - 1] = self._kept
 
     def _append(self, view: memoryview, last: bool) -> memoryview | None:
         assert self._buf is not None

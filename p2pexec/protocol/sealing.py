@@ -5,9 +5,11 @@ and the random prefix of the nonces it will seal under.  Each chunk is
 sealed with an AEAD of libsodium's (AEGIS-256 where both ends do AES in
 hardware, else XChaCha20-Poly1305) under a nonce that counts the chunks up
 from the sender's prefix, its final flag authenticated with it (the STREAM
-construction, as libsodium's secretstream is built): altered, reordered,
-replayed or dropped frames fail to open, and truncation is detectable,
-whatever the stream underneath does on a reset.
+construction; secretstream, which leases used before, is built alike, with a
+32-bit counter and an encrypted tag): altered, reordered, replayed or
+dropped frames fail to open, and truncation is detectable, whatever the
+stream underneath does on a reset.  An opener that refused a chunk refuses
+everything after it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from nacl.utils import random
 from ..errors import ProtocolError
 from .frames import LENGTH, MAX_FRAME, Buffer, Reassembler, Writable, nbytes
 
-def open_chunk(opener: "Opener", reassembler: Reassembler, frame: Buffer) -> memoryview | None:
+def open_chunk(opener: Opener, reassembler: Reassembler, frame: Buffer) -> memoryview | None:
     """Decrypt a sealed chunk into its message: straight into the message's buffer where it has a place
     there (:meth:`Reassembler.place`), else through a buffer of its own.  The message, once complete."""
     size = nbytes(frame) - opener.cipher.overhead
@@ -33,7 +35,11 @@ def open_chunk(opener: "Opener", reassembler: Reassembler, frame: Buffer) -> mem
     if place is None:
         return reassembler.feed(opener.open(bytes(frame)))
     with place:
-        opener.open_into(frame, place)
+        try:
+            opener.open_into(frame, place)
+        except ProtocolError:
+            reassembler.unplace()  # (libsodium wiped the place, the last byte of the chunk before included)
+            raise
     return reassembler.placed(size)
 
 
@@ -177,6 +183,7 @@ class Opener:
         self._nonces = _Nonces(key, header, _cipher(mine, header))
         self.cipher = self._nonces.cipher
         self.finished = False
+        self._failed = False
 
     def open(self, ciphertext: Buffer) -> bytes:
         out = bytearray(max(0, nbytes(ciphertext) - self.cipher.overhead))
@@ -186,10 +193,12 @@ class Opener:
     def open_into(self, ciphertext: Buffer, out: Writable) -> None:
         """Decrypt ``ciphertext`` into ``out``, which is exactly its plaintext's size.
 
-        A chunk that fails leaves zeros in ``out`` (AEGIS decrypts as it
-        authenticates, and libsodium wipes what it wrote), and the channel
-        unusable: the next chunk's nonce would not match.
+        A chunk that fails may leave zeros in ``out`` (libsodium wipes the
+        output of a failed decryption), and the opener refuses every chunk
+        after it: a tampered chunk must never pass for a dropped one.
         """
+        if self._failed:
+            raise ProtocolError("payload after one that failed authentication")
         if self.finished:
             raise ProtocolError("data after the final frame")
         cipher = self.cipher
@@ -203,6 +212,7 @@ class Opener:
             final = sealed[0]
             failed = final > 1 or cipher.decrypt(plain, ffi.NULL, ffi.NULL, sealed + 1, size + cipher.mac_bytes,
                                                  sealed, 1, self._nonces.next(), self._nonces.key)
-        if failed:  # (its nonces are out of step now: nothing after this opens either)
+        if failed:
+            self._failed = True
             raise ProtocolError("payload failed authentication (tampered, reordered or wrong key)")
         self.finished = final == 1

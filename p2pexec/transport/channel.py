@@ -135,7 +135,7 @@ async def _close(streams: list[Any]) -> None:
 
 
 class SecureChannel:
-    """Secretstream in both directions over a :class:`FramedStream`.
+    """Sealed chunks (:mod:`..protocol.sealing`) in both directions over a :class:`FramedStream`.
 
     A message is a sequence of buffers, sent in chunks of bounded size
     without first being joined; one message's chunks never interleave with
