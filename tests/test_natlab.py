@@ -74,7 +74,7 @@ def test_public_worker_public_client(lab_cluster):
 
 # -- across home routers (issue: relay, hole punching, no silent failure) ---------------------------
 EVIL_WORKER = str(Path(__file__).parent / "doubles" / "evil_worker.py")
-LEASED = re.compile(r"leased \d+ slot\(s\) of worker (\S+) \((\w+) connection\)")
+LEASED = re.compile(r"leased \d+ slot\(s\) of worker (\S+) \((\w+) connection, [\w-]+\)")
 UPGRADED = re.compile(r"lease with worker (\S+) moved to a direct connection \(upgraded after ([0-9.]+) s\)")
 UPGRADE_WITHIN = 30  # seconds: three hole punches that each stall 5 s, 2 s apart, and room for a loaded machine
 MOST_BOARD_LINES = 40  # a short job: hellos, requests every 2 s, offers, accepts

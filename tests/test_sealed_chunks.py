@@ -261,3 +261,35 @@ def test_frames_come_out_whole_however_the_reads_split_them(aes):
         fed = min(start + 7, len(wire))
         assert decoder.pending == fed - sum(LENGTH.size + len(f) for f in out)
     assert out == [f[LENGTH.size :] for f in frames] and decoder.pending == 0
+
+
+def _message(reassembler, opener, frames):
+    """The message the chunks of ``frames`` (with their length prefixes) make."""
+    outputs = [open_chunk(opener, reassembler, frame[LENGTH.size :]) for frame in frames]
+    assert outputs[-1] is not None and all(out is None for out in outputs[:-1])
+    return outputs[-1]
+
+
+def test_a_big_message_reuses_the_last_ones_memory_only_once_nothing_holds_it():
+    """The client rebuilds big results in memory it wrote before (rewriting it costs a fraction of writing
+    new memory), but never in memory a result still uses: an array unpickled in place lies in it."""
+    first, second, third = bytes([1]) * (3 * CHUNK), bytes([2]) * (2 * CHUNK + 5), bytes([3]) * (3 * CHUNK)
+    both = headers()
+    sealer = Sealer(KEY, *both)
+    frames = [[bytes(sealer.seal_frame(c)) for c in chunk_pieces([m])] for m in (first, second, third)]
+    opener, reassembler = Opener(KEY, *both), Reassembler(allocate=None)
+
+    message = _message(reassembler, opener, frames[0])
+    memory = message.obj
+    assert bytes(message) == first
+    del message  # the reader is done with it
+    reassembler.rest()
+    message = _message(reassembler, opener, frames[1])
+    assert message.obj is memory and bytes(message) == second and len(memory) == len(second)
+
+    kept = message[:8]  # a reader keeps a view: its memory is its own now
+    del message
+    reassembler.rest()
+    message = _message(reassembler, opener, frames[2])
+    assert message.obj is not memory and bytes(message) == third
+    assert bytes(kept) == second[:8]

@@ -183,6 +183,7 @@ class SecureChannel:
 
     async def recv(self) -> memoryview | None:
         """Next message, or None once the peer sent its final frame."""
+        self._reassembler.rest()  # (the last message is done with, if its reader kept nothing of it)
         while not self._opener.finished:
             frame = await self.framed.recv()
             if frame is None:
