@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from . import portability
 from .client_core import END, WAIT
 from .errors import ProtocolError, ResultTooLargeError, TaskProcessDiedError, first_leaf
 from .protocol import messages
-from .protocol.frames import Buffer, MessageTooLarge, Op, decode_ops, encode_op, op_parts, read_failed
+from .protocol.frames import Buffer, MessageTooLarge, Op, Recycled, decode_ops, encode_op, op_parts, read_failed
 from .protocol.sealing import resume_frame, session_keys
 from .protocol.lease import HEARTBEAT_SECONDS, SILENCE_SECONDS
 from .protocol.reach import CIRCUIT
@@ -73,7 +74,7 @@ class Lease:
                 await framed.send(accept)
                 rx, tx = session_keys("client", *self.client.kx_keys, messages.unb64(offer["kx"], 32))
                 channel = self.channel = await SecureChannel.establish(
-                    framed, rx, tx, allocate=None, max_message=self.client.options.max_result_size)
+                    framed, rx, tx, allocate=Recycled() if portability.lazy_free() else None, max_message=self.client.options.max_result_size)
                 await open_wide(stream)
                 framed.silence_limit = SILENCE_SECONDS
                 self.state.open = True

@@ -62,6 +62,27 @@ def hardware_aes() -> bool:
     return _allowed(bool(lib.crypto_aead_aes256gcm_is_available()))
 
 
+def lazy_free() -> bool:
+    """Memory marked free that the system takes back only if it needs it (``MADV_FREE``), and maps that
+    refuse to move while something views them (CPython's ``mmap.resize``, Linux's ``mremap``): a client
+    rebuilds a big result in the last one's memory (:class:`.protocol.frames.Recycled`)."""
+    import mmap
+
+    if not (_LINUX and hasattr(mmap, "MADV_FREE") and hasattr(mmap, "MAP_ANONYMOUS")):
+        return False
+    probe = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        with memoryview(probe):
+            probe.resize(2 * mmap.PAGESIZE)  # must be refused: an implementation that lets it move is unsafe
+        return False
+    except BufferError:
+        return _allowed(True)
+    except (OSError, ValueError, SystemError):
+        return False
+    finally:
+        probe.close()
+
+
 def sandbox() -> bool:
     """The sandbox layers (bubblewrap, Landlock), both Linux-only."""
     return _allowed(_LINUX)

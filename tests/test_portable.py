@@ -19,7 +19,7 @@ from p2pexec.worker import hop
 pytestmark = pytest.mark.timeout(120)
 
 MIB = 1 << 20
-LINUX_CHECKS = ("memfd", "fd_passing", "procfs", "prctl", "sandbox", "loadavg", "file_locks", "rlimits")
+LINUX_CHECKS = ("memfd", "fd_passing", "procfs", "prctl", "sandbox", "loadavg", "file_locks", "rlimits", "lazy_free")
 CHECKS = (*LINUX_CHECKS, "hardware_aes")  # (not every CPU does AES: a Raspberry Pi 4 does not)
 
 

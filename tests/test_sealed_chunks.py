@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pexec.errors import ProtocolError
-from p2pexec.protocol.frames import CHUNK, LENGTH, FrameDecoder, Reassembler, chunk_pieces
+from p2pexec.protocol.frames import CHUNK, LENGTH, FrameDecoder, Reassembler, Recycled, chunk_pieces
 from p2pexec.protocol.sealing import AEGIS256, XCHACHA20, Opener, Sealer, channel_header, open_chunk
 
 KEY = bytes(range(32))
@@ -270,14 +270,16 @@ def _message(reassembler, opener, frames):
     return outputs[-1]
 
 
-def test_a_big_message_reuses_the_last_ones_memory_only_once_nothing_holds_it():
+def test_a_big_message_reuses_the_last_ones_memory_only_once_nothing_holds_it(monkeypatch):
     """The client rebuilds big results in memory it wrote before (rewriting it costs a fraction of writing
-    new memory), but never in memory a result still uses: an array unpickled in place lies in it."""
+    new memory), but never in memory a result still uses: an array unpickled in place lies in it.  Nor
+    does it mark such memory free: here freed pages are zeroed at once (MADV_DONTNEED), as the system may."""
+    monkeypatch.setattr(Recycled, "advice", mmap.MADV_DONTNEED)
     first, second, third = bytes([1]) * (3 * CHUNK), bytes([2]) * (2 * CHUNK + 5), bytes([3]) * (3 * CHUNK)
     both = headers()
     sealer = Sealer(KEY, *both)
     frames = [[bytes(sealer.seal_frame(c)) for c in chunk_pieces([m])] for m in (first, second, third)]
-    opener, reassembler = Opener(KEY, *both), Reassembler(allocate=None)
+    opener, reassembler = Opener(KEY, *both), Reassembler(allocate=Recycled())
 
     message = _message(reassembler, opener, frames[0])
     memory = message.obj
@@ -290,6 +292,19 @@ def test_a_big_message_reuses_the_last_ones_memory_only_once_nothing_holds_it():
     kept = message[:8]  # a reader keeps a view: its memory is its own now
     del message
     reassembler.rest()
+    assert bytes(kept) == second[:8]
     message = _message(reassembler, opener, frames[2])
     assert message.obj is not memory and bytes(message) == third
     assert bytes(kept) == second[:8]
+
+
+def test_a_message_being_rebuilt_is_never_marked_free(monkeypatch):
+    """(A receive cut short and begun again must not lose what it had.)"""
+    monkeypatch.setattr(Recycled, "advice", mmap.MADV_DONTNEED)
+    total = 3 * CHUNK
+    header, frames = seal_all([bytes([7]) * total])
+    opener, reassembler = Opener(KEY, *header), Reassembler(allocate=Recycled())
+    assert open_chunk(opener, reassembler, frames[0][LENGTH.size :]) is None
+    reassembler.rest()
+    outputs = [open_chunk(opener, reassembler, frame[LENGTH.size :]) for frame in frames[1:-1]]
+    assert bytes(outputs[-1]) == bytes([7]) * total

@@ -90,8 +90,11 @@ class Reassembler:
     """Rebuilds logical messages from their chunks; anything out of order is an error.
 
     ``allocate(size)`` makes the buffer a chunked message is rebuilt in (a
-    worker puts it in memory its task processes can read in place).  With
-    ``allocate=None`` it is anonymous memory, :class:`Recycled`.
+    worker puts it in memory its task processes can read in place, a
+    client :class:`Recycled` memory).  With ``allocate=None`` it is private
+    anonymous memory that the system commits page by page as chunks fill
+    it, so a peer that announces more than it sends costs no more memory
+    than it sent.
 
     A chunk after the first may be decrypted straight into the buffer
     (:meth:`place`, then :meth:`placed`, or :meth:`unplace` if it failed) instead of handed to
@@ -100,7 +103,7 @@ class Reassembler:
 
     def __init__(self, max_message: int = MAX_MESSAGE, allocate: Callable[[int], Writable] | None = bytearray) -> None:
         self.max_message = max_message
-        self._allocate = allocate or Recycled()
+        self._allocate = allocate or _untouched
         self._buf: Writable | None = None
         self._filled = 0
         self._total = 0
@@ -154,7 +157,7 @@ class Reassembler:
 
     def rest(self) -> None:
         """Between messages (see :meth:`Recycled.rest`)."""
-        if isinstance(self._allocate, Recycled):
+        if self._buf is None and isinstance(self._allocate, Recycled):  # (never one being rebuilt)
             self._allocate.rest()
 
     def unplace(self) -> None:
@@ -179,17 +182,23 @@ class Reassembler:
 
 
 class Recycled:
-    """Anonymous memory for big messages, the last one's used again for the next once nothing holds it.
+    """Private anonymous memory for big messages, the last one's used again for the next once nothing
+    holds it; where :func:`.portability.lazy_free` says so (Linux, CPython).
 
-    Private memory, committed page by page as chunks fill it, so a peer
-    that announces more than it sends costs no more memory than it sent.
     A first write to memory is dear (a page fault per 4 KiB, and on a VM
     the host's: 0.19 s for 256 MiB here), a rewrite is not (0.03 s).
-    Between messages the last one's memory is marked free (``MADV_FREE``):
+    Between messages the last one's memory is kept if nothing has a view
+    of it (a resize is refused while one lives), marked free (``MADV_FREE``):
     the system takes its pages back if it needs them, else they are there
-    to rewrite (0.05 s).  Every byte of a message is written before it is
-    handed on, so none of the last one shows through.
+    to rewrite (0.05 s).  So a result copied out of its message (``bytes``)
+    leaves its memory to the next one; an array that lies in it keeps it.
+    Until the system needs them, the kept pages still count in the
+    process's RSS (as ``LazyFree``): one message's worth per lease at most.
+    Every byte of a message is written before it is handed on, so none of
+    the last one shows through.
     """
+
+    advice = getattr(mmap, "MADV_FREE", 0)
 
     def __init__(self) -> None:
         self._last: mmap.mmap | None = None
@@ -208,16 +217,15 @@ class Recycled:
         if last is None or self._resting:
             return
         try:
-            if _FREE is None or not _resized(last, len(last)):  # (a resize is refused while views of it live)
+            if not _resized(last, len(last)):  # (refused while views of it live)
                 raise OSError
-            last.madvise(_FREE)
-        except OSError:  # (no MADV_FREE here: kept, it would be memory the system could not take back)
+            last.madvise(self.advice)
+        except OSError:
             self._last = None
         else:
             self._resting = True
 
 
-_FREE = getattr(mmap, "MADV_FREE", None)
 _PRIVATE = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
 
 
