@@ -74,7 +74,8 @@ class Lease:
                 await framed.send(accept)
                 rx, tx = session_keys("client", *self.client.kx_keys, messages.unb64(offer["kx"], 32))
                 channel = self.channel = await SecureChannel.establish(
-                    framed, rx, tx, allocate=Recycled() if portability.lazy_free() else None, max_message=self.client.options.max_result_size)
+                    framed, rx, tx, allocate=Recycled() if portability.lazy_free() else None,
+                    max_message=self.client.options.max_result_size)
                 await open_wide(stream)
                 framed.silence_limit = SILENCE_SECONDS
                 self.state.open = True
