@@ -11,6 +11,7 @@ from whoever starts them (LocalCluster passes its environment on).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import socket
@@ -53,6 +54,7 @@ def prctl() -> bool:
     return _allowed(_LINUX)
 
 
+@functools.cache  # (asked for each lease; the answer never changes)
 def hardware_aes() -> bool:
     """AES in the CPU (AES-NI, ARMv8's crypto extensions): where both ends have it, a lease's channel seals
     with AEGIS-256, several times faster than XChaCha20-Poly1305 there and constant-time."""
@@ -62,6 +64,7 @@ def hardware_aes() -> bool:
     return _allowed(bool(lib.crypto_aead_aes256gcm_is_available()))
 
 
+@functools.cache  # (asked for each lease: its probe maps and unmaps a page)
 def lazy_free() -> bool:
     """Memory marked free that the system takes back only if it needs it (``MADV_FREE``), and maps that
     refuse to move while something views them (CPython's ``mmap.resize``, Linux's ``mremap``): a client

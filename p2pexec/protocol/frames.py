@@ -216,14 +216,15 @@ class Recycled:
         last = self._last
         if last is None or self._resting:
             return
-        try:
-            if not _resized(last, len(last)):  # (refused while views of it live)
-                raise OSError
-            last.madvise(self.advice)
-        except OSError:
+        if not _resized(last, len(last)):  # (refused while views of it live)
             self._last = None
-        else:
-            self._resting = True
+            return
+        try:
+            last.madvise(self.advice)
+        except OSError:  # (a kernel without it: kept, the memory could not be taken back)
+            self._last = None
+            return
+        self._resting = True
 
 
 _PRIVATE = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}

@@ -33,7 +33,7 @@ def open_chunk(opener: Opener, reassembler: Reassembler, frame: Buffer) -> memor
     size = nbytes(frame) - opener.cipher.overhead
     place = reassembler.place(size)
     if place is None:
-        return reassembler.feed(opener.open(bytes(frame)))
+        return reassembler.feed(opener.open(frame))
     with place:
         try:
             opener.open_into(frame, place)
@@ -185,10 +185,11 @@ class Opener:
         self.finished = False
         self._failed = False
 
-    def open(self, ciphertext: Buffer) -> bytes:
+    def open(self, ciphertext: Buffer) -> bytearray:
+        """The plaintext of ``ciphertext``, in a buffer of its own (not copied again into ``bytes``)."""
         out = bytearray(max(0, nbytes(ciphertext) - self.cipher.overhead))
         self.open_into(ciphertext, out)
-        return bytes(out)
+        return out
 
     def open_into(self, ciphertext: Buffer, out: Writable) -> None:
         """Decrypt ``ciphertext`` into ``out``, which is exactly its plaintext's size.
