@@ -11,7 +11,8 @@ from typing import Any
 # different revisions never lease, and the client says which side to upgrade.  Bump it with any change an
 # older release would misread.  Releases before the field was sent are revision 1.  (messages.VERSION is the
 # signed envelope's format: peers of another VERSION drop each other's lines unread, with no hint to anyone.)
-REVISION = 3  # 3: channels seal chunks with AEGIS-256 or XChaCha20-Poly1305 (25-byte headers), no longer secretstream
+# 3: channels seal chunks with AEGIS-256 or XChaCha20-Poly1305 (25-byte headers), no longer secretstream
+REVISION = 4  # 4: values are named by their BLAKE3, no longer a tree of SHA-256
 
 
 def slots_wanted(pending: int, inflight: int, leased: int, max_workers: int) -> int:

@@ -3,9 +3,8 @@
 An argument value of :data:`HOIST_MIN` bytes or more (bytes-like, a NumPy
 array, a function with a big closure, any object whose pickle is that
 large) is pickled on its own, as a *value*, named by its :func:`digest`
-(SHA-256 over the SHA-256 of each 4 MiB of its payload, so that both the
-client naming it and the worker checking it hash a big value on every
-core).  A task's pickle refers to it by index; the task carries the
+(BLAKE3 of its payload, which both the client naming it and the worker
+checking it compute on every core).  A task's pickle refers to it by index; the task carries the
 digests.  The worker keeps values in a bounded cache keyed by
 ``(member, digest)``, so one member can neither use nor probe another's.
 
@@ -35,19 +34,18 @@ stored, for :data:`ARRIVING_SECONDS` at most, before saying UNCACHED.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import struct
-import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
+import blake3
+
 from ..errors import ProtocolError
-from .frames import OP_HEADER_BYTES, Buffer
+from .frames import OP_HEADER_BYTES, Buffer, nbytes
 
 HOIST_MIN = 1 << 20  # a value this big (bytes, or pickled bytes) crosses once per worker
-DIGEST_BYTES = 32  # SHA-256 (hardware-accelerated on most CPUs, unlike BLAKE2)
+DIGEST_BYTES = 32  # BLAKE3's
 # Where a BLOB's value starts in its message (after the op's header and the digest).  A value is always
 # a chunked message, which a worker rebuilds from a page boundary: a client that lays a value out for this
 # offset (tasks.dump_payload's ``landing``) has its arrays used in place in the task process.
@@ -62,51 +60,22 @@ ARRIVING_SECONDS = 60.0  # how long a worker waits for such a value before answe
 T = TypeVar("T")
 
 
-LEAF_BYTES = 4 << 20  # a digest's leaves: hashed in parallel, each on its own
-_TREE = b"p2pexec-values-1"  # (so that a tree's root never equals a leaf's hash)
-
-
-def _leaves(parts: Sequence[Buffer]) -> list[list[memoryview]]:
-    """The payload cut into LEAF_BYTES leaves (the last shorter), each as the pieces of parts it spans."""
-    leaves: list[list[memoryview]] = [[]]
-    room = LEAF_BYTES
-    for part in parts:
-        view = memoryview(part).cast("B")
-        while view.nbytes:
-            if room == 0:
-                leaves.append([])
-                room = LEAF_BYTES
-            piece, view = view[:room], view[room:]
-            leaves[-1].append(piece)
-            room -= piece.nbytes
-    return leaves
-
-
-def _hash_leaves(leaves: list[list[memoryview]], out: list[bytes], start: int, step: int) -> None:
-    for i in range(start, len(leaves), step):
-        h = hashlib.sha256()
-        for piece in leaves[i]:
-            h.update(piece)
-        out[i] = h.digest()
+_THREADS_FROM = 4 << 20  # a smaller value is hashed on one core (starting the others would cost more)
 
 
 def digest(parts: Sequence[Buffer]) -> bytes:
-    """The name of a value: the SHA-256 of the SHA-256 of each LEAF_BYTES of its payload's parts, in order.
+    """The name of a value: the BLAKE3 of its payload's parts, in order.
 
-    hashlib lets go of the GIL, so the leaves of a big value are hashed on every core: a 256 MiB value
-    is named (client) and checked (worker) in about half the time one SHA-256 over it takes on two.
+    BLAKE3 rather than SHA-256: 2.5 times as fast on one core even where SHA-256 has its own instructions
+    (4-5 times where it has not, as on most Intel CPUs before 2021), and its tree uses every core (the
+    binding lets go of the GIL): a 256 MiB value is named and checked in 35 ms each on two cores, where a
+    tree of SHA-256 took 76.
     """
-    leaves = _leaves(parts)
-    out = [b""] * len(leaves)
-    threads = min(len(leaves), os.cpu_count() or 1, 8)
-    helpers = [threading.Thread(target=_hash_leaves, args=(leaves, out, k, threads), daemon=True)
-               for k in range(1, threads)]
-    for helper in helpers:
-        helper.start()
-    _hash_leaves(leaves, out, 0, threads)
-    for helper in helpers:
-        helper.join()
-    return hashlib.sha256(_TREE + b"".join(out)).digest()
+    big = sum(nbytes(part) for part in parts) >= _THREADS_FROM
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if big else 1)
+    for part in parts:
+        hasher.update(part)
+    return hasher.digest()
 
 
 def task_header(digests: Sequence[bytes], arriving: bool = False) -> bytes:

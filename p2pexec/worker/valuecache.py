@@ -16,7 +16,7 @@ import trio
 from ..protocol.values import (ARRIVING_SECONDS, DIGEST_BYTES, LeaseValues, ValueCache, check_blob, split_blob,
                                split_task)
 
-VERIFY_IN_THREAD = 4 << 20  # hash values at least this big off the loop (hashlib lets go of the GIL)
+VERIFY_IN_THREAD = 4 << 20  # hash values at least this big off the loop (blake3 lets go of the GIL)
 
 
 @dataclass(frozen=True)
