@@ -5,6 +5,7 @@ either cipher a channel may agree on."""
 from __future__ import annotations
 
 import mmap
+import os
 
 import nacl.bindings as sodium
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from p2pexec.errors import ProtocolError
 from p2pexec.protocol.frames import CHUNK, LENGTH, FrameDecoder, Reassembler, Recycled, chunk_pieces
 from p2pexec.protocol.sealing import AEGIS256, XCHACHA20, Opener, Sealer, channel_header, open_chunk
+from p2pexec.worker import hop
 
 KEY = bytes(range(32))
 CIPHERS = pytest.mark.parametrize("aes", [True, False], ids=["AEGIS-256", "XChaCha20-Poly1305"])
@@ -32,6 +34,18 @@ def seal_all(parts, size=CHUNK, final=True, aes=True):
     if final:
         frames.append(bytes(sealer.seal_frame([b"\x00bye"], final=True)))
     return both, frames
+
+
+class ThroughFile(bytearray):
+    """A WrittenThrough buffer (as a worker's shared memory is): writing to it any other way fails the test."""
+
+    def write_at(self, offset, data):
+        data = bytes(data)
+        assert offset + len(data) <= len(self), "written past its end"  # (a sealed memfd refuses to grow)
+        bytearray.__setitem__(self, slice(offset, offset + len(data)), data)
+
+    def __setitem__(self, key, value):
+        raise AssertionError("written through its mapping, not write_at")
 
 
 def receive(both, frames, allocate=bytearray):
@@ -88,15 +102,15 @@ def test_each_channel_has_its_own_nonces(aes):
         Opener(KEY, *other).open(first)
 
 
-@given(st.lists(st.binary(max_size=300), max_size=5), st.integers(1, 64), st.sampled_from([bytearray, None]),
-       st.booleans())
+@given(st.lists(st.binary(max_size=300), max_size=5), st.integers(1, 64),
+       st.sampled_from([bytearray, None, ThroughFile]), st.booleans())
 def test_messages_survive_any_chunk_size(parts, size, allocate, aes):
     header, frames = seal_all(parts, size, aes=aes)
     assert receive(header, frames, allocate) == ([b"".join(parts)], True)
 
 
 @pytest.mark.parametrize("total", [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK - 9, 2 * CHUNK, 2 * CHUNK + 1, 3 * CHUNK + 7])
-@pytest.mark.parametrize("allocate", [bytearray, None])
+@pytest.mark.parametrize("allocate", [bytearray, None, ThroughFile, hop.allocate])
 @CIPHERS
 def test_sizes_at_chunk_boundaries(total, allocate, aes):
     data = bytes(range(251)) * (total // 251) + bytes(total % 251)
@@ -234,6 +248,32 @@ def test_a_chunk_that_fails_in_its_place_leaves_the_message_so_far_as_it_was(aes
     with pytest.raises(ProtocolError, match="authentication"):
         open_chunk(opener, reassembler, bytes(forged))
     assert bytes(reassembler._buf[: reassembler._filled]) == so_far and so_far[-1] != 0
+
+
+@CIPHERS
+@pytest.mark.parametrize("bad", ["tampered", "wrong kind"])
+def test_a_chunk_that_fails_leaves_a_written_through_message_as_it_was(aes, bad):
+    """Such a chunk opens into the reassembler's own buffer first: nothing of it reaches the message."""
+    first = b"\x01" + (40).to_bytes(8, "big") + bytes(range(1, 17))
+    header, frames = sealed_chunks([first, (b"\x02" if bad == "tampered" else b"\x01") + bytes(range(100, 116))], aes)
+    opener, reassembler = Opener(KEY, *header), Reassembler(allocate=ThroughFile)
+    assert open_chunk(opener, reassembler, frames[0]) is None
+    if bad == "tampered":
+        frames[1] = frames[1][:-1] + bytes([frames[1][-1] ^ 1])
+    with pytest.raises(ProtocolError, match="authentication" if bad == "tampered" else "unexpected chunk kind"):
+        open_chunk(opener, reassembler, frames[1])
+    assert bytes(reassembler._buf) == bytes(range(1, 17)) + bytes(24)
+
+
+@pytest.mark.skipif(not hop.shared(), reason="no memfd here")
+def test_a_message_in_shared_memory_is_written_through_its_file_and_reads_back_in_its_mapping():
+    data = bytes(range(251)) * (3 * CHUNK // 251)
+    header, frames = seal_all([data])
+    opener, reassembler = Opener(KEY, *header), Reassembler(allocate=hop.allocate)
+    message = next(m for m in (open_chunk(opener, reassembler, f[LENGTH.size :]) for f in frames) if m is not None)
+    fd = hop.shared_fd(message.obj)
+    assert fd is not None and os.pread(fd, len(data), 0) == data and message == data
+    assert os.fstat(fd).st_size == len(data)  # (sealed: it could not grow, so nothing went past its end)
 
 
 @CIPHERS
