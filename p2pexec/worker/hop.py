@@ -26,6 +26,15 @@ this process) if it has not started: the task process then sends a
 REPORT ``skipped`` naming it, at once (while another task runs), and no
 outcome for it; a task that had started answers as usual.
 
+A task process writes a big outcome into the memfd of its last one when
+the daemon is done with that (:class:`Outcomes`): the daemon numbers the
+SHARED outcomes of a process as they come (0, 1, ...) and, before the
+next task it sends, sends a RELEASED message (``offset``: the number) for
+each it no longer has a view of (:class:`Releases`).  Such a memfd is
+sealed against resizing only, not writing: the daemon forwards an
+outcome and reads nothing in it, so a task process that changes one
+while it is sent changes only its own member's result.
+
 A task process's fd 1 and 2 are files the daemon made and keeps open:
 what the task prints goes there (its start, and all a subprocess
 writes), so the daemon can send it with the error when the process dies
@@ -46,6 +55,7 @@ import mmap
 import os
 import stat
 import struct
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,9 +78,10 @@ def kept_output(fd: int) -> str:
 
 def dropped_note(count: int) -> str:
     return f"\n[p2pexec: {count} characters of this task's output were dropped here; it printed more than it keeps]\n"
-INLINE, SHARED, REPORT, LIMIT, VALUE, SKIP = 0, 1, 2, 3, 4, 5
+INLINE, SHARED, REPORT, LIMIT, VALUE, SKIP, RELEASED = 0, 1, 2, 3, 4, 5, 6
 MAX_REPORT = 1024  # bytes of one REPORT
 SHARED_MIN = 1 << 20  # smaller data is cheaper to copy through the socket
+SPARE_SECONDS = 5.0  # a task process keeps its last big outcome's memfd this long while no task comes
 
 
 @dataclass(frozen=True)
@@ -175,19 +186,76 @@ def map_outcome(fd: int, offset: int, size: int) -> memoryview:
     return memoryview(buffer)[offset : offset + size]
 
 
-def share_outcome(parts: Sequence[bytes | bytearray | memoryview], size: int) -> int:
-    """Write an outcome into a new sealed memfd (task process side); the caller sends and closes it."""
-    fd = os.memfd_create("p2pexec-outcome", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        offset = 0
-        for part in parts:
-            offset = _write_at(fd, offset, part)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+class Outcomes:
+    """The task process's memfds for its big outcomes: the last one is written again for the next that
+    fits (half its size or more) once the daemon has let it go (RELEASED), and dropped after
+    SPARE_SECONDS without a task.  New shared memory is dear to write (0.10 s for 256 MiB here, 0.05 s
+    again); it is only ever this process's, so only its own member's outcomes are written in it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # (RELEASED may be read by the inbox's thread while an outcome is written)
+        self.sent = 0  # shared outcomes sent so far: the daemon numbers them alike
+        self._fd = -1
+        self._size = 0
+        self._lent: int | None = None  # the number the memfd went out with, until the daemon lets it go
+
+    def share(self, parts: Sequence[Buffer], size: int) -> int:
+        """A memfd holding the outcome, to send as the next shared outcome (the caller closes it)."""
+        with self.lock:
+            try:
+                if not (self._fd >= 0 and self._lent is None and size <= self._size <= 2 * size):
+                    self._close()
+                    self._fd = os.memfd_create("p2pexec-outcome", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+                    os.ftruncate(self._fd, size)
+                    fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, _SEALS)
+                    self._size = size
+                offset = 0
+                for part in parts:
+                    offset = _write_at(self._fd, offset, part)
+                fd = os.dup(self._fd)
+            except BaseException:
+                self._close()
+                raise
+            self._lent, self.sent = self.sent, self.sent + 1
+            return fd
+
+    def released(self, number: int) -> None:
+        with self.lock:
+            if number == self._lent:
+                self._lent = None
+
+    @property
+    def spare(self) -> bool:
+        return self._fd >= 0
+
+    def drop(self) -> None:
+        """Let the memfd go (the daemon's mapping of an outcome in it lives on until it lets it go too)."""
+        with self.lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._size, self._lent = -1, 0, None
+
+
+class Releases:
+    """The daemon's side: numbers one task process's shared outcomes as they come, and says which it has
+    let go of (no view of it left) before the next task, so that the process may write in it again."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._let_go: list[int] = []  # (appended to by finalizers, whenever a mapping's last view goes)
+
+    def track(self, view: memoryview) -> memoryview:
+        weakref.finalize(view.obj, self._let_go.append, self._count)
+        self._count += 1
+        return view
+
+    def notices(self) -> bytes:
+        numbers = self._let_go[:]
+        del self._let_go[: len(numbers)]
+        return b"".join(HEADER.pack(RELEASED, number, 0) for number in numbers)
 
 
 def map_payload(fd: int, offset: int, size: int) -> memoryview:

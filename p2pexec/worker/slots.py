@@ -23,7 +23,8 @@ from .. import portability
 from ..protocol.frames import Buffer, nbytes
 from ..protocol.resources import format_size
 from ..transport.eager_locks import EagerLock
-from .hop import HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, SKIP, VALUE, Report, kept_output, map_outcome
+from .hop import (HEADER, INLINE, LIMIT, MAX_REPORT, REPORT, SHARED, SKIP, VALUE, Releases, Report, kept_output,
+                  map_outcome)
 from .history import printable
 from .hop_reader import HopBroken, HopReader, close, nonblocking_call, send_all
 from .privileges import prctl
@@ -76,6 +77,7 @@ class TaskSlot:
         self.env: dict[str, str] = {}  # for its task processes on top of the daemon's (GPUs, current_worker)
         self.limit: int | None = None  # the address space its tasks get now (None: the hard limit), per lease
         self._applied: int | None = None  # the limit its process has been told
+        self._releases = Releases()  # its shared outcomes, and those let go of (hop.Releases)
         self._over: str | None = None  # the limit the running task went past, as the task process reported
         self.missing: str | None = None  # the module its last task could not be loaded without (reported)
         self.on_skipped: Callable[[int], None] = _ignore  # told the number of each task skipped (:meth:`skip`)
@@ -100,7 +102,7 @@ class TaskSlot:
         env = self.sandbox.environment(os.environ, self._scratch, _PACKAGE_ROOT, self.index)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
         env.update(self.env)
-        self._applied = None
+        self._applied, self._releases = None, Releases()
         self._output = [tempfile.TemporaryFile(dir=self._scratch) for _ in range(2)]  # its fd 1 and 2
         ours, theirs = socket.socketpair()  # AF_UNIX where there is one
         info_read, info_write = os.pipe() if self.sandbox.processes is not None else (None, None)
@@ -147,20 +149,18 @@ class TaskSlot:
         """Hand ``tasks`` to the task process, which runs them in order, answering each (:meth:`outcome`);
         returns their numbers, for :meth:`skip`.  ``tasks`` are (payload, shared, values): ``shared`` is
         (memfd, offset) when the payload lies in shared memory; ``values`` are the big values it refers to
-        (each task process maps them afresh: its own copy to write into).
-
-        Small ones go in one write: the task process finds the next waiting
-        when it is done with one, with no wake-up of either side between.
+        (each task process maps them afresh: its own copy to write into).  Small ones go in one write: the
+        task process finds the next waiting when it is done with one, with no wake-up of either side between.
         """
         if self._proc is None or self._proc.returncode is not None:
             await self.start()
         first, self.taken = self.taken, self.taken + len(tasks)
         self._outstanding += len(tasks)
         async with _Hop(self), self._writing:
+            inline = bytearray(self._releases.notices())  # (its memory for outcomes, written again)
             if self.limit != self._applied:
-                await self._send_all(HEADER.pack(LIMIT, 0, self.limit or 0))
+                inline += HEADER.pack(LIMIT, 0, self.limit or 0)
                 self._applied = self.limit
-            inline = bytearray()
             for payload, shared, values in tasks:
                 size = nbytes(payload)
                 if shared is None and not values and size <= 1 << 16:
@@ -248,7 +248,7 @@ class TaskSlot:
                 self._outstanding -= 1
                 if kind == SHARED and len(fds) == 1:
                     try:
-                        return map_outcome(fds[0], offset, size)
+                        return self._releases.track(map_outcome(fds[0], offset, size))
                     except (ValueError, OSError) as exc:
                         raise await self._end(f"the task process sent an unusable shared outcome: {exc}") from None
                 if kind != INLINE or fds:

@@ -31,8 +31,8 @@ from ..protocol.frames import ALIGN, nbytes
 from ..protocol.values import VALUE_AT
 from ..task_logs import record_here
 from ..tasks import dump_outcome, load_task
-from .hop import (HEADER, INLINE, LIMIT, OUTPUT_KEPT, REPORT, SHARED, SHARED_MIN, SKIP, VALUE, dropped_note, kept_output,
-                  map_payload, share_outcome, shared)
+from .hop import (HEADER, INLINE, LIMIT, OUTPUT_KEPT, RELEASED, REPORT, SHARED, SHARED_MIN, SKIP, SPARE_SECONDS, VALUE,
+                  Outcomes, dropped_note, kept_output, map_payload, shared)
 from .privileges import prctl
 from .sandbox import LANDLOCK_ENV
 
@@ -140,8 +140,9 @@ class _Inbox:
     waking it for each task cost a lone task's round trip ~0.3 ms, its wake-up competing for the GIL with
     the task's thread."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, outcomes: Outcomes) -> None:
         self.sock = sock
+        self.outcomes = outcomes
         self.lock = threading.Lock()  # guards what follows (not the socket)
         self.reading = threading.Lock()  # held by whichever thread reads a message off the hop
         self.waiting: deque[tuple[int, int, Data]] = deque()  # read, not yet taken: (kind, number, data)
@@ -172,6 +173,8 @@ class _Inbox:
                     with self.lock:
                         empty = not self.waiting
                     if empty:
+                        if self.outcomes.spare and not select.select([self.sock], [], [], SPARE_SECONDS)[0]:
+                            self.outcomes.drop()  # no task for a while: its memory goes back
                         self._read()
             elif item[0] == VALUE:
                 values.append(item[2])
@@ -189,6 +192,9 @@ class _Inbox:
                 self.closed = self.ended = True
                 return
             kind, number, data = message
+            if kind == RELEASED:
+                self.outcomes.released(number)
+                return
             if kind == SKIP:
                 if number in self.skipped or not any(k in (INLINE, SHARED) and n == number
                                                      for k, n, _ in self.waiting):
@@ -236,7 +242,7 @@ def _receive_one(sock: socket.socket) -> tuple[int, int, Data] | None:
         if not data:
             return None
         kind, offset, size = HEADER.unpack(header)
-        if kind in (LIMIT, SKIP) and not fds:
+        if kind in (LIMIT, SKIP, RELEASED) and not fds:
             return kind, size if kind == LIMIT else offset, bytearray()
         if kind in (SHARED, VALUE) and len(fds) == 1:
             return kind, 0, map_payload(fds[0], offset, size)
@@ -292,12 +298,12 @@ def _tell_name(sock: socket.socket, name: str, reported: str | None) -> str:
     return name
 
 
-def _send(sock: socket.socket, parts: list, report: bytes = b"") -> None:
+def _send(sock: socket.socket, outcomes: Outcomes, parts: list, report: bytes = b"") -> None:
     """The outcome, after ``report`` if any: through shared memory when big, else inline in one write."""
     size = sum(nbytes(p) for p in parts)
     if size >= SHARED_MIN and shared():
         try:
-            fd = share_outcome(parts, size)
+            fd = outcomes.share(parts, size)
         except OSError:
             pass  # no memfd here: inline it is
         else:
@@ -316,7 +322,8 @@ def serve(sock: socket.socket) -> None:
     capture, recorder = _Capture(), record_here()
     sock.sendall(HEADER.pack(INLINE, 0, 0))  # ready: imports done
     reported = None  # the function name the daemon has: said again only when it changes (maps cost nothing)
-    inbox = _Inbox(sock)
+    outcomes = Outcomes()
+    inbox = _Inbox(sock, outcomes)
     while True:
         received = inbox.next_task()
         if received is None:
@@ -353,7 +360,7 @@ def serve(sock: socket.socket) -> None:
         stdout, stderr = capture.collect(out, err)
         parts = dump_outcome(ok, value, stdout, stderr, recorder.take(), by_chunk=ok and _runs_chunks(fn))
         del value, fn, args, kwargs  # (as in a ProcessPoolExecutor's worker: not held while the next is awaited)
-        _send(sock, parts, b"" if ok else _report({"ok": False}))
+        _send(sock, outcomes, parts, b"" if ok else _report({"ok": False}))
         del parts
 
 
