@@ -67,6 +67,46 @@ def test_an_outcome_the_daemon_holds_is_never_written_over_and_one_let_go_is_wri
     trio.run(main)
 
 
+def small() -> int:
+    return 1
+
+
+def test_outcomes_are_numbered_alike_on_both_sides_through_small_outcomes_and_a_new_process():
+    """Only shared outcomes are numbered, and a new process numbers afresh: an outcome of the process
+    before, let go of later, must not free one of the new process's."""
+    async def main() -> None:
+        slot = TaskSlot(0)
+        try:
+            await slot.submit([task(big, "a"), task(small), task(big, "b")])
+            a, one, b = [await slot.outcome() for _ in range(3)]
+            assert load_outcome(one).value == 1
+            del a, one
+            gc.collect()  # shared outcome 0 let go, 1 (b) held
+            await slot.submit([task(big, "c")])
+            c = await slot.outcome()
+            assert load_outcome(b).value == big("b") and load_outcome(c).value == big("c")
+            await slot.stop()
+            await slot.submit([task(big, "d")])  # a new process: d is its outcome 0, held
+            d = await slot.outcome()
+            del b, c
+            gc.collect()  # the old process's 1 and 2 let go
+            await slot.submit([task(big, "e")])
+            e = await slot.outcome()
+            assert load_outcome(d).value == big("d") and load_outcome(e).value == big("e")
+            await slot.stop()
+            await slot.submit([task(big, "f")])
+            f = await slot.outcome()  # held: its process's outcome 0
+            del d, e
+            gc.collect()  # the process before's 0 and 1 let go: said to nobody
+            await slot.submit([task(big, "g")])
+            g = await slot.outcome()
+            assert load_outcome(f).value == big("f") and load_outcome(g).value == big("g")
+        finally:
+            await slot.stop()
+
+    trio.run(main)
+
+
 def test_outcomes_reuse_a_memfd_only_once_released_and_only_for_a_similar_size():
     outcomes = hop.Outcomes()
 
@@ -82,14 +122,15 @@ def test_outcomes_reuse_a_memfd_only_once_released_and_only_for_a_similar_size()
     assert share(b"y" * MIB)[0] != first  # number 0 not released yet
     second = share(b"z" * MIB)[0]  # (number 2: 1 went with the memfd before)
     outcomes.released(1)  # not the one it went out with
-    assert share(b"w" * MIB)[0] != second
+    fourth = share(b"w" * MIB)[0]
+    assert fourth != second
     outcomes.released(3)
     again, got = share(b"v" * (MIB - 5))
-    assert got == b"v" * (MIB - 5) and outcomes.sent == 5
+    assert again == fourth and got == b"v" * (MIB - 5) and outcomes.sent == 5
     outcomes.released(4)
     assert share(b"u" * (MIB // 4))[0] != again  # far smaller: its own memfd, the big one goes
-    outcomes.drop()
-    assert not outcomes.spare
+    outcomes.released(5)
+    assert share(b"t" * MIB)[0] != again  # far bigger: its own too
 
 
 def test_the_daemon_says_an_outcome_is_let_go_only_once_no_view_of_it_is_left():
@@ -111,27 +152,36 @@ class Watched(hop.Outcomes):
         super().__init__()
         self.dropped = threading.Event()
 
-    def drop(self) -> None:
-        super().drop()
-        self.dropped.set()
+    def expire(self) -> None:
+        super().expire()
+        if not self.spare:
+            self.dropped.set()
 
 
-def test_a_task_process_waiting_for_tasks_lets_its_spare_memory_go(monkeypatch):
-    monkeypatch.setattr(taskproc, "SPARE_SECONDS", 0.05)
+@pytest.mark.parametrize("state", ["waiting for a task", "running one"])
+def test_a_task_process_lets_its_spare_memory_go_when_no_big_outcome_came_for_a_while(monkeypatch, state):
+    """Idle, or busy with tasks whose outcomes are small: the memfd counts in no limit, so it goes."""
+    monkeypatch.setattr(hop, "SPARE_SECONDS", 0.05)
     ours, theirs = socket.socketpair()
     outcomes = Watched()
     os.close(outcomes.share([b"s" * MIB], MIB))
     outcomes.released(0)
     inbox = taskproc._Inbox(theirs, outcomes)
     got = []
+    task = hop.HEADER.pack(hop.INLINE, 0, 4) + b"task"
+    if state == "running one":
+        ours.sendall(task)
+        got.append(inbox.next_task())  # (the inbox now takes it that a task runs)
+        assert inbox.running
     waiting = threading.Thread(target=lambda: got.append(inbox.next_task()), daemon=True)
-    waiting.start()
+    if state == "waiting for a task":
+        waiting.start()
     try:
         assert outcomes.dropped.wait(10) and not outcomes.spare
-        payload = b"task"
-        ours.sendall(hop.HEADER.pack(hop.INLINE, 0, len(payload)) + payload)
-        waiting.join(10)
-        assert got and bytes(got[0][0]) == payload
+        if state == "waiting for a task":
+            ours.sendall(task)
+            waiting.join(10)
+        assert got and bytes(got[0][0]) == b"task"
     finally:
         ours.close()
         theirs.close()

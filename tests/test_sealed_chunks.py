@@ -273,7 +273,19 @@ def test_a_message_in_shared_memory_is_written_through_its_file_and_reads_back_i
     message = next(m for m in (open_chunk(opener, reassembler, f[LENGTH.size :]) for f in frames) if m is not None)
     fd = hop.shared_fd(message.obj)
     assert fd is not None and os.pread(fd, len(data), 0) == data and message == data
-    assert os.fstat(fd).st_size == len(data)  # (sealed: it could not grow, so nothing went past its end)
+    assert message.readonly  # (so nothing could have been written through the mapping)
+
+
+def test_a_message_that_cannot_be_stored_ends_the_channel_with_a_protocol_error():
+    class Full(ThroughFile):
+        def write_at(self, offset, data):
+            raise OSError(28, "No space left on device")
+
+    header, frames = seal_all([bytes(3 * CHUNK)])
+    opener, reassembler = Opener(KEY, *header), Reassembler(allocate=Full)
+    with pytest.raises(ProtocolError, match="could not store the .* No space left"):
+        for frame in frames:
+            open_chunk(opener, reassembler, frame[LENGTH.size :])
 
 
 @CIPHERS

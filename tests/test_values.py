@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
+import os
 import random
+import select
+import signal
 
 import blake3
 import pytest
@@ -78,6 +82,29 @@ def test_a_big_digest_is_the_same_wherever_the_parts_split(sizes, data):
     cuts = [0, *itertools.accumulate(sizes)]
     parts = [memoryview(payload)[a:b] for a, b in zip(cuts, cuts[1:])]
     assert digest(parts) == digest([payload]) == blake3.blake3(payload).digest()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_names_a_big_value_as_its_parent_did():
+    """Hashed on several threads, in a process that may fork (multiprocessing, a prefork server)."""
+    value = bytes(8 << 20)
+    named = digest([value])
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, digest([value]))
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        assert select.select([read], [], [], 30)[0], "the child hangs naming a value"
+        assert os.read(read, 64) == named
+    finally:
+        os.close(read)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 # -- the worker's cache ----------------------------------------------------------------------------------------

@@ -140,8 +140,10 @@ class Reassembler:
 
         Within a message the next chunk is MORE or LAST: its one-byte kind
         lands on the last byte filled so far (kept aside, put back by
-        :meth:`placed`), its data where it belongs.  A chunk that would run
-        past the announced total gets no place: :meth:`feed` rejects it.
+        :meth:`placed`), its data where it belongs; in a message written
+        through its file, the chunk lands whole in the reassembler's own
+        buffer.  A chunk that would run past the announced total gets no
+        place: :meth:`feed` rejects it.
         """
         if self._buf is None or self._filled == 0 or not 0 < size <= self._total - self._filled + 1:
             return None
@@ -164,7 +166,7 @@ class Reassembler:
         if kind not in (_MORE, _LAST):
             raise ProtocolError(f"unexpected chunk kind {kind}")
         if self._write_at is not None:
-            self._write_at(self._filled, memoryview(self._scratch)[1:size])
+            self._write(memoryview(self._scratch)[1:size])
         self._filled = at + size
         return self._done() if kind == _LAST else None
 
@@ -185,11 +187,18 @@ class Reassembler:
         if end > self._total:
             raise ProtocolError("chunked message longer than announced")
         if self._write_at is not None:
-            self._write_at(self._filled, view)
+            self._write(view)
         else:
             self._buf[self._filled : end] = view
         self._filled = end
         return self._done() if last else None
+
+    def _write(self, data: Buffer) -> None:
+        assert self._write_at is not None
+        try:
+            self._write_at(self._filled, data)
+        except OSError as exc:  # (e.g. shared memory over its limit)
+            raise ProtocolError(f"could not store the {self._total}-byte message the peer sent: {exc}") from None
 
     def _done(self) -> memoryview:
         if self._filled != self._total:

@@ -29,7 +29,8 @@ from .frames import LENGTH, MAX_FRAME, Buffer, Reassembler, Writable, nbytes
 
 def open_chunk(opener: Opener, reassembler: Reassembler, frame: Buffer) -> memoryview | None:
     """Decrypt a sealed chunk into its message: straight into the message's buffer where it has a place
-    there (:meth:`Reassembler.place`), else through a buffer of its own.  The message, once complete."""
+    there (:meth:`Reassembler.place`: or the reassembler's own buffer, for a message written through its
+    file), else through a buffer of its own.  The message, once complete."""
     size = nbytes(frame) - opener.cipher.overhead
     place = reassembler.place(size)
     if place is None:

@@ -34,6 +34,7 @@ stored, for :data:`ARRIVING_SECONDS` at most, before saying UNCACHED.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -61,6 +62,7 @@ T = TypeVar("T")
 
 
 _THREADS_FROM = 4 << 20  # a smaller value is hashed on one core (starting the others would cost more)
+_MAX_THREADS = 8
 
 
 def digest(parts: Sequence[Buffer]) -> bytes:
@@ -69,12 +71,13 @@ def digest(parts: Sequence[Buffer]) -> bytes:
     BLAKE3 rather than SHA-256: 2.5 times as fast on one core even where SHA-256 has its own instructions
     (4-5 times where it has not, as on most Intel CPUs before 2021), and its tree uses every core (the
     binding lets go of the GIL): a 256 MiB value is named and checked in 35 ms each on two cores, where a
-    tree of SHA-256 took 76.
+    tree of SHA-256 took 76.  Its threads are the hasher's own (its ``AUTO`` pool, shared by the process,
+    does not survive a ``fork``: a forked child of a client that had named a big value hung naming one).
     """
     big = sum(nbytes(part) for part in parts) >= _THREADS_FROM
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if big else 1)
+    hasher = blake3.blake3(max_threads=min(os.cpu_count() or 1, _MAX_THREADS) if big else 1)
     for part in parts:
-        hasher.update(part)
+        hasher.update(memoryview(part).cast("B"))
     return hasher.digest()
 
 

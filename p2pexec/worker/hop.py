@@ -56,6 +56,7 @@ import os
 import stat
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ def dropped_note(count: int) -> str:
 INLINE, SHARED, REPORT, LIMIT, VALUE, SKIP, RELEASED = 0, 1, 2, 3, 4, 5, 6
 MAX_REPORT = 1024  # bytes of one REPORT
 SHARED_MIN = 1 << 20  # smaller data is cheaper to copy through the socket
-SPARE_SECONDS = 5.0  # a task process keeps its last big outcome's memfd this long while no task comes
+SPARE_SECONDS = 5.0  # a task process keeps its last big outcome's memfd this long for the next
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,10 @@ def shared() -> bool:
 
 
 class SharedMemory(mmap.mmap):
-    """A sealed memfd's mapping, which task processes can be given (:attr:`fd`).  Written through the
-    file (:meth:`write_at`, a :class:`~p2pexec.protocol.frames.WrittenThrough`): new shared memory written
-    through a mapping faults in page by page, which made a 256 MiB task's value arrive 0.07 s later."""
+    """A sealed memfd's read-only mapping, which task processes can be given (:attr:`fd`).  Written
+    through the file (:meth:`write_at`, a :class:`~p2pexec.protocol.frames.WrittenThrough`): new shared
+    memory written through a mapping faults in page by page, which made a 256 MiB value arrive 0.07 s
+    later."""
 
     fd: int
 
@@ -155,7 +157,7 @@ def allocate(size: int) -> SharedMemory | bytearray:
     try:
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-        buffer = SharedMemory(fd, size)
+        buffer = SharedMemory(fd, size, prot=mmap.PROT_READ)  # (written only through the file)
     except BaseException:
         os.close(fd)
         raise
@@ -188,16 +190,18 @@ def map_outcome(fd: int, offset: int, size: int) -> memoryview:
 
 class Outcomes:
     """The task process's memfds for its big outcomes: the last one is written again for the next that
-    fits (half its size or more) once the daemon has let it go (RELEASED), and dropped after
-    SPARE_SECONDS without a task.  New shared memory is dear to write (0.10 s for 256 MiB here, 0.05 s
-    again); it is only ever this process's, so only its own member's outcomes are written in it."""
+    fits (half its size or more) once the daemon has let it go (RELEASED), and dropped once no outcome
+    went in it for SPARE_SECONDS (:meth:`expire`).  New shared memory is dear to write (0.10 s for 256 MiB
+    here, 0.05 s again); it is only ever this process's, so only its own member's outcomes are written in
+    it.  (Unmapped here, it counts in no limit of the task process: hence the short keep.)"""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()  # (RELEASED may be read by the inbox's thread while an outcome is written)
+        self.lock = threading.Lock()  # (the inbox's thread reads RELEASED and expires the memfd)
         self.sent = 0  # shared outcomes sent so far: the daemon numbers them alike
         self._fd = -1
         self._size = 0
         self._lent: int | None = None  # the number the memfd went out with, until the daemon lets it go
+        self._used = 0.0  # when an outcome last went in it (time.monotonic)
 
     def share(self, parts: Sequence[Buffer], size: int) -> int:
         """A memfd holding the outcome, to send as the next shared outcome (the caller closes it)."""
@@ -216,7 +220,7 @@ class Outcomes:
             except BaseException:
                 self._close()
                 raise
-            self._lent, self.sent = self.sent, self.sent + 1
+            self._lent, self.sent, self._used = self.sent, self.sent + 1, time.monotonic()
             return fd
 
     def released(self, number: int) -> None:
@@ -228,10 +232,15 @@ class Outcomes:
     def spare(self) -> bool:
         return self._fd >= 0
 
-    def drop(self) -> None:
-        """Let the memfd go (the daemon's mapping of an outcome in it lives on until it lets it go too)."""
-        with self.lock:
-            self._close()
+    def expire(self) -> None:
+        """Let the memfd go if no outcome went in it for SPARE_SECONDS (the daemon's mapping of an outcome
+        in it lives on until it lets it go too); not while one is written."""
+        if self._fd >= 0 and time.monotonic() - self._used >= SPARE_SECONDS and self.lock.acquire(blocking=False):
+            try:
+                if time.monotonic() - self._used >= SPARE_SECONDS:
+                    self._close()
+            finally:
+                self.lock.release()
 
     def _close(self) -> None:
         if self._fd >= 0:

@@ -219,7 +219,8 @@ class TaskSlot:
         await self._send_all(header[sent:])
 
     async def _receive_outcome(self) -> Buffer | None:
-        """The next outcome from the task process: inline bytes, or a view of its sealed shared memory;
+        """The next outcome from the task process: inline bytes, or a view of its shared memory (a memfd
+        sealed against resizing, :class:`.hop.Releases` says when it is let go);
         None once every task handed over is answered or skipped.
 
         REPORT messages come before an outcome (the function's name, a

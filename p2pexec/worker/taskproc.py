@@ -31,7 +31,7 @@ from ..protocol.frames import ALIGN, nbytes
 from ..protocol.values import VALUE_AT
 from ..task_logs import record_here
 from ..tasks import dump_outcome, load_task
-from .hop import (HEADER, INLINE, LIMIT, OUTPUT_KEPT, RELEASED, REPORT, SHARED, SHARED_MIN, SKIP, SPARE_SECONDS, VALUE,
+from .hop import (HEADER, INLINE, LIMIT, OUTPUT_KEPT, RELEASED, REPORT, SHARED, SHARED_MIN, SKIP, VALUE,
                   Outcomes, dropped_note, kept_output, map_payload, shared)
 from .privileges import prctl
 from .sandbox import LANDLOCK_ENV
@@ -173,8 +173,6 @@ class _Inbox:
                     with self.lock:
                         empty = not self.waiting
                     if empty:
-                        if self.outcomes.spare and not select.select([self.sock], [], [], SPARE_SECONDS)[0]:
-                            self.outcomes.drop()  # no task for a while: its memory goes back
                         self._read()
             elif item[0] == VALUE:
                 values.append(item[2])
@@ -187,14 +185,14 @@ class _Inbox:
         """One message off the hop (the caller holds ``reading``); a SKIP of a task still waiting is
         answered here."""
         message = _receive_one(self.sock)
+        if message is not None and message[0] == RELEASED:
+            self.outcomes.released(message[1])  # (outside the lock: it waits for an outcome being written)
+            return
         with self.lock:
             if message is None:
                 self.closed = self.ended = True
                 return
             kind, number, data = message
-            if kind == RELEASED:
-                self.outcomes.released(number)
-                return
             if kind == SKIP:
                 if number in self.skipped or not any(k in (INLINE, SHARED) and n == number
                                                      for k, n, _ in self.waiting):
@@ -213,6 +211,7 @@ class _Inbox:
         try:
             while not self.closed:
                 time.sleep(WATCH_SECONDS if self.running else IDLE_SECONDS)
+                self.outcomes.expire()
                 if not self.running or not self.reading.acquire(blocking=False):
                     continue  # no task runs, or the task's thread reads: it ended
                 try:

@@ -1,6 +1,7 @@
 """The worker's cache of big values (:mod:`p2pexec.protocol.values`), holding their bytes where they landed.
 
-A BLOB's message is decrypted into a sealed memfd (:func:`.hop.allocate`),
+A BLOB's message is written, chunk by chunk as each is decrypted, into a
+sealed memfd (:func:`.hop.allocate`),
 so a cached value is a view of that memory; each task that uses it gets
 the memfd and maps it privately (copy on write): it reads the value in
 place and may write into its own copy.  The daemon never unpickles a
