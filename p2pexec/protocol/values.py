@@ -4,9 +4,10 @@ An argument value of :data:`HOIST_MIN` bytes or more (bytes-like, a NumPy
 array, a function with a big closure, any object whose pickle is that
 large) is pickled on its own, as a *value*, named by its :func:`digest`
 (BLAKE3 of its payload, which both the client naming it and the worker
-checking it compute on every core).  A task's pickle refers to it by index; the task carries the
-digests.  The worker keeps values in a bounded cache keyed by
-``(member, digest)``, so one member can neither use nor probe another's.
+checking it compute on every core).  A task's pickle refers to it by
+index; the task carries the digests.  The worker keeps values in a
+bounded cache keyed by ``(member, digest)``, so one member can neither
+use nor probe another's.
 
 Who sends what, on a lease's encrypted channel::
 
