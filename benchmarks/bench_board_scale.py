@@ -87,8 +87,9 @@ def run_board(tmp: str, conn: Any, trace: bool) -> None:
     import paramiko
 
     from p2pexec.board.admission import Limits
-    from p2pexec.board.server import BoardServer
+    from p2pexec.board.server import BoardServer, dedicate_process
 
+    dedicate_process()  # (as `p2pexec board` does)
     users = Keyring.parse((Path(tmp) / "users.txt").read_text())
     board = BoardServer(host_key=paramiko.Ed25519Key.from_private_key_file(str(Path(tmp) / "keys" / "owner")),
                         users=users, state_dir=Path(tmp) / "state", subscriber_queue=100_000,

@@ -259,7 +259,7 @@ def _board(args: argparse.Namespace) -> int:
 
     from .board.admission import Limits
     from .board.client import fingerprint
-    from .board.server import BoardServer, UsersFileWatcher, load_or_create_host_key
+    from .board.server import BoardServer, UsersFileWatcher, dedicate_process, load_or_create_host_key
     from .keys import Keyring
 
     host, _, port = args.listen.rpartition(":")
@@ -294,6 +294,7 @@ def _board(args: argparse.Namespace) -> int:
                                f"--relay-listen, or run none with --no-relay") from None
         server.relay = RelayAddress(relay.peer_id, relay.port, tuple(_announced(args, relay.peer_id)))
     watcher = UsersFileWatcher(server, users_path)
+    dedicate_process()
     try:
         server.start()
     except OSError as exc:

@@ -11,6 +11,7 @@ import re
 import shlex
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 from p2pexec.board.admission import Limits
 from p2pexec.board.commands import USAGE, Command, CommandError, format_duration, parse
-from p2pexec.board.server import BoardServer, UsersFileWatcher, load_or_create_host_key
+from p2pexec.board.server import SWITCH_SECONDS, BoardServer, UsersFileWatcher, load_or_create_host_key
 from p2pexec.board.ssh_transport import BoardTransport
 from p2pexec.keys import Identity, Keyring, generate_identity_file, load_identity
 from p2pexec.protocol.messages import InvalidMessage, decode, encode
@@ -184,6 +185,18 @@ def replace_file(path: Path, text: str) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_an_embedded_board_leaves_its_process_switch_interval_and_a_dedicated_one_sets_it(
+        make_board: Callable[..., BoardServer]) -> None:
+    """``p2pexec board`` is the board's own process; a board in a user's process (a LocalCluster's) is not."""
+    before = sys.getswitchinterval()
+    make_board()
+    assert sys.getswitchinterval() == before
+    done = subprocess.run([sys.executable, "-c", "import sys; from p2pexec.board.server import dedicate_process; "
+                           "dedicate_process(); print(sys.getswitchinterval())"],
+                          capture_output=True, text=True, timeout=60)
+    assert float(done.stdout) == pytest.approx(SWITCH_SECONDS) and SWITCH_SECONDS != before
+
+
 def test_host_key_is_created_once_and_private(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "host_key"
     key = load_or_create_host_key(path)
