@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pexec.board.server import SWITCH_SECONDS
 from p2pexec.keys import generate_identity_file, load_identity
 
 from .conftest import wait_until
@@ -85,6 +86,29 @@ def test_host_by_a_non_owner_is_refused_locally(board_process):
                            "--known-hosts", str(b["known"])], capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert "only the owner 'alice'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_board_cli_takes_its_process_for_the_board(tmp_path):
+    """``p2pexec board`` sets its own interpreter's switch interval (board.server.dedicate_process): the
+    run below reports the interval as the board starts, then is stopped."""
+    generate_identity_file(tmp_path / "alice", "alice")
+    users = tmp_path / "users"
+    users.write_text(f"alice {load_identity('alice', tmp_path / 'alice').openssh_public} alice@test\n")
+    run = ("import sys; import p2pexec.board.server as s; dedicate = s.dedicate_process; "
+           "s.dedicate_process = lambda: (dedicate(), print('switch interval', sys.getswitchinterval(), flush=True)); "
+           "from p2pexec.cli import main; sys.exit(main())")
+    proc = subprocess.Popen([sys.executable, "-c", run, "board", "--listen", "127.0.0.1:0", "--users", str(users),
+                             "--state", str(tmp_path / "state"), "--no-relay"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("switch interval"), first + proc.stderr.read() if proc.poll() is not None else first
+        assert float(first.split()[-1]) == pytest.approx(SWITCH_SECONDS)
+        assert "listening on 127.0.0.1:" in proc.stdout.readline()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
 
 
 def test_board_cli_bad_users_file_is_a_clear_error(tmp_path):

@@ -185,3 +185,20 @@ def test_a_task_process_lets_its_spare_memory_go_when_no_big_outcome_came_for_a_
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_memfd_the_daemon_still_sends_from_is_kept_and_goes_only_after_it_was_let_go(monkeypatch):
+    """Over a slow uplink an outcome takes longer to send than SPARE_SECONDS: the memory is kept for the
+    next outcome, and its time to go counts from when the daemon let it go."""
+    monkeypatch.setattr(hop, "SPARE_SECONDS", 0.05)
+    outcomes = Watched()
+    os.close(outcomes.share([b"l" * MIB], MIB))  # lent: number 0
+    ours, theirs = socket.socketpair()
+    taskproc._Inbox(theirs, outcomes)  # (its thread expires what is due)
+    try:
+        assert not outcomes.dropped.wait(0.6)  # a dozen SPARE_SECONDS, twice the thread's look while idle
+        outcomes.released(0)
+        assert outcomes.dropped.wait(10) and not outcomes.spare
+    finally:
+        ours.close()
+        theirs.close()

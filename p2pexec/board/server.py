@@ -76,12 +76,13 @@ def dedicate_process() -> None:
     """Set this process up to serve a board and little else (``p2pexec board``; never a user's process,
     where a board may be embedded).
 
-    A board runs four threads per connection (paramiko's): 4,205 at 1,000 workers, most of them waking
-    for a moment and blocking again.  Every 5 ms (Python's switch interval) a thread that holds the GIL
-    is made to hand it on to the next that waits: with thousands waiting, the thread routing a line
-    waited its turn again and again.  With 50 ms, threads give the GIL up when they block, as they soon
-    do: at 1,000 workers a request's first lease came within 0.62-0.84 s at the 95th percentile instead
-    of 1.6-3.4 s, for 0.50-0.56 ms of the board's CPU per task instead of 0.72-0.86 (runs in turns).
+    A board runs four threads per connection (paramiko's transport's and three of its own): 4,205 at
+    1,000 workers, most of them waking for a moment and blocking again.  Every 5 ms (Python's switch
+    interval) a thread that holds the GIL is made to hand it on to the next that waits: with thousands
+    waiting, the thread routing a line waited its turn again and again.  With 50 ms, threads give the
+    GIL up when they block, as they soon do: at 1,000 workers a request's first lease came within
+    0.62-0.84 s at the 95th percentile instead of 1.6-3.4 s, for 0.50-0.56 ms of the board's CPU per
+    task instead of 0.72-0.86 (runs in turns).
     """
     sys.setswitchinterval(SWITCH_SECONDS)
 

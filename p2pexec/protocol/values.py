@@ -4,7 +4,7 @@ An argument value of :data:`HOIST_MIN` bytes or more (bytes-like, a NumPy
 array, a function with a big closure, any object whose pickle is that
 large) is pickled on its own, as a *value*, named by its :func:`digest`
 (BLAKE3 of its payload, which both the client naming it and the worker
-checking it compute on every core).  A task's pickle refers to it by
+checking it compute on up to 8 cores).  A task's pickle refers to it by
 index; the task carries the digests.  The worker keeps values in a
 bounded cache keyed by ``(member, digest)``, so one member can neither
 use nor probe another's.
@@ -62,21 +62,26 @@ ARRIVING_SECONDS = 60.0  # how long a worker waits for such a value before answe
 T = TypeVar("T")
 
 
-_THREADS_FROM = 4 << 20  # a smaller value is hashed on one core (starting the others would cost more)
+_THREADS_FROM = 8 << 20  # a smaller value is hashed on one core (starting threads would cost about as much)
 _MAX_THREADS = 8
+
+
+def _cores() -> int:
+    """The cores this process may run on (its affinity, where the system says)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def digest(parts: Sequence[Buffer]) -> bytes:
     """The name of a value: the BLAKE3 of its payload's parts, in order.
 
     BLAKE3 rather than SHA-256: 2.5 times as fast on one core even where SHA-256 has its own instructions
-    (4-5 times where it has not, as on most Intel CPUs before 2021), and its tree uses every core (the
-    binding lets go of the GIL): a 256 MiB value is named and checked in 35 ms each on two cores, where a
+    (4-5 times where it has not, as on most Intel CPUs before 2021), and its tree is hashed on up to 8
+    cores (the binding lets go of the GIL): a 256 MiB value is named and checked in 35 ms each on two cores, where a
     tree of SHA-256 took 76.  Its threads are the hasher's own (its ``AUTO`` pool, shared by the process,
     does not survive a ``fork``: a forked child of a client that had named a big value hung naming one).
     """
     big = sum(nbytes(part) for part in parts) >= _THREADS_FROM
-    hasher = blake3.blake3(max_threads=min(os.cpu_count() or 1, _MAX_THREADS) if big else 1)
+    hasher = blake3.blake3(max_threads=min(_cores(), _MAX_THREADS) if big else 1)
     for part in parts:
         hasher.update(memoryview(part).cast("B"))
     return hasher.digest()

@@ -83,6 +83,7 @@ INLINE, SHARED, REPORT, LIMIT, VALUE, SKIP, RELEASED = 0, 1, 2, 3, 4, 5, 6
 MAX_REPORT = 1024  # bytes of one REPORT
 SHARED_MIN = 1 << 20  # smaller data is cheaper to copy through the socket
 SPARE_SECONDS = 5.0  # a task process keeps its last big outcome's memfd this long for the next
+LENT_SECONDS = 60.0  # and one the daemon still sends from (over a slow uplink) this long
 
 
 @dataclass(frozen=True)
@@ -190,10 +191,11 @@ def map_outcome(fd: int, offset: int, size: int) -> memoryview:
 
 class Outcomes:
     """The task process's memfds for its big outcomes: the last one is written again for the next that
-    fits (half its size or more) once the daemon has let it go (RELEASED), and dropped once no outcome
-    went in it for SPARE_SECONDS (:meth:`expire`).  New shared memory is dear to write (0.10 s for 256 MiB
-    here, 0.05 s again); it is only ever this process's, so only its own member's outcomes are written in
-    it.  (Unmapped here, it counts in no limit of the task process: hence the short keep.)"""
+    fits (half its size or more) once the daemon has let it go (RELEASED), and dropped SPARE_SECONDS
+    after that if no outcome went in it meanwhile (:meth:`expire`).  New shared memory is dear to write
+    (0.10 s for 256 MiB here, 0.05 s again); it is only ever this process's, so only its own member's
+    outcomes are written in it.  (Unmapped here, it counts in no limit of the task process: hence the
+    short keep.)"""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # (the inbox's thread reads RELEASED and expires the memfd)
@@ -201,7 +203,7 @@ class Outcomes:
         self._fd = -1
         self._size = 0
         self._lent: int | None = None  # the number the memfd went out with, until the daemon lets it go
-        self._used = 0.0  # when an outcome last went in it (time.monotonic)
+        self._used = 0.0  # when an outcome last went in it, or the daemon let it go (time.monotonic)
 
     def share(self, parts: Sequence[Buffer], size: int) -> int:
         """A memfd holding the outcome, to send as the next shared outcome (the caller closes it)."""
@@ -226,21 +228,25 @@ class Outcomes:
     def released(self, number: int) -> None:
         with self.lock:
             if number == self._lent:
-                self._lent = None
+                self._lent, self._used = None, time.monotonic()
 
     @property
     def spare(self) -> bool:
         return self._fd >= 0
 
     def expire(self) -> None:
-        """Let the memfd go if no outcome went in it for SPARE_SECONDS (the daemon's mapping of an outcome
-        in it lives on until it lets it go too); not while one is written."""
-        if self._fd >= 0 and time.monotonic() - self._used >= SPARE_SECONDS and self.lock.acquire(blocking=False):
+        """Let the memfd go SPARE_SECONDS after the daemon let it go, or LENT_SECONDS after it went out if
+        the daemon still has it (its mapping lives on until it lets it go too); not while one is written."""
+        if self._stale() and self.lock.acquire(blocking=False):
             try:
-                if time.monotonic() - self._used >= SPARE_SECONDS:
+                if self._stale():
                     self._close()
             finally:
                 self.lock.release()
+
+    def _stale(self) -> bool:
+        idle = time.monotonic() - self._used
+        return self.spare and idle >= (SPARE_SECONDS if self._lent is None else LENT_SECONDS)
 
     def _close(self) -> None:
         if self._fd >= 0:

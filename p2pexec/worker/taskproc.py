@@ -136,6 +136,8 @@ class _Inbox:
     inbox's own looks every :data:`WATCH_SECONDS` for what came meanwhile, so that a SKIP for a task not
     started yet is answered without waiting for the task that runs: the daemon cancels it or hands it back.
 
+    That thread also lets the last big outcome's memory go when it is not used (:class:`.hop.Outcomes`).
+
     Nothing wakes that thread when a task starts (it looks every :data:`IDLE_SECONDS` whether one runs):
     waking it for each task cost a lone task's round trip ~0.3 ms, its wake-up competing for the GIL with
     the task's thread."""
