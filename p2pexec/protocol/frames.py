@@ -158,14 +158,14 @@ class Reassembler:
     def placed(self, size: int) -> memoryview | None:
         """The chunk of ``size`` bytes is in the place :meth:`place` gave: check its kind, as :meth:`feed` would."""
         assert self._buf is not None
-        at = self._filled - 1
-        if self._write_at is not None:
+        at, through = self._filled - 1, self._write_at is not None
+        if through:
             kind = self._scratch[0]
         else:
             kind, self._buf[at] = self._buf[at], self._kept
         if kind not in (_MORE, _LAST):
             raise ProtocolError(f"unexpected chunk kind {kind}")
-        if self._write_at is not None:
+        if through:
             self._write(memoryview(self._scratch)[1:size])
         self._filled = at + size
         return self._done() if kind == _LAST else None

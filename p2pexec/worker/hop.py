@@ -154,10 +154,8 @@ def allocate(size: int) -> SharedMemory | bytearray:
     """
     if not shared():
         return bytearray(size)
-    fd = os.memfd_create("p2pexec-data", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = _sized_memfd("p2pexec-data", size)
     try:
-        os.ftruncate(fd, size)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
         buffer = SharedMemory(fd, size, prot=mmap.PROT_READ)  # (written only through the file)
     except BaseException:
         os.close(fd)
@@ -165,6 +163,18 @@ def allocate(size: int) -> SharedMemory | bytearray:
     buffer.fd = fd
     weakref.finalize(buffer, os.close, fd)
     return buffer
+
+
+def _sized_memfd(name: str, size: int) -> int:
+    """A new memfd of ``size`` bytes, sealed against resizing (a mapping of it can never fault)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def shared_fd(owner: object) -> int | None:
@@ -211,10 +221,7 @@ class Outcomes:
             try:
                 if not (self._fd >= 0 and self._lent is None and size <= self._size <= 2 * size):
                     self._close()
-                    self._fd = os.memfd_create("p2pexec-outcome", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-                    os.ftruncate(self._fd, size)
-                    fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, _SEALS)
-                    self._size = size
+                    self._fd, self._size = _sized_memfd("p2pexec-outcome", size), size
                 offset = 0
                 for part in parts:
                     offset = _write_at(self._fd, offset, part)
@@ -244,9 +251,8 @@ class Outcomes:
             finally:
                 self.lock.release()
 
-    def _stale(self) -> bool:
-        idle = time.monotonic() - self._used
-        return self.spare and idle >= (SPARE_SECONDS if self._lent is None else LENT_SECONDS)
+    def _stale(self) -> bool:  # (asked every 10 ms while a task runs: cheap when there is no memfd)
+        return self.spare and time.monotonic() - self._used >= (SPARE_SECONDS if self._lent is None else LENT_SECONDS)
 
     def _close(self) -> None:
         if self._fd >= 0:
@@ -268,6 +274,8 @@ class Releases:
         return view
 
     def notices(self) -> bytes:
+        if not self._let_go:  # (before every batch of tasks: most have nothing to say)
+            return b""
         numbers = self._let_go[:]
         del self._let_go[: len(numbers)]
         return b"".join(HEADER.pack(RELEASED, number, 0) for number in numbers)
