@@ -16,7 +16,7 @@ from .own_code import is_local_module
 
 # module -> names that only build values (constructors of data types, reconstructors that call nothing else)
 ALLOWED: dict[str, frozenset[str]] = {k: frozenset(v.split()) for k, v in {
-    "p2pexec.tasks": "Outcome _rebuild_exception RemoteError _array",
+    "p2pexec.tasks": "Outcome _rebuild_exception RemoteError _array _bytes _bytearray",
     "p2pexec.errors": "RemoteTraceback",
     "p2pexec.whereami": "WorkerInfo",  # current_worker(), returned as it is
     "p2pexec.protocol.resources": "Resources Gpu",

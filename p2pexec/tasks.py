@@ -6,8 +6,8 @@ format both ends share: the task pickler (the user's local code by value,
 big buffers out of band), :func:`dump_task` and :func:`load_task`, the C
 pickler's fast path for plain data, :class:`PrepickledFunction` and the
 task's :class:`Outcome`.  What pickles name (``_load_function``, ``_array``,
-``Outcome``, ``RemoteError``, ``_rebuild_exception``) lives here and stays
-here: clients and workers of other versions refer to it as
+``_bytes``, ``_bytearray``, ``Outcome``, ``RemoteError``,
+``_rebuild_exception``) lives here and stays here: clients and workers of other versions refer to it as
 ``p2pexec.tasks`` (the names of :mod:`p2pexec.task_dispatch`,
 :mod:`p2pexec.enum_classes` and :mod:`p2pexec.namespaces` stay there).  The client's way to a payload is in
 :mod:`p2pexec.prepare` (functions pickled once) and
@@ -29,6 +29,7 @@ import dill
 import dill._dill
 
 from . import enum_classes, namespaces
+from .copies import copied
 from .errors import RemoteTraceback
 from .protocol.frames import OP_HEADER_BYTES, Buffer, nbytes, pack_parts, unpack_parts
 from .task_dispatch import DISPATCH, FLAT_ITEMS
@@ -53,9 +54,9 @@ def _large_bytes_out_of_band(obj: Any) -> Any:
     # into it.  dill would pickle an array through tobytes(), copied on each
     # side; _array loads it where its buffer lies.
     kind = type(obj)
-    if kind in (bytes, bytearray, memoryview):
+    if kind in _REBUILT:
         if memoryview(obj).nbytes >= OUT_OF_BAND and (kind is not memoryview or obj.c_contiguous):
-            return kind, (pickle.PickleBuffer(obj),)
+            return _REBUILT[kind], (pickle.PickleBuffer(obj),)
     elif kind is numpy_array_type() and obj.nbytes >= OUT_OF_BAND and not obj.dtype.hasobject:
         flags = obj.flags
         if flags.c_contiguous or flags.f_contiguous:  # (else dill's way: a copy, contiguous)
@@ -63,6 +64,18 @@ def _large_bytes_out_of_band(obj: Any) -> Any:
             raw = obj.ravel(order="K").view("u1")  # (bytes: a datetime64 array exports no buffer of its own)
             return _array, (pickle.PickleBuffer(raw), obj.dtype, obj.shape, order)
     return NotImplemented
+
+
+def _bytes(buffer: Any) -> bytes:
+    """A big ``bytes`` from its out-of-band buffer (:mod:`p2pexec.copies`; in band, the pickle made it already)."""
+    return buffer if type(buffer) is bytes else copied(buffer, bytes)
+
+
+def _bytearray(buffer: Any) -> bytearray:
+    return copied(buffer, bytearray)
+
+
+_REBUILT: dict[type, Callable[[Any], Any]] = {bytes: _bytes, bytearray: _bytearray, memoryview: memoryview}
 
 
 def _array(buffer: Any, dtype: Any, shape: tuple[int, ...], order: str) -> Any:
@@ -398,7 +411,7 @@ def load_outcome(payload: Buffer, trusted: bool = True, result_types: Collection
 
     main, *buffers = unpack_parts(payload)
     if buffers and memoryview(memoryview(payload).obj).nbytes > 2 * nbytes(payload):
-        buffers = [memoryview(bytearray(b)) for b in buffers]  # batched: used in place, it would keep them all
+        buffers = [memoryview(copied(b, bytearray)) for b in buffers]  # batched: in place, it would keep them all
     outcome = load_trusted(main, buffers) if trusted else load(main, buffers, result_types, packages)
     if not isinstance(outcome, Outcome):
         raise TypeError(f"a worker returned {type(outcome).__name__}, not a task outcome")

@@ -43,11 +43,13 @@ def test_a_big_array_result_is_held_once_where_it_arrived():
 
 
 def test_buffer_types_keep_their_type(cluster):
+    from p2pexec.copies import FRESH
+
     with cluster.executor() as ex:
-        big = os.urandom(3 * MIB)
-        for value in (big, bytearray(big), memoryview(big)):
-            back = ex.submit(echo, value).result()
-            assert type(back) is type(value) and bytes(back) == big
+        for big in (os.urandom(3 * MIB), os.urandom(MIB) * (FRESH // MIB) + b"odd"):  # (copied either way)
+            for value in (big, bytearray(big), memoryview(big)):
+                back = ex.submit(echo, value).result()
+                assert type(back) is type(value) and bytes(back) == big
 
 
 def scribble(view):
