@@ -266,14 +266,19 @@ def test_a_chunk_that_fails_leaves_a_written_through_message_as_it_was(aes, bad)
 
 
 @pytest.mark.skipif(not hop.shared(), reason="no memfd here")
-def test_a_message_in_shared_memory_is_written_through_its_file_and_reads_back_in_its_mapping():
+def test_a_message_in_shared_memory_is_written_through_its_file_and_sealed_against_writes_once_whole():
     data = bytes(range(251)) * (3 * CHUNK // 251)
     header, frames = seal_all([data])
     opener, reassembler = Opener(KEY, *header), Reassembler(allocate=hop.allocate)
     message = next(m for m in (open_chunk(opener, reassembler, f[LENGTH.size :]) for f in frames) if m is not None)
-    fd = hop.shared_fd(message.obj)
+    fd = hop.sealed_fd(message.obj)
     assert fd is not None and os.pread(fd, len(data), 0) == data and message == data
     assert message.readonly  # (so nothing could have been written through the mapping)
+    with pytest.raises(PermissionError):
+        os.pwrite(fd, b"changed", 0)
+    with pytest.raises(PermissionError):
+        mmap.mmap(fd, len(data))  # (shared and writable)
+    assert mmap.mmap(fd, len(data), flags=mmap.MAP_PRIVATE)[:3] == data[:3]  # as a task process maps it
 
 
 def test_a_message_that_cannot_be_stored_ends_the_channel_with_a_protocol_error():

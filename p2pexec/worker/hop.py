@@ -50,6 +50,7 @@ nor dill.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -117,6 +118,7 @@ try:
     import fcntl
 
     _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+    _F_SEAL_FUTURE_WRITE = 0x0010  # (Linux 5.1; not in Python's fcntl)
 except (ImportError, AttributeError):  # no fcntl (Windows) or no seals (macOS): no memfd, nothing below runs
     _SEALS = 0
 
@@ -177,9 +179,18 @@ def _sized_memfd(name: str, size: int) -> int:
     return fd
 
 
-def shared_fd(owner: object) -> int | None:
-    """The memfd behind a buffer made by :func:`allocate` (e.g. ``view.obj``), else None."""
-    return owner.fd if isinstance(owner, SharedMemory) else None
+def sealed_fd(owner: object) -> int | None:
+    """The memfd behind a whole message's buffer made by :func:`allocate` (e.g. ``view.obj``), sealed
+    against writes from now on; else None.  A task process given it maps it privately, and could
+    otherwise write to the file: change a cached value under its name for the member's later tasks."""
+    if not isinstance(owner, SharedMemory):
+        return None
+    try:  # (not F_SEAL_WRITE: our own read-only mapping could still be made writable, so it is refused)
+        fcntl.fcntl(owner.fd, fcntl.F_ADD_SEALS, _F_SEAL_FUTURE_WRITE)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # (Linux before 5.1 has no such seal: the task process could write)
+            raise
+    return owner.fd
 
 
 def map_outcome(fd: int, offset: int, size: int) -> memoryview:

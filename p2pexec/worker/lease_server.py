@@ -354,7 +354,7 @@ class LeaseServer:
         if message is None:
             return False
         decisions, blobs = self.decisions, self.blobs
-        memfd = hop.shared_fd(message.obj)  # a big message lands in shared memory
+        memfd = hop.sealed_fd(message.obj)  # a big message lands in shared memory
         for op, arg, data, offset in decode_ops(message):
             if op is Op.END:
                 return False
