@@ -22,8 +22,8 @@ raw stream none, so on a machine where new memory
 is dear (a VM whose host reclaims and lends pages lazily) ours moves most.
 
 The worker keeps one value in its cache (``--cache-size`` of one and a
-half payloads): each round's new value evicts the last, as on a worker
-whose cache is full.  With the default 1 GiB, values of earlier rounds
+half payloads, printed): each round's value evicts the last one's, as
+on a worker whose cache is full.  With the default 1 GiB, values of earlier rounds
 pile up, and in a VM whose host backs memory only when first touched
 (2-core Firecracker here: growing a process by 256 MiB took 0.13-0.18 s
 up to about 1.5 GiB in use, 0.73-2.7 s past it) rounds 3 and 4 timed the
@@ -203,7 +203,8 @@ def main() -> int:
     runs: dict[str, list[float]] = {"raw": [], "saf": [], "sealed": [], "ours": []}
     fresh: list[float] = []
     growth = 0.0
-    one_value = ("--cache-size", str(size + size // 2))  # (the module's docstring says why)
+    cache_size = size + size // 2  # one value (the module's docstring says why)
+    one_value = ("--cache-size", str(cache_size))
     with LocalCluster(workers=1, worker_options=one_value) as lc, lc.executor() as ex:
         ex.submit(echo, b"warm").result()
         for _ in range(args.repeat):
@@ -226,7 +227,7 @@ def main() -> int:
                "raw_libp2p_store_and_forward_MBps": mid["saf"],
                "raw_libp2p_sealed_store_and_forward_MBps": mid["sealed"], "cipher": cipher,
                "p2pexec_MBps": mid["ours"], "p2pexec_client_rss_growth_x_payload": growth,
-               "rounds_MBps": rate, "fresh_memory_ms_per_MiB": fresh}
+               "rounds_MBps": rate, "fresh_memory_ms_per_MiB": fresh, "worker_cache_size": cache_size}
     results["ratio"] = mid["ours"] / mid["raw"]
     results["ratio_store_and_forward"] = mid["ours"] / mid["saf"]
     results["ratio_sealed"] = mid["ours"] / mid["sealed"]
@@ -235,7 +236,8 @@ def main() -> int:
     def spread(name: str) -> str:
         return f"{mid[name]:7.1f} MB/s  (rounds: {', '.join(f'{r:.0f}' for r in rate[name])})"
 
-    print(f"{args.mib} MiB echoed (both directions counted), median of {args.repeat} interleaved rounds")
+    print(f"{args.mib} MiB echoed (both directions counted), median of {args.repeat} interleaved rounds; the worker"
+          f" keeps one value ({cache_size >> 20} MiB cache, each round's evicting the last)")
     print(f"  raw py-libp2p stream (Noise+yamux), pipelined echo:      {spread('raw')}")
     print(f"  raw py-libp2p stream, store-and-forward echo:            {spread('saf')}")
     print(f"  raw stream + sealing both ways, store-and-forward:       {spread('sealed')}  ({cipher})")

@@ -2,46 +2,48 @@
 
 Copying a received buffer into a new ``bytes`` is what a big ``bytes``
 argument costs a task process, and a big ``bytes`` result the client.
-Above 32 MiB (glibc's largest mmap threshold) ``malloc`` always maps
-memory anew, and ``bytes(view)`` then faults it in one 4 KiB page at a
-time: 0.17-0.20 s for 256 MiB here.  ``madvise(MADV_POPULATE_WRITE)``
+From 32 MiB on (glibc's largest mmap threshold) ``malloc`` maps such an
+object's memory anew, and ``bytes(view)`` then faults it in one 4 KiB
+page at a time: 0.17-0.20 s for 256 MiB here.  ``madvise(MADV_POPULATE_WRITE)``
 (Linux 5.14) has the kernel fill the whole range in one call first, and
-the copy that follows touches only present pages: 0.11-0.14 s.  Below
-that size, on other systems and other Pythons, and where the call fails,
-it is ``bytes(view)``, which is just as fast there.
+the copy that follows touches only present pages: 0.10-0.14 s.  Below
+that size, on other systems and other Pythons, and where the call is
+refused, it is ``bytes(view)``, which is just as fast there.
 """
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import functools
 import mmap
 import sys
 from typing import Any, Callable, TypeVar
 
-FRESH = 32 << 20  # from this size on, a new object's memory is always new to the process
+FRESH = 32 << 20  # from this size on, a new object's memory is (as a rule) new to the process
 _MADV_POPULATE_WRITE = 23
 _PAGE = mmap.PAGESIZE
+_NEVER = (errno.EINVAL, errno.ENOSYS, errno.EPERM)  # (a kernel without it, a filter refusing it)
 Copy = TypeVar("Copy", bytes, bytearray)
 
 
 class _Native:
-    """The C calls a fast copy needs, looked up once; None where they are missing."""
+    """The C calls a fast copy needs: function objects of our own (``ctypes.pythonapi``'s attributes are
+    shared by the whole process, and another library may declare them otherwise)."""
 
     def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.madvise = libc.madvise
-        self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self.madvise.restype = ctypes.c_int
-        self.new: dict[type, Callable[[None, int], Any]] = {}
-        for kind, name in ((bytes, "PyBytes_FromStringAndSize"), (bytearray, "PyByteArray_FromStringAndSize")):
-            new = getattr(ctypes.pythonapi, name)  # uninitialised: bytearray(n) would write zeros first
-            new.argtypes, new.restype = [ctypes.c_void_p, ctypes.c_ssize_t], ctypes.py_object
-            self.new[kind] = new
-        self.populates = True  # until the kernel says otherwise (before 5.14: EINVAL)
+        import ctypes
 
-    @staticmethod
-    def address(obj: bytes | bytearray) -> int:
+        self.ctypes = ctypes
+        self.madvise = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                        use_errno=True)(("madvise", ctypes.CDLL(None)))
+        made = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)
+        self.new: dict[type, Callable[[None, int], Any]] = {  # uninitialised: bytearray(n) writes zeros first
+            bytes: made(("PyBytes_FromStringAndSize", ctypes.pythonapi)),
+            bytearray: made(("PyByteArray_FromStringAndSize", ctypes.pythonapi))}
+        self.populates = True  # until the kernel refuses it for good
+
+    def address(self, obj: bytes | bytearray) -> int:
+        ctypes = self.ctypes
         if isinstance(obj, bytearray):
             return ctypes.addressof(ctypes.c_char.from_buffer(obj))
         return ctypes.cast(ctypes.c_char_p(obj), ctypes.c_void_p).value or 0  # (a bytes' own storage)
@@ -49,7 +51,18 @@ class _Native:
     def populate(self, at: int, size: int) -> None:
         start, end = -(-at // _PAGE) * _PAGE, (at + size) // _PAGE * _PAGE
         if self.populates and end > start and self.madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
-            self.populates = False  # (an older kernel: faulted in as it is copied, as bytes() does)
+            if self.ctypes.get_errno() in _NEVER:  # (else, say ENOMEM near a memory limit: this once)
+                self.populates = False  # faulted in as it is copied, as bytes() does
+
+    def copy(self, view: memoryview, kind: type[Copy]) -> Copy:
+        size = view.nbytes
+        out: Copy = self.new[kind](None, size)
+        if type(out) is not kind or len(out) != size:  # (never: but written into blindly otherwise)
+            raise SystemError(f"{kind.__name__} of {size} bytes came out as {type(out).__name__}")
+        at = self.address(out)
+        self.populate(at, size)
+        memoryview((self.ctypes.c_char * size).from_address(at)).cast("B")[:] = view.cast("B")
+        return out
 
 
 @functools.cache
@@ -58,7 +71,7 @@ def _lookup() -> _Native | None:
         return None
     try:
         return _Native()
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):  # (a Python built without ctypes)
         return None
 
 
@@ -67,10 +80,4 @@ def copied(source: Any, kind: type[Copy]) -> Copy:
     view = memoryview(source)
     size = view.nbytes
     native = _lookup() if size >= FRESH and size and view.c_contiguous else None
-    if native is None:
-        return kind(view)
-    out: Copy = native.new[kind](None, size)
-    at = native.address(out)
-    native.populate(at, size)
-    memoryview((ctypes.c_char * size).from_address(at)).cast("B")[:] = view.cast("B")
-    return out
+    return kind(view) if native is None else native.copy(view, kind)

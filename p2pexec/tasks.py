@@ -72,7 +72,7 @@ def _bytes(buffer: Any) -> bytes:
 
 
 def _bytearray(buffer: Any) -> bytearray:
-    return copied(buffer, bytearray)
+    return buffer if type(buffer) is bytearray else copied(buffer, bytearray)
 
 
 _REBUILT: dict[type, Callable[[Any], Any]] = {bytes: _bytes, bytearray: _bytearray, memoryview: memoryview}

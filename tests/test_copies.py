@@ -42,17 +42,41 @@ def test_multidimensional_buffers_are_copied_flat(always_native):
 
 
 def test_a_kernel_without_populate_still_copies(always_native, monkeypatch):
+    import ctypes
+    import errno
+
     monkeypatch.setattr(always_native, "populates", True)
-    always_native.populate(0, 2 * copies._PAGE)  # nothing is mapped at 0: the kernel refuses
-    assert always_native.populates is False  # (not asked again)
+    always_native.populate(0, 2 * copies._PAGE)  # nothing is mapped at 0: ENOMEM, refused this once
+    assert always_native.populates is True
+
+    def old_kernel(*args):
+        ctypes.set_errno(errno.EINVAL)  # (what a kernel before 5.14 says; this one has the call)
+        return -1
+
+    monkeypatch.setattr(always_native, "madvise", old_kernel)
     data = bytes(range(256)) * 100
     assert copies.copied(memoryview(data), bytes) == data
+    assert always_native.populates is False  # (not asked again)
+    assert copies.copied(memoryview(data), bytearray) == data
 
 
-def test_big_copies_take_the_native_path():
-    if not native_here:
+def test_its_own_c_functions_whatever_others_declare(always_native, monkeypatch):
+    import ctypes
+
+    monkeypatch.setattr(ctypes.pythonapi.PyBytes_FromStringAndSize, "restype", ctypes.c_void_p)  # (shared)
+    data = b"A" * 200
+    out = copies.copied(memoryview(data), bytes)
+    assert type(out) is bytes and out == data
+
+
+def test_big_copies_take_the_native_path(monkeypatch):
+    native = copies._lookup()
+    if native is None:
         pytest.skip("the native path is Linux and CPython only")
+    taken = []
+    monkeypatch.setattr(native, "populate", lambda at, size: taken.append(size))
     data = bytes(range(256)) * ((copies.FRESH + 256) // 256)
     out = copies.copied(memoryview(data), bytes)
-    assert out == data and out is not data
-    assert copies._lookup() is not None and copies._lookup().populates  # (this kernel has MADV_POPULATE_WRITE)
+    assert out == data and out is not data and taken == [len(data)]
+    assert copies.copied(memoryview(data)[: copies.FRESH - 1], bytes) == data[: copies.FRESH - 1]
+    assert taken == [len(data)]  # (below the threshold: bytes())

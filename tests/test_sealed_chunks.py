@@ -281,6 +281,19 @@ def test_a_message_in_shared_memory_is_written_through_its_file_and_sealed_again
     assert mmap.mmap(fd, len(data), flags=mmap.MAP_PRIVATE)[:3] == data[:3]  # as a task process maps it
 
 
+@pytest.mark.skipif(not hop.shared(), reason="no memfd here")
+def test_shared_memory_that_cannot_be_sealed_is_not_handed_out(caplog):
+    hop._unsealable.cache_clear()  # (said once per process)
+    memory = hop.allocate(2 * hop.SHARED_MIN)
+    writable = mmap.mmap(memory.fd, len(memory))  # (a shared writable mapping: the kernel refuses the seal)
+    with caplog.at_level("WARNING", logger="p2pexec.worker"):
+        assert hop.sealed_fd(memory) is None and hop.sealed_fd(memory) is None
+    assert [r.getMessage() for r in caplog.records if "could not seal" in r.getMessage()] == [
+        "could not seal a task's shared memory against writes (Device or resource busy): big messages go to "
+        "task processes through their socket instead, a copy each"]  # (once)
+    writable.close()
+
+
 def test_a_message_that_cannot_be_stored_ends_the_channel_with_a_protocol_error():
     class Full(ThroughFile):  # (the first chunk is written by feed, the next ones by placed: fails there)
         def write_at(self, offset, data):

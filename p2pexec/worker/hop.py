@@ -3,8 +3,9 @@
 Each message is a header ``(kind, offset, size)``.  An INLINE message's
 ``size`` bytes follow on the socket.  A SHARED message carries one file
 descriptor (SCM_RIGHTS) of a sealed memfd holding the data at
-``offset``: a big task payload is decrypted by the daemon straight into
-such a memfd and read in place by the task process, and a big outcome is
+``offset``: a big task payload is decrypted by the daemon and written
+into such a memfd, sealed against writes once whole (:func:`sealed_fd`),
+and read in place by the task process, and a big outcome is
 written by the task process into one that the daemon sends from.  No
 pipe copies, no second buffer of the size of the payload.  Where there
 is no memfd or no SCM_RIGHTS (macOS, Windows, ``P2PEXEC_PORTABLE=1``:
@@ -50,8 +51,9 @@ nor dill.
 
 from __future__ import annotations
 
-import errno
+import functools
 import json
+import logging
 import mmap
 import os
 import stat
@@ -64,6 +66,8 @@ from dataclasses import dataclass
 
 from .. import portability
 from ..protocol.frames import Buffer
+
+log = logging.getLogger("p2pexec.worker")
 
 HEADER = struct.Struct(">BQQ")
 OUTPUT_KEPT = 1 << 20  # characters (bytes, in the output files) kept of each stream's start, and as many of its end
@@ -118,7 +122,6 @@ try:
     import fcntl
 
     _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-    _F_SEAL_FUTURE_WRITE = 0x0010  # (Linux 5.1; not in Python's fcntl)
 except (ImportError, AttributeError):  # no fcntl (Windows) or no seals (macOS): no memfd, nothing below runs
     _SEALS = 0
 
@@ -158,7 +161,8 @@ def allocate(size: int) -> SharedMemory | bytearray:
         return bytearray(size)
     fd = _sized_memfd("p2pexec-data", size)
     try:
-        buffer = SharedMemory(fd, size, prot=mmap.PROT_READ)  # (written only through the file)
+        # written only through the file; private, so that no mapping could write and the seal is allowed
+        buffer = SharedMemory(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
     except BaseException:
         os.close(fd)
         raise
@@ -181,16 +185,23 @@ def _sized_memfd(name: str, size: int) -> int:
 
 def sealed_fd(owner: object) -> int | None:
     """The memfd behind a whole message's buffer made by :func:`allocate` (e.g. ``view.obj``), sealed
-    against writes from now on; else None.  A task process given it maps it privately, and could
-    otherwise write to the file: change a cached value under its name for the member's later tasks."""
+    against writes from now on; None for other buffers, and where it cannot be sealed (the message then
+    goes to its task process inline).  A task process given it maps it privately, and could otherwise
+    write to the file: change a cached value under its name for its member's later tasks."""
     if not isinstance(owner, SharedMemory):
         return None
-    try:  # (not F_SEAL_WRITE: our own read-only mapping could still be made writable, so it is refused)
-        fcntl.fcntl(owner.fd, fcntl.F_ADD_SEALS, _F_SEAL_FUTURE_WRITE)
+    try:
+        fcntl.fcntl(owner.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
     except OSError as exc:
-        if exc.errno != errno.EINVAL:  # (Linux before 5.1 has no such seal: the task process could write)
-            raise
+        _unsealable(exc.errno)
+        return None
     return owner.fd
+
+
+@functools.cache
+def _unsealable(errno: int) -> None:  # (said once for each reason)
+    log.warning("could not seal a task's shared memory against writes (%s): big messages go to task "
+                "processes through their socket instead, a copy each", os.strerror(errno))
 
 
 def map_outcome(fd: int, offset: int, size: int) -> memoryview:
